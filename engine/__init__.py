@@ -1,0 +1,51 @@
+"""metering-engine: an embeddable, actor-based, in-memory usage-metering engine.
+
+    from engine import open_engine, Meter, Event, Query, Take
+
+    async with open_engine("./data", shards=8) as eng:
+        await eng.define_meter(Meter(name="api_calls", aggregation="sum"))
+        ack = await eng.ingest([Event(...)])
+        result = await eng.query(Query(...))
+"""
+
+from engine.domain.batch import IngestLimits
+from engine.errors import (
+    BatchRejected,
+    DataDirError,
+    EngineClosed,
+    EventProblem,
+    InvalidQuery,
+    InvalidRequest,
+    MeterConflict,
+    MeteringError,
+    StorageError,
+    StorageFull,
+    UnknownMeter,
+)
+from engine.runtime.engine import Engine, EngineStatistics, open_engine
+from engine.schema import Event, IngestAck, Meter, Query, QueryResult, Row, Take
+
+__all__ = [
+    "BatchRejected",
+    "DataDirError",
+    "Engine",
+    "EngineClosed",
+    "EngineStatistics",
+    "Event",
+    "EventProblem",
+    "IngestAck",
+    "IngestLimits",
+    "InvalidQuery",
+    "InvalidRequest",
+    "Meter",
+    "MeterConflict",
+    "MeteringError",
+    "Query",
+    "QueryResult",
+    "Row",
+    "StorageError",
+    "StorageFull",
+    "Take",
+    "UnknownMeter",
+    "open_engine",
+]

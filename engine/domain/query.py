@@ -1,0 +1,167 @@
+"""Query planning, cross-shard merging and finalisation.
+
+Pure domain layer: standard library, ``engine.schema`` and ``engine.domain``.
+``plan_query`` validates a ``Query`` against its meter and computes its calendar
+windows once; every shard turns the plan into partial aggregates
+(``ShardState.query``); ``finish_query`` merges the partials, finalises values,
+applies ``take`` and orders the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import localcontext
+from typing import Any
+
+from engine.domain.batch import AVG, COUNT, LATEST, MAX, MIN, SUM, MeterDef
+from engine.domain.shard import merge_partial
+from engine.domain.values import EXACT, average
+from engine.domain.windows import WindowError, resolve_timezone, window_spans
+from engine.errors import InvalidQuery
+from engine.schema import Query, QueryResult, Row
+
+MAX_GROUP_BY = 8
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QueryPlan:
+    query: Query
+    meter: MeterDef
+    labels_ms: list[int]  # window start of each span
+    cuts_ms: list[int]  # span k is [cuts_ms[k], cuts_ms[k + 1])
+    group_by: tuple[str, ...]
+    customers: frozenset[str] | None
+    dim_filters: tuple[tuple[str, frozenset[str]], ...]
+
+
+def plan_query(query: Query, meter: MeterDef) -> QueryPlan:
+    """Validate ``query`` for ``meter``; raises ``InvalidQuery`` saying what is wrong."""
+    if type(query) is not Query:
+        raise InvalidQuery(f"expected a Query, got {type(query).__name__}")
+    start_ms, end_ms = query.start_ms, query.end_ms
+    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
+        if type(value) is not int:
+            raise InvalidQuery(f"{name} must be integer milliseconds, got {value!r}")
+    if start_ms > end_ms:
+        raise InvalidQuery(f"start_ms {start_ms} is after end_ms {end_ms}")
+    try:
+        tz = resolve_timezone(query.timezone)
+        spans = window_spans(start_ms, end_ms, query.window, tz)
+    except WindowError as exc:
+        raise InvalidQuery(str(exc)) from None
+    group_by = query.group_by
+    if not isinstance(group_by, list) or not all(type(k) is str and k for k in group_by):
+        raise InvalidQuery("group_by must be a list of 'customer_id' and dimension keys")
+    if len(set(group_by)) != len(group_by):
+        raise InvalidQuery(f"group_by names a key twice: {group_by}")
+    if len(group_by) > MAX_GROUP_BY:
+        raise InvalidQuery(f"group_by has {len(group_by)} keys, at most {MAX_GROUP_BY} allowed")
+    unique_key = meter.unique_dimension
+    if unique_key is not None and unique_key in group_by:
+        raise InvalidQuery(
+            f"meter {meter.name!r} counts distinct {unique_key!r}; it cannot be grouped by it"
+        )
+    if not isinstance(query.filter, dict):
+        raise InvalidQuery("filter must map 'customer_id' or a dimension key to a list of values")
+    customers: frozenset[str] | None = None
+    dim_filters = []
+    for key, allowed in query.filter.items():
+        if type(key) is not str or not key:
+            raise InvalidQuery(f"filter key {key!r} must be a non-empty string")
+        if key == unique_key:
+            raise InvalidQuery(
+                f"meter {meter.name!r} counts distinct {unique_key!r}; it cannot be filtered by it"
+            )
+        if not isinstance(allowed, list) or not all(type(v) is str for v in allowed):
+            raise InvalidQuery(f"filter values for {key!r} must be a list of strings")
+        if key == "customer_id":
+            customers = frozenset(allowed)
+        else:
+            dim_filters.append((key, frozenset(allowed)))
+    take = query.take
+    if take is not None and (type(take.limit) is not int or take.limit < 1):
+        raise InvalidQuery(f"take.limit must be a positive integer, got {take.limit!r}")
+    cuts = [lo for _, lo, _ in spans]
+    if spans:
+        cuts.append(spans[-1][2])
+    return QueryPlan(
+        query=query,
+        meter=meter,
+        labels_ms=[label for label, _, _ in spans],
+        cuts_ms=cuts,
+        group_by=tuple(group_by),
+        customers=customers,
+        dim_filters=tuple(dim_filters),
+    )
+
+
+def finalize(kind: int, partial: Any) -> Any:
+    if kind in (SUM, COUNT, MAX, MIN):
+        return partial
+    if kind == AVG:
+        return average(partial[0], partial[1])
+    if kind == LATEST:
+        return partial[2]
+    return len(partial)
+
+
+def _group_order(group: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Order groups with ``None`` (dimension absent) first, then by string."""
+    return tuple((value is not None, value or "") for value in group)
+
+
+def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> QueryResult:
+    """Merge per-shard partials into the ordered, finalised result rows."""
+    kind = plan.meter.kind
+    merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    with localcontext(EXACT):
+        for partials in shard_partials:
+            for key, partial in partials.items():
+                existing = merged.get(key)
+                merged[key] = partial if existing is None else merge_partial(kind, existing, partial)
+        rank: dict[tuple[Any, ...], int] | None = None
+        take = plan.query.take
+        if take is not None:
+            totals: dict[tuple[Any, ...], Any] = {}
+            for (_, group), partial in merged.items():
+                existing = totals.get(group)
+                totals[group] = (
+                    _copy_partial(kind, partial)
+                    if existing is None
+                    else merge_partial(kind, existing, partial)
+                )
+            sign = 1 if take.ascending else -1
+            ranked = sorted(
+                totals, key=lambda g: (sign * finalize(kind, totals[g]), _group_order(g))
+            )
+            rank = {g: i for i, g in enumerate(ranked[: take.limit])}
+        rows = []
+        for (span, group), partial in merged.items():
+            if rank is not None and group not in rank:
+                continue
+            rows.append((span, group, finalize(kind, partial)))
+    if rank is not None:
+        rows.sort(key=lambda r: (r[0], rank[r[1]]))  # type: ignore[index]
+    else:
+        rows.sort(key=lambda r: (r[0], _group_order(r[1])))
+    group_by = plan.group_by
+    query = plan.query
+    return QueryResult(
+        meter_api_name=query.meter_api_name,
+        aggregation=plan.meter.meter.aggregation,
+        start_ms=query.start_ms,
+        end_ms=query.end_ms,
+        window=query.window,
+        timezone=query.timezone,
+        rows=[
+            Row(plan.labels_ms[span], dict(zip(group_by, group, strict=True)), value)
+            for span, group, value in rows
+        ],
+    )
+
+
+def _copy_partial(kind: int, partial: Any) -> Any:
+    """Partials of unique_count are sets merged in place: copy before reuse."""
+    if isinstance(partial, set):
+        return set(partial)
+    return partial

@@ -1,0 +1,494 @@
+"""One shard's state: time-bucketed series, dedup index, minute bounds.
+
+Pure domain layer: standard library, ``engine.schema`` and ``engine.domain`` only.
+A ``ShardState`` is owned by exactly one shard actor; nothing else touches it.
+Its state is a pure function of the prepared batches applied, in write-ahead-log
+order: ``apply`` is deterministic, and ``export`` is byte-identical for equal state.
+
+Layout. A *series* is (meter, customer, dimensions). Each series keeps one-minute
+buckets as parallel columns: ``minutes`` (``array('I')``, sorted, minute index
+since the epoch) and the aggregation's value columns (``array('q')`` while values
+are integers that fit 64 bits, a list of ``int``/``Decimal`` otherwise). A
+(series, bucket) therefore costs 12 bytes for sum/count/max/min, 20 for avg,
+28 for latest, plus the set for unique_count, plus the amortised series header.
+
+Minute bounds. Buckets are one minute wide; per meter the shard also keeps, for
+each minute with data, the smallest and largest event timestamp. A query cut
+that is not on a minute boundary is exact when all of that minute's events lie
+on one side of it; otherwise the query is refused rather than answered wrong.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from typing import Any
+
+import msgspec
+
+from engine.domain.batch import (
+    AVG,
+    COUNT,
+    LATEST,
+    MAX,
+    MIN,
+    MINUTE_MS,
+    SUM,
+    UNIQUE,
+    MeterDef,
+    Prepared,
+    decimal_or_int,
+)
+from engine.errors import InvalidQuery
+
+SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal timestamps
+
+
+class Series:
+    """One (meter, customer, dimensions) series with its minute buckets."""
+
+    __slots__ = ("counts", "customer_id", "dims", "minutes", "seqs", "times", "values")
+
+    def __init__(self, customer_id: str, dims: tuple[tuple[str, str], ...], kind: int) -> None:
+        self.customer_id = customer_id
+        self.dims = dims
+        self.minutes = array("I")
+        self.values: Any = None
+        self.counts: Any = None
+        self.times: Any = None
+        self.seqs: Any = None
+        if kind in (SUM, MAX, MIN, AVG, LATEST):
+            self.values = array("q")
+        if kind in (COUNT, AVG):
+            self.counts = array("q")
+        if kind == LATEST:
+            self.times = array("q")
+            self.seqs = array("q")
+        if kind == UNIQUE:
+            self.values = []
+
+    def widen_values(self) -> None:
+        """Switch the value column from int64 to Python objects (big ints, Decimals)."""
+        if type(self.values) is array:
+            self.values = self.values.tolist()
+
+
+class MeterShard:
+    """Everything one shard knows about one meter."""
+
+    __slots__ = ("by_customer", "meter", "minute_bounds", "seen", "series")
+
+    def __init__(self, meter: MeterDef) -> None:
+        self.meter = meter
+        self.series: dict[tuple[str, tuple[tuple[str, str], ...]], Series] = {}
+        self.by_customer: dict[str, list[Series]] = {}
+        self.minute_bounds: dict[int, list[int]] = {}
+        self.seen: set[tuple[str, str]] = set()
+
+    def new_series(self, customer_id: str, dims: tuple[tuple[str, str], ...]) -> Series:
+        series = Series(customer_id, dims, self.meter.kind)
+        self.series[(customer_id, dims)] = series
+        self.by_customer.setdefault(customer_id, []).append(series)
+        return series
+
+
+def _insert_bucket(series: Series, minute: int, kind: int, value: Any, ts: int, seq: int) -> int:
+    """Insert an empty bucket for ``minute`` (or find it); return its index."""
+    minutes = series.minutes
+    index = bisect_left(minutes, minute)
+    if index < len(minutes) and minutes[index] == minute:
+        return index
+    minutes.insert(index, minute)
+    if kind == SUM or kind == AVG:
+        series.values.insert(index, 0)
+    if kind == COUNT or kind == AVG:
+        series.counts.insert(index, 0)
+    elif kind == MAX or kind == MIN:
+        _insert_value(series, index, value)
+    elif kind == LATEST:
+        _insert_value(series, index, value)
+        series.times.insert(index, -1)
+        series.seqs.insert(index, -1)
+    elif kind == UNIQUE:
+        series.values.insert(index, set())
+    return index
+
+
+def _insert_value(series: Series, index: int, value: Any) -> None:
+    try:
+        series.values.insert(index, value)
+    except (TypeError, OverflowError):
+        series.widen_values()
+        series.values.insert(index, value)
+
+
+class ShardState:
+    """The state of one shard. Not thread-safe; owned by one actor."""
+
+    def __init__(self) -> None:
+        self.meters: dict[str, MeterShard] = {}
+        self.applied_lsn = 0
+
+    def meter_shard(self, meter: MeterDef) -> MeterShard:
+        shard = self.meters.get(meter.name)
+        if shard is None:
+            shard = self.meters[meter.name] = MeterShard(meter)
+        return shard
+
+    # ---------------------------------------------------------------- ingest
+
+    def apply(self, lsn: int, items: list[Prepared]) -> tuple[int, int]:
+        """Apply one batch slice; return (accepted, duplicates).
+
+        Deterministic: the same slices in the same order give the same state.
+        """
+        accepted = duplicates = 0
+        seq_base = lsn << SEQ_SHIFT
+        current_name = None
+        meter_shard: MeterShard | None = None
+        for meter, customer, dims, ts, value, unique_id, index, unique_value in items:
+            if meter.name is not current_name:
+                meter_shard = self.meter_shard(meter)
+                current_name = meter.name
+                seen = meter_shard.seen
+                series_map = meter_shard.series
+                bounds = meter_shard.minute_bounds
+                kind = meter.kind
+            if unique_id is not None:
+                key = (customer, unique_id)
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+            series = series_map.get((customer, dims))
+            if series is None:
+                series = meter_shard.new_series(customer, dims)  # type: ignore[union-attr]
+            minute = ts // MINUTE_MS
+            minutes = series.minutes
+            if minutes and minutes[-1] == minute:
+                slot = len(minutes) - 1
+            elif not minutes or minutes[-1] < minute:
+                slot = _insert_bucket_at_end(series, minute, kind, value)
+            else:
+                slot = _insert_bucket(series, minute, kind, value, ts, seq_base | index)
+            if kind == SUM:
+                values = series.values
+                try:
+                    values[slot] += value
+                except (TypeError, OverflowError):
+                    series.widen_values()
+                    series.values[slot] += value
+            elif kind == COUNT:
+                series.counts[slot] += 1
+            elif kind == AVG:
+                series.counts[slot] += 1
+                try:
+                    series.values[slot] += value
+                except (TypeError, OverflowError):
+                    series.widen_values()
+                    series.values[slot] += value
+            elif kind == MAX:
+                if value > series.values[slot]:
+                    _set_value(series, slot, value)
+            elif kind == MIN:
+                if value < series.values[slot]:
+                    _set_value(series, slot, value)
+            elif kind == LATEST:
+                seq = seq_base | index
+                times = series.times
+                if ts > times[slot] or (ts == times[slot] and seq > series.seqs[slot]):
+                    times[slot] = ts
+                    series.seqs[slot] = seq
+                    _set_value(series, slot, value)
+            else:
+                series.values[slot].add(unique_value)
+            bound = bounds.get(minute)
+            if bound is None:
+                bounds[minute] = [ts, ts]
+            elif ts < bound[0]:
+                bound[0] = ts
+            elif ts > bound[1]:
+                bound[1] = ts
+            accepted += 1
+        self.applied_lsn = lsn
+        return accepted, duplicates
+
+    # ----------------------------------------------------------------- query
+
+    def query(self, plan: Any) -> dict[tuple[int, tuple[Any, ...]], Any]:
+        """Partial aggregates per (span index, group key) for ``plan`` (a ``QueryPlan``)."""
+        meter_shard = self.meters.get(plan.meter.name)
+        if meter_shard is None:
+            return {}
+        cuts = [self._cut_minute(meter_shard, cut) for cut in plan.cuts_ms]
+        return collect_partials(meter_shard, plan, cuts)
+
+    @staticmethod
+    def _cut_minute(meter_shard: MeterShard, cut_ms: int) -> int:
+        minute, offset = divmod(cut_ms, MINUTE_MS)
+        if offset == 0:
+            return minute
+        bound = meter_shard.minute_bounds.get(minute)
+        if bound is None or bound[0] >= cut_ms:
+            return minute  # every event of that minute is at or after the cut
+        if bound[1] < cut_ms:
+            return minute + 1  # every event of that minute is before the cut
+        raise InvalidQuery(
+            f"time {cut_ms} ms falls inside a one-minute bucket holding events on both sides "
+            f"of it (minute starting {minute * MINUTE_MS}); use range and window boundaries "
+            "on whole minutes"
+        )
+
+    # -------------------------------------------------------------- snapshot
+
+    def export(self) -> list[MeterPart]:
+        """This shard's state as plain records, in a canonical order."""
+        parts = []
+        for name in sorted(self.meters):
+            meter_shard = self.meters[name]
+            records = [
+                _export_series(meter_shard.series[key]) for key in sorted(meter_shard.series)
+            ]
+            bounds = [[m, b[0], b[1]] for m, b in sorted(meter_shard.minute_bounds.items())]
+            seen = sorted(meter_shard.seen)
+            parts.append(MeterPart(name, records, bounds, [list(k) for k in seen]))
+        return parts
+
+
+def _insert_bucket_at_end(series: Series, minute: int, kind: int, value: Any) -> int:
+    series.minutes.append(minute)
+    if kind == SUM:
+        series.values.append(0)
+    elif kind == COUNT:
+        series.counts.append(0)
+    elif kind == AVG:
+        series.values.append(0)
+        series.counts.append(0)
+    elif kind == MAX or kind == MIN:
+        _append_value(series, value)
+    elif kind == LATEST:
+        _append_value(series, value)
+        series.times.append(-1)
+        series.seqs.append(-1)
+    else:
+        series.values.append(set())
+    return len(series.minutes) - 1
+
+
+def _append_value(series: Series, value: Any) -> None:
+    try:
+        series.values.append(value)
+    except (TypeError, OverflowError):
+        series.widen_values()
+        series.values.append(value)
+
+
+def _set_value(series: Series, slot: int, value: Any) -> None:
+    try:
+        series.values[slot] = value
+    except (TypeError, OverflowError):
+        series.widen_values()
+        series.values[slot] = value
+
+
+# ------------------------------------------------------------------ partials
+# A partial is the mergeable state of one aggregation over some buckets:
+# sum/count/max/min: a number; avg: [sum, count]; latest: (ts, seq, value);
+# unique_count: a set.
+
+
+def slice_partial(kind: int, series: Series, lo: int, hi: int) -> Any:
+    if kind == SUM:
+        return sum(series.values[lo:hi])
+    if kind == COUNT:
+        return sum(series.counts[lo:hi])
+    if kind == MAX:
+        return max(series.values[lo:hi])
+    if kind == MIN:
+        return min(series.values[lo:hi])
+    if kind == AVG:
+        return [sum(series.values[lo:hi]), sum(series.counts[lo:hi])]
+    if kind == LATEST:
+        times, seqs = series.times, series.seqs
+        best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
+        return (times[best], seqs[best], series.values[best])
+    return set().union(*series.values[lo:hi])
+
+
+def merge_partial(kind: int, left: Any, right: Any) -> Any:
+    """Merge two partials; may reuse ``left``."""
+    if kind == SUM or kind == COUNT:
+        return left + right
+    if kind == MAX:
+        return right if right > left else left
+    if kind == MIN:
+        return right if right < left else left
+    if kind == AVG:
+        return [left[0] + right[0], left[1] + right[1]]
+    if kind == LATEST:
+        return right if right[:2] > left[:2] else left
+    left |= right
+    return left
+
+
+def collect_partials(
+    meter_shard: MeterShard, plan: Any, cut_minutes: list[int]
+) -> dict[tuple[int, tuple[Any, ...]], Any]:
+    kind = meter_shard.meter.kind
+    span_count = len(cut_minutes) - 1
+    first, last = cut_minutes[0], cut_minutes[-1]
+    window_lows = cut_minutes[:-1]
+    out: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    if plan.customers is not None:
+        candidates: list[Series] = []
+        for customer in plan.customers:
+            candidates.extend(meter_shard.by_customer.get(customer, ()))
+    else:
+        candidates = list(meter_shard.series.values())
+    dim_filters = plan.dim_filters
+    group_by = plan.group_by
+    for series in candidates:
+        if dim_filters or group_by:
+            dims = dict(series.dims)
+            if dim_filters and not all(dims.get(k) in allowed for k, allowed in dim_filters):
+                continue
+            group = tuple(
+                series.customer_id if key == "customer_id" else dims.get(key) for key in group_by
+            )
+        else:
+            group = ()
+        minutes = series.minutes
+        lo = bisect_left(minutes, first)
+        hi = bisect_left(minutes, last, lo)
+        if lo == hi:
+            continue
+        if span_count == 1:
+            _merge_into(out, (0, group), kind, slice_partial(kind, series, lo, hi))
+            continue
+        span = bisect_right(window_lows, minutes[lo]) - 1
+        while lo < hi:
+            span_end = cut_minutes[span + 1]
+            stop = bisect_left(minutes, span_end, lo, hi)
+            if stop > lo:
+                _merge_into(out, (span, group), kind, slice_partial(kind, series, lo, stop))
+                lo = stop
+            if lo < hi:
+                span = bisect_right(window_lows, minutes[lo], span) - 1
+    return out
+
+
+def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
+    existing = out.get(key)
+    out[key] = partial if existing is None else merge_partial(kind, existing, partial)
+
+
+# ------------------------------------------------------------------ snapshot
+
+
+class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
+    customer_id: str
+    dims: list[list[str]]
+    minutes: bytes
+    values: bytes | list[Any] | None  # int64 column, or ints / decimal strings / sorted lists
+    counts: bytes | None
+    times: bytes | None
+    seqs: bytes | None
+
+
+class MeterPart(msgspec.Struct, array_like=True):
+    meter: str
+    series: list[SeriesRecord]
+    minute_bounds: list[list[int]]
+    seen: list[list[str]]
+
+
+def _column_bytes(column: Any) -> bytes | None:
+    return None if column is None else column.tobytes()
+
+
+def _export_series(series: Series) -> SeriesRecord:
+    values = series.values
+    exported: bytes | list[Any] | None
+    if values is None:
+        exported = None
+    elif type(values) is array:
+        exported = values.tobytes()
+    else:
+        exported = [
+            sorted(v) if type(v) is set else (v if type(v) is int else str(v)) for v in values
+        ]
+    return SeriesRecord(
+        series.customer_id,
+        [list(pair) for pair in series.dims],
+        series.minutes.tobytes(),
+        exported,
+        _column_bytes(series.counts),
+        _column_bytes(series.times),
+        _column_bytes(series.seqs),
+    )
+
+
+def _int_column(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    column = array("q")
+    column.frombytes(raw)
+    return column
+
+
+def _load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
+    dims = tuple((pair[0], pair[1]) for pair in record.dims)
+    series = meter_shard.new_series(record.customer_id, dims)
+    series.minutes = array("I")
+    series.minutes.frombytes(record.minutes)
+    if type(record.values) is bytes:
+        series.values = _int_column(record.values)
+    elif record.values is not None:
+        if meter_shard.meter.kind == UNIQUE:
+            series.values = [set(v) for v in record.values]
+        else:
+            series.values = [decimal_or_int(v) for v in record.values]
+    series.counts = _int_column(record.counts)
+    series.times = _int_column(record.times)
+    series.seqs = _int_column(record.seqs)
+
+
+def restore_shards(
+    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: Any
+) -> list[ShardState]:
+    """Rebuild shard states from a snapshot taken with any shard count.
+
+    Series and dedup keys follow their customer to its shard under ``route``.
+    Minute bounds cannot be split by customer, so when the shard count changed
+    every shard gets their union: wider bounds only ever refuse a query cut
+    that narrower ones would allow; they never make an answer wrong.
+    """
+    states = [ShardState() for _ in range(route.shard_count)]
+    same_layout = len(parts_by_shard) == route.shard_count
+    for old_index, parts in enumerate(parts_by_shard):
+        for part in parts:
+            meter = meters[part.meter]
+            for record in part.series:
+                _load_series(states[route(record.customer_id)].meter_shard(meter), record)
+            for customer, unique_id in part.seen:
+                states[route(customer)].meter_shard(meter).seen.add((customer, unique_id))
+            targets = [states[old_index]] if same_layout else states
+            for state in targets:
+                bounds = state.meter_shard(meter).minute_bounds
+                for minute, low, high in part.minute_bounds:
+                    bound = bounds.get(minute)
+                    if bound is None:
+                        bounds[minute] = [low, high]
+                    else:
+                        bound[0] = min(bound[0], low)
+                        bound[1] = max(bound[1], high)
+    return states
+
+
+def state_statistics(state: ShardState) -> tuple[int, int]:
+    """(series, buckets) held by one shard."""
+    series_count = bucket_count = 0
+    for meter_shard in state.meters.values():
+        series_count += len(meter_shard.series)
+        bucket_count += sum(len(s.minutes) for s in meter_shard.series.values())
+    return series_count, bucket_count

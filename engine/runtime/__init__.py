@@ -1,0 +1,1 @@
+"""Runtime layer: trio tasks around the pure domain and the storage layer."""

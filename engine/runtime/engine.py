@@ -1,0 +1,487 @@
+"""The embedded engine: shard actors, the WAL writer, recovery.
+
+Runtime layer: trio, the domain and the storage layer. Tasks and who owns what:
+
+- **WAL writer** (one task): the only writer of the store. It takes write
+  requests from a bounded channel, commits as many as are waiting in one LMDB
+  transaction (group commit, fsync on), assigns gap-free log sequence numbers,
+  then hands each batch's per-shard slices to the shard mailboxes in lsn order.
+  It also takes snapshots between groups.
+- **Shard actors** (one task per shard): each owns one ``ShardState``; nothing
+  else reads or writes it. Mailboxes are FIFO, so a query sent after an
+  ingest was acknowledged sees that ingest (read-your-writes).
+- **Callers** (``ingest``, ``query``, ``define_meter``) validate in their own
+  task, then wait on a ticket that the writer or the shards complete.
+
+Durability contract: ``ingest`` returns only after the batch's transaction
+committed with fsync *and* every shard applied its slice. Dedup decisions are
+made while applying, in lsn order, so they are a pure function of the log:
+replay after a crash makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import localcontext, setcontext
+from typing import Any
+
+import msgspec
+import trio
+
+from engine.domain import records
+from engine.domain.batch import (
+    IngestLimits,
+    MeterDef,
+    Prepared,
+    ShardRouter,
+    check_meter,
+    merge_meter,
+    prepare_batch,
+)
+from engine.domain.query import finish_query, plan_query
+from engine.domain.shard import ShardState, restore_shards, state_statistics
+from engine.domain.values import EXACT
+from engine.errors import (
+    DataDirError,
+    EngineClosed,
+    InvalidRequest,
+    MeteringError,
+    UnknownMeter,
+)
+from engine.schema import Event, IngestAck, Meter, Query, QueryResult
+from engine.storage import LmdbStore, Store, StoredSnapshot
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP_REQUESTS = 64
+MAX_GROUP_BYTES = 8 << 20
+WRITE_QUEUE = 64
+MAILBOX_SIZE = 64
+DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    shard_count: int
+    meter_count: int
+    series_count: int
+    bucket_count: int
+    last_lsn: int
+    events_accepted: int
+    events_duplicate: int
+    batches: int
+    group_commits: int
+    snapshots: int
+    wal_bytes_since_snapshot: int
+    recovery_ms: int
+
+
+class _Ticket:
+    """Completion of one request: set by the writer and/or shard actors."""
+
+    __slots__ = ("accepted", "done", "duplicates", "error", "lsn", "pending", "results")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.pending = 0
+        self.accepted = 0
+        self.duplicates = 0
+        self.lsn = 0
+        self.results: list[Any] = []
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.done.set()
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass(slots=True, eq=False)
+class _Write:
+    ticket: _Ticket
+    record: bytes | None = None
+    slices: list[list[Prepared]] | None = None
+    meta: list[tuple[bytes, bytes]] | None = None
+    meter: MeterDef | None = None
+    snapshot: bool = False
+
+
+_APPLY, _QUERY, _EXPORT = range(3)
+
+
+class Engine:
+    """An open metering engine. Create it with ``open_engine``."""
+
+    def __init__(
+        self,
+        store: Store,
+        shard_count: int,
+        limits: IngestLimits,
+        clock_ms: Callable[[], int],
+        snapshot_every_bytes: int,
+    ) -> None:
+        if type(shard_count) is not int or not 1 <= shard_count <= 4096:
+            raise ValueError(f"shards must be an integer from 1 to 4096, got {shard_count!r}")
+        self._store = store
+        self.shard_count = shard_count
+        self.limits = limits
+        self._clock_ms = clock_ms
+        self._snapshot_every_bytes = snapshot_every_bytes
+        self._route = ShardRouter(shard_count)
+        self._meters: dict[str, MeterDef] = {}
+        self._states: list[ShardState] = []
+        self._last_lsn = 0
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._wal_bytes_since_snapshot = 0
+        self._counters = {"accepted": 0, "duplicates": 0, "batches": 0, "commits": 0, "snaps": 0}
+        self._recovery_ms = 0
+        self._write_send, self._write_recv = trio.open_memory_channel[_Write](WRITE_QUEUE)
+        self._mailboxes = [trio.open_memory_channel[tuple[Any, ...]](MAILBOX_SIZE)
+                           for _ in range(shard_count)]
+
+    # ------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Rebuild state: meters, then the latest snapshot, then the WAL tail."""
+        started = time.perf_counter()
+        for key, raw in self._store.meta_items(b"meter:"):
+            try:
+                meter_def = check_meter(records.decode_meter(raw), self.limits)
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise DataDirError(f"stored meter {key!r} is unreadable: {exc}") from None
+            self._meters[meter_def.name] = meter_def
+        snapshot = self._store.load_snapshot()
+        with localcontext(EXACT):
+            if snapshot is None:
+                self._states = [ShardState() for _ in range(self.shard_count)]
+                applied = 0
+            else:
+                try:
+                    parts = [records.decode_parts(raw) for raw in snapshot.parts]
+                    self._states = restore_shards(parts, self._meters, self._route)
+                except (msgspec.DecodeError, KeyError, ValueError) as exc:
+                    raise DataDirError(f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}") from None
+                applied = snapshot.lsn
+            for lsn, raw in self._store.read_wal(applied):
+                if lsn != applied + 1:
+                    raise DataDirError(
+                        f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}"
+                    )
+                self._replay(lsn, raw)
+                applied = lsn
+        self._last_lsn = max(applied, self._store.last_lsn())
+        self._recovery_ms = int((time.perf_counter() - started) * 1000)
+        # Recovered state lives as long as the process: keep the cyclic GC off it.
+        gc.collect()
+        gc.freeze()
+        log.info("recovered to lsn %d in %d ms", self._last_lsn, self._recovery_ms)
+
+    def _replay(self, lsn: int, raw: bytes) -> None:
+        try:
+            record = records.decode_record(raw)
+        except msgspec.DecodeError as exc:
+            raise DataDirError(f"write-ahead log record {lsn} is corrupt: {exc}") from None
+        try:
+            slices = prepare_batch(record.events, self._meters, self._route, self.limits, None)
+        except InvalidRequest as exc:
+            raise DataDirError(f"write-ahead log record {lsn} cannot be replayed: {exc}") from None
+        for state, items in zip(self._states, slices, strict=True):
+            if items:
+                state.apply(lsn, items)
+        self._wal_bytes_since_snapshot += len(raw)
+
+    # --------------------------------------------------------------- tasks
+
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for index, (_, receive) in enumerate(self._mailboxes):
+                nursery.start_soon(self._shard_actor, index, receive)
+            nursery.start_soon(self._writer)
+            task_status.started()
+
+    async def _shard_actor(self, index: int, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        setcontext(EXACT)  # this task's own context: exact decimal sums
+        state = self._states[index]
+        async with receive:
+            async for message in receive:
+                op, ticket = message[0], message[-1]
+                try:
+                    if op == _APPLY:
+                        accepted, duplicates = state.apply(message[1], message[2])
+                        ticket.accepted += accepted
+                        ticket.duplicates += duplicates
+                    elif op == _QUERY:
+                        ticket.results.append(state.query(message[1]))
+                    else:
+                        ticket.results.append((index, records.encode(state.export())))
+                except MeteringError as exc:
+                    ticket.fail(exc)  # a refused query; state untouched
+                except BaseException as exc:
+                    # A bug while applying may leave this shard half-updated: stop the engine.
+                    self._failure = exc
+                    ticket.fail(EngineClosed(f"shard {index} failed: {exc!r}"))
+                    raise
+                ticket.pending -= 1
+                if ticket.pending == 0:
+                    ticket.done.set()
+
+    async def _writer(self) -> None:
+        receive = self._write_recv
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    break
+                group = [first]
+                size = len(first.record or b"")
+                while not group[-1].snapshot and (
+                    len(group) < MAX_GROUP_REQUESTS and size < MAX_GROUP_BYTES
+                ):
+                    try:
+                        request = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    group.append(request)
+                    size += len(request.record or b"")
+                with trio.CancelScope(shield=True):
+                    await self._commit_group(group)
+                    if group[-1].snapshot or (
+                        self._wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                    ):
+                        await self._snapshot(group[-1].ticket if group[-1].snapshot else None)
+
+    async def _commit_group(self, group: list[_Write]) -> None:
+        wal: list[tuple[int, bytes]] = []
+        meta: list[tuple[bytes, bytes]] = []
+        lsn = self._last_lsn
+        for request in group:
+            if request.record is not None:
+                lsn += 1
+                request.ticket.lsn = lsn
+                wal.append((lsn, request.record))
+            if request.meta:
+                meta.extend(request.meta)
+        if wal or meta:
+            try:
+                await self._call_store(self._store.commit, wal, meta)
+            except MeteringError as exc:
+                for request in group:
+                    request.ticket.fail(exc)
+                return
+            self._counters["commits"] += 1
+        self._last_lsn = lsn
+        for request in group:
+            ticket = request.ticket
+            if request.meter is not None:
+                self._meters[request.meter.name] = request.meter
+            if request.slices is not None:
+                self._wal_bytes_since_snapshot += len(request.record or b"")
+                for shard, items in enumerate(request.slices):
+                    if items:
+                        ticket.pending += 1
+                        await self._mailboxes[shard][0].send((_APPLY, ticket.lsn, items, ticket))
+            if ticket.pending == 0 and not request.snapshot:
+                ticket.done.set()
+
+    async def _snapshot(self, requester: _Ticket | None) -> None:
+        """Snapshot every shard at the current lsn, then drop the WAL it covers."""
+        ticket = _Ticket()
+        ticket.pending = self.shard_count
+        for send, _ in self._mailboxes:
+            await send.send((_EXPORT, ticket))
+        await ticket.done.wait()
+        parts = [raw for _, raw in sorted(ticket.results)]
+        snapshot = StoredSnapshot(self._last_lsn, self.shard_count, parts)
+        try:
+            await self._call_store(self._store.write_snapshot, snapshot)
+        except MeteringError as exc:
+            log.error("snapshot at lsn %d failed: %s", snapshot.lsn, exc)
+            if requester is not None:
+                requester.fail(exc)
+            return
+        self._wal_bytes_since_snapshot = 0
+        self._counters["snaps"] += 1
+        if requester is not None:
+            requester.lsn = snapshot.lsn
+            requester.done.set()
+
+    async def _call_store(self, function: Callable[..., None], *args: Any) -> None:
+        if self._store.blocking:
+            await trio.to_thread.run_sync(function, *args)
+        else:
+            function(*args)
+
+    async def _submit(self, request: _Write) -> _Ticket:
+        self._check_open()
+        try:
+            await self._write_send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise EngineClosed("the engine is closed") from None
+        await request.ticket.wait()
+        return request.ticket
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise EngineClosed(f"the engine stopped after an internal error: {self._failure!r}")
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+
+    async def _close(self) -> None:
+        """Stop taking requests, let the writer drain and snapshot, stop the shards."""
+        self._closed = True
+        if self._failure is None:
+            ticket = _Ticket()
+            try:
+                await self._write_send.send(_Write(ticket, snapshot=True))
+                await ticket.done.wait()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        await self._write_send.aclose()
+        for send, _ in self._mailboxes:
+            await send.aclose()
+
+    # ---------------------------------------------------------- public API
+
+    async def define_meter(self, meter: Meter) -> Meter:
+        """Define a meter (idempotent). A different aggregation for a known name is refused."""
+        if type(meter) is not Meter:
+            raise InvalidRequest(f"expected a Meter, got {type(meter).__name__}")
+        try:
+            meter_def = check_meter(meter, self.limits)
+        except ValueError as exc:
+            raise InvalidRequest(f"meter {meter.name!r}: {exc}") from None
+        if not merge_meter(self._meters.get(meter.name), meter_def):
+            return self._meters[meter.name].meter
+        key = b"meter:" + meter.name.encode()
+        await self._submit(_Write(_Ticket(), meta=[(key, records.encode(meter))], meter=meter_def))
+        # A concurrent definition may have won the race; it was checked the same way.
+        merge_meter(self._meters.get(meter.name), meter_def)
+        return meter
+
+    def meters(self) -> list[Meter]:
+        return [self._meters[name].meter for name in sorted(self._meters)]
+
+    async def ingest(self, events: Sequence[Event]) -> IngestAck:
+        """Validate, log durably (fsync), apply; then acknowledge.
+
+        Raises ``BatchRejected`` naming every bad event; then nothing is applied.
+        """
+        self._check_open()
+        if not isinstance(events, list):
+            events = list(events)
+        slices = prepare_batch(events, self._meters, self._route, self.limits, self._clock_ms())
+        request = _Write(_Ticket(), record=records.encode(records.WalBatch(events)), slices=slices)
+        ticket = await self._submit(request)
+        self._counters["accepted"] += ticket.accepted
+        self._counters["duplicates"] += ticket.duplicates
+        self._counters["batches"] += 1
+        return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn)
+
+    async def query(self, query: Query) -> QueryResult:
+        """Answer ``query`` from the shards that can hold matching customers."""
+        self._check_open()
+        if type(query) is not Query:
+            raise InvalidRequest(f"expected a Query, got {type(query).__name__}")
+        meter = self._meters.get(query.meter_api_name)
+        if meter is None:
+            raise UnknownMeter(f"unknown meter {query.meter_api_name!r}")
+        plan = plan_query(query, meter)
+        if plan.customers is not None:
+            shards = sorted({self._route(customer) for customer in plan.customers})
+        else:
+            shards = list(range(self.shard_count))
+        ticket = _Ticket()
+        ticket.pending = len(shards)
+        if shards:
+            for shard in shards:
+                await self._mailboxes[shard][0].send((_QUERY, plan, ticket))
+            await ticket.wait()
+        return finish_query(plan, ticket.results)
+
+    async def snapshot(self) -> int:
+        """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""
+        ticket = await self._submit(_Write(_Ticket(), snapshot=True))
+        return ticket.lsn
+
+    def statistics(self) -> EngineStatistics:
+        series = buckets = 0
+        for state in self._states:
+            s, b = state_statistics(state)
+            series += s
+            buckets += b
+        return EngineStatistics(
+            shard_count=self.shard_count,
+            meter_count=len(self._meters),
+            series_count=series,
+            bucket_count=buckets,
+            last_lsn=self._last_lsn,
+            events_accepted=self._counters["accepted"],
+            events_duplicate=self._counters["duplicates"],
+            batches=self._counters["batches"],
+            group_commits=self._counters["commits"],
+            snapshots=self._counters["snaps"],
+            wal_bytes_since_snapshot=self._wal_bytes_since_snapshot,
+            recovery_ms=self._recovery_ms,
+        )
+
+    def export_state(self) -> bytes:
+        """Canonical bytes of all shard state (for tests: equal state ⇔ equal bytes)."""
+        return records.encode([state.export() for state in self._states])
+
+
+@asynccontextmanager
+async def open_engine(
+    data_dir: str | os.PathLike[str] | None = None,
+    shards: int = 8,
+    *,
+    store: Store | None = None,
+    limits: IngestLimits | None = None,
+    clock_ms: Callable[[], int] | None = None,
+    snapshot_every_bytes: int = DEFAULT_SNAPSHOT_EVERY_BYTES,
+    map_bytes: int | None = None,
+) -> AsyncIterator[Engine]:
+    """Open (or create) the engine whose state lives in ``data_dir``.
+
+    Recovers from the latest snapshot plus the WAL tail, starts one actor per
+    shard and the WAL writer, and on exit drains pending writes, writes a
+    snapshot and closes the store.
+    """
+    if store is None:
+        if data_dir is None:
+            raise ValueError("open_engine needs a data_dir (or a store)")
+        store = LmdbStore(data_dir, **({"map_bytes": map_bytes} if map_bytes else {}))
+    try:
+        engine = Engine(
+            store,
+            shards,
+            limits or IngestLimits(),
+            clock_ms or wall_clock_ms,
+            snapshot_every_bytes,
+        )
+        engine._recover()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine._run)
+            try:
+                yield engine
+            finally:
+                with trio.CancelScope(shield=True):
+                    await engine._close()
+    finally:
+        store.close()

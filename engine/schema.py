@@ -1,0 +1,105 @@
+"""Public data types: what users construct and what the engine returns.
+
+Pure layer: imports only msgspec and the standard library. These structs are
+also the wire and write-ahead-log encoding, so their field names are a
+contract. Field names are snake_case in Python and camelCase when serialised
+(``rename="camel"``), which makes a serialised ``Event`` exactly Amberflo's
+event shape: ``meterApiName``, ``customerId``, ``meterValue``,
+``meterTimeInMillis``, ``dimensions``, ``uniqueId``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+Aggregation = Literal["sum", "count", "max", "min", "avg", "latest", "unique_count"]
+WindowName = Literal["minute", "hour", "day", "week", "month"]
+
+AGGREGATIONS: tuple[str, ...] = ("sum", "count", "max", "min", "avg", "latest", "unique_count")
+
+
+class Meter(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """How events of one meter aggregate.
+
+    ``unique_count`` meters count distinct values of ``unique_dimension``.
+    """
+
+    name: str
+    aggregation: Aggregation = "sum"
+    unique_dimension: str | None = None
+    description: str = ""
+
+
+class Event(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
+    """One usage record, in Amberflo's shape.
+
+    ``meter_value`` is an ``int``, a ``float`` (taken as the decimal of its
+    shortest repr: ``0.1`` is exactly 0.1), a ``Decimal`` or a decimal string.
+    ``meter_time_in_millis`` is integer milliseconds since the Unix epoch.
+    An event with a ``unique_id`` is counted once, ever, per meter and customer.
+    """
+
+    meter_api_name: str
+    customer_id: str
+    meter_value: int | float | Decimal
+    meter_time_in_millis: int
+    dimensions: dict[str, str] = {}
+    unique_id: str | None = None
+
+
+class Take(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """Keep only the top (``ascending=False``) or bottom ``limit`` groups by value."""
+
+    limit: int
+    ascending: bool = False
+
+
+class Query(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """A usage query over the half-open range ``[start_ms, end_ms)``.
+
+    ``window=None`` gives one total per group over the range; otherwise rows per
+    calendar window in ``timezone`` (an IANA name).
+    """
+
+    meter_api_name: str
+    start_ms: int
+    end_ms: int
+    window: WindowName | None = None
+    timezone: str = "UTC"
+    group_by: list[str] = []
+    filter: dict[str, list[str]] = {}
+    take: Take | None = None
+
+
+class Row(msgspec.Struct, frozen=True, rename="camel"):
+    """One result row: the window's start, the group's key values, the exact value."""
+
+    window_start_ms: int
+    group: dict[str, str | None]
+    value: int | Decimal
+
+
+class QueryResult(msgspec.Struct, frozen=True, rename="camel"):
+    meter_api_name: str
+    aggregation: Aggregation
+    start_ms: int
+    end_ms: int
+    window: WindowName | None
+    timezone: str
+    rows: list[Row]
+
+
+class IngestAck(msgspec.Struct, frozen=True, rename="camel"):
+    """The batch is durable (fsynced in the write-ahead log) and applied.
+
+    ``accepted`` counts events applied now; ``duplicates`` counts events whose
+    unique id had already been accepted for the same meter and customer.
+    ``lsn`` is the write-ahead-log sequence number of the batch.
+    """
+
+    accepted: int
+    duplicates: int
+    lsn: int

@@ -1,0 +1,12 @@
+"""Storage layer: the LMDB write-ahead log, snapshots and meter catalogue.
+
+May import lmdb and the standard library; never trio. ``LmdbStore`` is the
+real store; ``MemoryStore`` is a fake with the same contract for tests that run
+under a virtual clock (a worker thread and an autojump clock do not mix).
+"""
+
+from engine.storage.base import Store, StoredSnapshot
+from engine.storage.lmdb_store import LmdbStore
+from engine.storage.memory import MemoryStore
+
+__all__ = ["LmdbStore", "MemoryStore", "Store", "StoredSnapshot"]

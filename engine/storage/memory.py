@@ -1,0 +1,55 @@
+"""An in-memory store with the ``Store`` contract, for tests under a virtual clock.
+
+Storage layer: standard library only. Not durable, by design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from engine.errors import StorageError
+from engine.storage.base import StoredSnapshot
+
+
+class MemoryStore:
+    blocking = False
+
+    def __init__(self) -> None:
+        self.wal: dict[int, bytes] = {}
+        self.meta: dict[bytes, bytes] = {}
+        self.snapshot: StoredSnapshot | None = None
+        self._last_lsn = 0
+        self.commits = 0
+        self.closed = False
+
+    def commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
+        for lsn, _ in wal:
+            if lsn <= self._last_lsn:
+                raise StorageError(f"WAL append out of order at lsn {lsn}")
+        for lsn, record in wal:
+            self.wal[lsn] = record
+            self._last_lsn = lsn
+        self.meta.update(meta)
+        self.commits += 1
+
+    def read_wal(self, after_lsn: int) -> Iterator[tuple[int, bytes]]:
+        for lsn in sorted(self.wal):
+            if lsn > after_lsn:
+                yield lsn, self.wal[lsn]
+
+    def last_lsn(self) -> int:
+        return self._last_lsn
+
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.meta.items() if k.startswith(prefix))
+
+    def write_snapshot(self, snapshot: StoredSnapshot) -> None:
+        self.snapshot = snapshot
+        for lsn in [lsn for lsn in self.wal if lsn <= snapshot.lsn]:
+            del self.wal[lsn]
+
+    def load_snapshot(self) -> StoredSnapshot | None:
+        return self.snapshot
+
+    def close(self) -> None:
+        self.closed = True
