@@ -234,6 +234,11 @@ def _timestamp_problem(ts: object, oldest_ms: int, newest_ms: int) -> str:
             "(future tolerance)")
 
 
-def decimal_or_int(text_or_int: int | str) -> int | Decimal:
-    """Inverse of the snapshot encoding of a value."""
-    return text_or_int if type(text_or_int) is int else Decimal(text_or_int)
+def decimal_or_int(value: int | str) -> int | Decimal:
+    """Inverse of the snapshot encoding of a value: ints beyond 64 bits travel as digits."""
+    if type(value) is int:
+        return value
+    text: str = value  # type: ignore[assignment]
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return Decimal(text)

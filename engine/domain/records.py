@@ -6,6 +6,8 @@ msgspec struct so later record kinds can be added without breaking old logs.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import msgspec
 
 from engine.domain.shard import MeterPart
@@ -28,6 +30,24 @@ _meter_decoder = msgspec.msgpack.Decoder(Meter)
 
 def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
+
+
+def encode_batch(events: list[Event]) -> bytes:
+    """Encode a batch for the WAL.
+
+    msgpack integers stop at 64 bits; an event value beyond that is logged as a
+    decimal string, which decodes back to the same exact value.
+    """
+    try:
+        return _encoder.encode(WalBatch(events))
+    except OverflowError:
+        wide = [
+            msgspec.structs.replace(e, meter_value=Decimal(e.meter_value))
+            if type(e.meter_value) is int and not -(2**63) <= e.meter_value < 2**64
+            else e
+            for e in events
+        ]
+        return _encoder.encode(WalBatch(wide))
 
 
 def decode_record(raw: bytes) -> WalRecord:

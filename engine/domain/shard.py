@@ -415,7 +415,8 @@ def _export_series(series: Series) -> SeriesRecord:
         exported = values.tobytes()
     else:
         exported = [
-            sorted(v) if type(v) is set else (v if type(v) is int else str(v)) for v in values
+            sorted(v) if type(v) is set else (v if type(v) is int and _fits_int64(v) else str(v))
+            for v in values
         ]
     return SeriesRecord(
         series.customer_id,
@@ -426,6 +427,10 @@ def _export_series(series: Series) -> SeriesRecord:
         _column_bytes(series.times),
         _column_bytes(series.seqs),
     )
+
+
+def _fits_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
 
 
 def _int_column(raw: bytes | None) -> Any:

@@ -227,7 +227,12 @@ class Engine:
                         ticket.accepted += accepted
                         ticket.duplicates += duplicates
                     elif op == _QUERY:
-                        ticket.results.append(state.query(message[1]))
+                        try:
+                            ticket.results.append(state.query(message[1]))
+                        except Exception as exc:  # queries never mutate state: not fatal
+                            if not isinstance(exc, MeteringError):
+                                log.exception("query failed on shard %d", index)
+                            ticket.fail(exc)
                     else:
                         ticket.results.append((index, records.encode(state.export())))
                 except MeteringError as exc:
@@ -293,9 +298,10 @@ class Engine:
                 self._meters[request.meter.name] = request.meter
             if request.slices is not None:
                 self._wal_bytes_since_snapshot += len(request.record or b"")
+                # Count every slice before sending any: a shard may finish before the next send.
+                ticket.pending += sum(1 for items in request.slices if items)
                 for shard, items in enumerate(request.slices):
                     if items:
-                        ticket.pending += 1
                         await self._mailboxes[shard][0].send((_APPLY, ticket.lsn, items, ticket))
             if ticket.pending == 0 and not request.snapshot:
                 ticket.done.set()
@@ -387,7 +393,7 @@ class Engine:
         if not isinstance(events, list):
             events = list(events)
         slices = prepare_batch(events, self._meters, self._route, self.limits, self._clock_ms())
-        request = _Write(_Ticket(), record=records.encode(records.WalBatch(events)), slices=slices)
+        request = _Write(_Ticket(), record=records.encode_batch(events), slices=slices)
         ticket = await self._submit(request)
         self._counters["accepted"] += ticket.accepted
         self._counters["duplicates"] += ticket.duplicates
@@ -403,7 +409,9 @@ class Engine:
         if meter is None:
             raise UnknownMeter(f"unknown meter {query.meter_api_name!r}")
         plan = plan_query(query, meter)
-        if plan.customers is not None:
+        if not plan.cuts_ms:
+            shards = []  # empty range
+        elif plan.customers is not None:
             shards = sorted({self._route(customer) for customer in plan.customers})
         else:
             shards = list(range(self.shard_count))
