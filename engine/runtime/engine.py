@@ -349,10 +349,10 @@ class Engine:
         if self._closed:
             raise EngineClosed("the engine is closed")
 
-    async def _close(self) -> None:
+    async def _close(self, snapshot: bool) -> None:
         """Stop taking requests, let the writer drain and snapshot, stop the shards."""
         self._closed = True
-        if self._failure is None:
+        if self._failure is None and snapshot:
             ticket = _Ticket()
             try:
                 await self._write_send.send(_Write(ticket, snapshot=True))
@@ -464,12 +464,13 @@ async def open_engine(
     clock_ms: Callable[[], int] | None = None,
     snapshot_every_bytes: int = DEFAULT_SNAPSHOT_EVERY_BYTES,
     map_bytes: int | None = None,
+    snapshot_on_close: bool = True,
 ) -> AsyncIterator[Engine]:
     """Open (or create) the engine whose state lives in ``data_dir``.
 
     Recovers from the latest snapshot plus the WAL tail, starts one actor per
     shard and the WAL writer, and on exit drains pending writes, writes a
-    snapshot and closes the store.
+    snapshot (unless ``snapshot_on_close=False``) and closes the store.
     """
     if store is None:
         if data_dir is None:
@@ -490,6 +491,6 @@ async def open_engine(
                 yield engine
             finally:
                 with trio.CancelScope(shield=True):
-                    await engine._close()
+                    await engine._close(snapshot_on_close)
     finally:
         store.close()
