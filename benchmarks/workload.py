@@ -1,0 +1,232 @@
+"""A seeded, reproducible ingest workload for the benchmarks.
+
+Benchmark support code: imports the standard library, msgspec and the public
+``engine`` types only. ``generate(seed, ...)`` is a pure function of its
+arguments (``random.Random(seed)``, a fixed default ``now_ms``), so two runs
+with the same arguments produce byte-identical batches.
+
+Shape of the traffic:
+
+- ``meters`` meter definitions whose aggregations cycle through
+  ``aggregations`` (``("sum", "count")`` for the headline run).
+- Customers drawn from a Zipf distribution (exponent ``zipf_s``, rank 1 the
+  most active) through a precomputed cumulative table and ``bisect``.
+- Meter ``i`` carries a fixed set of 0 to 3 dimension keys (cycling
+  ``[]``, ``[region]``, ``[region, endpoint]``, ``[region, plan, endpoint]``):
+  ``region`` and ``plan`` are properties of the customer, ``endpoint`` varies
+  per event, so a (meter, customer) has at most a handful of series, as in
+  real usage data. ``unique_count`` meters also carry a ``user`` dimension.
+- Time advances through the batches from ``now - days`` to ``now``; inside a
+  batch events are in time order, except ~``late_fraction`` of them that are
+  older than the batch's time by up to 30 days (never older than
+  ``now - 34 days``, inside the engine's 35-day late limit).
+- ~``duplicate_fraction`` of events are retries: an exact copy of a recent
+  earlier event (same meter, customer, time, value, dimensions and
+  ``unique_id``). Every other event has its own unique id. The engine must
+  count exactly ``expected_duplicates`` duplicates, whatever the order in
+  which concurrent batches reach it.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import msgspec
+
+from engine import Event, Meter
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+# 2025-06-15T00:00:00Z: a fixed default so the workload depends on the seed only.
+DEFAULT_NOW_MS = 1_749_945_600_000
+MAX_LATE_MS = 30 * DAY_MS
+OLDEST_AGE_MS = 34 * DAY_MS  # the engine accepts up to 35 days; keep a day of margin
+RETRY_WINDOW = 5_000  # a duplicate copies one of the last this-many original events
+
+REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-south", "ap-northeast")
+PLANS = ("free", "starter", "pro", "enterprise")
+ENDPOINTS = (
+    "/v1/search", "/v1/items", "/v1/items/{id}", "/v1/orders", "/v1/users",
+    "/v1/embeddings", "/v1/chat", "/v1/files",
+)
+USERS = tuple(f"user-{n:03d}" for n in range(200))
+DIMENSION_SETS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("region",),
+    ("region", "endpoint"),
+    ("region", "plan", "endpoint"),
+)
+UNIQUE_DIMENSION = "user"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything a benchmark needs to replay the same traffic."""
+
+    seed: int
+    now_ms: int
+    meters: list[Meter]
+    batches: list[list[Event]]
+    encoded: list[bytes]  # msgspec.msgpack.encode(batch) for each batch
+    event_count: int
+    expected_duplicates: int
+    customer_ids: list[str]  # by Zipf rank: customer_ids[0] is the most active
+    parameters: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def expected_accepted(self) -> int:
+        return self.event_count - self.expected_duplicates
+
+    @property
+    def encoded_bytes(self) -> int:
+        return sum(len(raw) for raw in self.encoded)
+
+
+def zipf_cumulative(count: int, s: float) -> list[float]:
+    """Cumulative weights of ranks 1..count under Zipf(s); ``s=0`` is uniform."""
+    return list(accumulate(1.0 / rank**s for rank in range(1, count + 1)))
+
+
+def meter_definitions(count: int, aggregations: Sequence[str]) -> list[Meter]:
+    if not aggregations:
+        raise ValueError("aggregations must name at least one aggregation")
+    meters = []
+    for index in range(count):
+        aggregation = aggregations[index % len(aggregations)]
+        meters.append(Meter(
+            name=f"meter_{index}_{aggregation}",
+            aggregation=aggregation,  # type: ignore[arg-type]
+            unique_dimension=UNIQUE_DIMENSION if aggregation == "unique_count" else None,
+        ))
+    return meters
+
+
+def generate(
+    seed: int,
+    *,
+    customers: int = 10_000,
+    meters: int = 5,
+    events: int = 200_000,
+    batch_size: int = 1000,
+    days: float = 30,
+    duplicate_fraction: float = 0.01,
+    late_fraction: float = 0.05,
+    now_ms: int = DEFAULT_NOW_MS,
+    aggregations: Sequence[str] = ("sum", "count"),
+    zipf_s: float = 1.1,
+    max_dimensions: int = 3,
+    unique_ids: bool = True,
+) -> Workload:
+    """Build a reproducible workload of ``events`` events in batches of ``batch_size``.
+
+    ``unique_ids=False`` sends events without unique ids (and so without
+    duplicates): used to measure bucket memory without the dedup index.
+    """
+    if customers < 1 or meters < 1 or events < 0 or batch_size < 1:
+        raise ValueError("customers, meters and batch_size must be positive, events >= 0")
+    if not 0 <= duplicate_fraction < 1 or not 0 <= late_fraction < 1:
+        raise ValueError("duplicate_fraction and late_fraction must be in [0, 1)")
+    if not 0 < days * DAY_MS <= OLDEST_AGE_MS:
+        raise ValueError("days must be positive and at most 34")
+    if not 0 <= max_dimensions <= 3:
+        raise ValueError("max_dimensions must be from 0 to 3")
+    rng = random.Random(seed)
+    meter_defs = meter_definitions(meters, aggregations)
+    kinds = [m.aggregation for m in meter_defs]
+    names = [m.name for m in meter_defs]
+    dimension_sets = [DIMENSION_SETS[i % (max_dimensions + 1)] for i in range(meters)]
+
+    customer_ids = [f"customer-{rank:06d}" for rank in range(1, customers + 1)]
+    customer_region = [rng.choice(REGIONS) for _ in range(customers)]
+    customer_plan = [rng.choice(PLANS) for _ in range(customers)]
+    cumulative = zipf_cumulative(customers, zipf_s)
+    total_weight = cumulative[-1]
+    last_rank = customers - 1
+    id_prefix = rng.getrandbits(64) << 64  # ids are unique by construction: prefix | counter
+
+    if not unique_ids:
+        duplicate_fraction = 0.0
+    start_ms = now_ms - int(days * DAY_MS)
+    oldest_ms = now_ms - OLDEST_AGE_MS
+    span_ms = now_ms - start_ms
+    batch_count = (events + batch_size - 1) // batch_size
+    batches: list[list[Event]] = []
+    recent: list[Event] = []  # ring of recent originals that a retry may copy
+    duplicates = 0
+    originals = 0
+    produced = 0
+    for batch_index in range(batch_count):
+        size = min(batch_size, events - produced)
+        # In-order events of this batch fall in its slice of the time span, sorted.
+        slice_low = start_ms + span_ms * batch_index // batch_count
+        slice_high = start_ms + span_ms * (batch_index + 1) // batch_count
+        times = sorted(rng.randrange(slice_low, max(slice_high, slice_low + 1))
+                       for _ in range(size))
+        batch: list[Event] = []
+        for position in range(size):
+            if recent and rng.random() < duplicate_fraction:
+                batch.append(recent[rng.randrange(len(recent))])
+                duplicates += 1
+                continue
+            ts = times[position]
+            if rng.random() < late_fraction:
+                ts = max(oldest_ms, slice_high - rng.randrange(MINUTE_MS, MAX_LATE_MS))
+            rank = min(bisect_right(cumulative, rng.random() * total_weight), last_rank)
+            meter_index = rng.randrange(meters)
+            kind = kinds[meter_index]
+            dims: dict[str, str] = {}
+            for key in dimension_sets[meter_index]:
+                if key == "region":
+                    dims[key] = customer_region[rank]
+                elif key == "plan":
+                    dims[key] = customer_plan[rank]
+                else:
+                    dims[key] = ENDPOINTS[min(int(rng.expovariate(0.6)), len(ENDPOINTS) - 1)]
+            if kind == "unique_count":
+                dims[UNIQUE_DIMENSION] = rng.choice(USERS)
+            value = 1 if kind == "count" else rng.randint(1, 1000)
+            unique_id = (
+                str(uuid.UUID(int=id_prefix | (produced + position))) if unique_ids else None
+            )
+            event = Event(
+                meter_api_name=names[meter_index],
+                customer_id=customer_ids[rank],
+                meter_value=value,
+                meter_time_in_millis=ts,
+                dimensions=dims,
+                unique_id=unique_id,
+            )
+            batch.append(event)
+            if unique_ids:
+                if len(recent) < RETRY_WINDOW:
+                    recent.append(event)
+                else:
+                    recent[originals % RETRY_WINDOW] = event
+                originals += 1
+        produced += size
+        batches.append(batch)
+
+    encoder = msgspec.msgpack.Encoder()
+    encoded = [encoder.encode(batch) for batch in batches]
+    parameters: dict[str, object] = {
+        "customers": customers, "meters": meters, "events": events, "batch_size": batch_size,
+        "days": days, "duplicate_fraction": duplicate_fraction, "late_fraction": late_fraction,
+        "now_ms": now_ms, "aggregations": list(aggregations), "zipf_s": zipf_s,
+        "max_dimensions": max_dimensions, "unique_ids": unique_ids,
+    }
+    return Workload(
+        seed=seed,
+        now_ms=now_ms,
+        meters=meter_defs,
+        batches=batches,
+        encoded=encoded,
+        event_count=produced,
+        expected_duplicates=duplicates,
+        customer_ids=customer_ids,
+        parameters=parameters,
+    )
