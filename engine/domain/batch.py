@@ -28,6 +28,7 @@ KIND_BY_AGGREGATION = dict(zip(AGGREGATIONS, range(7), strict=True))
 
 # Timestamps: non-negative and before year 10000, so a minute index fits 32 bits.
 MAX_TIMESTAMP_MS = 253_402_300_800_000
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,36 +99,85 @@ Prepared = tuple[MeterDef, str, tuple[tuple[str, str], ...], int, Any, str | Non
 class ShardRouter:
     """Customer → shard, cached: crc32 once per distinct customer."""
 
-    __slots__ = ("_cache", "shard_count")
+    __slots__ = ("cache", "shard_count")
 
     def __init__(self, shard_count: int) -> None:
         self.shard_count = shard_count
-        self._cache: dict[str, int] = {}
+        self.cache: dict[str, int] = {}
 
     def __call__(self, customer_id: str) -> int:
-        shard = self._cache.get(customer_id)
+        shard = self.cache.get(customer_id)
         if shard is None:
-            shard = self._cache[customer_id] = shard_of(customer_id, self.shard_count)
+            shard = self.cache[customer_id] = shard_of(customer_id, self.shard_count)
         return shard
 
 
-def _problem_with_dimensions(dims: object, limits: IngestLimits) -> str | None:
+class _Bad(Exception):
+    """One event's problem, raised and caught inside ``prepare_batch``."""
+
+
+def _check_dimensions(dims: object, limits: IngestLimits) -> None:
     if type(dims) is not dict:
-        return f"dimensions must be a mapping of strings to strings, got {type(dims).__name__}"
+        raise _Bad(f"dimensions must be a mapping of strings to strings, got {type(dims).__name__}")
     if len(dims) > limits.max_dimensions:
-        return f"{len(dims)} dimensions, at most {limits.max_dimensions} allowed"
+        raise _Bad(f"{len(dims)} dimensions, at most {limits.max_dimensions} allowed")
     for key, value in dims.items():
         if type(key) is not str or not key:
-            return f"dimension key {key!r} must be a non-empty string"
+            raise _Bad(f"dimension key {key!r} must be a non-empty string")
         if type(value) is not str:
-            return f"dimension {key!r} must have a string value, got {type(value).__name__}"
+            raise _Bad(f"dimension {key!r} must have a string value, got {type(value).__name__}")
         if len(key) > limits.max_key_chars:
-            return f"dimension key {key[:40]!r}... is longer than {limits.max_key_chars} chars"
+            raise _Bad(f"dimension key {key[:40]!r}... is longer than {limits.max_key_chars} chars")
         if len(value) > limits.max_value_chars:
-            return f"dimension {key!r} value is longer than {limits.max_value_chars} chars"
+            raise _Bad(f"dimension {key!r} value is longer than {limits.max_value_chars} chars")
         if key == "customer_id":
-            return "'customer_id' is reserved and cannot be a dimension key"
-    return None
+            raise _Bad("'customer_id' is reserved and cannot be a dimension key")
+
+
+def _prepare_one(
+    event: object,
+    meters: dict[str, MeterDef],
+    limits: IngestLimits,
+    oldest_ms: int,
+    newest_ms: int,
+) -> tuple[MeterDef, str, tuple[tuple[str, str], ...], int, Any, str | None, str | None]:
+    """Check one event in full and normalise it; raises ``_Bad`` with the reason."""
+    if type(event) is not Event:
+        raise _Bad(f"not an Event: {type(event).__name__}")
+    meter = meters.get(event.meter_api_name)
+    if meter is None:
+        raise _Bad(f"unknown meter {event.meter_api_name!r}")
+    max_chars = limits.max_value_chars
+    customer = event.customer_id
+    if type(customer) is not str or not customer or len(customer) > max_chars:
+        raise _Bad(
+            f"customer_id must be a non-empty string of at most {max_chars} characters, "
+            f"got {customer!r:.60}"
+        )
+    try:
+        value = exact_value(event.meter_value)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    ts = event.meter_time_in_millis
+    if type(ts) is not int or not oldest_ms <= ts <= newest_ms:
+        raise _Bad(_timestamp_problem(ts, oldest_ms, newest_ms))
+    dims = event.dimensions
+    _check_dimensions(dims, limits)
+    unique_value = None
+    if meter.unique_dimension is not None:
+        unique_value = dims.get(meter.unique_dimension)
+        if unique_value is None:
+            raise _Bad(
+                f"meter {meter.name!r} counts distinct {meter.unique_dimension!r} "
+                "but the event has no such dimension"
+            )
+        dims = {k: v for k, v in dims.items() if k != meter.unique_dimension}
+    unique_id = event.unique_id
+    if unique_id is not None and (
+        type(unique_id) is not str or not unique_id or len(unique_id) > max_chars
+    ):
+        raise _Bad(f"unique_id must be null or a non-empty string of at most {max_chars} chars")
+    return meter, customer, tuple(sorted(dims.items())), ts, value, unique_id, unique_value
 
 
 def prepare_batch(
@@ -142,6 +192,10 @@ def prepare_batch(
     ``now_ms=None`` means trusted replay: no clock checks. Raises
     ``BatchRejected`` listing every bad event; then nothing is returned, so
     nothing can be applied.
+
+    The loop inlines the checks for the common shape of event (known meter,
+    integer value, a few string dimensions) and hands anything else to
+    ``_prepare_one``, which checks in full and names the problem.
     """
     slices: list[list[Prepared]] = [[] for _ in range(route.shard_count)]
     problems: list[EventProblem] = []
@@ -150,75 +204,70 @@ def prepare_batch(
     else:
         oldest_ms = max(0, now_ms - limits.late_ms)
         newest_ms = min(MAX_TIMESTAMP_MS, now_ms + limits.future_ms)
-    if len(events) > limits.max_batch_events and now_ms is not None:
-        raise BatchRejected(
-            [EventProblem(limits.max_batch_events, f"batch has {len(events)} events, "
-                          f"at most {limits.max_batch_events} allowed")]
-        )
+        if len(events) > limits.max_batch_events:
+            raise BatchRejected([EventProblem(
+                limits.max_batch_events,
+                f"batch has {len(events)} events, at most {limits.max_batch_events} allowed",
+            )])
     max_chars = limits.max_value_chars
+    max_key_chars = limits.max_key_chars
+    max_dimensions = limits.max_dimensions
     get_meter = meters.get
+    shard_cache = route.cache
+    shard_count = route.shard_count
     for index, event in enumerate(events):
-        if type(event) is not Event:
-            problems.append(EventProblem(index, f"not an Event: {type(event).__name__}"))
-            continue
-        meter = get_meter(event.meter_api_name)
-        if meter is None:
-            problems.append(EventProblem(index, f"unknown meter {event.meter_api_name!r}"))
-            continue
-        customer = event.customer_id
-        if type(customer) is not str or not customer or len(customer) > max_chars:
-            problems.append(EventProblem(
-                index,
-                "customer_id must be a non-empty string of at most "
-                f"{max_chars} characters, got {customer!r:.60}",
-            ))
-            continue
-        value: Any = event.meter_value
-        if type(value) is not int or not -(10**30) < value < 10**30:
+        # Fast path: every check below is also made, with its reason, by _prepare_one.
+        if type(event) is Event:
+            meter = get_meter(event.meter_api_name)
+            customer = event.customer_id
+            value: Any = event.meter_value
+            ts = event.meter_time_in_millis
+            dims = event.dimensions
+            unique_id = event.unique_id
+            fast = (
+                meter is not None
+                and meter.unique_dimension is None
+                and type(customer) is str
+                and 0 < len(customer) <= max_chars
+                and type(value) is int
+                and -MAX_INT64 <= value <= MAX_INT64
+                and type(ts) is int
+                and oldest_ms <= ts <= newest_ms
+                and (unique_id is None or (type(unique_id) is str
+                                           and 0 < len(unique_id) <= max_chars))
+            )
+            if fast and dims:
+                if len(dims) > max_dimensions or "customer_id" in dims:
+                    fast = False
+                else:
+                    for key, text in dims.items():
+                        if (type(key) is not str or type(text) is not str
+                                or not 0 < len(key) <= max_key_chars
+                                or len(text) > max_chars):
+                            fast = False
+                            break
+                    else:
+                        dims_key: Any = (
+                            tuple(dims.items()) if len(dims) == 1 else tuple(sorted(dims.items()))
+                        )
+            elif fast:
+                dims_key = ()
+        else:
+            fast = False
+        if not fast:
             try:
-                value = exact_value(value)
-            except ValueError as exc:
+                meter, customer, dims_key, ts, value, unique_id, unique_value = _prepare_one(
+                    event, meters, limits, oldest_ms, newest_ms
+                )
+            except _Bad as exc:
                 problems.append(EventProblem(index, str(exc)))
                 continue
-        ts = event.meter_time_in_millis
-        if type(ts) is not int or not oldest_ms <= ts <= newest_ms:
-            problems.append(EventProblem(index, _timestamp_problem(ts, oldest_ms, newest_ms)))
-            continue
-        dims = event.dimensions
-        unique_value = None
-        if dims:
-            problem = _problem_with_dimensions(dims, limits)
-            if problem is not None:
-                problems.append(EventProblem(index, problem))
-                continue
-            if meter.unique_dimension is not None:
-                unique_value = dims.get(meter.unique_dimension)
-                if unique_value is not None:
-                    dims = {k: v for k, v in dims.items() if k != meter.unique_dimension}
-            if len(dims) == 1:
-                dims_key: tuple[tuple[str, str], ...] = tuple(dims.items())
-            else:
-                dims_key = tuple(sorted(dims.items()))
         else:
-            dims_key = ()
-        if meter.unique_dimension is not None and unique_value is None:
-            problems.append(EventProblem(
-                index,
-                f"meter {meter.name!r} counts distinct {meter.unique_dimension!r} "
-                "but the event has no such dimension",
-            ))
-            continue
-        unique_id = event.unique_id
-        if unique_id is not None and (
-            type(unique_id) is not str or not unique_id or len(unique_id) > max_chars
-        ):
-            problems.append(EventProblem(
-                index, f"unique_id must be null or a non-empty string of at most {max_chars} chars"
-            ))
-            continue
-        slices[route(customer)].append(
-            (meter, customer, dims_key, ts, value, unique_id, index, unique_value)
-        )
+            unique_value = None
+        shard = shard_cache.get(customer)
+        if shard is None:
+            shard = shard_cache[customer] = shard_of(customer, shard_count)
+        slices[shard].append((meter, customer, dims_key, ts, value, unique_id, index, unique_value))
     if problems:
         raise BatchRejected(problems)
     return slices
