@@ -1,4 +1,4 @@
-"""The README's embedding example runs exactly as written."""
+"""The README's embedding example and every example in docs/api.md run as written."""
 
 from __future__ import annotations
 
@@ -22,3 +22,14 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "1 1"
     assert lines[1].endswith("{'customer_id': 'acme', 'region': 'eu'} 1")
+
+
+def test_api_doc_examples_run(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    for number, block in enumerate(blocks):
+        script = tmp_path / f"api_{number}.py"
+        script.write_text(block)
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+        assert done.returncode == 0, f"docs/api.md example {number} failed:\n{done.stderr}"
