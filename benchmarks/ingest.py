@@ -56,13 +56,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lmdb  # noqa: E402
-import msgspec  # noqa: E402
-import trio  # noqa: E402
+import lmdb
+import msgspec
+import trio
 
-from benchmarks.workload import DAY_MS, Workload, generate  # noqa: E402
-from engine import Event, open_engine  # noqa: E402
-from engine.storage import MemoryStore  # noqa: E402
+from benchmarks.workload import AGGREGATIONS_MIXED, DAY_MS, Workload, generate
+from engine import Event, open_engine
+from engine.storage import MemoryStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LSN_KEY = struct.Struct(">Q")
@@ -102,7 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meters", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1000, dest="batch_size")
     parser.add_argument("--aggregations", default="sum,count",
-                        help="aggregation mix the meters cycle through (default sum,count)")
+                        help="aggregation mix the meters cycle through (default sum,count); "
+                             "'mixed' for all seven, at least half sum/count")
     parser.add_argument("--memory-events", type=int, dest="memory_events",
                         help="events for the tracemalloc runs (full: 200k, quick: 50k; 0 skips)")
     parser.add_argument("--timeout-s", type=float, default=900.0, dest="timeout_s",
@@ -117,7 +118,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.aggregations = [a.strip() for a in args.aggregations.split(",") if a.strip()]
+    if args.aggregations == "mixed":
+        args.aggregations = list(AGGREGATIONS_MIXED)
+    else:
+        args.aggregations = [a.strip() for a in args.aggregations.split(",") if a.strip()]
     if args.events < 1 or args.repeats < 1 or args.shards < 1 or args.memory_events < 0:
         parser.error("--events, --repeats and --shards must be positive")
     return args
@@ -169,8 +173,42 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+class GcPauses:
+    """Cyclic-GC pauses while active (``gc.callbacks``): collections per generation, time."""
+
+    def __init__(self) -> None:
+        self.pauses_s: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_s.append((info["generation"], time.perf_counter() - self._started))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def report(self) -> dict[str, Any]:
+        total = sum(pause for _, pause in self.pauses_s)
+        return {
+            "collections": [sum(1 for g, _ in self.pauses_s if g == gen) for gen in range(3)],
+            "total_ms": total * 1000,
+            "max_ms": max((pause for _, pause in self.pauses_s), default=0.0) * 1000,
+        }
+
+
 async def _engine_run(
-    workload: Workload, data_dir: str, shards: int, in_flight: int, timeout_s: float
+    workload: Workload,
+    data_dir: str,
+    shards: int,
+    in_flight: int,
+    timeout_s: float,
+    profiler: cProfile.Profile | None,
 ) -> dict[str, Any]:
     now_ms = workload.now_ms
     decoder = msgspec.msgpack.Decoder(list[Event])
@@ -196,12 +234,16 @@ async def _engine_run(
                 totals["events"] += len(events)
 
         gc.collect()
+        if profiler is not None:
+            profiler.enable()
         started = time.perf_counter()
-        with trio.fail_after(timeout_s):
+        with GcPauses() as gc_pauses, trio.fail_after(timeout_s):
             async with trio.open_nursery() as nursery:
                 for _ in range(in_flight):
                     nursery.start_soon(ingest_worker)
         elapsed_s = time.perf_counter() - started
+        if profiler is not None:
+            profiler.disable()
         stats = eng.statistics()
         closing = time.perf_counter()
     close_s = time.perf_counter() - closing
@@ -236,6 +278,7 @@ async def _engine_run(
         "ack_max_ms": latencies[-1] * 1000,
         "accepted": totals["accepted"],
         "duplicates": totals["duplicates"],
+        "gc_pauses": gc_pauses.report(),
         "open_s": open_s,
         "close_s": close_s,
         "statistics": {
@@ -258,15 +301,10 @@ def run_engine(
     tmp_root: str | None,
     profiler: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
+    """One engine run in a fresh LMDB directory; ``profiler`` covers the ingest phase only."""
     with tempfile.TemporaryDirectory(prefix="meter-bench-engine-", dir=tmp_root) as data_dir:
         gc.collect()
-        if profiler is not None:
-            profiler.enable()
-        try:
-            return trio.run(_engine_run, workload, data_dir, shards, in_flight, timeout_s)
-        finally:
-            if profiler is not None:
-                profiler.disable()
+        return trio.run(_engine_run, workload, data_dir, shards, in_flight, timeout_s, profiler)
 
 
 # ---------------------------------------------------------------------- floor
@@ -372,9 +410,9 @@ def memory_workloads(args: argparse.Namespace) -> dict[str, Workload]:
         "headline": generate(args.seed + 1, customers=args.customers, meters=args.meters,
                              events=events, batch_size=args.batch_size,
                              aggregations=args.aggregations),
-        "100_buckets_per_series": generate(args.seed + 2, **dense),  # type: ignore[arg-type]
+        "100_buckets_per_series": generate(args.seed + 2, **dense),
         "100_buckets_per_series_no_ids": generate(
-            args.seed + 3, unique_ids=False, **dense  # type: ignore[arg-type]
+            args.seed + 3, unique_ids=False, **dense
         ),
     }
 
@@ -416,6 +454,8 @@ def summarise(engine_runs: dict[int, list[dict[str, Any]]],
             "ratio_to_floor": _median(ratios),
             "group_commits": _median([r["statistics"]["group_commits"] for r in runs]),
             "close_s": _median([r["close_s"] for r in runs]),
+            "gc_pause_total_ms": _median([r["gc_pauses"]["total_ms"] for r in runs]),
+            "gc_pause_max_ms": _median([r["gc_pauses"]["max_ms"] for r in runs]),
         }
     return summary
 
@@ -500,8 +540,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  repeat {repeat + 1}: engine in-flight {in_flight}: "
                   f"{result['events_per_s']:,.0f} events/s, ack p50 "
                   f"{result['ack_p50_ms']:.2f} ms p99 {result['ack_p99_ms']:.2f} ms, "
-                  f"{result['statistics']['group_commits']} commits, "
-                  f"close {result['close_s']:.1f} s", flush=True)
+                  f"{result['statistics']['group_commits']} commits, gc pauses "
+                  f"{result['gc_pauses']['total_ms']:.0f} ms (max "
+                  f"{result['gc_pauses']['max_ms']:.0f} ms), close {result['close_s']:.1f} s",
+                  flush=True)
     summary = summarise(engine_runs, floor_runs)
     last = engine_runs[args.in_flight[-1]][-1]["statistics"]
 
@@ -547,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(format_memory(memory))
     if profile_rows:
         print()
-        print(f"top {len(profile_rows)} functions by tottime (one engine run, "
+        print(f"top {len(profile_rows)} functions by tottime (ingest phase of one engine run, "
               f"in-flight {args.in_flight[0]}; pstats in {args.profile}):")
         for row in profile_rows:
             print(f"  {row['tottime_s']:>8.3f} s {row['cumtime_s']:>8.3f} s cum "

@@ -62,6 +62,10 @@ DIMENSION_SETS: tuple[tuple[str, ...], ...] = (
     ("region", "plan", "endpoint"),
 )
 UNIQUE_DIMENSION = "user"
+# All seven aggregations, ordered so that every prefix is at least half sum/count.
+AGGREGATIONS_MIXED = (
+    "sum", "count", "max", "sum", "unique_count", "count", "latest", "sum", "avg", "count", "min",
+)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,9 @@ class MeterShard:
         self.meter = meter
         self.series: dict[tuple[str, tuple[tuple[str, str], ...]], Series] = {}
         self.by_customer: dict[str, list[Series]] = {}
-        self.minute_bounds: dict[int, list[int]] = {}
+        # minute -> first and last event offset within the minute, packed as lo << 16 | hi.
+        # Plain ints keep this dict out of the cyclic GC's way (it can hold millions).
+        self.minute_bounds: dict[int, int] = {}
         self.seen: set[tuple[str, str]] = set()
 
     def new_series(self, customer_id: str, dims: tuple[tuple[str, str], ...]) -> Series:
@@ -164,6 +166,7 @@ class ShardState:
             if series is None:
                 series = meter_shard.new_series(customer, dims)  # type: ignore[union-attr]
             minute = ts // MINUTE_MS
+            offset = ts - minute * MINUTE_MS
             minutes = series.minutes
             if minutes and minutes[-1] == minute:
                 slot = len(minutes) - 1
@@ -202,13 +205,13 @@ class ShardState:
                     _set_value(series, slot, value)
             else:
                 series.values[slot].add(unique_value)
-            bound = bounds.get(minute)
-            if bound is None:
-                bounds[minute] = [ts, ts]
-            elif ts < bound[0]:
-                bound[0] = ts
-            elif ts > bound[1]:
-                bound[1] = ts
+            packed = bounds.get(minute)
+            if packed is None:
+                bounds[minute] = offset << 16 | offset
+            elif offset < packed >> 16:
+                bounds[minute] = offset << 16 | (packed & 0xFFFF)
+            elif offset > packed & 0xFFFF:
+                bounds[minute] = (packed >> 16) << 16 | offset
             accepted += 1
         self.applied_lsn = lsn
         return accepted, duplicates
@@ -228,10 +231,10 @@ class ShardState:
         minute, offset = divmod(cut_ms, MINUTE_MS)
         if offset == 0:
             return minute
-        bound = meter_shard.minute_bounds.get(minute)
-        if bound is None or bound[0] >= cut_ms:
+        packed = meter_shard.minute_bounds.get(minute)
+        if packed is None or packed >> 16 >= offset:
             return minute  # every event of that minute is at or after the cut
-        if bound[1] < cut_ms:
+        if packed & 0xFFFF < offset:
             return minute + 1  # every event of that minute is before the cut
         raise InvalidQuery(
             f"time {cut_ms} ms falls inside a one-minute bucket holding events on both sides "
@@ -249,7 +252,10 @@ class ShardState:
             records = [
                 _export_series(meter_shard.series[key]) for key in sorted(meter_shard.series)
             ]
-            bounds = [[m, b[0], b[1]] for m, b in sorted(meter_shard.minute_bounds.items())]
+            bounds = [
+                [m, m * MINUTE_MS + (b >> 16), m * MINUTE_MS + (b & 0xFFFF)]
+                for m, b in sorted(meter_shard.minute_bounds.items())
+            ]
             seen = sorted(meter_shard.seen)
             parts.append(MeterPart(name, records, bounds, [list(k) for k in seen]))
         return parts
@@ -480,13 +486,12 @@ def restore_shards(
             targets = [states[old_index]] if same_layout else states
             for state in targets:
                 bounds = state.meter_shard(meter).minute_bounds
-                for minute, low, high in part.minute_bounds:
-                    bound = bounds.get(minute)
-                    if bound is None:
-                        bounds[minute] = [low, high]
-                    else:
-                        bound[0] = min(bound[0], low)
-                        bound[1] = max(bound[1], high)
+                for minute, low_ms, high_ms in part.minute_bounds:
+                    low, high = low_ms - minute * MINUTE_MS, high_ms - minute * MINUTE_MS
+                    packed = bounds.get(minute)
+                    if packed is not None:
+                        low, high = min(low, packed >> 16), max(high, packed & 0xFFFF)
+                    bounds[minute] = low << 16 | high
     return states
 
 
