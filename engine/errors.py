@@ -10,10 +10,16 @@ and the client can raise the same type again.
     │   ├── UnknownMeter            a query or event names a meter that was never defined
     │   ├── MeterConflict           a meter is redefined with a different definition
     │   └── InvalidQuery            bad range, window, time zone, group_by, filter or take
+    │   └── Forbidden               the API key's scopes or customer do not allow this request
     ├── StorageError                the data directory cannot be used
     │   ├── DataDirError            corrupt, foreign, locked or incompatible data directory
     │   └── StorageFull             the LMDB map or disk is full; the batch was not applied
-    └── EngineClosed                the engine is shutting down or closed
+    ├── EngineClosed                the engine is shutting down or closed
+    ├── ProtocolError               the peer broke the wire protocol (bad frame or message)
+    │   ├── Unauthorized            no valid API key was presented
+    │   └── UnsupportedVersion      the peers speak different protocol versions
+    ├── ServerBusy                  the server refused the connection (too many connections)
+    └── ConnectionLost              (client side) the connection closed with requests in flight
 
 Foreign exceptions (lmdb, msgspec, trio) are translated at the layer edges.
 """
@@ -76,6 +82,10 @@ class InvalidQuery(InvalidRequest):
     code = "invalid_query"
 
 
+class Forbidden(InvalidRequest):
+    code = "forbidden"
+
+
 class StorageError(MeteringError):
     code = "storage"
 
@@ -92,11 +102,32 @@ class EngineClosed(MeteringError):
     code = "closed"
 
 
+class ProtocolError(MeteringError):
+    code = "protocol_error"
+
+
+class Unauthorized(ProtocolError):
+    code = "unauthorized"
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "unsupported_version"
+
+
+class ServerBusy(MeteringError):
+    code = "busy"
+
+
+class ConnectionLost(MeteringError):
+    code = "connection_lost"
+
+
 ERRORS_BY_CODE: dict[str, type[MeteringError]] = {
     cls.code: cls
     for cls in (
         MeteringError,
         InvalidRequest,
+        BatchRejected,
         UnknownMeter,
         MeterConflict,
         InvalidQuery,
@@ -104,5 +135,11 @@ ERRORS_BY_CODE: dict[str, type[MeteringError]] = {
         DataDirError,
         StorageFull,
         EngineClosed,
+        Forbidden,
+        ProtocolError,
+        Unauthorized,
+        UnsupportedVersion,
+        ServerBusy,
+        ConnectionLost,
     )
 }

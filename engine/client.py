@@ -1,0 +1,420 @@
+"""The lightweight client: trio, one TCP connection, many requests in flight.
+
+Shell layer: trio and ``engine.protocol``. Use::
+
+    async with open_client("127.0.0.1", 7433, api_key=None) as client:
+        await client.define_meter(Meter(name="api_calls", aggregation="sum"))
+        ack = await client.ingest([Event(...)])
+        result = await client.query(Query(...))
+
+Any number of tasks may share one client: each request gets an id, replies
+are matched by id, so requests are pipelined on the connection. Errors the
+server sends arrive as the same typed exceptions the embedded engine raises
+(``BatchRejected`` with its ``problems``, ``InvalidQuery``, ``Forbidden``, ...).
+
+Also here: ``open_batcher`` (buffers single events, flushes by size and
+interval, retries on connection loss with the same unique ids) and
+``SyncClient`` (a blocking wrapper for programs that are not async).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from engine.errors import (
+    ERRORS_BY_CODE,
+    BatchRejected,
+    ConnectionLost,
+    EventProblem,
+    MeteringError,
+    ProtocolError,
+)
+from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
+from engine.protocol.messages import (
+    PROTOCOL_VERSION,
+    DefineMeter,
+    ErrorReply,
+    Hello,
+    Ingest,
+    IngestReply,
+    ListMeters,
+    MessageError,
+    MeterReply,
+    MetersReply,
+    Ping,
+    QueryReply,
+    QueryRequest,
+    Stats,
+    StatsReply,
+    Welcome,
+    decode_server_message,
+    encode_message,
+)
+from engine.schema import Event, IngestAck, Meter, Query, QueryResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Client", "SyncClient", "open_batcher", "open_client"]
+
+
+def error_from_reply(reply: ErrorReply) -> MeteringError:
+    """The typed exception for a server's error frame."""
+    if reply.code == BatchRejected.code and reply.problems is not None:
+        return BatchRejected([EventProblem(index, reason) for index, reason in reply.problems])
+    error_type = ERRORS_BY_CODE.get(reply.code)
+    if error_type is None or error_type is BatchRejected:
+        error = ProtocolError(f"{reply.code}: {reply.detail}")
+        error.code = reply.code
+        return error
+    return error_type(reply.detail)
+
+
+class _Pending:
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: Any = None
+
+
+class Client:
+    """A connection to a metering-engine server. Create it with ``open_client``."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._stream = stream
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._send_lock = trio.Lock()
+        self._closed_error: MeteringError | None = None
+        self.welcome: Welcome | None = None
+
+    # --------------------------------------------------------------- plumbing
+
+    async def _send(self, message: msgspec.Struct) -> None:
+        payload = encode_message(message)
+        async with self._send_lock:
+            await self._stream.send_all(HEADER.pack(len(payload)) + payload)
+
+    async def _receive(self) -> Any:
+        while True:
+            payload = self._decoder.next_frame()
+            if payload is not None:
+                return decode_server_message(payload)
+            data = await self._stream.receive_some(256 * 1024)
+            if not data:
+                raise ConnectionLost("the server closed the connection")
+            self._decoder.feed(data)
+
+    async def _handshake(self, api_key: str | None, client_name: str) -> None:
+        await self._send(Hello(version=PROTOCOL_VERSION, api_key=api_key, client=client_name))
+        reply = await self._receive()
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply)
+        if not isinstance(reply, Welcome):
+            raise ProtocolError(f"expected welcome, got {type(reply).__name__}")
+        self.welcome = reply
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                reply = await self._receive()
+                request_id = getattr(reply, "id", None)
+                pending = self._pending.pop(request_id, None) if request_id is not None else None
+                if pending is None:
+                    if isinstance(reply, ErrorReply):
+                        raise error_from_reply(reply)
+                    raise ProtocolError(f"reply for unknown request id {request_id}")
+                pending.reply = reply
+                pending.done.set()
+        except (MeteringError, MessageError, FrameError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as exc:
+            error = exc if isinstance(exc, MeteringError) else ConnectionLost(str(exc))
+            self._fail_all(error)
+
+    def _fail_all(self, error: MeteringError) -> None:
+        if self._closed_error is None:
+            self._closed_error = error
+        for pending in self._pending.values():
+            pending.done.set()
+        self._pending.clear()
+
+    async def _call(self, message_type: type, **fields: Any) -> Any:
+        if self._closed_error is not None:
+            raise ConnectionLost(f"connection is closed: {self._closed_error}")
+        request_id = next(self._ids)
+        pending = self._pending[request_id] = _Pending()
+        try:
+            await self._send(message_type(id=request_id, **fields))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._pending.pop(request_id, None)
+            raise ConnectionLost(f"sending failed: {exc}") from None
+        try:
+            await pending.done.wait()
+        finally:
+            self._pending.pop(request_id, None)
+        reply = pending.reply
+        if reply is None:
+            raise ConnectionLost(
+                f"connection lost with the request in flight: {self._closed_error}"
+            )
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply)
+        return reply
+
+    # ------------------------------------------------------------------- API
+
+    async def ping(self) -> None:
+        await self._call(Ping)
+
+    async def define_meter(self, meter: Meter) -> Meter:
+        reply: MeterReply = await self._call(DefineMeter, meter=meter)
+        return reply.meter
+
+    async def list_meters(self) -> list[Meter]:
+        reply: MetersReply = await self._call(ListMeters)
+        return reply.meters
+
+    async def ingest(self, events: Sequence[Event]) -> IngestAck:
+        reply: IngestReply = await self._call(Ingest, events=list(events))
+        return IngestAck(accepted=reply.accepted, duplicates=reply.duplicates, lsn=reply.lsn)
+
+    async def query(self, query: Query) -> QueryResult:
+        reply: QueryReply = await self._call(QueryRequest, query=query)
+        return reply.result
+
+    async def stats(self) -> dict[str, Any]:
+        reply: StatsReply = await self._call(Stats)
+        return reply.stats
+
+
+@asynccontextmanager
+async def open_client(
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    *,
+    connect_timeout_s: float = 10.0,
+    client_name: str = "engine.client",
+) -> AsyncIterator[Client]:
+    """Connect, say hello (with the API key), and yield a ``Client``."""
+    with trio.fail_after(connect_timeout_s):
+        stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        client = Client(stream)
+        with trio.fail_after(connect_timeout_s):
+            await client._handshake(api_key, client_name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+                client._fail_all(ConnectionLost("client closed"))
+
+
+# ------------------------------------------------------------------- batcher
+
+
+@dataclass
+class BatcherStatistics:
+    events_added: int = 0
+    batches_sent: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    retries: int = 0
+
+
+class Batcher:
+    """Buffers events and sends them in batches; see ``open_batcher``."""
+
+    def __init__(self, host: str, port: int, api_key: str | None, max_events: int,
+                 max_retries: int, retry_backoff_s: float) -> None:
+        self._address = (host, port, api_key)
+        self.max_events = max_events
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.statistics = BatcherStatistics()
+        self._buffer: list[Event] = []
+        self._client: Client | None = None
+        self._client_scope: Any = None
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    async def add(self, event: Event) -> None:
+        """Buffer one event (giving it a unique id if it has none); flush when full."""
+        if event.unique_id is None:
+            event = msgspec.structs.replace(event, unique_id=uuid.uuid4().hex)
+        self._buffer.append(event)
+        self.statistics.events_added += 1
+        if len(self._buffer) >= self.max_events:
+            await self.flush()
+
+    async def flush(self) -> IngestAck | None:
+        """Send what is buffered now; retries on connection loss with the same unique ids."""
+        async with self._lock:
+            if not self._buffer:
+                return None
+            batch, self._buffer = self._buffer, []
+            ack = await self._send_with_retries(batch)
+            self.statistics.batches_sent += 1
+            self.statistics.accepted += ack.accepted
+            self.statistics.duplicates += ack.duplicates
+            return ack
+
+    async def _send_with_retries(self, batch: list[Event]) -> IngestAck:
+        attempt = 0
+        while True:
+            try:
+                client = await self._connected()
+                return await client.ingest(batch)
+            except (ConnectionLost, OSError, trio.TooSlowError) as exc:
+                await self._disconnect()
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise ConnectionLost(f"gave up after {attempt} attempts: {exc}") from None
+                self.statistics.retries += 1
+                log.info("ingest failed (%s); retry %d with the same unique ids", exc, attempt)
+                await trio.sleep(self.retry_backoff_s * min(2 ** (attempt - 1), 32))
+
+    async def _connected(self) -> Client:
+        if self._client is not None:
+            return self._client
+        assert self._nursery is not None
+        host, port, api_key = self._address
+        self._client = await self._nursery.start(self._hold_client, host, port, api_key)
+        return self._client
+
+    async def _hold_client(self, host: str, port: int, api_key: str | None,
+                           task_status: trio.TaskStatus[Client]) -> None:
+        with trio.CancelScope() as scope:
+            self._client_scope = scope
+            async with open_client(host, port, api_key) as client:
+                task_status.started(client)
+                await trio.sleep_forever()
+
+    async def _disconnect(self) -> None:
+        if self._client_scope is not None:
+            self._client_scope.cancel()
+        self._client = None
+        self._client_scope = None
+        await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def open_batcher(
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    *,
+    max_events: int = 1000,
+    flush_interval_s: float = 1.0,
+    max_retries: int = 8,
+    retry_backoff_s: float = 0.1,
+) -> AsyncIterator[Batcher]:
+    """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit."""
+    batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s)
+    async with trio.open_nursery() as nursery:
+        batcher._nursery = nursery
+
+        async def flush_periodically() -> None:
+            while True:
+                await trio.sleep(flush_interval_s)
+                await batcher.flush()
+
+        nursery.start_soon(flush_periodically)
+        try:
+            yield batcher
+            await batcher.flush()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------- sync wrapper
+
+
+class SyncClient:
+    """A blocking client for programs that are not async.
+
+    Runs a trio event loop with one ``Client`` in a background thread::
+
+        with SyncClient("127.0.0.1", 7433) as client:
+            client.ingest([Event(...)])
+    """
+
+    def __init__(self, host: str, port: int, api_key: str | None = None) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._client: Client | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._run, args=(host, port, api_key),
+                                        name="metering-engine-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _run(self, host: str, port: int, api_key: str | None) -> None:
+        async def main() -> None:
+            try:
+                async with open_client(host, port, api_key) as client:
+                    self._client = client
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._stop = trio.Event()
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as exc:
+                if not self._ready.is_set():
+                    self._error = exc
+                    self._ready.set()
+                else:
+                    raise
+
+        trio.run(main)
+
+    def _call(self, function: Any, *args: Any) -> Any:
+        if self._token is None or self._client is None:
+            raise ConnectionLost("client is closed")
+        return trio.from_thread.run(function, *args, trio_token=self._token)
+
+    def ping(self) -> None:
+        self._call(self._client.ping)  # type: ignore[union-attr]
+
+    def define_meter(self, meter: Meter) -> Meter:
+        return self._call(self._client.define_meter, meter)  # type: ignore[union-attr]
+
+    def list_meters(self) -> list[Meter]:
+        return self._call(self._client.list_meters)  # type: ignore[union-attr]
+
+    def ingest(self, events: Sequence[Event]) -> IngestAck:
+        return self._call(self._client.ingest, events)  # type: ignore[union-attr]
+
+    def query(self, query: Query) -> QueryResult:
+        return self._call(self._client.query, query)  # type: ignore[union-attr]
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(self._client.stats)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._token = None
+        self._thread.join()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,424 @@
+"""The TCP server: trio around the sans-IO protocol and the embedded engine.
+
+Shell layer: trio, ``engine.protocol``, ``engine.auth`` and the runtime.
+
+Policy, per connection (each is a task with its own small nursery):
+
+- The first frame must be ``hello`` within ``handshake_timeout_s``, with the
+  protocol version and, when keys are configured, a valid API key; otherwise
+  the server answers with an error frame and closes.
+- Requests are read one frame at a time and each runs in its own task, so many
+  can be in flight (pipelining). At most ``max_in_flight`` per connection: the
+  reader stops reading while that many are running, which pushes back on a
+  client that sends faster than the engine commits (TCP flow control does the
+  rest). Replies go through a bounded queue to one writer task. Memory per
+  connection is thus bounded by ``max_in_flight`` frames.
+- A frame must complete within ``frame_timeout_s`` once it started (slow
+  senders), a connection with nothing in flight is closed after
+  ``idle_timeout_s``, and a client that does not read its replies for
+  ``send_timeout_s`` is disconnected.
+- A bad frame (zero length, over ``max_frame_bytes``, garbage such as an HTTP
+  request) means the stream is out of sync: error frame, then close. A frame
+  that decodes but is not a valid message gets an error frame and the
+  connection stays open. Neither ever reaches the engine, so neither changes
+  state; other connections are unaffected.
+- On shutdown the server stops accepting, stops reading new requests, lets
+  in-flight ones finish for up to ``drain_timeout_s`` (a batch is either
+  committed and acknowledged or not acknowledged; the engine never applies half
+  a batch), then closes.
+
+Resource errors on ``accept`` (EMFILE and friends) are logged and retried
+after a short sleep, as in ``trio.serve_listeners``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+
+from engine.auth import KeyRing, Principal
+from engine.errors import (
+    BatchRejected,
+    Forbidden,
+    MeteringError,
+)
+from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
+from engine.protocol.messages import (
+    PROTOCOL_VERSION,
+    DefineMeter,
+    ErrorReply,
+    Hello,
+    Ingest,
+    IngestReply,
+    ListMeters,
+    MessageError,
+    MeterReply,
+    MetersReply,
+    Ping,
+    Pong,
+    QueryReply,
+    QueryRequest,
+    Stats,
+    StatsReply,
+    Welcome,
+    decode_client_message,
+    encode_message,
+)
+from engine.runtime.engine import Engine
+from engine.schema import Query
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7433
+SERVER_NAME = "metering-engine"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+RECEIVE_CHUNK_BYTES = 256 * 1024
+
+REQUIRED_SCOPE = {
+    Ping: None,
+    ListMeters: "query",
+    QueryRequest: "query",
+    Ingest: "ingest",
+    DefineMeter: "admin",
+    Stats: "admin",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    keys: KeyRing = field(default_factory=lambda: KeyRing(()))
+    allow_insecure_bind: bool = False
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_in_flight: int = 16
+    max_connections: int = 1024
+    handshake_timeout_s: float = 10.0
+    frame_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
+    send_timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0
+
+
+class InsecureBind(MeteringError):
+    code = "insecure_bind"
+
+
+@dataclass(slots=True)
+class ServerStatistics:
+    connections: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    events_ingested: int = 0
+    protocol_errors: int = 0
+    refused_connections: int = 0
+
+
+class _Closing(Exception):
+    """Internal: close this connection after the error frame was sent."""
+
+
+class MeterServer:
+    """Serves one engine over TCP. Use ``serve`` (or ``nursery.start(server.serve)``)."""
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.stats = ServerStatistics()
+        self.port: int | None = None
+        self._draining = trio.Event()
+        self._in_flight_total = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        if not self.config.keys.enabled and not self.config.allow_insecure_bind and (
+            self.config.host not in LOOPBACK_HOSTS
+        ):
+            raise InsecureBind(
+                f"refusing to listen on {self.config.host!r} without API keys: configure keys "
+                "(--keys FILE or $METER_API_KEYS) or pass --allow-insecure-bind"
+            )
+
+    # ------------------------------------------------------------- listening
+
+    async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled or ``shutdown`` is called; reports the bound port."""
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept_loop, listener, handlers)
+                task_status.started(self.port)
+                await self._draining.wait()
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            # Let requests in flight finish and be acknowledged, then close everything.
+            with trio.move_on_after(self.config.drain_timeout_s):
+                await self._idle.wait()
+            handlers.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Stop accepting and reading; in-flight requests get ``drain_timeout_s`` to finish."""
+        self._draining.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(self._connection, stream)
+
+    # ------------------------------------------------------------ connection
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        stats = self.stats
+        if stats.connections >= self.config.max_connections:
+            stats.refused_connections += 1
+            await self._send_and_close(stream, ErrorReply(code="busy", detail="too many connections"))
+            return
+        stats.connections += 1
+        stats.connections_total += 1
+        try:
+            await _Connection(self, stream).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            stats.connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _send_and_close(self, stream: trio.SocketStream, message: ErrorReply) -> None:
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(_frame(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
+
+    def _request_started(self) -> None:
+        self._in_flight_total += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+
+    def _request_finished(self) -> None:
+        self._in_flight_total -= 1
+        if self._in_flight_total == 0:
+            self._idle.set()
+
+
+def _frame(message: msgspec.Struct) -> bytes:
+    payload = encode_message(message)
+    return HEADER.pack(len(payload)) + payload
+
+
+class _Connection:
+    def __init__(self, server: MeterServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.config = server.config
+        self.stream = stream
+        self.decoder = FrameDecoder(self.config.max_frame_bytes)
+        self.principal: Principal | None = None
+        self.slots = trio.Semaphore(self.config.max_in_flight)
+        self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
+            self.config.max_in_flight
+        )
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, nursery.cancel_scope)
+            try:
+                await self._reader(nursery)
+            except _Closing:
+                pass
+            # Reader is done: let running requests finish, then flush and stop the writer.
+            for _ in range(self.config.max_in_flight):
+                await self.slots.acquire()
+            await self.outgoing_send.aclose()
+
+    async def _writer(self, connection_scope: trio.CancelScope) -> None:
+        async with self.outgoing_receive:
+            async for frame in self.outgoing_receive:
+                with trio.move_on_after(self.config.send_timeout_s) as timeout:
+                    await self.stream.send_all(frame)
+                if timeout.cancelled_caught:
+                    log.info("closing a connection that does not read its replies")
+                    connection_scope.cancel()
+                    return
+
+    async def _send(self, message: msgspec.Struct) -> None:
+        await self.outgoing_send.send(_frame(message))
+
+    async def _close_with(self, code: str, detail: str, request_id: int | None = None) -> None:
+        self.server.stats.protocol_errors += 1
+        await self._send(ErrorReply(code=code, detail=detail, id=request_id))
+        raise _Closing
+
+    async def _next_frame(self, timeout_s: float) -> bytes | None:
+        """The next frame, or ``None`` when the peer closed cleanly between frames."""
+        deadline = trio.current_time() + timeout_s
+        while True:
+            try:
+                frame = self.decoder.next_frame()
+            except FrameError as exc:
+                await self._close_with("frame_error", str(exc))
+            if frame is not None:
+                return frame
+            if self.decoder.mid_frame:
+                deadline = min(deadline, trio.current_time() + self.config.frame_timeout_s)
+            with trio.move_on_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                if not data:
+                    if self.decoder.mid_frame:
+                        log.info("peer closed mid-frame")
+                    return None
+                self.decoder.feed(data)
+                continue
+            detail = "frame not completed in time" if self.decoder.mid_frame else "idle timeout"
+            await self._close_with("timeout", detail)
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        frame = await self._next_frame(self.config.handshake_timeout_s)
+        if frame is None:
+            return
+        await self._handshake(frame)
+        draining = self.server._draining
+        while not draining.is_set():
+            # Backpressure: no new request is read while max_in_flight are running.
+            await self.slots.acquire()
+            self.slots.release()
+            timeout = self.config.idle_timeout_s
+            if self.slots.value < self.config.max_in_flight:
+                timeout = math.inf  # requests in flight: not idle
+            frame = await self._next_frame(timeout)
+            if frame is None:
+                return
+            try:
+                message = decode_client_message(frame)
+            except MessageError as exc:
+                self.server.stats.protocol_errors += 1
+                await self._send(ErrorReply(code="bad_message", detail=str(exc),
+                                            id=_request_id_of(frame)))
+                continue
+            if isinstance(message, Hello):
+                await self._send(ErrorReply(code="bad_message", detail="already said hello"))
+                continue
+            await self.slots.acquire()
+            self.server._request_started()
+            nursery.start_soon(self._request, message)
+
+    async def _handshake(self, frame: bytes) -> None:
+        try:
+            message = decode_client_message(frame)
+        except MessageError as exc:
+            await self._close_with("protocol_error", f"expected hello: {exc}")
+        if not isinstance(message, Hello):
+            await self._close_with(
+                "protocol_error", "the first frame must be hello", getattr(message, "id", None)
+            )
+        assert isinstance(message, Hello)
+        if message.version != PROTOCOL_VERSION:
+            await self._close_with(
+                "unsupported_version",
+                f"client speaks version {message.version}; this server speaks {PROTOCOL_VERSION}",
+            )
+        principal = self.config.keys.authenticate(message.api_key)
+        if principal is None:
+            await self._close_with("unauthorized", "invalid API key")
+        self.principal = principal
+        await self._send(Welcome(version=PROTOCOL_VERSION, server=SERVER_NAME,
+                                 max_frame_bytes=self.config.max_frame_bytes,
+                                 max_in_flight=self.config.max_in_flight))
+
+    async def _request(self, message: Any) -> None:
+        try:
+            reply = await self._answer(message)
+        except BatchRejected as exc:
+            reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id,
+                               problems=[(p.index, p.reason) for p in exc.problems])
+        except MeteringError as exc:
+            reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id)
+        except Exception:
+            log.exception("request %s failed", type(message).__name__)
+            reply = ErrorReply(code="internal", detail="internal error", id=message.id)
+        finally:
+            self.slots.release()
+            self.server._request_finished()
+        self.server.stats.requests += 1
+        try:
+            await self._send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _answer(self, message: Any) -> msgspec.Struct:
+        principal = self.principal
+        assert principal is not None
+        scope = REQUIRED_SCOPE[type(message)]
+        if scope is not None and scope not in principal.scopes:
+            raise Forbidden(f"this API key may not {scope}")
+        engine = self.server.engine
+        if isinstance(message, Ingest):
+            if principal.customer_id is not None:
+                for index, event in enumerate(message.events):
+                    if event.customer_id != principal.customer_id:
+                        raise Forbidden(f"event {index}: this API key may only send events of "
+                                        "its own customer")
+            ack = await engine.ingest(message.events)
+            self.server.stats.events_ingested += ack.accepted
+            return IngestReply(id=message.id, accepted=ack.accepted, duplicates=ack.duplicates,
+                               lsn=ack.lsn)
+        if isinstance(message, QueryRequest):
+            query = _restrict_to_customer(message.query, principal.customer_id)
+            return QueryReply(id=message.id, result=await engine.query(query))
+        if isinstance(message, Ping):
+            return Pong(id=message.id)
+        if isinstance(message, DefineMeter):
+            return MeterReply(id=message.id, meter=await engine.define_meter(message.meter))
+        if isinstance(message, ListMeters):
+            return MetersReply(id=message.id, meters=engine.meters())
+        assert isinstance(message, Stats)
+        return StatsReply(id=message.id, stats=self.server_statistics())
+
+    def server_statistics(self) -> dict[str, Any]:
+        stats = asdict(self.server.engine.statistics())
+        stats.update({f"server_{k}": v for k, v in asdict(self.server.stats).items()})
+        stats["server_time_ms"] = time.time_ns() // 1_000_000
+        return stats
+
+
+def _restrict_to_customer(query: Query, customer_id: str | None) -> Query:
+    """A customer-bound key sees only its customer's usage."""
+    if customer_id is None:
+        return query
+    allowed = query.filter.get("customer_id")
+    if allowed is not None and set(allowed) - {customer_id}:
+        raise Forbidden("this API key may only query its own customer's usage")
+    return msgspec.structs.replace(query, filter={**query.filter, "customer_id": [customer_id]})
+
+
+def _request_id_of(frame: bytes) -> int | None:
+    """Best effort: the ``id`` of an invalid request, so the client can match the error."""
+    try:
+        decoded = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        return None
+    if isinstance(decoded, dict):
+        request_id = decoded.get("id")
+        if type(request_id) is int and 0 <= request_id < 2**63:
+            return request_id
+    return None
