@@ -14,9 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Start the engine with its embedded LMDB store (data in ./data) and run the demo workload.
+## Start the server on its embedded LMDB store (data in ./data), 127.0.0.1:7433.
 run: $(STAMP)
-	$(PY) -m engine demo --data-dir ./data
+	$(PY) -m engine serve --data-dir ./data
+
+## Embed the engine, ingest synthetic traffic, print a usage table.
+demo: $(STAMP)
+	$(PY) -m engine demo --data-dir ./data-demo
 
 ## The whole fast suite (slow soaks are excluded; see `make soak`).
 test: $(STAMP)
@@ -34,4 +38,4 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/ingest.py --quick
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .hypothesis
+	rm -rf $(VENV) data data-demo .pytest_cache .hypothesis

@@ -1,9 +1,13 @@
 """The ``meter`` command line.
 
-Shell layer: argparse, the terminal and the runtime. Commands:
+Shell layer: argparse, the terminal, the runtime, the server and the client.
+Commands:
 
-- ``meter demo``: embed the engine on a data directory, ingest synthetic
-  traffic with a progress display, and print a usage table.
+- ``meter serve``: run the TCP server on a data directory (``make run``).
+- ``meter ingest FILE|-``: send NDJSON or CSV events in Amberflo's shape.
+- ``meter query``: query usage; a table, or ``--json``.
+- ``meter stats``: server and engine statistics.
+- ``meter demo``: embed the engine, ingest synthetic traffic, print a usage table.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from typing import TextIO
 
 import trio
 
-from engine import Event, Meter, Query, Take, open_engine
+from engine import Event, Meter, MeteringError, Query, Take, open_engine
+from engine.auth import AuthConfigError
+from engine.cli_client import CLIENT_COMMANDS, add_client_parsers
+from engine.cli_serve import add_serve_parser, run_serve
 from engine.runtime.engine import wall_clock_ms
 
 DEMO_METERS = [
@@ -126,6 +133,8 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meter", description="metering-engine command line")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    add_client_parsers(commands)
     demo = commands.add_parser("demo", help="embed the engine, ingest synthetic traffic, "
                                              "print usage")
     demo.add_argument("--data-dir", default="./data", help="data directory (default ./data)")
@@ -139,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return trio.run(run_demo, args, sys.stdout)
-    return 2
+    try:
+        if args.command == "demo":
+            return trio.run(run_demo, args, sys.stdout)
+        if args.command == "serve":
+            return trio.run(run_serve, args, sys.stdout)
+        return trio.run(CLIENT_COMMANDS[args.command], args, sys.stdout)
+    except (MeteringError, AuthConfigError, OSError) as exc:
+        print(f"meter {args.command}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,294 @@
+"""``meter ingest``, ``meter query`` and ``meter stats``: the client side of the CLI.
+
+Shell layer: argparse, files, the terminal and ``engine.client``.
+
+``meter ingest`` reads NDJSON (one Amberflo-shaped JSON object per line) or
+CSV (a header row with ``meterApiName, customerId, meterValue,
+meterTimeInMillis, uniqueId`` and any ``dimensions.KEY`` columns). A batch the
+server refuses because of bad events is resent without them (nothing of a
+refused batch was applied), so good events are never held back by bad ones;
+every refused event is reported with its line number and reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TextIO
+
+import msgspec
+import trio
+
+from engine.client import Client, open_client
+from engine.domain.windows import WindowError, resolve_timezone
+from engine.errors import BatchRejected
+from engine.schema import Event, Query, Take
+from engine.server import DEFAULT_HOST, DEFAULT_PORT
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", default=os.environ.get("METER_API_KEY"),
+                        help="API key (default $METER_API_KEY)")
+
+
+def add_client_parsers(commands: Any) -> None:
+    ingest = commands.add_parser("ingest", help="send events from an NDJSON or CSV file")
+    ingest.add_argument("file", help="path, or - for standard input")
+    ingest.add_argument("--format", choices=["auto", "ndjson", "csv"], default="auto")
+    ingest.add_argument("--batch-size", type=int, default=2000)
+    ingest.add_argument("--in-flight", type=int, default=4, help="batches in flight at once")
+    _add_connection_options(ingest)
+
+    query = commands.add_parser("query", help="query usage")
+    query.add_argument("meter", help="meter name")
+    query.add_argument("--start", help="ms since epoch or ISO 8601 (default: 24 h before --end)")
+    query.add_argument("--end", help="ms since epoch or ISO 8601 (default: now, next minute)")
+    query.add_argument("--window", choices=["minute", "hour", "day", "week", "month"])
+    query.add_argument("--timezone", default="UTC")
+    query.add_argument("--group-by", default="", help="comma-separated keys, e.g. customer_id,region")
+    query.add_argument("--filter", action="append", default=[],
+                       help="KEY=V1,V2 (repeatable), e.g. customer_id=acme")
+    query.add_argument("--take", type=int, help="top N groups by value")
+    query.add_argument("--ascending", action="store_true", help="with --take: bottom N")
+    query.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_connection_options(query)
+
+    stats = commands.add_parser("stats", help="server and engine statistics")
+    stats.add_argument("--json", action="store_true")
+    _add_connection_options(stats)
+
+
+# -------------------------------------------------------------------- ingest
+
+_event_decoder = msgspec.json.Decoder(Event)
+
+
+def read_events(stream: TextIO, file_format: str) -> Iterator[tuple[int, Event | str]]:
+    """(line number, event or the reason the line is not an event)."""
+    if file_format == "auto":
+        first = stream.readline()
+        file_format = "ndjson" if first.lstrip().startswith("{") else "csv"
+        stream = _Prepend(first, stream)  # type: ignore[assignment]
+    if file_format == "ndjson":
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, _event_decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                yield number, f"not an event: {exc}"
+        return
+    reader = csv.DictReader(stream)
+    for row in reader:
+        number = reader.line_num
+        try:
+            yield number, _event_from_csv(row)
+        except (KeyError, ValueError) as exc:
+            yield number, f"not an event: {exc}"
+
+
+class _Prepend(io.TextIOBase):
+    """A text stream with one line put back in front."""
+
+    def __init__(self, first: str, rest: TextIO) -> None:
+        self._first: str | None = first
+        self._rest = rest
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        if self._first is not None:
+            line, self._first = self._first, None
+            return line
+        return self._rest.readline()
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        while line := self.readline():
+            yield line
+
+
+def _event_from_csv(row: dict[str, str]) -> Event:
+    dimensions = {key[len("dimensions."):]: value for key, value in row.items()
+                  if key and key.startswith("dimensions.") and value}
+    if row.get("dimensions"):
+        dimensions.update(json.loads(row["dimensions"]))
+    try:
+        timestamp = int(row["meterTimeInMillis"])
+    except ValueError:
+        raise ValueError(f"meterTimeInMillis {row['meterTimeInMillis']!r} is not an integer") from None
+    return Event(
+        meter_api_name=row["meterApiName"],
+        customer_id=row["customerId"],
+        meter_value=Decimal(row["meterValue"]) if "." in row["meterValue"] else int(row["meterValue"]),
+        meter_time_in_millis=timestamp,
+        dimensions=dimensions,
+        unique_id=row.get("uniqueId") or None,
+    )
+
+
+class _IngestTally:
+    def __init__(self) -> None:
+        self.read = self.accepted = self.duplicates = 0
+        self.rejected: list[tuple[int, str]] = []
+
+
+async def _send_batch(client: Client, batch: list[tuple[int, Event]], tally: _IngestTally) -> None:
+    while batch:
+        try:
+            ack = await client.ingest([event for _, event in batch])
+        except BatchRejected as exc:
+            bad = {problem.index: problem.reason for problem in exc.problems}
+            tally.rejected.extend((batch[i][0], reason) for i, reason in sorted(bad.items()))
+            batch = [item for i, item in enumerate(batch) if i not in bad]
+            continue
+        tally.accepted += ack.accepted
+        tally.duplicates += ack.duplicates
+        return
+
+
+async def run_ingest(args: argparse.Namespace, out: TextIO) -> int:
+    err = sys.stderr
+    live = err.isatty()
+    tally = _IngestTally()
+    started = time.perf_counter()
+    source: TextIO = sys.stdin if args.file == "-" else open(args.file, newline="")  # noqa: SIM115
+    try:
+        async with open_client(args.host, args.port, args.api_key, client_name="meter ingest") as client:
+            slots = trio.Semaphore(max(1, args.in_flight))
+
+            async def send(batch: list[tuple[int, Event]]) -> None:
+                try:
+                    await _send_batch(client, batch, tally)
+                finally:
+                    slots.release()
+
+            async with trio.open_nursery() as nursery:
+                batch: list[tuple[int, Event]] = []
+                next_report = 0.0
+                for number, item in read_events(source, args.format):
+                    tally.read += 1
+                    if isinstance(item, str):
+                        tally.rejected.append((number, item))
+                        continue
+                    batch.append((number, item))
+                    if len(batch) >= args.batch_size:
+                        await slots.acquire()  # bounded memory: wait for a free slot
+                        nursery.start_soon(send, batch)
+                        batch = []
+                    if time.perf_counter() >= next_report:
+                        _ingest_progress(err, tally, started, live)
+                        next_report = time.perf_counter() + (0.2 if live else 2.0)
+                if batch:
+                    await slots.acquire()
+                    nursery.start_soon(send, batch)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    _ingest_progress(err, tally, started, live)
+    if live:
+        err.write("\n")
+    print(f"read {tally.read:,} events: accepted {tally.accepted:,}, duplicates "
+          f"{tally.duplicates:,}, rejected {len(tally.rejected):,}", file=out)
+    for number, reason in sorted(tally.rejected)[:50]:
+        print(f"  line {number}: {reason}", file=out)
+    if len(tally.rejected) > 50:
+        print(f"  ... and {len(tally.rejected) - 50:,} more", file=out)
+    return 1 if tally.rejected else 0
+
+
+def _ingest_progress(err: TextIO, tally: _IngestTally, started: float, live: bool) -> None:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    line = (f"read {tally.read:>10,}  accepted {tally.accepted:>10,}  duplicates "
+            f"{tally.duplicates:>8,}  rejected {len(tally.rejected):>6,}  "
+            f"{tally.accepted / elapsed:>9,.0f} ev/s")
+    err.write(("\r" + line) if live else (line + "\n"))
+    err.flush()
+
+
+# --------------------------------------------------------------------- query
+
+
+def parse_time_ms(text: str, timezone: str) -> int:
+    """Milliseconds since the epoch, or ISO 8601 (naive times are in ``timezone``)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither milliseconds nor an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=resolve_timezone(timezone))
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
+
+
+def build_query(args: argparse.Namespace, now_ms: int) -> Query:
+    try:
+        end_ms = (parse_time_ms(args.end, args.timezone) if args.end
+                  else (now_ms // MINUTE_MS + 1) * MINUTE_MS)
+        start_ms = parse_time_ms(args.start, args.timezone) if args.start else end_ms - DAY_MS
+    except WindowError as exc:
+        raise ValueError(str(exc)) from None
+    filters: dict[str, list[str]] = {}
+    for item in args.filter:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            raise ValueError(f"--filter {item!r}: use KEY=V1,V2")
+        filters.setdefault(key, []).extend(values.split(","))
+    return Query(
+        meter_api_name=args.meter, start_ms=start_ms, end_ms=end_ms, window=args.window,
+        timezone=args.timezone, group_by=[k for k in args.group_by.split(",") if k],
+        filter=filters, take=Take(limit=args.take, ascending=args.ascending) if args.take else None,
+    )
+
+
+async def run_query(args: argparse.Namespace, out: TextIO) -> int:
+    query = build_query(args, time.time_ns() // 1_000_000)
+    async with open_client(args.host, args.port, args.api_key, client_name="meter query") as client:
+        result = await client.query(query)
+    if args.json:
+        out.write(msgspec.json.encode(result).decode() + "\n")
+        return 0
+    tz = resolve_timezone(query.timezone)
+    headers = ["window_start", *query.group_by, "value"]
+    rows = [
+        [datetime.fromtimestamp(row.window_start_ms // 1000, tz).isoformat(),
+         *("" if row.group[k] is None else str(row.group[k]) for k in query.group_by),
+         str(row.value)]
+        for row in result.rows
+    ]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=out)
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)]
+        print("  ".join([*cells, row[-1].rjust(widths[-1])]), file=out)
+    print(f"({len(rows)} rows, {result.aggregation} of {result.meter_api_name})", file=out)
+    return 0
+
+
+# --------------------------------------------------------------------- stats
+
+
+async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
+    async with open_client(args.host, args.port, args.api_key, client_name="meter stats") as client:
+        stats = await client.stats()
+    if args.json:
+        out.write(json.dumps(stats, sort_keys=True) + "\n")
+    else:
+        width = max(len(k) for k in stats)
+        for key in sorted(stats):
+            print(f"{key:<{width}}  {stats[key]}", file=out)
+    return 0
+
+
+CLIENT_COMMANDS = {"ingest": run_ingest, "query": run_query, "stats": run_stats}
