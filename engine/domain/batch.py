@@ -92,8 +92,10 @@ def shard_of(customer_id: str, shard_count: int) -> int:
     return zlib.crc32(customer_id.encode()) % shard_count
 
 
-# A prepared event: (meter, customer_id, dims_key, ts_ms, value, unique_id, index, unique_value)
-Prepared = tuple[MeterDef, str, tuple[tuple[str, str], ...], int, Any, str | None, int, str | None]
+# A prepared event: (customer_id, dims_key, ts_ms, value, unique_id, index in batch, unique_value)
+Prepared = tuple[str, tuple[tuple[str, str], ...], int, Any, str | None, int, str | None]
+# What one shard gets of a batch: its events grouped by meter, in order of first appearance.
+ShardSlice = list[tuple["MeterDef", list[Prepared]]]
 
 
 class ShardRouter:
@@ -186,8 +188,8 @@ def prepare_batch(
     route: ShardRouter,
     limits: IngestLimits,
     now_ms: int | None,
-) -> list[list[Prepared]]:
-    """Validate ``events`` and split them by shard.
+) -> list[ShardSlice]:
+    """Validate ``events`` and split them by shard, and within a shard by meter.
 
     ``now_ms=None`` means trusted replay: no clock checks. Raises
     ``BatchRejected`` listing every bad event; then nothing is returned, so
@@ -197,7 +199,7 @@ def prepare_batch(
     integer value, a few string dimensions) and hands anything else to
     ``_prepare_one``, which checks in full and names the problem.
     """
-    slices: list[list[Prepared]] = [[] for _ in range(route.shard_count)]
+    by_meter: dict[MeterDef, list[list[Prepared]]] = {}
     problems: list[EventProblem] = []
     if now_ms is None:
         oldest_ms, newest_ms = 0, MAX_TIMESTAMP_MS
@@ -267,9 +269,17 @@ def prepare_batch(
         shard = shard_cache.get(customer)
         if shard is None:
             shard = shard_cache[customer] = shard_of(customer, shard_count)
-        slices[shard].append((meter, customer, dims_key, ts, value, unique_id, index, unique_value))
+        per_shard = by_meter.get(meter)
+        if per_shard is None:
+            per_shard = by_meter[meter] = [[] for _ in range(shard_count)]
+        per_shard[shard].append((customer, dims_key, ts, value, unique_id, index, unique_value))
     if problems:
         raise BatchRejected(problems)
+    slices: list[ShardSlice] = [[] for _ in range(shard_count)]
+    for meter, per_shard in by_meter.items():
+        for shard, items in enumerate(per_shard):
+            if items:
+                slices[shard].append((meter, items))
     return slices
 
 

@@ -37,6 +37,7 @@ from engine.domain.batch import (
     UNIQUE,
     MeterDef,
     Prepared,
+    ShardSlice,
     decimal_or_int,
 )
 from engine.errors import InvalidQuery
@@ -85,7 +86,9 @@ class MeterShard:
         # minute -> first and last event offset within the minute, packed as lo << 16 | hi.
         # Plain ints keep this dict out of the cyclic GC's way (it can hold millions).
         self.minute_bounds: dict[int, int] = {}
-        self.seen: set[tuple[str, str]] = set()
+        # customer -> unique ids accepted. Strings are invisible to the cyclic GC; tuple
+        # keys (one per event, kept forever) made every collection walk all of them.
+        self.seen: dict[str, set[str]] = {}
 
     def new_series(self, customer_id: str, dims: tuple[tuple[str, str], ...]) -> Series:
         series = Series(customer_id, dims, self.meter.kind)
@@ -94,7 +97,7 @@ class MeterShard:
         return series
 
 
-def _insert_bucket(series: Series, minute: int, kind: int, value: Any, ts: int, seq: int) -> int:
+def _insert_bucket(series: Series, minute: int, kind: int, value: Any) -> int:
     """Insert an empty bucket for ``minute`` (or find it); return its index."""
     minutes = series.minutes
     index = bisect_left(minutes, minute)
@@ -139,80 +142,21 @@ class ShardState:
 
     # ---------------------------------------------------------------- ingest
 
-    def apply(self, lsn: int, items: list[Prepared]) -> tuple[int, int]:
-        """Apply one batch slice; return (accepted, duplicates).
+    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int]:
+        """Apply one batch slice, grouped by meter; return (accepted, duplicates).
 
         Deterministic: the same slices in the same order give the same state.
         """
         accepted = duplicates = 0
         seq_base = lsn << SEQ_SHIFT
-        current_name = None
-        meter_shard: MeterShard | None = None
-        for meter, customer, dims, ts, value, unique_id, index, unique_value in items:
-            if meter.name is not current_name:
-                meter_shard = self.meter_shard(meter)
-                current_name = meter.name
-                seen = meter_shard.seen
-                series_map = meter_shard.series
-                bounds = meter_shard.minute_bounds
-                kind = meter.kind
-            if unique_id is not None:
-                key = (customer, unique_id)
-                if key in seen:
-                    duplicates += 1
-                    continue
-                seen.add(key)
-            series = series_map.get((customer, dims))
-            if series is None:
-                series = meter_shard.new_series(customer, dims)  # type: ignore[union-attr]
-            minute = ts // MINUTE_MS
-            offset = ts - minute * MINUTE_MS
-            minutes = series.minutes
-            if minutes and minutes[-1] == minute:
-                slot = len(minutes) - 1
-            elif not minutes or minutes[-1] < minute:
-                slot = _insert_bucket_at_end(series, minute, kind, value)
+        for meter, items in groups:
+            meter_shard = self.meter_shard(meter)
+            if meter.kind == SUM or meter.kind == COUNT:
+                counts = _apply_counter(meter_shard, items, meter.kind == COUNT)
             else:
-                slot = _insert_bucket(series, minute, kind, value, ts, seq_base | index)
-            if kind == SUM:
-                values = series.values
-                try:
-                    values[slot] += value
-                except (TypeError, OverflowError):
-                    series.widen_values()
-                    series.values[slot] += value
-            elif kind == COUNT:
-                series.counts[slot] += 1
-            elif kind == AVG:
-                series.counts[slot] += 1
-                try:
-                    series.values[slot] += value
-                except (TypeError, OverflowError):
-                    series.widen_values()
-                    series.values[slot] += value
-            elif kind == MAX:
-                if value > series.values[slot]:
-                    _set_value(series, slot, value)
-            elif kind == MIN:
-                if value < series.values[slot]:
-                    _set_value(series, slot, value)
-            elif kind == LATEST:
-                seq = seq_base | index
-                times = series.times
-                if ts > times[slot] or (ts == times[slot] and seq > series.seqs[slot]):
-                    times[slot] = ts
-                    series.seqs[slot] = seq
-                    _set_value(series, slot, value)
-            else:
-                series.values[slot].add(unique_value)
-            packed = bounds.get(minute)
-            if packed is None:
-                bounds[minute] = offset << 16 | offset
-            elif offset < packed >> 16:
-                bounds[minute] = offset << 16 | (packed & 0xFFFF)
-            elif offset > packed & 0xFFFF:
-                bounds[minute] = (packed >> 16) << 16 | offset
-            accepted += 1
+                counts = _apply_general(meter_shard, items, seq_base)
+            accepted += counts[0]
+            duplicates += counts[1]
         self.applied_lsn = lsn
         return accepted, duplicates
 
@@ -256,9 +200,138 @@ class ShardState:
                 [m, m * MINUTE_MS + (b >> 16), m * MINUTE_MS + (b & 0xFFFF)]
                 for m, b in sorted(meter_shard.minute_bounds.items())
             ]
-            seen = sorted(meter_shard.seen)
-            parts.append(MeterPart(name, records, bounds, [list(k) for k in seen]))
+            seen = [
+                [customer, unique_id]
+                for customer in sorted(meter_shard.seen)
+                for unique_id in sorted(meter_shard.seen[customer])
+            ]
+            parts.append(MeterPart(name, records, bounds, seen))
         return parts
+
+
+def _apply_counter(meter_shard: MeterShard, items: list[Prepared], counting: bool) -> tuple[int, int]:
+    """The hot loop for sum and count meters: one column, updated in place."""
+    accepted = duplicates = 0
+    seen = meter_shard.seen
+    series_map = meter_shard.series
+    bounds = meter_shard.minute_bounds
+    for customer, dims, ts, value, unique_id, _index, _unique in items:
+        if unique_id is not None:
+            ids = seen.get(customer)
+            if ids is None:
+                ids = seen[customer] = set()
+            elif unique_id in ids:
+                duplicates += 1
+                continue
+            ids.add(unique_id)
+        series = series_map.get((customer, dims))
+        if series is None:
+            series = meter_shard.new_series(customer, dims)
+        if counting:
+            value = 1
+        minute = ts // MINUTE_MS
+        minutes = series.minutes
+        column = series.counts if counting else series.values
+        try:
+            if minutes and minutes[-1] == minute:
+                column[-1] += value
+            elif not minutes or minutes[-1] < minute:
+                column.append(value)
+                minutes.append(minute)
+            else:
+                slot = bisect_left(minutes, minute)
+                if minutes[slot] == minute:
+                    column[slot] += value
+                else:
+                    column.insert(slot, value)
+                    minutes.insert(slot, minute)
+        except (TypeError, OverflowError):
+            # A Decimal or a sum beyond 64 bits: widen the column, then redo this event.
+            series.widen_values()
+            _add_slow(series, minute, value)
+        offset = ts - minute * MINUTE_MS
+        packed = bounds.get(minute)
+        if packed is None:
+            bounds[minute] = offset << 16 | offset
+        elif offset < packed >> 16:
+            bounds[minute] = offset << 16 | (packed & 0xFFFF)
+        elif offset > packed & 0xFFFF:
+            bounds[minute] = (packed >> 16) << 16 | offset
+        accepted += 1
+    return accepted, duplicates
+
+
+def _add_slow(series: Series, minute: int, value: Any) -> None:
+    """Add ``value`` at ``minute`` after a failed fast update (which changed nothing:
+    the value column is always updated before ``minutes``)."""
+    minutes = series.minutes
+    slot = bisect_left(minutes, minute)
+    if slot < len(minutes) and minutes[slot] == minute:
+        series.values[slot] += value
+    else:
+        series.values.insert(slot, value)
+        minutes.insert(slot, minute)
+
+
+def _apply_general(meter_shard: MeterShard, items: list[Prepared], seq_base: int) -> tuple[int, int]:
+    """max, min, avg, latest and unique_count."""
+    accepted = duplicates = 0
+    seen = meter_shard.seen
+    series_map = meter_shard.series
+    bounds = meter_shard.minute_bounds
+    kind = meter_shard.meter.kind
+    for customer, dims, ts, value, unique_id, index, unique_value in items:
+        if unique_id is not None:
+            ids = seen.get(customer)
+            if ids is None:
+                ids = seen[customer] = set()
+            elif unique_id in ids:
+                duplicates += 1
+                continue
+            ids.add(unique_id)
+        series = series_map.get((customer, dims))
+        if series is None:
+            series = meter_shard.new_series(customer, dims)
+        minute = ts // MINUTE_MS
+        minutes = series.minutes
+        if minutes and minutes[-1] == minute:
+            slot = len(minutes) - 1
+        elif not minutes or minutes[-1] < minute:
+            slot = _insert_bucket_at_end(series, minute, kind, value)
+        else:
+            slot = _insert_bucket(series, minute, kind, value)
+        if kind == AVG:
+            series.counts[slot] += 1
+            try:
+                series.values[slot] += value
+            except (TypeError, OverflowError):
+                series.widen_values()
+                series.values[slot] += value
+        elif kind == MAX:
+            if value > series.values[slot]:
+                _set_value(series, slot, value)
+        elif kind == MIN:
+            if value < series.values[slot]:
+                _set_value(series, slot, value)
+        elif kind == LATEST:
+            seq = seq_base | index
+            times = series.times
+            if ts > times[slot] or (ts == times[slot] and seq > series.seqs[slot]):
+                times[slot] = ts
+                series.seqs[slot] = seq
+                _set_value(series, slot, value)
+        else:
+            series.values[slot].add(unique_value)
+        offset = ts - minute * MINUTE_MS
+        packed = bounds.get(minute)
+        if packed is None:
+            bounds[minute] = offset << 16 | offset
+        elif offset < packed >> 16:
+            bounds[minute] = offset << 16 | (packed & 0xFFFF)
+        elif offset > packed & 0xFFFF:
+            bounds[minute] = (packed >> 16) << 16 | offset
+        accepted += 1
+    return accepted, duplicates
 
 
 def _insert_bucket_at_end(series: Series, minute: int, kind: int, value: Any) -> int:
@@ -482,7 +555,11 @@ def restore_shards(
             for record in part.series:
                 _load_series(states[route(record.customer_id)].meter_shard(meter), record)
             for customer, unique_id in part.seen:
-                states[route(customer)].meter_shard(meter).seen.add((customer, unique_id))
+                seen = states[route(customer)].meter_shard(meter).seen
+                ids = seen.get(customer)
+                if ids is None:
+                    ids = seen[customer] = set()
+                ids.add(unique_id)
             targets = [states[old_index]] if same_layout else states
             for state in targets:
                 bounds = state.meter_shard(meter).minute_bounds

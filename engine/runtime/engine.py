@@ -38,8 +38,8 @@ from engine.domain import records
 from engine.domain.batch import (
     IngestLimits,
     MeterDef,
-    Prepared,
     ShardRouter,
+    ShardSlice,
     check_meter,
     merge_meter,
     prepare_batch,
@@ -116,7 +116,7 @@ class _Ticket:
 class _Write:
     ticket: _Ticket
     record: bytes | None = None
-    slices: list[list[Prepared]] | None = None
+    slices: list[ShardSlice] | None = None
     meta: list[tuple[bytes, bytes]] | None = None
     meter: MeterDef | None = None
     snapshot: bool = False
