@@ -92,10 +92,50 @@ def shard_of(customer_id: str, shard_count: int) -> int:
     return zlib.crc32(customer_id.encode()) % shard_count
 
 
-# A prepared event: (customer_id, dims_key, ts_ms, value, unique_id, index in batch, unique_value)
-Prepared = tuple[str, tuple[tuple[str, str], ...], int, Any, str | None, int, str | None]
+class Columns:
+    """One shard's events of one meter in a batch, as parallel lists.
+
+    Columns rather than a tuple per event: a batch waiting in a mailbox then
+    holds a handful of lists instead of thousands of GC-tracked tuples, which
+    every garbage collection during ingest would otherwise walk.
+    ``unique_values`` is filled for unique_count meters only.
+    """
+
+    __slots__ = ("customers", "dims_keys", "indices", "times", "unique_ids", "unique_values",
+                 "values")
+
+    def __init__(self) -> None:
+        self.customers: list[str] = []
+        self.dims_keys: list[str] = []
+        self.times: list[int] = []
+        self.values: list[Any] = []
+        self.unique_ids: list[str | None] = []
+        self.indices: list[int] = []
+        self.unique_values: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
 # What one shard gets of a batch: its events grouped by meter, in order of first appearance.
-ShardSlice = list[tuple["MeterDef", list[Prepared]]]
+ShardSlice = list[tuple["MeterDef", Columns]]
+
+
+def dims_key_of(dims: dict[str, str]) -> str:
+    """The canonical key of a dimension set: sorted ``key NUL value`` pairs joined by NUL.
+
+    Unambiguous because dimension keys and values may not contain NUL.
+    """
+    if not dims:
+        return ""
+    return "\x00".join([part for pair in sorted(dims.items()) for part in pair])
+
+
+def dims_of_key(dims_key: str) -> tuple[tuple[str, str], ...]:
+    if not dims_key:
+        return ()
+    parts = dims_key.split("\x00")
+    return tuple(zip(parts[0::2], parts[1::2], strict=True))
 
 
 class ShardRouter:
@@ -134,6 +174,8 @@ def _check_dimensions(dims: object, limits: IngestLimits) -> None:
             raise _Bad(f"dimension {key!r} value is longer than {limits.max_value_chars} chars")
         if key == "customer_id":
             raise _Bad("'customer_id' is reserved and cannot be a dimension key")
+        if "\x00" in key or "\x00" in value:
+            raise _Bad(f"dimension {key!r} contains a NUL character")
 
 
 def _prepare_one(
@@ -142,7 +184,7 @@ def _prepare_one(
     limits: IngestLimits,
     oldest_ms: int,
     newest_ms: int,
-) -> tuple[MeterDef, str, tuple[tuple[str, str], ...], int, Any, str | None, str | None]:
+) -> tuple[MeterDef, str, str, int, Any, str | None, str | None]:
     """Check one event in full and normalise it; raises ``_Bad`` with the reason."""
     if type(event) is not Event:
         raise _Bad(f"not an Event: {type(event).__name__}")
@@ -179,7 +221,7 @@ def _prepare_one(
         type(unique_id) is not str or not unique_id or len(unique_id) > max_chars
     ):
         raise _Bad(f"unique_id must be null or a non-empty string of at most {max_chars} chars")
-    return meter, customer, tuple(sorted(dims.items())), ts, value, unique_id, unique_value
+    return meter, customer, dims_key_of(dims), ts, value, unique_id, unique_value
 
 
 def prepare_batch(
@@ -199,7 +241,7 @@ def prepare_batch(
     integer value, a few string dimensions) and hands anything else to
     ``_prepare_one``, which checks in full and names the problem.
     """
-    by_meter: dict[MeterDef, list[list[Prepared]]] = {}
+    by_meter: dict[MeterDef, list[Columns]] = {}
     problems: list[EventProblem] = []
     if now_ms is None:
         oldest_ms, newest_ms = 0, MAX_TIMESTAMP_MS
@@ -249,11 +291,17 @@ def prepare_batch(
                             fast = False
                             break
                     else:
-                        dims_key: Any = (
-                            tuple(dims.items()) if len(dims) == 1 else tuple(sorted(dims.items()))
-                        )
+                        if len(dims) == 1:
+                            for key, text in dims.items():
+                                dims_key = key + "\x00" + text
+                        else:
+                            dims_key = "\x00".join(
+                                [part for pair in sorted(dims.items()) for part in pair]
+                            )
+                        # NUL inside a key or value would make the key ambiguous.
+                        fast = dims_key.count("\x00") == 2 * len(dims) - 1
             elif fast:
-                dims_key = ()
+                dims_key = ""
         else:
             fast = False
         if not fast:
@@ -271,15 +319,23 @@ def prepare_batch(
             shard = shard_cache[customer] = shard_of(customer, shard_count)
         per_shard = by_meter.get(meter)
         if per_shard is None:
-            per_shard = by_meter[meter] = [[] for _ in range(shard_count)]
-        per_shard[shard].append((customer, dims_key, ts, value, unique_id, index, unique_value))
+            per_shard = by_meter[meter] = [Columns() for _ in range(shard_count)]
+        columns = per_shard[shard]
+        columns.customers.append(customer)
+        columns.dims_keys.append(dims_key)
+        columns.times.append(ts)
+        columns.values.append(value)
+        columns.unique_ids.append(unique_id)
+        columns.indices.append(index)
+        if unique_value is not None:
+            columns.unique_values.append(unique_value)
     if problems:
         raise BatchRejected(problems)
     slices: list[ShardSlice] = [[] for _ in range(shard_count)]
     for meter, per_shard in by_meter.items():
-        for shard, items in enumerate(per_shard):
-            if items:
-                slices[shard].append((meter, items))
+        for shard, columns in enumerate(per_shard):
+            if columns.times:
+                slices[shard].append((meter, columns))
     return slices
 
 

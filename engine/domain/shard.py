@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -36,9 +37,11 @@ from engine.domain.batch import (
     SUM,
     UNIQUE,
     MeterDef,
-    Prepared,
+    Columns,
     ShardSlice,
     decimal_or_int,
+    dims_key_of,
+    dims_of_key,
 )
 from engine.errors import InvalidQuery
 
@@ -50,9 +53,9 @@ class Series:
 
     __slots__ = ("counts", "customer_id", "dims", "minutes", "seqs", "times", "values")
 
-    def __init__(self, customer_id: str, dims: tuple[tuple[str, str], ...], kind: int) -> None:
+    def __init__(self, customer_id: str, dims_key: str, kind: int) -> None:
         self.customer_id = customer_id
-        self.dims = dims
+        self.dims = dims_of_key(dims_key)
         self.minutes = array("I")
         self.values: Any = None
         self.counts: Any = None
@@ -81,7 +84,7 @@ class MeterShard:
 
     def __init__(self, meter: MeterDef) -> None:
         self.meter = meter
-        self.series: dict[tuple[str, tuple[tuple[str, str], ...]], Series] = {}
+        self.series: dict[tuple[str, str], Series] = {}  # (customer, dims key) -> series
         self.by_customer: dict[str, list[Series]] = {}
         # minute -> first and last event offset within the minute, packed as lo << 16 | hi.
         # Plain ints keep this dict out of the cyclic GC's way (it can hold millions).
@@ -90,9 +93,9 @@ class MeterShard:
         # keys (one per event, kept forever) made every collection walk all of them.
         self.seen: dict[str, set[str]] = {}
 
-    def new_series(self, customer_id: str, dims: tuple[tuple[str, str], ...]) -> Series:
-        series = Series(customer_id, dims, self.meter.kind)
-        self.series[(customer_id, dims)] = series
+    def new_series(self, customer_id: str, dims_key: str) -> Series:
+        series = Series(customer_id, dims_key, self.meter.kind)
+        self.series[(customer_id, dims_key)] = series
         self.by_customer.setdefault(customer_id, []).append(series)
         return series
 
@@ -209,13 +212,16 @@ class ShardState:
         return parts
 
 
-def _apply_counter(meter_shard: MeterShard, items: list[Prepared], counting: bool) -> tuple[int, int]:
+def _apply_counter(meter_shard: MeterShard, items: Columns, counting: bool) -> tuple[int, int]:
     """The hot loop for sum and count meters: one column, updated in place."""
     accepted = duplicates = 0
     seen = meter_shard.seen
     series_map = meter_shard.series
     bounds = meter_shard.minute_bounds
-    for customer, dims, ts, value, unique_id, _index, _unique in items:
+    for customer, dims, ts, value, unique_id in zip(
+        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
+        strict=True,
+    ):
         if unique_id is not None:
             ids = seen.get(customer)
             if ids is None:
@@ -273,14 +279,18 @@ def _add_slow(series: Series, minute: int, value: Any) -> None:
         minutes.insert(slot, minute)
 
 
-def _apply_general(meter_shard: MeterShard, items: list[Prepared], seq_base: int) -> tuple[int, int]:
+def _apply_general(meter_shard: MeterShard, items: Columns, seq_base: int) -> tuple[int, int]:
     """max, min, avg, latest and unique_count."""
     accepted = duplicates = 0
     seen = meter_shard.seen
     series_map = meter_shard.series
     bounds = meter_shard.minute_bounds
     kind = meter_shard.meter.kind
-    for customer, dims, ts, value, unique_id, index, unique_value in items:
+    unique_values = items.unique_values if kind == UNIQUE else repeat(None)
+    for customer, dims, ts, value, unique_id, index, unique_value in zip(
+        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
+        items.indices, unique_values,
+    ):
         if unique_id is not None:
             ids = seen.get(customer)
             if ids is None:
@@ -521,8 +531,7 @@ def _int_column(raw: bytes | None) -> Any:
 
 
 def _load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
-    dims = tuple((pair[0], pair[1]) for pair in record.dims)
-    series = meter_shard.new_series(record.customer_id, dims)
+    series = meter_shard.new_series(record.customer_id, dims_key_of(dict(record.dims)))
     series.minutes = array("I")
     series.minutes.frombytes(record.minutes)
     if type(record.values) is bytes:
