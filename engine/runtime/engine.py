@@ -188,9 +188,6 @@ class Engine:
                 applied = lsn
         self._last_lsn = max(applied, self._store.last_lsn())
         self._recovery_ms = int((time.perf_counter() - started) * 1000)
-        # Recovered state lives as long as the process: keep the cyclic GC off it.
-        gc.collect()
-        gc.freeze()
         log.info("recovered to lsn %d in %d ms", self._last_lsn, self._recovery_ms)
 
     def _replay(self, lsn: int, raw: bytes) -> None:
@@ -221,28 +218,33 @@ class Engine:
         state = self._states[index]
         async with receive:
             async for message in receive:
-                op, ticket = message[0], message[-1]
-                try:
-                    if op == _APPLY:
-                        accepted, duplicates = state.apply(message[1], message[2])
+                op = message[0]
+                if op == _APPLY:
+                    # One message per group commit: every batch of the group, in lsn order.
+                    for lsn, groups, ticket in message[1]:
+                        try:
+                            accepted, duplicates = state.apply(lsn, groups)
+                        except BaseException as exc:
+                            # A bug while applying may leave this shard half-updated: stop.
+                            self._failure = exc
+                            ticket.fail(EngineClosed(f"shard {index} failed: {exc!r}"))
+                            raise
                         ticket.accepted += accepted
                         ticket.duplicates += duplicates
-                    elif op == _QUERY:
-                        try:
-                            ticket.results.append(state.query(message[1]))
-                        except Exception as exc:  # queries never mutate state: not fatal
-                            if not isinstance(exc, MeteringError):
-                                log.exception("query failed on shard %d", index)
-                            ticket.fail(exc)
-                    else:
-                        ticket.results.append((index, records.encode(state.export())))
-                except MeteringError as exc:
-                    ticket.fail(exc)  # a refused query; state untouched
-                except BaseException as exc:
-                    # A bug while applying may leave this shard half-updated: stop the engine.
-                    self._failure = exc
-                    ticket.fail(EngineClosed(f"shard {index} failed: {exc!r}"))
-                    raise
+                        ticket.pending -= 1
+                        if ticket.pending == 0:
+                            ticket.done.set()
+                    continue
+                ticket = message[-1]
+                if op == _QUERY:
+                    try:
+                        ticket.results.append(state.query(message[1]))
+                    except Exception as exc:  # queries never mutate state: not fatal
+                        if not isinstance(exc, MeteringError):
+                            log.exception("query failed on shard %d", index)
+                        ticket.fail(exc)
+                else:
+                    ticket.results.append((index, records.encode(state.export())))
                 ticket.pending -= 1
                 if ticket.pending == 0:
                     ticket.done.set()
@@ -293,19 +295,23 @@ class Engine:
                 return
             self._counters["commits"] += 1
         self._last_lsn = lsn
+        per_shard: list[list[tuple[int, ShardSlice, _Ticket]]] = [[] for _ in self._mailboxes]
         for request in group:
             ticket = request.ticket
             if request.meter is not None:
                 self._meters[request.meter.name] = request.meter
             if request.slices is not None:
                 self._wal_bytes_since_snapshot += len(request.record or b"")
-                # Count every slice before sending any: a shard may finish before the next send.
-                ticket.pending += sum(1 for items in request.slices if items)
-                for shard, items in enumerate(request.slices):
-                    if items:
-                        await self._mailboxes[shard][0].send((_APPLY, ticket.lsn, items, ticket))
+                for shard, groups in enumerate(request.slices):
+                    if groups:
+                        ticket.pending += 1
+                        per_shard[shard].append((ticket.lsn, groups, ticket))
             if ticket.pending == 0 and not request.snapshot:
                 ticket.done.set()
+        # Every count is final before any shard can run: send only now.
+        for shard, work in enumerate(per_shard):
+            if work:
+                await self._mailboxes[shard][0].send((_APPLY, work))
 
     async def _snapshot(self, requester: _Ticket | None) -> None:
         """Snapshot every shard at the current lsn, then drop the WAL it covers."""
@@ -474,10 +480,14 @@ async def open_engine(
     shard and the WAL writer, and on exit drains pending writes, writes a
     snapshot (unless ``snapshot_on_close=False``) and closes the store.
 
-    ``tune_gc`` raises the cyclic garbage collector's first threshold while the
-    engine is open (restored on exit): ingest allocates a few short-lived
-    containers per event, and the default threshold of 700 spends a large
-    share of ingest time in collections (see docs/benchmarks.md).
+    ``tune_gc`` (default on) tunes the process's cyclic garbage collector while
+    the engine is open: it freezes the objects alive after recovery (so
+    collections never walk the recovered state again) and raises the first
+    threshold from 700 to 50,000; on exit it restores the threshold and
+    unfreezes. The engine's state is mostly GC-tracked containers that live as
+    long as the engine, and walking them repeatedly cost a large share of
+    ingest time (see docs/benchmarks.md). Pass ``tune_gc=False`` if the host
+    program manages the collector itself.
     """
     if store is None:
         if data_dir is None:
@@ -494,6 +504,9 @@ async def open_engine(
         engine._recover()
         previous_thresholds = gc.get_threshold()
         if tune_gc:
+            # Recovered state lives as long as the engine: keep the cyclic GC off it.
+            gc.collect()
+            gc.freeze()
             gc.set_threshold(max(previous_thresholds[0], GC_GEN0_THRESHOLD), 20, 100)
         try:
             async with trio.open_nursery() as nursery:
@@ -506,5 +519,6 @@ async def open_engine(
         finally:
             if tune_gc:
                 gc.set_threshold(*previous_thresholds)
+                gc.unfreeze()
     finally:
         store.close()

@@ -40,7 +40,4 @@ class Store(Protocol):
 
     def load_snapshot(self) -> StoredSnapshot | None: ...
 
-    def wal_bytes(self) -> int:
-        """Approximate bytes in the WAL now."""
-
     def close(self) -> None: ...
