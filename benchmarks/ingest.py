@@ -165,6 +165,18 @@ def machine_facts() -> dict[str, Any]:
 # --------------------------------------------------------------------- engine
 
 
+def reset_gc() -> None:
+    """Give every run the same collector state.
+
+    ``open_engine`` calls ``gc.freeze()``, which leaves the process with an
+    almost empty oldest generation: afterwards full collections (which walk
+    big dicts such as the floor's) trigger far more often. Unfreezing and
+    collecting before each run keeps runs independent of what ran before.
+    """
+    gc.unfreeze()
+    gc.collect()
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an ascending sequence."""
     if not sorted_values:
@@ -303,7 +315,7 @@ def run_engine(
 ) -> dict[str, Any]:
     """One engine run in a fresh LMDB directory; ``profiler`` covers the ingest phase only."""
     with tempfile.TemporaryDirectory(prefix="meter-bench-engine-", dir=tmp_root) as data_dir:
-        gc.collect()
+        reset_gc()
         return trio.run(_engine_run, workload, data_dir, shards, in_flight, timeout_s, profiler)
 
 
@@ -318,30 +330,42 @@ def run_floor(workload: Workload, *, timeout_s: float, tmp_root: str | None) -> 
     with tempfile.TemporaryDirectory(prefix="meter-bench-floor-", dir=tmp_root) as path:
         env = lmdb.open(path, map_size=map_bytes, sync=True, metasync=True, subdir=True)
         try:
-            gc.collect()
+            reset_gc()
             started = time.perf_counter()
-            deadline = started + timeout_s
-            events_seen = 0
-            get = counts.get
-            for lsn, raw in enumerate(workload.encoded, 1):
-                events = decoder.decode(raw)
-                with env.begin(write=True) as txn:
-                    if not txn.put(LSN_KEY.pack(lsn), raw, append=True):
-                        raise BenchmarkFailure(f"floor: LMDB append refused lsn {lsn}")
-                for event in events:
-                    key = (event.customer_id, event.meter_api_name,
-                           event.meter_time_in_millis // MINUTE_MS)
-                    counts[key] = get(key, 0) + 1
-                events_seen += len(events)
-                if time.perf_counter() > deadline:
-                    raise BenchmarkFailure(f"floor: over the {timeout_s} s budget")
+            with GcPauses() as gc_pauses:
+                events_seen = _floor_loop(workload.encoded, env, decoder, counts,
+                                          started + timeout_s)
             elapsed_s = time.perf_counter() - started
         finally:
             env.close()
     if events_seen != workload.event_count or sum(counts.values()) != events_seen:
         raise BenchmarkFailure(f"floor: counted {sum(counts.values())} of {events_seen} events")
     return {"elapsed_s": elapsed_s, "events_per_s": events_seen / elapsed_s,
-            "keys": len(counts)}
+            "keys": len(counts), "gc_pauses": gc_pauses.report()}
+
+
+def _floor_loop(
+    encoded: list[bytes],
+    env: lmdb.Environment,
+    decoder: msgspec.msgpack.Decoder[list[Event]],
+    counts: dict[tuple[str, str, int], int],
+    deadline: float,
+) -> int:
+    events_seen = 0
+    get = counts.get
+    for lsn, raw in enumerate(encoded, 1):
+        events = decoder.decode(raw)
+        with env.begin(write=True) as txn:
+            if not txn.put(LSN_KEY.pack(lsn), raw, append=True):
+                raise BenchmarkFailure(f"floor: LMDB append refused lsn {lsn}")
+        for event in events:
+            key = (event.customer_id, event.meter_api_name,
+                   event.meter_time_in_millis // MINUTE_MS)
+            counts[key] = get(key, 0) + 1
+        events_seen += len(events)
+        if time.perf_counter() > deadline:
+            raise BenchmarkFailure("floor: over its time budget (--timeout-s)")
+    return events_seen
 
 
 # --------------------------------------------------------------------- memory
@@ -350,8 +374,13 @@ def run_floor(workload: Workload, *, timeout_s: float, tmp_root: str | None) -> 
 class _RecordlessStore(MemoryStore):
     """The in-memory store, minus the record bytes: only engine state is left to measure."""
 
-    def commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
-        super().commit([(lsn, b"") for lsn, _ in wal], meta)
+    def commit(
+        self,
+        wal: list[tuple[int, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        alerts: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts)
 
 
 async def _memory_run(workload: Workload, shards: int, top: int) -> dict[str, Any]:
@@ -420,9 +449,9 @@ def memory_workloads(args: argparse.Namespace) -> dict[str, Workload]:
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name, workload in memory_workloads(args).items():
+        reset_gc()
         results[name] = trio.run(_memory_run, workload, args.shards, 6)
         del workload
-        gc.collect()
     return results
 
 
@@ -451,6 +480,7 @@ def summarise(engine_runs: dict[int, list[dict[str, Any]]],
             "events_per_s_runs": rates,
             "ack_p50_ms": _median([r["ack_p50_ms"] for r in runs]),
             "ack_p99_ms": _median([r["ack_p99_ms"] for r in runs]),
+            "ack_max_ms": _median([r["ack_max_ms"] for r in runs]),
             "ratio_to_floor": _median(ratios),
             "group_commits": _median([r["statistics"]["group_commits"] for r in runs]),
             "close_s": _median([r["close_s"] for r in runs]),
@@ -513,6 +543,11 @@ def profile_report(profiler: cProfile.Profile, path: str, limit: int = 15) -> li
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole benchmark; return the results (what ``--json`` writes)."""
     facts = machine_facts()
+    # Cache engine sources now: the allocation report quotes lines of the code that ran.
+    for module in list(sys.modules.values()):
+        source = getattr(module, "__file__", None)
+        if source and module.__name__.startswith(("engine", "benchmarks")):
+            linecache.getline(source, 1)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
 
     started = time.perf_counter()
@@ -532,7 +567,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for repeat in range(args.repeats):
         floor = run_floor(workload, timeout_s=args.timeout_s, tmp_root=args.tmpdir)
         floor_runs.append(floor)
-        print(f"  repeat {repeat + 1}: floor {floor['events_per_s']:,.0f} events/s", flush=True)
+        pauses = floor["gc_pauses"]
+        print(f"  repeat {repeat + 1}: floor {floor['events_per_s']:,.0f} events/s, gc pauses "
+              f"{pauses['total_ms']:.0f} ms (max {pauses['max_ms']:.0f} ms)", flush=True)
         for in_flight in args.in_flight:
             result = run_engine(workload, shards=args.shards, in_flight=in_flight,
                                 timeout_s=args.timeout_s, tmp_root=args.tmpdir)

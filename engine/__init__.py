@@ -23,9 +23,20 @@ from engine.errors import (
     UnknownMeter,
 )
 from engine.runtime.engine import Engine, EngineStatistics, open_engine
-from engine.schema import Event, IngestAck, Meter, Query, QueryResult, Row, Take
+from engine.schema import (
+    Alert,
+    Event,
+    IngestAck,
+    Limit,
+    Meter,
+    Query,
+    QueryResult,
+    Row,
+    Take,
+)
 
 __all__ = [
+    "Alert",
     "BatchRejected",
     "DataDirError",
     "Engine",
@@ -37,6 +48,7 @@ __all__ = [
     "IngestLimits",
     "InvalidQuery",
     "InvalidRequest",
+    "Limit",
     "Meter",
     "MeterConflict",
     "MeteringError",

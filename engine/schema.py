@@ -92,14 +92,54 @@ class QueryResult(msgspec.Struct, frozen=True, rename="camel"):
     rows: list[Row]
 
 
+PeriodName = Literal["hour", "day", "week", "month", "total"]
+
+
+class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """Alert when a customer's usage of a meter within one period reaches a threshold.
+
+    ``customer_id=None`` applies the limit to every customer separately.
+    ``period`` is a calendar window in ``timezone`` or ``"total"`` (all time).
+    ``filter`` restricts the usage counted, like ``Query.filter``.
+    """
+
+    id: str
+    meter_api_name: str
+    thresholds: list[int | float | Decimal]
+    customer_id: str | None = None
+    period: PeriodName = "day"
+    timezone: str = "UTC"
+    filter: dict[str, list[str]] = {}
+
+
+class Alert(msgspec.Struct, frozen=True, rename="camel"):
+    """A customer's usage crossed a threshold of a limit within a period.
+
+    ``seq`` is gap-free and increasing across all alerts; ``crossed_at_ms`` is
+    when the engine received the batch that crossed it.
+    """
+
+    seq: int
+    limit_id: str
+    customer_id: str
+    meter_api_name: str
+    threshold: int | Decimal
+    value: int | Decimal
+    period_start_ms: int
+    crossed_at_ms: int
+
+
 class IngestAck(msgspec.Struct, frozen=True, rename="camel"):
     """The batch is durable (fsynced in the write-ahead log) and applied.
 
     ``accepted`` counts events applied now; ``duplicates`` counts events whose
     unique id had already been accepted for the same meter and customer.
-    ``lsn`` is the write-ahead-log sequence number of the batch.
+    ``lsn`` is the write-ahead-log sequence number of the batch. ``alerts``
+    lists the limit crossings this batch caused, when asked for with
+    ``ingest(..., report_alerts=True)``.
     """
 
     accepted: int
     duplicates: int
     lsn: int
+    alerts: list[Alert] = []

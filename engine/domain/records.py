@@ -1,45 +1,77 @@
-"""Write-ahead-log records and snapshot parts: their msgpack encoding.
+"""Write-ahead-log records, snapshot parts and alerts: their msgpack encoding.
 
 Pure domain layer: msgspec and the standard library. A WAL record is a tagged
-msgspec struct so later record kinds can be added without breaking old logs.
+msgspec struct, so record kinds can be added without breaking old logs; new
+fields go at the end with defaults.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 
 from engine.domain.shard import MeterPart
-from engine.schema import Event, Meter
+from engine.schema import Alert, Event, Limit, Meter
 
 
 class WalBatch(msgspec.Struct, tag="batch", array_like=True):
     """One ingested batch, exactly as accepted (validated before it was logged)."""
 
     events: list[Event]
+    received_ms: int = 0  # engine clock when received: the crossed_at_ms of its alerts
 
 
-WalRecord = WalBatch
+class WalLimit(msgspec.Struct, tag="limit", array_like=True):
+    """A limit added or replaced; evaluated at once for the period containing ``received_ms``."""
+
+    limit: Limit
+    received_ms: int
+
+
+class WalRemoveLimit(msgspec.Struct, tag="remove_limit", array_like=True):
+    limit_id: str
+    received_ms: int
+
+
+WalRecord = WalBatch | WalLimit | WalRemoveLimit
+
+
+class ShardPart(msgspec.Struct, array_like=True):
+    """One shard's snapshot: meter state and the fired thresholds of its limits."""
+
+    meters: list[MeterPart]
+    fired: list[list[Any]] = []
+
+
+class EngineState(msgspec.Struct, array_like=True):
+    """Engine-wide snapshot state: limits in the order they were added, next alert seq."""
+
+    limits: list[Limit] = []
+    next_alert_seq: int = 0
+
 
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(WalRecord)
-_parts_decoder = msgspec.msgpack.Decoder(list[MeterPart])
+_record_decoder = msgspec.msgpack.Decoder(WalRecord)  # type: ignore[arg-type]
+_part_decoder = msgspec.msgpack.Decoder(ShardPart)
+_engine_state_decoder = msgspec.msgpack.Decoder(EngineState)
 _meter_decoder = msgspec.msgpack.Decoder(Meter)
+_alert_decoder = msgspec.msgpack.Decoder(Alert)
 
 
 def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def encode_batch(events: list[Event]) -> bytes:
+def encode_batch(events: list[Event], received_ms: int) -> bytes:
     """Encode a batch for the WAL.
 
     msgpack integers stop at 64 bits; an event value beyond that is logged as a
     decimal string, which decodes back to the same exact value.
     """
     try:
-        return _encoder.encode(WalBatch(events))
+        return _encoder.encode(WalBatch(events, received_ms))
     except OverflowError:
         wide = [
             msgspec.structs.replace(e, meter_value=Decimal(e.meter_value))
@@ -47,16 +79,36 @@ def encode_batch(events: list[Event]) -> bytes:
             else e
             for e in events
         ]
-        return _encoder.encode(WalBatch(wide))
+        return _encoder.encode(WalBatch(wide, received_ms))
+
+
+def encode_alert(alert: Alert) -> bytes:
+    """Alerts carry exact numbers; integers beyond 64 bits travel as decimal strings."""
+    try:
+        return _encoder.encode(alert)
+    except OverflowError:
+        return _encoder.encode(msgspec.structs.replace(
+            alert,
+            threshold=Decimal(alert.threshold),
+            value=Decimal(alert.value),
+        ))
 
 
 def decode_record(raw: bytes) -> WalRecord:
     return _record_decoder.decode(raw)
 
 
-def decode_parts(raw: bytes) -> list[MeterPart]:
-    return _parts_decoder.decode(raw)
+def decode_part(raw: bytes) -> ShardPart:
+    return _part_decoder.decode(raw)
+
+
+def decode_engine_state(raw: bytes) -> EngineState:
+    return _engine_state_decoder.decode(raw)
 
 
 def decode_meter(raw: bytes) -> Meter:
     return _meter_decoder.decode(raw)
+
+
+def decode_alert(raw: bytes) -> Alert:
+    return _alert_decoder.decode(raw)

@@ -136,6 +136,7 @@ class ShardState:
     def __init__(self) -> None:
         self.meters: dict[str, MeterShard] = {}
         self.applied_lsn = 0
+        self.limits: Any = None  # ShardLimits, installed by the engine (domain.limits)
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
         shard = self.meters.get(meter.name)
@@ -145,23 +146,33 @@ class ShardState:
 
     # ---------------------------------------------------------------- ingest
 
-    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int]:
-        """Apply one batch slice, grouped by meter; return (accepted, duplicates).
+    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int, list[Any]]:
+        """Apply one batch slice, grouped by meter.
 
-        Deterministic: the same slices in the same order give the same state.
+        Returns (accepted, duplicates, limit crossings). Deterministic: the same
+        slices in the same order give the same state and the same crossings.
         """
         accepted = duplicates = 0
         seq_base = lsn << SEQ_SHIFT
+        crossings: list[Any] = []
+        limits = self.limits
         for meter, items in groups:
             meter_shard = self.meter_shard(meter)
+            duplicate_positions: list[int] = []
             if meter.kind == SUM or meter.kind == COUNT:
-                counts = _apply_counter(meter_shard, items, meter.kind == COUNT)
+                applied = _apply_counter(meter_shard, items, meter.kind == COUNT,
+                                         duplicate_positions)
             else:
-                counts = _apply_general(meter_shard, items, seq_base)
-            accepted += counts[0]
-            duplicates += counts[1]
+                applied = _apply_general(meter_shard, items, seq_base, duplicate_positions)
+            accepted += applied
+            duplicates += len(duplicate_positions)
+            if limits is not None and limits.by_meter.get(meter.name):
+                skip = set(duplicate_positions)
+                positions = [p for p in range(len(items)) if p not in skip]
+                crossings.extend(limits.after_apply(
+                    meter_shard, items.customers, items.dims_keys, items.times, positions))
         self.applied_lsn = lsn
-        return accepted, duplicates
+        return accepted, duplicates, crossings
 
     # ----------------------------------------------------------------- query
 
@@ -212,9 +223,15 @@ class ShardState:
         return parts
 
 
-def _apply_counter(meter_shard: MeterShard, items: Columns, counting: bool) -> tuple[int, int]:
-    """The hot loop for sum and count meters: one column, updated in place."""
-    accepted = duplicates = 0
+def _apply_counter(
+    meter_shard: MeterShard, items: Columns, counting: bool, duplicate_positions: list[int]
+) -> int:
+    """The hot loop for sum and count meters: one column, updated in place.
+
+    Returns the number accepted; appends the positions of duplicates.
+    """
+    accepted = 0
+    position = -1
     seen = meter_shard.seen
     series_map = meter_shard.series
     bounds = meter_shard.minute_bounds
@@ -222,12 +239,13 @@ def _apply_counter(meter_shard: MeterShard, items: Columns, counting: bool) -> t
         items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
         strict=True,
     ):
+        position += 1
         if unique_id is not None:
             ids = seen.get(customer)
             if ids is None:
                 ids = seen[customer] = set()
             elif unique_id in ids:
-                duplicates += 1
+                duplicate_positions.append(position)
                 continue
             ids.add(unique_id)
         series = series_map.get((customer, dims))
@@ -264,7 +282,7 @@ def _apply_counter(meter_shard: MeterShard, items: Columns, counting: bool) -> t
         elif offset > packed & 0xFFFF:
             bounds[minute] = (packed >> 16) << 16 | offset
         accepted += 1
-    return accepted, duplicates
+    return accepted
 
 
 def _add_slow(series: Series, minute: int, value: Any) -> None:
@@ -279,9 +297,12 @@ def _add_slow(series: Series, minute: int, value: Any) -> None:
         minutes.insert(slot, minute)
 
 
-def _apply_general(meter_shard: MeterShard, items: Columns, seq_base: int) -> tuple[int, int]:
-    """max, min, avg, latest and unique_count."""
-    accepted = duplicates = 0
+def _apply_general(
+    meter_shard: MeterShard, items: Columns, seq_base: int, duplicate_positions: list[int]
+) -> int:
+    """max, min, avg, latest and unique_count (see ``_apply_counter``)."""
+    accepted = 0
+    position = -1
     seen = meter_shard.seen
     series_map = meter_shard.series
     bounds = meter_shard.minute_bounds
@@ -291,12 +312,13 @@ def _apply_general(meter_shard: MeterShard, items: Columns, seq_base: int) -> tu
         items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
         items.indices, unique_values,
     ):
+        position += 1
         if unique_id is not None:
             ids = seen.get(customer)
             if ids is None:
                 ids = seen[customer] = set()
             elif unique_id in ids:
-                duplicates += 1
+                duplicate_positions.append(position)
                 continue
             ids.add(unique_id)
         series = series_map.get((customer, dims))
@@ -341,7 +363,7 @@ def _apply_general(meter_shard: MeterShard, items: Columns, seq_base: int) -> tu
         elif offset > packed & 0xFFFF:
             bounds[minute] = (packed >> 16) << 16 | offset
         accepted += 1
-    return accepted, duplicates
+    return accepted
 
 
 def _insert_bucket_at_end(series: Series, minute: int, kind: int, value: Any) -> int:

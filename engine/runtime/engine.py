@@ -44,6 +44,7 @@ from engine.domain.batch import (
     merge_meter,
     prepare_batch,
 )
+from engine.domain.limits import Crossing, LimitDef, LimitError, ShardLimits, check_limit
 from engine.domain.query import finish_query, plan_query
 from engine.domain.shard import ShardState, restore_shards, state_statistics
 from engine.domain.values import EXACT
@@ -54,7 +55,8 @@ from engine.errors import (
     MeteringError,
     UnknownMeter,
 )
-from engine.schema import Event, IngestAck, Meter, Query, QueryResult
+from engine.runtime.alerts import AlertHub, AlertSubscription, alert_from_crossing
+from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store, StoredSnapshot
 
 log = logging.getLogger(__name__)
@@ -85,21 +87,27 @@ class EngineStatistics:
     snapshots: int
     wal_bytes_since_snapshot: int
     recovery_ms: int
+    limit_count: int = 0
+    alerts: int = 0
 
 
 class _Ticket:
     """Completion of one request: set by the writer and/or shard actors."""
 
-    __slots__ = ("accepted", "done", "duplicates", "error", "lsn", "pending", "results")
+    __slots__ = ("accepted", "alerts", "crossings", "done", "duplicates", "error", "lsn",
+                 "pending", "received_ms", "results")
 
-    def __init__(self) -> None:
+    def __init__(self, received_ms: int = 0) -> None:
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.pending = 0
         self.accepted = 0
         self.duplicates = 0
         self.lsn = 0
+        self.received_ms = received_ms
         self.results: list[Any] = []
+        self.crossings: list[tuple[int, list[Crossing]]] = []  # (shard, crossings)
+        self.alerts: list[Alert] = []
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
@@ -114,11 +122,18 @@ class _Ticket:
 
 @dataclass(slots=True, eq=False)
 class _Write:
+    """A request to the WAL writer.
+
+    ``record`` is a WAL record; ``work`` is what each shard applies for it (a
+    batch slice per shard, or one limit operation for every shard).
+    """
+
     ticket: _Ticket
     record: bytes | None = None
-    slices: list[ShardSlice] | None = None
+    work: list[Any] | None = None
     meta: list[tuple[bytes, bytes]] | None = None
     meter: MeterDef | None = None
+    limit_change: tuple[str, Any] | None = None  # ("add", LimitDef) or ("remove", id)
     snapshot: bool = False
 
 
@@ -152,6 +167,10 @@ class Engine:
         self._wal_bytes_since_snapshot = 0
         self._counters = {"accepted": 0, "duplicates": 0, "batches": 0, "commits": 0, "snaps": 0}
         self._recovery_ms = 0
+        self._limits: dict[str, LimitDef] = {}  # in the order they were added
+        self._hub = AlertHub(store)
+        self._next_lsn_to_finish = 1
+        self._finished: dict[int, _Ticket] = {}
         self._write_send, self._write_recv = trio.open_memory_channel[_Write](WRITE_QUEUE)
         self._mailboxes = [trio.open_memory_channel[tuple[Any, ...]](MAILBOX_SIZE)
                            for _ in range(shard_count)]
@@ -168,17 +187,20 @@ class Engine:
                 raise DataDirError(f"stored meter {key!r} is unreadable: {exc}") from None
             self._meters[meter_def.name] = meter_def
         snapshot = self._store.load_snapshot()
+        next_alert_seq = 0
         with localcontext(EXACT):
             if snapshot is None:
                 self._states = [ShardState() for _ in range(self.shard_count)]
+                for state in self._states:
+                    state.limits = ShardLimits()
                 applied = 0
             else:
                 try:
-                    parts = [records.decode_parts(raw) for raw in snapshot.parts]
-                    self._states = restore_shards(parts, self._meters, self._route)
-                except (msgspec.DecodeError, KeyError, ValueError) as exc:
+                    next_alert_seq = self._restore_snapshot(snapshot)
+                except (msgspec.DecodeError, KeyError, ValueError, LimitError) as exc:
                     raise DataDirError(f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}") from None
                 applied = snapshot.lsn
+            self._hub.restore(next_alert_seq)
             for lsn, raw in self._store.read_wal(applied):
                 if lsn != applied + 1:
                     raise DataDirError(
@@ -187,8 +209,22 @@ class Engine:
                 self._replay(lsn, raw)
                 applied = lsn
         self._last_lsn = max(applied, self._store.last_lsn())
+        self._next_lsn_to_finish = self._last_lsn + 1
         self._recovery_ms = int((time.perf_counter() - started) * 1000)
         log.info("recovered to lsn %d in %d ms", self._last_lsn, self._recovery_ms)
+
+    def _restore_snapshot(self, snapshot: StoredSnapshot) -> int:
+        parts = [records.decode_part(raw) for raw in snapshot.parts]
+        self._states = restore_shards([p.meters for p in parts], self._meters, self._route)
+        engine_state = (records.decode_engine_state(snapshot.engine_state)
+                        if snapshot.engine_state else records.EngineState())
+        for limit in engine_state.limits:
+            self._limits[limit.id] = check_limit(limit, self._meters)
+        fired = [entry for part in parts for entry in part.fired]
+        for index, state in enumerate(self._states):
+            state.limits = ShardLimits()
+            state.limits.load(list(self._limits.values()), fired, self._route, index)
+        return engine_state.next_alert_seq
 
     def _replay(self, lsn: int, raw: bytes) -> None:
         try:
@@ -196,13 +232,48 @@ class Engine:
         except msgspec.DecodeError as exc:
             raise DataDirError(f"write-ahead log record {lsn} is corrupt: {exc}") from None
         try:
-            slices = prepare_batch(record.events, self._meters, self._route, self.limits, None)
-        except InvalidRequest as exc:
+            work = self._work_for(record)
+        except (InvalidRequest, LimitError) as exc:
             raise DataDirError(f"write-ahead log record {lsn} cannot be replayed: {exc}") from None
-        for state, items in zip(self._states, slices, strict=True):
-            if items:
-                state.apply(lsn, items)
+        ticket = _Ticket(record.received_ms)
+        ticket.lsn = lsn
+        for index, (state, item) in enumerate(zip(self._states, work, strict=True)):
+            if item:
+                _apply_work(state, index, lsn, item, ticket)
+        self._hub.append(self._alerts_of(ticket))
         self._wal_bytes_since_snapshot += len(raw)
+
+    def _work_for(self, record: records.WalRecord) -> list[Any]:
+        """What each shard applies for a WAL record (also updates the limit registry)."""
+        if isinstance(record, records.WalBatch):
+            return prepare_batch(record.events, self._meters, self._route, self.limits, None)
+        if isinstance(record, records.WalLimit):
+            limit = check_limit(record.limit, self._meters)
+            self._limits.pop(limit.id, None)
+            self._limits[limit.id] = limit
+            return [("add", limit, record.received_ms)] * self.shard_count
+        self._limits.pop(record.limit_id, None)
+        return [("remove", record.limit_id)] * self.shard_count
+
+    def _alerts_of(self, ticket: _Ticket) -> list[Alert]:
+        """Number a finished record's crossings: by shard, then in the order found."""
+        alerts = []
+        seq = self._hub.next_seq
+        for _, crossings in sorted(ticket.crossings, key=lambda item: item[0]):
+            for crossing in crossings:
+                alerts.append(alert_from_crossing(seq, crossing, ticket.received_ms))
+                seq += 1
+        return alerts
+
+    def _finish(self, ticket: _Ticket) -> None:
+        """A WAL record is applied by every shard: sequence alerts in lsn order, then ack."""
+        self._finished[ticket.lsn] = ticket
+        while self._next_lsn_to_finish in self._finished:
+            done = self._finished.pop(self._next_lsn_to_finish)
+            self._next_lsn_to_finish += 1
+            done.alerts = self._alerts_of(done)
+            self._hub.append(done.alerts)
+            done.done.set()
 
     # --------------------------------------------------------------- tasks
 
@@ -220,20 +291,18 @@ class Engine:
             async for message in receive:
                 op = message[0]
                 if op == _APPLY:
-                    # One message per group commit: every batch of the group, in lsn order.
-                    for lsn, groups, ticket in message[1]:
+                    # One message per group commit: every record of the group, in lsn order.
+                    for lsn, item, ticket in message[1]:
                         try:
-                            accepted, duplicates = state.apply(lsn, groups)
+                            _apply_work(state, index, lsn, item, ticket)
                         except BaseException as exc:
                             # A bug while applying may leave this shard half-updated: stop.
                             self._failure = exc
                             ticket.fail(EngineClosed(f"shard {index} failed: {exc!r}"))
                             raise
-                        ticket.accepted += accepted
-                        ticket.duplicates += duplicates
                         ticket.pending -= 1
                         if ticket.pending == 0:
-                            ticket.done.set()
+                            self._finish(ticket)
                     continue
                 ticket = message[-1]
                 if op == _QUERY:
@@ -244,7 +313,8 @@ class Engine:
                             log.exception("query failed on shard %d", index)
                         ticket.fail(exc)
                 else:
-                    ticket.results.append((index, records.encode(state.export())))
+                    part = records.ShardPart(state.export(), state.limits.export())
+                    ticket.results.append((index, records.encode(part)))
                 ticket.pending -= 1
                 if ticket.pending == 0:
                     ticket.done.set()
@@ -286,28 +356,41 @@ class Engine:
                 wal.append((lsn, request.record))
             if request.meta:
                 meta.extend(request.meta)
-        if wal or meta:
+        alerts = self._hub.take_unpersisted()
+        if wal or meta or alerts:
             try:
-                await self._call_store(self._store.commit, wal, meta)
+                await self._call_store(self._store.commit, wal, meta, alerts)
             except MeteringError as exc:
+                self._hub.give_back(alerts)
                 for request in group:
                     request.ticket.fail(exc)
                 return
+            self._hub.stored()
             self._counters["commits"] += 1
         self._last_lsn = lsn
-        per_shard: list[list[tuple[int, ShardSlice, _Ticket]]] = [[] for _ in self._mailboxes]
+        per_shard: list[list[tuple[int, Any, _Ticket]]] = [[] for _ in self._mailboxes]
         for request in group:
             ticket = request.ticket
             if request.meter is not None:
                 self._meters[request.meter.name] = request.meter
-            if request.slices is not None:
+            if request.limit_change is not None:
+                action, subject = request.limit_change
+                if action == "add":
+                    self._limits.pop(subject.id, None)
+                    self._limits[subject.id] = subject
+                else:
+                    self._limits.pop(subject, None)
+            if request.work is not None:
                 self._wal_bytes_since_snapshot += len(request.record or b"")
-                for shard, groups in enumerate(request.slices):
-                    if groups:
+                for shard, item in enumerate(request.work):
+                    if item:
                         ticket.pending += 1
-                        per_shard[shard].append((ticket.lsn, groups, ticket))
+                        per_shard[shard].append((ticket.lsn, item, ticket))
             if ticket.pending == 0 and not request.snapshot:
-                ticket.done.set()
+                if request.record is not None:
+                    self._finish(ticket)
+                else:
+                    ticket.done.set()
         # Every count is final before any shard can run: send only now.
         for shard, work in enumerate(per_shard):
             if work:
@@ -321,8 +404,21 @@ class Engine:
             await send.send((_EXPORT, ticket))
         await ticket.done.wait()
         parts = [raw for _, raw in sorted(ticket.results)]
-        snapshot = StoredSnapshot(self._last_lsn, self.shard_count, parts)
+        engine_state = records.EngineState(
+            limits=[limit.limit for limit in self._limits.values()],
+            next_alert_seq=self._hub.next_seq,
+        )
+        snapshot = StoredSnapshot(self._last_lsn, self.shard_count, parts,
+                                  records.encode(engine_state))
+        alerts = self._hub.take_unpersisted()
         try:
+            if alerts:  # the WAL that could regenerate them is about to be truncated
+                try:
+                    await self._call_store(self._store.commit, [], [], alerts)
+                except MeteringError:
+                    self._hub.give_back(alerts)
+                    raise
+                self._hub.stored()
             await self._call_store(self._store.write_snapshot, snapshot)
         except MeteringError as exc:
             log.error("snapshot at lsn %d failed: %s", snapshot.lsn, exc)
@@ -391,21 +487,69 @@ class Engine:
     def meters(self) -> list[Meter]:
         return [self._meters[name].meter for name in sorted(self._meters)]
 
-    async def ingest(self, events: Sequence[Event]) -> IngestAck:
+    async def ingest(self, events: Sequence[Event], *, report_alerts: bool = False) -> IngestAck:
         """Validate, log durably (fsync), apply; then acknowledge.
 
         Raises ``BatchRejected`` naming every bad event; then nothing is applied.
+        With ``report_alerts=True`` the ack lists the limit crossings this batch caused,
+        so a caller can enforce a hard limit synchronously.
         """
         self._check_open()
         if not isinstance(events, list):
             events = list(events)
-        slices = prepare_batch(events, self._meters, self._route, self.limits, self._clock_ms())
-        request = _Write(_Ticket(), record=records.encode_batch(events), slices=slices)
+        now_ms = self._clock_ms()
+        slices = prepare_batch(events, self._meters, self._route, self.limits, now_ms)
+        request = _Write(_Ticket(now_ms), record=records.encode_batch(events, now_ms), work=slices)
         ticket = await self._submit(request)
         self._counters["accepted"] += ticket.accepted
         self._counters["duplicates"] += ticket.duplicates
         self._counters["batches"] += 1
-        return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn)
+        return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn,
+                         alerts=ticket.alerts if report_alerts else [])
+
+    async def add_limit(self, limit: Limit) -> Limit:
+        """Add (or replace, by id) a limit; durable when this returns.
+
+        The limit is evaluated at once for the current period: customers already
+        at or over a threshold get an alert immediately.
+        """
+        self._check_open()
+        try:
+            limit_def = check_limit(limit, self._meters)
+        except LimitError as exc:
+            raise InvalidRequest(f"limit {getattr(limit, 'id', '?')!r}: {exc}") from None
+        now_ms = self._clock_ms()
+        await self._submit(_Write(
+            _Ticket(now_ms), record=records.encode(records.WalLimit(limit, now_ms)),
+            work=[("add", limit_def, now_ms)] * self.shard_count, limit_change=("add", limit_def),
+        ))
+        return limit
+
+    async def remove_limit(self, limit_id: str) -> bool:
+        """Remove a limit; False if there was none with that id."""
+        self._check_open()
+        if limit_id not in self._limits:
+            return False
+        now_ms = self._clock_ms()
+        await self._submit(_Write(
+            _Ticket(now_ms), record=records.encode(records.WalRemoveLimit(limit_id, now_ms)),
+            work=[("remove", limit_id)] * self.shard_count, limit_change=("remove", limit_id),
+        ))
+        return True
+
+    async def list_limits(self) -> list[Limit]:
+        return [limit.limit for limit in self._limits.values()]
+
+    @asynccontextmanager
+    async def subscribe(self, from_seq: int = 0) -> AsyncIterator[AlertSubscription]:
+        """Alerts with seq >= ``from_seq``: stored ones first, then live ones as they happen."""
+        self._check_open()
+        if type(from_seq) is not int or from_seq < 0:
+            raise InvalidRequest(f"from_seq must be a non-negative integer, got {from_seq!r}")
+        yield AlertSubscription(self._hub, from_seq)
+
+    def next_alert_seq(self) -> int:
+        return self._hub.next_seq
 
     async def query(self, query: Query) -> QueryResult:
         """Answer ``query`` from the shards that can hold matching customers."""
@@ -454,11 +598,32 @@ class Engine:
             snapshots=self._counters["snaps"],
             wal_bytes_since_snapshot=self._wal_bytes_since_snapshot,
             recovery_ms=self._recovery_ms,
+            limit_count=len(self._limits),
+            alerts=self._hub.next_seq,
         )
 
     def export_state(self) -> bytes:
-        """Canonical bytes of all shard state (for tests: equal state ⇔ equal bytes)."""
-        return records.encode([state.export() for state in self._states])
+        """Canonical bytes of all state (for tests: equal state ⇔ equal bytes)."""
+        shards = [records.ShardPart(state.export(), state.limits.export()) for state in self._states]
+        engine_state = records.EngineState([limit.limit for limit in self._limits.values()],
+                                           self._hub.next_seq)
+        return records.encode([shards, engine_state])
+
+
+def _apply_work(state: ShardState, index: int, lsn: int, item: Any, ticket: _Ticket) -> None:
+    """Apply one WAL record's share for one shard, collecting its limit crossings."""
+    if type(item) is list:  # a batch slice
+        accepted, duplicates, crossings = state.apply(lsn, item)
+        ticket.accepted += accepted
+        ticket.duplicates += duplicates
+    elif item[0] == "add":
+        _, limit, received_ms = item
+        crossings = state.limits.add(limit, state.meters.get(limit.meter.name), received_ms)
+    else:
+        state.limits.remove(item[1])
+        crossings = []
+    if crossings:
+        ticket.crossings.append((index, crossings))
 
 
 @asynccontextmanager

@@ -18,14 +18,27 @@ class StoredSnapshot:
     lsn: int  # the snapshot reflects every WAL record up to and including this lsn
     shard_count: int
     parts: list[bytes]  # one encoded part per shard
+    engine_state: bytes = b""  # engine-wide state (limits, next alert seq)
 
 
 class Store(Protocol):
     #: True if calls block on disk and should run in a worker thread.
     blocking: bool
 
-    def commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
-        """Durably append WAL records (in lsn order) and put meta entries, atomically."""
+    def commit(
+        self,
+        wal: list[tuple[int, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        alerts: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        """Durably append WAL records (in lsn order), put meta entries and alerts, atomically.
+
+        Alerts are keyed by seq; putting an alert again with the same seq is allowed
+        (replay regenerates identical alerts).
+        """
+
+    def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
+        """Stored alerts with seq >= ``from_seq``, in order, at most ``max_count``."""
 
     def read_wal(self, after_lsn: int) -> Iterator[tuple[int, bytes]]:
         """WAL records with lsn > ``after_lsn``, in order."""

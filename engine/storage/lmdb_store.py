@@ -12,7 +12,8 @@ Layout of ``DATA_DIR/lmdb`` (named databases):
 - ``meta``: ``format`` → format version; ``last_lsn`` → 8-byte lsn; ``meter:NAME``
   → encoded ``Meter``.
 - ``snapshot``: ``header`` → encoded (lsn, shard count, part count);
-  ``part`` + 4-byte index → one shard's encoded state.
+  ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
+- ``alerts``: 8-byte big-endian seq → one encoded alert.
 
 The environment is opened with ``sync=True, metasync=True``: a returned commit
 has been fsynced.
@@ -91,7 +92,7 @@ class LmdbStore:
             self.env = lmdb.open(
                 str(lmdb_dir),
                 map_size=map_bytes,
-                max_dbs=4,
+                max_dbs=5,
                 sync=True,
                 metasync=True,
                 subdir=True,
@@ -105,6 +106,7 @@ class LmdbStore:
             self.wal_db = self.env.open_db(b"wal")
             self.meta_db = self.env.open_db(b"meta")
             self.snapshot_db = self.env.open_db(b"snapshot")
+            self.alerts_db = self.env.open_db(b"alerts")
             with self.env.begin(write=True) as txn:
                 version = txn.get(b"format", db=self.meta_db)
                 if version is None:
@@ -125,12 +127,23 @@ class LmdbStore:
 
     # ------------------------------------------------------------ writing
 
-    def commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
-        self._write(self._commit_txn, wal, meta)
+    def commit(
+        self,
+        wal: list[tuple[int, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        alerts: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        self._write(self._commit_txn, wal, meta, alerts or [])
 
     def _commit_txn(
-        self, txn: lmdb.Transaction, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]
+        self,
+        txn: lmdb.Transaction,
+        wal: list[tuple[int, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        alerts: list[tuple[int, bytes]],
     ) -> None:
+        for seq, alert in alerts:
+            txn.put(LSN.pack(seq), alert, db=self.alerts_db)
         if wal:
             cursor = txn.cursor(db=self.wal_db)
             for lsn, record in wal:
@@ -149,6 +162,7 @@ class LmdbStore:
             txn.put(b"part" + PART_INDEX.pack(index), part, db=self.snapshot_db)
         header = msgspec.msgpack.encode([snapshot.lsn, snapshot.shard_count, len(snapshot.parts)])
         txn.put(b"header", header, db=self.snapshot_db)
+        txn.put(b"engine", snapshot.engine_state, db=self.snapshot_db)
         cursor = txn.cursor(db=self.wal_db)
         last_key = LSN.pack(snapshot.lsn)
         if cursor.first():
@@ -221,7 +235,20 @@ class LmdbStore:
                 if part is None:
                     raise DataDirError(f"snapshot part {index} of {part_count} is missing")
                 parts.append(part)
-        return StoredSnapshot(lsn, shard_count, parts)
+            engine_state = txn.get(b"engine") or b""
+        return StoredSnapshot(lsn, shard_count, parts, engine_state)
+
+    def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
+        alerts: list[bytes] = []
+        with self.env.begin(db=self.alerts_db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(LSN.pack(from_seq)):
+                return alerts
+            for value in cursor.iternext(keys=False, values=True):
+                alerts.append(value)
+                if len(alerts) >= max_count:
+                    break
+        return alerts
 
     def close(self) -> None:
         try:

@@ -18,11 +18,17 @@ class MemoryStore:
         self.wal: dict[int, bytes] = {}
         self.meta: dict[bytes, bytes] = {}
         self.snapshot: StoredSnapshot | None = None
+        self.alerts: dict[int, bytes] = {}
         self._last_lsn = 0
         self.commits = 0
         self.closed = False
 
-    def commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
+    def commit(
+        self,
+        wal: list[tuple[int, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        alerts: list[tuple[int, bytes]] | None = None,
+    ) -> None:
         for lsn, _ in wal:
             if lsn <= self._last_lsn:
                 raise StorageError(f"WAL append out of order at lsn {lsn}")
@@ -30,6 +36,7 @@ class MemoryStore:
             self.wal[lsn] = record
             self._last_lsn = lsn
         self.meta.update(meta)
+        self.alerts.update(alerts or [])
         self.commits += 1
 
     def read_wal(self, after_lsn: int) -> Iterator[tuple[int, bytes]]:
@@ -50,6 +57,10 @@ class MemoryStore:
 
     def load_snapshot(self) -> StoredSnapshot | None:
         return self.snapshot
+
+    def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
+        seqs = sorted(seq for seq in self.alerts if seq >= from_seq)[:max_count]
+        return [self.alerts[seq] for seq in seqs]
 
     def close(self) -> None:
         self.closed = True

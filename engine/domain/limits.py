@@ -1,0 +1,237 @@
+"""Limits: thresholds on a customer's usage per period, and the crossings they fire.
+
+Pure domain layer: standard library, msgspec and ``engine.domain``. A shard
+keeps, per limit, which thresholds already fired for each (customer, period)
+it owns. After it applies a batch slice, it recomputes the usage of every
+(customer, period) the slice touched from its own buckets (the same numbers a
+query returns) and fires each threshold that the usage now reaches and that
+had not fired in that period. A limit added (or replaced) is evaluated at once
+for the period containing the time it was added, so a customer already over a
+threshold is alerted immediately.
+
+Everything here is a deterministic function of the write-ahead-log order:
+replay produces the same crossings, in the same order.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any
+
+from engine.domain.batch import MINUTE_MS, MeterDef
+from engine.domain.query import finalize
+from engine.domain.shard import MeterShard, Series, merge_partial, slice_partial
+from engine.domain.values import exact_value
+from engine.domain.windows import WindowError, resolve_timezone, window_floor, window_spans
+from engine.schema import Limit
+
+PERIODS = ("hour", "day", "week", "month", "total")
+MAX_THRESHOLDS = 32
+# How far past a period's start its end certainly lies (covers DST and month lengths).
+_PERIOD_REACH_MS = {"hour": 4 * 3_600_000, "day": 3 * 86_400_000, "week": 9 * 86_400_000,
+                    "month": 33 * 86_400_000}
+TOTAL_END_MS = 253_402_300_800_000
+
+
+class LimitError(ValueError):
+    """A limit definition that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LimitDef:
+    """A validated limit, as shards use it."""
+
+    limit: Limit
+    meter: MeterDef
+    thresholds: tuple[Any, ...]  # exact, ascending, distinct
+    customers: frozenset[str] | None  # from customer_id or filter["customer_id"]
+    dim_filters: tuple[tuple[str, frozenset[str]], ...]
+
+    @property
+    def id(self) -> str:
+        return self.limit.id
+
+
+def check_limit(limit: Limit, meters: dict[str, MeterDef]) -> LimitDef:
+    if type(limit) is not Limit:
+        raise LimitError(f"expected a Limit, got {type(limit).__name__}")
+    if type(limit.id) is not str or not limit.id or len(limit.id) > 256:
+        raise LimitError("limit id must be a non-empty string of at most 256 characters")
+    meter = meters.get(limit.meter_api_name)
+    if meter is None:
+        raise LimitError(f"unknown meter {limit.meter_api_name!r}")
+    if limit.period not in PERIODS:
+        raise LimitError(f"unknown period {limit.period!r}: use one of {', '.join(PERIODS)}")
+    try:
+        resolve_timezone(limit.timezone)
+    except WindowError as exc:
+        raise LimitError(str(exc)) from None
+    if not isinstance(limit.thresholds, list) or not 1 <= len(limit.thresholds) <= MAX_THRESHOLDS:
+        raise LimitError(f"thresholds must be a list of 1 to {MAX_THRESHOLDS} numbers")
+    try:
+        thresholds = tuple(sorted({exact_value(t) for t in limit.thresholds}))
+    except ValueError as exc:
+        raise LimitError(f"threshold: {exc}") from None
+    customers: frozenset[str] | None = None
+    if limit.customer_id is not None:
+        if type(limit.customer_id) is not str or not limit.customer_id:
+            raise LimitError("customer_id must be null or a non-empty string")
+        customers = frozenset([limit.customer_id])
+    dim_filters = []
+    for key, allowed in limit.filter.items():
+        if type(key) is not str or not key or not isinstance(allowed, list) or not all(
+            type(v) is str for v in allowed
+        ):
+            raise LimitError("filter must map 'customer_id' or dimension keys to lists of strings")
+        if key == meter.unique_dimension:
+            raise LimitError(f"meter {meter.name!r} counts distinct {key!r}; cannot filter on it")
+        if key == "customer_id":
+            allowed_set = frozenset(allowed)
+            customers = allowed_set if customers is None else customers & allowed_set
+        else:
+            dim_filters.append((key, frozenset(allowed)))
+    return LimitDef(limit, meter, thresholds, customers, tuple(dim_filters))
+
+
+def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:
+    """[start, end) of the limit's period containing ``ts_ms``."""
+    if limit.period == "total":
+        return 0, TOTAL_END_MS
+    tz = resolve_timezone(limit.timezone)
+    start = window_floor(ts_ms, limit.period, tz)
+    spans = window_spans(start, start + _PERIOD_REACH_MS[limit.period], limit.period, tz)
+    return start, spans[0][2]
+
+
+# A crossing before it gets its sequence number:
+# (limit id, customer, meter, threshold, value, period start ms)
+Crossing = tuple[str, str, str, Any, Any, int]
+
+
+class ShardLimits:
+    """Limits as one shard evaluates them."""
+
+    def __init__(self) -> None:
+        self.by_meter: dict[str, list[LimitDef]] = {}
+        self.by_id: dict[str, LimitDef] = {}
+        # limit id -> (customer, period start) -> bitmask of fired threshold indexes
+        self.fired: dict[str, dict[tuple[str, int], int]] = {}
+
+    def add(self, limit: LimitDef, meter_shard: MeterShard | None, now_ms: int) -> list[Crossing]:
+        """Install (or replace) a limit and evaluate it at once for the current period."""
+        self.remove(limit.id)
+        self.by_id[limit.id] = limit
+        self.by_meter.setdefault(limit.meter.name, []).append(limit)
+        self.fired[limit.id] = {}
+        if meter_shard is None:
+            return []
+        start, end = period_bounds(now_ms, limit.limit)
+        crossings: list[Crossing] = []
+        for customer in list(meter_shard.by_customer):
+            if limit.customers is None or customer in limit.customers:
+                self._evaluate(limit, meter_shard, customer, start, end, crossings)
+        return crossings
+
+    def remove(self, limit_id: str) -> bool:
+        limit = self.by_id.pop(limit_id, None)
+        if limit is None:
+            return False
+        self.by_meter[limit.meter.name].remove(limit)
+        self.fired.pop(limit_id, None)
+        return True
+
+    def after_apply(
+        self, meter_shard: MeterShard, customers: list[str], dims_keys: list[str],
+        times: list[int], accepted: list[int],
+    ) -> list[Crossing]:
+        """Crossings caused by the accepted events (positions) of one applied slice."""
+        limits = self.by_meter.get(meter_shard.meter.name)
+        if not limits or not accepted:
+            return []
+        crossings: list[Crossing] = []
+        for limit in limits:
+            touched: dict[tuple[str, int], int] = {}
+            period = (0, -1)
+            for position in accepted:
+                customer = customers[position]
+                if limit.customers is not None and customer not in limit.customers:
+                    continue
+                if limit.dim_filters and not _dims_match(dims_keys[position], limit.dim_filters):
+                    continue
+                ts = times[position]
+                if not period[0] <= ts < period[1]:
+                    period = period_bounds(ts, limit.limit)
+                touched.setdefault((customer, period[0]), period[1])
+            for (customer, start), end in touched.items():
+                self._evaluate(limit, meter_shard, customer, start, end, crossings)
+        return crossings
+
+    def _evaluate(self, limit: LimitDef, meter_shard: MeterShard, customer: str, start: int,
+                  end: int, crossings: list[Crossing]) -> None:
+        value = usage(meter_shard, customer, limit, start, end)
+        if value is None:
+            return
+        fired_for_limit = self.fired[limit.id]
+        fired = fired_for_limit.get((customer, start), 0)
+        newly = fired
+        for index, threshold in enumerate(limit.thresholds):
+            if value < threshold:
+                break
+            if not fired & (1 << index):
+                newly |= 1 << index
+                crossings.append((limit.id, customer, limit.meter.name, threshold, value, start))
+        if newly != fired:
+            fired_for_limit[(customer, start)] = newly
+
+    # ------------------------------------------------------------ snapshot
+
+    def export(self) -> list[list[Any]]:
+        """[[limit id, [[customer, period start, mask], ...]], ...] in canonical order."""
+        return [
+            [limit_id, [[c, p, m] for (c, p), m in sorted(self.fired[limit_id].items())]]
+            for limit_id in sorted(self.fired)
+        ]
+
+    def load(self, limits: list[LimitDef], fired: list[list[Any]], route: Any,
+             shard_index: int) -> None:
+        """Install ``limits`` and the fired masks of this shard's customers."""
+        for limit in limits:
+            self.by_id[limit.id] = limit
+            self.by_meter.setdefault(limit.meter.name, []).append(limit)
+            self.fired.setdefault(limit.id, {})
+        for limit_id, entries in fired:
+            if limit_id not in self.fired:
+                continue
+            target = self.fired[limit_id]
+            for customer, period_start, mask in entries:
+                if route(customer) == shard_index:
+                    target[(customer, period_start)] = mask
+
+
+def _dims_match(dims_key: str, dim_filters: tuple[tuple[str, frozenset[str]], ...]) -> bool:
+    parts = dims_key.split("\x00") if dims_key else []
+    dims = dict(zip(parts[0::2], parts[1::2], strict=True))
+    return all(dims.get(key) in allowed for key, allowed in dim_filters)
+
+
+def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
+          end_ms: int) -> Any:
+    """The limit's usage for one customer in [start, end), from the buckets; None if none."""
+    kind = meter_shard.meter.kind
+    first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)
+    merged: Any = None
+    series_list: list[Series] = meter_shard.by_customer.get(customer, [])
+    for series in series_list:
+        if limit.dim_filters:
+            dims = dict(series.dims)
+            if not all(dims.get(k) in allowed for k, allowed in limit.dim_filters):
+                continue
+        minutes = series.minutes
+        lo = bisect_left(minutes, first)
+        hi = bisect_left(minutes, last, lo)
+        if lo == hi:
+            continue
+        partial = slice_partial(kind, series, lo, hi)
+        merged = partial if merged is None else merge_partial(kind, merged, partial)
+    return None if merged is None else finalize(kind, merged)
