@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCOPES = frozenset({"ingest", "query", "admin"})
+EMPTY_KEY_DIGEST = hashlib.sha256(b"").digest()
 ENV_VAR = "METER_API_KEYS"
 
 
@@ -62,8 +63,8 @@ class KeyRing:
         """
         if not self.entries:
             return ANONYMOUS_ADMIN
-        if not isinstance(presented, str):
-            presented = ""
+        if not isinstance(presented, str) or not presented:
+            return None  # no key never matches, whatever the configuration holds
         digest = hashlib.sha256(presented.encode()).digest()
         found: Principal | None = None
         for expected, principal in self.entries:  # no early exit: constant time in the match
@@ -88,6 +89,10 @@ def parse_keys(config: object) -> KeyRing:
                 raise AuthConfigError(f"key entry {number}: key_sha256 is not hex") from None
             if len(digest) != 32:
                 raise AuthConfigError(f"key entry {number}: key_sha256 must be 64 hex digits")
+            if digest == EMPTY_KEY_DIGEST:
+                raise AuthConfigError(
+                    f"key entry {number}: key_sha256 is the hash of an empty key"
+                )
         else:
             raise AuthConfigError(f"key entry {number} needs 'key' or 'key_sha256'")
         scopes = entry.get("scopes", [])

@@ -36,8 +36,10 @@ from engine.errors import (
     BatchRejected,
     ConnectionLost,
     EventProblem,
+    InvalidRequest,
     MeteringError,
     ProtocolError,
+    ServerBusy,
 )
 from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
 from engine.protocol.messages import (
@@ -60,9 +62,13 @@ from engine.protocol.messages import (
     decode_server_message,
     encode_message,
 )
+from engine.runtime.groups import unwrap_single
 from engine.schema import Event, IngestAck, Meter, Query, QueryResult
 
 log = logging.getLogger(__name__)
+
+# Replies (query results) may be larger than requests; the server caps them at 256 MiB.
+MAX_REPLY_BYTES = 256 * 1024 * 1024 + 1024
 
 __all__ = ["Client", "SyncClient", "open_batcher", "open_client"]
 
@@ -90,9 +96,9 @@ class _Pending:
 class Client:
     """A connection to a metering-engine server. Create it with ``open_client``."""
 
-    def __init__(self, stream: trio.abc.Stream, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, stream: trio.abc.Stream, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self._stream = stream
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._decoder = FrameDecoder(max_reply_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
@@ -103,8 +109,24 @@ class Client:
 
     async def _send(self, message: msgspec.Struct) -> None:
         payload = encode_message(message)
+        limit = self.welcome.max_frame_bytes if self.welcome is not None else MAX_FRAME_BYTES
+        if len(payload) > limit:
+            raise InvalidRequest(
+                f"request of {len(payload)} bytes exceeds the server's frame limit of {limit}; "
+                "send smaller batches"
+            )
         async with self._send_lock:
-            await self._stream.send_all(HEADER.pack(len(payload)) + payload)
+            if self._closed_error is not None:
+                raise ConnectionLost(f"connection is closed: {self._closed_error}")
+            try:
+                await self._stream.send_all(HEADER.pack(len(payload)) + payload)
+            except BaseException as exc:
+                # Possibly half a frame is on the wire: it would swallow the next request's
+                # frame, so this connection cannot be used again.
+                self._fail_all(ConnectionLost(f"a send was interrupted ({exc!r})"))
+                with trio.CancelScope(shield=True):
+                    await self._stream.aclose()
+                raise
 
     async def _receive(self) -> Any:
         while True:
@@ -130,11 +152,13 @@ class Client:
             while True:
                 reply = await self._receive()
                 request_id = getattr(reply, "id", None)
-                pending = self._pending.pop(request_id, None) if request_id is not None else None
-                if pending is None:
+                if request_id is None:
                     if isinstance(reply, ErrorReply):
-                        raise error_from_reply(reply)
-                    raise ProtocolError(f"reply for unknown request id {request_id}")
+                        raise error_from_reply(reply)  # connection-level: fatal
+                    raise ProtocolError(f"unexpected {type(reply).__name__} without an id")
+                pending = self._pending.pop(request_id, None)
+                if pending is None:
+                    continue  # its caller was cancelled and stopped waiting
                 pending.reply = reply
                 pending.done.set()
         except (MeteringError, MessageError, FrameError, trio.BrokenResourceError,
@@ -159,6 +183,9 @@ class Client:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._pending.pop(request_id, None)
             raise ConnectionLost(f"sending failed: {exc}") from None
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
         try:
             await pending.done.wait()
         finally:
@@ -212,15 +239,20 @@ async def open_client(
         stream = await trio.open_tcp_stream(host, port)
     async with stream:
         client = Client(stream)
-        with trio.fail_after(connect_timeout_s):
-            await client._handshake(api_key, client_name)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._reader)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
-                client._fail_all(ConnectionLost("client closed"))
+        try:
+            with trio.fail_after(connect_timeout_s):
+                await client._handshake(api_key, client_name)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError,
+                MessageError) as exc:
+            raise ConnectionLost(f"handshake failed: {exc!r}") from None
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+                    client._fail_all(ConnectionLost("client closed"))
 
 
 # ------------------------------------------------------------------- batcher
@@ -278,7 +310,8 @@ class Batcher:
             try:
                 client = await self._connected()
                 return await client.ingest(batch)
-            except (ConnectionLost, OSError, trio.TooSlowError) as exc:
+            except (ConnectionLost, ServerBusy, OSError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._disconnect()
                 attempt += 1
                 if attempt > self.max_retries:
@@ -324,20 +357,21 @@ async def open_batcher(
 ) -> AsyncIterator[Batcher]:
     """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit."""
     batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s)
-    async with trio.open_nursery() as nursery:
-        batcher._nursery = nursery
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            batcher._nursery = nursery
 
-        async def flush_periodically() -> None:
-            while True:
-                await trio.sleep(flush_interval_s)
+            async def flush_periodically() -> None:
+                while True:
+                    await trio.sleep(flush_interval_s)
+                    await batcher.flush()
+
+            nursery.start_soon(flush_periodically)
+            try:
+                yield batcher
                 await batcher.flush()
-
-        nursery.start_soon(flush_periodically)
-        try:
-            yield batcher
-            await batcher.flush()
-        finally:
-            nursery.cancel_scope.cancel()
+            finally:
+                nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------- sync wrapper

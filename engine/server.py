@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -100,6 +99,7 @@ class ServerConfig:
     keys: KeyRing = field(default_factory=lambda: KeyRing(()))
     allow_insecure_bind: bool = False
     max_frame_bytes: int = MAX_FRAME_BYTES
+    max_reply_bytes: int = 256 * 1024 * 1024
     max_in_flight: int = 16
     max_connections: int = 1024
     handshake_timeout_s: float = 10.0
@@ -136,9 +136,7 @@ class MeterServer:
         self.stats = ServerStatistics()
         self.port: int | None = None
         self._draining = trio.Event()
-        self._in_flight_total = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._reader_scopes: set[trio.CancelScope] = set()
         if not self.config.keys.enabled and not self.config.allow_insecure_bind and (
             self.config.host not in LOOPBACK_HOSTS
         ):
@@ -152,24 +150,28 @@ class MeterServer:
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or ``shutdown`` is called; reports the bound port."""
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as acceptors:
+        try:
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                    task_status.started(self.port)
+                    await self._draining.wait()
+                    acceptors.cancel_scope.cancel()
+                # Connections stop reading; requests in flight finish and are acknowledged.
+                # Whatever is still running after the drain timeout is cancelled.
+                handlers.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout_s
+        finally:
+            with trio.CancelScope(shield=True):
                 for listener in listeners:
-                    acceptors.start_soon(self._accept_loop, listener, handlers)
-                task_status.started(self.port)
-                await self._draining.wait()
-                acceptors.cancel_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            # Let requests in flight finish and be acknowledged, then close everything.
-            with trio.move_on_after(self.config.drain_timeout_s):
-                await self._idle.wait()
-            handlers.cancel_scope.cancel()
+                    await listener.aclose()
 
     def shutdown(self) -> None:
         """Stop accepting and reading; in-flight requests get ``drain_timeout_s`` to finish."""
         self._draining.set()
+        for scope in self._reader_scopes:
+            scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         while True:
@@ -195,9 +197,9 @@ class MeterServer:
         stats.connections_total += 1
         try:
             await _Connection(self, stream).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
+        except* Exception:
             log.exception("connection handler failed")
         finally:
             stats.connections -= 1
@@ -211,15 +213,6 @@ class MeterServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()
-
-    def _request_started(self) -> None:
-        self._in_flight_total += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-
-    def _request_finished(self) -> None:
-        self._in_flight_total -= 1
-        if self._in_flight_total == 0:
-            self._idle.set()
 
 
 def _frame(message: msgspec.Struct) -> bytes:
@@ -242,10 +235,16 @@ class _Connection:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, nursery.cancel_scope)
-            try:
-                await self._reader(nursery)
-            except _Closing:
-                pass
+            with trio.CancelScope() as reader_scope:
+                self.server._reader_scopes.add(reader_scope)
+                if self.server._draining.is_set():
+                    reader_scope.cancel()
+                try:
+                    await self._reader(nursery)
+                except _Closing:
+                    pass
+                finally:
+                    self.server._reader_scopes.discard(reader_scope)
             # Reader is done: let running requests finish, then flush and stop the writer.
             for _ in range(self.config.max_in_flight):
                 await self.slots.acquire()
@@ -269,7 +268,7 @@ class _Connection:
         await self._send(ErrorReply(code=code, detail=detail, id=request_id))
         raise _Closing
 
-    async def _next_frame(self, timeout_s: float) -> bytes | None:
+    async def _next_frame(self, timeout_s: float, idle_check: bool = True) -> bytes | None:
         """The next frame, or ``None`` when the peer closed cleanly between frames."""
         deadline = trio.current_time() + timeout_s
         while True:
@@ -289,23 +288,30 @@ class _Connection:
                     return None
                 self.decoder.feed(data)
                 continue
-            detail = "frame not completed in time" if self.decoder.mid_frame else "idle timeout"
+            if not self.decoder.mid_frame and idle_check and self._in_flight():
+                # Not idle while requests run: look again one idle period later.
+                deadline = trio.current_time() + self.config.idle_timeout_s
+                continue
+            if self.decoder.mid_frame:
+                detail = "frame not completed in time"
+            else:
+                detail = "idle timeout" if idle_check else "no hello in time"
             await self._close_with("timeout", detail)
 
+    def _in_flight(self) -> bool:
+        return self.slots.value < self.config.max_in_flight
+
     async def _reader(self, nursery: trio.Nursery) -> None:
-        frame = await self._next_frame(self.config.handshake_timeout_s)
+        frame = await self._next_frame(self.config.handshake_timeout_s, idle_check=False)
         if frame is None:
             return
         await self._handshake(frame)
         draining = self.server._draining
         while not draining.is_set():
-            # Backpressure: no new request is read while max_in_flight are running.
+            # Backpressure: no new request is read while max_in_flight are unanswered.
             await self.slots.acquire()
             self.slots.release()
-            timeout = self.config.idle_timeout_s
-            if self.slots.value < self.config.max_in_flight:
-                timeout = math.inf  # requests in flight: not idle
-            frame = await self._next_frame(timeout)
+            frame = await self._next_frame(self.config.idle_timeout_s)
             if frame is None:
                 return
             try:
@@ -319,7 +325,6 @@ class _Connection:
                 await self._send(ErrorReply(code="bad_message", detail="already said hello"))
                 continue
             await self.slots.acquire()
-            self.server._request_started()
             nursery.start_soon(self._request, message)
 
     async def _handshake(self, frame: bytes) -> None:
@@ -346,24 +351,33 @@ class _Connection:
                                  max_in_flight=self.config.max_in_flight))
 
     async def _request(self, message: Any) -> None:
+        """Answer one request. Its slot is held until the reply is queued for sending,
+        so unanswered requests plus queued replies never exceed ``max_in_flight``."""
         try:
-            reply = await self._answer(message)
-        except BatchRejected as exc:
-            reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id,
-                               problems=[(p.index, p.reason) for p in exc.problems])
-        except MeteringError as exc:
-            reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id)
-        except Exception:
-            log.exception("request %s failed", type(message).__name__)
-            reply = ErrorReply(code="internal", detail="internal error", id=message.id)
+            try:
+                reply = await self._answer(message)
+            except BatchRejected as exc:
+                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id,
+                                   problems=[(p.index, p.reason) for p in exc.problems])
+            except MeteringError as exc:
+                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id)
+            except Exception:
+                log.exception("request %s failed", type(message).__name__)
+                reply = ErrorReply(code="internal", detail="internal error", id=message.id)
+            self.server.stats.requests += 1
+            frame = _frame(reply)
+            if len(frame) - HEADER.size > self.config.max_reply_bytes:
+                frame = _frame(ErrorReply(
+                    code="too_large", id=message.id,
+                    detail=f"the reply would be {len(frame)} bytes, over the "
+                           f"{self.config.max_reply_bytes}-byte limit; narrow the request",
+                ))
+            try:
+                await self.outgoing_send.send(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         finally:
             self.slots.release()
-            self.server._request_finished()
-        self.server.stats.requests += 1
-        try:
-            await self._send(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _answer(self, message: Any) -> msgspec.Struct:
         principal = self.principal
@@ -414,11 +428,12 @@ def _restrict_to_customer(query: Query, customer_id: str | None) -> Query:
 def _request_id_of(frame: bytes) -> int | None:
     """Best effort: the ``id`` of an invalid request, so the client can match the error."""
     try:
-        decoded = msgspec.msgpack.decode(frame)
+        # Values stay raw: a bad value elsewhere in the message must not hide the id.
+        fields = msgspec.msgpack.decode(frame, type=dict[str, msgspec.Raw])
+        raw_id = fields.get("id")
+        if raw_id is None:
+            return None
+        request_id = msgspec.msgpack.decode(raw_id, type=int)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
         return None
-    if isinstance(decoded, dict):
-        request_id = decoded.get("id")
-        if type(request_id) is int and 0 <= request_id < 2**63:
-            return request_id
-    return None
+    return request_id if 0 <= request_id < 2**63 else None

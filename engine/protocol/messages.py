@@ -10,13 +10,16 @@ integer, unique among its requests in flight); the reply carries the same
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from engine.schema import Event, Meter, Query, QueryResult
 
 PROTOCOL_VERSION = 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 _BASE = {"tag_field": "type", "rename": "camel", "omit_defaults": True}
 
@@ -33,30 +36,30 @@ class Hello(msgspec.Struct, tag="hello", **_BASE):  # type: ignore[call-arg]
 
 
 class Ping(msgspec.Struct, tag="ping", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
 
 
 class DefineMeter(msgspec.Struct, tag="define_meter", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     meter: Meter
 
 
 class ListMeters(msgspec.Struct, tag="list_meters", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
 
 
 class Ingest(msgspec.Struct, tag="ingest", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     events: list[Event]
 
 
 class QueryRequest(msgspec.Struct, tag="query", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     query: Query
 
 
 class Stats(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
 
 
 ClientMessage = Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
@@ -74,33 +77,33 @@ class Welcome(msgspec.Struct, tag="welcome", **_BASE):  # type: ignore[call-arg]
 
 
 class Pong(msgspec.Struct, tag="pong", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
 
 
 class MeterReply(msgspec.Struct, tag="meter", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     meter: Meter
 
 
 class MetersReply(msgspec.Struct, tag="meters", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     meters: list[Meter]
 
 
 class IngestReply(msgspec.Struct, tag="ingest_ack", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     accepted: int
     duplicates: int
     lsn: int
 
 
 class QueryReply(msgspec.Struct, tag="query_result", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     result: QueryResult
 
 
 class StatsReply(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
-    id: int
+    id: RequestId
     stats: dict[str, Any]
 
 
@@ -112,7 +115,7 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):  # type: ignore[call-arg
 
     code: str
     detail: str
-    id: int | None = None
+    id: RequestId | None = None
     problems: list[tuple[int, str]] | None = None
 
 
@@ -140,37 +143,38 @@ def decode_client_message(payload: bytes) -> ClientMessage:
         return _client_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise MessageError(f"invalid message: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string
         raise MessageError(f"undecodable message: {exc}") from None
 
 
 def decode_server_message(payload: bytes) -> ServerMessage:
     try:
         return _server_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, ValueError) as exc:
         raise MessageError(f"invalid server message: {exc}") from None
 
 
+def _signed64(value: Any) -> Any:
+    """Integers outside int64 travel as decimal strings (clients in other languages
+    read msgpack integers as signed 64-bit)."""
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        return Decimal(value)
+    return value
+
+
 def encode_message(message: msgspec.Struct) -> bytes:
-    """msgpack payload of ``message``. Integers beyond 64 bits travel as decimal strings."""
-    try:
-        return _encoder.encode(message)
-    except OverflowError:
-        if isinstance(message, QueryReply):
-            rows = [
-                msgspec.structs.replace(row, value=Decimal(row.value))
-                if type(row.value) is int and not -(2**63) <= row.value < 2**64
-                else row
-                for row in message.result.rows
-            ]
-            result = msgspec.structs.replace(message.result, rows=rows)
-            return _encoder.encode(msgspec.structs.replace(message, result=result))
-        if isinstance(message, Ingest):
-            wide = [
-                msgspec.structs.replace(e, meter_value=Decimal(e.meter_value))
-                if type(e.meter_value) is int and not -(2**63) <= e.meter_value < 2**64
-                else e
-                for e in message.events
-            ]
-            return _encoder.encode(msgspec.structs.replace(message, events=wide))
-        raise
+    """msgpack payload of ``message``."""
+    if isinstance(message, QueryReply):
+        rows = message.result.rows
+        if any(type(r.value) is int and not INT64_MIN <= r.value <= INT64_MAX for r in rows):
+            wide = [msgspec.structs.replace(r, value=_signed64(r.value)) for r in rows]
+            result = msgspec.structs.replace(message.result, rows=wide)
+            message = msgspec.structs.replace(message, result=result)
+    elif isinstance(message, Ingest):
+        events = message.events
+        if any(type(e.meter_value) is int and not INT64_MIN <= e.meter_value <= INT64_MAX
+               for e in events):
+            wide_events = [msgspec.structs.replace(e, meter_value=_signed64(e.meter_value))
+                           for e in events]
+            message = msgspec.structs.replace(message, events=wide_events)
+    return _encoder.encode(message)

@@ -55,6 +55,7 @@ from engine.errors import (
     MeteringError,
     UnknownMeter,
 )
+from engine.runtime.groups import unwrap_single
 from engine.runtime.alerts import AlertHub, AlertSubscription, alert_from_crossing
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store, StoredSnapshot
@@ -674,13 +675,14 @@ async def open_engine(
             gc.freeze()
             gc.set_threshold(max(previous_thresholds[0], GC_GEN0_THRESHOLD), 20, 100)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(engine._run)
-                try:
-                    yield engine
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await engine._close(snapshot_on_close)
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(engine._run)
+                    try:
+                        yield engine
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await engine._close(snapshot_on_close)
         finally:
             if tune_gc:
                 gc.set_threshold(*previous_thresholds)
