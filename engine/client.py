@@ -19,10 +19,12 @@ interval, retries on connection loss with the same unique ids) and
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,11 +46,17 @@ from engine.errors import (
 from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
+    AddLimit,
+    AlertsPush,
     DefineMeter,
     ErrorReply,
     Hello,
     Ingest,
     IngestReply,
+    Lagged,
+    LimitReply,
+    LimitsReply,
+    ListLimits,
     ListMeters,
     MessageError,
     MeterReply,
@@ -56,14 +64,18 @@ from engine.protocol.messages import (
     Ping,
     QueryReply,
     QueryRequest,
+    RemovedReply,
+    RemoveLimit,
     Stats,
     StatsReply,
+    Subscribe,
+    Unsubscribe,
     Welcome,
     decode_server_message,
     encode_message,
 )
 from engine.runtime.groups import unwrap_single
-from engine.schema import Event, IngestAck, Meter, Query, QueryResult
+from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +115,7 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed_error: MeteringError | None = None
+        self._subscriptions: dict[int, ClientSubscription] = {}
         self.welcome: Welcome | None = None
 
     # --------------------------------------------------------------- plumbing
@@ -151,6 +164,11 @@ class Client:
         try:
             while True:
                 reply = await self._receive()
+                if isinstance(reply, AlertsPush | Lagged):
+                    subscription = self._subscriptions.get(reply.subscription)
+                    if subscription is not None:
+                        subscription._deliver(reply)
+                    continue
                 request_id = getattr(reply, "id", None)
                 if request_id is None:
                     if isinstance(reply, ErrorReply):
@@ -172,11 +190,15 @@ class Client:
         for pending in self._pending.values():
             pending.done.set()
         self._pending.clear()
+        for subscription in self._subscriptions.values():
+            subscription._wake()
 
     async def _call(self, message_type: type, **fields: Any) -> Any:
+        return await self._call_with_id(next(self._ids), message_type, **fields)
+
+    async def _call_with_id(self, request_id: int, message_type: type, **fields: Any) -> Any:
         if self._closed_error is not None:
             raise ConnectionLost(f"connection is closed: {self._closed_error}")
-        request_id = next(self._ids)
         pending = self._pending[request_id] = _Pending()
         try:
             await self._send(message_type(id=request_id, **fields))
@@ -212,9 +234,39 @@ class Client:
         reply: MetersReply = await self._call(ListMeters)
         return reply.meters
 
-    async def ingest(self, events: Sequence[Event]) -> IngestAck:
-        reply: IngestReply = await self._call(Ingest, events=list(events))
-        return IngestAck(accepted=reply.accepted, duplicates=reply.duplicates, lsn=reply.lsn)
+    async def ingest(self, events: Sequence[Event], *, report_alerts: bool = False) -> IngestAck:
+        reply: IngestReply = await self._call(Ingest, events=list(events),
+                                              report_alerts=report_alerts)
+        return IngestAck(accepted=reply.accepted, duplicates=reply.duplicates, lsn=reply.lsn,
+                         alerts=reply.alerts)
+
+    async def add_limit(self, limit: Limit) -> Limit:
+        reply: LimitReply = await self._call(AddLimit, limit=limit)
+        return reply.limit
+
+    async def remove_limit(self, limit_id: str) -> bool:
+        reply: RemovedReply = await self._call(RemoveLimit, limit_id=limit_id)
+        return reply.removed
+
+    async def list_limits(self) -> list[Limit]:
+        reply: LimitsReply = await self._call(ListLimits)
+        return reply.limits
+
+    @asynccontextmanager
+    async def subscribe(self, from_seq: int = 0) -> AsyncIterator[ClientSubscription]:
+        """Alerts with seq >= ``from_seq``, pushed by the server: stored ones, then live ones.
+
+        Iterate it with ``async for``. If the connection drops, iteration raises
+        ``ConnectionLost``: reconnect and subscribe again from ``subscription.next_seq``
+        to receive every alert exactly once.
+        """
+        subscription = ClientSubscription(self, from_seq)
+        await subscription._open()
+        try:
+            yield subscription
+        finally:
+            with trio.CancelScope(shield=True):
+                await subscription._close()
 
     async def query(self, query: Query) -> QueryResult:
         reply: QueryReply = await self._call(QueryRequest, query=query)
@@ -223,6 +275,87 @@ class Client:
     async def stats(self) -> dict[str, Any]:
         reply: StatsReply = await self._call(Stats)
         return reply.stats
+
+
+class ClientSubscription:
+    """A live alert subscription on one connection (see ``Client.subscribe``).
+
+    Alerts wait in a bounded buffer until read. A reader that falls behind by
+    more than ``buffer_alerts`` is counted in ``lagged`` and the subscription is
+    reopened from its ``next_seq``: nothing is lost and nothing repeats.
+    """
+
+    buffer_alerts = 10_000
+
+    def __init__(self, client: Client, from_seq: int) -> None:
+        self._client = client
+        self.next_seq = from_seq
+        self.lagged = 0
+        self.server_lag_notices = 0
+        self._id: int | None = None
+        self._buffer: deque[Alert] = deque()
+        self._overflowed = False
+        self._arrived = trio.Event()
+
+    async def _open(self) -> None:
+        request_id = next(self._client._ids)
+        self._id = request_id
+        self._buffer.clear()
+        self._overflowed = False
+        # Registered before the request is sent: pushes may precede the reply.
+        self._client._subscriptions[request_id] = self
+        try:
+            await self._client._call_with_id(request_id, Subscribe, from_seq=self.next_seq)
+        except BaseException:
+            self._client._subscriptions.pop(request_id, None)
+            raise
+
+    async def _close(self) -> None:
+        subscription_id, self._id = self._id, None
+        if subscription_id is None:
+            return
+        self._client._subscriptions.pop(subscription_id, None)
+        if self._client._closed_error is None:
+            with contextlib.suppress(MeteringError):
+                await self._client._call(Unsubscribe, subscription=subscription_id)
+
+    def _deliver(self, push: AlertsPush | Lagged) -> None:
+        if isinstance(push, Lagged):
+            self.server_lag_notices += 1
+            return
+        if self._overflowed:
+            return
+        if len(self._buffer) + len(push.alerts) > self.buffer_alerts:
+            self._overflowed = True  # drop the rest; reopen from next_seq when read
+        else:
+            self._buffer.extend(push.alerts)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    def __aiter__(self) -> ClientSubscription:
+        return self
+
+    async def __anext__(self) -> Alert:
+        while True:
+            while self._buffer:
+                alert = self._buffer.popleft()
+                if alert.seq >= self.next_seq:
+                    self.next_seq = alert.seq + 1
+                    return alert
+            if self._overflowed:
+                self.lagged += 1
+                await self._close()
+                await self._open()
+                continue
+            if self._client._closed_error is not None:
+                raise ConnectionLost(
+                    f"subscription ended: {self._client._closed_error}; "
+                    f"resubscribe from seq {self.next_seq}"
+                )
+            await self._arrived.wait()
 
 
 @asynccontextmanager
@@ -440,6 +573,15 @@ class SyncClient:
 
     def stats(self) -> dict[str, Any]:
         return self._call(self._client.stats)  # type: ignore[union-attr]
+
+    def add_limit(self, limit: Limit) -> Limit:
+        return self._call(self._client.add_limit, limit)  # type: ignore[union-attr]
+
+    def remove_limit(self, limit_id: str) -> bool:
+        return self._call(self._client.remove_limit, limit_id)  # type: ignore[union-attr]
+
+    def list_limits(self) -> list[Limit]:
+        return self._call(self._client.list_limits)  # type: ignore[union-attr]
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

@@ -46,16 +46,23 @@ from engine.auth import KeyRing, Principal
 from engine.errors import (
     BatchRejected,
     Forbidden,
+    InvalidRequest,
     MeteringError,
 )
 from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
+    AddLimit,
+    AlertsPush,
     DefineMeter,
     ErrorReply,
     Hello,
     Ingest,
     IngestReply,
+    Lagged,
+    LimitReply,
+    LimitsReply,
+    ListLimits,
     ListMeters,
     MessageError,
     MeterReply,
@@ -64,8 +71,14 @@ from engine.protocol.messages import (
     Pong,
     QueryReply,
     QueryRequest,
+    RemovedReply,
+    RemoveLimit,
     Stats,
     StatsReply,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Unsubscribed,
     Welcome,
     decode_client_message,
     encode_message,
@@ -89,7 +102,15 @@ REQUIRED_SCOPE = {
     Ingest: "ingest",
     DefineMeter: "admin",
     Stats: "admin",
+    AddLimit: "admin",
+    RemoveLimit: "admin",
+    ListLimits: "query",
+    Subscribe: "query",
+    Unsubscribe: None,
 }
+MAX_SUBSCRIPTIONS = 16  # per connection
+PUSH_BATCH = 256  # alerts per push frame at most
+LAG_NOTICE = 10_000  # alerts behind before a subscriber is told it lags
 
 
 @dataclass(frozen=True)
@@ -228,12 +249,15 @@ class _Connection:
         self.decoder = FrameDecoder(self.config.max_frame_bytes)
         self.principal: Principal | None = None
         self.slots = trio.Semaphore(self.config.max_in_flight)
+        self.nursery: trio.Nursery | None = None
+        self.subscriptions: dict[int, trio.CancelScope] = {}
         self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
             self.config.max_in_flight
         )
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             nursery.start_soon(self._writer, nursery.cancel_scope)
             with trio.CancelScope() as reader_scope:
                 self.server._reader_scopes.add(reader_scope)
@@ -245,7 +269,10 @@ class _Connection:
                     pass
                 finally:
                     self.server._reader_scopes.discard(reader_scope)
-            # Reader is done: let running requests finish, then flush and stop the writer.
+            # Reader is done: stop pushing alerts, let running requests finish, then flush
+            # and stop the writer.
+            for scope in self.subscriptions.values():
+                scope.cancel()
             for _ in range(self.config.max_in_flight):
                 await self.slots.acquire()
             await self.outgoing_send.aclose()
@@ -392,10 +419,10 @@ class _Connection:
                     if event.customer_id != principal.customer_id:
                         raise Forbidden(f"event {index}: this API key may only send events of "
                                         "its own customer")
-            ack = await engine.ingest(message.events)
+            ack = await engine.ingest(message.events, report_alerts=message.report_alerts)
             self.server.stats.events_ingested += ack.accepted
             return IngestReply(id=message.id, accepted=ack.accepted, duplicates=ack.duplicates,
-                               lsn=ack.lsn)
+                               lsn=ack.lsn, alerts=ack.alerts)
         if isinstance(message, QueryRequest):
             query = _restrict_to_customer(message.query, principal.customer_id)
             return QueryReply(id=message.id, result=await engine.query(query))
@@ -405,8 +432,60 @@ class _Connection:
             return MeterReply(id=message.id, meter=await engine.define_meter(message.meter))
         if isinstance(message, ListMeters):
             return MetersReply(id=message.id, meters=engine.meters())
+        if isinstance(message, Subscribe):
+            return await self._subscribe(message)
+        if isinstance(message, Unsubscribe):
+            scope_of_push = self.subscriptions.pop(message.subscription, None)
+            if scope_of_push is not None:
+                scope_of_push.cancel()
+            return Unsubscribed(id=message.id, subscription=message.subscription)
+        if isinstance(message, AddLimit):
+            return LimitReply(id=message.id, limit=await engine.add_limit(message.limit))
+        if isinstance(message, RemoveLimit):
+            return RemovedReply(id=message.id, removed=await engine.remove_limit(message.limit_id))
+        if isinstance(message, ListLimits):
+            limits = await engine.list_limits()
+            if principal.customer_id is not None:
+                limits = [lim for lim in limits if lim.customer_id in (None, principal.customer_id)]
+            return LimitsReply(id=message.id, limits=limits)
         assert isinstance(message, Stats)
         return StatsReply(id=message.id, stats=self.server_statistics())
+
+    async def _subscribe(self, message: Subscribe) -> msgspec.Struct:
+        if message.id in self.subscriptions:
+            raise InvalidRequest(f"subscription {message.id} is already open on this connection")
+        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise InvalidRequest(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
+        engine = self.server.engine
+        next_seq = engine.next_alert_seq()
+        scope = trio.CancelScope()
+        self.subscriptions[message.id] = scope
+        assert self.nursery is not None
+        self.nursery.start_soon(self._push_alerts, message.id, message.from_seq, scope)
+        return Subscribed(id=message.id, next_seq=next_seq)
+
+    async def _push_alerts(self, subscription_id: int, from_seq: int,
+                           scope: trio.CancelScope) -> None:
+        """Send a subscription's alerts as fast as the client reads them (bounded queue)."""
+        customer = self.principal.customer_id if self.principal else None
+        lag_noticed = False
+        with scope:
+            async with self.server.engine.subscribe(from_seq) as alerts:
+                while True:
+                    batch = await alerts.receive_batch(PUSH_BATCH)
+                    if customer is not None:
+                        batch = [a for a in batch if a.customer_id == customer]
+                    behind = alerts.behind_by()
+                    if behind > LAG_NOTICE and not lag_noticed:
+                        lag_noticed = True
+                        await self.outgoing_send.send(_frame(Lagged(
+                            subscription=subscription_id, next_seq=alerts.next_seq,
+                            behind=behind)))
+                    elif behind <= LAG_NOTICE:
+                        lag_noticed = False
+                    if batch:
+                        await self.outgoing_send.send(
+                            _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
 
     def server_statistics(self) -> dict[str, Any]:
         stats = asdict(self.server.engine.statistics())

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.schema import Event, Meter, Query, QueryResult
+from engine.schema import Alert, Event, Limit, Meter, Query, QueryResult
 
 PROTOCOL_VERSION = 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -51,6 +51,7 @@ class ListMeters(msgspec.Struct, tag="list_meters", **_BASE):  # type: ignore[ca
 class Ingest(msgspec.Struct, tag="ingest", **_BASE):  # type: ignore[call-arg]
     id: RequestId
     events: list[Event]
+    report_alerts: bool = False
 
 
 class QueryRequest(msgspec.Struct, tag="query", **_BASE):  # type: ignore[call-arg]
@@ -62,8 +63,41 @@ class Stats(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
     id: RequestId
 
 
-ClientMessage = Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
-REQUEST_TYPES = (Ping, DefineMeter, ListMeters, Ingest, QueryRequest, Stats)
+class AddLimit(msgspec.Struct, tag="add_limit", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    limit: Limit
+
+
+class RemoveLimit(msgspec.Struct, tag="remove_limit", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    limit_id: str
+
+
+class ListLimits(msgspec.Struct, tag="list_limits", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", **_BASE):  # type: ignore[call-arg]
+    """Push alerts with seq >= ``from_seq``: stored ones first, then live ones.
+
+    The subscription is named by this request's ``id``.
+    """
+
+    id: RequestId
+    from_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    subscription: RequestId
+
+
+ClientMessage = (
+    Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
+    | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
+)
+REQUEST_TYPES = (Ping, DefineMeter, ListMeters, Ingest, QueryRequest, Stats,
+                 AddLimit, RemoveLimit, ListLimits, Subscribe, Unsubscribe)
 
 
 # --------------------------------------------------------------- server → client
@@ -95,6 +129,7 @@ class IngestReply(msgspec.Struct, tag="ingest_ack", **_BASE):  # type: ignore[ca
     accepted: int
     duplicates: int
     lsn: int
+    alerts: list[Alert] = []
 
 
 class QueryReply(msgspec.Struct, tag="query_result", **_BASE):  # type: ignore[call-arg]
@@ -105,6 +140,48 @@ class QueryReply(msgspec.Struct, tag="query_result", **_BASE):  # type: ignore[c
 class StatsReply(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
     id: RequestId
     stats: dict[str, Any]
+
+
+class LimitReply(msgspec.Struct, tag="limit", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    limit: Limit
+
+
+class RemovedReply(msgspec.Struct, tag="removed", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    removed: bool
+
+
+class LimitsReply(msgspec.Struct, tag="limits", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    limits: list[Limit]
+
+
+class Subscribed(msgspec.Struct, tag="subscribed", **_BASE):  # type: ignore[call-arg]
+    """The subscription ``id`` is open; ``next_seq`` is the seq the next new alert will get."""
+
+    id: RequestId
+    next_seq: int
+
+
+class AlertsPush(msgspec.Struct, tag="alerts", **_BASE):  # type: ignore[call-arg]
+    """Alerts for subscription ``subscription``, in seq order, none twice."""
+
+    subscription: RequestId
+    alerts: list[Alert]
+
+
+class Lagged(msgspec.Struct, tag="lagged", **_BASE):  # type: ignore[call-arg]
+    """The subscriber is ``behind`` alerts behind; the server keeps sending from its seq."""
+
+    subscription: RequestId
+    next_seq: int
+    behind: int
+
+
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_BASE):  # type: ignore[call-arg]
+    id: RequestId
+    subscription: RequestId
 
 
 class ErrorReply(msgspec.Struct, tag="error", **_BASE):  # type: ignore[call-arg]
@@ -121,6 +198,7 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):  # type: ignore[call-arg
 
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
+    | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
 )
 
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)
@@ -177,4 +255,17 @@ def encode_message(message: msgspec.Struct) -> bytes:
             wide_events = [msgspec.structs.replace(e, meter_value=_signed64(e.meter_value))
                            for e in events]
             message = msgspec.structs.replace(message, events=wide_events)
+    elif isinstance(message, AlertsPush | IngestReply) and any(
+        _wide_alert(a) for a in message.alerts
+    ):
+        alerts = [
+            msgspec.structs.replace(a, threshold=_signed64(a.threshold), value=_signed64(a.value))
+            for a in message.alerts
+        ]
+        message = msgspec.structs.replace(message, alerts=alerts)
     return _encoder.encode(message)
+
+
+def _wide_alert(alert: Alert) -> bool:
+    return any(type(v) is int and not INT64_MIN <= v <= INT64_MAX
+               for v in (alert.threshold, alert.value))
