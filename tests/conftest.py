@@ -77,11 +77,11 @@ class GatedEngine:
         finally:
             self.in_flight -= 1
 
-    async def ingest(self, events: Any) -> Any:
+    async def ingest(self, events: Any, *, report_alerts: bool = False) -> Any:
         async def gated(events: Any) -> Any:
             if self.gate is not None:
                 await self.gate.wait()
-            return await self.engine.ingest(events)
+            return await self.engine.ingest(events, report_alerts=report_alerts)
 
         return await self._call(gated, events)
 
