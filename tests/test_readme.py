@@ -33,3 +33,17 @@ def test_api_doc_examples_run(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": ""})
         assert done.returncode == 0, f"docs/api.md example {number} failed:\n{done.stderr}"
+
+
+def test_limits_doc_examples_run(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "limits.md").read_text(),
+                        flags=re.S)
+    assert blocks
+    script = tmp_path / "limits_example.py"
+    script.write_text(blocks[0])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[(100, 250), (200, 250)]"
+    assert lines[1:] == ["0 daily-gb acme 100", "1 daily-gb acme 200"]
