@@ -228,7 +228,10 @@ def _apply_counter(
 ) -> int:
     """The hot loop for sum and count meters: one column, updated in place.
 
-    Returns the number accepted; appends the positions of duplicates.
+    Returns the number accepted; appends the positions of duplicates. The dedup
+    and minute-bounds steps are written out here and in ``_apply_general``
+    rather than shared: a function call per event costs about 0.1 µs, a
+    noticeable share of the whole ingest path.
     """
     accepted = 0
     position = -1
