@@ -35,6 +35,7 @@ DOC = ROOT / "docs" / "protocol.md"
 NOW = 1_790_000_000_000  # the engine's (fixed) clock
 HOUR = 3_600_000
 T0 = NOW - NOW % HOUR  # 1_789_999_200_000: the hour holding NOW, on whole minutes
+DAY0 = NOW - NOW % 86_400_000  # 1_789_948_800_000: the UTC day holding NOW
 TIMEOUT_S = 10
 HEADER = struct.Struct(">I")  # docs/protocol.md section 2: uint32, big-endian
 
@@ -150,6 +151,37 @@ def event(value: Any, unique_id: str | None, *, customer: str = "acme", minute: 
 def hour_query(request_id: int, **fields: Any) -> dict[str, Any]:
     query = {"meterApiName": "gb_transferred", "startMs": T0, "endMs": T0 + HOUR, **fields}
     return {"type": "query", "id": request_id, "query": query}
+
+
+def alert(seq: int, limit_id: str, customer: str, threshold: Any, value: Any, *,
+          period_start: int = DAY0) -> dict[str, Any]:
+    """An alert as it travels (docs/protocol.md 8.8): every field present."""
+    return {"seq": seq, "limitId": limit_id, "customerId": customer,
+            "meterApiName": "gb_transferred", "threshold": threshold, "value": value,
+            "periodStartMs": period_start, "crossedAtMs": NOW}
+
+
+async def collect(client: WireClient, reply_ids: set[int], alert_count: int,
+                  subscription: int) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Read until the replies to ``reply_ids`` and ``alert_count`` pushed alerts arrived.
+
+    Pushes carry ``subscription``, not ``id``, and arrive in any order relative to
+    replies, even before the ``subscribed`` reply (docs/protocol.md 9.1).
+    """
+    replies: dict[int, dict[str, Any]] = {}
+    pushed: list[dict[str, Any]] = []
+    while set(replies) != reply_ids or len(pushed) < alert_count:
+        message = await client.receive()
+        assert message is not None, "connection closed"
+        if message["type"] == "alerts":
+            assert "id" not in message and message["subscription"] == subscription, message
+            assert message["alerts"], "a push carries at least one alert"
+            pushed.extend(message["alerts"])
+        else:
+            assert message.get("id") in reply_ids - set(replies), message
+            replies[message["id"]] = message
+    assert len(pushed) == alert_count, pushed
+    return replies, pushed
 
 
 # ----------------------------------------------------------------- conversations
@@ -364,6 +396,132 @@ async def test_scopes_and_customer_bound_keys(tmp_path: Path) -> None:
             assert await acme.request({"type": "ping", "id": 5}) == {"type": "pong", "id": 5}
 
 
+async def test_limits_and_alert_subscription(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as port:
+        async with connect(port) as client:
+            assert (await client.handshake())["type"] == "welcome"
+            await client.request({"type": "define_meter", "id": 1,
+                                  "meter": {"name": "gb_transferred"}})
+            limit = {"id": "acme-daily", "meterApiName": "gb_transferred",
+                     "thresholds": [5, "7.5"], "customerId": "acme"}
+            # Defaults (period "day", timezone "UTC", filter {}) are omitted; thresholds
+            # come back as sent.
+            reply = await client.request({"type": "add_limit", "id": 2, "limit": limit})
+            assert reply == {"type": "limit", "id": 2, "limit": limit}
+
+            bad = {"id": "x", "meterApiName": "gb_transferred", "thresholds": [1]}
+            reply = await client.request({"type": "add_limit", "id": 3,
+                                          "limit": {**bad, "meterApiName": "nope"}})
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "invalid_request", 3)
+            reply = await client.request({"type": "add_limit", "id": 4,
+                                          "limit": {**bad, "timezone": "Mars/Olympus"}})
+            assert (reply["code"], reply["id"]) == ("invalid_request", 4)
+            reply = await client.request({"type": "add_limit", "id": 5,
+                                          "limit": {**bad, "period": "year"}})
+            assert (reply["code"], reply["id"]) == ("bad_message", 5)  # an unknown enum value
+            reply = await client.request({"type": "list_limits", "id": 6})
+            assert reply == {"type": "limits", "id": 6, "limits": [limit]}
+
+            reply = await client.request({"type": "subscribe", "id": 10, "fromSeq": 0})
+            assert reply == {"type": "subscribed", "id": 10, "nextSeq": 0}  # no alert yet
+            reply = await client.request({"type": "subscribe", "id": 10})
+            assert (reply["code"], reply["id"]) == ("invalid_request", 10)  # already open
+
+            # 4 + 4.5 = 8.5 reaches both thresholds: one alert each, in threshold order.
+            await client.send({"type": "ingest", "id": 11, "reportAlerts": True, "events": [
+                event(4, "u-1"), event("4.5", "u-2", minute=2)]})
+            replies, pushed = await collect(client, {11}, 2, subscription=10)
+            ack = replies[11]
+            assert (ack["type"], ack["accepted"], ack["duplicates"]) == ("ingest_ack", 2, 0)
+            expected = [alert(0, "acme-daily", "acme", 5, "8.5"),
+                        alert(1, "acme-daily", "acme", "7.5", "8.5")]
+            assert ack["alerts"] == expected
+            assert pushed == expected  # the same alerts, same seqs
+            last_seen = pushed[-1]["seq"]
+
+            reply = await client.request({"type": "unsubscribe", "id": 12, "subscription": 10})
+            assert reply == {"type": "unsubscribed", "id": 12, "subscription": 10}
+
+            # A second limit, over all time and every customer: acme's total 8.5 is below
+            # 10, so adding it fires nothing; 2 more cross it (seq 2). Without reportAlerts
+            # the ack has no alerts, and the closed subscription gets no push.
+            reply = await client.request({"type": "add_limit", "id": 13, "limit": {
+                "id": "total-10", "meterApiName": "gb_transferred", "thresholds": [10],
+                "period": "total"}})
+            assert reply["type"] == "limit"
+            reply = await client.request({"type": "ingest", "id": 14,
+                                          "events": [event(2, "u-3", minute=3)]})
+            assert reply["type"] == "ingest_ack" and "alerts" not in reply
+            assert await client.request({"type": "ping", "id": 15}) == {"type": "pong", "id": 15}
+
+        # Resuming on a new connection: from the last seen seq + 1, only what was missed.
+        async with connect(port) as client:
+            assert (await client.handshake())["type"] == "welcome"
+            await client.send({"type": "subscribe", "id": 1, "fromSeq": last_seen + 1})
+            replies, pushed = await collect(client, {1}, 1, subscription=1)
+            assert replies[1] == {"type": "subscribed", "id": 1, "nextSeq": 3}
+            assert pushed == [alert(2, "total-10", "acme", 10, "10.5", period_start=0)]
+            reply = await client.request({"type": "unsubscribe", "id": 2, "subscription": 1})
+            assert reply == {"type": "unsubscribed", "id": 2, "subscription": 1}
+
+
+async def test_customer_bound_key_receives_only_its_alerts(tmp_path: Path) -> None:
+    keys = parse_keys({"keys": [
+        {"key": "admin-key", "scopes": ["admin", "ingest", "query"]},
+        {"key": "acme-key", "scopes": ["ingest", "query"], "customer_id": "acme"},
+    ]})
+    every_customer = {"id": "every-customer", "meterApiName": "gb_transferred",
+                      "thresholds": [3, 6]}
+    globex_only = {"id": "globex-only", "meterApiName": "gb_transferred", "thresholds": [1],
+                   "customerId": "globex"}
+    async with running_server(tmp_path, keys=keys) as port, \
+            connect(port) as admin, connect(port) as acme:
+        assert (await admin.handshake(apiKey="admin-key"))["type"] == "welcome"
+        assert (await acme.handshake(apiKey="acme-key"))["type"] == "welcome"
+        await admin.request({"type": "define_meter", "id": 1, "meter": {"name": "gb_transferred"}})
+        for request_id, limit in ((2, every_customer), (3, globex_only)):
+            reply = await admin.request({"type": "add_limit", "id": request_id, "limit": limit})
+            assert reply["type"] == "limit"
+        reply = await acme.request({"type": "add_limit", "id": 1, "limit": every_customer})
+        assert (reply["code"], reply["id"]) == ("forbidden", 1)  # admin scope needed
+        # Only limits for every customer or for acme itself.
+        reply = await acme.request({"type": "list_limits", "id": 2})
+        assert reply == {"type": "limits", "id": 2, "limits": [every_customer]}
+
+        assert (await admin.request({"type": "subscribe", "id": 7}))["type"] == "subscribed"
+        assert (await acme.request({"type": "subscribe", "id": 3}))["type"] == "subscribed"
+
+        # globex reaches 3 (every-customer) and 1 (globex-only): seqs 0 and 1; then acme
+        # reaches 3: seq 2. The admin key's subscription gets all three.
+        await admin.send({"type": "ingest", "id": 4,
+                          "events": [event(5, "g-1", customer="globex")]})
+        replies, pushed = await collect(admin, {4}, 2, subscription=7)
+        assert [a["seq"] for a in pushed] == [0, 1]
+        assert sorted((a["limitId"], a["customerId"], a["threshold"]) for a in pushed) == [
+            ("every-customer", "globex", 3), ("globex-only", "globex", 1)]
+        await admin.send({"type": "ingest", "id": 5, "events": [event(4, "a-1")]})
+        replies, pushed = await collect(admin, {5}, 1, subscription=7)
+        assert pushed == [alert(2, "every-customer", "acme", 3, 4)]
+
+        # acme's subscription skipped seqs 0 and 1: its first push is seq 2.
+        replies, pushed = await collect(acme, set(), 1, subscription=3)
+        assert pushed == [alert(2, "every-customer", "acme", 3, 4)]
+        # Its own batch, with the alerts in the ack: 4 + 2 reaches 6 (seq 3).
+        await acme.send({"type": "ingest", "id": 4, "reportAlerts": True,
+                         "events": [event(2, "a-2", minute=2)]})
+        replies, pushed = await collect(acme, {4}, 1, subscription=3)
+        assert replies[4]["alerts"] == pushed == [alert(3, "every-customer", "acme", 6, 6)]
+        # Nothing else is pending for acme: the next frame is the pong.
+        assert await acme.request({"type": "ping", "id": 5}) == {"type": "pong", "id": 5}
+
+        # Replaying the stored alerts from 0 gives acme only its own (seqs 2 and 3).
+        await acme.send({"type": "subscribe", "id": 6, "fromSeq": 0})
+        replies, pushed = await collect(acme, {6}, 2, subscription=6)
+        assert replies[6] == {"type": "subscribed", "id": 6, "nextSeq": 4}
+        assert [(a["seq"], a["customerId"]) for a in pushed] == [(2, "acme"), (3, "acme")]
+        assert await acme.request({"type": "ping", "id": 7}) == {"type": "pong", "id": 7}
+
+
 # ---------------------------------------------------------- the doc does not rot
 
 
@@ -406,20 +564,21 @@ def test_doc_hex_dumps_are_what_msgspec_produces() -> None:
     )
 
     frames = doc_frames()
-    assert set(frames) == {"hello", "welcome", "ingest", "ingest_ack"}
+    assert set(frames) == {"hello", "welcome", "ingest", "ingest_ack", "subscribe", "alerts"}
     for name, (message, dumped) in frames.items():
         payload = msgspec.msgpack.encode(message)
         assert dumped == HEADER.pack(len(payload)) + payload, f"{name}: dump != JSON shown"
         # And the implementation's own structs write exactly these bytes (field order,
         # omitted defaults, integer widths): decode with them, encode again.
-        decode = decode_client_message if name in ("hello", "ingest") else decode_server_message
+        client_side = name in ("hello", "ingest", "subscribe")
+        decode = decode_client_message if client_side else decode_server_message
         assert encode_message(decode(payload)) == payload, name
 
 
 def test_doc_names_every_message_field_and_error_code() -> None:
     from engine.errors import ERRORS_BY_CODE
     from engine.protocol import messages
-    from engine.schema import Event, Meter, Query, QueryResult, Row, Take
+    from engine.schema import Alert, Event, Limit, Meter, Query, QueryResult, Row, Take
 
     text = DOC.read_text()
     for union in (messages.ClientMessage, messages.ServerMessage):
@@ -434,7 +593,7 @@ def test_doc_names_every_message_field_and_error_code() -> None:
                 assert any(f"| `{struct_field.encode_name}` |" in s for s in sections), (
                     f"{info.tag}.{struct_field.encode_name} is not documented"
                 )
-    for nested in (Meter, Event, Query, Take, QueryResult, Row):
+    for nested in (Meter, Event, Query, Take, QueryResult, Row, Limit, Alert):
         info = msgspec.inspect.type_info(nested)
         assert isinstance(info, msgspec.inspect.StructType)
         sections = [s.split("\n## ")[0] for s in text.split("\n### 8.")[1:]]

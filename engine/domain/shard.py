@@ -1,4 +1,4 @@
-"""One shard's state: time-bucketed series, dedup index, minute bounds.
+"""One shard's state: time-bucketed series and the dedup index.
 
 Pure domain layer: standard library, ``engine.schema`` and ``engine.domain`` only.
 A ``ShardState`` is owned by exactly one shard actor; nothing else touches it.
@@ -9,13 +9,14 @@ Layout. A *series* is (meter, customer, dimensions). Each series keeps one-minut
 buckets as parallel columns: ``minutes`` (``array('I')``, sorted, minute index
 since the epoch) and the aggregation's value columns (``array('q')`` while values
 are integers that fit 64 bits, a list of ``int``/``Decimal`` otherwise). A
-(series, bucket) therefore costs 12 bytes for sum/count/max/min, 20 for avg,
-28 for latest, plus the set for unique_count, plus the amortised series header.
+(series, bucket) therefore costs 16 bytes for sum/count/max/min, 24 for avg,
+32 for latest, plus the set for unique_count, plus the amortised series header.
 
-Minute bounds. Buckets are one minute wide; per meter the shard also keeps, for
-each minute with data, the smallest and largest event timestamp. A query cut
-that is not on a minute boundary is exact when all of that minute's events lie
-on one side of it; otherwise the query is refused rather than answered wrong.
+Edges. Buckets are one minute wide; each bucket also keeps the offsets (ms
+within its minute) of its first and last event, packed ``lo << 16 | hi`` in the
+``edges`` column. A query cut that is not on a minute boundary is exact when
+all of a bucket's events lie on one side of it; otherwise the query is refused
+rather than answered wrong.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal tim
 class Series:
     """One (meter, customer, dimensions) series with its minute buckets."""
 
-    __slots__ = ("counts", "customer_id", "dims", "minutes", "seqs", "times", "values")
+    __slots__ = ("counts", "customer_id", "dims", "edges", "minutes", "seqs", "times", "values")
 
     def __init__(self, customer_id: str, dims_key: str, kind: int) -> None:
         self.customer_id = customer_id
         self.dims = dims_of_key(dims_key)
         self.minutes = array("I")
+        self.edges = array("I")  # per bucket: first and last event offset, lo << 16 | hi
         self.values: Any = None
         self.counts: Any = None
         self.times: Any = None
@@ -80,15 +82,12 @@ class Series:
 class MeterShard:
     """Everything one shard knows about one meter."""
 
-    __slots__ = ("by_customer", "meter", "minute_bounds", "seen", "series")
+    __slots__ = ("by_customer", "meter", "seen", "series")
 
     def __init__(self, meter: MeterDef) -> None:
         self.meter = meter
         self.series: dict[tuple[str, str], Series] = {}  # (customer, dims key) -> series
         self.by_customer: dict[str, list[Series]] = {}
-        # minute -> first and last event offset within the minute, packed as lo << 16 | hi.
-        # Plain ints keep this dict out of the cyclic GC's way (it can hold millions).
-        self.minute_bounds: dict[int, int] = {}
         # customer -> unique ids accepted. Strings are invisible to the cyclic GC; tuple
         # keys (one per event, kept forever) made every collection walk all of them.
         self.seen: dict[str, set[str]] = {}
@@ -100,13 +99,14 @@ class MeterShard:
         return series
 
 
-def _insert_bucket(series: Series, minute: int, kind: int, value: Any) -> int:
+def _insert_bucket(series: Series, minute: int, offset: int, kind: int, value: Any) -> int:
     """Insert an empty bucket for ``minute`` (or find it); return its index."""
     minutes = series.minutes
     index = bisect_left(minutes, minute)
     if index < len(minutes) and minutes[index] == minute:
         return index
     minutes.insert(index, minute)
+    series.edges.insert(index, offset * 0x10001)
     if kind == SUM or kind == AVG:
         series.values.insert(index, 0)
     if kind == COUNT or kind == AVG:
@@ -181,24 +181,7 @@ class ShardState:
         meter_shard = self.meters.get(plan.meter.name)
         if meter_shard is None:
             return {}
-        cuts = [self._cut_minute(meter_shard, cut) for cut in plan.cuts_ms]
-        return collect_partials(meter_shard, plan, cuts)
-
-    @staticmethod
-    def _cut_minute(meter_shard: MeterShard, cut_ms: int) -> int:
-        minute, offset = divmod(cut_ms, MINUTE_MS)
-        if offset == 0:
-            return minute
-        packed = meter_shard.minute_bounds.get(minute)
-        if packed is None or packed >> 16 >= offset:
-            return minute  # every event of that minute is at or after the cut
-        if packed & 0xFFFF < offset:
-            return minute + 1  # every event of that minute is before the cut
-        raise InvalidQuery(
-            f"time {cut_ms} ms falls inside a one-minute bucket holding events on both sides "
-            f"of it (minute starting {minute * MINUTE_MS}); use range and window boundaries "
-            "on whole minutes"
-        )
+        return collect_partials(meter_shard, plan)
 
     # -------------------------------------------------------------- snapshot
 
@@ -210,16 +193,12 @@ class ShardState:
             records = [
                 _export_series(meter_shard.series[key]) for key in sorted(meter_shard.series)
             ]
-            bounds = [
-                [m, m * MINUTE_MS + (b >> 16), m * MINUTE_MS + (b & 0xFFFF)]
-                for m, b in sorted(meter_shard.minute_bounds.items())
-            ]
             seen = [
                 [customer, unique_id]
                 for customer in sorted(meter_shard.seen)
                 for unique_id in sorted(meter_shard.seen[customer])
             ]
-            parts.append(MeterPart(name, records, bounds, seen))
+            parts.append(MeterPart(name, records, seen))
         return parts
 
 
@@ -229,7 +208,7 @@ def _apply_counter(
     """The hot loop for sum and count meters: one column, updated in place.
 
     Returns the number accepted; appends the positions of duplicates. The dedup
-    and minute-bounds steps are written out here and in ``_apply_general``
+    and edge steps are written out here and in ``_apply_general``
     rather than shared: a function call per event costs about 0.1 µs, a
     noticeable share of the whole ingest path.
     """
@@ -237,7 +216,6 @@ def _apply_counter(
     position = -1
     seen = meter_shard.seen
     series_map = meter_shard.series
-    bounds = meter_shard.minute_bounds
     for customer, dims, ts, value, unique_id in zip(
         items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
         strict=True,
@@ -257,47 +235,55 @@ def _apply_counter(
         if counting:
             value = 1
         minute = ts // MINUTE_MS
+        offset = ts - minute * MINUTE_MS
         minutes = series.minutes
         column = series.counts if counting else series.values
         try:
             if minutes and minutes[-1] == minute:
                 column[-1] += value
+                edge = series.edges[-1]
+                if not edge >> 16 <= offset <= edge & 0xFFFF:
+                    series.edges[-1] = _widened_edge(edge, offset)
             elif not minutes or minutes[-1] < minute:
                 column.append(value)
                 minutes.append(minute)
+                series.edges.append(offset * 0x10001)
             else:
                 slot = bisect_left(minutes, minute)
                 if minutes[slot] == minute:
                     column[slot] += value
+                    edge = series.edges[slot]
+                    if not edge >> 16 <= offset <= edge & 0xFFFF:
+                        series.edges[slot] = _widened_edge(edge, offset)
                 else:
                     column.insert(slot, value)
                     minutes.insert(slot, minute)
+                    series.edges.insert(slot, offset * 0x10001)
         except (TypeError, OverflowError):
             # A Decimal or a sum beyond 64 bits: widen the column, then redo this event.
             series.widen_values()
-            _add_slow(series, minute, value)
-        offset = ts - minute * MINUTE_MS
-        packed = bounds.get(minute)
-        if packed is None:
-            bounds[minute] = offset << 16 | offset
-        elif offset < packed >> 16:
-            bounds[minute] = offset << 16 | (packed & 0xFFFF)
-        elif offset > packed & 0xFFFF:
-            bounds[minute] = (packed >> 16) << 16 | offset
+            _add_slow(series, minute, offset, value)
         accepted += 1
     return accepted
 
 
-def _add_slow(series: Series, minute: int, value: Any) -> None:
+def _add_slow(series: Series, minute: int, offset: int, value: Any) -> None:
     """Add ``value`` at ``minute`` after a failed fast update (which changed nothing:
-    the value column is always updated before ``minutes``)."""
+    the value column is always updated before ``minutes`` and ``edges``)."""
     minutes = series.minutes
     slot = bisect_left(minutes, minute)
     if slot < len(minutes) and minutes[slot] == minute:
         series.values[slot] += value
+        series.edges[slot] = _widened_edge(series.edges[slot], offset)
     else:
         series.values.insert(slot, value)
         minutes.insert(slot, minute)
+        series.edges.insert(slot, offset * 0x10001)
+
+
+def _widened_edge(edge: int, offset: int) -> int:
+    """The packed first/last offsets of a bucket, widened to include ``offset``."""
+    return min(edge >> 16, offset) << 16 | max(edge & 0xFFFF, offset)
 
 
 def _apply_general(
@@ -308,7 +294,6 @@ def _apply_general(
     position = -1
     seen = meter_shard.seen
     series_map = meter_shard.series
-    bounds = meter_shard.minute_bounds
     kind = meter_shard.meter.kind
     unique_values = items.unique_values if kind == UNIQUE else repeat(None)
     for customer, dims, ts, value, unique_id, index, unique_value in zip(
@@ -328,13 +313,17 @@ def _apply_general(
         if series is None:
             series = meter_shard.new_series(customer, dims)
         minute = ts // MINUTE_MS
+        offset = ts - minute * MINUTE_MS
         minutes = series.minutes
         if minutes and minutes[-1] == minute:
             slot = len(minutes) - 1
         elif not minutes or minutes[-1] < minute:
-            slot = _insert_bucket_at_end(series, minute, kind, value)
+            slot = _insert_bucket_at_end(series, minute, offset, kind, value)
         else:
-            slot = _insert_bucket(series, minute, kind, value)
+            slot = _insert_bucket(series, minute, offset, kind, value)
+        edge = series.edges[slot]
+        if not edge >> 16 <= offset <= edge & 0xFFFF:
+            series.edges[slot] = _widened_edge(edge, offset)
         if kind == AVG:
             series.counts[slot] += 1
             try:
@@ -357,20 +346,13 @@ def _apply_general(
                 _set_value(series, slot, value)
         else:
             series.values[slot].add(unique_value)
-        offset = ts - minute * MINUTE_MS
-        packed = bounds.get(minute)
-        if packed is None:
-            bounds[minute] = offset << 16 | offset
-        elif offset < packed >> 16:
-            bounds[minute] = offset << 16 | (packed & 0xFFFF)
-        elif offset > packed & 0xFFFF:
-            bounds[minute] = (packed >> 16) << 16 | offset
         accepted += 1
     return accepted
 
 
-def _insert_bucket_at_end(series: Series, minute: int, kind: int, value: Any) -> int:
+def _insert_bucket_at_end(series: Series, minute: int, offset: int, kind: int, value: Any) -> int:
     series.minutes.append(minute)
+    series.edges.append(offset * 0x10001)
     if kind == SUM:
         series.values.append(0)
     elif kind == COUNT:
@@ -445,13 +427,36 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
     return left
 
 
-def collect_partials(
-    meter_shard: MeterShard, plan: Any, cut_minutes: list[int]
-) -> dict[tuple[int, tuple[Any, ...]], Any]:
+def _cut_minute(series: Series, cut_ms: int) -> int:
+    """The first minute on or after a cut, for one series.
+
+    A cut on a whole minute is that minute. A cut inside a minute is exact if
+    all of this series' events in that minute lie on one side of it.
+    """
+    minute, offset = divmod(cut_ms, MINUTE_MS)
+    if offset == 0:
+        return minute
+    slot = bisect_left(series.minutes, minute)
+    if slot == len(series.minutes) or series.minutes[slot] != minute:
+        return minute  # no events in that minute: either way is exact
+    edge = series.edges[slot]
+    if edge >> 16 >= offset:
+        return minute  # every event of the bucket is at or after the cut
+    if edge & 0xFFFF < offset:
+        return minute + 1  # every event of the bucket is before the cut
+    raise InvalidQuery(
+        f"time {cut_ms} ms falls inside a one-minute bucket holding events on both sides "
+        f"of it (minute starting {minute * MINUTE_MS}); use range and window boundaries "
+        "on whole minutes"
+    )
+
+
+def collect_partials(meter_shard: MeterShard, plan: Any) -> dict[tuple[int, tuple[Any, ...]], Any]:
     kind = meter_shard.meter.kind
-    span_count = len(cut_minutes) - 1
-    first, last = cut_minutes[0], cut_minutes[-1]
-    window_lows = cut_minutes[:-1]
+    cuts_ms = plan.cuts_ms
+    aligned_cuts = [cut // MINUTE_MS for cut in cuts_ms]
+    unaligned = [k for k, cut in enumerate(cuts_ms) if cut % MINUTE_MS]
+    span_count = len(cuts_ms) - 1
     out: dict[tuple[int, tuple[Any, ...]], Any] = {}
     if plan.customers is not None:
         candidates: list[Series] = []
@@ -471,6 +476,13 @@ def collect_partials(
             )
         else:
             group = ()
+        cut_minutes = aligned_cuts
+        if unaligned:
+            cut_minutes = list(aligned_cuts)
+            for k in unaligned:
+                cut_minutes[k] = _cut_minute(series, cuts_ms[k])
+        first, last = cut_minutes[0], cut_minutes[-1]
+        window_lows = cut_minutes[:-1]
         minutes = series.minutes
         lo = bisect_left(minutes, first)
         hi = bisect_left(minutes, last, lo)
@@ -503,6 +515,7 @@ class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
     customer_id: str
     dims: list[list[str]]
     minutes: bytes
+    edges: bytes
     values: bytes | list[Any] | None  # int64 column, or ints / decimal strings / sorted lists
     counts: bytes | None
     times: bytes | None
@@ -512,7 +525,6 @@ class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
 class MeterPart(msgspec.Struct, array_like=True):
     meter: str
     series: list[SeriesRecord]
-    minute_bounds: list[list[int]]
     seen: list[list[str]]
 
 
@@ -536,6 +548,7 @@ def _export_series(series: Series) -> SeriesRecord:
         series.customer_id,
         [list(pair) for pair in series.dims],
         series.minutes.tobytes(),
+        series.edges.tobytes(),
         exported,
         _column_bytes(series.counts),
         _column_bytes(series.times),
@@ -559,6 +572,8 @@ def _load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
     series = meter_shard.new_series(record.customer_id, dims_key_of(dict(record.dims)))
     series.minutes = array("I")
     series.minutes.frombytes(record.minutes)
+    series.edges = array("I")
+    series.edges.frombytes(record.edges)
     if type(record.values) is bytes:
         series.values = _int_column(record.values)
     elif record.values is not None:
@@ -577,13 +592,9 @@ def restore_shards(
     """Rebuild shard states from a snapshot taken with any shard count.
 
     Series and dedup keys follow their customer to its shard under ``route``.
-    Minute bounds cannot be split by customer, so when the shard count changed
-    every shard gets their union: wider bounds only ever refuse a query cut
-    that narrower ones would allow; they never make an answer wrong.
     """
     states = [ShardState() for _ in range(route.shard_count)]
-    same_layout = len(parts_by_shard) == route.shard_count
-    for old_index, parts in enumerate(parts_by_shard):
+    for parts in parts_by_shard:
         for part in parts:
             meter = meters[part.meter]
             for record in part.series:
@@ -594,15 +605,6 @@ def restore_shards(
                 if ids is None:
                     ids = seen[customer] = set()
                 ids.add(unique_id)
-            targets = [states[old_index]] if same_layout else states
-            for state in targets:
-                bounds = state.meter_shard(meter).minute_bounds
-                for minute, low_ms, high_ms in part.minute_bounds:
-                    low, high = low_ms - minute * MINUTE_MS, high_ms - minute * MINUTE_MS
-                    packed = bounds.get(minute)
-                    if packed is not None:
-                        low, high = min(low, packed >> 16), max(high, packed & 0xFFFF)
-                    bounds[minute] = low << 16 | high
     return states
 
 
