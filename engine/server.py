@@ -84,7 +84,7 @@ from engine.protocol.messages import (
     encode_message,
 )
 from engine.runtime.engine import Engine
-from engine.schema import Query
+from engine.schema import Limit, Query
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,8 @@ class _Connection:
             await self._close_with("timeout", detail)
 
     def _in_flight(self) -> bool:
-        return self.slots.value < self.config.max_in_flight
+        """Requests running, or subscriptions open: the connection is not idle."""
+        return self.slots.value < self.config.max_in_flight or bool(self.subscriptions)
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         frame = await self._next_frame(self.config.handshake_timeout_s, idle_check=False)
@@ -446,7 +447,7 @@ class _Connection:
         if isinstance(message, ListLimits):
             limits = await engine.list_limits()
             if principal.customer_id is not None:
-                limits = [lim for lim in limits if lim.customer_id in (None, principal.customer_id)]
+                limits = _limits_visible_to(limits, principal.customer_id)
             return LimitsReply(id=message.id, limits=limits)
         assert isinstance(message, Stats)
         return StatsReply(id=message.id, stats=self.server_statistics())
@@ -475,6 +476,11 @@ class _Connection:
                     batch = await alerts.receive_batch(PUSH_BATCH)
                     if customer is not None:
                         batch = [a for a in batch if a.customer_id == customer]
+                    if batch:
+                        await self.outgoing_send.send(
+                            _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
+                    if customer is not None:
+                        continue  # other customers' alert counts are not this key's business
                     behind = alerts.behind_by()
                     if behind > LAG_NOTICE and not lag_noticed:
                         lag_noticed = True
@@ -483,9 +489,6 @@ class _Connection:
                             behind=behind)))
                     elif behind <= LAG_NOTICE:
                         lag_noticed = False
-                    if batch:
-                        await self.outgoing_send.send(
-                            _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
 
     def server_statistics(self) -> dict[str, Any]:
         stats = asdict(self.server.engine.statistics())
@@ -502,6 +505,22 @@ def _restrict_to_customer(query: Query, customer_id: str | None) -> Query:
     if allowed is not None and set(allowed) - {customer_id}:
         raise Forbidden("this API key may only query its own customer's usage")
     return msgspec.structs.replace(query, filter={**query.filter, "customer_id": [customer_id]})
+
+
+def _limits_visible_to(limits: list[Limit], customer_id: str) -> list[Limit]:
+    """The limits a customer-bound key may see, naming no other customer."""
+    visible = []
+    for limit in limits:
+        if limit.customer_id not in (None, customer_id):
+            continue
+        allowed = limit.filter.get("customer_id")
+        if allowed is not None:
+            if customer_id not in allowed:
+                continue
+            limit = msgspec.structs.replace(
+                limit, filter={**limit.filter, "customer_id": [customer_id]})
+        visible.append(limit)
+    return visible
 
 
 def _request_id_of(frame: bytes) -> int | None:

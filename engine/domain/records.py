@@ -82,6 +82,15 @@ def encode_batch(events: list[Event], received_ms: int) -> bytes:
         return _encoder.encode(WalBatch(wide, received_ms))
 
 
+def wide_ints_as_decimals(limit: Limit) -> Limit:
+    """msgpack integers stop at 64 bits: larger thresholds travel as decimal strings."""
+    if all(type(t) is not int or -(2**63) <= t < 2**63 for t in limit.thresholds):
+        return limit
+    return msgspec.structs.replace(limit, thresholds=[
+        Decimal(t) if type(t) is int else t for t in limit.thresholds
+    ])
+
+
 def encode_alert(alert: Alert) -> bytes:
     """Alerts carry exact numbers; integers beyond 64 bits travel as decimal strings."""
     try:

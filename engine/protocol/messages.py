@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from engine.domain.records import wide_ints_as_decimals
 from engine.schema import Alert, Event, Limit, Meter, Query, QueryResult
 
 PROTOCOL_VERSION = 1
@@ -255,6 +256,11 @@ def encode_message(message: msgspec.Struct) -> bytes:
             wide_events = [msgspec.structs.replace(e, meter_value=_signed64(e.meter_value))
                            for e in events]
             message = msgspec.structs.replace(message, events=wide_events)
+    elif isinstance(message, AddLimit | LimitReply):
+        message = msgspec.structs.replace(message, limit=wide_ints_as_decimals(message.limit))
+    elif isinstance(message, LimitsReply):
+        message = msgspec.structs.replace(
+            message, limits=[wide_ints_as_decimals(limit) for limit in message.limits])
     elif isinstance(message, AlertsPush | IngestReply) and any(
         _wide_alert(a) for a in message.alerts
     ):

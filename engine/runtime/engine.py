@@ -380,7 +380,8 @@ class Engine:
                     self._limits.pop(subject.id, None)
                     self._limits[subject.id] = subject
                 else:
-                    self._limits.pop(subject, None)
+                    # Decided in log order: of two concurrent removals only the first removes.
+                    ticket.results.append(self._limits.pop(subject, None) is not None)
             if request.work is not None:
                 self._wal_bytes_since_snapshot += len(request.record or b"")
                 for shard, item in enumerate(request.work):
@@ -406,7 +407,7 @@ class Engine:
         await ticket.done.wait()
         parts = [raw for _, raw in sorted(ticket.results)]
         engine_state = records.EngineState(
-            limits=[limit.limit for limit in self._limits.values()],
+            limits=[records.wide_ints_as_decimals(limit.limit) for limit in self._limits.values()],
             next_alert_seq=self._hub.next_seq,
         )
         snapshot = StoredSnapshot(self._last_lsn, self.shard_count, parts,
@@ -521,7 +522,8 @@ class Engine:
             raise InvalidRequest(f"limit {getattr(limit, 'id', '?')!r}: {exc}") from None
         now_ms = self._clock_ms()
         await self._submit(_Write(
-            _Ticket(now_ms), record=records.encode(records.WalLimit(limit, now_ms)),
+            _Ticket(now_ms),
+            record=records.encode(records.WalLimit(records.wide_ints_as_decimals(limit), now_ms)),
             work=[("add", limit_def, now_ms)] * self.shard_count, limit_change=("add", limit_def),
         ))
         return limit
@@ -532,11 +534,11 @@ class Engine:
         if limit_id not in self._limits:
             return False
         now_ms = self._clock_ms()
-        await self._submit(_Write(
+        ticket = await self._submit(_Write(
             _Ticket(now_ms), record=records.encode(records.WalRemoveLimit(limit_id, now_ms)),
             work=[("remove", limit_id)] * self.shard_count, limit_change=("remove", limit_id),
         ))
-        return True
+        return bool(ticket.results and ticket.results[0])
 
     async def list_limits(self) -> list[Limit]:
         return [limit.limit for limit in self._limits.values()]
@@ -606,8 +608,10 @@ class Engine:
     def export_state(self) -> bytes:
         """Canonical bytes of all state (for tests: equal state ⇔ equal bytes)."""
         shards = [records.ShardPart(state.export(), state.limits.export()) for state in self._states]
-        engine_state = records.EngineState([limit.limit for limit in self._limits.values()],
-                                           self._hub.next_seq)
+        engine_state = records.EngineState(
+            [records.wide_ints_as_decimals(limit.limit) for limit in self._limits.values()],
+            self._hub.next_seq,
+        )
         return records.encode([shards, engine_state])
 
 
