@@ -325,10 +325,10 @@ class ClientSubscription:
             return
         if self._overflowed:
             return
-        if len(self._buffer) + len(push.alerts) > self.buffer_alerts:
-            self._overflowed = True  # drop the rest; reopen from next_seq when read
-        else:
-            self._buffer.extend(push.alerts)
+        room = self.buffer_alerts - len(self._buffer)
+        self._buffer.extend(push.alerts[:max(room, 0)])
+        if room < len(push.alerts):
+            self._overflowed = True  # drop the rest; reopen from next_seq once read
         self._wake()
 
     def _wake(self) -> None:

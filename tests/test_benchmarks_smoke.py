@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from benchmarks import ingest, workload
+from benchmarks import alert_latency, ingest, workload
 from engine import Event
 
 DAY_MS = 86_400_000
@@ -121,3 +121,24 @@ def test_engine_run_fails_loudly_on_a_wrong_duplicate_count(tmp_path: Path) -> N
     lying = dataclasses.replace(w, expected_duplicates=w.expected_duplicates + 1)
     with pytest.raises(ingest.BenchmarkFailure, match="duplicates"):
         ingest.run_engine(lying, shards=2, in_flight=2, timeout_s=30, tmp_root=str(tmp_path))
+
+
+def test_alert_latency_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """A real ``meter serve`` subprocess, one subscriber, a few batches: every alert the
+    acks named arrives once, and the figures are in the report and the JSON."""
+    out = tmp_path / "alerts.json"
+    args = alert_latency.parse_args([
+        "--quick", "--batches", "6", "--batch-size", "20", "--crossers", "2",
+        "--warmup", "1", "--shards", "2", "--json", str(out), "--timeout-s", "30",
+    ])
+    report = alert_latency.run(args)
+    assert json.loads(out.read_text())["results"] == json.loads(
+        json.dumps(report["results"]))
+    [row] = report["results"]
+    assert row["alerts"] == 12 and row["timed_alerts"] == 10
+    for name in ("ack_to_alert", "send_to_alert", "ack"):
+        figures = row[name]
+        assert figures["min_ms"] <= figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    assert 0 < row["send_to_alert"]["min_ms"] and row["ack"]["min_ms"] > 0
+    assert row["send_to_alert"]["max_ms"] < 10_000
+    assert "| 1 | 10 |" in alert_latency.format_table(report)

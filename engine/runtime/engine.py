@@ -257,14 +257,19 @@ class Engine:
         return [("remove", record.limit_id)] * self.shard_count
 
     def _alerts_of(self, ticket: _Ticket) -> list[Alert]:
-        """Number a finished record's crossings: by shard, then in the order found."""
-        alerts = []
+        """Number a finished record's crossings in an order that depends only on the log.
+
+        Sorted by (customer, limit, period start, threshold): independent of the
+        shard count and of how state was rebuilt, so replay after a crash, even
+        with another shard count, gives every alert the seq it was acknowledged with.
+        """
+        crossings = sorted(
+            (crossing for _, found in ticket.crossings for crossing in found),
+            key=lambda c: (c[1], c[0], c[5], c[3]),
+        )
         seq = self._hub.next_seq
-        for _, crossings in sorted(ticket.crossings, key=lambda item: item[0]):
-            for crossing in crossings:
-                alerts.append(alert_from_crossing(seq, crossing, ticket.received_ms))
-                seq += 1
-        return alerts
+        return [alert_from_crossing(seq + offset, crossing, ticket.received_ms)
+                for offset, crossing in enumerate(crossings)]
 
     def _finish(self, ticket: _Ticket) -> None:
         """A WAL record is applied by every shard: sequence alerts in lsn order, then ack."""
@@ -521,12 +526,16 @@ class Engine:
         except LimitError as exc:
             raise InvalidRequest(f"limit {getattr(limit, 'id', '?')!r}: {exc}") from None
         now_ms = self._clock_ms()
+        record = records.encode(records.WalLimit(records.wide_ints_as_decimals(limit), now_ms))
+        # Keep the limit as the log will give it back after a restart ("2.5" -> Decimal).
+        stored = records.decode_record(record)
+        assert isinstance(stored, records.WalLimit)
+        limit_def = check_limit(stored.limit, self._meters)
         await self._submit(_Write(
-            _Ticket(now_ms),
-            record=records.encode(records.WalLimit(records.wide_ints_as_decimals(limit), now_ms)),
+            _Ticket(now_ms), record=record,
             work=[("add", limit_def, now_ms)] * self.shard_count, limit_change=("add", limit_def),
         ))
-        return limit
+        return stored.limit
 
     async def remove_limit(self, limit_id: str) -> bool:
         """Remove a limit; False if there was none with that id."""
