@@ -58,7 +58,8 @@ def add_client_parsers(commands: Any) -> None:
     query.add_argument("--end", help="ms since epoch or ISO 8601 (default: now, next minute)")
     query.add_argument("--window", choices=["minute", "hour", "day", "week", "month"])
     query.add_argument("--timezone", default="UTC")
-    query.add_argument("--group-by", default="", help="comma-separated keys, e.g. customer_id,region")
+    query.add_argument("--group-by", default="",
+                       help="comma-separated keys, e.g. customer_id,region")
     query.add_argument("--filter", action="append", default=[],
                        help="KEY=V1,V2 (repeatable), e.g. customer_id=acme")
     query.add_argument("--take", type=int, help="top N groups by value")
@@ -126,11 +127,14 @@ def _event_from_csv(row: dict[str, str]) -> Event:
     try:
         timestamp = int(row["meterTimeInMillis"])
     except ValueError:
-        raise ValueError(f"meterTimeInMillis {row['meterTimeInMillis']!r} is not an integer") from None
+        raise ValueError(
+            f"meterTimeInMillis {row['meterTimeInMillis']!r} is not an integer"
+        ) from None
     return Event(
         meter_api_name=row["meterApiName"],
         customer_id=row["customerId"],
-        meter_value=Decimal(row["meterValue"]) if "." in row["meterValue"] else int(row["meterValue"]),
+        meter_value=(Decimal(row["meterValue"]) if "." in row["meterValue"]
+                     else int(row["meterValue"])),
         meter_time_in_millis=timestamp,
         dimensions=dimensions,
         unique_id=row.get("uniqueId") or None,
@@ -162,9 +166,10 @@ async def run_ingest(args: argparse.Namespace, out: TextIO) -> int:
     live = err.isatty()
     tally = _IngestTally()
     started = time.perf_counter()
-    source: TextIO = sys.stdin if args.file == "-" else open(args.file, newline="")  # noqa: SIM115
+    source: TextIO = sys.stdin if args.file == "-" else open(args.file, newline="")
     try:
-        async with open_client(args.host, args.port, args.api_key, client_name="meter ingest") as client:
+        async with open_client(args.host, args.port, args.api_key,
+                               client_name="meter ingest") as client:
             slots = trio.Semaphore(max(1, args.in_flight))
 
             async def send(batch: list[tuple[int, Event]]) -> None:

@@ -212,7 +212,8 @@ class MeterServer:
         stats = self.stats
         if stats.connections >= self.config.max_connections:
             stats.refused_connections += 1
-            await self._send_and_close(stream, ErrorReply(code="busy", detail="too many connections"))
+            await self._send_and_close(
+                stream, ErrorReply(code="busy", detail="too many connections"))
             return
         stats.connections += 1
         stats.connections_total += 1

@@ -81,7 +81,7 @@ class Model:
             order = sorted(
                 (k for k in values if k[1] in rank), key=lambda k: (k[0], rank[k[1]])
             )
-        return [(label, dict(zip(query.group_by, group)), values[(label, group)])
+        return [(label, dict(zip(query.group_by, group, strict=True)), values[(label, group)])
                 for label, group in order]
 
 

@@ -8,8 +8,9 @@ random shard counts.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -22,11 +23,11 @@ from tests.model import Model
 
 # Anchors near DST changes in several zones, so windows cross them often.
 ANCHORS_MS = [
-    int(datetime(2026, 3, 29, 0, 0, tzinfo=timezone.utc).timestamp()) * 1000,  # Europe DST start
-    int(datetime(2026, 10, 25, 0, 0, tzinfo=timezone.utc).timestamp()) * 1000,  # Europe DST end
-    int(datetime(2026, 3, 8, 6, 0, tzinfo=timezone.utc).timestamp()) * 1000,  # US DST start
-    int(datetime(2026, 11, 1, 5, 0, tzinfo=timezone.utc).timestamp()) * 1000,  # US DST end
-    int(datetime(2026, 1, 31, 20, 0, tzinfo=timezone.utc).timestamp()) * 1000,  # month end
+    int(datetime(2026, 3, 29, 0, 0, tzinfo=UTC).timestamp()) * 1000,  # Europe DST start
+    int(datetime(2026, 10, 25, 0, 0, tzinfo=UTC).timestamp()) * 1000,  # Europe DST end
+    int(datetime(2026, 3, 8, 6, 0, tzinfo=UTC).timestamp()) * 1000,  # US DST start
+    int(datetime(2026, 11, 1, 5, 0, tzinfo=UTC).timestamp()) * 1000,  # US DST end
+    int(datetime(2026, 1, 31, 20, 0, tzinfo=UTC).timestamp()) * 1000,  # month end
 ]
 ZONES = [
     "UTC", "Europe/Berlin", "America/New_York", "Asia/Kathmandu", "Asia/Kolkata",
@@ -57,7 +58,8 @@ values = st.one_of(
 @st.composite
 def events(draw: Any, anchor_ms: int) -> Event:
     meter = draw(st.sampled_from(METERS))
-    dims = draw(st.dictionaries(st.sampled_from(["region", "plan"]), st.sampled_from(["eu", "us", "x"]),
+    dims = draw(st.dictionaries(st.sampled_from(["region", "plan"]),
+                                st.sampled_from(["eu", "us", "x"]),
                                 max_size=2))
     if meter.unique_dimension:
         dims["user"] = draw(st.sampled_from(["u1", "u2", "u3", "u4"]))
@@ -169,7 +171,7 @@ async def test_engine_matches_model(workload: Any, shards: int, data: Any) -> No
 
 @pytest.mark.parametrize("zone", ["Europe/Berlin", "Asia/Kathmandu"])
 async def test_hour_windows_are_real_hours_across_dst(zone: str) -> None:
-    start = int(datetime(2026, 10, 24, 22, 0, tzinfo=timezone.utc).timestamp()) * 1000
+    start = int(datetime(2026, 10, 24, 22, 0, tzinfo=UTC).timestamp()) * 1000
     async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: start + DAY) as eng:
         await eng.define_meter(Meter(name="calls", aggregation="count"))
         batch = [Event(meter_api_name="calls", customer_id="acme", meter_value=1,
@@ -178,7 +180,7 @@ async def test_hour_windows_are_real_hours_across_dst(zone: str) -> None:
         result = await eng.query(Query(meter_api_name="calls", start_ms=start,
                                        end_ms=start + 6 * HOUR, window="hour", timezone=zone))
     starts = [r.window_start_ms for r in result.rows]
-    assert all(b - a == HOUR for a, b in zip(starts, starts[1:]))
+    assert all(b - a == HOUR for a, b in pairwise(starts))
     assert sum(r.value for r in result.rows) == 36
     if zone == "Asia/Kathmandu":
         assert all(s % HOUR == 15 * MINUTE for s in starts)

@@ -96,7 +96,7 @@ async def test_snapshot_truncates_the_wal(tmp_path: Path) -> None:
     async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW) as eng:
         lsn = await eng.snapshot()
         assert lsn == 60 + len(METERS) * 0  # meters live in the catalogue, not the WAL
-        store = eng._store  # noqa: SLF001 - white-box check of the storage contract
+        store = eng._store
         assert list(store.read_wal(0)) == []
         assert eng.statistics().wal_bytes_since_snapshot == 0
 

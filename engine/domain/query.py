@@ -118,7 +118,9 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
         for partials in shard_partials:
             for key, partial in partials.items():
                 existing = merged.get(key)
-                merged[key] = partial if existing is None else merge_partial(kind, existing, partial)
+                merged[key] = (
+                    partial if existing is None else merge_partial(kind, existing, partial)
+                )
         rank: dict[tuple[Any, ...], int] | None = None
         take = plan.query.take
         if take is not None:

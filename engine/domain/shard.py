@@ -37,8 +37,8 @@ from engine.domain.batch import (
     MINUTE_MS,
     SUM,
     UNIQUE,
-    MeterDef,
     Columns,
+    MeterDef,
     ShardSlice,
     decimal_or_int,
     dims_key_of,
@@ -298,7 +298,7 @@ def _apply_general(
     unique_values = items.unique_values if kind == UNIQUE else repeat(None)
     for customer, dims, ts, value, unique_id, index, unique_value in zip(
         items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
-        items.indices, unique_values,
+        items.indices, unique_values, strict=False,  # unique_values may be an endless repeat
     ):
         position += 1
         if unique_id is not None:

@@ -39,7 +39,6 @@ from engine.domain.batch import (
     IngestLimits,
     MeterDef,
     ShardRouter,
-    ShardSlice,
     check_meter,
     merge_meter,
     prepare_batch,
@@ -55,8 +54,8 @@ from engine.errors import (
     MeteringError,
     UnknownMeter,
 )
-from engine.runtime.groups import unwrap_single
 from engine.runtime.alerts import AlertHub, AlertSubscription, alert_from_crossing
+from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store, StoredSnapshot
 
@@ -199,7 +198,9 @@ class Engine:
                 try:
                     next_alert_seq = self._restore_snapshot(snapshot)
                 except (msgspec.DecodeError, KeyError, ValueError, LimitError) as exc:
-                    raise DataDirError(f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}") from None
+                    raise DataDirError(
+                        f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}"
+                    ) from None
                 applied = snapshot.lsn
             self._hub.restore(next_alert_seq)
             for lsn, raw in self._store.read_wal(applied):
@@ -616,7 +617,8 @@ class Engine:
 
     def export_state(self) -> bytes:
         """Canonical bytes of all state (for tests: equal state ⇔ equal bytes)."""
-        shards = [records.ShardPart(state.export(), state.limits.export()) for state in self._states]
+        shards = [records.ShardPart(state.export(), state.limits.export())
+                  for state in self._states]
         engine_state = records.EngineState(
             [records.wide_ints_as_decimals(limit.limit) for limit in self._limits.values()],
             self._hub.next_seq,

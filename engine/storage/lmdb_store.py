@@ -75,7 +75,7 @@ class LmdbStore:
                 f"{str(path)!r} is not a metering-engine data directory (it holds "
                 f"{', '.join(foreign[:5])}); refusing to start over existing files"
             )
-        lock_file = open(path / "LOCK", "a+b")  # noqa: SIM115 - held for the store's lifetime
+        lock_file = open(path / "LOCK", "a+b")
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
