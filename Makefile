@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test soak bench bench-quick demo clean
+.PHONY: run test soak bench bench-quick demo lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/ingest.py --quick
+
+## Type check (mypy --strict) and lint (ruff).
+lint: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lint]'
+	$(PY) -m mypy engine
+	$(PY) -m ruff check engine tests benchmarks
 
 clean:
 	rm -rf $(VENV) data data-demo .pytest_cache .hypothesis

@@ -25,10 +25,10 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 import msgspec
 import trio
@@ -78,6 +78,9 @@ from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+_Ts = TypeVarTuple("_Ts")
 
 # Replies (query results) may be larger than requests; the server caps them at 256 MiB.
 MAX_REPLY_BYTES = 256 * 1024 * 1024 + 1024
@@ -551,37 +554,38 @@ class SyncClient:
 
         trio.run(main)
 
-    def _call(self, function: Any, *args: Any) -> Any:
+    def _call(self, method: Callable[[Client, *_Ts], Awaitable[_R]], *args: *_Ts) -> _R:
+        """Run ``method(client, *args)`` on the client's event loop and wait for it."""
         if self._token is None or self._client is None:
             raise ConnectionLost("client is closed")
-        return trio.from_thread.run(function, *args, trio_token=self._token)
+        return trio.from_thread.run(method, self._client, *args, trio_token=self._token)
 
     def ping(self) -> None:
-        self._call(self._client.ping)  # type: ignore[union-attr]
+        self._call(Client.ping)
 
     def define_meter(self, meter: Meter) -> Meter:
-        return self._call(self._client.define_meter, meter)  # type: ignore[union-attr]
+        return self._call(Client.define_meter, meter)
 
     def list_meters(self) -> list[Meter]:
-        return self._call(self._client.list_meters)  # type: ignore[union-attr]
+        return self._call(Client.list_meters)
 
     def ingest(self, events: Sequence[Event]) -> IngestAck:
-        return self._call(self._client.ingest, events)  # type: ignore[union-attr]
+        return self._call(Client.ingest, events)
 
     def query(self, query: Query) -> QueryResult:
-        return self._call(self._client.query, query)  # type: ignore[union-attr]
+        return self._call(Client.query, query)
 
     def stats(self) -> dict[str, Any]:
-        return self._call(self._client.stats)  # type: ignore[union-attr]
+        return self._call(Client.stats)
 
     def add_limit(self, limit: Limit) -> Limit:
-        return self._call(self._client.add_limit, limit)  # type: ignore[union-attr]
+        return self._call(Client.add_limit, limit)
 
     def remove_limit(self, limit_id: str) -> bool:
-        return self._call(self._client.remove_limit, limit_id)  # type: ignore[union-attr]
+        return self._call(Client.remove_limit, limit_id)
 
     def list_limits(self) -> list[Limit]:
-        return self._call(self._client.list_limits)  # type: ignore[union-attr]
+        return self._call(Client.list_limits)
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

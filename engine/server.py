@@ -95,7 +95,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 RECEIVE_CHUNK_BYTES = 256 * 1024
 
-REQUIRED_SCOPE = {
+REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {
     Ping: None,
     ListMeters: "query",
     QueryRequest: "query",

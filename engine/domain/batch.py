@@ -257,6 +257,7 @@ def prepare_batch(
     max_key_chars = limits.max_key_chars
     max_dimensions = limits.max_dimensions
     get_meter = meters.get
+    min_int, max_int = -MAX_INT64, MAX_INT64  # locals: a global lookup per event adds up
     shard_cache = route.cache
     shard_count = route.shard_count
     for index, event in enumerate(events):
@@ -274,7 +275,7 @@ def prepare_batch(
                 and type(customer) is str
                 and 0 < len(customer) <= max_chars
                 and type(value) is int
-                and -MAX_INT64 <= value <= MAX_INT64
+                and min_int <= value <= max_int
                 and type(ts) is int
                 and oldest_ms <= ts <= newest_ms
                 and (unique_id is None or (type(unique_id) is str
@@ -313,6 +314,7 @@ def prepare_batch(
                 problems.append(EventProblem(index, str(exc)))
                 continue
         else:
+            assert meter is not None  # the fast path was taken only for a known meter
             unique_value = None
         shard = shard_cache.get(customer)
         if shard is None:

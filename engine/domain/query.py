@@ -143,7 +143,7 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                 continue
             rows.append((span, group, finalize(kind, partial)))
     if rank is not None:
-        rows.sort(key=lambda r: (r[0], rank[r[1]]))  # type: ignore[index]
+        rows.sort(key=lambda r: (r[0], rank[r[1]]))
     else:
         rows.sort(key=lambda r: (r[0], _group_order(r[1])))
     group_by = plan.group_by

@@ -53,7 +53,7 @@ class EngineState(msgspec.Struct, array_like=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(WalRecord)  # type: ignore[arg-type]
+_record_decoder: msgspec.msgpack.Decoder[WalRecord] = msgspec.msgpack.Decoder(WalRecord)
 _part_decoder = msgspec.msgpack.Decoder(ShardPart)
 _engine_state_decoder = msgspec.msgpack.Decoder(EngineState)
 _meter_decoder = msgspec.msgpack.Decoder(Meter)

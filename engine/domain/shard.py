@@ -24,7 +24,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -578,7 +578,7 @@ def _load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
         series.values = _int_column(record.values)
     elif record.values is not None:
         if meter_shard.meter.kind == UNIQUE:
-            series.values = [set(v) for v in record.values]
+            series.values = [set(v) for v in cast("list[list[str]]", record.values)]
         else:
             series.values = [decimal_or_int(v) for v in record.values]
     series.counts = _int_column(record.counts)

@@ -42,7 +42,7 @@ class FrameDecoder:
         """True when part of a frame has arrived (used for slow-sender timeouts)."""
         return bool(self._buffer)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_frame(self) -> bytes | None:

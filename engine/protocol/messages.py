@@ -28,7 +28,7 @@ _BASE = {"tag_field": "type", "rename": "camel", "omit_defaults": True}
 # --------------------------------------------------------------- client → server
 
 
-class Hello(msgspec.Struct, tag="hello", **_BASE):  # type: ignore[call-arg]
+class Hello(msgspec.Struct, tag="hello", **_BASE):
     """The first frame on a connection."""
 
     version: int
@@ -36,49 +36,49 @@ class Hello(msgspec.Struct, tag="hello", **_BASE):  # type: ignore[call-arg]
     client: str = ""
 
 
-class Ping(msgspec.Struct, tag="ping", **_BASE):  # type: ignore[call-arg]
+class Ping(msgspec.Struct, tag="ping", **_BASE):
     id: RequestId
 
 
-class DefineMeter(msgspec.Struct, tag="define_meter", **_BASE):  # type: ignore[call-arg]
+class DefineMeter(msgspec.Struct, tag="define_meter", **_BASE):
     id: RequestId
     meter: Meter
 
 
-class ListMeters(msgspec.Struct, tag="list_meters", **_BASE):  # type: ignore[call-arg]
+class ListMeters(msgspec.Struct, tag="list_meters", **_BASE):
     id: RequestId
 
 
-class Ingest(msgspec.Struct, tag="ingest", **_BASE):  # type: ignore[call-arg]
+class Ingest(msgspec.Struct, tag="ingest", **_BASE):
     id: RequestId
     events: list[Event]
     report_alerts: bool = False
 
 
-class QueryRequest(msgspec.Struct, tag="query", **_BASE):  # type: ignore[call-arg]
+class QueryRequest(msgspec.Struct, tag="query", **_BASE):
     id: RequestId
     query: Query
 
 
-class Stats(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
+class Stats(msgspec.Struct, tag="stats", **_BASE):
     id: RequestId
 
 
-class AddLimit(msgspec.Struct, tag="add_limit", **_BASE):  # type: ignore[call-arg]
+class AddLimit(msgspec.Struct, tag="add_limit", **_BASE):
     id: RequestId
     limit: Limit
 
 
-class RemoveLimit(msgspec.Struct, tag="remove_limit", **_BASE):  # type: ignore[call-arg]
+class RemoveLimit(msgspec.Struct, tag="remove_limit", **_BASE):
     id: RequestId
     limit_id: str
 
 
-class ListLimits(msgspec.Struct, tag="list_limits", **_BASE):  # type: ignore[call-arg]
+class ListLimits(msgspec.Struct, tag="list_limits", **_BASE):
     id: RequestId
 
 
-class Subscribe(msgspec.Struct, tag="subscribe", **_BASE):  # type: ignore[call-arg]
+class Subscribe(msgspec.Struct, tag="subscribe", **_BASE):
     """Push alerts with seq >= ``from_seq``: stored ones first, then live ones.
 
     The subscription is named by this request's ``id``.
@@ -88,7 +88,7 @@ class Subscribe(msgspec.Struct, tag="subscribe", **_BASE):  # type: ignore[call-
     from_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
-class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_BASE):  # type: ignore[call-arg]
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_BASE):
     id: RequestId
     subscription: RequestId
 
@@ -104,28 +104,28 @@ REQUEST_TYPES = (Ping, DefineMeter, ListMeters, Ingest, QueryRequest, Stats,
 # --------------------------------------------------------------- server → client
 
 
-class Welcome(msgspec.Struct, tag="welcome", **_BASE):  # type: ignore[call-arg]
+class Welcome(msgspec.Struct, tag="welcome", **_BASE):
     version: int
     server: str
     max_frame_bytes: int
     max_in_flight: int
 
 
-class Pong(msgspec.Struct, tag="pong", **_BASE):  # type: ignore[call-arg]
+class Pong(msgspec.Struct, tag="pong", **_BASE):
     id: RequestId
 
 
-class MeterReply(msgspec.Struct, tag="meter", **_BASE):  # type: ignore[call-arg]
+class MeterReply(msgspec.Struct, tag="meter", **_BASE):
     id: RequestId
     meter: Meter
 
 
-class MetersReply(msgspec.Struct, tag="meters", **_BASE):  # type: ignore[call-arg]
+class MetersReply(msgspec.Struct, tag="meters", **_BASE):
     id: RequestId
     meters: list[Meter]
 
 
-class IngestReply(msgspec.Struct, tag="ingest_ack", **_BASE):  # type: ignore[call-arg]
+class IngestReply(msgspec.Struct, tag="ingest_ack", **_BASE):
     id: RequestId
     accepted: int
     duplicates: int
@@ -133,46 +133,46 @@ class IngestReply(msgspec.Struct, tag="ingest_ack", **_BASE):  # type: ignore[ca
     alerts: list[Alert] = []
 
 
-class QueryReply(msgspec.Struct, tag="query_result", **_BASE):  # type: ignore[call-arg]
+class QueryReply(msgspec.Struct, tag="query_result", **_BASE):
     id: RequestId
     result: QueryResult
 
 
-class StatsReply(msgspec.Struct, tag="stats", **_BASE):  # type: ignore[call-arg]
+class StatsReply(msgspec.Struct, tag="stats", **_BASE):
     id: RequestId
     stats: dict[str, Any]
 
 
-class LimitReply(msgspec.Struct, tag="limit", **_BASE):  # type: ignore[call-arg]
+class LimitReply(msgspec.Struct, tag="limit", **_BASE):
     id: RequestId
     limit: Limit
 
 
-class RemovedReply(msgspec.Struct, tag="removed", **_BASE):  # type: ignore[call-arg]
+class RemovedReply(msgspec.Struct, tag="removed", **_BASE):
     id: RequestId
     removed: bool
 
 
-class LimitsReply(msgspec.Struct, tag="limits", **_BASE):  # type: ignore[call-arg]
+class LimitsReply(msgspec.Struct, tag="limits", **_BASE):
     id: RequestId
     limits: list[Limit]
 
 
-class Subscribed(msgspec.Struct, tag="subscribed", **_BASE):  # type: ignore[call-arg]
+class Subscribed(msgspec.Struct, tag="subscribed", **_BASE):
     """The subscription ``id`` is open; ``next_seq`` is the seq the next new alert will get."""
 
     id: RequestId
     next_seq: int
 
 
-class AlertsPush(msgspec.Struct, tag="alerts", **_BASE):  # type: ignore[call-arg]
+class AlertsPush(msgspec.Struct, tag="alerts", **_BASE):
     """Alerts for subscription ``subscription``, in seq order, none twice."""
 
     subscription: RequestId
     alerts: list[Alert]
 
 
-class Lagged(msgspec.Struct, tag="lagged", **_BASE):  # type: ignore[call-arg]
+class Lagged(msgspec.Struct, tag="lagged", **_BASE):
     """The subscriber is ``behind`` alerts behind; the server keeps sending from its seq."""
 
     subscription: RequestId
@@ -180,12 +180,12 @@ class Lagged(msgspec.Struct, tag="lagged", **_BASE):  # type: ignore[call-arg]
     behind: int
 
 
-class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_BASE):  # type: ignore[call-arg]
+class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_BASE):
     id: RequestId
     subscription: RequestId
 
 
-class ErrorReply(msgspec.Struct, tag="error", **_BASE):  # type: ignore[call-arg]
+class ErrorReply(msgspec.Struct, tag="error", **_BASE):
     """A refused request (``id`` set) or a connection-level error (``id`` absent).
 
     ``problems`` lists ``[index, reason]`` for a rejected batch.
@@ -202,8 +202,8 @@ ServerMessage = (
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
 )
 
-_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
-_server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)
+_server_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
 
 
 def _encode_hook(obj: Any) -> Any:

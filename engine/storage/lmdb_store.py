@@ -26,7 +26,8 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from io import BufferedRandom
 from pathlib import Path
 
 import lmdb
@@ -64,7 +65,7 @@ class LmdbStore:
             raise
 
     @staticmethod
-    def _lock(path: Path) -> object:
+    def _lock(path: Path) -> BufferedRandom:
         try:
             path.mkdir(parents=True, exist_ok=True)
             foreign = sorted(p.name for p in path.iterdir() if p.name not in OUR_ENTRIES)
@@ -137,7 +138,7 @@ class LmdbStore:
 
     def _commit_txn(
         self,
-        txn: lmdb.Transaction,
+        txn: lmdb.Transaction[bytes],
         wal: list[tuple[int, bytes]],
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]],
@@ -156,7 +157,7 @@ class LmdbStore:
     def write_snapshot(self, snapshot: StoredSnapshot) -> None:
         self._write(self._snapshot_txn, snapshot)
 
-    def _snapshot_txn(self, txn: lmdb.Transaction, snapshot: StoredSnapshot) -> None:
+    def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot) -> None:
         txn.drop(self.snapshot_db, delete=False)
         for index, part in enumerate(snapshot.parts):
             txn.put(b"part" + PART_INDEX.pack(index), part, db=self.snapshot_db)
@@ -170,12 +171,12 @@ class LmdbStore:
                 if not cursor.delete():
                     break
 
-    def _write(self, body: object, *args: object) -> None:
+    def _write(self, body: Callable[..., None], *args: object) -> None:
         """Run ``body(txn, *args)`` in one write transaction, growing the map when full."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    body(txn, *args)  # type: ignore[operator]
+                    body(txn, *args)
                 return
             except lmdb.MapFullError:
                 size = self.env.info()["map_size"]
@@ -254,7 +255,7 @@ class LmdbStore:
         try:
             self.env.close()
         finally:
-            self._lock_file.close()  # type: ignore[attr-defined]
+            self._lock_file.close()
 
 
 def _is_disk_full(exc: lmdb.Error) -> bool:
