@@ -113,6 +113,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also cProfile one engine run; print the top 15 by tottime, "
                              "write pstats to PATH")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON results here")
+    parser.add_argument("--source", choices=["bytes", "events"], default="bytes",
+                        help="bytes: decode each msgpack batch before ingest (as a server "
+                             "does; default); events: ingest batches of Event objects "
+                             "already built (the embedding API)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
@@ -221,6 +225,7 @@ async def _engine_run(
     in_flight: int,
     timeout_s: float,
     profiler: cProfile.Profile | None,
+    source: str = "bytes",
 ) -> dict[str, Any]:
     now_ms = workload.now_ms
     decoder = msgspec.msgpack.Decoder(list[Event])
@@ -230,14 +235,16 @@ async def _engine_run(
     async with open_engine(data_dir, shards=shards, clock_ms=lambda: now_ms) as eng:
         for meter in workload.meters:
             await eng.define_meter(meter)
-        send, receive = trio.open_memory_channel[bytes](len(workload.encoded))
-        for raw in workload.encoded:
-            send.send_nowait(raw)
+        send, receive = trio.open_memory_channel[Any](len(workload.encoded))
+        # "bytes": decode each batch first, as a server does; "events": batches of Event
+        # objects already built, as a program embedding the engine passes them.
+        for item in (workload.encoded if source == "bytes" else workload.batches):
+            send.send_nowait(item)
         send.close()
 
         async def ingest_worker() -> None:
-            async for raw in receive:
-                events = decoder.decode(raw)
+            async for item in receive:
+                events = decoder.decode(item) if source == "bytes" else item
                 started = time.perf_counter()
                 ack = await eng.ingest(events)
                 latencies.append(time.perf_counter() - started)
@@ -312,11 +319,13 @@ def run_engine(
     timeout_s: float,
     tmp_root: str | None,
     profiler: cProfile.Profile | None = None,
+    source: str = "bytes",
 ) -> dict[str, Any]:
     """One engine run in a fresh LMDB directory; ``profiler`` covers the ingest phase only."""
     with tempfile.TemporaryDirectory(prefix="meter-bench-engine-", dir=tmp_root) as data_dir:
         reset_gc()
-        return trio.run(_engine_run, workload, data_dir, shards, in_flight, timeout_s, profiler)
+        return trio.run(_engine_run, workload, data_dir, shards, in_flight, timeout_s, profiler,
+                        source)
 
 
 # ---------------------------------------------------------------------- floor
@@ -560,7 +569,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"encoded, meters {[m.aggregation for m in workload.meters]}, "
           f"generated in {generation_s:.1f} s", flush=True)
     print(f"parameters: shards={args.shards} in_flight={args.in_flight} "
-          f"repeats={args.repeats} seed={args.seed}", flush=True)
+          f"repeats={args.repeats} seed={args.seed} source={args.source}", flush=True)
 
     engine_runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.in_flight}
     floor_runs: list[dict[str, Any]] = []
@@ -572,7 +581,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{pauses['total_ms']:.0f} ms (max {pauses['max_ms']:.0f} ms)", flush=True)
         for in_flight in args.in_flight:
             result = run_engine(workload, shards=args.shards, in_flight=in_flight,
-                                timeout_s=args.timeout_s, tmp_root=args.tmpdir)
+                                timeout_s=args.timeout_s, tmp_root=args.tmpdir,
+                                source=args.source)
             engine_runs[in_flight].append(result)
             print(f"  repeat {repeat + 1}: engine in-flight {in_flight}: "
                   f"{result['events_per_s']:,.0f} events/s, ack p50 "
@@ -588,7 +598,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         profiler = cProfile.Profile()
         run_engine(workload, shards=args.shards, in_flight=args.in_flight[0],
-                   timeout_s=args.timeout_s, tmp_root=args.tmpdir, profiler=profiler)
+                   timeout_s=args.timeout_s, tmp_root=args.tmpdir, profiler=profiler,
+                   source=args.source)
         profile_rows = profile_report(profiler, args.profile)
 
     del workload
@@ -603,7 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats, "seed": args.seed, "customers": args.customers,
             "meters": args.meters, "batch_size": args.batch_size,
             "aggregations": args.aggregations, "memory_events": args.memory_events,
-            "quick": args.quick,
+            "quick": args.quick, "source": args.source,
         },
         "checks": {"accepted_plus_duplicates_equals_sent": True,
                    "duplicates_equal_expected": True},
