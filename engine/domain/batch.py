@@ -258,11 +258,12 @@ def prepare_batch(
     max_dimensions = limits.max_dimensions
     get_meter = meters.get
     min_int, max_int = -MAX_INT64, MAX_INT64  # locals: a global lookup per event adds up
+    event_type = Event
     shard_cache = route.cache
     shard_count = route.shard_count
     for index, event in enumerate(events):
         # Fast path: every check below is also made, with its reason, by _prepare_one.
-        if type(event) is Event:
+        if type(event) is event_type:
             meter = get_meter(event.meter_api_name)
             customer = event.customer_id
             value: Any = event.meter_value

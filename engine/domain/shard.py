@@ -234,8 +234,8 @@ def _apply_counter(
             series = meter_shard.new_series(customer, dims)
         if counting:
             value = 1
-        minute = ts // MINUTE_MS
-        offset = ts - minute * MINUTE_MS
+        minute = ts // 60_000  # MINUTE_MS as a literal: no global lookup per event
+        offset = ts - minute * 60_000
         minutes = series.minutes
         column = series.counts if counting else series.values
         try:
@@ -312,8 +312,8 @@ def _apply_general(
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
-        minute = ts // MINUTE_MS
-        offset = ts - minute * MINUTE_MS
+        minute = ts // 60_000  # MINUTE_MS as a literal: no global lookup per event
+        offset = ts - minute * 60_000
         minutes = series.minutes
         if minutes and minutes[-1] == minute:
             slot = len(minutes) - 1
