@@ -145,14 +145,18 @@ async def per_batch_totals(path: Path) -> dict[str, object]:
     return {row.group["customer_id"]: row.value for row in result.rows}
 
 
-async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kills", [
+    3,
+    pytest.param(25, marks=pytest.mark.slow, id="soak-25-kills"),
+])
+async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, kills: int) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    rng = random.Random(7)
+    rng = random.Random(7 + kills)
     total_batches = 400
-    for _kill in range(3):
+    for _kill in range(kills):
         acked: set[int] = set()
         wanted = rng.randint(5, 60)
         with subprocess.Popen(
