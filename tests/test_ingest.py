@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -222,3 +223,83 @@ async def test_result_does_not_depend_on_shard_count() -> None:
             results.append(result.rows)
     assert results[0] == results[1] == results[2]
     assert len(results[0]) == 300
+
+
+async def test_concurrent_conflicting_meter_definitions_one_wins(tmp_path: Path) -> None:
+    """Definitions are decided by the WAL writer in commit order, not by the callers:
+    of two conflicting definitions racing each other exactly one is stored."""
+    for attempt in range(5):
+        outcomes: list[object] = []
+        async with open_engine(tmp_path / f"d{attempt}", clock_ms=lambda: NOW) as eng:
+
+            async def define(meter: Meter, outcomes: list[object] = outcomes) -> None:
+                try:
+                    outcomes.append(await eng.define_meter(meter))
+                except MeterConflict as exc:
+                    outcomes.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _attempt in range(3):
+                    nursery.start_soon(define, Meter(name="m", aggregation="sum"))
+                    nursery.start_soon(define, Meter(name="m", aggregation="unique_count",
+                                                     unique_dimension="user"))
+            winners = {o.aggregation for o in outcomes if isinstance(o, Meter)}
+            assert len(winners) == 1
+            assert sum(isinstance(o, MeterConflict) for o in outcomes) == 3
+            assert [m.aggregation for m in eng.meters()] == list(winners)
+
+
+async def test_events_whose_dimensions_are_not_a_mapping_are_rejected(eng: object) -> None:
+    for dims in (None, [], [("a", "b")], "", 0):
+        with pytest.raises(BatchRejected, match="dimensions must be a mapping"):
+            await eng.ingest([event(dimensions=dims)])  # type: ignore[attr-defined]
+
+
+async def test_replay_does_not_apply_todays_stricter_limits(tmp_path: Path) -> None:
+    async with open_engine(tmp_path, clock_ms=lambda: NOW, snapshot_on_close=False) as eng:
+        await eng.define_meter(Meter(name="calls"))
+        await eng.ingest([event(dimensions={f"k{i}": "v" for i in range(10)})])
+    strict = IngestLimits(max_dimensions=2)
+    async with open_engine(tmp_path, clock_ms=lambda: NOW, limits=strict) as eng:
+        assert await total(eng) == 1
+
+
+async def test_a_failed_shard_stops_the_engine_without_leaving_anyone_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fail-stop: a bug while applying stops the engine; the caller gets EngineClosed, a
+    snapshot that was pending does not wait forever, and ``open_engine`` exits."""
+    from engine import EngineClosed
+    from engine.domain.shard import ShardState
+
+    real_apply = ShardState.apply
+
+    def apply(self: ShardState, lsn: int, groups: Any) -> Any:
+        if any("poison" in columns.customers for _, columns in groups):
+            raise RuntimeError("a bug while applying")
+        return real_apply(self, lsn, groups)
+
+    monkeypatch.setattr(ShardState, "apply", apply)
+    caught: list[BaseException] = []
+    with trio.fail_after(10):
+        try:
+            async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: NOW,
+                                   snapshot_every_bytes=1) as eng:
+                await eng.define_meter(Meter(name="calls"))
+                await eng.ingest([event(customer_id="fine")])
+
+                async def ingest_poison() -> None:
+                    try:
+                        await eng.ingest([event(customer_id="poison")])
+                    except EngineClosed as exc:
+                        caught.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(ingest_poison)
+                with pytest.raises(EngineClosed):
+                    await eng.ingest([event(customer_id="fine")])
+        except BaseException as exc:  # the engine's own failure surfaces at exit
+            caught.append(exc)
+    assert len(caught) >= 3
+    assert any(isinstance(e, EngineClosed) for e in caught)

@@ -26,8 +26,9 @@ DAY_MS = 86_400_000
 SUM, COUNT, MAX, MIN, AVG, LATEST, UNIQUE = range(7)
 KIND_BY_AGGREGATION = dict(zip(AGGREGATIONS, range(7), strict=True))
 
-# Timestamps: non-negative and before year 10000, so a minute index fits 32 bits.
-MAX_TIMESTAMP_MS = 253_402_300_800_000
+# Timestamps: non-negative and before year 9999, so a minute index fits 32 bits and
+# every calendar window containing one (a month, in any zone) ends before year 10000.
+MAX_TIMESTAMP_MS = 253_370_764_800_000 - 1
 MAX_INT64 = 2**63 - 1
 
 
@@ -41,6 +42,13 @@ class IngestLimits:
     max_key_chars: int = 128  # dimension keys
     max_value_chars: int = 256  # dimension values, customer ids, unique ids, meter names
     max_batch_events: int = 100_000
+
+
+# What replay checks: only what normalising an event needs, never the configured limits.
+REPLAY_LIMITS = IngestLimits(
+    late_ms=MAX_TIMESTAMP_MS, future_ms=MAX_TIMESTAMP_MS, max_dimensions=1 << 30,
+    max_key_chars=1 << 30, max_value_chars=1 << 30, max_batch_events=1 << 62,
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -244,7 +252,9 @@ def prepare_batch(
     by_meter: dict[MeterDef, list[Columns]] = {}
     problems: list[EventProblem] = []
     if now_ms is None:
+        # Trusted replay: the batch was valid when logged; today's limits may be stricter.
         oldest_ms, newest_ms = 0, MAX_TIMESTAMP_MS
+        limits = REPLAY_LIMITS
     else:
         oldest_ms = max(0, now_ms - limits.late_ms)
         newest_ms = min(MAX_TIMESTAMP_MS, now_ms + limits.future_ms)
@@ -282,7 +292,9 @@ def prepare_batch(
                 and (unique_id is None or (type(unique_id) is str
                                            and 0 < len(unique_id) <= max_chars))
             )
-            if fast and dims:
+            if fast and type(dims) is not dict:
+                fast = False  # None, a list, a dict subclass...: _prepare_one says why
+            elif fast and dims:
                 if len(dims) > max_dimensions or "customer_id" in dims:
                     fast = False
                 else:

@@ -51,6 +51,7 @@ from engine.errors import (
     DataDirError,
     EngineClosed,
     InvalidRequest,
+    MeterConflict,
     MeteringError,
     UnknownMeter,
 )
@@ -110,8 +111,9 @@ class _Ticket:
         self.alerts: list[Alert] = []
 
     def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
+        if self.done.is_set():
+            return  # already answered
+        self.error = error
         self.done.set()
 
     async def wait(self) -> None:
@@ -171,6 +173,7 @@ class Engine:
         self._hub = AlertHub(store)
         self._next_lsn_to_finish = 1
         self._finished: dict[int, _Ticket] = {}
+        self._outstanding: set[_Ticket] = set()  # callers waiting: failed if the engine stops
         self._write_send, self._write_recv = trio.open_memory_channel[_Write](WRITE_QUEUE)
         self._mailboxes = [trio.open_memory_channel[tuple[Any, ...]](MAILBOX_SIZE)
                            for _ in range(shard_count)]
@@ -239,9 +242,14 @@ class Engine:
             raise DataDirError(f"write-ahead log record {lsn} cannot be replayed: {exc}") from None
         ticket = _Ticket(record.received_ms)
         ticket.lsn = lsn
-        for index, (state, item) in enumerate(zip(self._states, work, strict=True)):
-            if item:
-                _apply_work(state, index, lsn, item, ticket)
+        try:
+            for index, (state, item) in enumerate(zip(self._states, work, strict=True)):
+                if item:
+                    _apply_work(state, index, lsn, item, ticket)
+        except Exception as exc:
+            raise DataDirError(
+                f"write-ahead log record {lsn} could not be applied: {exc!r}"
+            ) from exc
         self._hub.append(self._alerts_of(ticket))
         self._wal_bytes_since_snapshot += len(raw)
 
@@ -285,11 +293,18 @@ class Engine:
     # --------------------------------------------------------------- tasks
 
     async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for index, (_, receive) in enumerate(self._mailboxes):
-                nursery.start_soon(self._shard_actor, index, receive)
-            nursery.start_soon(self._writer)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, (_, receive) in enumerate(self._mailboxes):
+                    nursery.start_soon(self._shard_actor, index, receive)
+                nursery.start_soon(self._writer)
+                task_status.started()
+        finally:
+            # However the tasks ended, nobody may wait forever for an answer.
+            closed = EngineClosed(f"the engine stopped: {self._failure!r}"
+                                  if self._failure else "the engine is closed")
+            for ticket in list(self._outstanding):
+                ticket.fail(closed)
 
     async def _shard_actor(self, index: int, receive: trio.MemoryReceiveChannel[Any]) -> None:
         setcontext(EXACT)  # this task's own context: exact decimal sums
@@ -305,7 +320,9 @@ class Engine:
                         except BaseException as exc:
                             # A bug while applying may leave this shard half-updated: stop.
                             self._failure = exc
-                            ticket.fail(EngineClosed(f"shard {index} failed: {exc!r}"))
+                            closed = EngineClosed(f"shard {index} failed: {exc!r}")
+                            ticket.fail(closed)
+                            _fail_waiting(message, receive, closed)
                             raise
                         ticket.pending -= 1
                         if ticket.pending == 0:
@@ -356,6 +373,7 @@ class Engine:
         wal: list[tuple[int, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
         lsn = self._last_lsn
+        group = self._settle_meter_definitions(group)
         for request in group:
             if request.record is not None:
                 lsn += 1
@@ -404,6 +422,28 @@ class Engine:
             if work:
                 await self._mailboxes[shard][0].send((_APPLY, work))
 
+    def _settle_meter_definitions(self, group: list[_Write]) -> list[_Write]:
+        """Decide meter definitions here, in commit order: of two conflicting definitions
+        of one name the first wins and the second fails with ``MeterConflict``; an
+        identical one stores nothing."""
+        settled: dict[str, MeterDef] = {}
+        kept = []
+        for request in group:
+            meter = request.meter
+            if meter is not None:
+                try:
+                    new = merge_meter(settled.get(meter.name) or self._meters.get(meter.name),
+                                      meter)
+                except MeterConflict as exc:
+                    request.ticket.fail(exc)
+                    continue
+                if not new:
+                    request.ticket.done.set()
+                    continue
+                settled[meter.name] = meter
+            kept.append(request)
+        return kept
+
     async def _snapshot(self, requester: _Ticket | None) -> None:
         """Snapshot every shard at the current lsn, then drop the WAL it covers."""
         ticket = _Ticket()
@@ -411,6 +451,10 @@ class Engine:
         for send, _ in self._mailboxes:
             await send.send((_EXPORT, ticket))
         await ticket.done.wait()
+        if ticket.error is not None:  # a shard stopped: there is no consistent state to save
+            if requester is not None:
+                requester.fail(ticket.error)
+            return
         parts = [raw for _, raw in sorted(ticket.results)]
         engine_state = records.EngineState(
             limits=[records.wide_ints_as_decimals(limit.limit) for limit in self._limits.values()],
@@ -447,11 +491,15 @@ class Engine:
 
     async def _submit(self, request: _Write) -> _Ticket:
         self._check_open()
+        self._outstanding.add(request.ticket)
         try:
-            await self._write_send.send(request)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise EngineClosed("the engine is closed") from None
-        await request.ticket.wait()
+            try:
+                await self._write_send.send(request)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise EngineClosed("the engine is closed") from None
+            await request.ticket.wait()
+        finally:
+            self._outstanding.discard(request.ticket)
         return request.ticket
 
     def _check_open(self) -> None:
@@ -487,9 +535,8 @@ class Engine:
         if not merge_meter(self._meters.get(meter.name), meter_def):
             return self._meters[meter.name].meter
         key = b"meter:" + meter.name.encode()
+        # The writer decides again in commit order, where a concurrent definition may win.
         await self._submit(_Write(_Ticket(), meta=[(key, records.encode(meter))], meter=meter_def))
-        # A concurrent definition may have won the race; it was checked the same way.
-        merge_meter(self._meters.get(meter.name), meter_def)
         return meter
 
     def meters(self) -> list[Meter]:
@@ -582,9 +629,16 @@ class Engine:
         ticket = _Ticket()
         ticket.pending = len(shards)
         if shards:
-            for shard in shards:
-                await self._mailboxes[shard][0].send((_QUERY, plan, ticket))
-            await ticket.wait()
+            self._outstanding.add(ticket)
+            try:
+                for shard in shards:
+                    try:
+                        await self._mailboxes[shard][0].send((_QUERY, plan, ticket))
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        raise EngineClosed("the engine is closed") from None
+                await ticket.wait()
+            finally:
+                self._outstanding.discard(ticket)
         return finish_query(plan, ticket.results)
 
     async def snapshot(self) -> int:
@@ -624,6 +678,25 @@ class Engine:
             self._hub.next_seq,
         )
         return records.encode([shards, engine_state])
+
+
+def _fail_waiting(
+    current: tuple[Any, ...], receive: trio.MemoryReceiveChannel[Any], error: EngineClosed
+) -> None:
+    """A shard stopped: fail every ticket still waiting on it, so nothing waits forever
+    (the rest of the current message, and whatever is queued in its mailbox)."""
+    tickets = [ticket for _, _, ticket in current[1]]
+    while True:
+        try:
+            message = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+        if message[0] == _APPLY:
+            tickets.extend(ticket for _, _, ticket in message[1])
+        else:
+            tickets.append(message[-1])
+    for ticket in tickets:
+        ticket.fail(error)
 
 
 def _apply_work(state: ShardState, index: int, lsn: int, item: Any, ticket: _Ticket) -> None:

@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from io import BufferedRandom
 from pathlib import Path
@@ -57,6 +58,9 @@ class LmdbStore:
     ) -> None:
         self.path = Path(data_dir)
         self.max_map_bytes = max_map_bytes
+        # LMDB may only be resized while no transaction is open in the process: alert
+        # readers (worker threads) and the resize take this lock.
+        self._resize_lock = threading.Lock()
         self._lock_file = self._lock(self.path)
         try:
             self._open(map_bytes)
@@ -187,7 +191,8 @@ class LmdbStore:
                     ) from None
                 new_size = min(size * 2, self.max_map_bytes)
                 log.info("LMDB map full at %d bytes, growing to %d", size, new_size)
-                self.env.set_mapsize(new_size)
+                with self._resize_lock:
+                    self.env.set_mapsize(new_size)
             except lmdb.Error as exc:
                 if _is_disk_full(exc):
                     raise StorageFull(
@@ -241,7 +246,7 @@ class LmdbStore:
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         alerts: list[bytes] = []
-        with self.env.begin(db=self.alerts_db) as txn:
+        with self._resize_lock, self.env.begin(db=self.alerts_db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(LSN.pack(from_seq)):
                 return alerts
