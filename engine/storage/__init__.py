@@ -2,7 +2,7 @@
 
 May import lmdb and the standard library; never trio. ``LmdbStore`` is the
 real store; ``MemoryStore`` is a fake with the same contract for tests that run
-under a virtual clock (a worker thread and an autojump clock do not mix).
+under a virtual clock, and for tests that want no disk at all.
 """
 
 from engine.storage.base import Store, StoredSnapshot

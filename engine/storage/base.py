@@ -22,9 +22,6 @@ class StoredSnapshot:
 
 
 class Store(Protocol):
-    #: True if calls block on disk and should run in a worker thread.
-    blocking: bool
-
     def commit(
         self,
         wal: list[tuple[int, bytes]],

@@ -2,8 +2,9 @@
 
 Storage layer: imports lmdb and the standard library only. One process owns a
 data directory (an exclusive ``flock`` on ``LOCK``); within it, one task (the
-WAL writer) calls ``commit`` and ``write_snapshot``, each inside a single worker
-thread call, because an LMDB write transaction must begin and end on one thread.
+WAL writer) calls ``commit`` and ``write_snapshot``, each a complete write
+transaction within one call (an LMDB write transaction must begin and end on
+one thread).
 
 Layout of ``DATA_DIR/lmdb`` (named databases):
 
@@ -47,8 +48,6 @@ DEFAULT_MAX_MAP_BYTES = 1 << 40
 
 
 class LmdbStore:
-    blocking = True
-
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
@@ -58,8 +57,8 @@ class LmdbStore:
     ) -> None:
         self.path = Path(data_dir)
         self.max_map_bytes = max_map_bytes
-        # LMDB may only be resized while no transaction is open in the process: alert
-        # readers (worker threads) and the resize take this lock.
+        # LMDB may only be resized while no transaction is open in the process: should
+        # a reader ever run on another thread, it and the resize take this lock.
         self._resize_lock = threading.Lock()
         self._lock_file = self._lock(self.path)
         try:

@@ -12,8 +12,6 @@ from engine.storage.base import StoredSnapshot
 
 
 class MemoryStore:
-    blocking = False
-
     def __init__(self) -> None:
         self.wal: dict[int, bytes] = {}
         self.meta: dict[bytes, bytes] = {}
