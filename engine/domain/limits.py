@@ -157,7 +157,9 @@ class ShardLimits:
                 customer = customers[position]
                 if limit.customers is not None and customer not in limit.customers:
                     continue
-                if limit.dim_filters and not _dims_match(dims_keys[position], limit.dim_filters):
+                if limit.dim_filters and not _dims_match(
+                    meter_shard.dims_by_key[dims_keys[position]], limit.dim_filters
+                ):
                     continue
                 ts = times[position]
                 if not period[0] <= ts < period[1]:
@@ -209,10 +211,11 @@ class ShardLimits:
                     target[(customer, period_start)] = mask
 
 
-def _dims_match(dims_key: str, dim_filters: tuple[tuple[str, frozenset[str]], ...]) -> bool:
-    parts = dims_key.split("\x00") if dims_key else []
-    dims = dict(zip(parts[0::2], parts[1::2], strict=True))
-    return all(dims.get(key) in allowed for key, allowed in dim_filters)
+def _dims_match(
+    dims: tuple[tuple[str, str], ...], dim_filters: tuple[tuple[str, frozenset[str]], ...]
+) -> bool:
+    as_dict = dict(dims)
+    return all(as_dict.get(key) in allowed for key, allowed in dim_filters)
 
 
 def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
@@ -223,10 +226,8 @@ def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int
     merged: Any = None
     series_list: list[Series] = meter_shard.by_customer.get(customer, [])
     for series in series_list:
-        if limit.dim_filters:
-            dims = dict(series.dims)
-            if not all(dims.get(k) in allowed for k, allowed in limit.dim_filters):
-                continue
+        if limit.dim_filters and not _dims_match(series.dims, limit.dim_filters):
+            continue
         minutes = series.minutes
         lo = bisect_left(minutes, first)
         hi = bisect_left(minutes, last, lo)

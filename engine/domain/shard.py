@@ -143,7 +143,6 @@ class ShardState:
 
     def __init__(self) -> None:
         self.meters: dict[str, MeterShard] = {}
-        self.applied_lsn = 0
         self.limits: Any = None  # ShardLimits, installed by the engine (domain.limits)
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
@@ -179,7 +178,6 @@ class ShardState:
                 positions = [p for p in range(len(items)) if p not in skip]
                 crossings.extend(limits.after_apply(
                     meter_shard, items.customers, items.dims_keys, items.times, positions))
-        self.applied_lsn = lsn
         return accepted, duplicates, crossings
 
     # ----------------------------------------------------------------- query

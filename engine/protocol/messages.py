@@ -97,8 +97,6 @@ ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
 )
-REQUEST_TYPES = (Ping, DefineMeter, ListMeters, Ingest, QueryRequest, Stats,
-                 AddLimit, RemoveLimit, ListLimits, Subscribe, Unsubscribe)
 
 
 # --------------------------------------------------------------- server → client

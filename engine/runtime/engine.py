@@ -381,17 +381,12 @@ class Engine:
                 wal.append((lsn, request.record))
             if request.meta:
                 meta.extend(request.meta)
-        alerts = self._hub.take_unpersisted()
-        if wal or meta or alerts:
-            try:
-                await self._call_store(self._store.commit, wal, meta, alerts)
-            except MeteringError as exc:
-                self._hub.give_back(alerts)
-                for request in group:
-                    request.ticket.fail(exc)
-                return
-            self._hub.stored()
-            self._counters["commits"] += 1
+        try:
+            await self._commit(wal, meta)
+        except MeteringError as exc:
+            for request in group:
+                request.ticket.fail(exc)
+            return
         self._last_lsn = lsn
         per_shard: list[list[tuple[int, Any, _Ticket]]] = [[] for _ in self._mailboxes]
         for request in group:
@@ -421,6 +416,19 @@ class Engine:
         for shard, work in enumerate(per_shard):
             if work:
                 await self._mailboxes[shard][0].send((_APPLY, work))
+
+    async def _commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
+        """One durable transaction: these records, plus every alert not yet stored."""
+        alerts = self._hub.take_unpersisted()
+        if not (wal or meta or alerts):
+            return
+        try:
+            await self._call_store(self._store.commit, wal, meta, alerts)
+        except MeteringError:
+            self._hub.give_back(alerts)
+            raise
+        self._hub.stored()
+        self._counters["commits"] += 1
 
     def _settle_meter_definitions(self, group: list[_Write]) -> list[_Write]:
         """Decide meter definitions here, in commit order: of two conflicting definitions
@@ -462,15 +470,8 @@ class Engine:
         )
         snapshot = StoredSnapshot(self._last_lsn, self.shard_count, parts,
                                   records.encode(engine_state))
-        alerts = self._hub.take_unpersisted()
         try:
-            if alerts:  # the WAL that could regenerate them is about to be truncated
-                try:
-                    await self._call_store(self._store.commit, [], [], alerts)
-                except MeteringError:
-                    self._hub.give_back(alerts)
-                    raise
-                self._hub.stored()
+            await self._commit([], [])  # stores pending alerts: their WAL is about to go
             await self._call_store(self._store.write_snapshot, snapshot)
         except MeteringError as exc:
             log.error("snapshot at lsn %d failed: %s", snapshot.lsn, exc)
