@@ -249,7 +249,7 @@ def prepare_batch(
     integer value, a few string dimensions) and hands anything else to
     ``_prepare_one``, which checks in full and names the problem.
     """
-    by_meter: dict[MeterDef, list[Columns]] = {}
+    by_meter: dict[MeterDef, list[Columns | None]] = {}
     problems: list[EventProblem] = []
     if now_ms is None:
         # Trusted replay: the batch was valid when logged; today's limits may be stricter.
@@ -334,8 +334,11 @@ def prepare_batch(
             shard = shard_cache[customer] = shard_of(customer, shard_count)
         per_shard = by_meter.get(meter)
         if per_shard is None:
-            per_shard = by_meter[meter] = [Columns() for _ in range(shard_count)]
+            per_shard = by_meter[meter] = [None] * shard_count
         columns = per_shard[shard]
+        if columns is None:
+            # Made on first use: with many shards most get no events of a meter in a batch.
+            columns = per_shard[shard] = Columns()
         columns.customers.append(customer)
         columns.dims_keys.append(dims_key)
         columns.times.append(ts)
@@ -349,7 +352,7 @@ def prepare_batch(
     slices: list[ShardSlice] = [[] for _ in range(shard_count)]
     for meter, per_shard in by_meter.items():
         for shard, columns in enumerate(per_shard):
-            if columns.times:
+            if columns is not None:
                 slices[shard].append((meter, columns))
     return slices
 
