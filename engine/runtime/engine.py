@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -53,12 +54,15 @@ from engine.errors import (
     InvalidRequest,
     MeterConflict,
     MeteringError,
+    StorageError,
+    StorageFull,
     UnknownMeter,
 )
 from engine.runtime.alerts import AlertHub, AlertSubscription, alert_from_crossing
 from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store, StoredSnapshot
+from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ WRITE_QUEUE = 64
 MAILBOX_SIZE = 64
 DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
 GC_GEN0_THRESHOLD = 50_000
+SNAPSHOT_RETRY_MIN_S = 1.0
+SNAPSHOT_RETRY_MAX_S = 60.0
 
 
 def wall_clock_ms() -> int:
@@ -167,6 +173,10 @@ class Engine:
         self._closed = False
         self._failure: BaseException | None = None
         self._wal_bytes_since_snapshot = 0
+        # After a snapshot failed for lack of space: no automatic retry before this
+        # trio time; the wait doubles per failure (SNAPSHOT_RETRY_MIN_S .. _MAX_S).
+        self._snapshot_not_before = -math.inf
+        self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._counters = {"accepted": 0, "duplicates": 0, "batches": 0, "commits": 0, "snaps": 0}
         self._recovery_ms = 0
         self._limits: dict[str, LimitDef] = {}  # in the order they were added
@@ -366,6 +376,7 @@ class Engine:
                     await self._commit_group(group)
                     if group[-1].snapshot or (
                         self._wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                        and trio.current_time() >= self._snapshot_not_before
                     ):
                         await self._snapshot(group[-1].ticket if group[-1].snapshot else None)
 
@@ -383,10 +394,19 @@ class Engine:
                 meta.extend(request.meta)
         try:
             await self._commit(wal, meta)
-        except MeteringError as exc:
+        except StorageFull as exc:
+            # Nothing of the group was written: refuse it, keep serving.
             for request in group:
                 request.ticket.fail(exc)
             return
+        except Exception as exc:
+            # The store failed in a way we cannot reason about: stop (fail-stop); the
+            # next start recovers from what was durably committed.
+            error = _storage_stopped(exc)
+            self._failure = error
+            for request in group:
+                request.ticket.fail(error)
+            raise error from exc
         self._last_lsn = lsn
         per_shard: list[list[tuple[int, Any, _Ticket]]] = [[] for _ in self._mailboxes]
         for request in group:
@@ -473,11 +493,23 @@ class Engine:
         try:
             await self._commit([], [])  # stores pending alerts: their WAL is about to go
             await self._call_store(self._store.write_snapshot, snapshot)
-        except MeteringError as exc:
-            log.error("snapshot at lsn %d failed: %s", snapshot.lsn, exc)
+        except StorageFull as exc:
+            # The WAL is intact and keeps covering everything: try again later.
+            self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
+            log.error("snapshot at lsn %d failed, retrying in %.0f s at the earliest: %s",
+                      snapshot.lsn, self._snapshot_retry_s, exc)
+            self._snapshot_retry_s = min(self._snapshot_retry_s * 2, SNAPSHOT_RETRY_MAX_S)
             if requester is not None:
                 requester.fail(exc)
             return
+        except Exception as exc:
+            error = _storage_stopped(exc)
+            self._failure = error
+            if requester is not None:
+                requester.fail(error)
+            raise error from exc
+        self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
+        self._snapshot_not_before = -math.inf
         self._wal_bytes_since_snapshot = 0
         self._counters["snaps"] += 1
         if requester is not None:
@@ -686,6 +718,14 @@ class Engine:
         return records.encode([shards, engine_state])
 
 
+def _storage_stopped(exc: BaseException) -> StorageError:
+    """The error for a store failure that stops the engine (anything but a full disk)."""
+    return StorageError(
+        f"storage failure, the engine stopped (fail-stop): {exc}. The request was not "
+        "applied; restart the engine to recover what was acknowledged."
+    )
+
+
 def _fail_waiting(
     current: tuple[Any, ...], receive: trio.MemoryReceiveChannel[Any], error: EngineClosed
 ) -> None:
@@ -731,6 +771,7 @@ async def open_engine(
     clock_ms: Callable[[], int] | None = None,
     snapshot_every_bytes: int = DEFAULT_SNAPSHOT_EVERY_BYTES,
     map_bytes: int | None = None,
+    max_map_bytes: int | None = None,
     snapshot_on_close: bool = True,
     tune_gc: bool = True,
 ) -> AsyncIterator[Engine]:
@@ -752,7 +793,8 @@ async def open_engine(
     if store is None:
         if data_dir is None:
             raise ValueError("open_engine needs a data_dir (or a store)")
-        store = LmdbStore(data_dir, **({"map_bytes": map_bytes} if map_bytes else {}))
+        store = LmdbStore(data_dir, map_bytes=map_bytes or DEFAULT_MAP_BYTES,
+                          max_map_bytes=max_map_bytes or DEFAULT_MAX_MAP_BYTES)
     try:
         engine = Engine(
             store,
