@@ -304,11 +304,14 @@ class Engine:
 
     async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                for index, (_, receive) in enumerate(self._mailboxes):
-                    nursery.start_soon(self._shard_actor, index, receive)
-                nursery.start_soon(self._writer)
-                task_status.started()
+            # The task that failed first stops the engine: its error, not a nested group,
+            # is what ``open_engine`` raises (a storage failure arrives as StorageError).
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    for index, (_, receive) in enumerate(self._mailboxes):
+                        nursery.start_soon(self._shard_actor, index, receive)
+                    nursery.start_soon(self._writer)
+                    task_status.started()
         finally:
             # However the tasks ended, nobody may wait forever for an answer.
             closed = EngineClosed(f"the engine stopped: {self._failure!r}"
@@ -496,7 +499,7 @@ class Engine:
         except StorageFull as exc:
             # The WAL is intact and keeps covering everything: try again later.
             self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
-            log.error("snapshot at lsn %d failed, retrying in %.0f s at the earliest: %s",
+            log.error("snapshot at lsn %d failed, retrying in %.1f s at the earliest: %s",
                       snapshot.lsn, self._snapshot_retry_s, exc)
             self._snapshot_retry_s = min(self._snapshot_retry_s * 2, SNAPSHOT_RETRY_MAX_S)
             if requester is not None:
