@@ -6,7 +6,9 @@ WAL writer) calls ``commit`` and ``write_snapshot``, each a complete write
 transaction within one call (an LMDB write transaction must begin and end on
 one thread).
 
-Layout of ``DATA_DIR/lmdb`` (named databases):
+A data directory holds ``LOCK`` (whose content records that the directory was
+initialised) and ``lmdb/``, created complete under a temporary name and then
+renamed. Layout of ``lmdb/`` (named databases):
 
 - ``wal``: 8-byte big-endian lsn → one encoded batch. Appended with
   ``append=True`` (whose ``False`` return on an out-of-order key is checked).
@@ -16,8 +18,15 @@ Layout of ``DATA_DIR/lmdb`` (named databases):
   ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
 - ``alerts``: 8-byte big-endian seq → one encoded alert.
 
+Every value but ``format`` starts with a 4-byte CRC-32 of the rest (format 2;
+format 1 stores, without checksums, are still read and written as they are).
+
 The environment is opened with ``sync=True, metasync=True``: a returned commit
-has been fsynced.
+has been fsynced. Errors: ``DataDirError`` when the directory is not a usable
+store (foreign, locked, missing, truncated, corrupt, newer format), checked
+before LMDB maps the file; ``StorageFull`` when a write finds no room (the map
+may not grow further, or the filesystem is full), nothing of it written;
+``StorageError`` for any other failed write.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import shutil
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BufferedRandom
@@ -40,11 +50,12 @@ import lmdb.verify
 import msgspec
 
 from engine.errors import DataDirError, StorageError, StorageFull
-from engine.storage.base import FORMAT_VERSION, StoredSnapshot
+from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, StoredSnapshot
 
 log = logging.getLogger(__name__)
 
 LSN = struct.Struct(">Q")
+CHECKSUM = struct.Struct(">I")
 PART_INDEX = struct.Struct(">I")
 LMDB_DIR = "lmdb"
 LMDB_BUILDING_DIR = "lmdb.creating"
@@ -165,6 +176,8 @@ class LmdbStore:
                 ) from None
             version = txn.get(b"format", db=self.meta_db)
             _check_format(lmdb_dir, version)
+            # Format 1 stores carry no checksums; they keep being written without.
+            self._checksums = version != LEGACY_FORMAT_VERSION
             # ``create`` only writes when a database is missing (none are, in a store
             # this version created).
             self.wal_db = self.env.open_db(b"wal", txn=txn)
@@ -233,15 +246,15 @@ class LmdbStore:
         alerts: list[tuple[int, bytes]],
     ) -> None:
         for seq, alert in alerts:
-            txn.put(LSN.pack(seq), alert, db=self.alerts_db)
+            txn.put(LSN.pack(seq), self._seal(alert), db=self.alerts_db)
         if wal:
             cursor = txn.cursor(db=self.wal_db)
             for lsn, record in wal:
-                if not cursor.put(LSN.pack(lsn), record, append=True):
+                if not cursor.put(LSN.pack(lsn), self._seal(record), append=True):
                     raise StorageError(f"WAL append out of order at lsn {lsn}")
-            txn.put(b"last_lsn", LSN.pack(wal[-1][0]), db=self.meta_db)
+            txn.put(b"last_lsn", self._seal(LSN.pack(wal[-1][0])), db=self.meta_db)
         for key, value in meta:
-            txn.put(key, value, db=self.meta_db)
+            txn.put(key, self._seal(value), db=self.meta_db)
 
     def write_snapshot(self, snapshot: StoredSnapshot) -> None:
         size_bytes = sum(len(part) for part in snapshot.parts) + len(snapshot.engine_state)
@@ -250,10 +263,10 @@ class LmdbStore:
     def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot) -> None:
         txn.drop(self.snapshot_db, delete=False)
         for index, part in enumerate(snapshot.parts):
-            txn.put(b"part" + PART_INDEX.pack(index), part, db=self.snapshot_db)
+            txn.put(b"part" + PART_INDEX.pack(index), self._seal(part), db=self.snapshot_db)
         header = msgspec.msgpack.encode([snapshot.lsn, snapshot.shard_count, len(snapshot.parts)])
-        txn.put(b"header", header, db=self.snapshot_db)
-        txn.put(b"engine", snapshot.engine_state, db=self.snapshot_db)
+        txn.put(b"header", self._seal(header), db=self.snapshot_db)
+        txn.put(b"engine", self._seal(snapshot.engine_state), db=self.snapshot_db)
         cursor = txn.cursor(db=self.wal_db)
         last_key = LSN.pack(snapshot.lsn)
         if cursor.first():
@@ -309,12 +322,13 @@ class LmdbStore:
             if not cursor.set_range(LSN.pack(after_lsn + 1)):
                 return
             for key, value in cursor:
-                yield LSN.unpack(key)[0], value
+                lsn = LSN.unpack(key)[0]
+                yield lsn, self._unseal(value, f"write-ahead log record {lsn}")
 
     def last_lsn(self) -> int:
         with self._reading("the catalogue"), self.env.begin() as txn:
             raw = txn.get(b"last_lsn", db=self.meta_db)
-        return 0 if raw is None else LSN.unpack(raw)[0]
+        return 0 if raw is None else LSN.unpack(self._unseal(raw, "last_lsn"))[0]
 
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         with self._reading("the catalogue"), self.env.begin(db=self.meta_db) as txn:
@@ -324,14 +338,15 @@ class LmdbStore:
                 for key, value in cursor:
                     if not key.startswith(prefix):
                         break
-                    items.append((key, value))
+                    items.append((key, self._unseal(value, f"catalogue entry {key!r}")))
         return items
 
     def load_snapshot(self) -> StoredSnapshot | None:
         with self._reading("the snapshot"), self.env.begin(db=self.snapshot_db) as txn:
-            header = txn.get(b"header")
-            if header is None:
+            sealed_header = txn.get(b"header")
+            if sealed_header is None:
                 return None
+            header = self._unseal(sealed_header, "snapshot header")
             try:
                 lsn, shard_count, part_count = msgspec.msgpack.decode(header)
             except (msgspec.DecodeError, ValueError, TypeError):
@@ -341,8 +356,10 @@ class LmdbStore:
                 part = txn.get(b"part" + PART_INDEX.pack(index))
                 if part is None:
                     raise DataDirError(f"snapshot part {index} of {part_count} is missing")
-                parts.append(part)
-            engine_state = txn.get(b"engine") or b""
+                parts.append(self._unseal(part, f"snapshot part {index}"))
+            sealed_engine = txn.get(b"engine")
+            engine_state = b"" if sealed_engine is None else self._unseal(
+                sealed_engine, "snapshot engine state")
         return StoredSnapshot(lsn, shard_count, parts, engine_state)
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
@@ -353,10 +370,28 @@ class LmdbStore:
             if not cursor.set_range(LSN.pack(from_seq)):
                 return alerts
             for value in cursor.iternext(keys=False, values=True):
-                alerts.append(value)
+                alerts.append(self._unseal(value, "stored alert"))
                 if len(alerts) >= max_count:
                     break
         return alerts
+
+    def _seal(self, value: bytes) -> bytes:
+        """A stored value: its CRC-32 then the value (LMDB itself checks no data)."""
+        if not self._checksums:
+            return value
+        return CHECKSUM.pack(zlib.crc32(value)) + value
+
+    def _unseal(self, stored: bytes, what: str) -> bytes:
+        if not self._checksums:
+            return stored
+        value = stored[CHECKSUM.size:]
+        if len(stored) < CHECKSUM.size or CHECKSUM.unpack_from(stored)[0] != zlib.crc32(value):
+            raise DataDirError(
+                f"{what} in {str(self.path)!r} is corrupt (checksum mismatch): the data "
+                "directory was damaged. Restore it from a backup; the engine will not "
+                "start over it."
+            )
+        return value
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[None]:
@@ -408,7 +443,7 @@ def _out_of_space(exc: lmdb.Error, path: Path, size_bytes: int) -> bool:
 
 
 def _check_format(lmdb_dir: Path, version: bytes | None) -> None:
-    if version == FORMAT_VERSION:
+    if version in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
         return
     if version is None or not version.startswith(FORMAT_PREFIX):
         raise DataDirError(
