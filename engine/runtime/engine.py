@@ -73,6 +73,8 @@ MAILBOX_SIZE = 64
 DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
 GC_GEN0_THRESHOLD = 50_000
 SNAPSHOT_RETRY_MIN_S = 1.0
+DAMAGED = ("the data directory is damaged or was written by a buggy version: restore it from "
+           "a backup; the engine will not start over it")
 SNAPSHOT_RETRY_MAX_S = 60.0
 
 
@@ -197,7 +199,9 @@ class Engine:
             try:
                 meter_def = check_meter(records.decode_meter(raw), self.limits)
             except (msgspec.DecodeError, ValueError) as exc:
-                raise DataDirError(f"stored meter {key!r} is unreadable: {exc}") from None
+                raise DataDirError(
+                    f"stored meter {key!r} is unreadable: {exc}; {DAMAGED}"
+                ) from None
             self._meters[meter_def.name] = meter_def
         snapshot = self._store.load_snapshot()
         next_alert_seq = 0
@@ -212,14 +216,18 @@ class Engine:
                     next_alert_seq = self._restore_snapshot(snapshot)
                 except (msgspec.DecodeError, KeyError, ValueError, LimitError) as exc:
                     raise DataDirError(
-                        f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}"
+                        f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}; {DAMAGED}"
                     ) from None
                 applied = snapshot.lsn
-            self._hub.restore(next_alert_seq)
+            try:
+                self._hub.restore(next_alert_seq)
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise DataDirError(f"a stored alert is unreadable: {exc}; {DAMAGED}") from None
             for lsn, raw in self._store.read_wal(applied):
                 if lsn != applied + 1:
                     raise DataDirError(
-                        f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}"
+                        f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}; "
+                        f"{DAMAGED}"
                     )
                 self._replay(lsn, raw)
                 applied = lsn
@@ -245,11 +253,15 @@ class Engine:
         try:
             record = records.decode_record(raw)
         except msgspec.DecodeError as exc:
-            raise DataDirError(f"write-ahead log record {lsn} is corrupt: {exc}") from None
+            raise DataDirError(
+                f"write-ahead log record {lsn} is corrupt: {exc}; {DAMAGED}"
+            ) from None
         try:
             work = self._work_for(record)
         except (InvalidRequest, LimitError) as exc:
-            raise DataDirError(f"write-ahead log record {lsn} cannot be replayed: {exc}") from None
+            raise DataDirError(
+                f"write-ahead log record {lsn} cannot be replayed: {exc}; {DAMAGED}"
+            ) from None
         ticket = _Ticket(record.received_ms)
         ticket.lsn = lsn
         try:
@@ -258,7 +270,7 @@ class Engine:
                     _apply_work(state, index, lsn, item, ticket)
         except Exception as exc:
             raise DataDirError(
-                f"write-ahead log record {lsn} could not be applied: {exc!r}"
+                f"write-ahead log record {lsn} could not be applied: {exc!r}; {DAMAGED}"
             ) from exc
         self._hub.append(self._alerts_of(ticket))
         self._wal_bytes_since_snapshot += len(raw)
