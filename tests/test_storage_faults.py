@@ -226,6 +226,28 @@ async def test_out_of_space_refuses_until_space_returns(
         assert [m.name for m in eng.meters()] == ["calls", "later"]
 
 
+async def test_storage_full_over_tcp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serving: Any,
+) -> None:
+    """The client gets the typed error; the connection and the server stay up."""
+    free_space(monkeypatch, 0)
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: NOW) as eng, \
+            serving(eng) as server, open_client("127.0.0.1", server.port) as client:
+        await client.define_meter(CALLS)
+        await client.ingest(batch("kept"))
+        with failing_commits(monkeypatch, SHORT_WRITE_ERROR) as control:
+            with pytest.raises(StorageFull) as caught:
+                await client.ingest(batch("refused"))
+            assert caught.value.code == "storage_full"
+            assert "nothing in it was applied" in str(caught.value)
+            assert await total(client) == batch_total(batch("kept"))
+            control["on"] = False
+            ack = await client.ingest(batch("refused"))
+        assert (ack.accepted, ack.duplicates) == (100, 0)
+        async with open_client("127.0.0.1", server.port) as other:
+            assert await total(other) == 2 * batch_total(batch("kept"))
+
+
 async def test_eio_with_room_on_the_disk_stops_the_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -311,17 +333,19 @@ def test_out_of_space_classification(tmp_path: Path, monkeypatch: pytest.MonkeyP
 # ------------------------------------------------- a real full disk (tmpfs)
 
 
-@contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs mounted at ``tmp_path / "disk"``; skips when mounting is refused."""
+    path = tmp_path / "disk"
+    path.mkdir()
     if not sys.platform.startswith("linux") or shutil.which("mount") is None:
         pytest.skip("needs Linux mount(8) to make a small tmpfs")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): "
-                    f"{mounted.stderr.strip()}; test_a_capped_map_refuses_batches_but_keeps_"
-                    "serving and test_out_of_space_refuses_until_space_returns cover the path")
+        reason = (mounted.stderr.strip().splitlines() or ["?"])[0]
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {reason}; the "
+                    "capped-map and injected-error tests cover the same refusal path")
     try:
         yield path
     finally:
@@ -333,77 +357,77 @@ def remount(path: Path, size: str) -> None:
 
 
 async def test_disk_full_on_a_real_filesystem(
-    tmp_path: Path, serving: Any, caplog: pytest.LogCaptureFixture,
+    small_tmpfs: Path, serving: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 12 MiB tmpfs under a 1 GiB map: LMDB's own errors, over the API and over TCP."""
     caplog.set_level(logging.INFO)
-    with small_tmpfs(tmp_path / "disk", "12m") as disk:
-        data = disk / "data"
-        filler = disk / "filler"
-        filler.write_bytes(b"\0" * (3 << 20))
-        figures: dict[str, float] = {}
-        async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
-            await eng.define_meter(CALLS)
-            await eng.add_limit(Limit(id="cap", meter_api_name="calls", thresholds=[1],
-                                      customer_id="watched", period="total"))
-            acked, refused, error = await ingest_until_full(eng, "a")
-            assert "storage full: no space left on the filesystem" in str(error)
-            assert "the request was refused and nothing in it was applied" in str(error)
-            state, lsn = eng.export_state(), eng.statistics().last_lsn
-            crossing = batch("w", customer="watched")
-            for attempt in (refused, crossing, refused):
-                started = time.perf_counter()
-                with pytest.raises(StorageFull):
-                    await eng.ingest(attempt)
-                figures["refuse_ms"] = (time.perf_counter() - started) * 1000
-            with pytest.raises(StorageFull):
-                await eng.snapshot()  # the state is far larger than the room left
-            assert eng.export_state() == state and eng.statistics().last_lsn == lsn
-            assert eng.next_alert_seq() == 0
-            assert await total(eng) == acked
-
-            async with serving(eng) as server, open_client("127.0.0.1", server.port) as client:
-                with pytest.raises(StorageFull, match="no space left"):
-                    await client.ingest(refused)
-                assert await total(client) == acked  # the same connection still answers
-                assert [limit.id for limit in await client.list_limits()] == ["cap"]
-                async with open_client("127.0.0.1", server.port) as other:
-                    with pytest.raises(StorageFull):
-                        await other.ingest(crossing)
-                    assert await total(other) == acked
-
-                # Space returns (a file is deleted): the next batch is accepted.
-                filler.unlink()
-                started = time.perf_counter()
-                ack = await client.ingest(refused)
-                figures["first_ack_after_delete_ms"] = (time.perf_counter() - started) * 1000
-                assert (ack.accepted, ack.duplicates) == (len(refused), 0)
-            acked += batch_total(refused)
-            ack = await eng.ingest(crossing, report_alerts=True)
-            assert [(a.seq, a.customer_id) for a in ack.alerts] == [(0, "watched")]
-            acked += batch_total(crossing)
-            more, refused, _ = await ingest_until_full(eng, "b")
-            acked += more
-            assert await total(eng) == acked
-        # Closed on a full disk: the snapshot on close failed (logged), the WAL is whole.
-        assert "snapshot at lsn" in caplog.text and "failed" in caplog.text
-
-        # Reopen on the still-full disk: recovery needs no room; reads work, writes wait.
-        async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
-            assert await total(eng) == acked
-            async with eng.subscribe(0) as alerts:
-                assert (await alerts.__anext__()).customer_id == "watched"
-            with pytest.raises(StorageFull):
-                await eng.ingest(refused)
-            remount(disk, "64m")  # the filesystem grows
-            ack = await eng.ingest(refused)
-            assert (ack.accepted, ack.duplicates) == (len(refused), 0)
-            acked += batch_total(refused)
+    disk = small_tmpfs
+    data = disk / "data"
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (3 << 20))
+    figures: dict[str, float] = {}
+    async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
+        await eng.define_meter(CALLS)
+        await eng.add_limit(Limit(id="cap", meter_api_name="calls", thresholds=[1],
+                                  customer_id="watched", period="total"))
+        acked, refused, error = await ingest_until_full(eng, "a")
+        assert "storage full: no space left on the filesystem" in str(error)
+        assert "the request was refused and nothing in it was applied" in str(error)
+        state, lsn = eng.export_state(), eng.statistics().last_lsn
+        crossing = batch("w", customer="watched")
+        for attempt in (refused, crossing, refused):
             started = time.perf_counter()
-            await eng.snapshot()
-            figures["snapshot_ms"] = (time.perf_counter() - started) * 1000
-            state = eng.export_state()
-        async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
-            assert await total(eng) == acked
-            assert eng.export_state() == state
-        print("disk-full figures:", {k: round(v, 1) for k, v in figures.items()})
+            with pytest.raises(StorageFull):
+                await eng.ingest(attempt)
+            figures["refuse_ms"] = (time.perf_counter() - started) * 1000
+        with pytest.raises(StorageFull):
+            await eng.snapshot()  # the state is far larger than the room left
+        assert eng.export_state() == state and eng.statistics().last_lsn == lsn
+        assert eng.next_alert_seq() == 0
+        assert await total(eng) == acked
+
+        async with serving(eng) as server, open_client("127.0.0.1", server.port) as client:
+            with pytest.raises(StorageFull, match="no space left"):
+                await client.ingest(refused)
+            assert await total(client) == acked  # the same connection still answers
+            assert [limit.id for limit in await client.list_limits()] == ["cap"]
+            async with open_client("127.0.0.1", server.port) as other:
+                with pytest.raises(StorageFull):
+                    await other.ingest(crossing)
+                assert await total(other) == acked
+
+            # Space returns (a file is deleted): the next batch is accepted.
+            filler.unlink()
+            started = time.perf_counter()
+            ack = await client.ingest(refused)
+            figures["first_ack_after_delete_ms"] = (time.perf_counter() - started) * 1000
+            assert (ack.accepted, ack.duplicates) == (len(refused), 0)
+        acked += batch_total(refused)
+        ack = await eng.ingest(crossing, report_alerts=True)
+        assert [(a.seq, a.customer_id) for a in ack.alerts] == [(0, "watched")]
+        acked += batch_total(crossing)
+        more, refused, _ = await ingest_until_full(eng, "b")
+        acked += more
+        assert await total(eng) == acked
+    # Closed on a full disk: the snapshot on close failed (logged), the WAL is whole.
+    assert "snapshot at lsn" in caplog.text and "failed" in caplog.text
+
+    # Reopen on the still-full disk: recovery needs no room; reads work, writes wait.
+    async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
+        assert await total(eng) == acked
+        async with eng.subscribe(0) as alerts:
+            assert (await alerts.__anext__()).customer_id == "watched"
+        with pytest.raises(StorageFull):
+            await eng.ingest(refused)
+        remount(disk, "64m")  # the filesystem grows
+        ack = await eng.ingest(refused)
+        assert (ack.accepted, ack.duplicates) == (len(refused), 0)
+        acked += batch_total(refused)
+        started = time.perf_counter()
+        await eng.snapshot()
+        figures["snapshot_ms"] = (time.perf_counter() - started) * 1000
+        state = eng.export_state()
+    async with open_engine(data, shards=4, clock_ms=lambda: NOW) as eng:
+        assert await total(eng) == acked
+        assert eng.export_state() == state
+    print("disk-full figures:", {k: round(v, 1) for k, v in figures.items()})
