@@ -73,9 +73,9 @@ MAILBOX_SIZE = 64
 DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
 GC_GEN0_THRESHOLD = 50_000
 SNAPSHOT_RETRY_MIN_S = 1.0
+SNAPSHOT_RETRY_MAX_S = 60.0
 DAMAGED = ("the data directory is damaged or was written by a buggy version: restore it from "
            "a backup; the engine will not start over it")
-SNAPSHOT_RETRY_MAX_S = 60.0
 
 
 def wall_clock_ms() -> int:
@@ -511,8 +511,12 @@ class Engine:
         except StorageFull as exc:
             # The WAL is intact and keeps covering everything: try again later.
             self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
-            log.error("snapshot at lsn %d failed, retrying in %.1f s at the earliest: %s",
-                      snapshot.lsn, self._snapshot_retry_s, exc)
+            if self._closed:
+                log.error("snapshot at lsn %d on close failed; the write-ahead log is kept and "
+                          "replayed at the next start: %s", snapshot.lsn, exc)
+            else:
+                log.error("snapshot at lsn %d failed, retrying in %.1f s at the earliest: %s",
+                          snapshot.lsn, self._snapshot_retry_s, exc)
             self._snapshot_retry_s = min(self._snapshot_retry_s * 2, SNAPSHOT_RETRY_MAX_S)
             if requester is not None:
                 requester.fail(exc)
