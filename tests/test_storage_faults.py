@@ -153,6 +153,15 @@ async def test_a_capped_map_refuses_batches_but_keeps_serving(tmp_path: Path) ->
         assert await total(eng) == acked + batch_total(refused) + batch_total(crossing)
 
 
+async def test_max_map_bytes_alone_caps_the_initial_map_too(tmp_path: Path) -> None:
+    async with open_engine(tmp_path / "a", clock_ms=lambda: NOW, max_map_bytes=2 << 20) as eng:
+        assert isinstance(eng._store, LmdbStore)
+        assert eng._store.env.info()["map_size"] == 2 << 20
+    with pytest.raises(ValueError, match="map_bytes <= max_map_bytes"):
+        async with open_engine(tmp_path / "b", map_bytes=4 << 20, max_map_bytes=2 << 20):
+            pass
+
+
 # ------------------------------------------- what LMDB raises, without root
 
 

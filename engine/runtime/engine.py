@@ -812,8 +812,9 @@ async def open_engine(
     if store is None:
         if data_dir is None:
             raise ValueError("open_engine needs a data_dir (or a store)")
-        store = LmdbStore(data_dir, map_bytes=map_bytes or DEFAULT_MAP_BYTES,
-                          max_map_bytes=max_map_bytes or DEFAULT_MAX_MAP_BYTES)
+        max_map_bytes = max_map_bytes or DEFAULT_MAX_MAP_BYTES
+        store = LmdbStore(data_dir, map_bytes=map_bytes or min(DEFAULT_MAP_BYTES, max_map_bytes),
+                          max_map_bytes=max_map_bytes)
     try:
         engine = Engine(
             store,

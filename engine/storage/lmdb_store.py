@@ -81,8 +81,11 @@ class LmdbStore:
         max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
         verify: bool = True,
     ) -> None:
+        if not 0 < map_bytes <= max_map_bytes:
+            raise ValueError(f"need 0 < map_bytes <= max_map_bytes, got {map_bytes} and "
+                             f"{max_map_bytes}")
         self.path = Path(data_dir)
-        self.max_map_bytes = max(max_map_bytes, map_bytes)
+        self.max_map_bytes = max_map_bytes
         # LMDB may only be resized while no transaction is open in the process: should
         # a reader ever run on another thread, it and the resize take this lock.
         self._resize_lock = threading.Lock()
