@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -53,12 +54,15 @@ from engine.errors import (
     InvalidRequest,
     MeterConflict,
     MeteringError,
+    StorageError,
+    StorageFull,
     UnknownMeter,
 )
 from engine.runtime.alerts import AlertHub, AlertSubscription, alert_from_crossing
 from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store, StoredSnapshot
+from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,10 @@ WRITE_QUEUE = 64
 MAILBOX_SIZE = 64
 DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
 GC_GEN0_THRESHOLD = 50_000
+SNAPSHOT_RETRY_MIN_S = 1.0
+SNAPSHOT_RETRY_MAX_S = 60.0
+DAMAGED = ("the data directory is damaged or was written by a buggy version: restore it from "
+           "a backup; the engine will not start over it")
 
 
 def wall_clock_ms() -> int:
@@ -167,6 +175,10 @@ class Engine:
         self._closed = False
         self._failure: BaseException | None = None
         self._wal_bytes_since_snapshot = 0
+        # After a snapshot failed for lack of space: no automatic retry before this
+        # trio time; the wait doubles per failure (SNAPSHOT_RETRY_MIN_S .. _MAX_S).
+        self._snapshot_not_before = -math.inf
+        self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._counters = {"accepted": 0, "duplicates": 0, "batches": 0, "commits": 0, "snaps": 0}
         self._recovery_ms = 0
         self._limits: dict[str, LimitDef] = {}  # in the order they were added
@@ -187,7 +199,9 @@ class Engine:
             try:
                 meter_def = check_meter(records.decode_meter(raw), self.limits)
             except (msgspec.DecodeError, ValueError) as exc:
-                raise DataDirError(f"stored meter {key!r} is unreadable: {exc}") from None
+                raise DataDirError(
+                    f"stored meter {key!r} is unreadable: {exc}; {DAMAGED}"
+                ) from None
             self._meters[meter_def.name] = meter_def
         snapshot = self._store.load_snapshot()
         next_alert_seq = 0
@@ -202,14 +216,18 @@ class Engine:
                     next_alert_seq = self._restore_snapshot(snapshot)
                 except (msgspec.DecodeError, KeyError, ValueError, LimitError) as exc:
                     raise DataDirError(
-                        f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}"
+                        f"snapshot at lsn {snapshot.lsn} is corrupt: {exc}; {DAMAGED}"
                     ) from None
                 applied = snapshot.lsn
-            self._hub.restore(next_alert_seq)
+            try:
+                self._hub.restore(next_alert_seq)
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise DataDirError(f"a stored alert is unreadable: {exc}; {DAMAGED}") from None
             for lsn, raw in self._store.read_wal(applied):
                 if lsn != applied + 1:
                     raise DataDirError(
-                        f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}"
+                        f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}; "
+                        f"{DAMAGED}"
                     )
                 self._replay(lsn, raw)
                 applied = lsn
@@ -235,11 +253,15 @@ class Engine:
         try:
             record = records.decode_record(raw)
         except msgspec.DecodeError as exc:
-            raise DataDirError(f"write-ahead log record {lsn} is corrupt: {exc}") from None
+            raise DataDirError(
+                f"write-ahead log record {lsn} is corrupt: {exc}; {DAMAGED}"
+            ) from None
         try:
             work = self._work_for(record)
         except (InvalidRequest, LimitError) as exc:
-            raise DataDirError(f"write-ahead log record {lsn} cannot be replayed: {exc}") from None
+            raise DataDirError(
+                f"write-ahead log record {lsn} cannot be replayed: {exc}; {DAMAGED}"
+            ) from None
         ticket = _Ticket(record.received_ms)
         ticket.lsn = lsn
         try:
@@ -248,7 +270,7 @@ class Engine:
                     _apply_work(state, index, lsn, item, ticket)
         except Exception as exc:
             raise DataDirError(
-                f"write-ahead log record {lsn} could not be applied: {exc!r}"
+                f"write-ahead log record {lsn} could not be applied: {exc!r}; {DAMAGED}"
             ) from exc
         self._hub.append(self._alerts_of(ticket))
         self._wal_bytes_since_snapshot += len(raw)
@@ -294,11 +316,14 @@ class Engine:
 
     async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                for index, (_, receive) in enumerate(self._mailboxes):
-                    nursery.start_soon(self._shard_actor, index, receive)
-                nursery.start_soon(self._writer)
-                task_status.started()
+            # The task that failed first stops the engine: its error, not a nested group,
+            # is what ``open_engine`` raises (a storage failure arrives as StorageError).
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    for index, (_, receive) in enumerate(self._mailboxes):
+                        nursery.start_soon(self._shard_actor, index, receive)
+                    nursery.start_soon(self._writer)
+                    task_status.started()
         finally:
             # However the tasks ended, nobody may wait forever for an answer.
             closed = EngineClosed(f"the engine stopped: {self._failure!r}"
@@ -366,6 +391,7 @@ class Engine:
                     await self._commit_group(group)
                     if group[-1].snapshot or (
                         self._wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                        and trio.current_time() >= self._snapshot_not_before
                     ):
                         await self._snapshot(group[-1].ticket if group[-1].snapshot else None)
 
@@ -383,10 +409,19 @@ class Engine:
                 meta.extend(request.meta)
         try:
             await self._commit(wal, meta)
-        except MeteringError as exc:
+        except StorageFull as exc:
+            # Nothing of the group was written: refuse it, keep serving.
             for request in group:
                 request.ticket.fail(exc)
             return
+        except Exception as exc:
+            # The store failed in a way we cannot reason about: stop (fail-stop); the
+            # next start recovers from what was durably committed.
+            error = _storage_stopped(exc)
+            self._failure = error
+            for request in group:
+                request.ticket.fail(error)
+            raise error from exc
         self._last_lsn = lsn
         per_shard: list[list[tuple[int, Any, _Ticket]]] = [[] for _ in self._mailboxes]
         for request in group:
@@ -473,11 +508,27 @@ class Engine:
         try:
             await self._commit([], [])  # stores pending alerts: their WAL is about to go
             await self._call_store(self._store.write_snapshot, snapshot)
-        except MeteringError as exc:
-            log.error("snapshot at lsn %d failed: %s", snapshot.lsn, exc)
+        except StorageFull as exc:
+            # The WAL is intact and keeps covering everything: try again later.
+            self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
+            if self._closed:
+                log.error("snapshot at lsn %d on close failed; the write-ahead log is kept and "
+                          "replayed at the next start: %s", snapshot.lsn, exc)
+            else:
+                log.error("snapshot at lsn %d failed, retrying in %.1f s at the earliest: %s",
+                          snapshot.lsn, self._snapshot_retry_s, exc)
+            self._snapshot_retry_s = min(self._snapshot_retry_s * 2, SNAPSHOT_RETRY_MAX_S)
             if requester is not None:
                 requester.fail(exc)
             return
+        except Exception as exc:
+            error = _storage_stopped(exc)
+            self._failure = error
+            if requester is not None:
+                requester.fail(error)
+            raise error from exc
+        self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
+        self._snapshot_not_before = -math.inf
         self._wal_bytes_since_snapshot = 0
         self._counters["snaps"] += 1
         if requester is not None:
@@ -686,6 +737,14 @@ class Engine:
         return records.encode([shards, engine_state])
 
 
+def _storage_stopped(exc: BaseException) -> StorageError:
+    """The error for a store failure that stops the engine (anything but a full disk)."""
+    return StorageError(
+        f"storage failure, the engine stopped (fail-stop): {exc}. The request was not "
+        "applied; restart the engine to recover what was acknowledged."
+    )
+
+
 def _fail_waiting(
     current: tuple[Any, ...], receive: trio.MemoryReceiveChannel[Any], error: EngineClosed
 ) -> None:
@@ -731,6 +790,7 @@ async def open_engine(
     clock_ms: Callable[[], int] | None = None,
     snapshot_every_bytes: int = DEFAULT_SNAPSHOT_EVERY_BYTES,
     map_bytes: int | None = None,
+    max_map_bytes: int | None = None,
     snapshot_on_close: bool = True,
     tune_gc: bool = True,
 ) -> AsyncIterator[Engine]:
@@ -752,7 +812,9 @@ async def open_engine(
     if store is None:
         if data_dir is None:
             raise ValueError("open_engine needs a data_dir (or a store)")
-        store = LmdbStore(data_dir, **({"map_bytes": map_bytes} if map_bytes else {}))
+        max_map_bytes = max_map_bytes or DEFAULT_MAX_MAP_BYTES
+        store = LmdbStore(data_dir, map_bytes=map_bytes or min(DEFAULT_MAP_BYTES, max_map_bytes),
+                          max_map_bytes=max_map_bytes)
     try:
         engine = Engine(
             store,

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-FORMAT_VERSION = b"metering-engine/1"
+# Format 2: every stored value starts with the CRC-32 of the rest. Format 1 (no
+# checksums) is still read, and written as format 1.
+FORMAT_VERSION = b"metering-engine/2"
+LEGACY_FORMAT_VERSION = b"metering-engine/1"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ WAL writer) calls ``commit`` and ``write_snapshot``, each a complete write
 transaction within one call (an LMDB write transaction must begin and end on
 one thread).
 
-Layout of ``DATA_DIR/lmdb`` (named databases):
+A data directory holds ``LOCK`` (whose content records that the directory was
+initialised) and ``lmdb/``, created complete under a temporary name and then
+renamed. Layout of ``lmdb/`` (named databases):
 
 - ``wal``: 8-byte big-endian lsn → one encoded batch. Appended with
   ``append=True`` (whose ``False`` return on an out-of-order key is checked).
@@ -16,8 +18,15 @@ Layout of ``DATA_DIR/lmdb`` (named databases):
   ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
 - ``alerts``: 8-byte big-endian seq → one encoded alert.
 
+Every value but ``format`` starts with a 4-byte CRC-32 of the rest (format 2;
+format 1 stores, without checksums, are still read and written as they are).
+
 The environment is opened with ``sync=True, metasync=True``: a returned commit
-has been fsynced.
+has been fsynced. Errors: ``DataDirError`` when the directory is not a usable
+store (foreign, locked, missing, truncated, corrupt, newer format), checked
+before LMDB maps the file; ``StorageFull`` when a write finds no room (the map
+may not grow further, or the filesystem is full), nothing of it written;
+``StorageError`` for any other failed write.
 """
 
 from __future__ import annotations
@@ -26,25 +35,41 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import struct
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BufferedRandom
 from pathlib import Path
 
 import lmdb
+import lmdb.verify
 import msgspec
 
 from engine.errors import DataDirError, StorageError, StorageFull
-from engine.storage.base import FORMAT_VERSION, StoredSnapshot
+from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, StoredSnapshot
 
 log = logging.getLogger(__name__)
 
 LSN = struct.Struct(">Q")
+CHECKSUM = struct.Struct(">I")
 PART_INDEX = struct.Struct(">I")
-OUR_ENTRIES = {"lmdb", "LOCK"}
+LMDB_DIR = "lmdb"
+LMDB_BUILDING_DIR = "lmdb.creating"
+OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
+DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts")
+MAX_DBS = 5
 DEFAULT_MAP_BYTES = 1 << 30
 DEFAULT_MAX_MAP_BYTES = 1 << 40
+INITIALISED_MARK = b"metering-engine data directory\n"
+FORMAT_PREFIX = b"metering-engine/"
+# A commit that failed with EIO counts as "out of space" when the filesystem has less
+# than this much room beyond the bytes the commit wrote (see ``_out_of_space``).
+SPACE_SLACK_BYTES = 1 << 20
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class LmdbStore:
@@ -54,7 +79,11 @@ class LmdbStore:
         *,
         map_bytes: int = DEFAULT_MAP_BYTES,
         max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
+        verify: bool = True,
     ) -> None:
+        if not 0 < map_bytes <= max_map_bytes:
+            raise ValueError(f"need 0 < map_bytes <= max_map_bytes, got {map_bytes} and "
+                             f"{max_map_bytes}")
         self.path = Path(data_dir)
         self.max_map_bytes = max_map_bytes
         # LMDB may only be resized while no transaction is open in the process: should
@@ -62,7 +91,7 @@ class LmdbStore:
         self._resize_lock = threading.Lock()
         self._lock_file = self._lock(self.path)
         try:
-            self._open(map_bytes)
+            self._open(map_bytes, verify)
         except BaseException:
             self._lock_file.close()
             raise
@@ -71,63 +100,133 @@ class LmdbStore:
     def _lock(path: Path) -> BufferedRandom:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            foreign = sorted(p.name for p in path.iterdir() if p.name not in OUR_ENTRIES)
+            entries = {p.name for p in path.iterdir()}
         except OSError as exc:
             raise DataDirError(f"cannot use data directory {str(path)!r}: {exc}") from None
-        if foreign and not (path / "lmdb").exists():
+        foreign = sorted(entries - OUR_ENTRIES)
+        if foreign and LMDB_DIR not in entries:
+            kind = ("an LMDB environment of another program"
+                    if "data.mdb" in entries else "other files")
             raise DataDirError(
-                f"{str(path)!r} is not a metering-engine data directory (it holds "
-                f"{', '.join(foreign[:5])}); refusing to start over existing files"
+                f"{str(path)!r} is not a metering-engine data directory (it holds {kind}: "
+                f"{', '.join(foreign[:5])}); refusing to start over existing files. "
+                "Point --data-dir / data_dir at an empty or new directory."
             )
-        lock_file = open(path / "LOCK", "a+b")
+        try:
+            lock_file = open(path / "LOCK", "a+b")
+        except OSError as exc:
+            raise DataDirError(f"cannot create {str(path / 'LOCK')!r}: {exc}") from None
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock_file.close()
             raise DataDirError(
-                f"data directory {str(path)!r} is in use by another engine process"
+                f"data directory {str(path)!r} is in use by another engine process "
+                "(it holds the lock on LOCK); stop that process or use another directory"
             ) from None
         return lock_file
 
-    def _open(self, map_bytes: int) -> None:
-        lmdb_dir = self.path / "lmdb"
-        existed = (lmdb_dir / "data.mdb").exists()
+    def _open(self, map_bytes: int, verify: bool) -> None:
+        lmdb_dir = self.path / LMDB_DIR
+        if not lmdb_dir.exists():
+            if self._initialised():
+                raise DataDirError(
+                    f"{str(self.path)!r} was initialised as a metering-engine data directory "
+                    f"but its store {str(lmdb_dir)!r} is missing (deleted or moved?); refusing "
+                    "to start empty over it. Restore the directory from a backup, or remove "
+                    "it to start with no data."
+                )
+            self._create(lmdb_dir, map_bytes)
+        else:
+            _check_data_file(lmdb_dir / "data.mdb", verify)
         try:
             self.env = lmdb.open(
                 str(lmdb_dir),
                 map_size=map_bytes,
-                max_dbs=5,
+                max_dbs=MAX_DBS,
                 sync=True,
                 metasync=True,
                 subdir=True,
+                create=False,
                 readahead=False,
                 max_spare_txns=2,
             )
+        except lmdb.Error as exc:
+            raise DataDirError(_unusable(lmdb_dir, exc)) from None
+        try:
             # Grow to the size the file already has, if it was grown before.
             info_size = self.env.info()["map_size"]
             if info_size < map_bytes:
                 self.env.set_mapsize(map_bytes)
-            self.wal_db = self.env.open_db(b"wal")
-            self.meta_db = self.env.open_db(b"meta")
-            self.snapshot_db = self.env.open_db(b"snapshot")
-            self.alerts_db = self.env.open_db(b"alerts")
-            with self.env.begin(write=True) as txn:
-                version = txn.get(b"format", db=self.meta_db)
-                if version is None:
-                    if existed and (
-                        txn.stat(self.wal_db)["entries"] or txn.stat(self.snapshot_db)["entries"]
-                    ):
-                        raise DataDirError(
-                            f"{str(lmdb_dir)!r} holds data but no format marker: not ours"
-                        )
-                    txn.put(b"format", FORMAT_VERSION, db=self.meta_db)
-                elif version != FORMAT_VERSION:
-                    raise DataDirError(
-                        f"{str(lmdb_dir)!r} was written in format {version!r}; this engine "
-                        f"reads {FORMAT_VERSION!r}. Use a matching engine version."
-                    )
+            self._open_databases(lmdb_dir)
         except lmdb.Error as exc:
-            raise DataDirError(f"cannot open LMDB store in {str(lmdb_dir)!r}: {exc}") from None
+            self.env.close()
+            raise DataDirError(_unusable(lmdb_dir, exc)) from None
+        except BaseException:
+            self.env.close()
+            raise
+        self._mark_initialised()
+
+    def _open_databases(self, lmdb_dir: Path) -> None:
+        with self.env.begin(write=True) as txn:
+            try:
+                self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                raise DataDirError(
+                    f"{str(lmdb_dir)!r} is an LMDB environment without a metering-engine "
+                    "catalogue (no 'meta' database): it belongs to another program. Point the "
+                    "engine at its own data directory."
+                ) from None
+            version = txn.get(b"format", db=self.meta_db)
+            _check_format(lmdb_dir, version)
+            # Format 1 stores carry no checksums; they keep being written without.
+            self._checksums = version != LEGACY_FORMAT_VERSION
+            # ``create`` only writes when a database is missing (none are, in a store
+            # this version created).
+            self.wal_db = self.env.open_db(b"wal", txn=txn)
+            self.snapshot_db = self.env.open_db(b"snapshot", txn=txn)
+            self.alerts_db = self.env.open_db(b"alerts", txn=txn)
+
+    def _create(self, lmdb_dir: Path, map_bytes: int) -> None:
+        """Create the store atomically: built and given its format marker under a
+        temporary name, then renamed. So a ``lmdb`` directory always holds a complete,
+        marked store, and one without ``data.mdb`` is damage, never a new store."""
+        building = self.path / LMDB_BUILDING_DIR
+        try:
+            shutil.rmtree(building, ignore_errors=True)  # an earlier creation that stopped
+            env = lmdb.open(str(building), map_size=map_bytes, max_dbs=MAX_DBS, sync=True,
+                            metasync=True, subdir=True)
+            try:
+                with env.begin(write=True) as txn:
+                    for name in DB_NAMES:
+                        env.open_db(name, txn=txn)
+                    txn.put(b"format", FORMAT_VERSION, db=env.open_db(b"meta", txn=txn))
+            finally:
+                env.close()
+            os.rename(building, lmdb_dir)
+            _fsync_dir(self.path)
+        except (lmdb.Error, OSError) as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            raise DataDirError(
+                f"cannot create the store in {str(self.path)!r}: {exc}"
+            ) from None
+
+    def _initialised(self) -> bool:
+        self._lock_file.seek(0)
+        return self._lock_file.read(len(INITIALISED_MARK)) == INITIALISED_MARK
+
+    def _mark_initialised(self) -> None:
+        """Record in ``LOCK`` that this directory holds a store, so a store that later
+        goes missing is reported instead of silently recreated empty."""
+        if self._initialised():
+            return
+        try:
+            self._lock_file.truncate(0)
+            self._lock_file.write(INITIALISED_MARK)
+            self._lock_file.flush()
+            os.fsync(self._lock_file.fileno())
+        except OSError as exc:  # the store itself is fine; only the guard is missing
+            log.warning("cannot mark %s as initialised: %s", self.path / "LOCK", exc)
 
     # ------------------------------------------------------------ writing
 
@@ -137,7 +236,10 @@ class LmdbStore:
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
     ) -> None:
-        self._write(self._commit_txn, wal, meta, alerts or [])
+        alerts = alerts or []
+        size_bytes = (sum(len(record) for _, record in wal) + sum(len(v) for _, v in meta)
+                      + sum(len(alert) for _, alert in alerts))
+        self._write(size_bytes, self._commit_txn, wal, meta, alerts)
 
     def _commit_txn(
         self,
@@ -147,26 +249,27 @@ class LmdbStore:
         alerts: list[tuple[int, bytes]],
     ) -> None:
         for seq, alert in alerts:
-            txn.put(LSN.pack(seq), alert, db=self.alerts_db)
+            txn.put(LSN.pack(seq), self._seal(alert), db=self.alerts_db)
         if wal:
             cursor = txn.cursor(db=self.wal_db)
             for lsn, record in wal:
-                if not cursor.put(LSN.pack(lsn), record, append=True):
+                if not cursor.put(LSN.pack(lsn), self._seal(record), append=True):
                     raise StorageError(f"WAL append out of order at lsn {lsn}")
-            txn.put(b"last_lsn", LSN.pack(wal[-1][0]), db=self.meta_db)
+            txn.put(b"last_lsn", self._seal(LSN.pack(wal[-1][0])), db=self.meta_db)
         for key, value in meta:
-            txn.put(key, value, db=self.meta_db)
+            txn.put(key, self._seal(value), db=self.meta_db)
 
     def write_snapshot(self, snapshot: StoredSnapshot) -> None:
-        self._write(self._snapshot_txn, snapshot)
+        size_bytes = sum(len(part) for part in snapshot.parts) + len(snapshot.engine_state)
+        self._write(size_bytes, self._snapshot_txn, snapshot)
 
     def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot) -> None:
         txn.drop(self.snapshot_db, delete=False)
         for index, part in enumerate(snapshot.parts):
-            txn.put(b"part" + PART_INDEX.pack(index), part, db=self.snapshot_db)
+            txn.put(b"part" + PART_INDEX.pack(index), self._seal(part), db=self.snapshot_db)
         header = msgspec.msgpack.encode([snapshot.lsn, snapshot.shard_count, len(snapshot.parts)])
-        txn.put(b"header", header, db=self.snapshot_db)
-        txn.put(b"engine", snapshot.engine_state, db=self.snapshot_db)
+        txn.put(b"header", self._seal(header), db=self.snapshot_db)
+        txn.put(b"engine", self._seal(snapshot.engine_state), db=self.snapshot_db)
         cursor = txn.cursor(db=self.wal_db)
         last_key = LSN.pack(snapshot.lsn)
         if cursor.first():
@@ -174,8 +277,14 @@ class LmdbStore:
                 if not cursor.delete():
                     break
 
-    def _write(self, body: Callable[..., None], *args: object) -> None:
-        """Run ``body(txn, *args)`` in one write transaction, growing the map when full."""
+    def _write(self, size_bytes: int, body: Callable[..., None], *args: object) -> None:
+        """Run ``body(txn, *args)`` in one write transaction, growing the map when full.
+
+        Raises ``StorageFull`` when the map may not grow further or the filesystem is
+        out of space; the transaction was aborted, so nothing of it was written (LMDB
+        only publishes a transaction by its meta page, written after the data pages
+        were written and fsynced). Raises ``StorageError`` for any other failure.
+        """
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -185,51 +294,62 @@ class LmdbStore:
                 size = self.env.info()["map_size"]
                 if size >= self.max_map_bytes:
                     raise StorageFull(
-                        f"LMDB map is full at {size} bytes (max_map_bytes={self.max_map_bytes}); "
-                        "the batch was not applied"
+                        f"storage full: the LMDB map of {str(self.path)!r} is full at "
+                        f"{_mib(size)} and may not grow past max_map_bytes "
+                        f"({_mib(self.max_map_bytes)}); {REFUSED}"
                     ) from None
                 new_size = min(size * 2, self.max_map_bytes)
                 log.info("LMDB map full at %d bytes, growing to %d", size, new_size)
-                with self._resize_lock:
-                    self.env.set_mapsize(new_size)
-            except lmdb.Error as exc:
-                if _is_disk_full(exc):
+                try:
+                    with self._resize_lock:
+                        self.env.set_mapsize(new_size)
+                except lmdb.Error as exc:
                     raise StorageFull(
-                        f"disk full writing {str(self.path)!r}: the batch was not applied"
+                        f"storage full: cannot grow the LMDB map of {str(self.path)!r} from "
+                        f"{_mib(size)} to {_mib(new_size)} ({exc}); {REFUSED}"
                     ) from None
-                raise StorageError(f"LMDB write failed: {exc}") from None
+            except lmdb.Error as exc:
+                if _out_of_space(exc, self.path, size_bytes):
+                    log.warning("write refused, out of space in %s: %s", self.path, exc)
+                    raise StorageFull(
+                        f"storage full: no space left on the filesystem holding "
+                        f"{str(self.path)!r} ({exc}); {REFUSED}"
+                    ) from None
+                raise StorageError(f"LMDB write to {str(self.path)!r} failed: {exc}") from None
 
     # ------------------------------------------------------------ reading
 
     def read_wal(self, after_lsn: int) -> Iterator[tuple[int, bytes]]:
-        with self.env.begin(db=self.wal_db) as txn:
+        with self._reading("the write-ahead log"), self.env.begin(db=self.wal_db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(LSN.pack(after_lsn + 1)):
                 return
             for key, value in cursor:
-                yield LSN.unpack(key)[0], value
+                lsn = LSN.unpack(key)[0]
+                yield lsn, self._unseal(value, f"write-ahead log record {lsn}")
 
     def last_lsn(self) -> int:
-        with self.env.begin() as txn:
+        with self._reading("the catalogue"), self.env.begin() as txn:
             raw = txn.get(b"last_lsn", db=self.meta_db)
-        return 0 if raw is None else LSN.unpack(raw)[0]
+        return 0 if raw is None else LSN.unpack(self._unseal(raw, "last_lsn"))[0]
 
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        with self.env.begin(db=self.meta_db) as txn:
+        with self._reading("the catalogue"), self.env.begin(db=self.meta_db) as txn:
             cursor = txn.cursor()
             items = []
             if cursor.set_range(prefix):
                 for key, value in cursor:
                     if not key.startswith(prefix):
                         break
-                    items.append((key, value))
+                    items.append((key, self._unseal(value, f"catalogue entry {key!r}")))
         return items
 
     def load_snapshot(self) -> StoredSnapshot | None:
-        with self.env.begin(db=self.snapshot_db) as txn:
-            header = txn.get(b"header")
-            if header is None:
+        with self._reading("the snapshot"), self.env.begin(db=self.snapshot_db) as txn:
+            sealed_header = txn.get(b"header")
+            if sealed_header is None:
                 return None
+            header = self._unseal(sealed_header, "snapshot header")
             try:
                 lsn, shard_count, part_count = msgspec.msgpack.decode(header)
             except (msgspec.DecodeError, ValueError, TypeError):
@@ -239,21 +359,52 @@ class LmdbStore:
                 part = txn.get(b"part" + PART_INDEX.pack(index))
                 if part is None:
                     raise DataDirError(f"snapshot part {index} of {part_count} is missing")
-                parts.append(part)
-            engine_state = txn.get(b"engine") or b""
+                parts.append(self._unseal(part, f"snapshot part {index}"))
+            sealed_engine = txn.get(b"engine")
+            engine_state = b"" if sealed_engine is None else self._unseal(
+                sealed_engine, "snapshot engine state")
         return StoredSnapshot(lsn, shard_count, parts, engine_state)
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         alerts: list[bytes] = []
-        with self._resize_lock, self.env.begin(db=self.alerts_db) as txn:
+        with (self._reading("the alert log"), self._resize_lock,
+              self.env.begin(db=self.alerts_db) as txn):
             cursor = txn.cursor()
             if not cursor.set_range(LSN.pack(from_seq)):
                 return alerts
             for value in cursor.iternext(keys=False, values=True):
-                alerts.append(value)
+                alerts.append(self._unseal(value, "stored alert"))
                 if len(alerts) >= max_count:
                     break
         return alerts
+
+    def _seal(self, value: bytes) -> bytes:
+        """A stored value: its CRC-32 then the value (LMDB itself checks no data)."""
+        if not self._checksums:
+            return value
+        return CHECKSUM.pack(zlib.crc32(value)) + value
+
+    def _unseal(self, stored: bytes, what: str) -> bytes:
+        if not self._checksums:
+            return stored
+        value = stored[CHECKSUM.size:]
+        if len(stored) < CHECKSUM.size or CHECKSUM.unpack_from(stored)[0] != zlib.crc32(value):
+            raise DataDirError(
+                f"{what} in {str(self.path)!r} is corrupt (checksum mismatch): the data "
+                "directory was damaged. Restore it from a backup; the engine will not "
+                "start over it."
+            )
+        return value
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except lmdb.Error as exc:
+            raise DataDirError(
+                f"reading {what} from {str(self.path)!r} failed: {exc}; the store may be "
+                "corrupt: restore the directory from a backup"
+            ) from None
 
     def close(self) -> None:
         try:
@@ -262,7 +413,113 @@ class LmdbStore:
             self._lock_file.close()
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
-    return isinstance(exc, lmdb.DiskError) or f"[Errno {errno.ENOSPC}]" in str(exc) or (
-        "No space left" in str(exc)
+REFUSED = ("the request was refused and nothing in it was applied; the engine keeps "
+           "answering queries; retry once space is freed")
+
+
+def _mib(size_bytes: int) -> str:
+    return f"{size_bytes / (1 << 20):,.1f} MiB"
+
+
+def _out_of_space(exc: lmdb.Error, path: Path, size_bytes: int) -> bool:
+    """Whether a failed LMDB write means "the filesystem is full".
+
+    Measured on Linux (tmpfs, LMDB 0.9.x through py-lmdb): a commit whose first write
+    gets no byte raises ``lmdb.DiskError`` ("No space left on device"); one whose
+    ``pwrite`` is cut short by the full disk raises a plain ``lmdb.Error``
+    ("Input/output error": LMDB reports any short write as EIO). A real I/O error
+    gives the same EIO, so EIO counts as full only if the filesystem has no room left
+    for what the commit wrote.
+    """
+    message = str(exc)
+    if isinstance(exc, lmdb.DiskError) or any(
+        os.strerror(code) in message for code in _SPACE_ERRNOS
+    ):
+        return True
+    if os.strerror(errno.EIO) not in message:
+        return False
+    try:
+        stats = os.statvfs(path / LMDB_DIR)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < size_bytes + SPACE_SLACK_BYTES
+
+
+def _check_format(lmdb_dir: Path, version: bytes | None) -> None:
+    if version in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
+        return
+    if version is None or not version.startswith(FORMAT_PREFIX):
+        raise DataDirError(
+            f"{str(lmdb_dir)!r} is an LMDB environment without a metering-engine format "
+            f"marker ({'none' if version is None else repr(version)}): it belongs to another "
+            "program, or its creation never finished. Point the engine at its own data "
+            "directory."
+        )
+    supported = int(FORMAT_VERSION[len(FORMAT_PREFIX):])
+    try:
+        found = int(version[len(FORMAT_PREFIX):])
+    except ValueError:
+        found = -1
+    if found > supported:
+        raise DataDirError(
+            f"{str(lmdb_dir)!r} was written by a newer metering-engine (data format "
+            f"{found}); this version reads format {supported} only. Run a newer engine "
+            "version on it; this one will not touch it."
+        )
+    raise DataDirError(
+        f"{str(lmdb_dir)!r} has data format {version!r}, which this engine (format "
+        f"{supported}) cannot read. Run a matching engine version on it."
     )
+
+
+def _check_data_file(data_file: Path, verify: bool) -> None:
+    """Refuse a missing, emptied, truncated or structurally corrupt ``data.mdb``
+    before LMDB maps it: LMDB would take an empty file for a new store, and reading
+    a truncated or corrupt one can crash the process (SIGBUS, SIGSEGV)."""
+    restore = "Restore the data directory from a backup; the engine will not start over it."
+    try:
+        size_bytes = data_file.stat().st_size
+    except FileNotFoundError:
+        raise DataDirError(
+            f"{str(data_file)!r} is missing (deleted or moved?): refusing to start empty "
+            f"over an existing store. {restore}"
+        ) from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
+    if size_bytes == 0:
+        raise DataDirError(f"{str(data_file)!r} is empty (truncated to 0 bytes). {restore}")
+    if not verify:
+        return
+    started = time.perf_counter()
+    try:
+        problems: list[str] = lmdb.verify.verify(  # type: ignore[no-untyped-call]
+            str(data_file), subdir=False)
+    except lmdb.verify.VerifyError as exc:
+        raise DataDirError(
+            f"{str(data_file)!r} is not a readable LMDB file ({exc}): corrupt, truncated "
+            f"or not ours. {restore}"
+        ) from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
+    log.info("checked %s (%d bytes) in %.0f ms", data_file, size_bytes,
+             (time.perf_counter() - started) * 1000)
+    if problems:
+        beyond_end = any("beyond EOF" in p or "truncated" in p for p in problems)
+        what = "truncated (pages it needs lie past its end)" if beyond_end else "corrupt"
+        raise DataDirError(
+            f"{str(data_file)!r} is {what}: {len(problems)} problem(s) in its page "
+            f"structure, first: {problems[0]}. {restore}"
+        )
+
+
+def _unusable(lmdb_dir: Path, exc: lmdb.Error) -> str:
+    return (f"cannot open the LMDB store in {str(lmdb_dir)!r}: {exc}. If the data directory "
+            "was damaged, restore it from a backup.")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
