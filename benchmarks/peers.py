@@ -568,7 +568,7 @@ class PostgresPeer(SqlPeer):
                 f"PRIMARY KEY (meter, customer, day, {', '.join(DIM_KEYS)}))")
         settings = {
             row[0]: row[1] for row in self.con.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', "
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name IN ('fsync', "
                 "'synchronous_commit', 'full_page_writes', 'wal_sync_method', "
                 "'shared_buffers', 'server_version')").fetchall()
         }
@@ -966,13 +966,28 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_configs(report: dict[str, Any]) -> str:
+    """One line per system: how it was set up (durability, dedup, query path)."""
+    lines = []
+    for name, system in report["systems"].items():
+        config = {k: v for k, v in system["config"].items() if k not in ("query",)}
+        lines.append(f"- {name}: " + "; ".join(f"{k}={v}" for k, v in config.items()))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on SIGTERM too
-    report = run(args)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; the servers were stopped and the temporary files removed",
+              file=sys.stderr)
+        return 130
     print(json.dumps(report["machine"], indent=2))
     print(json.dumps(report["parameters"]))
     print(format_table(report))
+    print(format_configs(report))
     print(json.dumps(report, default=str))
     return 0 if all(s["status"] != "failed" for s in report["systems"].values()) else 1
 
