@@ -69,6 +69,9 @@ run exactly the queries the engine ran. **Every answer of every peer is
 compared with the engine's, exactly (integers)**; one mismatch and the peer is
 reported FAILED with the first difference, not with times. A peer that cannot
 be installed, started or imported is reported SKIPPED with the reason.
+``--repeats N`` runs every system N times, each on a fresh store (repeats of the
+engine run the first run's queries and must give the same answers), and
+reports medians; the default is one run, to keep the full size within minutes.
 
 ``run(args) -> dict`` (``args`` from ``parse_args(argv)``; another script can
 call ``run(parse_args(["--quick"]))``) returns::
@@ -77,21 +80,23 @@ call ``run(parse_args(["--quick"]))``) returns::
       "benchmark": "peers",
       "machine": {...machine_facts(), "duckdb": ..., "redis_py": ..., "psycopg": ...,
                   "sqlite": ...},
-      "parameters": {"events", "customers", "meters", "batch_size", "seed", "writers",
-                     "shards", "queries", "query_budget_s", "top_n", "start_ms", "end_ms",
-                     "duplicates", "accepted", "peers": [...]},
+      "parameters": {"events", "customers", "meters", "aggregation": "sum", "batch_size",
+                     "seed", "writers", "shards", "repeats", "queries", "query_budget_s",
+                     "top_n", "start_ms", "end_ms", "range", "duplicates", "accepted",
+                     "peers": [...]},
       "systems": {                     # in run order; "engine" first
         "<name>": {
           "status": "ok" | "failed" | "skipped",
           "reason": str | None,        # why failed / skipped
           "config": {...},             # durability and dedup settings, server version
           "ingest": {"events_per_s", "elapsed_s", "batch_p50_ms", "batch_p99_ms",
-                     "accepted", "prepare_s"} | None,
+                     "accepted", "prepare_s"} | None,      # medians over the repeats
           "queries": {"customer_month" | "top_customers" | "by_dimension":
                       {"count", "p50_ms", "p99_ms", "checked_equal": true}} | None,
           "engine_speedup": {          # > 1: the engine is faster; absent for the engine
             "ingest": engine events/s / peer events/s,
-            "<kind>_p50": peer p50 / engine p50, "<kind>_p99": peer p99 / engine p99}
+            "<kind>_p50": peer p50 / engine p50, "<kind>_p99": peer p99 / engine p99},
+          "runs": [{"ingest": {...}, "queries": {...}}, ...]   # one per repeat
         }
       }
     }
@@ -107,8 +112,10 @@ import importlib.metadata
 import itertools
 import json
 import random
+import shutil
 import signal
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -165,6 +172,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--writers", type=int, default=1,
                         help="engine batches in flight / PostgreSQL connections (default 1)")
     parser.add_argument("--shards", type=int, default=8, help="engine shards (default 8)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every system, each on a fresh store; medians (default 1)")
     parser.add_argument("--queries", type=int, help="queries per kind at most (full: 100)")
     parser.add_argument("--query-budget-s", type=float, dest="query_budget_s",
                         help="time per query kind and system at most (full: 5 s)")
@@ -184,9 +193,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
     if min(args.events, args.customers, args.meters, args.batch_size, args.writers,
-           args.queries) < 1:
-        parser.error("--events, --customers, --meters, --batch-size, --writers and "
-                     "--queries must be positive")
+           args.queries, args.repeats) < 1:
+        parser.error("--events, --customers, --meters, --batch-size, --writers, --queries "
+                     "and --repeats must be positive")
     return args
 
 
@@ -317,13 +326,20 @@ def timed_queries(name: str, specs: dict[str, list[QuerySpec]],
 
 
 def run_engine(workload: Workload, specs: dict[str, list[QuerySpec]],
-               args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[Answer]]]:
+               args: argparse.Namespace, counts: dict[str, int] | None = None,
+               ) -> tuple[dict[str, Any], dict[str, list[Answer]]]:
+    """One engine run: a fresh ``meter serve``, the load, then the queries.
+
+    ``counts`` (queries per kind) replaces the time budget, so that repeats
+    run the same queries as the first run.
+    """
     from benchmarks.tcp_ingest import ServerProcess, _load
 
     server = ServerProcess(args.shards)
     try:
         loaded = trio.run(_load, server.port, workload, 1, args.writers, args.timeout_s)
-        answers, figures = trio.run(_engine_queries, server.port, specs, args.query_budget_s)
+        answers, figures = trio.run(_engine_queries, server.port, specs, args.query_budget_s,
+                                    counts)
     finally:
         server.stop()
     ingest = {"events_per_s": loaded["events_per_s"], "elapsed_s": loaded["elapsed_s"],
@@ -333,6 +349,7 @@ def run_engine(workload: Workload, specs: dict[str, list[QuerySpec]],
 
 
 async def _engine_queries(port: int, specs: dict[str, list[QuerySpec]], budget_s: float,
+                          counts: dict[str, int] | None,
                           ) -> tuple[dict[str, list[Answer]], dict[str, Any]]:
     async with open_client("127.0.0.1", port) as client:
         answers: dict[str, list[Answer]] = {}
@@ -344,13 +361,15 @@ async def _engine_queries(port: int, specs: dict[str, list[QuerySpec]], budget_s
             await client.query(specs[kind][0].to_query())  # warm-up
             latencies: list[float] = []
             started = time.perf_counter()
-            for index, spec in enumerate(specs[kind]):
+            todo = specs[kind] if counts is None else specs[kind][: counts[kind]]
+            for index, spec in enumerate(todo):
                 query = spec.to_query()
                 sent = time.perf_counter()
                 result = await client.query(query)
                 latencies.append(time.perf_counter() - sent)
                 answers[kind].append(engine_answer(spec, result.rows))
-                if time.perf_counter() - started > budget_s and index >= 2:
+                if (counts is None and time.perf_counter() - started > budget_s
+                        and index >= 2):
                     break
             latencies.sort()
             figures[kind] = {"count": len(latencies),
@@ -704,6 +723,7 @@ class RedisPeer(Peer):
         import redis
 
         self.client = redis.Redis(host=server.host, port=server.port, decode_responses=True)
+        self.client.flushall()  # a fresh keyspace for every run
         self.script = self.client.register_script(_REDIS_SCRIPT)
         self.accepted_events = 0
         self.config = {
@@ -857,14 +877,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dedup": "by (meter, customer, unique id), exact, forever",
         "shards": args.shards, "batches_in_flight": args.writers,
     }
+    engine_runs: list[dict[str, Any]] = []
+    reference: dict[str, list[Answer]] = {}
     try:
-        engine, reference = run_engine(workload, specs, args)
-    except (BenchmarkFailure, trio.TooSlowError, OSError) as exc:
+        for repeat in range(args.repeats):
+            counts = {k: len(v) for k, v in reference.items()} if repeat else None
+            figures, answers = run_engine(workload, specs, args, counts)
+            if repeat and answers != reference:
+                raise BenchmarkFailure("the engine's answers differ between repeats")
+            reference = answers
+            engine_runs.append(figures)
+    except Exception as exc:
         systems["engine"] = _empty("failed", f"{type(exc).__name__}: {exc}", engine_config)
         for name in args.peers:
             systems[name] = _empty("failed", "no reference answers: the engine run failed")
         return _report(args, workload, systems, start_ms, end_ms)
-    systems["engine"] = {"status": "ok", "reason": None, "config": engine_config, **engine}
+    engine = median_figures(engine_runs)
+    systems["engine"] = {"status": "ok", "reason": None, "config": engine_config, **engine,
+                         "runs": engine_runs}
 
     with tempfile.TemporaryDirectory(prefix="meter-bench-peers-", dir=args.tmpdir) as tmpdir:
         for server_name, group in itertools.groupby(args.peers, key=_server_for):
@@ -889,22 +919,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run_one(name: str, tmpdir: str, servers: dict[str, Any], workload: Workload,
              specs: dict[str, list[QuerySpec]], reference: dict[str, list[Answer]],
              args: argparse.Namespace, engine: dict[str, Any]) -> dict[str, Any]:
-    try:
-        peer = _open_peer(name, tmpdir, servers)
-    except ImportError as exc:
-        return _empty("skipped", f"client library missing ({exc}); "
-                                 f"pip install -e '.[bench]'")
-    except Exception as exc:
-        return _empty("skipped", f"could not open: {type(exc).__name__}: {exc}")
-    try:
-        figures = measure_peer(peer, workload, specs, reference, args)
-    except Exception as exc:
-        return _empty("failed", f"{type(exc).__name__}: {exc}", peer.config)
-    finally:
-        with contextlib.suppress(Exception):
-            peer.close()
-    return {"status": "ok", "reason": None, "config": peer.config, **figures,
-            "engine_speedup": _speedup(engine, figures)}
+    """``args.repeats`` runs of one peer, each on a fresh database; medians."""
+    runs: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    for repeat in range(args.repeats):
+        directory = Path(tmpdir) / f"{name}-{repeat}"
+        directory.mkdir()
+        try:
+            peer = _open_peer(name, str(directory), servers)
+        except ImportError as exc:
+            return _empty("skipped", f"client library missing ({exc}); "
+                                     f"pip install -e '.[bench]'")
+        except Exception as exc:
+            return _empty("skipped", f"could not open: {type(exc).__name__}: {exc}")
+        config = peer.config
+        try:
+            runs.append(measure_peer(peer, workload, specs, reference, args))
+        except Exception as exc:
+            return _empty("failed", f"{type(exc).__name__}: {exc}", config)
+        finally:
+            with contextlib.suppress(Exception):
+                peer.close()
+            shutil.rmtree(directory, ignore_errors=True)
+    figures = median_figures(runs)
+    return {"status": "ok", "reason": None, "config": config, **figures,
+            "engine_speedup": _speedup(engine, figures), "runs": runs}
+
+
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure over the repeats (counts and checks from the first)."""
+    ingest = {key: statistics.median(run["ingest"][key] for run in runs)
+              for key in runs[0]["ingest"]}
+    queries = {}
+    for kind, first in runs[0]["queries"].items():
+        queries[kind] = {
+            **first,
+            "p50_ms": statistics.median(run["queries"][kind]["p50_ms"] for run in runs),
+            "p99_ms": statistics.median(run["queries"][kind]["p99_ms"] for run in runs),
+        }
+    return {"ingest": ingest, "queries": queries}
 
 
 def _version(package: str) -> str:
@@ -925,6 +978,7 @@ def _report(args: argparse.Namespace, workload: Workload, systems: dict[str, Any
             "events": workload.event_count, "customers": args.customers,
             "meters": args.meters, "aggregation": "sum", "batch_size": args.batch_size,
             "seed": args.seed, "writers": args.writers, "shards": args.shards,
+            "repeats": args.repeats,
             "queries": args.queries, "query_budget_s": args.query_budget_s, "top_n": TOP_N,
             "start_ms": start_ms, "end_ms": end_ms, "range": f"last {RANGE_DAYS} UTC days",
             "duplicates": workload.expected_duplicates,
