@@ -74,7 +74,8 @@ engine run the first run's queries and must give the same answers), and
 reports medians; the default is one run, to keep the full size within minutes.
 
 ``run(args) -> dict`` (``args`` from ``parse_args(argv)``; another script can
-call ``run(parse_args(["--quick"]))``) returns::
+call ``run(parse_args(["--quick"]))`` or ``run_peers(["--quick"], json=None)``,
+which takes the same options as keywords) returns::
 
     {
       "benchmark": "peers",
@@ -491,6 +492,7 @@ class SqlitePeer(SqlPeer):
         marks = ", ".join("?" * len(EVENT_COLUMNS))
         self._insert = f"INSERT OR IGNORE INTO events VALUES ({marks})"
         self.config = {
+            "transport": "in process (no network hop)",
             "storage": "file database", "journal_mode": "WAL", "synchronous": synchronous,
             "transaction": "one per batch", "version": sqlite3.sqlite_version,
             "dedup": "INSERT OR IGNORE on PRIMARY KEY (meter, customer, unique id)",
@@ -522,6 +524,7 @@ class DuckdbPeer(SqlPeer):
         self.con = duckdb.connect(str(self.path))
         self.con.execute(_SQL_EVENTS_TABLE.replace("TEXT", "VARCHAR"))
         self.config = {
+            "transport": "in process (no network hop)",
             "storage": "file database", "transaction": "one per batch (WAL synced at commit)",
             "version": duckdb.__version__,
             "dedup": "INSERT OR IGNORE on PRIMARY KEY (meter, customer, unique id)",
@@ -592,7 +595,8 @@ class PostgresPeer(SqlPeer):
                 "'shared_buffers', 'server_version')").fetchall()
         }
         self.config = {
-            "settings": settings, "transaction": "one per batch", "load": "COPY into staging",
+            "transport": "loopback TCP", "settings": settings, "transaction": "one per batch",
+            "load": "COPY into staging", "writers": "one connection each",
             "dedup": ("INSERT ... ON CONFLICT DO NOTHING on PRIMARY KEY (meter, customer, "
                       "unique id)" if mode == "copy" else
                       "unique ids INSERT ... ON CONFLICT DO NOTHING RETURNING into a seen table"),
@@ -727,7 +731,7 @@ class RedisPeer(Peer):
         self.script = self.client.register_script(_REDIS_SCRIPT)
         self.accepted_events = 0
         self.config = {
-            **server.config, "version": server.version,
+            "transport": "loopback TCP", **server.config, "version": server.version,
             "write": "one Lua script per event, pipelined per batch",
             "dedup": "SADD of the unique id to a set per (meter, customer); counted only if new",
             "layout": "hash per (meter, customer): field UTC day; sorted set per (meter, day): "
@@ -840,6 +844,9 @@ def _service(factory: Callable[[], Any]) -> Iterator[Any]:
     except ServiceUnavailable as exc:
         yield exc
         return
+    except Exception as exc:  # anything else that keeps the server from starting
+        yield ServiceUnavailable(f"{type(exc).__name__}: {exc}")
+        return
     try:
         yield server
     finally:
@@ -872,7 +879,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start_ms, end_ms = query_range(workload.now_ms)
     systems: dict[str, Any] = {}
     engine_config = {
-        "server": "python -m engine serve (subprocess), TCP, engine.client",
+        "transport": "loopback TCP",
+        "server": "python -m engine serve (subprocess), engine.client",
         "durability": "LMDB write-ahead log, fsync per group commit, ack after fsync",
         "dedup": "by (meter, customer, unique id), exact, forever",
         "shards": args.shards, "batches_in_flight": args.writers,
@@ -914,6 +922,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     systems[name] = _run_one(name, tmpdir, servers, workload, specs,
                                              reference, args, engine)
     return _report(args, workload, systems, start_ms, end_ms)
+
+
+def run_peers(argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any]:
+    """``run(parse_args(argv))`` with attributes overridden, for other scripts.
+
+    ``run_peers(["--quick"], json=None, tmpdir="/var/tmp")``; the keys of
+    ``overrides`` are ``parse_args`` destinations (``events``, ``peers`` as a
+    list, ``repeats``, ``query_budget_s``, ...).
+    """
+    args = parse_args(list(argv))
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise TypeError(f"unknown peers option {name!r}")
+        setattr(args, name, value)
+    return run(args)
 
 
 def _run_one(name: str, tmpdir: str, servers: dict[str, Any], workload: Workload,
