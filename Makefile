@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test soak bench bench-quick demo lint clean
+.PHONY: run test soak bench bench-quick bench-peers demo lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/ingest.py --quick
+
+## The engine beside Redis, PostgreSQL, DuckDB and SQLite on one workload, every answer
+## checked equal; installs and starts the servers itself (apt-get as root). A few minutes;
+## `make bench-peers ARGS=--quick` for about a minute.
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/peers.py $(ARGS)
 
 ## Type check (mypy --strict) and lint (ruff).
 lint: $(STAMP)
