@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Event, InvalidQuery, Meter, Query, Take, open_engine
+from engine.domain import shard as shard_module
 from engine.storage import MemoryStore
 from tests.model import Model
 
@@ -146,6 +147,18 @@ def cut_splits_a_minute(model: Model, query: Query) -> bool:
 async def test_engine_matches_model(workload: Any, shards: int, data: Any) -> None:
     anchor, batches = workload
     model = Model(meters={m.name: m for m in METERS})
+    # Windowed sums and counts take one of two loops by series length: try both.
+    saved = shard_module.BUCKET_LOOP_MAX_PER_SPAN
+    shard_module.BUCKET_LOOP_MAX_PER_SPAN = data.draw(st.sampled_from([0, 8, 10**9]))
+    try:
+        await check_engine_against_model(anchor, batches, shards, data, model)
+    finally:
+        shard_module.BUCKET_LOOP_MAX_PER_SPAN = saved
+
+
+async def check_engine_against_model(
+    anchor: int, batches: Any, shards: int, data: Any, model: Model
+) -> None:
     async with open_engine(store=MemoryStore(), shards=shards,
                            clock_ms=lambda: anchor + 3 * DAY) as eng:
         for meter in METERS:
@@ -186,3 +199,51 @@ async def test_hour_windows_are_real_hours_across_dst(zone: str) -> None:
         assert all(s % HOUR == 15 * MINUTE for s in starts)
     else:
         assert len(result.rows) == 6 and all(s % HOUR == 0 for s in starts)
+
+
+LONG_METERS = [Meter(name="m_sum", aggregation="sum"), Meter(name="m_count", aggregation="count"),
+               Meter(name="m_max", aggregation="max")]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), shards=st.integers(1, 3),
+       bucket_loop=st.sampled_from([0, 8, 10**9]))
+async def test_long_series_match_model(data: Any, shards: int, bucket_loop: int) -> None:
+    """Few series with many buckets each, so queries cross many windows per series
+    (the random workloads above mostly make one-event series)."""
+    anchor = data.draw(st.sampled_from(ANCHORS_MS))
+    offsets = st.one_of(st.integers(-3 * DAY, 3 * DAY),
+                        st.integers(-72 * 60, 72 * 60).map(lambda m: m * MINUTE))
+    batch = [
+        Event(meter_api_name=data.draw(st.sampled_from(LONG_METERS)).name,
+              customer_id=data.draw(st.sampled_from(CUSTOMERS[:2])),
+              meter_value=data.draw(st.integers(-1000, 1000)),
+              meter_time_in_millis=anchor + data.draw(offsets),
+              dimensions=data.draw(st.sampled_from([{}, {"region": "eu"}])))
+        for _ in range(data.draw(st.integers(1, 300)))
+    ]
+    model = Model(meters={m.name: m for m in LONG_METERS})
+    saved = shard_module.BUCKET_LOOP_MAX_PER_SPAN
+    shard_module.BUCKET_LOOP_MAX_PER_SPAN = bucket_loop
+    try:
+        async with open_engine(store=MemoryStore(), shards=shards,
+                               clock_ms=lambda: anchor + 4 * DAY) as eng:
+            for meter in LONG_METERS:
+                await eng.define_meter(meter)
+            assert (await eng.ingest(batch)).accepted == model.ingest(batch)[0]
+            for _ in range(6):
+                window = data.draw(st.sampled_from(["minute", "hour", "day", None]))
+                span = {"minute": 12 * HOUR, "hour": 4 * DAY}.get(window, 8 * DAY)
+                start = anchor + data.draw(st.integers(-span // MINUTE, 0)) * MINUTE
+                end = start + data.draw(st.integers(0, span // MINUTE)) * MINUTE
+                query = Query(
+                    meter_api_name=data.draw(st.sampled_from(LONG_METERS)).name,
+                    start_ms=start, end_ms=end,
+                    window=window, timezone=data.draw(st.sampled_from(ZONES)),
+                    group_by=data.draw(st.sampled_from([[], ["customer_id"], ["region"]])))
+                result = await eng.query(query)
+                got = [(r.window_start_ms, r.group, r.value) for r in result.rows]
+                assert got == model.query(query), query
+    finally:
+        shard_module.BUCKET_LOOP_MAX_PER_SPAN = saved

@@ -9,6 +9,7 @@ applies ``take`` and orders the rows.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
@@ -114,28 +115,46 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
     """Merge per-shard partials into the ordered, finalised result rows."""
     kind = plan.meter.kind
     merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    single_span = len(plan.labels_ms) == 1
     with localcontext(EXACT):
-        for partials in shard_partials:
-            for key, partial in partials.items():
-                existing = merged.get(key)
-                merged[key] = (
-                    partial if existing is None else merge_partial(kind, existing, partial)
-                )
+        if "customer_id" in plan.group_by:
+            # A customer lives on one shard, so no group comes from two shards.
+            for partials in shard_partials:
+                merged.update(partials)
+        else:
+            for partials in shard_partials:
+                for key, partial in partials.items():
+                    existing = merged.get(key)
+                    merged[key] = (
+                        partial if existing is None else merge_partial(kind, existing, partial)
+                    )
         rank: dict[tuple[Any, ...], int] | None = None
         take = plan.query.take
         if take is not None:
             totals: dict[tuple[Any, ...], Any] = {}
-            for (_, group), partial in merged.items():
-                existing = totals.get(group)
-                totals[group] = (
-                    _copy_partial(kind, partial)
-                    if existing is None
-                    else merge_partial(kind, existing, partial)
-                )
+            if single_span:  # one partial per group already
+                totals = {group: partial for (_, group), partial in merged.items()}
+            else:
+                for (_, group), partial in merged.items():
+                    existing = totals.get(group)
+                    totals[group] = (
+                        _copy_partial(kind, partial)
+                        if existing is None
+                        else merge_partial(kind, existing, partial)
+                    )
+            finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+            candidates: Any = finals
+            if len(finals) > take.limit:
+                # Only groups at least as good as the limit-th value can make the cut:
+                # find that value over plain numbers, then order just those groups.
+                pick = heapq.nsmallest if take.ascending else heapq.nlargest
+                bound = pick(take.limit, finals.values())[-1]
+                candidates = [
+                    group for group, value in finals.items()
+                    if (value <= bound if take.ascending else value >= bound)
+                ]
             sign = 1 if take.ascending else -1
-            ranked = sorted(
-                totals, key=lambda g: (sign * finalize(kind, totals[g]), _group_order(g))
-            )
+            ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
             rank = {g: i for i, g in enumerate(ranked[: take.limit])}
         rows = []
         for (span, group), partial in merged.items():
