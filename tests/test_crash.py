@@ -1,0 +1,533 @@
+"""Crash safety of a real server process under concurrent TCP ingest.
+
+A ``python -m engine serve`` subprocess takes batches from several client
+connections at once (each connection pipelines a few producers, each sending
+its own numbered batches with unique ids) and is killed with SIGKILL at random
+moments. After every restart, before anyone ingests again:
+
+- every acknowledged batch is there exactly once (its per-batch values equal
+  what was sent: a double count would double them);
+- every unacknowledged batch is wholly present or wholly absent (each batch
+  carries its own ``batch`` dimension, so one query per meter tells);
+- the alert log is gap-free from seq 0, holds every alert seen before the kill
+  (in an ack or pushed to a subscriber) with the same seq and content, has each
+  (limit, customer, period, threshold) once, and equals what a simple model
+  predicts from the usage actually present.
+
+Producers then retry their unacknowledged batch with the same unique ids (the
+ack must say "all duplicates" if it was present, "all accepted" if not), and at
+the end the totals per customer equal everything sent and the alerts equal the
+model's prediction from those totals.
+
+SIGTERM during heavy ingest must drain in-flight requests, exit 0, lose no
+acknowledged batch and leave a snapshot, so the next start replays no WAL.
+
+The slow variants kill 25 times, and measure the restart time after a SIGKILL
+with a million events in the WAL (printed; run with ``-s`` to see it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from engine import Alert, Event, IngestAck, Limit, Meter, Query
+from engine.client import Client, open_client
+from engine.errors import ConnectionLost
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+MINUTE = 60_000
+DAY = 86_400_000
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+RECOVERED = re.compile(r"recovered [\d,]+ series \(lsn (\d+)\) in (\d+) ms")
+
+METERS = [
+    Meter(name="calls", aggregation="sum"),
+    Meter(name="hits", aggregation="count"),
+    Meter(name="peak", aggregation="max"),
+    Meter(name="users", aggregation="unique_count", unique_dimension="user"),
+]
+AGGREGATION = {meter.name: meter.aggregation for meter in METERS}
+# Thresholds chosen so that some are crossed within a few batches, some late in
+# the run, and the top ones never: the model must predict both.
+LIMITS = [
+    Limit(id="calls-total", meter_api_name="calls", thresholds=[1_000, 5_000, 20_000, 10**12],
+          period="total"),
+    Limit(id="hits-day", meter_api_name="hits", thresholds=[20, 80, 300, 10**9], period="day"),
+    Limit(id="peak-total", meter_api_name="peak", thresholds=[900_000, 999_000, 10**9],
+          period="total"),
+    Limit(id="users-day", meter_api_name="users", thresholds=[30, 120, 280, 10**6],
+          period="day"),
+]
+USERS_PER_CUSTOMER = 300
+CUSTOMERS_PER_PRODUCER = 3
+
+
+# ------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Deterministic batches: batch ``number`` of ``producer`` is always the same events."""
+
+    base_ms: int  # every event lies in [base_ms - 10 min, base_ms]
+    events_per_batch: int
+
+    def batch(self, producer: int, number: int) -> list[Event]:
+        rng = random.Random(f"{producer}/{number}")
+        pool = [f"p{producer}-c{j}" for j in range(CUSTOMERS_PER_PRODUCER)]
+        customers = rng.sample(pool, 2)  # a batch spans two customers, so usually two shards
+        label = f"{producer}-{number}"
+        events = []
+        for index in range(self.events_per_batch):
+            meter = METERS[index % len(METERS)].name
+            value = {"calls": rng.randint(1, 100), "hits": 1,
+                     "peak": rng.randint(0, 1_000_000), "users": 1}[meter]
+            events.append(Event(
+                meter_api_name=meter, customer_id=rng.choice(customers), meter_value=value,
+                meter_time_in_millis=self.base_ms - rng.randint(0, 10 * MINUTE),
+                dimensions={"batch": label, "user": f"u{rng.randrange(USERS_PER_CUSTOMER)}"},
+                unique_id=f"{label}-{index}",
+            ))
+        return events
+
+
+def usage(events: list[Event], key: Any) -> dict[Any, int]:
+    """A naive aggregation: ``key(event)`` -> the event's meter aggregated over its group."""
+    sums: dict[Any, int] = defaultdict(int)
+    peaks: dict[Any, int] = {}
+    users: dict[Any, set[str]] = defaultdict(set)
+    for event in events:
+        group = key(event)
+        aggregation = AGGREGATION[event.meter_api_name]
+        value = event.meter_value
+        assert isinstance(value, int)
+        if aggregation == "sum":
+            sums[group] += value
+        elif aggregation == "count":
+            sums[group] += 1
+        elif aggregation == "max":
+            peaks[group] = max(peaks.get(group, value), value)
+        else:
+            users[group].add(event.dimensions["user"])
+    return {**sums, **peaks, **{group: len(seen) for group, seen in users.items()}}
+
+
+def batch_rows(events: list[Event]) -> dict[tuple[str, str], int]:
+    """What the engine must answer for one batch: (meter, customer) -> value."""
+    return usage(events, lambda e: (e.meter_api_name, e.customer_id))
+
+
+def model_alerts(events: list[Event]) -> set[tuple[str, str, int, int]]:
+    """(limit, customer, period start, threshold) for every threshold the usage reaches.
+
+    Every meter here only grows, so a threshold fired at some batch iff the final
+    usage of its period reaches it, whatever the order of the batches.
+    """
+    expected = set()
+    for limit in LIMITS:
+        mine = [e for e in events if e.meter_api_name == limit.meter_api_name]
+        if limit.period == "total":
+            totals = usage(mine, lambda e: (e.customer_id, 0))
+        else:
+            assert limit.period == "day" and limit.timezone == "UTC"
+            totals = usage(mine, lambda e: (e.customer_id,
+                                            e.meter_time_in_millis
+                                            - e.meter_time_in_millis % DAY))
+        for (customer, period_start_ms), value in totals.items():
+            for threshold in limit.thresholds:
+                assert isinstance(threshold, int)
+                if value >= threshold:
+                    expected.add((limit.id, customer, period_start_ms, threshold))
+    return expected
+
+
+def alert_key(alert: Alert) -> tuple[str, str, int, int]:
+    threshold = alert.threshold
+    assert isinstance(threshold, int)
+    return (alert.limit_id, alert.customer_id, alert.period_start_ms, threshold)
+
+
+# ------------------------------------------------------------------ producers
+
+
+@dataclass
+class Producer:
+    """Sends its batches in order, one at a time, and remembers what was acknowledged.
+
+    A batch whose ack never came (the connection died) stays ``unacked`` and is
+    retried first, with the same unique ids, on the next connection.
+    """
+
+    id: int
+    workload: Workload
+    next_number: int = 0
+    acked: set[int] = field(default_factory=set)
+    unacked: int | None = None
+    # Found present (True) or absent (False) after a restart: what its retry's ack must say.
+    unacked_present: bool | None = None
+    in_flight: bool = False
+    acks_after: list[float] = field(default_factory=list)  # perf_counter of every ack
+    retried: int = 0
+
+    def sent_numbers(self) -> range:
+        return range(self.next_number)
+
+    async def run(self, client: Client, alerts: AlertBook, batch_quota: int) -> None:
+        for _ in range(batch_quota):
+            if self.unacked is None:
+                self.unacked, self.unacked_present = self.next_number, None
+                self.next_number += 1
+            number = self.unacked
+            events = self.workload.batch(self.id, number)
+            self.in_flight = True
+            try:
+                ack = await client.ingest(events, report_alerts=True)
+            except ConnectionLost:
+                return
+            finally:
+                self.in_flight = False
+            self.acks_after.append(time.perf_counter())
+            self.check_ack(number, ack, len(events))
+            alerts.record(ack.alerts, f"the ack of batch {self.id}-{number}")
+            self.acked.add(number)
+            self.unacked = self.unacked_present = None
+
+    def check_ack(self, number: int, ack: IngestAck, size: int) -> None:
+        if self.unacked_present is None:  # a new batch: its unique ids were never sent
+            assert (ack.accepted, ack.duplicates) == (size, 0), ack
+        elif self.unacked_present:
+            self.retried += 1
+            assert (ack.accepted, ack.duplicates) == (0, size), (
+                f"batch {self.id}-{number} was present after the restart, yet its retry "
+                f"counted {ack.accepted} events again")
+            assert ack.alerts == [], "a retry of a present batch fired alerts"
+        else:
+            self.retried += 1
+            assert (ack.accepted, ack.duplicates) == (size, 0), (
+                f"batch {self.id}-{number} was absent after the restart, yet its retry "
+                f"was not accepted whole: {ack}")
+
+
+class AlertBook:
+    """Every alert seen from the server (acks and subscription pushes), by seq."""
+
+    def __init__(self) -> None:
+        self.by_seq: dict[int, Alert] = {}
+        self.pushed_next_seq = 0  # where the subscriber resumes
+        self.pushed_count = 0
+
+    def record(self, alerts: list[Alert], source: str) -> None:
+        for alert in alerts:
+            known = self.by_seq.setdefault(alert.seq, alert)
+            assert known == alert, f"{source}: seq {alert.seq} was {known}, now {alert}"
+
+    async def subscribe(self, port: int, max_alerts: int = 1_000_000) -> None:
+        """Record pushed alerts from ``pushed_next_seq`` on, in order, until the server dies."""
+        try:
+            async with open_client(HOST, port) as client, \
+                    client.subscribe(self.pushed_next_seq) as subscription:
+                for _ in range(max_alerts):
+                    alert = await subscription.__anext__()
+                    assert alert.seq == self.pushed_next_seq, (
+                        f"pushed seq {alert.seq}, expected {self.pushed_next_seq}: a gap or a repeat")
+                    self.record([alert], "a push")
+                    self.pushed_next_seq += 1
+                    self.pushed_count += 1
+        except (ConnectionLost, OSError):
+            return
+
+
+async def run_connection(port: int, producers: list[Producer], alerts: AlertBook,
+                         batch_quota: int) -> None:
+    """One TCP connection shared by a few producers (pipelined requests)."""
+    try:
+        async with open_client(HOST, port) as client, trio.open_nursery() as nursery:
+            for producer in producers:
+                nursery.start_soon(producer.run, client, alerts, batch_quota)
+    except (ConnectionLost, OSError):
+        return  # the server died before or during the handshake
+
+
+# --------------------------------------------------------------- the server
+
+
+@dataclass
+class Started:
+    process: subprocess.Popen[str]
+    port: int
+    open_s: float  # from spawning the process to "listening"
+    recovery_ms: int  # what the server printed
+
+
+@asynccontextmanager
+async def server_process(data: Path, log: Path, shards: int = 4) -> AsyncIterator[Started]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("METER_API_KEYS", None)
+    spawned = time.perf_counter()
+    with log.open("a") as stderr, subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--data-dir", str(data), "--port", "0",
+         "--shards", str(shards), "--status", "off"],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            port = recovery_ms = None
+            with trio.fail_after(300):
+                for _ in range(20):
+                    line = await trio.to_thread.run_sync(process.stdout.readline)
+                    if not line:
+                        break
+                    if recovered := RECOVERED.search(line):
+                        recovery_ms = int(recovered.group(2))
+                    if listening := LISTENING.search(line):
+                        port = int(listening.group(1))
+                        break
+            assert port is not None and recovery_ms is not None, log.read_text()
+            yield Started(process, port, time.perf_counter() - spawned, recovery_ms)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+async def kill(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGKILL)
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(process.wait)
+    assert process.returncode == -signal.SIGKILL
+
+
+async def terminate(process: subprocess.Popen[str], within_s: float) -> float:
+    """SIGTERM; the process must exit 0 within ``within_s``. Returns how long it took."""
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(within_s):
+        await trio.to_thread.run_sync(process.wait)
+    assert process.returncode == 0, f"exit code {process.returncode} after SIGTERM"
+    return time.perf_counter() - signalled
+
+
+async def setup(port: int) -> None:
+    async with open_client(HOST, port) as client:
+        for meter in METERS:
+            await client.define_meter(meter)
+        for limit in LIMITS:
+            await client.add_limit(limit)
+
+
+# ----------------------------------------------------------------- checking
+
+
+async def per_batch_rows(client: Client, workload: Workload) -> dict[str, dict[Any, Any]]:
+    """batch label -> {(meter, customer): value}, as the server answers it."""
+    start_ms = workload.base_ms - workload.base_ms % DAY - DAY
+    found: dict[str, dict[Any, Any]] = defaultdict(dict)
+    for meter in METERS:
+        result = await client.query(Query(meter_api_name=meter.name, start_ms=start_ms,
+                                          end_ms=start_ms + 3 * DAY,
+                                          group_by=["batch", "customer_id"]))
+        for row in result.rows:
+            found[row.group["batch"]][(meter.name, row.group["customer_id"])] = row.value
+    return found
+
+
+async def check_after_restart(client: Client, producers: list[Producer],
+                              alerts: AlertBook) -> tuple[int, int]:
+    """The state a restarted server recovered, before anyone ingests again.
+
+    Returns (unacknowledged batches found present, found absent).
+    """
+    found = await per_batch_rows(client, producers[0].workload)
+    present_events: list[Event] = []
+    present_count = absent_count = 0
+    for producer in producers:
+        for number in producer.sent_numbers():
+            label = f"{producer.id}-{number}"
+            events = producer.workload.batch(producer.id, number)
+            expected = batch_rows(events)
+            got = found.pop(label, {})
+            if number in producer.acked:
+                assert got == expected, f"acknowledged batch {label}: {got} != {expected}"
+            else:
+                assert number == producer.unacked, f"batch {label} neither acked nor pending"
+                assert got in ({}, expected), f"batch {label} is partly applied: {got}"
+                producer.unacked_present = bool(got)
+                present_count += bool(got)
+                absent_count += not got
+            if got:
+                present_events += events
+    assert not found, f"rows of batches never sent: {sorted(found)[:5]}"
+
+    total = (await client.stats())["alerts"]
+    log = []
+    async with client.subscribe(0) as subscription:
+        with trio.fail_after(30):
+            for _ in range(total):
+                log.append(await subscription.__anext__())
+    assert [a.seq for a in log] == list(range(total)), "the alert log has gaps"
+    for seq, alert in alerts.by_seq.items():
+        assert seq < total and log[seq] == alert, (
+            f"alert {seq} seen before the kill was {alert}, now "
+            f"{log[seq] if seq < total else 'missing'}")
+    keys = [alert_key(a) for a in log]
+    assert len(set(keys)) == len(keys), "a crossing was logged twice"
+    assert set(keys) == model_alerts(present_events), "alerts differ from the usage present"
+    for alert in log:
+        assert alert.threshold <= alert.value
+    return present_count, absent_count
+
+
+async def check_final_totals(client: Client, producers: list[Producer]) -> None:
+    """Everything was acknowledged in the end: totals per customer equal all that was sent."""
+    sent = [event for producer in producers for number in producer.sent_numbers()
+            for event in producer.workload.batch(producer.id, number)]
+    expected = usage(sent, lambda e: (e.meter_api_name, e.customer_id))
+    workload = producers[0].workload
+    start_ms = workload.base_ms - workload.base_ms % DAY - DAY
+    got = {}
+    for meter in METERS:
+        result = await client.query(Query(meter_api_name=meter.name, start_ms=start_ms,
+                                          end_ms=start_ms + 3 * DAY, group_by=["customer_id"]))
+        got.update({(meter.name, row.group["customer_id"]): row.value for row in result.rows})
+    assert got == expected
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+CONNECTIONS = 4
+PRODUCERS_PER_CONNECTION = 3
+
+
+@dataclass
+class Report:
+    kills: int = 0
+    terms: int = 0
+    open_s: list[float] = field(default_factory=list)
+    recovery_ms: list[int] = field(default_factory=list)
+    replayed_records: list[int] = field(default_factory=list)
+    in_flight_at_kill: list[int] = field(default_factory=list)
+    unacked_present: int = 0
+    unacked_absent: int = 0
+
+
+async def run_round(started: Started, producers: list[Producer], alerts: AlertBook,
+                    end: str, run_s: float, report: Report) -> None:
+    """Ingest from every producer and subscribe, then end the server with ``end``."""
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
+                nursery.start_soon(run_connection, started.port,
+                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
+                                   100_000)
+            nursery.start_soon(alerts.subscribe, started.port)
+            await trio.sleep(run_s)
+            report.in_flight_at_kill.append(sum(p.in_flight for p in producers))
+            if end == "kill":
+                await kill(started.process)
+                report.kills += 1
+            else:
+                await terminate(started.process, within_s=10 + 20)
+                report.terms += 1
+
+
+async def finish(started: Started, producers: list[Producer], alerts: AlertBook) -> None:
+    """No kill: retry what is pending, send a few more batches, check the final state."""
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
+                nursery.start_soon(run_connection, started.port,
+                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts, 3)
+    assert all(p.unacked is None for p in producers)
+    async with open_client(HOST, started.port) as client:
+        total = (await client.stats())["alerts"]
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(alerts.subscribe, started.port)
+                while alerts.pushed_next_seq < total:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        await check_final_totals(client, producers)
+        await check_after_restart(client, producers, alerts)  # the same checks, live
+        sent = [e for p in producers for n in p.sent_numbers() for e in p.workload.batch(p.id, n)]
+        final = model_alerts(sent)
+        assert {alert_key(a) for a in alerts.by_seq.values()} == final
+        assert len(alerts.by_seq) == total
+    # The model predicted thresholds crossed and thresholds never reached.
+    every = {(limit.id, threshold) for limit in LIMITS for threshold in limit.thresholds}
+    assert {(limit_id, threshold) for limit_id, _, _, threshold in final} < every
+    assert len({(limit_id, threshold) for limit_id, _, _, threshold in final}) >= 8
+
+
+async def crash_scenario(tmp_path: Path, ends: list[str], seed: int) -> Report:
+    rng = random.Random(seed)
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    workload = Workload(base_ms=time.time_ns() // 1_000_000, events_per_batch=40)
+    producers = [Producer(id=index, workload=workload)
+                 for index in range(CONNECTIONS * PRODUCERS_PER_CONNECTION)]
+    alerts = AlertBook()
+    report = Report()
+    for round_number, end in enumerate([*ends, "finish"]):
+        async with server_process(data, log) as started:
+            report.open_s.append(started.open_s)
+            report.recovery_ms.append(started.recovery_ms)
+            if round_number == 0:
+                await setup(started.port)
+            else:
+                async with open_client(HOST, started.port) as client:
+                    report.replayed_records.append(
+                        (await client.stats())["recovered_wal_records"])
+                    present, absent = await check_after_restart(client, producers, alerts)
+                    report.unacked_present += present
+                    report.unacked_absent += absent
+            if end == "finish":
+                await finish(started, producers, alerts)
+                await terminate(started.process, within_s=30)
+            else:
+                await run_round(started, producers, alerts, end, rng.uniform(0.05, 1.5), report)
+    acked = sum(len(p.acked) for p in producers)
+    print(f"\ncrash scenario: {report.kills} SIGKILLs, {report.terms} SIGTERMs, "
+          f"{acked} batches of {workload.events_per_batch} events acknowledged "
+          f"({acked * workload.events_per_batch} events), "
+          f"{sum(p.retried for p in producers)} retried after a restart "
+          f"({report.unacked_present} had been applied, {report.unacked_absent} not), "
+          f"{len(alerts.by_seq)} alerts ({alerts.pushed_count} pushed); "
+          f"in flight at each end: {report.in_flight_at_kill}; "
+          f"open s median {statistics.median(report.open_s):.2f} max {max(report.open_s):.2f}; "
+          f"recovery ms median {statistics.median(report.recovery_ms)} "
+          f"max {max(report.recovery_ms)}; WAL records replayed {report.replayed_records}")
+    return report
+
+
+async def test_sigkill_under_concurrent_ingest_keeps_acked_batches_and_alerts(
+    tmp_path: Path,
+) -> None:
+    report = await crash_scenario(tmp_path, ["kill", "kill", "term", "kill"], seed=1)
+    assert report.kills == 3
+    # The kills hit a busy server: most producers had a batch in flight.
+    assert sum(report.in_flight_at_kill) >= len(report.in_flight_at_kill)
+
+
+@pytest.mark.slow
+async def test_soak_25_sigkills_under_concurrent_ingest(tmp_path: Path) -> None:
+    ends = ["term" if round_number % 6 == 5 else "kill" for round_number in range(29)]
+    report = await crash_scenario(tmp_path, ends, seed=2)
+    assert report.kills >= 25
+    assert sum(report.in_flight_at_kill) >= len(report.in_flight_at_kill)
