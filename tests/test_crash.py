@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import Alert, Event, IngestAck, Limit, Meter, Query
+from engine import Alert, Engine, Event, IngestAck, Limit, Meter, Query
 from engine.client import Client, open_client
 from engine.errors import ConnectionLost
 
@@ -531,3 +531,138 @@ async def test_soak_25_sigkills_under_concurrent_ingest(tmp_path: Path) -> None:
     report = await crash_scenario(tmp_path, ends, seed=2)
     assert report.kills >= 25
     assert sum(report.in_flight_at_kill) >= len(report.in_flight_at_kill)
+
+
+DRAIN_TIMEOUT_S = 10.0  # the server's default (ServerConfig.drain_timeout_s)
+
+
+async def ingest_until(started: Started, producers: list[Producer], alerts: AlertBook,
+                       acked_events: int, end: str) -> tuple[int, float, float]:
+    """Ingest from every producer until ``acked_events`` are acknowledged, then end the
+    server with ``end`` while batches are in flight.
+
+    Returns (batches in flight when signalled, when it was signalled, seconds to exit).
+    """
+    events_per_batch = producers[0].workload.events_per_batch
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
+                nursery.start_soon(run_connection, started.port,
+                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
+                                   100_000)
+            nursery.start_soon(alerts.subscribe, started.port)
+            for _ in range(600_000):
+                if sum(len(p.acked) for p in producers) * events_per_batch >= acked_events:
+                    break
+                await trio.sleep(0.001)
+            in_flight = sum(p.in_flight for p in producers)
+            signalled = time.perf_counter()
+            if end == "kill":
+                await kill(started.process)
+                exit_s = time.perf_counter() - signalled
+            else:
+                exit_s = await terminate(started.process, within_s=DRAIN_TIMEOUT_S + 20)
+    return in_flight, signalled, exit_s
+
+
+async def test_sigterm_during_heavy_ingest_drains_exits_0_and_the_restart_replays_nothing(
+    tmp_path: Path,
+) -> None:
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    workload = Workload(base_ms=time.time_ns() // 1_000_000, events_per_batch=400)
+    producers = [Producer(id=index, workload=workload)
+                 for index in range(CONNECTIONS * PRODUCERS_PER_CONNECTION)]
+    alerts = AlertBook()
+    async with server_process(data, log) as started:
+        await setup(started.port)
+        in_flight, signalled, exit_s = await ingest_until(started, producers, alerts,
+                                                          100_000, "term")
+        assert started.process.stdout is not None
+        output = started.process.stdout.read()
+    assert "SIGTERM: shutting down" in output and "stopped cleanly" in output, output
+    assert exit_s < DRAIN_TIMEOUT_S, f"took {exit_s:.1f} s to exit"
+    assert in_flight >= len(producers) // 2, "SIGTERM found too little in flight"
+    # Requests the server had already read were answered during the drain.
+    acks_after_signal = sum(t > signalled for p in producers for t in p.acks_after)
+    assert acks_after_signal >= 1
+    unacked = sum(p.unacked is not None for p in producers)
+
+    async with server_process(data, log) as started:
+        async with open_client(HOST, started.port) as client:
+            stats = await client.stats()
+            assert (stats["recovered_wal_records"], stats["recovered_wal_bytes"]) == (0, 0)
+            present, absent = await check_after_restart(client, producers, alerts)
+        await finish(started, producers, alerts)
+        await terminate(started.process, within_s=30)
+    acked = sum(len(p.acked) for p in producers)
+    print(f"\nSIGTERM: {in_flight} batches in flight, exit 0 after {exit_s:.2f} s, "
+          f"{acks_after_signal} acks during the drain, {unacked} unacknowledged "
+          f"({present} had been applied, {absent} not); restart replayed "
+          f"{stats['recovered_wal_records']} WAL records, open {started.open_s:.2f} s "
+          f"(recovery {started.recovery_ms} ms); {acked} batches of "
+          f"{workload.events_per_batch} events in all")
+
+
+@pytest.mark.slow
+async def test_restart_time_after_sigkill_with_a_million_events(tmp_path: Path) -> None:
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    workload = Workload(base_ms=time.time_ns() // 1_000_000, events_per_batch=1000)
+    producers = [Producer(id=index, workload=workload)
+                 for index in range(CONNECTIONS * PRODUCERS_PER_CONNECTION)]
+    alerts = AlertBook()
+    async with server_process(data, log) as started:
+        await setup(started.port)
+        ingest_started = time.perf_counter()
+        await ingest_until(started, producers, alerts, 1_000_000, "kill")
+        ingest_s = time.perf_counter() - ingest_started
+    figures = []
+    for how in ("after SIGKILL (WAL replay)", "after SIGTERM (snapshot)"):
+        async with server_process(data, log) as started:
+            async with open_client(HOST, started.port) as client:
+                stats = await client.stats()
+                await check_after_restart(client, producers, alerts)
+            figures.append(
+                f"restart {how}: open {started.open_s:.2f} s (spawn to listening), "
+                f"recovery {started.recovery_ms} ms, replayed {stats['recovered_wal_records']} "
+                f"WAL records / {stats['recovered_wal_bytes'] / 1e6:.1f} MB; "
+                f"{stats['series_count']:,} series, {stats['bucket_count']:,} buckets")
+            if how.startswith("after SIGKILL"):
+                assert stats["recovered_wal_records"] >= 1_000
+                exit_s = await terminate(started.process, within_s=120)
+                figures.append(f"SIGTERM with that state: exit 0 after {exit_s:.2f} s")
+            else:
+                assert stats["recovered_wal_records"] == 0
+                await finish(started, producers, alerts)
+                await terminate(started.process, within_s=120)
+    acked = sum(len(p.acked) for p in producers) * workload.events_per_batch
+    print(f"\n{acked:,} events acknowledged over TCP in {ingest_s:.1f} s before the SIGKILL")
+    print("\n".join(figures))
+
+
+# ------------------------------------------------------------- a client hang
+
+
+async def test_a_cancelled_subscriber_leaves_its_subscription_promptly(
+    engine: Engine, serving: Any,
+) -> None:
+    """A timeout around a subscriber cancels the client's reader too; leaving the
+    subscription must not then wait (shielded, forever) for an unsubscribe reply that
+    no task will ever read."""
+    clients: list[Client] = []
+    left = trio.Event()
+
+    async def subscriber(port: int) -> None:
+        with trio.move_on_after(0.2):
+            async with open_client(HOST, port) as client:
+                clients.append(client)
+                async with client.subscribe(0) as subscription:
+                    await subscription.__anext__()  # no alert ever comes: the timeout fires
+        left.set()
+
+    async with serving(engine) as server, trio.open_nursery() as nursery:
+        nursery.start_soon(subscriber, server.port)
+        with trio.move_on_after(5):
+            await left.wait()
+        if not left.is_set():
+            clients[0]._fail_all(ConnectionLost("the test gave up"))  # let the task end
+            pytest.fail("leaving the subscription hung after its task was cancelled")
