@@ -28,6 +28,7 @@ with a million events in the WAL (printed; run with ``-s`` to see it).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -99,42 +100,69 @@ class Workload:
             meter = METERS[index % len(METERS)].name
             value = {"calls": rng.randint(1, 100), "hits": 1,
                      "peak": rng.randint(0, 1_000_000), "users": 1}[meter]
+            dimensions = {"batch": label}
+            if meter == "users":
+                dimensions["user"] = f"u{rng.randrange(USERS_PER_CUSTOMER)}"
             events.append(Event(
                 meter_api_name=meter, customer_id=rng.choice(customers), meter_value=value,
                 meter_time_in_millis=self.base_ms - rng.randint(0, 10 * MINUTE),
-                dimensions={"batch": label, "user": f"u{rng.randrange(USERS_PER_CUSTOMER)}"},
-                unique_id=f"{label}-{index}",
+                dimensions=dimensions, unique_id=f"{label}-{index}",
             ))
         return events
 
 
-def usage(events: list[Event], key: Any) -> dict[Any, int]:
-    """A naive aggregation: ``key(event)`` -> the event's meter aggregated over its group."""
-    sums: dict[Any, int] = defaultdict(int)
-    peaks: dict[Any, int] = {}
-    users: dict[Any, set[str]] = defaultdict(set)
-    for event in events:
-        group = key(event)
-        aggregation = AGGREGATION[event.meter_api_name]
+# Usage as parts that merge: (meter, customer, UTC day start) -> a sum, a count, a
+# max, or the set of distinct users. Parts of a set of batches merge into the usage
+# of any (customer, period) that is a union of days.
+Parts = dict[tuple[str, str, int], Any]
+
+
+def merge_into(into: Parts, parts: Parts) -> None:
+    for key, value in parts.items():
+        aggregation = AGGREGATION[key[0]]
+        if key not in into:
+            into[key] = set(value) if aggregation == "unique_count" else value
+        elif aggregation == "max":
+            into[key] = max(into[key], value)
+        elif aggregation == "unique_count":
+            into[key] |= value
+        else:
+            into[key] += value
+
+
+def usage(parts: Parts, key: Any) -> dict[Any, int]:
+    """The naive aggregation of ``parts`` grouped by ``key((meter, customer, day))``."""
+    grouped: dict[Any, Parts] = defaultdict(dict)
+    for part_key, value in parts.items():
+        merge_into(grouped[key(part_key)], {(part_key[0], "", 0): value})
+    return {group: (len(value) if isinstance(value, set) else value)
+            for group, merged in grouped.items() for value in merged.values()}
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    rows: dict[tuple[str, str], int]  # what the engine must answer: (meter, customer) -> value
+    parts: Parts
+
+
+@functools.cache
+def summarize(workload: Workload, producer: int, number: int) -> BatchSummary:
+    parts: Parts = {}
+    for event in workload.batch(producer, number):
         value = event.meter_value
         assert isinstance(value, int)
-        if aggregation == "sum":
-            sums[group] += value
-        elif aggregation == "count":
-            sums[group] += 1
-        elif aggregation == "max":
-            peaks[group] = max(peaks.get(group, value), value)
-        else:
-            users[group].add(event.dimensions["user"])
-    return {**sums, **peaks, **{group: len(seen) for group, seen in users.items()}}
+        aggregation = AGGREGATION[event.meter_api_name]
+        if aggregation == "count":
+            value = 1
+        elif aggregation == "unique_count":
+            value = frozenset([event.dimensions["user"]])
+        day = event.meter_time_in_millis - event.meter_time_in_millis % DAY
+        merge_into(parts, {(event.meter_api_name, event.customer_id, day): value})
+    rows = usage(parts, lambda key: (key[0], key[1]))
+    return BatchSummary(rows, parts)
 
 
-def batch_rows(events: list[Event]) -> dict[tuple[str, str], int]:
-    """What the engine must answer for one batch: (meter, customer) -> value."""
-    return usage(events, lambda e: (e.meter_api_name, e.customer_id))
-
-
-def model_alerts(events: list[Event]) -> set[tuple[str, str, int, int]]:
+def model_alerts(parts: Parts) -> set[tuple[str, str, int, int]]:
     """(limit, customer, period start, threshold) for every threshold the usage reaches.
 
     Every meter here only grows, so a threshold fired at some batch iff the final
@@ -142,14 +170,10 @@ def model_alerts(events: list[Event]) -> set[tuple[str, str, int, int]]:
     """
     expected = set()
     for limit in LIMITS:
-        mine = [e for e in events if e.meter_api_name == limit.meter_api_name]
-        if limit.period == "total":
-            totals = usage(mine, lambda e: (e.customer_id, 0))
-        else:
-            assert limit.period == "day" and limit.timezone == "UTC"
-            totals = usage(mine, lambda e: (e.customer_id,
-                                            e.meter_time_in_millis
-                                            - e.meter_time_in_millis % DAY))
+        assert limit.period in ("total", "day") and limit.timezone == "UTC"
+        mine = {key: value for key, value in parts.items() if key[0] == limit.meter_api_name}
+        totals = usage(mine, lambda key, period=limit.period: (
+            key[1], 0 if period == "total" else key[2]))
         for (customer, period_start_ms), value in totals.items():
             for threshold in limit.thresholds:
                 assert isinstance(threshold, int)
@@ -246,7 +270,8 @@ class AlertBook:
                 for _ in range(max_alerts):
                     alert = await subscription.__anext__()
                     assert alert.seq == self.pushed_next_seq, (
-                        f"pushed seq {alert.seq}, expected {self.pushed_next_seq}: a gap or a repeat")
+                        f"pushed seq {alert.seq}, expected {self.pushed_next_seq}: "
+                        "a gap or a repeat")
                     self.record([alert], "a push")
                     self.pushed_next_seq += 1
                     self.pushed_count += 1
@@ -291,7 +316,8 @@ async def server_process(data: Path, log: Path, shards: int = 4) -> AsyncIterato
             port = recovery_ms = None
             with trio.fail_after(300):
                 for _ in range(20):
-                    line = await trio.to_thread.run_sync(process.stdout.readline)
+                    line = await trio.to_thread.run_sync(process.stdout.readline,
+                                                        abandon_on_cancel=True)
                     if not line:
                         break
                     if recovered := RECOVERED.search(line):
@@ -310,7 +336,7 @@ async def server_process(data: Path, log: Path, shards: int = 4) -> AsyncIterato
 async def kill(process: subprocess.Popen[str]) -> None:
     process.send_signal(signal.SIGKILL)
     with trio.fail_after(30):
-        await trio.to_thread.run_sync(process.wait)
+        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
     assert process.returncode == -signal.SIGKILL
 
 
@@ -319,12 +345,17 @@ async def terminate(process: subprocess.Popen[str], within_s: float) -> float:
     signalled = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     with trio.fail_after(within_s):
-        await trio.to_thread.run_sync(process.wait)
+        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
     assert process.returncode == 0, f"exit code {process.returncode} after SIGTERM"
     return time.perf_counter() - signalled
 
 
 async def setup(port: int) -> None:
+    with trio.fail_after(30):
+        await define(port)
+
+
+async def define(port: int) -> None:
     async with open_client(HOST, port) as client:
         for meter in METERS:
             await client.define_meter(meter)
@@ -340,9 +371,10 @@ async def per_batch_rows(client: Client, workload: Workload) -> dict[str, dict[A
     start_ms = workload.base_ms - workload.base_ms % DAY - DAY
     found: dict[str, dict[Any, Any]] = defaultdict(dict)
     for meter in METERS:
-        result = await client.query(Query(meter_api_name=meter.name, start_ms=start_ms,
-                                          end_ms=start_ms + 3 * DAY,
-                                          group_by=["batch", "customer_id"]))
+        with trio.fail_after(60):
+            result = await client.query(Query(
+                meter_api_name=meter.name, start_ms=start_ms, end_ms=start_ms + 3 * DAY,
+                group_by=["batch", "customer_id"]))
         for row in result.rows:
             found[row.group["batch"]][(meter.name, row.group["customer_id"])] = row.value
     return found
@@ -355,13 +387,13 @@ async def check_after_restart(client: Client, producers: list[Producer],
     Returns (unacknowledged batches found present, found absent).
     """
     found = await per_batch_rows(client, producers[0].workload)
-    present_events: list[Event] = []
+    present: Parts = {}
     present_count = absent_count = 0
     for producer in producers:
         for number in producer.sent_numbers():
             label = f"{producer.id}-{number}"
-            events = producer.workload.batch(producer.id, number)
-            expected = batch_rows(events)
+            summary = summarize(producer.workload, producer.id, number)
+            expected = summary.rows
             got = found.pop(label, {})
             if number in producer.acked:
                 assert got == expected, f"acknowledged batch {label}: {got} != {expected}"
@@ -372,10 +404,11 @@ async def check_after_restart(client: Client, producers: list[Producer],
                 present_count += bool(got)
                 absent_count += not got
             if got:
-                present_events += events
+                merge_into(present, summary.parts)
     assert not found, f"rows of batches never sent: {sorted(found)[:5]}"
 
-    total = (await client.stats())["alerts"]
+    with trio.fail_after(30):
+        total = (await client.stats())["alerts"]
     log = []
     async with client.subscribe(0) as subscription:
         with trio.fail_after(30):
@@ -388,23 +421,31 @@ async def check_after_restart(client: Client, producers: list[Producer],
             f"{log[seq] if seq < total else 'missing'}")
     keys = [alert_key(a) for a in log]
     assert len(set(keys)) == len(keys), "a crossing was logged twice"
-    assert set(keys) == model_alerts(present_events), "alerts differ from the usage present"
+    assert set(keys) == model_alerts(present), "alerts differ from the usage present"
     for alert in log:
         assert alert.threshold <= alert.value
     return present_count, absent_count
 
 
+def sent_parts(producers: list[Producer]) -> Parts:
+    parts: Parts = {}
+    for producer in producers:
+        for number in producer.sent_numbers():
+            merge_into(parts, summarize(producer.workload, producer.id, number).parts)
+    return parts
+
+
 async def check_final_totals(client: Client, producers: list[Producer]) -> None:
     """Everything was acknowledged in the end: totals per customer equal all that was sent."""
-    sent = [event for producer in producers for number in producer.sent_numbers()
-            for event in producer.workload.batch(producer.id, number)]
-    expected = usage(sent, lambda e: (e.meter_api_name, e.customer_id))
+    expected = usage(sent_parts(producers), lambda key: (key[0], key[1]))
     workload = producers[0].workload
     start_ms = workload.base_ms - workload.base_ms % DAY - DAY
     got = {}
     for meter in METERS:
-        result = await client.query(Query(meter_api_name=meter.name, start_ms=start_ms,
-                                          end_ms=start_ms + 3 * DAY, group_by=["customer_id"]))
+        with trio.fail_after(60):
+            result = await client.query(Query(
+                meter_api_name=meter.name, start_ms=start_ms, end_ms=start_ms + 3 * DAY,
+                group_by=["customer_id"]))
         got.update({(meter.name, row.group["customer_id"]): row.value for row in result.rows})
     assert got == expected
 
@@ -466,8 +507,7 @@ async def finish(started: Started, producers: list[Producer], alerts: AlertBook)
                 nursery.cancel_scope.cancel()
         await check_final_totals(client, producers)
         await check_after_restart(client, producers, alerts)  # the same checks, live
-        sent = [e for p in producers for n in p.sent_numbers() for e in p.workload.batch(p.id, n)]
-        final = model_alerts(sent)
+        final = model_alerts(sent_parts(producers))
         assert {alert_key(a) for a in alerts.by_seq.values()} == final
         assert len(alerts.by_seq) == total
     # The model predicted thresholds crossed and thresholds never reached.
