@@ -301,14 +301,29 @@ class Started:
     recovery_ms: int  # what the server printed
 
 
+# ``python -m engine serve`` with a smaller ``snapshot_every_bytes`` default (the command
+# has no flag for it), so that snapshots, and kills during them, happen within a short run.
+SERVE_WITH_SNAPSHOT_EVERY = """
+import sys
+from engine.runtime.engine import open_engine
+open_engine.__wrapped__.__kwdefaults__["snapshot_every_bytes"] = int(sys.argv[1])
+from engine.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
 @asynccontextmanager
-async def server_process(data: Path, log: Path, shards: int = 4) -> AsyncIterator[Started]:
+async def server_process(data: Path, log: Path, shards: int = 4,
+                         snapshot_every_bytes: int | None = None) -> AsyncIterator[Started]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("METER_API_KEYS", None)
+    command = [sys.executable, "-m", "engine"]
+    if snapshot_every_bytes is not None:
+        command = [sys.executable, "-c", SERVE_WITH_SNAPSHOT_EVERY, str(snapshot_every_bytes)]
     spawned = time.perf_counter()
     with log.open("a") as stderr, subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--data-dir", str(data), "--port", "0",
-         "--shards", str(shards), "--status", "off"],
+        [*command, "serve", "--data-dir", str(data), "--port", "0", "--shards", str(shards),
+         "--status", "off"],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     ) as process:
         try:
@@ -464,6 +479,7 @@ class Report:
     open_s: list[float] = field(default_factory=list)
     recovery_ms: list[int] = field(default_factory=list)
     replayed_records: list[int] = field(default_factory=list)
+    snapshot_lsns: list[int] = field(default_factory=list)  # what each restart started from
     in_flight_at_kill: list[int] = field(default_factory=list)
     unacked_present: int = 0
     unacked_absent: int = 0
@@ -516,7 +532,8 @@ async def finish(started: Started, producers: list[Producer], alerts: AlertBook)
     assert len({(limit_id, threshold) for limit_id, _, _, threshold in final}) >= 8
 
 
-async def crash_scenario(tmp_path: Path, ends: list[str], seed: int) -> Report:
+async def crash_scenario(tmp_path: Path, ends: list[str], seed: int,
+                         snapshot_every_bytes: int | None = None) -> Report:
     rng = random.Random(seed)
     data, log = tmp_path / "data", tmp_path / "server.log"
     workload = Workload(base_ms=time.time_ns() // 1_000_000, events_per_batch=40)
@@ -525,15 +542,18 @@ async def crash_scenario(tmp_path: Path, ends: list[str], seed: int) -> Report:
     alerts = AlertBook()
     report = Report()
     for round_number, end in enumerate([*ends, "finish"]):
-        async with server_process(data, log) as started:
+        async with server_process(data, log,
+                                  snapshot_every_bytes=snapshot_every_bytes) as started:
             report.open_s.append(started.open_s)
             report.recovery_ms.append(started.recovery_ms)
             if round_number == 0:
                 await setup(started.port)
             else:
                 async with open_client(HOST, started.port) as client:
-                    report.replayed_records.append(
-                        (await client.stats())["recovered_wal_records"])
+                    with trio.fail_after(30):
+                        stats = await client.stats()
+                    report.replayed_records.append(stats["recovered_wal_records"])
+                    report.snapshot_lsns.append(stats["last_lsn"] - stats["recovered_wal_records"])
                     present, absent = await check_after_restart(client, producers, alerts)
                     report.unacked_present += present
                     report.unacked_absent += absent
@@ -552,7 +572,8 @@ async def crash_scenario(tmp_path: Path, ends: list[str], seed: int) -> Report:
           f"in flight at each end: {report.in_flight_at_kill}; "
           f"open s median {statistics.median(report.open_s):.2f} max {max(report.open_s):.2f}; "
           f"recovery ms median {statistics.median(report.recovery_ms)} "
-          f"max {max(report.recovery_ms)}; WAL records replayed {report.replayed_records}")
+          f"max {max(report.recovery_ms)}; WAL records replayed {report.replayed_records} "
+          f"after snapshots at lsn {report.snapshot_lsns}")
     return report
 
 
@@ -563,6 +584,18 @@ async def test_sigkill_under_concurrent_ingest_keeps_acked_batches_and_alerts(
     assert report.kills == 3
     # The kills hit a busy server: most producers had a batch in flight.
     assert sum(report.in_flight_at_kill) >= len(report.in_flight_at_kill)
+
+
+async def test_sigkill_with_frequent_snapshots_keeps_acked_batches_and_alerts(
+    tmp_path: Path,
+) -> None:
+    """The same with a snapshot every 256 KiB of WAL: kills land between, and sometimes
+    during, snapshots; restarts load one and replay the tail after it."""
+    report = await crash_scenario(tmp_path, ["kill", "kill", "kill"], seed=3,
+                                  snapshot_every_bytes=256 << 10)
+    assert report.kills == 3
+    assert any(lsn > 0 and replayed > 0 for lsn, replayed in
+               zip(report.snapshot_lsns, report.replayed_records, strict=True))
 
 
 @pytest.mark.slow
@@ -706,3 +739,12 @@ async def test_a_cancelled_subscriber_leaves_its_subscription_promptly(
         if not left.is_set():
             clients[0]._fail_all(ConnectionLost("the test gave up"))  # let the task end
             pytest.fail("leaving the subscription hung after its task was cancelled")
+
+
+@pytest.mark.slow
+async def test_soak_25_sigkills_with_frequent_snapshots(tmp_path: Path) -> None:
+    report = await crash_scenario(tmp_path, ["kill"] * 25, seed=4,
+                                  snapshot_every_bytes=256 << 10)
+    assert report.kills == 25
+    assert sum(lsn > 0 and replayed > 0 for lsn, replayed in
+               zip(report.snapshot_lsns, report.replayed_records, strict=True)) >= 10
