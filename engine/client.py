@@ -84,6 +84,7 @@ _Ts = TypeVarTuple("_Ts")
 
 # Replies (query results) may be larger than requests; the server caps them at 256 MiB.
 MAX_REPLY_BYTES = 256 * 1024 * 1024 + 1024
+UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
 __all__ = ["Client", "SyncClient", "open_batcher", "open_client"]
 
@@ -319,8 +320,15 @@ class ClientSubscription:
             return
         self._client._subscriptions.pop(subscription_id, None)
         if self._client._closed_error is None:
-            with contextlib.suppress(MeteringError):
-                await self._client._call(Unsubscribe, subscription=subscription_id)
+            # Sent without waiting for the reply: this runs shielded, often because the
+            # caller's scope was cancelled, which may have cancelled the reader task too,
+            # and then no reply would ever be read. Pushes already on their way are
+            # dropped by the reader, as the subscription is no longer registered.
+            with trio.move_on_after(UNSUBSCRIBE_SEND_TIMEOUT_S), \
+                    contextlib.suppress(MeteringError, trio.BrokenResourceError,
+                                        trio.ClosedResourceError, OSError):
+                await self._client._send(
+                    Unsubscribe(id=next(self._client._ids), subscription=subscription_id))
 
     def _deliver(self, push: AlertsPush | Lagged) -> None:
         if isinstance(push, Lagged):

@@ -98,6 +98,9 @@ class EngineStatistics:
     recovery_ms: int
     limit_count: int = 0
     alerts: int = 0
+    # What the last open replayed from the WAL after the snapshot: 0 after a clean close.
+    recovered_wal_records: int = 0
+    recovered_wal_bytes: int = 0
 
 
 class _Ticket:
@@ -181,6 +184,8 @@ class Engine:
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._counters = {"accepted": 0, "duplicates": 0, "batches": 0, "commits": 0, "snaps": 0}
         self._recovery_ms = 0
+        self._recovered_wal_records = 0
+        self._recovered_wal_bytes = 0
         self._limits: dict[str, LimitDef] = {}  # in the order they were added
         self._hub = AlertHub(store)
         self._next_lsn_to_finish = 1
@@ -231,10 +236,14 @@ class Engine:
                     )
                 self._replay(lsn, raw)
                 applied = lsn
+                self._recovered_wal_records += 1
+                self._recovered_wal_bytes += len(raw)
         self._last_lsn = max(applied, self._store.last_lsn())
         self._next_lsn_to_finish = self._last_lsn + 1
         self._recovery_ms = int((time.perf_counter() - started) * 1000)
-        log.info("recovered to lsn %d in %d ms", self._last_lsn, self._recovery_ms)
+        log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
+                 self._last_lsn, self._recovery_ms, self._recovered_wal_records,
+                 self._recovered_wal_bytes)
 
     def _restore_snapshot(self, snapshot: StoredSnapshot) -> int:
         parts = [records.decode_part(raw) for raw in snapshot.parts]
@@ -724,6 +733,8 @@ class Engine:
             recovery_ms=self._recovery_ms,
             limit_count=len(self._limits),
             alerts=self._hub.next_seq,
+            recovered_wal_records=self._recovered_wal_records,
+            recovered_wal_bytes=self._recovered_wal_bytes,
         )
 
     def export_state(self) -> bytes:
