@@ -36,7 +36,7 @@ import random
 import struct
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +310,21 @@ def make_frame(seed: dict[str, Any], rng: random.Random) -> tuple[bytes, Plan]:
 # --------------------------------------------------------------------- the model
 
 
+class HasId(msgspec.Struct):
+    id: int | None = None
+
+
+def frame_ids(payload: bytes) -> set[int]:
+    """Every id the server may put in its reply to this frame: the one its typed decoder
+    reads (which skips unknown keys unchecked, even invalid UTF-8 ones) and the one it
+    recovers from an invalid request."""
+    ids = {request_id_of(payload)}
+    typed = read_as(payload, HasId)
+    if typed is not None:
+        ids.add(typed.id)
+    return {i for i in ids if i is not None}
+
+
 def request_id_of(payload: bytes) -> int | None:
     """The id the server reads from an invalid request (as ``engine.server`` does)."""
     try:
@@ -345,6 +360,9 @@ def read_as(payload: bytes, shape: type[Any]) -> Any:
         return msgspec.msgpack.decode(payload, type=shape)
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None
+
+
+EXACT = Context(prec=200)  # the engine sums exactly; the default context rounds to 28 digits
 
 
 def exact(value: Any) -> Decimal:
@@ -394,7 +412,8 @@ class Model:
                 continue
             if not value.is_finite():
                 self.problems.append(f"acknowledged a value that is not finite: {event!r}")
-            self.sums[meter, customer] = self.sums.get((meter, customer), Decimal(0)) + value
+            self.sums[meter, customer] = EXACT.add(self.sums.get((meter, customer), Decimal(0)),
+                                                   value)
             self.counts[meter, customer] = self.counts.get((meter, customer), 0) + 1
         self.accepted += accepted
         if (reply.accepted, reply.duplicates) != (accepted, duplicates):
@@ -472,7 +491,7 @@ class Fuzzer:
             chunk, plan = make_frame(self.rng.choice(seeds), self.rng)
             frames, error, rest = split_frames(pending + chunk)
             named = [i for k, f in enumerate(frames) if complete + k >= 1
-                     if (i := request_id_of(f)) is not None]
+                     for i in frame_ids(f)]
             if len(named) != len(set(named)) or used.intersection(named):
                 continue  # two frames would carry one id: make another
             used.update(named)
@@ -522,7 +541,7 @@ class Fuzzer:
         if len(answers) - 1 != wanted:
             problems.append(f"{len(answers) - 1} replies for {len(requests)} frames "
                             f"(frame error: {frame_error})")
-        by_id = {request_id_of(f): f for f in requests}
+        by_id = {i: f for f in requests for i in frame_ids(f)}
         for reply in answers[1:]:
             if isinstance(reply, IngestReply | MeterReply | LimitReply | RemovedReply):
                 payload = by_id.get(reply.id)
@@ -642,7 +661,9 @@ async def final_state(port: int, model: Model) -> list[str]:
             want = {customer: Decimal(value) for (m, customer), value in table.items()
                     if m == name}
             if got != want:
-                differences.append(f"{name}: server {got} != model {want}"[:2000])
+                differing = {c: (got.get(c), want.get(c)) for c in {*got, *want}
+                             if got.get(c) != want.get(c)}
+                differences.append(f"{name}: customer: (server, model): {differing}"[:2000])
     return differences
 
 
