@@ -656,10 +656,11 @@ async def final_state(port: int, model: Model) -> list[str]:
                 continue
             result = await client.query(Query(meter_api_name=name, start_ms=minute - 40 * DAY,
                                               end_ms=minute + DAY, group_by=["customer_id"]))
-            got = {row.group["customer_id"]: Decimal(row.value) for row in result.rows}
+            got: dict[str | None, Decimal] = {
+                row.group["customer_id"]: Decimal(row.value) for row in result.rows}
             table = model.sums if meter.aggregation == "sum" else model.counts
-            want = {customer: Decimal(value) for (m, customer), value in table.items()
-                    if m == name}
+            want: dict[str | None, Decimal] = {
+                customer: Decimal(value) for (m, customer), value in table.items() if m == name}
             if got != want:
                 differing = {c: (got.get(c), want.get(c)) for c in {*got, *want}
                              if got.get(c) != want.get(c)}
