@@ -785,20 +785,21 @@ FAST = {"keepalive": 400, "silent": 20, "prehello": 10, "loris": 20, "active": 3
 def test_500_connections_with_hostile_clients_fast(tmp_path: Path) -> None:
     """500 connections for a few seconds; hostile ones are timed out and start over.
 
-    On a shared 2-core machine the probe bound is 500 ms at p99 (the real figures are
-    printed; the soak asserts 100 ms)."""
+    The machine is shared (2 cores, other test suites running): the probe bound here is
+    250 ms at p99 (measured: p99 40-135 ms, p50 2-8 ms); the soak asserts 100 ms over
+    ~1200 probes. The real figures are printed."""
     timeouts = Timeouts()
     config = LoadConfig(port=0, **FAST)
     figures = run_load(tmp_path, duration_s=5.0, probe_every_s=0.04, config=FAST,
                        timeouts=timeouts, seeded_alert_customers=1500)
-    check(figures, config, timeouts, p99_bound_ms=500, rss_allowance_mib=24, rss_plateau_mib=24,
+    check(figures, config, timeouts, p99_bound_ms=250, rss_allowance_mib=24, rss_plateau_mib=24,
           slack_s=1.5)
 
 
 @pytest.mark.slow
 def test_500_connections_with_hostile_clients_soak(tmp_path: Path) -> None:
-    """The same for two minutes, 600 connections: hostile clients cycle hundreds of times,
-    so a leak per connection would show in RSS."""
+    """The same for two minutes with 560 connections: hostile clients go through thousands
+    of connections, so a leak per connection would show in RSS."""
     timeouts = Timeouts()
     soak = {**FAST, "keepalive": 460}
     config = LoadConfig(port=0, **soak)
@@ -807,9 +808,6 @@ def test_500_connections_with_hostile_clients_soak(tmp_path: Path) -> None:
     check(figures, config, timeouts, p99_bound_ms=100, rss_allowance_mib=24, rss_plateau_mib=8,
           slack_s=1.5)
 
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "generate":
-    generate(sys.argv[2])
 
 
 @pytest.mark.slow
@@ -865,3 +863,7 @@ def test_big_pipelined_requests_do_not_grow_memory_with_the_connection_count(
               f"{len(data) / 2**20:.1f} MiB")
         assert server.stop() == 0
         assert (peak - before) / 1024 < 256
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "generate":
+    generate(sys.argv[2])
