@@ -44,6 +44,7 @@ import msgspec
 import pytest
 import trio
 
+from engine import cli_serve
 from engine.protocol.framing import HEADER, FrameDecoder
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
@@ -808,6 +809,20 @@ def test_500_connections_with_hostile_clients_soak(tmp_path: Path) -> None:
     check(figures, config, timeouts, p99_bound_ms=100, rss_allowance_mib=24, rss_plateau_mib=8,
           slack_s=1.5)
 
+
+
+def test_meter_serve_raises_its_open_files_limit_to_fit_max_connections() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1024 + cli_serve.SPARE_DESCRIPTORS
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"hard open-files limit {hard} below {wanted}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert cli_serve.raise_open_files_limit(1024) == wanted
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (wanted, hard)
+        assert cli_serve.raise_open_files_limit(100) == wanted  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.slow
