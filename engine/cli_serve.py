@@ -8,6 +8,8 @@ close the engine, which drains the WAL writer and writes a snapshot.
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import signal
 import time
 from typing import Any, TextIO
@@ -17,6 +19,25 @@ import trio
 from engine import open_engine
 from engine.auth import load_keys
 from engine.server import DEFAULT_HOST, DEFAULT_PORT, MeterServer, ServerConfig
+
+log = logging.getLogger(__name__)
+DEFAULTS = ServerConfig()
+# Descriptors the process needs besides client sockets: listeners, LMDB, stdio, signals.
+SPARE_DESCRIPTORS = 64
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -30,12 +51,61 @@ def add_serve_parser(commands: Any) -> None:
                        help="listen on a non-loopback address without API keys")
     serve.add_argument("--status", choices=["auto", "on", "off"], default="auto",
                        help="live status line (auto: when stdout is a terminal)")
+    limits = serve.add_argument_group("connection limits and timeouts (docs/protocol.md §12)")
+    limits.add_argument("--max-connections", type=_positive_int, metavar="N",
+                        default=DEFAULTS.max_connections,
+                        help="beyond this, new connections get `busy` (default %(default)s)")
+    limits.add_argument("--max-in-flight", type=_positive_int, metavar="N",
+                        default=DEFAULTS.max_in_flight,
+                        help="requests per connection run concurrently (default %(default)s)")
+    limits.add_argument("--handshake-timeout", type=_positive_seconds, metavar="SECONDS",
+                        default=DEFAULTS.handshake_timeout_s,
+                        help="the hello must arrive within this (default %(default)s)")
+    limits.add_argument("--frame-timeout", type=_positive_seconds, metavar="SECONDS",
+                        default=DEFAULTS.frame_timeout_s,
+                        help="a started frame must complete within this (default %(default)s)")
+    limits.add_argument("--idle-timeout", type=_positive_seconds, metavar="SECONDS",
+                        default=DEFAULTS.idle_timeout_s,
+                        help="close a connection silent this long with nothing in flight "
+                             "(default %(default)s)")
+    limits.add_argument("--send-timeout", type=_positive_seconds, metavar="SECONDS",
+                        default=DEFAULTS.send_timeout_s,
+                        help="disconnect a client that reads nothing for this long "
+                             "(default %(default)s)")
+    limits.add_argument("--drain-timeout", type=_positive_seconds, metavar="SECONDS",
+                        default=DEFAULTS.drain_timeout_s,
+                        help="on shutdown, how long requests in flight may take "
+                             "(default %(default)s)")
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE so that ``max_connections`` sockets fit (up to the hard
+    limit); returns the soft limit in force. Beyond it ``accept`` fails with EMFILE, which
+    the server survives (it retries) but which stalls every new connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        soft = new_soft
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-files limit %d is below the %d that %d connections need",
+                    soft, wanted, max_connections)
+    return soft
 
 
 async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
     keys = load_keys(args.keys)
     config = ServerConfig(host=args.host, port=args.port, keys=keys,
-                          allow_insecure_bind=args.allow_insecure_bind)
+                          allow_insecure_bind=args.allow_insecure_bind,
+                          max_connections=args.max_connections,
+                          max_in_flight=args.max_in_flight,
+                          handshake_timeout_s=args.handshake_timeout,
+                          frame_timeout_s=args.frame_timeout,
+                          idle_timeout_s=args.idle_timeout,
+                          send_timeout_s=args.send_timeout,
+                          drain_timeout_s=args.drain_timeout)
+    raise_open_files_limit(config.max_connections)
     async with open_engine(args.data_dir, shards=args.shards) as eng:
         server = MeterServer(eng, config)
         stats = eng.statistics()

@@ -11,8 +11,12 @@ Policy, per connection (each is a task with its own small nursery):
   can be in flight (pipelining). At most ``max_in_flight`` per connection: the
   reader stops reading while that many are running, which pushes back on a
   client that sends faster than the engine commits (TCP flow control does the
-  rest). Replies go through a bounded queue to one writer task. Memory per
-  connection is thus bounded by ``max_in_flight`` frames.
+  rest). Replies go through a bounded queue (``max_in_flight`` frames) to one
+  writer task. Memory per connection is thus bounded: at most ``max_in_flight``
+  requests running, each holding its frame and then its reply until the reply
+  is queued, plus ``max_in_flight`` queued replies and the one being written.
+  A client that reads nothing therefore pins at most about
+  ``2 * max_in_flight + 1`` replies (tests/test_load.py measures it).
 - A frame must complete within ``frame_timeout_s`` once it started (slow
   senders), a connection with nothing in flight is closed after
   ``idle_timeout_s``, and a client that does not read its replies for
@@ -380,8 +384,9 @@ class _Connection:
                                  max_in_flight=self.config.max_in_flight))
 
     async def _request(self, message: Any) -> None:
-        """Answer one request. Its slot is held until the reply is queued for sending,
-        so unanswered requests plus queued replies never exceed ``max_in_flight``."""
+        """Answer one request. Its slot is held until the reply is queued for sending, so
+        at most ``max_in_flight`` requests are running or waiting to queue a reply (and
+        the queue holds at most ``max_in_flight`` more)."""
         try:
             try:
                 reply = await self._answer(message)

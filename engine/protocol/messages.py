@@ -220,14 +220,17 @@ def decode_client_message(payload: bytes) -> ClientMessage:
         return _client_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise MessageError(f"invalid message: {exc}") from None
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string
+    # ValueError: invalid UTF-8 in a string. RecursionError: msgspec's answer to nesting
+    # deeper than the interpreter's recursion limit (a few kilobytes of 0x91 bytes), even
+    # inside an unknown field it only skips.
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"undecodable message: {exc}") from None
 
 
 def decode_server_message(payload: bytes) -> ServerMessage:
     try:
         return _server_decoder.decode(payload)
-    except (msgspec.DecodeError, ValueError) as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"invalid server message: {exc}") from None
 
 
