@@ -58,6 +58,10 @@ def add_serve_parser(commands: Any) -> None:
     limits.add_argument("--max-in-flight", type=_positive_int, metavar="N",
                         default=DEFAULTS.max_in_flight,
                         help="requests per connection run concurrently (default %(default)s)")
+    limits.add_argument("--max-request-bytes", type=_positive_int, metavar="BYTES",
+                        default=DEFAULTS.max_request_bytes_in_flight,
+                        help="request bytes read but not yet answered, over all connections; "
+                             "beyond it reading waits (default %(default)s)")
     limits.add_argument("--handshake-timeout", type=_positive_seconds, metavar="SECONDS",
                         default=DEFAULTS.handshake_timeout_s,
                         help="the hello must arrive within this (default %(default)s)")
@@ -100,6 +104,7 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
                           allow_insecure_bind=args.allow_insecure_bind,
                           max_connections=args.max_connections,
                           max_in_flight=args.max_in_flight,
+                          max_request_bytes_in_flight=args.max_request_bytes,
                           handshake_timeout_s=args.handshake_timeout,
                           frame_timeout_s=args.frame_timeout,
                           idle_timeout_s=args.idle_timeout,

@@ -98,6 +98,9 @@ SERVER_NAME = "metering-engine"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 RECEIVE_CHUNK_BYTES = 256 * 1024
+# A decoded request takes several times its wire size in memory (an event of ~100 bytes
+# of msgpack is a struct, a dict and strings): the request budget counts this multiple.
+REQUEST_MEMORY_FACTOR = 4
 
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {
     Ping: None,
@@ -127,6 +130,10 @@ class ServerConfig:
     max_reply_bytes: int = 256 * 1024 * 1024
     max_in_flight: int = 16
     max_connections: int = 1024
+    # Server-wide: memory for requests read but not yet answered (REQUEST_MEMORY_FACTOR
+    # times their wire size) plus replies not yet sent, over all connections. Beyond it,
+    # connections wait before reading another frame body (backpressure).
+    max_request_bytes_in_flight: int = 64 * 1024 * 1024
     handshake_timeout_s: float = 10.0
     frame_timeout_s: float = 30.0
     idle_timeout_s: float = 300.0
@@ -161,6 +168,7 @@ class MeterServer:
         self.stats = ServerStatistics()
         self.port: int | None = None
         self._draining = trio.Event()
+        self.request_budget = ByteBudget(self.config.max_request_bytes_in_flight)
         self._reader_scopes: set[trio.CancelScope] = set()
         if not self.config.keys.enabled and not self.config.allow_insecure_bind and (
             self.config.host not in LOOPBACK_HOSTS
@@ -241,6 +249,35 @@ class MeterServer:
         await stream.aclose()
 
 
+class ByteBudget:
+    """A server-wide budget of bytes: ``acquire(n)`` waits while ``n`` more would pass the
+    limit. A request larger than the whole budget waits until nothing else holds any,
+    so it cannot wait forever."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, size_bytes: int) -> int:
+        """Take ``size_bytes`` (capped at the limit); returns what to ``release``."""
+        size_bytes = min(size_bytes, self.limit_bytes)
+        while self.used_bytes and self.used_bytes + size_bytes > self.limit_bytes:
+            await self._waiters.park()
+        self.used_bytes += size_bytes
+        return size_bytes
+
+    def charge(self, size_bytes: int) -> None:
+        """Take ``size_bytes`` without waiting, even past the limit (replies already
+        built): readers then wait until enough is released."""
+        self.used_bytes += size_bytes
+
+    def release(self, size_bytes: int) -> None:
+        if size_bytes:
+            self.used_bytes -= size_bytes
+            self._waiters.unpark_all()
+
+
 def _frame(message: msgspec.Struct) -> bytes:
     payload = encode_message(message)
     return HEADER.pack(len(payload)) + payload
@@ -256,6 +293,7 @@ class _Connection:
         self.slots = trio.Semaphore(self.config.max_in_flight)
         self.nursery: trio.Nursery | None = None
         self.subscriptions: dict[int, trio.CancelScope] = {}
+        self.charged_bytes = 0  # of the server's request budget, for the frame being read
         self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
             self.config.max_in_flight
         )
@@ -274,6 +312,9 @@ class _Connection:
                     pass
                 finally:
                     self.server._reader_scopes.discard(reader_scope)
+                    # A frame cut short (timeout, close, shutdown) gives its budget back.
+                    self.server.request_budget.release(self.charged_bytes)
+                    self.charged_bytes = 0
             # Reader is done: stop pushing alerts, let running requests finish, then flush
             # and stop the writer.
             for scope in self.subscriptions.values():
@@ -283,17 +324,40 @@ class _Connection:
             await self.outgoing_send.aclose()
 
     async def _writer(self, connection_scope: trio.CancelScope) -> None:
+        budget = self.server.request_budget
         async with self.outgoing_receive:
-            async for frame in self.outgoing_receive:
-                with trio.move_on_after(self.config.send_timeout_s) as timeout:
-                    await self.stream.send_all(frame)
-                if timeout.cancelled_caught:
-                    log.info("closing a connection that does not read its replies")
-                    connection_scope.cancel()
-                    return
+            try:
+                async for frame in self.outgoing_receive:
+                    try:
+                        with trio.move_on_after(self.config.send_timeout_s) as timeout:
+                            await self.stream.send_all(frame)
+                    finally:
+                        budget.release(len(frame))
+                    if timeout.cancelled_caught:
+                        log.info("closing a connection that does not read its replies")
+                        connection_scope.cancel()
+                        return
+            finally:
+                # Replies that will never be sent give their bytes back.
+                while True:
+                    try:
+                        budget.release(len(self.outgoing_receive.receive_nowait()))
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+
+    async def _queue(self, frame: bytes) -> None:
+        """Queue a frame for the writer. Unsent reply bytes count against the server-wide
+        request budget, so clients that do not read their replies slow everyone's
+        reading of new requests instead of growing the server's memory."""
+        self.server.request_budget.charge(len(frame))
+        try:
+            await self.outgoing_send.send(frame)
+        except BaseException:
+            self.server.request_budget.release(len(frame))
+            raise
 
     async def _send(self, message: msgspec.Struct) -> None:
-        await self.outgoing_send.send(_frame(message))
+        await self._queue(_frame(message))
 
     async def _close_with(self, code: str, detail: str, request_id: int | None = None) -> None:
         self.server.stats.protocol_errors += 1
@@ -310,6 +374,13 @@ class _Connection:
                 await self._close_with("frame_error", str(exc))
             if frame is not None:
                 return frame
+            pending = self.decoder.pending_frame_bytes
+            if pending and not self.charged_bytes:
+                # Budget first, body second: a frame body is buffered only when the
+                # server-wide budget has room for it (not timed: this wait is ours).
+                self.charged_bytes = await self.server.request_budget.acquire(
+                    pending * REQUEST_MEMORY_FACTOR)
+                deadline = max(deadline, trio.current_time() + self.config.frame_timeout_s)
             if self.decoder.mid_frame:
                 deadline = min(deadline, trio.current_time() + self.config.frame_timeout_s)
             with trio.move_on_at(deadline):
@@ -339,6 +410,8 @@ class _Connection:
         if frame is None:
             return
         await self._handshake(frame)
+        self.server.request_budget.release(self.charged_bytes)
+        self.charged_bytes = 0
         draining = self.server._draining
         while not draining.is_set():
             # Backpressure: no new request is read while max_in_flight are unanswered.
@@ -347,18 +420,32 @@ class _Connection:
             frame = await self._next_frame(self.config.idle_timeout_s)
             if frame is None:
                 return
+            budget = self.server.request_budget
+            # Held until the request is answered (a frame that arrived in one piece
+            # is charged now).
+            charge, self.charged_bytes = self.charged_bytes, 0
+            if not charge:
+                charge = await budget.acquire(len(frame) * REQUEST_MEMORY_FACTOR)
             try:
                 message = decode_client_message(frame)
             except MessageError as exc:
+                budget.release(charge)
                 self.server.stats.protocol_errors += 1
                 await self._send(ErrorReply(code="bad_message", detail=str(exc),
                                             id=_request_id_of(frame)))
                 continue
             if isinstance(message, Hello):
+                budget.release(charge)
                 await self._send(ErrorReply(code="bad_message", detail="already said hello"))
                 continue
-            await self.slots.acquire()
-            nursery.start_soon(self._request, message)
+            del frame  # the decoded message is what the request keeps
+            try:
+                await self.slots.acquire()
+            except BaseException:
+                budget.release(charge)
+                raise
+            nursery.start_soon(self._request, message, charge)
+            del message  # held by the request only: its memory goes when it is answered
 
     async def _handshake(self, frame: bytes) -> None:
         try:
@@ -383,7 +470,7 @@ class _Connection:
                                  max_frame_bytes=self.config.max_frame_bytes,
                                  max_in_flight=self.config.max_in_flight))
 
-    async def _request(self, message: Any) -> None:
+    async def _request(self, message: Any, charge_bytes: int = 0) -> None:
         """Answer one request. Its slot is held until the reply is queued for sending, so
         at most ``max_in_flight`` requests are running or waiting to queue a reply (and
         the queue holds at most ``max_in_flight`` more)."""
@@ -407,10 +494,11 @@ class _Connection:
                            f"{self.config.max_reply_bytes}-byte limit; narrow the request",
                 ))
             try:
-                await self.outgoing_send.send(frame)
+                await self._queue(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         finally:
+            self.server.request_budget.release(charge_bytes)
             self.slots.release()
 
     async def _answer(self, message: Any) -> msgspec.Struct:
@@ -483,16 +571,16 @@ class _Connection:
                     if customer is not None:
                         batch = [a for a in batch if a.customer_id == customer]
                     if batch:
-                        await self.outgoing_send.send(
+                        await self._queue(
                             _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
                     if customer is not None:
                         continue  # other customers' alert counts are not this key's business
                     behind = alerts.behind_by()
                     if behind > LAG_NOTICE and not lag_noticed:
                         lag_noticed = True
-                        await self.outgoing_send.send(_frame(Lagged(
+                        await self._send(Lagged(
                             subscription=subscription_id, next_seq=alerts.next_seq,
-                            behind=behind)))
+                            behind=behind))
                     elif behind <= LAG_NOTICE:
                         lag_noticed = False
 

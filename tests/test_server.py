@@ -1155,3 +1155,38 @@ async def test_shutdown_stops_reading_new_requests(engine: Engine) -> None:
     result = await engine.query(query(group_by=["customer_id"]))
     customers = {row.group["customer_id"] for row in result.rows}
     assert "after-shutdown" not in customers, f"read and applied after shutdown: {replies}"
+
+
+async def test_the_server_wide_request_budget_holds_back_other_connections(
+    engine: Engine, serving: Any
+) -> None:
+    """With a budget for about one big ingest, a second connection's big ingest is not
+    read (nor run) until the first is answered; both are then acknowledged."""
+    await engine.define_meter(Meter(name="calls", aggregation="sum"))
+    gated = GatedEngine(engine)
+    gated.gate = trio.Event()
+    big = [event(customer_id="c1", unique_id=f"b-{i}", dimensions={"pad": "p" * 200})
+           for i in range(2000)]
+    size = len(msgspec.msgpack.encode(big))
+    async with serving(gated, max_request_bytes_in_flight=(size + size // 2) * 4) as server:
+        acks: list[int] = []
+        async with open_client(HOST, server.port) as first, \
+                open_client(HOST, server.port) as second:
+
+            async def send(client: Any, offset: int) -> None:
+                batch = [msgspec.structs.replace(e, unique_id=f"{offset}-{e.unique_id}")
+                         for e in big]
+                acks.append((await client.ingest(batch)).accepted)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send, first, 1)
+                    while gated.started == 0:
+                        await trio.sleep(0.001)
+                    nursery.start_soon(send, second, 2)
+                    await trio.sleep(0.3)
+                    assert gated.started == 1, "the budget should hold the second request"
+                    assert server.request_budget.used_bytes <= (size + size // 2) * 4
+                    gated.gate.set()
+        assert acks == [2000, 2000]
+        assert server.request_budget.used_bytes == 0

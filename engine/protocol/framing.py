@@ -38,6 +38,11 @@ class FrameDecoder:
         return len(self._buffer)
 
     @property
+    def pending_frame_bytes(self) -> int:
+        """Payload length of the frame whose header arrived but whose body has not (else 0)."""
+        return self._need or 0
+
+    @property
     def mid_frame(self) -> bool:
         """True when part of a frame has arrived (used for slow-sender timeouts)."""
         return bool(self._buffer)
@@ -62,7 +67,8 @@ class FrameDecoder:
         end = HEADER_BYTES + self._need
         if len(buffer) < end:
             return None
-        payload = bytes(buffer[HEADER_BYTES:end])
+        with memoryview(buffer) as view:  # one copy, not a slice copy and then another
+            payload = bytes(view[HEADER_BYTES:end])
         del buffer[:end]
         self._need = None
         return payload
