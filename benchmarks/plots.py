@@ -107,8 +107,8 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
         axes[0].plot([at_scale["shards"]], [at_scale["ready_s"]], marker="s", linestyle="",
                      label=f"{at_scale['events']:,} events")
     _shard_axis(axes[0], shards)
-    axes[0].set_ylabel("s")
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("s (log scale)")
     axes[0].set_title("Start → ready after SIGKILL", fontsize=10)
     axes[0].legend(fontsize=8)
     alerts = sorted(report.get("alerts", []), key=lambda r: r["shards"])

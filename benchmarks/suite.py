@@ -60,7 +60,6 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil
 import trio
 
 from benchmarks import alert_latency, ingest, query_latency, recovery
@@ -162,11 +161,27 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _memory(pid: int) -> dict[str, int]:
-    """Resident memory of a process, and the part not backed by files (LMDB maps excluded)."""
-    info = psutil.Process(pid).memory_info()
-    shared = getattr(info, "shared", 0)
-    return {"rss": info.rss, "anon": info.rss - shared}
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """Resident memory of a process, and the part not backed by files (LMDB maps excluded).
+
+    From ``/proc/<pid>/statm`` (resident and shared pages); NaN where there is none.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return {"rss": math.nan, "anon": math.nan}
+    resident, shared = int(fields[1]) * PAGE_BYTES, int(fields[2]) * PAGE_BYTES
+    return {"rss": resident, "anon": resident - shared}
+
+
+def _total_memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * PAGE_BYTES)
+    except (AttributeError, ValueError, OSError):
+        return math.nan
 
 
 async def _stats(port: int) -> dict[str, Any]:
@@ -286,7 +301,7 @@ def run_peers(args: argparse.Namespace) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for name in ("trio", "msgspec", "lmdb", "sortedcontainers", "psutil", "matplotlib"):
+    for name in ("trio", "msgspec", "lmdb", "sortedcontainers", "matplotlib"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -641,7 +656,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     facts = machine_facts()
     facts.update(cpu_model=_cpu_model(), versions=_versions(),
-                 memory_gb=psutil.virtual_memory().total / 1e9, pid=os.getpid())
+                 memory_gb=_total_memory_bytes() / 1e9, pid=os.getpid())
     report: dict[str, Any] = {"benchmark": "suite", "machine": facts, "phase_s": {}}
     _log("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
 
