@@ -75,7 +75,7 @@ PEERS_FILE = Path(__file__).resolve().parent / "peers.py"
 
 FULL: dict[str, Any] = {
     "shards": [1, 2, 4, 8, 16, 64], "events": 400_000, "customers": 100_000, "meters": 10,
-    "in_flight": [1, 4, 16], "query_in_flight": 4, "floor_repeats": 3,
+    "in_flight": [1, 4, 16], "query_in_flight": 4, "floor_repeats": 3, "repeats": 2,
     "queries": 40, "query_budget_s": 6.0,
     "alert_batches": 150, "alert_batch_size": 1000,
     "recovery_events": 10_000_000, "recovery_shards": 8, "memory_events": 200_000,
@@ -83,7 +83,7 @@ FULL: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {
     "shards": [1, 2, 4, 8, 16, 64], "events": 30_000, "customers": 10_000, "meters": 10,
-    "in_flight": [4], "query_in_flight": 4, "floor_repeats": 1,
+    "in_flight": [4], "query_in_flight": 4, "floor_repeats": 1, "repeats": 1,
     "queries": 10, "query_budget_s": 1.0,
     "alert_batches": 25, "alert_batch_size": 200,
     "recovery_events": 200_000, "recovery_shards": 8, "memory_events": 20_000,
@@ -120,6 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--customers", type=int, help="Zipf customer universe (full 100k)")
     parser.add_argument("--meters", type=int, help="meters, mixed aggregations (default 10)")
     parser.add_argument("--floor-repeats", type=int, dest="floor_repeats")
+    parser.add_argument("--repeats", type=int,
+                        help="rounds over the ingest grid, medians reported (full 2, quick 1)")
     parser.add_argument("--queries", type=int, help="timed queries per shape and shard count")
     parser.add_argument("--query-budget-s", type=float, dest="query_budget_s")
     parser.add_argument("--alert-batches", type=int, dest="alert_batches")
@@ -233,23 +235,37 @@ def sweep_one(args: argparse.Namespace, workload: Workload, plan: query_latency.
 
 def run_sweep(args: argparse.Namespace, workload: Workload,
               plan: query_latency.QueryPlan) -> list[dict[str, Any]]:
-    rows = []
-    for shards in args.shards:
-        for in_flight in args.in_flight:
-            keep = in_flight == args.query_in_flight
-            row = sweep_one(args, workload, plan, shards, in_flight, keep)
-            rows.append(row)
-            line = (f"  shards {shards:>2} in-flight {in_flight:>2}: "
-                    f"{row['events_per_s']:>9,.0f} events/s, ack p50 {row['ack_p50_ms']:.1f} "
-                    f"p99 {row['ack_p99_ms']:.1f} ms")
-            if keep:
-                q = row["queries"]
-                line += ("; queries p99 " + " / ".join(f"{q[k]['p99_ms']:.1f}"
-                                                        for k in query_latency.KINDS)
-                         + f" ms; ready after kill {row['recovery']['ready_s']:.2f} s; "
-                         f"{row['state']['anon_bytes_per_series']:.0f} B/series")
-            _log(line)
-    return rows
+    """Rounds over the whole grid, so noise on a shared machine hits every point alike.
+
+    Round 1 also keeps the server at ``--query-in-flight`` for queries, memory and
+    recovery; later rounds (``--repeats``) only ingest. A point's events/s and ack
+    latencies are medians over its rounds; ``runs`` holds each round's figures.
+    """
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for round_index in range(args.repeats):
+        for shards in args.shards:
+            for in_flight in args.in_flight:
+                keep = round_index == 0 and in_flight == args.query_in_flight
+                result = sweep_one(args, workload, plan, shards, in_flight, keep)
+                row = rows.setdefault((shards, in_flight), {"runs": []})
+                row["runs"].append({k: result.pop(k) for k in (
+                    "events_per_s", "ack_p50_ms", "ack_p99_ms", "elapsed_s", "server_start_s")})
+                row.update(result)
+                line = (f"  round {round_index + 1} shards {shards:>2} in-flight {in_flight:>2}: "
+                        f"{row['runs'][-1]['events_per_s']:>9,.0f} events/s, ack p50 "
+                        f"{row['runs'][-1]['ack_p50_ms']:.1f} p99 "
+                        f"{row['runs'][-1]['ack_p99_ms']:.1f} ms")
+                if keep:
+                    q = row["queries"]
+                    line += ("; queries p99 " + " / ".join(f"{q[k]['p99_ms']:.1f}"
+                                                            for k in query_latency.KINDS)
+                             + f" ms; ready after kill {row['recovery']['ready_s']:.2f} s; "
+                             f"{row['state']['anon_bytes_per_series']:.0f} B/series")
+                _log(line)
+    for row in rows.values():
+        for name in ("events_per_s", "ack_p50_ms", "ack_p99_ms"):
+            row[name] = statistics.median(run[name] for run in row["runs"])
+    return list(rows.values())
 
 
 def run_alerts(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -391,7 +407,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     add(f"- Floor: {p['floor_repeats']} repeat(s) on the same batches, in process.")
     add(f"- Ingest sweep: shard counts {p['shards']} x batches in flight {p['in_flight']} "
         "(one TCP connection); each point a fresh `meter serve` subprocess (LMDB, fsync on) "
-        "receiving the whole workload once; one run per point.")
+        f"receiving the whole workload once; {p['repeats']} round(s) over the whole grid, "
+        "medians reported, each round's events/s in brackets.")
     add(f"- At {p['query_in_flight']} in flight the server is kept: memory (RSS minus "
         "file-backed pages, after ingest minus before), queries (each shape: "
         f"up to {p['queries']} timed queries or {p['query_budget_s']:g} s, after 2 untimed, "
@@ -426,7 +443,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     add("| shards | in flight | events/s | ack p50 ms | ack p99 ms | engine / floor |")
     add("|---:|---:|---:|---:|---:|---:|")
     for r in report["sweep"]:
-        add(f"| {r['shards']} | {r['in_flight']} | {_fmt_int(r['events_per_s'])} | "
+        per_round = (" (" + ", ".join(f"{run['events_per_s'] / 1000:,.0f}k" for run in r["runs"])
+                     + ")") if len(r["runs"]) > 1 else ""
+        add(f"| {r['shards']} | {r['in_flight']} | {_fmt_int(r['events_per_s'])}{per_round} | "
             f"{_ms(r['ack_p50_ms'])} | {_ms(r['ack_p99_ms'])} | "
             f"{r['events_per_s'] / floor['events_per_s']:.2f} |")
     add("")
@@ -679,8 +698,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     report["parameters"] = {k: getattr(args, k) for k in (
         "quick", "shards", "in_flight", "query_in_flight", "events", "customers", "meters",
-        "floor_repeats", "queries", "query_budget_s", "alert_batches", "alert_batch_size",
-        "recovery_events", "recovery_shards", "memory_events", "seed", "batch_size", "no_peers")}
+        "floor_repeats", "repeats", "queries", "query_budget_s", "alert_batches",
+        "alert_batch_size", "recovery_events", "recovery_shards", "memory_events", "seed",
+        "batch_size", "no_peers")}
 
     def floor() -> dict[str, Any]:
         runs = [ingest.run_floor(workload, timeout_s=args.timeout_s, tmp_root=args.tmpdir)
