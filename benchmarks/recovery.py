@@ -32,7 +32,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +52,35 @@ from engine.schema import Query, Take
 COMPARED = ("series_count", "bucket_count", "last_lsn", "meter_count")
 
 
-async def stream_ingest(port: int, stream: WorkloadStream, in_flight: int,
-                        timeout_s: float) -> dict[str, Any]:
-    """Send every batch of ``stream`` with ``in_flight`` batches outstanding; check the acks."""
+PROGRESS_EVERY = 1_000_000
+
+
+async def stream_ingest(port: int, stream: WorkloadStream, in_flight: int, timeout_s: float,
+                        progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Send every batch of ``stream`` with ``in_flight`` batches outstanding; check the acks.
+
+    ``progress(events_acknowledged, seconds)`` is called about every million events.
+    """
     batches = stream.batches()
     totals = {"accepted": 0, "duplicates": 0, "events": 0}
+    next_report = PROGRESS_EVERY
 
     async def sender(client: Any) -> None:
+        nonlocal next_report
         for batch in batches:  # one shared iterator: each batch is taken by one sender
             ack = await client.ingest(batch)
             totals["accepted"] += ack.accepted
             totals["duplicates"] += ack.duplicates
             totals["events"] += len(batch)
+            if progress is not None and totals["events"] >= next_report:
+                next_report += PROGRESS_EVERY
+                progress(totals["events"], time.perf_counter() - started)
 
     with trio.fail_after(timeout_s):
         async with open_client("127.0.0.1", port) as client:
             for meter in stream.meters:
                 await client.define_meter(meter)
-            started = time.perf_counter()
+            started = time.perf_counter()  # read by sender() for progress
             async with trio.open_nursery() as nursery:
                 for _ in range(in_flight):
                     nursery.start_soon(sender, client)
@@ -136,7 +147,8 @@ def kill_and_restart(server: ServerProcess, shards: int, probes: Sequence[Query]
 
 def measure_recovery(*, shards: int, events: int, customers: int, meters: int, seed: int,
                      in_flight: int, timeout_s: float, tmp_root: str | None = None,
-                     start_timeout_s: float = 600.0) -> dict[str, Any]:
+                     start_timeout_s: float = 600.0,
+                     progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Fresh server, stream ``events`` events in, SIGKILL, restart, time it."""
     stream = WorkloadStream(seed, customers=customers, meters=meters, events=events,
                             now_ms=current_minute_ms(), aggregations=AGGREGATIONS_MIXED)
@@ -144,7 +156,7 @@ def measure_recovery(*, shards: int, events: int, customers: int, meters: int, s
     with tempfile.TemporaryDirectory(prefix="meter-bench-recovery-", dir=tmp_root) as data_dir:
         server = ServerProcess(shards, data_dir=data_dir)
         try:
-            ingest = trio.run(stream_ingest, server.port, stream, in_flight, timeout_s)
+            ingest = trio.run(stream_ingest, server.port, stream, in_flight, timeout_s, progress)
             ingest.pop("stats")
             recovery = kill_and_restart(server, shards, probes, start_timeout_s=start_timeout_s)
         finally:

@@ -558,9 +558,13 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     add("### Choosing a shard count")
     add("")
     add("Derived from the measurements above (same run, same machine). Sustained events/s: "
-        "the best of the in-flight levels measured at that shard count over one connection; "
-        "memory: server bytes per series at the query level; recovery: start → ready for "
-        f"the {w['events']:,}-event state.")
+        "the best median of the in-flight levels measured at that shard count over one "
+        "connection (with its ack p99); query and memory figures: the state of "
+        f"{w['events']:,} events, {w['customers_with_events']:,} customers with events "
+        f"(universe {w['customers']:,}) and the series count in the query table; recovery: "
+        "start → ready for that state after SIGKILL. To size: pick a row whose sustained "
+        "events/s is at least twice your peak, whose query p99 suits you, and multiply your "
+        "series count by its bytes per series.")
     add("")
     add("| shards | sustained events/s | at in flight | ack p99 ms there | query p99 ms "
         "(a) / (b) / (c) | alert p99 ms | bytes per series | bytes per event | "
@@ -722,7 +726,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     shards=args.recovery_shards, events=args.recovery_events,
                     customers=args.customers, meters=args.meters, seed=args.seed + 100,
                     in_flight=4, timeout_s=args.timeout_s, tmp_root=args.tmpdir,
-                    start_timeout_s=args.timeout_s)
+                    start_timeout_s=args.timeout_s,
+                    progress=lambda n, s: _log(f"  {n:,} events acknowledged in {s:.0f} s"))
             except (BenchmarkFailure, trio.TooSlowError) as exc:
                 _log(f"  recovery at scale FAILED: {exc!r}")
                 return {"error": repr(exc)}
