@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -53,6 +55,22 @@ COMPARED = ("series_count", "bucket_count", "last_lsn", "meter_count")
 
 
 PROGRESS_EVERY = 1_000_000
+
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """Resident memory of a process, and the part not backed by files (LMDB maps excluded).
+
+    From ``/proc/<pid>/statm`` (resident and shared pages); NaN where there is none.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return {"rss": math.nan, "anon": math.nan}
+    resident, shared = int(fields[1]) * PAGE_BYTES, int(fields[2]) * PAGE_BYTES
+    return {"rss": resident, "anon": resident - shared}
 
 
 async def stream_ingest(port: int, stream: WorkloadStream, in_flight: int, timeout_s: float,
@@ -126,10 +144,12 @@ def kill_and_restart(server: ServerProcess, shards: int, probes: Sequence[Query]
     the restarted server is killed too (a clean stop would write a snapshot).
     """
     before, answers_before, _ = trio.run(state_of, server.port, probes)
+    memory_before = process_memory(server.pid)
     server.kill()
     restarted = ServerProcess(shards, data_dir=server.data_dir, start_timeout_s=start_timeout_s)
     try:
         after, answers_after, first_query_s = trio.run(state_of, restarted.port, probes)
+        memory_after = process_memory(restarted.pid)
     finally:
         restarted.stop(kill=True)
     lost = {k: (before.get(k), after.get(k)) for k in COMPARED if before.get(k) != after.get(k)}
@@ -142,6 +162,10 @@ def kill_and_restart(server: ServerProcess, shards: int, probes: Sequence[Query]
             "snapshots_before_kill": before.get("snapshots"),
             "wal_bytes_replayed": before.get("wal_bytes_since_snapshot"),
             "series_count": after.get("series_count"), "bucket_count": after.get("bucket_count"),
+            "rss_before_kill_bytes": memory_before["rss"],
+            "anon_before_kill_bytes": memory_before["anon"],
+            "rss_after_recovery_bytes": memory_after["rss"],
+            "anon_after_recovery_bytes": memory_after["anon"],
             "last_lsn": after.get("last_lsn")}
 
 
@@ -186,12 +210,14 @@ def format_row(r: dict[str, Any]) -> str:
     return (f"| {r['shards']} | {r['events']:,} | {r['series_count']:,} | "
             f"{r['ingest']['events_per_s']:,.0f} | {r['snapshots_before_kill']} | "
             f"{r['wal_bytes_replayed'] / 1e6:.1f} | {r['recovery_ms']:,} | {r['ready_s']:.2f} | "
-            f"{r['first_query_ms']:.1f} |")
+            f"{r['first_query_ms']:.1f} | {r['anon_before_kill_bytes'] / 1e6:,.0f} / "
+            f"{r['anon_after_recovery_bytes'] / 1e6:,.0f} |")
 
 
 TABLE_HEADER = ("| shards | events ingested | series | ingest events/s | snapshots before kill "
                 "| WAL tail MB replayed | engine recovery ms | start → ready s "
-                "| first query ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                "| first query ms | server MB before kill / after recovery |\n"
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
