@@ -620,7 +620,8 @@ def _rule_of_thumb(report: dict[str, Any]) -> str:
             f" Measured at scale ({rec['shards']} shards): {rec['events']:,} events made "
             f"{rec['series_count']:,} series and {rec['anon_before_kill_bytes'] / 1e9:.1f} GB "
             f"of server memory ({rec['anon_before_kill_bytes'] / rec['events']:,.0f} bytes per "
-            f"event, most of it the dedup index of unique ids), and a restart after SIGKILL "
+            f"event; every event carries a unique id, so this includes the dedup index), and a "
+            f"restart after SIGKILL "
             f"was ready in {rec['ready_s']:.1f} s.")
     return "".join(text)
 
