@@ -82,8 +82,8 @@ FULL: dict[str, Any] = {
     "out": None,
 }
 QUICK: dict[str, Any] = {
-    "shards": [1, 2, 4, 8, 16, 64], "events": 30_000, "customers": 10_000, "meters": 10,
-    "in_flight": [4], "query_in_flight": 4, "floor_repeats": 1, "repeats": 1,
+    "shards": [1, 2, 4, 8, 16, 64], "events": 50_000, "customers": 10_000, "meters": 10,
+    "in_flight": [1, 4], "query_in_flight": 4, "floor_repeats": 1, "repeats": 1,
     "queries": 10, "query_budget_s": 1.0,
     "alert_batches": 25, "alert_batch_size": 200,
     "recovery_events": 200_000, "recovery_shards": 8, "memory_events": 20_000,
