@@ -66,6 +66,7 @@ from benchmarks import alert_latency, ingest, query_latency, recovery
 from benchmarks.ingest import BenchmarkFailure, machine_facts
 from benchmarks.tcp_ingest import ServerProcess, _load
 from benchmarks.workload import AGGREGATIONS_MIXED, Workload, generate
+from engine.client import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -171,13 +172,8 @@ def _total_memory_bytes() -> float:
 
 
 async def _stats(port: int) -> dict[str, Any]:
-    async with trio_client(port) as client:
+    async with open_client("127.0.0.1", port) as client:
         return await client.stats()
-
-
-def trio_client(port: int) -> Any:
-    from engine.client import open_client
-    return open_client("127.0.0.1", port)
 
 
 def sweep_one(args: argparse.Namespace, workload: Workload, plan: query_latency.QueryPlan,
@@ -606,23 +602,32 @@ def _rule_of_thumb(report: dict[str, Any]) -> str:
         text.append(
             f" Among shard counts within 10% of the best throughput, {size['recommended']} had "
             "the lowest worst-case query p99 here: start there.")
+    bytes_per_event = statistics.median(e["anon_bytes_per_event"] for e in with_memory) \
+        if with_memory else math.nan
+    rec = report.get("recovery_at_scale")
     if not math.isnan(bytes_per_series):
         text.append(
-            f" Memory: about {_fmt_int(bytes_per_series)} bytes per series (median over "
-            f"shard counts, dedup index included); this workload made "
-            f"{series_per_customer:.1f} series per active customer, so e.g. 100,000 active "
-            f"customers ≈ {_fmt_int(100_000 * series_per_customer)} series ≈ "
-            f"{100_000 * series_per_customer * bytes_per_series / 1e9:.1f} GB (an estimate "
-            "from the measured ratios, not a measurement).")
-    rec = report.get("recovery_at_scale")
+            f" Memory: at {w['events']:,} events the server held about "
+            f"{_fmt_int(bytes_per_event)} bytes per event ingested, "
+            f"{_fmt_int(bytes_per_series)} per series (medians over shard counts; "
+            f"{series_per_customer:.1f} series per active customer in this workload).")
     if rec and "error" not in rec:
+        per_event = rec["anon_before_kill_bytes"] / rec["events"]
         text.append(
-            f" Measured at scale ({rec['shards']} shards): {rec['events']:,} events made "
-            f"{rec['series_count']:,} series and {rec['anon_before_kill_bytes'] / 1e9:.1f} GB "
-            f"of server memory ({rec['anon_before_kill_bytes'] / rec['events']:,.0f} bytes per "
-            f"event; every event carries a unique id, so this includes the dedup index), and a "
-            f"restart after SIGKILL "
-            f"was ready in {rec['ready_s']:.1f} s.")
+            f" At {rec['events']:,} events ({rec['shards']} shards) it held "
+            f"{rec['anon_before_kill_bytes'] / 1e9:.1f} GB for {rec['series_count']:,} series: "
+            f"{per_event:,.0f} bytes per event, and a restart after SIGKILL was ready in "
+            f"{rec['ready_s']:.1f} s.")
+    else:
+        per_event = bytes_per_event
+    if not math.isnan(per_event):
+        text.append(
+            " Every event here carries a unique id, and accepted ids are remembered for "
+            "deduplication for ever, so memory grows with the events ingested, not only with "
+            "the series (the tracemalloc table shows the split: a (series, bucket) without ids "
+            f"is tens of bytes). Budget about {_fmt_int(per_event)} bytes per event with a "
+            f"unique id: e.g. 100M events ≈ {100e6 * per_event / 1e9:.0f} GB (an estimate "
+            "from the measured ratio, not a measurement).")
     return "".join(text)
 
 
