@@ -87,6 +87,11 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
                           label=f"p99 {label}")[0]
         right.plot(xs, [r["queries"][kind]["p50_ms"] for r in kept], marker=".",
                    linestyle=":", color=line.get_color(), label=f"p50 {label}")
+        scale = report.get("recovery_at_scale") or {}
+        if "error" not in scale and scale.get("queries"):
+            right.plot([scale["shards"]], [scale["queries"]["results"][kind]["p99_ms"]],
+                       marker="s", linestyle="", color=line.get_color(),
+                       label=f"p99 at {scale['events']:,} events")
     _shard_axis(right, shards)
     right.set_yscale("log")
     right.set_ylabel("ms")

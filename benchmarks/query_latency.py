@@ -44,9 +44,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
-from benchmarks.workload import AGGREGATIONS_MIXED, DAY_MS, MINUTE_MS, Workload, generate
+from benchmarks.workload import (
+    AGGREGATIONS_MIXED,
+    DAY_MS,
+    MINUTE_MS,
+    Workload,
+    generate,
+    meter_dimension_keys,
+)
 from engine.client import open_client
-from engine.schema import Query, QueryResult, Take
+from engine.schema import Event, Meter, Query, QueryResult, Take
 
 KINDS = ("customer_month_by_day", "top100_customers_month", "meter_by_dimension")
 TOP = 100
@@ -77,6 +84,8 @@ class QueryPlan:
     per_customer_day: dict[str, dict[int, int]] = field(default_factory=dict)
     per_customer_total: dict[str, int] = field(default_factory=dict)
     per_day_region: dict[tuple[int, str], int] = field(default_factory=dict)
+    customers_with_events: int = 0
+    sample_ranks: list[int] = field(default_factory=list)
 
     def queries(self, kind: str) -> list[Query]:
         if kind == "customer_month_by_day":
@@ -119,29 +128,48 @@ class QueryPlan:
                                        f"model's {len(self.per_day_region)}")
 
 
-def plan_queries(workload: Workload) -> QueryPlan:
-    """Pick the meters and sample customers; compute the model's answers from the events."""
-    sums = [m.name for m in workload.meters if m.aggregation in ("sum", "count")]
-    if not sums:
-        raise BenchmarkFailure("the workload has no sum or count meter to query")
-    sum_meter = sums[0]
-    with_region = {e.meter_api_name for batch in workload.batches for e in batch[:50]
-                   if "region" in e.dimensions}
-    dimension_meter = next((m.name for m in workload.meters
-                            if m.name in with_region and m.aggregation in ("sum", "count")),
-                           None)
-    if dimension_meter is None:
-        raise BenchmarkFailure("the workload has no sum or count meter with a region dimension")
-    start_ms, end_ms = month_range(workload.now_ms)
-    plan = QueryPlan(sum_meter=sum_meter, dimension_meter=dimension_meter, start_ms=start_ms,
-                     end_ms=end_ms, sample_customers=[])
-    counts = {m.name: m.aggregation == "count" for m in workload.meters}
-    seen: set[tuple[str, str, str]] = set()
-    totals = plan.per_customer_total
-    regions = plan.per_day_region
-    by_day: dict[str, dict[int, int]] = {}
-    for batch in workload.batches:
+class QueryModel:
+    """The model's answers, accumulated batch by batch straight from the generated events.
+
+    ``add`` every batch that was sent (any order: duplicates are exact copies, so
+    the first copy seen counts), then ``plan()``. Works on a streamed workload
+    too, so the 10M-event state's answers are checked without holding it.
+    """
+
+    def __init__(self, meters: Sequence[Meter], max_dimensions: int, now_ms: int,
+                 customer_ids: Sequence[str]) -> None:
+        sums = [m.name for m in meters if m.aggregation in ("sum", "count")]
+        if not sums:
+            raise BenchmarkFailure("the workload has no sum or count meter to query")
+        self.sum_meter = sums[0]
+        self.dimension_meter = next(
+            (m.name for index, m in enumerate(meters)
+             if m.aggregation in ("sum", "count")
+             and "region" in meter_dimension_keys(index, max_dimensions)), None)
+        if self.dimension_meter is None:
+            raise BenchmarkFailure("the workload has no sum or count meter with a region "
+                                   "dimension")
+        self.start_ms, self.end_ms = month_range(now_ms)
+        self.customer_ids = customer_ids
+        self._counts = {m.name: m.aggregation == "count" for m in meters}
+        self._seen: set[tuple[str, str, str]] = set()
+        self.totals: dict[str, int] = {}
+        self.by_day: dict[str, dict[int, int]] = {}
+        self.regions: dict[tuple[int, str], int] = {}
+        self.customers_with_events: set[str] = set()
+
+    @classmethod
+    def for_workload(cls, workload: Workload) -> QueryModel:
+        return cls(workload.meters, int(workload.parameters.get("max_dimensions", 3)),
+                   workload.now_ms, workload.customer_ids)
+
+    def add(self, batch: Sequence[Event]) -> None:
+        sum_meter, dimension_meter = self.sum_meter, self.dimension_meter
+        start_ms, end_ms = self.start_ms, self.end_ms
+        seen, totals, by_day, regions = self._seen, self.totals, self.by_day, self.regions
+        active = self.customers_with_events
         for event in batch:
+            active.add(event.customer_id)
             meter = event.meter_api_name
             if meter != sum_meter and meter != dimension_meter:
                 continue
@@ -153,7 +181,7 @@ def plan_queries(workload: Workload) -> QueryPlan:
                 if key in seen:
                     continue
                 seen.add(key)
-            value = 1 if counts[meter] else int(event.meter_value)
+            value = 1 if self._counts[meter] else int(event.meter_value)
             day = ts - ts % DAY_MS
             if meter == sum_meter:
                 totals[event.customer_id] = totals.get(event.customer_id, 0) + value
@@ -162,17 +190,34 @@ def plan_queries(workload: Workload) -> QueryPlan:
             if meter == dimension_meter:
                 region_key = (day, event.dimensions["region"])
                 regions[region_key] = regions.get(region_key, 0) + value
-    for rank in SAMPLE_RANKS:
-        if rank > len(workload.customer_ids):
-            break
-        customer = workload.customer_ids[rank - 1]
-        if customer in by_day:
-            plan.sample_customers.append(customer)
-    # The least active customer with events too: one row, the cheapest answer.
-    if by_day:
-        plan.sample_customers.append(min(by_day, key=lambda c: (totals[c], c)))
-    plan.per_customer_day = {c: by_day[c] for c in plan.sample_customers}
-    return plan
+
+    def plan(self) -> QueryPlan:
+        """The queries to time (sample customers by Zipf rank, and the least active)."""
+        assert self.dimension_meter is not None
+        plan = QueryPlan(sum_meter=self.sum_meter, dimension_meter=self.dimension_meter,
+                         start_ms=self.start_ms, end_ms=self.end_ms, sample_customers=[],
+                         per_customer_total=self.totals, per_day_region=self.regions,
+                         customers_with_events=len(self.customers_with_events))
+        for rank in SAMPLE_RANKS:
+            if rank > len(self.customer_ids):
+                break
+            customer = self.customer_ids[rank - 1]
+            if customer in self.by_day:
+                plan.sample_customers.append(customer)
+                plan.sample_ranks.append(rank)
+        # The least active customer with events too: one row, the cheapest answer.
+        if self.by_day:
+            plan.sample_customers.append(min(self.by_day, key=lambda c: (self.totals[c], c)))
+        plan.per_customer_day = {c: self.by_day[c] for c in plan.sample_customers}
+        return plan
+
+
+def plan_queries(workload: Workload) -> QueryPlan:
+    """Pick the meters and sample customers; compute the model's answers from the events."""
+    model = QueryModel.for_workload(workload)
+    for batch in workload.batches:
+        model.add(batch)
+    return model.plan()
 
 
 async def measure_queries(port: int, plan: QueryPlan, *, queries: int, warmup: int,
@@ -254,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "machine": machine_facts(),
         "parameters": {"events": args.events, "customers": args.customers,
-                       "customers_with_events": len(plan.per_customer_total),
+                       "customers_with_events": plan.customers_with_events,
                        "meters": args.meters, "shards": args.shards, "seed": args.seed,
                        "queries": args.queries, "sum_meter": plan.sum_meter,
                        "dimension_meter": plan.dimension_meter},

@@ -34,7 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ingest import BenchmarkFailure, machine_facts
-from benchmarks.query_latency import current_minute_ms, month_range
+from benchmarks.query_latency import QueryModel, current_minute_ms, measure_queries, month_range
 from benchmarks.tcp_ingest import ServerProcess
 from benchmarks.workload import AGGREGATIONS_MIXED, WorkloadStream
 from engine.client import open_client
-from engine.schema import Query, Take
+from engine.schema import Event, Query, Take
 
 # events_accepted/duplicate count since the process started, so they are not compared.
 COMPARED = ("series_count", "bucket_count", "last_lsn", "meter_count")
@@ -73,13 +73,23 @@ def process_memory(pid: int) -> dict[str, float]:
     return {"rss": resident, "anon": resident - shared}
 
 
+def _observed(batches: Iterator[list[Event]],
+              observe: Callable[[list[Event]], None] | None) -> Iterator[list[Event]]:
+    for batch in batches:
+        if observe is not None:
+            observe(batch)
+        yield batch
+
+
 async def stream_ingest(port: int, stream: WorkloadStream, in_flight: int, timeout_s: float,
-                        progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                        progress: Callable[[int, float], None] | None = None,
+                        observe: Callable[[list[Event]], None] | None = None) -> dict[str, Any]:
     """Send every batch of ``stream`` with ``in_flight`` batches outstanding; check the acks.
 
-    ``progress(events_acknowledged, seconds)`` is called about every million events.
+    ``progress(events_acknowledged, seconds)`` is called about every million events;
+    ``observe(batch)`` sees every batch before it is sent (to build a query model).
     """
-    batches = stream.batches()
+    batches = _observed(stream.batches(), observe)
     totals = {"accepted": 0, "duplicates": 0, "events": 0}
     next_report = PROGRESS_EVERY
 
@@ -172,21 +182,41 @@ def kill_and_restart(server: ServerProcess, shards: int, probes: Sequence[Query]
 def measure_recovery(*, shards: int, events: int, customers: int, meters: int, seed: int,
                      in_flight: int, timeout_s: float, tmp_root: str | None = None,
                      start_timeout_s: float = 600.0,
-                     progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Fresh server, stream ``events`` events in, SIGKILL, restart, time it."""
+                     progress: Callable[[int, float], None] | None = None,
+                     queries: int = 0, query_budget_s: float = 10.0) -> dict[str, Any]:
+    """Fresh server, stream ``events`` events in, SIGKILL, restart, time it.
+
+    With ``queries`` > 0, the three shapes of ``query_latency.py`` are also timed on
+    the full state before the kill, their answers checked against a model built from
+    the batches as they were sent.
+    """
     stream = WorkloadStream(seed, customers=customers, meters=meters, events=events,
                             now_ms=current_minute_ms(), aggregations=AGGREGATIONS_MIXED)
     probes = probe_queries(stream.meters[0].name, stream.customer_ids[0], stream.now_ms)
+    model = (QueryModel(stream.meters, int(str(stream.parameters["max_dimensions"])),
+                        stream.now_ms, stream.customer_ids) if queries > 0 else None)
+    query_results: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="meter-bench-recovery-", dir=tmp_root) as data_dir:
         server = ServerProcess(shards, data_dir=data_dir)
         try:
-            ingest = trio.run(stream_ingest, server.port, stream, in_flight, timeout_s, progress)
+            ingest = trio.run(stream_ingest, server.port, stream, in_flight, timeout_s, progress,
+                              None if model is None else model.add)
             ingest.pop("stats")
+            if model is not None:
+                plan = model.plan()
+                query_results = {
+                    "customers_with_events": plan.customers_with_events,
+                    "sample_ranks": plan.sample_ranks,
+                    "results": trio.run(lambda: measure_queries(
+                        server.port, plan, queries=queries, warmup=2, budget_s=query_budget_s,
+                        timeout_s=timeout_s)),
+                }
+                del model, plan
             recovery = kill_and_restart(server, shards, probes, start_timeout_s=start_timeout_s)
         finally:
             server.stop(kill=True)
     return {"shards": shards, "events": events, "customers": customers, "meters": meters,
-            "in_flight": in_flight, "ingest": ingest, **recovery}
+            "in_flight": in_flight, "ingest": ingest, "queries": query_results, **recovery}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

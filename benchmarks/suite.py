@@ -452,6 +452,20 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             + " | ".join(f"{_ms(q[k]['p50_ms'])} / {_ms(q[k]['p99_ms'])}"
                          for k in query_latency.KINDS)
             + " | " + "/".join(str(q[k]["queries"]) for k in query_latency.KINDS) + " |")
+    rec = report.get("recovery_at_scale") or {}
+    at_scale = rec.get("queries") if "error" not in rec else None
+    if at_scale:
+        q = at_scale["results"]
+        add(f"| {rec['shards']}, at scale | {rec['series_count']:,} | "
+            + " | ".join(f"{_ms(q[k]['p50_ms'])} / {_ms(q[k]['p99_ms'])}"
+                         for k in query_latency.KINDS)
+            + " | " + "/".join(str(q[k]["queries"]) for k in query_latency.KINDS) + " |")
+        add("")
+        add(f"The last row: the recovery-at-scale state ({rec['events']:,} events, "
+            f"{at_scale['customers_with_events']:,} of the {w['customers']:,} customers with "
+            f"events, sample ranks {', '.join(str(r) for r in at_scale['sample_ranks'])} and "
+            "the least active), queried before the kill, answers checked against a model "
+            "built from the batches as they were sent.")
     add("")
     if "latency" in plots:
         add(f"![ack and query latency against shard count]({plots['latency']})")
@@ -618,6 +632,11 @@ def _rule_of_thumb(report: dict[str, Any]) -> str:
             f"{rec['anon_before_kill_bytes'] / 1e9:.1f} GB for {rec['series_count']:,} series: "
             f"{per_event:,.0f} bytes per event, and a restart after SIGKILL was ready in "
             f"{rec['ready_s']:.1f} s.")
+        if rec.get("queries"):
+            q = rec["queries"]["results"]
+            text.append(" Query p99 on that state: " + " / ".join(
+                f"({letter}) {_ms(q[k]['p99_ms'])} ms"
+                for letter, k in zip("abc", query_latency.KINDS, strict=True)) + ".")
     else:
         per_event = bytes_per_event
     if not math.isnan(per_event):
@@ -695,12 +714,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "events": workload.event_count, "duplicates": workload.expected_duplicates,
         "customers": args.customers, "meters": args.meters,
         "aggregations": [m.aggregation for m in workload.meters],
-        "customers_with_events": len({e.customer_id for b in workload.batches for e in b}),
+        "customers_with_events": plan.customers_with_events,
         "generation_s": report["phase_s"]["workload"], "now_ms": now_ms,
         "sum_meter": plan.sum_meter, "dimension_meter": plan.dimension_meter,
-        "sample_ranks": [rank for rank in query_latency.SAMPLE_RANKS
-                         if rank <= len(workload.customer_ids)
-                         and workload.customer_ids[rank - 1] in plan.sample_customers],
+        "sample_ranks": plan.sample_ranks,
     }
     report["parameters"] = {k: getattr(args, k) for k in (
         "quick", "shards", "in_flight", "query_in_flight", "events", "customers", "meters",
@@ -729,7 +746,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     customers=args.customers, meters=args.meters, seed=args.seed + 100,
                     in_flight=4, timeout_s=args.timeout_s, tmp_root=args.tmpdir,
                     start_timeout_s=args.timeout_s,
-                    progress=lambda n, s: _log(f"  {n:,} events acknowledged in {s:.0f} s"))
+                    progress=lambda n, s: _log(f"  {n:,} events acknowledged in {s:.0f} s"),
+                    queries=args.queries, query_budget_s=args.query_budget_s)
             except (BenchmarkFailure, trio.TooSlowError) as exc:
                 _log(f"  recovery at scale FAILED: {exc!r}")
                 return {"error": repr(exc)}

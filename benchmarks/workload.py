@@ -94,6 +94,11 @@ class Workload:
         return sum(len(raw) for raw in self.encoded)
 
 
+def meter_dimension_keys(index: int, max_dimensions: int) -> tuple[str, ...]:
+    """The dimension keys meter ``index`` carries (``unique_count`` meters add ``user``)."""
+    return DIMENSION_SETS[index % (max_dimensions + 1)]
+
+
 def zipf_cumulative(count: int, s: float) -> list[float]:
     """Cumulative weights of ranks 1..count under Zipf(s); ``s=0`` is uniform."""
     return list(accumulate(1.0 / rank**s for rank in range(1, count + 1)))
@@ -186,7 +191,7 @@ class WorkloadStream:
         meters = len(self.meters)
         kinds = [m.aggregation for m in self.meters]
         names = [m.name for m in self.meters]
-        dimension_sets = [DIMENSION_SETS[i % (self._max_dimensions + 1)] for i in range(meters)]
+        dimension_sets = [meter_dimension_keys(i, self._max_dimensions) for i in range(meters)]
         customer_ids = self.customer_ids
         customer_region = self._customer_region
         customer_plan = self._customer_plan

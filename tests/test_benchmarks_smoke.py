@@ -210,7 +210,11 @@ def test_suite_runs_end_to_end_and_keeps_the_hand_written_doc(tmp_path: Path) ->
     assert json.loads((tmp_path / "r.json").read_text())["sizing"]["recommended"] == 2
     [row] = report["sweep"]
     assert row["events_per_s"] > 0 and row["queries"] and row["recovery"]["ready_s"] > 0
-    assert report["recovery_at_scale"]["events"] == 1_500
+    at_scale = report["recovery_at_scale"]
+    assert at_scale["events"] == 1_500 and at_scale["ready_s"] > 0
+    # The at-scale state is queried too, against a model built while streaming.
+    assert set(at_scale["queries"]["results"]) == set(query_latency.KINDS)
+    assert at_scale["queries"]["customers_with_events"] > 0
     assert report["peers"]["status"] == "not run (--no-peers)"
     document = (out / "benchmarks.md").read_text()
     # The hand-written part of docs/benchmarks.md is kept; the generated part sits
@@ -220,6 +224,7 @@ def test_suite_runs_end_to_end_and_keeps_the_hand_written_doc(tmp_path: Path) ->
     generated = document.split(suite.BEGIN)[1].split(suite.END)[0]
     assert "### Choosing a shard count" in generated
     assert "| 2 (recommended) |" in generated
+    assert "| 8, at scale |" in generated
     assert generated.rstrip().splitlines()[-1].startswith("**Rule of thumb")
     if importlib.util.find_spec("matplotlib"):
         for name in ("throughput", "latency", "recovery"):
