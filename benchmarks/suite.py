@@ -76,7 +76,7 @@ PEERS_FILE = Path(__file__).resolve().parent / "peers.py"
 
 FULL: dict[str, Any] = {
     "shards": [1, 2, 4, 8, 16, 64], "events": 400_000, "customers": 100_000, "meters": 10,
-    "in_flight": [1, 4, 16], "query_in_flight": 4, "floor_repeats": 3, "repeats": 2,
+    "in_flight": [1, 4, 16], "query_in_flight": 4, "floor_repeats": 3, "repeats": 3,
     "queries": 40, "query_budget_s": 6.0,
     "alert_batches": 150, "alert_batch_size": 1000,
     "recovery_events": 10_000_000, "recovery_shards": 8, "memory_events": 200_000,
@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meters", type=int, help="meters, mixed aggregations (default 10)")
     parser.add_argument("--floor-repeats", type=int, dest="floor_repeats")
     parser.add_argument("--repeats", type=int,
-                        help="rounds over the ingest grid, medians reported (full 2, quick 1)")
+                        help="rounds over the ingest grid, medians reported (full 3, quick 1)")
     parser.add_argument("--queries", type=int, help="timed queries per shape and shard count")
     parser.add_argument("--query-budget-s", type=float, dest="query_budget_s")
     parser.add_argument("--alert-batches", type=int, dest="alert_batches")
@@ -401,7 +401,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     if rec and "error" not in rec:
         add(f"- Recovery at scale: {rec['events']:,} events streamed into one server at "
             f"{rec['shards']} shards ({rec['in_flight']} in flight, generated while sending), "
-            "SIGKILL, restart; only at this one shard count.")
+            + ("the three query shapes timed on that state (as above), " if rec.get("queries")
+               else "")
+            + "SIGKILL, restart; only at this one shard count.")
     elif p["recovery_events"]:
         add(f"- Recovery at scale: {p['recovery_events']:,} events at "
             f"{p['recovery_shards']} shards: FAILED ({(rec or {}).get('error')}).")
