@@ -4,7 +4,8 @@ Benchmark support code: matplotlib with the Agg backend (no display needed).
 ``write_plots(report, directory)`` writes and returns the paths:
 
 - ``throughput.png``: ingest events/s over TCP, one line per batches-in-flight
-  level, with the floor of the same run as a horizontal line.
+  level, with the range of the floor's runs as a band; and the same as a ratio to
+  the floor run beside each shard count.
 - ``latency.png``: ack p50/p99 per in-flight level, and query p50/p99 per
   query shape (log scale).
 - ``recovery.png``: start → ready after SIGKILL, alert ack → alert p99, and
@@ -50,18 +51,29 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     levels = sorted({r["in_flight"] for r in sweep})
     paths: dict[str, Path] = {}
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for level in levels:
         rows = sorted((r for r in sweep if r["in_flight"] == level), key=lambda r: r["shards"])
-        ax.plot([r["shards"] for r in rows], [r["events_per_s"] for r in rows], marker="o",
-                label=f"engine over TCP, {level} in flight")
-    ax.axhline(report["floor"]["events_per_s"], color="grey", linestyle="--",
-               label="floor (decode + LMDB put + dict), in process")
+        xs = [r["shards"] for r in rows]
+        line = ax.plot(xs, [r["events_per_s"] for r in rows], marker="o",
+                       label=f"engine over TCP, {level} in flight")[0]
+        if all("ratio_to_floor" in r for r in rows):
+            ratio_ax.plot(xs, [r["ratio_to_floor"] for r in rows], marker="o",
+                          color=line.get_color(), label=f"{level} in flight")
+    floors = report["floor"].get("sweep_events_per_s_runs") or report["floor"]["events_per_s_runs"]
+    ax.axhspan(min(floors), max(floors), color="grey", alpha=0.15,
+               label="floor (decode + LMDB put + dict, in process): range of its runs")
     _shard_axis(ax, shards)
-    ax.set_ylabel("events/s")
+    ax.set_ylabel("events/s (median of rounds)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"Ingest throughput\n{_title(report)}", fontsize=10)
+    ax.set_title("Ingest throughput", fontsize=10)
     ax.legend(fontsize=8)
+    _shard_axis(ratio_ax, shards)
+    ratio_ax.set_ylabel("engine / floor (floor run beside it)")
+    ratio_ax.set_ylim(bottom=0)
+    ratio_ax.set_title("Ingest throughput as a ratio to the floor", fontsize=10)
+    ratio_ax.legend(fontsize=8)
+    fig.suptitle(_title(report), fontsize=9)
     fig.tight_layout()
     paths["throughput"] = directory / "throughput.png"
     fig.savefig(paths["throughput"], dpi=110)

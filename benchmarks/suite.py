@@ -213,23 +213,33 @@ def sweep_one(args: argparse.Namespace, workload: Workload, plan: query_latency.
             server.stop(kill=True)
 
 
-def run_sweep(args: argparse.Namespace, workload: Workload,
-              plan: query_latency.QueryPlan) -> list[dict[str, Any]]:
+def run_sweep(args: argparse.Namespace, workload: Workload, plan: query_latency.QueryPlan,
+              floors: list[float]) -> list[dict[str, Any]]:
     """Rounds over the whole grid, so noise on a shared machine hits every point alike.
 
     Round 1 also keeps the server at ``--query-in-flight`` for queries, memory and
-    recovery; later rounds (``--repeats``) only ingest. A point's events/s and ack
-    latencies are medians over its rounds; ``runs`` holds each round's figures.
+    recovery; later rounds (``--repeats``) only ingest. Before each shard count of
+    each round the floor runs again (appended to ``floors``); each run's ratio is to
+    that floor. A point's events/s, ack latencies and ratio are medians over its
+    rounds; ``runs`` holds each round's figures.
     """
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for round_index in range(args.repeats):
         for shards in args.shards:
+            # The floor again, right before this group: its ratio compares runs made under
+            # the same load, where a floor from the start of a long run would not.
+            floor = ingest.run_floor(workload, timeout_s=args.timeout_s,
+                                     tmp_root=args.tmpdir)["events_per_s"]
+            floors.append(floor)
             for in_flight in args.in_flight:
                 keep = round_index == 0 and in_flight == args.query_in_flight
                 result = sweep_one(args, workload, plan, shards, in_flight, keep)
                 row = rows.setdefault((shards, in_flight), {"runs": []})
-                row["runs"].append({k: result.pop(k) for k in (
-                    "events_per_s", "ack_p50_ms", "ack_p99_ms", "elapsed_s", "server_start_s")})
+                run = {k: result.pop(k) for k in (
+                    "events_per_s", "ack_p50_ms", "ack_p99_ms", "elapsed_s", "server_start_s")}
+                run["floor_events_per_s"] = floor
+                run["ratio_to_floor"] = run["events_per_s"] / floor
+                row["runs"].append(run)
                 row.update(result)
                 line = (f"  round {round_index + 1} shards {shards:>2} in-flight {in_flight:>2}: "
                         f"{row['runs'][-1]['events_per_s']:>9,.0f} events/s, ack p50 "
@@ -243,7 +253,7 @@ def run_sweep(args: argparse.Namespace, workload: Workload,
                              f"{row['state']['anon_bytes_per_series']:.0f} B/series")
                 _log(line)
     for row in rows.values():
-        for name in ("events_per_s", "ack_p50_ms", "ack_p99_ms"):
+        for name in ("events_per_s", "ack_p50_ms", "ack_p99_ms", "ratio_to_floor"):
             row[name] = statistics.median(run[name] for run in row["runs"])
     return list(rows.values())
 
@@ -332,10 +342,12 @@ def sizing(report: dict[str, Any]) -> dict[str, Any]:
     """The per-shard-count figures a user sizes with, and a recommendation derived from them."""
     per_shard: dict[int, dict[str, Any]] = {}
     for row in report["sweep"]:
-        entry = per_shard.setdefault(row["shards"], {"best_events_per_s": 0.0})
+        entry = per_shard.setdefault(row["shards"], {"best_events_per_s": 0.0,
+                                                     "best_ratio_to_floor": 0.0})
         if row["events_per_s"] > entry["best_events_per_s"]:
             entry.update(best_events_per_s=row["events_per_s"], best_in_flight=row["in_flight"],
                          best_ack_p99_ms=row["ack_p99_ms"])
+        entry["best_ratio_to_floor"] = max(entry["best_ratio_to_floor"], row["ratio_to_floor"])
         if "queries" in row:
             entry["query_p99_ms"] = {k: v["p99_ms"] for k, v in row["queries"].items()}
             entry["anon_bytes_per_series"] = row["state"]["anon_bytes_per_series"]
@@ -345,12 +357,16 @@ def sizing(report: dict[str, Any]) -> dict[str, Any]:
     for row in report.get("alerts", []):
         per_shard.setdefault(row["shards"], {})["alert_p99_ms"] = row["ack_to_alert"]["p99_ms"]
     best = max((e.get("best_events_per_s", 0) for e in per_shard.values()), default=0)
+    best_ratio = max((e.get("best_ratio_to_floor", 0) for e in per_shard.values()), default=0)
     # Recommended: the lowest worst-query p99 among shard counts within 10% of the best
-    # throughput; ties go to fewer shards (less per-shard overhead).
+    # throughput, compared as ratios to the floor measured beside them (so a burst of load
+    # from other processes during one shard count does not decide); ties go to fewer shards.
     candidates = [(max(e["query_p99_ms"].values()), s) for s, e in per_shard.items()
-                  if "query_p99_ms" in e and e.get("best_events_per_s", 0) >= 0.9 * best]
+                  if "query_p99_ms" in e
+                  and e.get("best_ratio_to_floor", 0) >= 0.9 * best_ratio]
     recommended = min(candidates)[1] if candidates else None
-    return {"per_shard": per_shard, "best_events_per_s": best, "recommended": recommended}
+    return {"per_shard": per_shard, "best_events_per_s": best, "best_ratio_to_floor": best_ratio,
+            "recommended": recommended}
 
 
 def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
@@ -384,7 +400,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         f"({w['duplicates'] / w['events']:.1%}), ~5% late events (up to 30 days), timestamps "
         f"over 30 days ending at the run's current minute; generated in "
         f"{w['generation_s']:.1f} s.")
-    add(f"- Floor: {p['floor_repeats']} repeat(s) on the same batches, in process.")
+    add(f"- Floor: {p['floor_repeats']} run(s) on the same batches at the start, in process, "
+        "and one more before each shard count of each sweep round.")
     add(f"- Ingest sweep: shard counts {p['shards']} x batches in flight {p['in_flight']} "
         "(one TCP connection); each point a fresh `meter serve` subprocess (LMDB, fsync on) "
         f"receiving the whole workload once; {p['repeats']} round(s) over the whole grid, "
@@ -420,7 +437,14 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     add("")
     add(f"Floor in the same run (decode + one fsynced LMDB put per batch + one dict increment "
         f"per event, in process): **{_fmt_int(floor['events_per_s'])} events/s** "
-        f"(repeats: {', '.join(_fmt_int(r) for r in floor['events_per_s_runs'])}).")
+        f"(median of {len(floor['events_per_s_runs'])} runs at the start: "
+        f"{', '.join(_fmt_int(r) for r in floor['events_per_s_runs'])})"
+        + (f"; run again before each shard count of each round: "
+           f"{_fmt_int(min(floor['sweep_events_per_s_runs']))} to "
+           f"{_fmt_int(max(floor['sweep_events_per_s_runs']))} events/s"
+           if floor.get("sweep_events_per_s_runs") else "")
+        + ". Engine / floor: each run divided by the floor run just before its shard count "
+        "(same load), then the median.")
     add("")
     add("| shards | in flight | events/s | ack p50 ms | ack p99 ms | engine / floor |")
     add("|---:|---:|---:|---:|---:|---:|")
@@ -429,7 +453,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                      + ")") if len(r["runs"]) > 1 else ""
         add(f"| {r['shards']} | {r['in_flight']} | {_fmt_int(r['events_per_s'])}{per_round} | "
             f"{_ms(r['ack_p50_ms'])} | {_ms(r['ack_p99_ms'])} | "
-            f"{r['events_per_s'] / floor['events_per_s']:.2f} |")
+            f"{r['ratio_to_floor']:.2f} |")
     add("")
     if "throughput" in plots:
         add(f"![ingest events/s against shard count]({plots['throughput']})")
@@ -566,10 +590,10 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         "events/s is at least twice your peak, whose query p99 suits you, and multiply your "
         "series count by its bytes per series.")
     add("")
-    add("| shards | sustained events/s | at in flight | ack p99 ms there | query p99 ms "
-        "(a) / (b) / (c) | alert p99 ms | bytes per series | bytes per event | "
+    add("| shards | sustained events/s | at in flight | ack p99 ms there | best engine / floor "
+        "| query p99 ms (a) / (b) / (c) | alert p99 ms | bytes per series | bytes per event | "
         "ready after SIGKILL s |")
-    add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shards in sorted(size["per_shard"]):
         e = size["per_shard"][shards]
         qp = e.get("query_p99_ms")
@@ -578,6 +602,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             _fmt_int(e.get("best_events_per_s", math.nan)),
             str(e.get("best_in_flight", "")),
             _ms(e["best_ack_p99_ms"]) if "best_ack_p99_ms" in e else "",
+            f"{e['best_ratio_to_floor']:.2f}" if "best_ratio_to_floor" in e else "",
             " / ".join(_ms(qp[k]) for k in query_latency.KINDS) if qp else "",
             _ms(e["alert_p99_ms"]) if "alert_p99_ms" in e else "",
             _fmt_int(e.get("anon_bytes_per_series", math.nan)),
@@ -616,8 +641,9 @@ def _rule_of_thumb(report: dict[str, Any]) -> str:
     ]
     if size["recommended"] is not None:
         text.append(
-            f" Among shard counts within 10% of the best throughput, {size['recommended']} had "
-            "the lowest worst-case query p99 here: start there.")
+            f" Among shard counts within 10% of the best throughput (as a ratio to the floor "
+            f"measured beside it), {size['recommended']} had the lowest worst-case query p99 "
+            "here: start there.")
     bytes_per_event = statistics.median(e["anon_bytes_per_event"] for e in with_memory) \
         if with_memory else math.nan
     rec = report.get("recovery_at_scale")
@@ -735,7 +761,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"events_per_s": statistics.median(rates), "events_per_s_runs": rates}
 
     report["floor"] = _phase("floor", report, floor)
-    report["sweep"] = _phase("sweep", report, lambda: run_sweep(args, workload, plan))
+    sweep_floors: list[float] = []
+    report["sweep"] = _phase("sweep", report,
+                             lambda: run_sweep(args, workload, plan, sweep_floors))
+    report["floor"]["sweep_events_per_s_runs"] = sweep_floors
     # The sweep workload is not needed any more: free it before the larger phases.
     workload.batches.clear()
     workload.encoded.clear()
