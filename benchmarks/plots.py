@@ -10,10 +10,16 @@ Benchmark support code: matplotlib with the Agg backend (no display needed).
   query shape (log scale).
 - ``recovery.png``: start → ready after SIGKILL, alert ack → alert p99, and
   server bytes per series.
+
+Run alone, it redraws the plots of a saved report:
+
+    python benchmarks/plots.py docs/bench/results.json docs/bench
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +85,7 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     fig.savefig(paths["throughput"], dpi=110)
     plt.close(fig)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13.5, 4.2))
     for level in levels:
         rows = sorted((r for r in sweep if r["in_flight"] == level), key=lambda r: r["shards"])
         xs = [r["shards"] for r in rows]
@@ -108,7 +114,7 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     right.set_yscale("log")
     right.set_ylabel("ms")
     right.set_title("Query latency over TCP", fontsize=10)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(_title(report), fontsize=9)
     fig.tight_layout()
     paths["latency"] = directory / "latency.png"
@@ -151,3 +157,17 @@ def write_plots(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     fig.savefig(paths["recovery"], dpi=110)
     plt.close(fig)
     return paths
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: plots.py RESULTS_JSON OUTPUT_DIR", file=sys.stderr)
+        return 2
+    report = json.loads(Path(argv[0]).read_text())
+    for name, path in write_plots(report, Path(argv[1])).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -230,6 +230,10 @@ def test_suite_runs_end_to_end_and_keeps_the_hand_written_doc(tmp_path: Path) ->
         for name in ("throughput", "latency", "recovery"):
             assert (out / "bench" / f"{name}.png").stat().st_size > 1000
             assert f"(bench/{name}.png)" in generated
+        from benchmarks import plots  # the plots redraw from the saved results alone
+
+        assert plots.main([str(tmp_path / "r.json"), str(tmp_path / "redrawn")]) == 0
+        assert (tmp_path / "redrawn" / "latency.png").stat().st_size > 1000
     assert not (tmp_path / "docs").exists()
 
 
