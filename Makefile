@@ -30,12 +30,20 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-## In-process ingest benchmark; results are appended to the terminal as a table and JSON.
-bench: $(STAMP)
-	$(PY) benchmarks/ingest.py
+# The benchmarks also need the bench extra (matplotlib for the plots, peer clients).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench,test]'
+	touch $(BENCH_STAMP)
 
-bench-quick: $(STAMP)
-	$(PY) benchmarks/ingest.py --quick
+## The whole benchmark suite (~15 min on 2 cores): rewrites the generated section of
+## docs/benchmarks.md and docs/bench/*.png. Extra options: make bench BENCH_ARGS='--no-peers'
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/suite.py --write-docs $(BENCH_ARGS)
+
+## A small suite (~1 min); writes /tmp/metering-bench-quick/, never docs/.
+bench-quick: $(BENCH_STAMP)
+	$(PY) benchmarks/suite.py --quick $(BENCH_ARGS)
 
 ## The engine beside Redis, PostgreSQL, DuckDB and SQLite on one workload, every answer
 ## checked equal; installs and starts the servers itself (apt-get as root). A few minutes;

@@ -41,6 +41,7 @@ from engine.client import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+RECOVERED = re.compile(r"recovered ([\d,]+) series \(lsn (\d+)\) in (\d+) ms")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,31 +69,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 class ServerProcess:
-    """``python -m engine serve`` on a fresh data directory and an ephemeral port."""
+    """``python -m engine serve`` on a data directory and an ephemeral port.
 
-    def __init__(self, shards: int) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="meter-bench-tcp-")
+    With ``data_dir=None`` a fresh temporary directory is used and removed by
+    ``stop``; with a given ``data_dir`` the directory is the caller's (used to
+    restart on the state a killed server left). ``ready_s`` is the time from
+    spawning the process to its "listening" line, which the server prints only
+    after recovery; ``recovery_ms`` and ``recovered_series`` are what the
+    server reported about its own recovery.
+    """
+
+    def __init__(self, shards: int, data_dir: str | None = None,
+                 start_timeout_s: float = 30.0) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="meter-bench-tcp-")
+            data_dir = self._tmp.name
+        self.data_dir = data_dir
+        self.recovery_ms: int | None = None
+        self.recovered_series: int | None = None
+        self.recovered_lsn: int | None = None
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop("METER_API_KEYS", None)
+        spawned = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--data-dir", self._tmp.name,
+            [sys.executable, "-m", "engine", "serve", "--data-dir", self.data_dir,
              "--port", "0", "--shards", str(shards), "--status", "off"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
+        self.pid = self.process.pid
         assert self.process.stdout is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout_s
+        # readline blocks; the deadline is checked between lines, and the server
+        # prints its recovery line and then its listening line, or exits.
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
                 break
+            recovered = RECOVERED.search(line)
+            if recovered:
+                self.recovered_series = int(recovered.group(1).replace(",", ""))
+                self.recovered_lsn = int(recovered.group(2))
+                self.recovery_ms = int(recovered.group(3))
             match = LISTENING.search(line)
             if match:
                 self.port = int(match.group(1))
+                self.ready_s = time.perf_counter() - spawned
                 return
         self.stop()
         raise BenchmarkFailure("server did not start")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: no drain, no snapshot; the data directory stays for a restart."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop (SIGTERM, a clean close; ``kill=True``: SIGKILL) and remove a temporary dir."""
+        if kill:
+            self.kill()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -103,7 +139,8 @@ class ServerProcess:
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 async def _load(port: int, workload: Workload, connections: int, in_flight: int,

@@ -9,6 +9,7 @@ floor and the tracemalloc runs), in a few seconds. The benchmark calls
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import statistics
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 
-from benchmarks import alert_latency, ingest, workload
+from benchmarks import alert_latency, ingest, query_latency, recovery, suite, tcp_ingest, workload
 from engine import Event
 
 DAY_MS = 86_400_000
@@ -142,3 +144,102 @@ def test_alert_latency_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert 0 < row["send_to_alert"]["min_ms"] and row["ack"]["min_ms"] > 0
     assert row["send_to_alert"]["max_ms"] < 10_000
     assert "| 1 | 10 |" in alert_latency.format_table(report)
+
+
+def test_workload_stream_yields_what_generate_collects() -> None:
+    kwargs = {"customers": 50, "meters": 6, "events": 1_050, "batch_size": 100,
+              "aggregations": workload.AGGREGATIONS_MIXED}
+    stream = workload.WorkloadStream(9, **kwargs)  # type: ignore[arg-type]
+    streamed = list(stream.batches())
+    collected = workload.generate(9, **kwargs)  # type: ignore[arg-type]
+    assert streamed == collected.batches
+    assert (stream.produced, stream.duplicates) == (1_050, collected.expected_duplicates)
+    with pytest.raises(RuntimeError):
+        next(stream.batches())
+
+
+def test_query_latency_checks_answers_against_the_model() -> None:
+    """A real server: the three shapes are timed and checked; a wrong model fails loudly."""
+    w = workload.generate(4, customers=300, meters=4, events=3_000, batch_size=250,
+                          now_ms=query_latency.current_minute_ms(),
+                          aggregations=workload.AGGREGATIONS_MIXED)
+    plan = query_latency.plan_queries(w)
+    assert plan.sample_customers and plan.per_customer_total and plan.per_day_region
+    server = tcp_ingest.ServerProcess(2)
+    try:
+        trio.run(tcp_ingest._load, server.port, w, 1, 2, 30.0)
+        results = trio.run(lambda: query_latency.measure_queries(
+            server.port, plan, queries=3, warmup=1, budget_s=5, timeout_s=30))
+        assert set(results) == set(query_latency.KINDS)
+        for row in results.values():
+            assert row["queries"] == 3 and 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert results["top100_customers_month"]["rows_max"] == min(
+            100, len(plan.per_customer_total))
+
+        customer = next(iter(plan.per_customer_total))
+        plan.per_customer_total[customer] += 1
+        with pytest.raises(ingest.BenchmarkFailure, match="top100"):
+            trio.run(lambda: query_latency.measure_queries(
+                server.port, plan, queries=1, warmup=0, budget_s=5, timeout_s=30))
+    finally:
+        server.stop(kill=True)
+
+
+def test_recovery_benchmark_kills_restarts_and_checks(tmp_path: Path) -> None:
+    result = recovery.measure_recovery(shards=2, events=2_000, customers=200, meters=4,
+                                       seed=3, in_flight=2, timeout_s=30, tmp_root=str(tmp_path),
+                                       start_timeout_s=30)
+    assert result["ingest"]["accepted"] + result["ingest"]["duplicates"] == 2_000
+    assert result["series_count"] > 0 and result["last_lsn"] > 0
+    assert 0 < result["recovery_ms"] / 1000 <= result["ready_s"]
+    assert result["wal_bytes_replayed"] > 0
+    assert list(tmp_path.iterdir()) == []  # the data directory was removed
+
+
+def test_suite_runs_end_to_end_and_keeps_the_hand_written_doc(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = suite.parse_args([
+        "--quick", "--shards", "2", "--in-flight", "2", "--events", "2000", "--customers",
+        "300", "--meters", "4", "--batch-size", "250", "--queries", "3", "--alert-batches",
+        "5", "--alert-batch-size", "20", "--recovery-events", "1500", "--memory-events",
+        "1000", "--out", str(out), "--json", str(tmp_path / "r.json"), "--timeout-s", "60",
+        "--tmpdir", str(tmp_path), "--no-peers",
+    ] + ([] if importlib.util.find_spec("matplotlib") else ["--no-plots"]))
+    report = suite.run(args)
+
+    assert json.loads((tmp_path / "r.json").read_text())["sizing"]["recommended"] == 2
+    [row] = report["sweep"]
+    assert row["events_per_s"] > 0 and row["queries"] and row["recovery"]["ready_s"] > 0
+    at_scale = report["recovery_at_scale"]
+    assert at_scale["events"] == 1_500 and at_scale["ready_s"] > 0
+    # The at-scale state is queried too, against a model built while streaming.
+    assert set(at_scale["queries"]["results"]) == set(query_latency.KINDS)
+    assert at_scale["queries"]["customers_with_events"] > 0
+    assert report["peers"]["status"] == "not run (--no-peers)"
+    document = (out / "benchmarks.md").read_text()
+    # The hand-written part of docs/benchmarks.md is kept; the generated part sits
+    # between the markers, and the sizing table ends it.
+    hand_written = suite.DOCS.read_text().split(suite.BEGIN)[0]
+    assert document.startswith(hand_written)
+    generated = document.split(suite.BEGIN)[1].split(suite.END)[0]
+    assert "### Choosing a shard count" in generated
+    assert "| 2 (recommended) |" in generated
+    assert "| 8, at scale |" in generated
+    assert generated.rstrip().splitlines()[-1].startswith("**Rule of thumb")
+    if importlib.util.find_spec("matplotlib"):
+        for name in ("throughput", "latency", "recovery"):
+            assert (out / "bench" / f"{name}.png").stat().st_size > 1000
+            assert f"(bench/{name}.png)" in generated
+        from benchmarks import plots  # the plots redraw from the saved results alone
+
+        assert plots.main([str(tmp_path / "r.json"), str(tmp_path / "redrawn")]) == 0
+        assert (tmp_path / "redrawn" / "latency.png").stat().st_size > 1000
+    assert not (tmp_path / "docs").exists()
+
+
+def test_generated_section_is_replaced_and_nothing_else() -> None:
+    before = "# T\n\nhand\n\n" + suite.BEGIN + "\n\nold\n\n" + suite.END + "\n\ntail\n"
+    after = suite.replace_generated(before, "new")
+    assert after == "# T\n\nhand\n\n" + suite.BEGIN + "\n\nnew\n\n" + suite.END + "\ntail\n"
+    assert suite.replace_generated("# T\n", "new").endswith(suite.END + "\n")
+    assert suite.run_peers(suite.parse_args(["--no-peers"]))["status"] == "not run (--no-peers)"
