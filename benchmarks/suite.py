@@ -577,6 +577,23 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     add("")
     add(f"peers: {report['peers']['status']}.")
     add("")
+    peer_report = report["peers"].get("result")
+    if peer_report:
+        from benchmarks import peers  # present: it produced this report
+
+        params = peer_report["parameters"]
+        add(f"Same sum workload for every system ({params['events']:,} events, "
+            f"{params['customers']:,} customers, batches of {params['batch_size']:,}, "
+            f"{params['writers']} writer(s), engine at {params['shards']} shards over TCP); "
+            "each peer's answers were checked equal to the engine's before its times count "
+            "(`benchmarks/peers.py`, run alone with `make bench-peers`).")
+        add("")
+        add(peers.format_table(peer_report))
+        add("")
+        add("How each system was set up (durability, dedup, query path):")
+        add("")
+        add(peers.format_configs(peer_report))
+        add("")
 
     size = report["sizing"]
     add("### Choosing a shard count")
