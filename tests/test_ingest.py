@@ -303,3 +303,27 @@ async def test_a_failed_shard_stops_the_engine_without_leaving_anyone_waiting(
             caught.append(exc)
     assert len(caught) >= 3
     assert any(isinstance(e, EngineClosed) for e in caught)
+
+
+async def test_a_dimension_set_accepted_by_replay_is_still_checked_live(tmp_path: Path) -> None:
+    """Checked dimension sets are remembered per set of limits: one that replay accepted
+    (logged under looser limits) is still refused by today's stricter ones, every time,
+    and one refused once is never let through by an earlier success of another set."""
+    long_dims = {"region": "r" * 20, "plan": "pro"}
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: NOW,
+                           snapshot_on_close=False) as eng:  # the next start replays the WAL
+        await eng.define_meter(Meter(name="calls", aggregation="sum"))
+        await eng.ingest([event(dimensions=long_dims)])
+    strict = IngestLimits(max_value_chars=10)
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: NOW, limits=strict) as eng:
+        result = await eng.query(Query(meter_api_name="calls", start_ms=0, end_ms=NOW + DAY,
+                                       group_by=["region"]))
+        assert [(r.group, r.value) for r in result.rows] == [({"region": "r" * 20}, 1)]
+        for _ in range(2):
+            with pytest.raises(BatchRejected, match="longer than 10"):
+                await eng.ingest([event(dimensions=dict(long_dims))])
+        await eng.ingest([event(dimensions={"region": "eu", "plan": "pro"})] * 2)
+        with pytest.raises(BatchRejected, match="NUL"):
+            await eng.ingest([event(dimensions={"region": "e\x00u", "plan": "pro"})])
+        with pytest.raises(BatchRejected, match="must have a string value"):
+            await eng.ingest([event(dimensions={"region": ["eu"], "plan": "pro"})])

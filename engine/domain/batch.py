@@ -146,14 +146,22 @@ def dims_of_key(dims_key: str) -> tuple[tuple[str, str], ...]:
     return tuple(zip(parts[0::2], parts[1::2], strict=True))
 
 
+DIMS_MEMO_MAX = 100_000  # checked dimension sets remembered per engine before starting over
+
+
 class ShardRouter:
     """Customer → shard, cached: crc32 once per distinct customer."""
 
-    __slots__ = ("cache", "shard_count")
+    __slots__ = ("cache", "dims_keys", "replay_dims_keys", "shard_count")
 
     def __init__(self, shard_count: int) -> None:
         self.shard_count = shard_count
         self.cache: dict[str, int] = {}
+        # Dimension sets already checked, as ``tuple(dims.items())`` -> dims key: most
+        # events repeat a few sets, so a hit skips the checks and the sort and join.
+        # One memo per set of limits (live ingest, trusted replay); bounded by clearing.
+        self.dims_keys: dict[tuple[tuple[str, str], ...], str] = {}
+        self.replay_dims_keys: dict[tuple[tuple[str, str], ...], str] = {}
 
     def __call__(self, customer_id: str) -> int:
         shard = self.cache.get(customer_id)
@@ -266,6 +274,9 @@ def prepare_batch(
     max_chars = limits.max_value_chars
     max_key_chars = limits.max_key_chars
     max_dimensions = limits.max_dimensions
+    checked_dims = route.replay_dims_keys if now_ms is None else route.dims_keys
+    if len(checked_dims) > DIMS_MEMO_MAX:
+        checked_dims.clear()
     get_meter = meters.get
     min_int, max_int = -MAX_INT64, MAX_INT64  # locals: a global lookup per event adds up
     event_type = Event
@@ -295,7 +306,16 @@ def prepare_batch(
             if fast and type(dims) is not dict:
                 fast = False  # None, a list, a dict subclass...: _prepare_one says why
             elif fast and dims:
-                if len(dims) > max_dimensions or "customer_id" in dims:
+                items = tuple(dims.items())
+                try:
+                    known = checked_dims.get(items)
+                except TypeError:  # an unhashable value: _prepare_one says why
+                    known, fast = None, False
+                if known is not None:
+                    dims_key = known  # this exact set passed every check below before
+                elif not fast:
+                    pass
+                elif len(dims) > max_dimensions or "customer_id" in dims:
                     fast = False
                 else:
                     for key, text in dims.items():
@@ -314,6 +334,8 @@ def prepare_batch(
                             )
                         # NUL inside a key or value would make the key ambiguous.
                         fast = dims_key.count("\x00") == 2 * len(dims) - 1
+                        if fast:
+                            checked_dims[items] = dims_key
             elif fast:
                 dims_key = ""
         else:
