@@ -180,7 +180,8 @@ class ShardState:
                 skip = set(duplicate_positions)
                 positions = [p for p in range(len(items)) if p not in skip]
                 crossings.extend(limits.after_apply(
-                    meter_shard, items.customers, items.dims_keys, items.times, positions))
+                    meter_shard, items.customers, items.dims_keys, items.times, positions,
+                    items.values))
         return accepted, duplicates, crossings
 
     # ----------------------------------------------------------------- query
