@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,6 +99,7 @@ SERVER_NAME = "metering-engine"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 RECEIVE_CHUNK_BYTES = 256 * 1024
+MAX_HELLO_BYTES = 64 * 1024  # the first frame: a version, an API key and a client name
 # A decoded request takes several times its wire size in memory (an event of ~100 bytes
 # of msgpack is a struct, a dict and strings): the request budget counts this multiple.
 REQUEST_MEMORY_FACTOR = 4
@@ -250,22 +252,45 @@ class MeterServer:
 
 
 class ByteBudget:
-    """A server-wide budget of bytes: ``acquire(n)`` waits while ``n`` more would pass the
-    limit. A request larger than the whole budget waits until nothing else holds any,
-    so it cannot wait forever."""
+    """A server-wide budget of bytes, handed out in arrival order.
+
+    ``acquire(n)`` waits while ``n`` more would pass the limit, and behind any earlier
+    waiter (so a large request is not overtaken for ever by a stream of small ones). A
+    request larger than the whole budget is admitted when nothing else holds any.
+    """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
-        self._waiters = trio.lowlevel.ParkingLot()
+        self._queue: deque[_BudgetWaiter] = deque()
+
+    def _fits(self, size_bytes: int) -> bool:
+        return not self.used_bytes or self.used_bytes + size_bytes <= self.limit_bytes
 
     async def acquire(self, size_bytes: int) -> int:
         """Take ``size_bytes`` (capped at the limit); returns what to ``release``."""
         size_bytes = min(size_bytes, self.limit_bytes)
-        while self.used_bytes and self.used_bytes + size_bytes > self.limit_bytes:
-            await self._waiters.park()
-        self.used_bytes += size_bytes
+        if not self._queue and self._fits(size_bytes):
+            self.used_bytes += size_bytes
+            return size_bytes
+        waiter = _BudgetWaiter(size_bytes)
+        self._queue.append(waiter)
+        try:
+            await waiter.granted.wait()
+        except BaseException:
+            if waiter.granted.is_set():
+                self.release(size_bytes)  # granted just as we were cancelled
+            else:
+                self._queue.remove(waiter)
+                self._grant()  # the waiters behind may fit now
+            raise
         return size_bytes
+
+    def _grant(self) -> None:
+        while self._queue and self._fits(self._queue[0].size_bytes):
+            waiter = self._queue.popleft()
+            self.used_bytes += waiter.size_bytes
+            waiter.granted.set()
 
     def charge(self, size_bytes: int) -> None:
         """Take ``size_bytes`` without waiting, even past the limit (replies already
@@ -275,7 +300,15 @@ class ByteBudget:
     def release(self, size_bytes: int) -> None:
         if size_bytes:
             self.used_bytes -= size_bytes
-            self._waiters.unpark_all()
+            self._grant()
+
+
+class _BudgetWaiter:
+    __slots__ = ("granted", "size_bytes")
+
+    def __init__(self, size_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.granted = trio.Event()
 
 
 def _frame(message: msgspec.Struct) -> bytes:
@@ -288,7 +321,9 @@ class _Connection:
         self.server = server
         self.config = server.config
         self.stream = stream
-        self.decoder = FrameDecoder(self.config.max_frame_bytes)
+        # Until the hello is through, frames are small and not charged to the request
+        # budget: a client that has not authenticated must not be able to hold it.
+        self.decoder = FrameDecoder(min(MAX_HELLO_BYTES, self.config.max_frame_bytes))
         self.principal: Principal | None = None
         self.slots = trio.Semaphore(self.config.max_in_flight)
         self.nursery: trio.Nursery | None = None
@@ -375,7 +410,7 @@ class _Connection:
             if frame is not None:
                 return frame
             pending = self.decoder.pending_frame_bytes
-            if pending and not self.charged_bytes:
+            if pending and not self.charged_bytes and self.principal is not None:
                 # Budget first, body second: a frame body is buffered only when the
                 # server-wide budget has room for it (not timed: this wait is ours).
                 self.charged_bytes = await self.server.request_budget.acquire(
@@ -410,8 +445,7 @@ class _Connection:
         if frame is None:
             return
         await self._handshake(frame)
-        self.server.request_budget.release(self.charged_bytes)
-        self.charged_bytes = 0
+        self.decoder.max_frame_bytes = self.config.max_frame_bytes
         draining = self.server._draining
         while not draining.is_set():
             # Backpressure: no new request is read while max_in_flight are unanswered.

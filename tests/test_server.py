@@ -1190,3 +1190,48 @@ async def test_the_server_wide_request_budget_holds_back_other_connections(
                     gated.gate.set()
         assert acks == [2000, 2000]
         assert server.request_budget.used_bytes == 0
+
+
+async def test_an_unauthenticated_client_cannot_hold_the_request_budget(
+    engine: Engine, serving: Any
+) -> None:
+    """A first frame announcing megabytes is refused at its header (hellos are small)
+    and charges nothing, so authenticated clients are never held up by it."""
+    async with serving(engine) as server, raw_connection(server.port) as raw:
+        await raw.send(HEADER.pack(16 * 2**20) + b"\x80")
+        reply = await raw.receive()
+        assert isinstance(reply, ErrorReply) and reply.code == "frame_error", reply
+        with trio.fail_after(2):  # only the error reply was charged, until written
+            while server.request_budget.used_bytes:
+                await trio.sleep(0.001)
+        assert await ping_quickly(server.port) < 1.0
+
+
+async def test_the_request_budget_admits_in_arrival_order() -> None:
+    """A large request waiting for the budget is not overtaken by later small ones, so a
+    steady stream of small requests cannot starve it."""
+    from engine.server import ByteBudget
+
+    budget = ByteBudget(100)
+    held = await budget.acquire(30)
+    order: list[str] = []
+
+    async def take(name: str, size: int) -> None:
+        got = await budget.acquire(size)
+        order.append(name)
+        budget.release(got)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "big", 90)
+        await trio.sleep(0.01)
+        nursery.start_soon(take, "small", 10)  # would fit now, but arrived later
+        await trio.sleep(0.01)
+        assert order == [] and budget.used_bytes == 30
+        budget.release(held)
+    assert order == ["big", "small"] and budget.used_bytes == 0
+    # A waiter cancelled while queued leaves the queue, and those behind it get through.
+    held = await budget.acquire(100)
+    with trio.move_on_after(0.01):
+        await budget.acquire(50)
+    budget.release(held)
+    assert await budget.acquire(60) == 60 and budget.used_bytes == 60
