@@ -1000,3 +1000,38 @@ async def test_alerts_survive_sigkill_of_the_server_and_resume_exactly(tmp_path:
         with trio.fail_after(30):
             await trio.to_thread.run_sync(process.wait)
         assert process.returncode == 0, log.read_text()
+
+
+async def test_a_period_starting_inside_a_minute_gives_the_same_alerts_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Africa/Monrovia was UTC-0:44:30 until 1972, so its days started at 00:44:30 UTC,
+    inside a minute. Usage for such a period is read from whole-minute buckets, live and
+    after a restart alike: the same events give the same alerts either way."""
+    day = int(datetime(1971, 6, 15, tzinfo=UTC).timestamp() * 1000)
+    now = day + 12 * 3_600_000
+    second, minute = 1000, 60_000
+
+    def event(ms: int, uid: str) -> Event:
+        return Event(meter_api_name="calls", customer_id="acme", meter_value=1,
+                     meter_time_in_millis=ms, unique_id=uid)
+
+    async with open_engine(tmp_path, shards=1, clock_ms=lambda: now,
+                           snapshot_on_close=False) as eng:
+        await eng.define_meter(Meter(name="calls", aggregation="sum"))
+        await eng.add_limit(Limit(id="daily", meter_api_name="calls", thresholds=[2],
+                                  period="day", timezone="Africa/Monrovia"))
+        await eng.ingest([event(day + 44 * minute + 50 * second, "e1")])
+        await eng.ingest([event(day + 46 * minute, "e2")])
+        await eng.snapshot()
+        live = await eng.ingest([event(day + 44 * minute + 55 * second, "e3")],
+                                report_alerts=True)
+        live_seq = eng.next_alert_seq()
+    async with open_engine(tmp_path, shards=1, clock_ms=lambda: now) as eng:
+        assert eng.next_alert_seq() == live_seq
+        later = await eng.ingest([event(day + 47 * minute, "e4")], report_alerts=True)
+        async with eng.subscribe(0) as subscription:
+            stored = await subscription.receive_batch(100) if eng.next_alert_seq() else []
+    crossings = [(a.threshold, a.period_start_ms) for a in [*live.alerts, *later.alerts]]
+    assert [(a.threshold, a.period_start_ms) for a in stored] == crossings
+    assert len(set(crossings)) == len(crossings) == 1, "the threshold fires exactly once"

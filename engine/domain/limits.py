@@ -193,13 +193,17 @@ class ShardLimits:
             if memo is not None and len(memo) > USAGE_MEMO_MAX:
                 memo.clear()
             for (customer, start), (end, added) in touched.items():
-                known = None if memo is None else memo.get((customer, start))
+                # A period bound inside a minute (zones with seconds in their offset, such
+                # as Monrovia before 1972): usage() counts whole minute buckets, which
+                # need not match the events' own periods; read the buckets every time.
+                period_memo = memo if not (start % MINUTE_MS or end % MINUTE_MS) else None
+                known = None if period_memo is None else period_memo.get((customer, start))
                 if known is None:
                     value = usage(meter_shard, customer, limit, start, end)
                 else:
                     value = known + added
-                if memo is not None and value is not None:
-                    memo[(customer, start)] = value
+                if period_memo is not None and value is not None:
+                    period_memo[(customer, start)] = value
                 self._check(limit, customer, start, value, crossings)
         return crossings
 
@@ -221,7 +225,7 @@ class ShardLimits:
         memo = self.usage.get(limit.id)
         if memo is not None and value is not None and (
             limit.meter.kind == SUM or limit.meter.kind == COUNT
-        ):
+        ) and not (start % MINUTE_MS or end % MINUTE_MS):
             memo[(customer, start)] = value
         self._check(limit, customer, start, value, crossings)
 
