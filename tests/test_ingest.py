@@ -327,3 +327,25 @@ async def test_a_dimension_set_accepted_by_replay_is_still_checked_live(tmp_path
             await eng.ingest([event(dimensions={"region": "e\x00u", "plan": "pro"})])
         with pytest.raises(BatchRejected, match="must have a string value"):
             await eng.ingest([event(dimensions={"region": ["eu"], "plan": "pro"})])
+
+
+async def test_remembered_dimension_sets_still_refuse_string_subclasses() -> None:
+    """A dimension value must be a plain str whatever was ingested before: an equal
+    StrEnum is refused after the plain string was accepted, as it is before."""
+    import enum
+
+    class Region(enum.StrEnum):
+        EU = "eu"
+
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: NOW) as eng:
+        await eng.define_meter(Meter(name="calls", aggregation="sum"))
+        await eng.ingest([event(dimensions={"region": "eu"})] * 2)
+        with pytest.raises(BatchRejected, match="must have a string value"):
+            await eng.ingest([event(dimensions={"region": Region.EU})])
+        # Big dimension sets are checked every time rather than remembered: rejected
+        # batches full of them leave nothing behind.
+        huge = {f"k{i}": "v" * 200 for i in range(16)}
+        for _ in range(3):
+            with pytest.raises(BatchRejected):
+                await eng.ingest([event(dimensions=huge)] * 50 + [event(meter_value="x")])
+        assert len(eng._route.dims_keys) == 1

@@ -146,7 +146,10 @@ def dims_of_key(dims_key: str) -> tuple[tuple[str, str], ...]:
     return tuple(zip(parts[0::2], parts[1::2], strict=True))
 
 
-DIMS_MEMO_MAX = 100_000  # checked dimension sets remembered per engine before starting over
+# Checked dimension sets remembered per engine before starting over, and the longest
+# remembered (keys and values together): bounds the memo to a few MiB, whatever is sent.
+DIMS_MEMO_MAX = 20_000
+DIMS_MEMO_MAX_CHARS = 256
 
 
 class ShardRouter:
@@ -312,7 +315,11 @@ def prepare_batch(
                 except TypeError:  # an unhashable value: _prepare_one says why
                     known, fast = None, False
                 if known is not None:
-                    dims_key = known  # this exact set passed every check below before
+                    dims_key = known  # this exact set passed every check below before...
+                    for key, text in items:  # ...as plain strings (not equal subclasses)
+                        if type(key) is not str or type(text) is not str:
+                            fast = False
+                            break
                 elif not fast:
                     pass
                 elif len(dims) > max_dimensions or "customer_id" in dims:
@@ -334,7 +341,7 @@ def prepare_batch(
                             )
                         # NUL inside a key or value would make the key ambiguous.
                         fast = dims_key.count("\x00") == 2 * len(dims) - 1
-                        if fast:
+                        if fast and len(dims_key) <= DIMS_MEMO_MAX_CHARS:
                             checked_dims[items] = dims_key
             elif fast:
                 dims_key = ""

@@ -240,6 +240,7 @@ class Engine:
                 self._recovered_wal_bytes += len(raw)
         self._last_lsn = max(applied, self._store.last_lsn())
         self._next_lsn_to_finish = self._last_lsn + 1
+        self._route.replay_dims_keys.clear()  # replay is over: its memo is not needed again
         self._recovery_ms = int((time.perf_counter() - started) * 1000)
         log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
                  self._last_lsn, self._recovery_ms, self._recovered_wal_records,
