@@ -60,8 +60,9 @@ def add_serve_parser(commands: Any) -> None:
                         help="requests per connection run concurrently (default %(default)s)")
     limits.add_argument("--max-request-bytes", type=_positive_int, metavar="BYTES",
                         default=DEFAULTS.max_request_bytes_in_flight,
-                        help="request bytes read but not yet answered, over all connections; "
-                             "beyond it reading waits (default %(default)s)")
+                        help="server-wide memory for requests read but not answered (4x "
+                             "their wire size) and replies not yet sent; beyond it reading "
+                             "waits (default %(default)s)")
     limits.add_argument("--handshake-timeout", type=_positive_seconds, metavar="SECONDS",
                         default=DEFAULTS.handshake_timeout_s,
                         help="the hello must arrive within this (default %(default)s)")
