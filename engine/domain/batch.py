@@ -153,7 +153,9 @@ DIMS_MEMO_MAX_CHARS = 256
 
 
 class ShardRouter:
-    """Customer → shard, cached: crc32 once per distinct customer."""
+    """Customer → shard, cached: crc32 once per distinct customer. Also holds the
+    engine's memo of checked dimension sets, since both are per-engine state that
+    ``prepare_batch`` reads for every event."""
 
     __slots__ = ("cache", "dims_keys", "replay_dims_keys", "shard_count")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.domain.batch import COUNT, MINUTE_MS, SUM, MeterDef
 from engine.domain.query import finalize
-from engine.domain.shard import MeterShard, Series, merge_partial, slice_partial
+from engine.domain.shard import MeterShard, Series, dims_match, merge_partial, slice_partial
 from engine.domain.values import exact_value
 from engine.domain.windows import WindowError, resolve_timezone, window_floor, window_spans
 from engine.schema import Limit
@@ -176,7 +176,7 @@ class ShardLimits:
                 customer = customers[position]
                 if limit.customers is not None and customer not in limit.customers:
                     continue
-                if limit.dim_filters and not _dims_match(
+                if limit.dim_filters and not dims_match(
                     meter_shard.dims_by_key[dims_keys[position]], limit.dim_filters
                 ):
                     continue
@@ -189,14 +189,11 @@ class ShardLimits:
                     touched[key] = entry = [period[1], 0]
                 if additive:
                     entry[1] += 1 if kind == COUNT else values[position]
-            memo = self.usage[limit.id] if additive else None
-            if memo is not None and len(memo) > USAGE_MEMO_MAX:
+            memo = self.usage[limit.id]
+            if len(memo) > USAGE_MEMO_MAX:
                 memo.clear()
             for (customer, start), (end, added) in touched.items():
-                # A period bound inside a minute (zones with seconds in their offset, such
-                # as Monrovia before 1972): usage() counts whole minute buckets, which
-                # need not match the events' own periods; read the buckets every time.
-                period_memo = memo if not (start % MINUTE_MS or end % MINUTE_MS) else None
+                period_memo = self._memo_for(limit, start, end)
                 known = None if period_memo is None else period_memo.get((customer, start))
                 if known is None:
                     value = usage(meter_shard, customer, limit, start, end)
@@ -222,12 +219,21 @@ class ShardLimits:
     def _evaluate(self, limit: LimitDef, meter_shard: MeterShard, customer: str, start: int,
                   end: int, crossings: list[Crossing]) -> None:
         value = usage(meter_shard, customer, limit, start, end)
-        memo = self.usage.get(limit.id)
-        if memo is not None and value is not None and (
-            limit.meter.kind == SUM or limit.meter.kind == COUNT
-        ) and not (start % MINUTE_MS or end % MINUTE_MS):
+        memo = self._memo_for(limit, start, end)
+        if memo is not None and value is not None:
             memo[(customer, start)] = value
         self._check(limit, customer, start, value, crossings)
+
+    def _memo_for(self, limit: LimitDef, start: int, end: int) -> dict[Any, Any] | None:
+        """The usage memo for this limit and period, or None where the buckets must be
+        read every time: aggregations other than sum and count, and periods with a bound
+        inside a minute (zones with seconds in their offset, such as Monrovia before
+        1972), where usage() counts whole-minute buckets that need not match the events'
+        own periods."""
+        kind = limit.meter.kind
+        if (kind != SUM and kind != COUNT) or start % MINUTE_MS or end % MINUTE_MS:
+            return None
+        return self.usage.get(limit.id)
 
     def _check(self, limit: LimitDef, customer: str, start: int, value: Any,
                crossings: list[Crossing]) -> None:
@@ -272,13 +278,6 @@ class ShardLimits:
                     target[(customer, period_start)] = mask
 
 
-def _dims_match(
-    dims: tuple[tuple[str, str], ...], dim_filters: tuple[tuple[str, frozenset[str]], ...]
-) -> bool:
-    as_dict = dict(dims)
-    return all(as_dict.get(key) in allowed for key, allowed in dim_filters)
-
-
 def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
           end_ms: int) -> Any:
     """The limit's usage for one customer in [start, end), from the buckets; None if none."""
@@ -287,7 +286,7 @@ def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int
     merged: Any = None
     series_list: list[Series] = meter_shard.by_customer.get(customer, [])
     for series in series_list:
-        if limit.dim_filters and not _dims_match(series.dims, limit.dim_filters):
+        if limit.dim_filters and not dims_match(series.dims, limit.dim_filters):
             continue
         minutes = series.minutes
         lo = bisect_left(minutes, first)

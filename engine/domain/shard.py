@@ -562,13 +562,19 @@ def collect_partials(meter_shard: MeterShard, plan: Any) -> dict[tuple[int, tupl
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
 
 
+def dims_match(
+    dims: tuple[tuple[str, str], ...], dim_filters: tuple[tuple[str, frozenset[str]], ...]
+) -> bool:
+    """True if a dimension set passes every (key, allowed values) filter (queries, limits)."""
+    values = dict(dims)
+    return all(values.get(key) in allowed for key, allowed in dim_filters)
+
+
 def _dims_group(dims: tuple[tuple[str, str], ...], plan: Any) -> Any:
     """For one dimension set: ``_FILTERED``, or the group values (customer slot None)."""
-    values = dict(dims)
-    if plan.dim_filters and not all(
-        values.get(key) in allowed for key, allowed in plan.dim_filters
-    ):
+    if plan.dim_filters and not dims_match(dims, plan.dim_filters):
         return _FILTERED
+    values = dict(dims)
     return tuple(None if key == "customer_id" else values.get(key) for key in plan.group_by)
 
 
