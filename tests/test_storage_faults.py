@@ -30,7 +30,7 @@ import lmdb
 import pytest
 import trio
 
-import engine.runtime.engine as engine_runtime
+import engine.runtime.writer as wal_writer
 from engine import (
     Engine,
     EngineClosed,
@@ -290,7 +290,7 @@ async def test_eio_with_room_on_the_disk_stops_the_engine(
 async def test_a_snapshot_without_space_keeps_the_wal_and_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(engine_runtime, "SNAPSHOT_RETRY_MIN_S", 0.2)
+    monkeypatch.setattr(wal_writer, "SNAPSHOT_RETRY_MIN_S", 0.2)
     acked = 0
     async with open_engine(tmp_path, shards=3, clock_ms=lambda: NOW,
                            snapshot_every_bytes=20_000, snapshot_on_close=False) as eng:

@@ -1,0 +1,46 @@
+"""Meter and limit definitions: the catalog every request is checked against.
+
+Runtime layer: domain types only. One owner: the catalog is changed only by
+recovery (while the engine starts, before any task runs) and by the WAL writer,
+in commit order, right after the transaction that logged the change. Callers
+read it to validate a request in their own task; the writer decides again in
+commit order, where a concurrent definition may have won.
+"""
+
+from __future__ import annotations
+
+from engine.domain import records
+from engine.domain.batch import MeterDef
+from engine.domain.limits import LimitDef
+from engine.schema import Limit, Meter
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self.meter_defs: dict[str, MeterDef] = {}
+        self.limit_defs: dict[str, LimitDef] = {}  # in the order they were added
+
+    # ------------------------------------------------------------- reading
+
+    def meters(self) -> list[Meter]:
+        return [self.meter_defs[name].meter for name in sorted(self.meter_defs)]
+
+    def limits(self) -> list[Limit]:
+        return [limit.limit for limit in self.limit_defs.values()]
+
+    def stored_limits(self) -> list[Limit]:
+        """Limits as a snapshot stores them (wide integers as decimals), in added order."""
+        return [records.wide_ints_as_decimals(limit.limit) for limit in self.limit_defs.values()]
+
+    # ------------------------------------------------ writing (writer, recovery)
+
+    def put_meter(self, meter: MeterDef) -> None:
+        self.meter_defs[meter.name] = meter
+
+    def put_limit(self, limit: LimitDef) -> None:
+        """Add or replace: a replaced limit moves to the end of the added order."""
+        self.limit_defs.pop(limit.id, None)
+        self.limit_defs[limit.id] = limit
+
+    def drop_limit(self, limit_id: str) -> bool:
+        return self.limit_defs.pop(limit_id, None) is not None

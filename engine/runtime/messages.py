@@ -1,0 +1,207 @@
+"""The runtime's internal messages: requests to the WAL writer, work for shard actors,
+and the tickets that carry each answer back to the caller waiting for it.
+
+Runtime layer: trio (a ticket's event) and domain types. Rules of this file:
+
+1. One message type per request kind, each with only the fields that kind needs;
+   receivers dispatch with ``match`` on the type, never on a tuple position.
+2. Messages travel once per request and shard (a batch, a query, a limit change),
+   never once per event: the per-event work stays in the domain's hot loops.
+   Plain ``slots`` dataclasses, not frozen ones, because building a frozen one costs
+   about three times as much and nothing here is shared after it is sent.
+3. A ticket is completed exactly once, by the task named on its class (``fail``
+   after completion is ignored, so a late failure never overwrites an answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import trio
+
+from engine.domain.batch import MeterDef, ShardSlice
+from engine.domain.limits import Crossing, LimitDef
+from engine.domain.query import QueryPlan
+from engine.schema import Alert
+
+T = TypeVar("T")
+
+# ------------------------------------------------------------------- tickets
+
+
+class Ticket:
+    """Completion of one request: the caller waits, another task answers."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.done.is_set():
+            return  # already answered
+        self.error = error
+        self.done.set()
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class LoggedTicket(Ticket):
+    """A request that wrote one WAL record (a batch, a limit added or removed).
+
+    The writer sets ``lsn`` and ``pending`` (how many shards have work for it); each
+    shard actor adds its counts and crossings and decrements ``pending``; whoever
+    brings it to zero hands the ticket to the ``AckSequencer``, which numbers its
+    alerts and finishes tickets strictly in lsn order.
+    """
+
+    __slots__ = ("accepted", "alerts", "crossings", "duplicates", "lsn", "pending",
+                 "received_ms", "removed")
+
+    def __init__(self, received_ms: int) -> None:
+        super().__init__()
+        self.received_ms = received_ms
+        self.lsn = 0
+        self.pending = 0
+        self.accepted = 0
+        self.duplicates = 0
+        self.crossings: list[tuple[int, list[Crossing]]] = []  # (shard, its crossings)
+        self.alerts: list[Alert] = []
+        self.removed = False  # a limit removal: whether the limit existed, in log order
+
+
+class GatherTicket(Ticket, Generic[T]):
+    """Answers from several shard actors (query partials, snapshot parts): done when
+    the last of ``pending`` shards answered."""
+
+    __slots__ = ("pending", "results")
+
+    def __init__(self, pending: int) -> None:
+        super().__init__()
+        self.pending = pending
+        self.results: list[T] = []
+
+    def add(self, result: T) -> None:
+        self.results.append(result)
+        self.pending -= 1
+        if self.pending == 0:
+            self.finish()
+
+
+class SnapshotTicket(Ticket):
+    """A snapshot: answered by the writer with the lsn the snapshot covers."""
+
+    __slots__ = ("lsn",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lsn = 0
+
+
+# --------------------------------------------------------- work for a shard
+
+
+@dataclass(slots=True, eq=False)
+class ApplySlice:
+    """A shard's share of one batch: its events grouped by meter."""
+
+    slice: ShardSlice
+
+
+@dataclass(slots=True, eq=False)
+class InstallLimit:
+    """Install (or replace) a limit and evaluate it for the period containing ``received_ms``."""
+
+    limit: LimitDef
+    received_ms: int
+
+
+@dataclass(slots=True, eq=False)
+class DropLimit:
+    limit_id: str
+
+
+ShardWork = ApplySlice | InstallLimit | DropLimit
+
+
+class Apply(NamedTuple):
+    """One WAL record's work for one shard (a tuple: the cheapest typed record)."""
+
+    lsn: int
+    work: ShardWork
+    ticket: LoggedTicket
+
+
+@dataclass(slots=True, eq=False)
+class ApplyGroup:
+    """Everything one group commit gives one shard, in lsn order."""
+
+    items: list[Apply]
+
+
+# Partial aggregates of one shard for a query: (span index, group key) -> partial.
+Partials = dict[tuple[int, tuple[Any, ...]], Any]
+
+
+@dataclass(slots=True, eq=False)
+class RunQuery:
+    plan: QueryPlan
+    ticket: GatherTicket[Partials]
+
+
+@dataclass(slots=True, eq=False)
+class ExportState:
+    """Encode this shard's state for a snapshot: answers (shard index, encoded part)."""
+
+    ticket: GatherTicket[tuple[int, bytes]]
+
+
+ShardMessage = ApplyGroup | RunQuery | ExportState
+
+
+# ------------------------------------------------------ requests to the writer
+
+
+@dataclass(slots=True, eq=False)
+class LogBatch:
+    """Log an ingested batch, then give each shard its slice (``None``: nothing for it)."""
+
+    ticket: LoggedTicket
+    record: bytes
+    work: list[ApplySlice | None]
+
+
+@dataclass(slots=True, eq=False)
+class LogLimitChange:
+    """Log a limit added or removed; the catalog changes in commit order, and every
+    shard gets the same ``change``."""
+
+    ticket: LoggedTicket
+    record: bytes
+    change: InstallLimit | DropLimit
+
+
+@dataclass(slots=True, eq=False)
+class DefineMeter:
+    """Store a meter definition; settled against concurrent ones in commit order."""
+
+    ticket: Ticket
+    meter: MeterDef
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True, eq=False)
+class TakeSnapshot:
+    ticket: SnapshotTicket
+
+
+WriteRequest = LogBatch | LogLimitChange | DefineMeter | TakeSnapshot

@@ -1,0 +1,129 @@
+"""Shard actors: one task per shard, the only code that touches its ``ShardState``.
+
+Runtime layer: trio, the domain, the runtime's messages and acks; never the
+store. Rules of this file:
+
+1. An actor awaits nothing but its mailbox: applying, querying and exporting are
+   synchronous domain calls, so a shard's state never changes mid-request.
+2. Mailboxes are FIFO, so a query sent after an ingest was acknowledged sees it
+   (read-your-writes).
+3. A failure while applying may leave the shard half-updated: the actor stops the
+   engine (fail-stop) and fails every ticket still waiting on it. A failing query
+   mutates nothing and fails only its own ticket.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import setcontext
+
+import trio
+
+from engine.domain import records
+from engine.domain.shard import ShardState
+from engine.domain.values import EXACT
+from engine.errors import EngineClosed, MeteringError
+from engine.runtime.acks import AckSequencer
+from engine.runtime.lifecycle import Lifecycle
+from engine.runtime.messages import (
+    Apply,
+    ApplyGroup,
+    ApplySlice,
+    DropLimit,
+    ExportState,
+    InstallLimit,
+    LoggedTicket,
+    RunQuery,
+    ShardMessage,
+    ShardWork,
+    Ticket,
+)
+
+log = logging.getLogger(__name__)
+
+
+def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
+               ticket: LoggedTicket) -> None:
+    """Apply one WAL record's share for one shard, collecting its limit crossings.
+
+    Shared by the actors and by recovery's replay, so both make the same decisions.
+    """
+    match work:
+        case ApplySlice(shard_slice):
+            accepted, duplicates, crossings = state.apply(lsn, shard_slice)
+            ticket.accepted += accepted
+            ticket.duplicates += duplicates
+        case InstallLimit(limit, received_ms):
+            crossings = state.limits.add(limit, state.meters.get(limit.meter.name), received_ms)
+        case DropLimit(limit_id):
+            state.limits.remove(limit_id)
+            crossings = []
+    if crossings:
+        ticket.crossings.append((index, crossings))
+
+
+def shard_part(state: ShardState) -> records.ShardPart:
+    """One shard's snapshot part: its meter state and its limits' fired thresholds."""
+    return records.ShardPart(state.export(), state.limits.export())
+
+
+class ShardActor:
+    def __init__(self, index: int, state: ShardState, acks: AckSequencer,
+                 lifecycle: Lifecycle) -> None:
+        self.index = index
+        self.state = state
+        self._acks = acks
+        self._lifecycle = lifecycle
+
+    async def run(self, mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:
+        setcontext(EXACT)  # this task's own context: exact decimal sums
+        async with mailbox:
+            async for message in mailbox:
+                match message:
+                    case ApplyGroup(items):
+                        self._apply_group(items, mailbox)
+                    case RunQuery(plan, ticket):
+                        try:
+                            result = self.state.query(plan)
+                        except Exception as exc:  # queries never mutate state: not fatal
+                            if not isinstance(exc, MeteringError):
+                                log.exception("query failed on shard %d", self.index)
+                            ticket.fail(exc)
+                            result = {}
+                        ticket.add(result)
+                    case ExportState(ticket):
+                        ticket.add((self.index, records.encode(shard_part(self.state))))
+
+    def _apply_group(self, items: list[Apply],
+                     mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:
+        """One message per group commit: every record of the group, in lsn order."""
+        for lsn, work, ticket in items:
+            try:
+                apply_work(self.state, self.index, lsn, work, ticket)
+            except BaseException as exc:
+                self._lifecycle.stop(exc)
+                closed = EngineClosed(f"shard {self.index} failed: {exc!r}")
+                # Every ticket of this group (finished ones ignore it) and of the queue.
+                waiting: list[Ticket] = [item.ticket for item in items]
+                waiting.extend(_drain(mailbox))
+                for stuck in waiting:
+                    stuck.fail(closed)
+                raise
+            ticket.pending -= 1
+            if ticket.pending == 0:
+                self._acks.finish(ticket)
+
+
+def _drain(mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> list[Ticket]:
+    """The tickets of every message still queued for a shard that stopped."""
+    tickets: list[Ticket] = []
+    while True:
+        try:
+            message = mailbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return tickets
+        match message:
+            case ApplyGroup(items):
+                tickets.extend(item.ticket for item in items)
+            case RunQuery(_, ticket) | ExportState(ticket):
+                tickets.append(ticket)
