@@ -11,6 +11,7 @@
 from engine.domain.batch import IngestLimits
 from engine.errors import (
     BatchRejected,
+    CustomerExists,
     DataDirError,
     EngineClosed,
     EventProblem,
@@ -20,11 +21,13 @@ from engine.errors import (
     MeteringError,
     StorageError,
     StorageFull,
+    UnknownCustomer,
     UnknownMeter,
 )
 from engine.runtime.engine import Engine, EngineStatistics, open_engine
 from engine.schema import (
     Alert,
+    Customer,
     Event,
     IngestAck,
     Limit,
@@ -38,6 +41,8 @@ from engine.schema import (
 __all__ = [
     "Alert",
     "BatchRejected",
+    "Customer",
+    "CustomerExists",
     "DataDirError",
     "Engine",
     "EngineClosed",
@@ -58,6 +63,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "Take",
+    "UnknownCustomer",
     "UnknownMeter",
     "open_engine",
 ]

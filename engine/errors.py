@@ -9,7 +9,9 @@ and the client can raise the same type again.
     │   ├── BatchRejected           one or more events of a batch are bad (index + reason each)
     │   ├── UnknownMeter            a query or event names a meter that was never defined
     │   ├── MeterConflict           a meter is redefined with a different definition
-    │   └── InvalidQuery            bad range, window, time zone, group_by, filter or take
+    │   ├── InvalidQuery            bad range, window, time zone, group_by, filter or take
+    │   ├── UnknownCustomer         an update names a customer the registry does not have
+    │   ├── CustomerExists          an add names a customer that already has a record
     │   └── Forbidden               the API key's scopes or customer do not allow this request
     ├── StorageError                the data directory cannot be used
     │   ├── DataDirError            corrupt, foreign, locked or incompatible data directory
@@ -82,6 +84,14 @@ class InvalidQuery(InvalidRequest):
     code = "invalid_query"
 
 
+class UnknownCustomer(InvalidRequest):
+    code = "unknown_customer"
+
+
+class CustomerExists(InvalidRequest):
+    code = "customer_exists"
+
+
 class Forbidden(InvalidRequest):
     code = "forbidden"
 
@@ -131,6 +141,8 @@ ERRORS_BY_CODE: dict[str, type[MeteringError]] = {
         UnknownMeter,
         MeterConflict,
         InvalidQuery,
+        UnknownCustomer,
+        CustomerExists,
         StorageError,
         DataDirError,
         StorageFull,

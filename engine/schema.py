@@ -11,7 +11,7 @@ event shape: ``meterApiName``, ``customerId``, ``meterValue``,
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -143,3 +143,23 @@ class IngestAck(msgspec.Struct, frozen=True, rename="camel"):
     duplicates: int
     lsn: int
     alerts: list[Alert] = []
+
+
+class Customer(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """A customer in the engine's registry.
+
+    A customer appears in the registry when it is added, or with no name as soon
+    as usage arrives for it: metering never waits for a customer to be set up.
+    ``traits`` are string labels (a plan, a region); ``extra`` keeps other fields
+    integrations send (Amberflo's address, lifecycleStage, description) as JSON
+    values. ``created_ms`` and ``updated_ms`` are set by the engine.
+    """
+
+    id: str
+    name: str | None = None
+    email: str | None = None
+    traits: dict[str, str] = {}
+    enabled: bool = True
+    extra: dict[str, Any] = {}
+    created_ms: int = 0
+    updated_ms: int = 0

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from engine.domain.shard import MeterPart
-from engine.schema import Alert, Event, Limit, Meter
+from engine.schema import Alert, Customer, Event, Limit, Meter
 
 
 class WalBatch(msgspec.Struct, tag="batch", array_like=True):
@@ -35,7 +35,21 @@ class WalRemoveLimit(msgspec.Struct, tag="remove_limit", array_like=True):
     received_ms: int
 
 
-WalRecord = WalBatch | WalLimit | WalRemoveLimit
+class WalPutCustomer(msgspec.Struct, tag="customer", array_like=True):
+    """A customer added, filled in, updated or reinstated: the record replaces the entry."""
+
+    customer: Customer
+    received_ms: int
+
+
+class WalHideCustomer(msgspec.Struct, tag="hide_customer", array_like=True):
+    """A customer deleted: hidden from the registry; its usage is still metered."""
+
+    customer_id: str
+    received_ms: int
+
+
+WalRecord = WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
 
 
 class ShardPart(msgspec.Struct, array_like=True):
@@ -50,6 +64,8 @@ class EngineState(msgspec.Struct, array_like=True):
 
     limits: list[Limit] = []
     next_alert_seq: int = 0
+    customers: list[Customer] = []  # the registry's records, by id
+    hidden_customers: list[str] = []  # deleted ids, sorted
 
 
 _encoder = msgspec.msgpack.Encoder()

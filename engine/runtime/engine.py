@@ -41,13 +41,14 @@ from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub, AlertSubscription
 from engine.runtime.catalog import Catalog
+from engine.runtime.customers import CustomerRegistry
 from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
 from engine.runtime.writer import WalWriter
-from engine.schema import Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store
 from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
 
@@ -114,6 +115,9 @@ class Engine:
             wal_bytes_since_snapshot=self._recovered.wal_bytes_since_snapshot,
             snapshot_every_bytes=snapshot_every_bytes,
         )
+        self._customers = CustomerRegistry(
+            self._catalog, self._route, ingest_rules, [send for send, _ in self._mailboxes],
+            self._lifecycle, self._submit, clock_ms)
         # Written only by ``ingest``, after its acknowledgement.
         self._events_accepted = self._events_duplicate = self._batches = 0
 
@@ -278,6 +282,26 @@ class Engine:
                 await ticket.wait()
         return finish_query(plan, ticket.results)
 
+    # ------------------------------------------------ customers (runtime/customers.py)
+
+    async def add_customer(self, customer: Customer) -> Customer:
+        """Add a customer (or fill in one known by its usage, or reinstate a deleted one)."""
+        return await self._customers.add(customer)
+
+    async def update_customer(self, customer: Customer) -> Customer:
+        """Replace a known customer's record whole."""
+        return await self._customers.update(customer)
+
+    async def get_customer(self, customer_id: str) -> Customer | None:
+        return await self._customers.get(customer_id)
+
+    async def list_customers(self) -> list[Customer]:
+        return await self._customers.list()
+
+    async def delete_customer(self, customer_id: str) -> Customer | None:
+        """Hide a customer (its usage is still metered); returns what it was, or None."""
+        return await self._customers.delete(customer_id)
+
     async def snapshot(self) -> int:
         """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""
         ticket = messages.SnapshotTicket()
@@ -313,7 +337,7 @@ class Engine:
     def export_state(self) -> bytes:
         """Canonical bytes of all state (for tests: equal state ⇔ equal bytes)."""
         shards = [shard_part(actor.state) for actor in self._actors]
-        engine_state = records.EngineState(self._catalog.stored_limits(), self._hub.next_seq)
+        engine_state = self._catalog.engine_state(self._hub.next_seq)
         return records.encode([shards, engine_state])
 
 

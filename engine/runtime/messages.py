@@ -16,14 +16,14 @@ Runtime layer: trio (a ticket's event) and domain types. Rules of this file:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import trio
 
 from engine.domain.batch import MeterDef, ShardSlice
 from engine.domain.limits import Crossing, LimitDef
 from engine.domain.query import QueryPlan
-from engine.schema import Alert
+from engine.schema import Alert, Customer
 
 T = TypeVar("T")
 
@@ -164,7 +164,15 @@ class ExportState:
     ticket: GatherTicket[tuple[int, bytes]]
 
 
-ShardMessage = ApplyGroup | RunQuery | ExportState
+@dataclass(slots=True, eq=False)
+class FindCustomers:
+    """Which customers have usage on this shard (of ``ids``, or all): answers a set."""
+
+    ids: list[str] | None
+    ticket: GatherTicket[set[str]]
+
+
+ShardMessage = ApplyGroup | RunQuery | ExportState | FindCustomers
 
 
 # ------------------------------------------------------ requests to the writer
@@ -200,8 +208,33 @@ class DefineMeter:
 
 
 @dataclass(slots=True, eq=False)
+class PutCustomer:
+    """Store ``customer`` as its registry record. ``mode`` says what the caller asked:
+    an ``add`` is refused if a named record exists, an ``update`` if the customer is
+    unknown (``known_by_usage``: the caller saw usage for it)."""
+
+    customer: Customer
+    mode: Literal["add", "update"]
+    known_by_usage: bool
+
+
+@dataclass(slots=True, eq=False)
+class HideCustomer:
+    customer_id: str
+
+
+@dataclass(slots=True, eq=False)
+class LogCustomerChange:
+    """Log a registry change; settled against concurrent ones in commit order."""
+
+    ticket: LoggedTicket
+    record: bytes
+    change: PutCustomer | HideCustomer
+
+
+@dataclass(slots=True, eq=False)
 class TakeSnapshot:
     ticket: SnapshotTicket
 
 
-WriteRequest = LogBatch | LogLimitChange | DefineMeter | TakeSnapshot
+WriteRequest = LogBatch | LogLimitChange | LogCustomerChange | DefineMeter | TakeSnapshot

@@ -111,6 +111,10 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
                     if snapshot.engine_state else records.EngineState())
     for limit in engine_state.limits:
         catalog.put_limit(check_limit(limit, catalog.meter_defs))
+    for customer in engine_state.customers:
+        catalog.put_customer(customer)
+    for customer_id in engine_state.hidden_customers:
+        catalog.hide_customer(customer_id)
     fired = [entry for part in parts for entry in part.fired]
     limit_defs = list(catalog.limit_defs.values())
     for index, state in enumerate(states):
@@ -145,6 +149,12 @@ def _work_for(record: records.WalRecord, shard_count: int, rules: IngestLimits,
     if isinstance(record, records.WalBatch):
         slices = prepare_batch(record.events, catalog.meter_defs, route, rules, None)
         return [ApplySlice(s) if s else None for s in slices]
+    if isinstance(record, records.WalPutCustomer):
+        catalog.put_customer(record.customer)
+        return [None] * shard_count
+    if isinstance(record, records.WalHideCustomer):
+        catalog.hide_customer(record.customer_id)
+        return [None] * shard_count
     change: ShardWork
     if isinstance(record, records.WalLimit):
         limit = check_limit(record.limit, catalog.meter_defs)

@@ -31,6 +31,7 @@ from engine.runtime.messages import (
     ApplySlice,
     DropLimit,
     ExportState,
+    FindCustomers,
     InstallLimit,
     LoggedTicket,
     RunQuery,
@@ -67,6 +68,14 @@ def shard_part(state: ShardState) -> records.ShardPart:
     return records.ShardPart(state.export(), state.limits.export())
 
 
+def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
+    """The customers (of ``ids``, or all) with usage of any meter on this shard."""
+    per_meter = [meter_shard.by_customer for meter_shard in state.meters.values()]
+    if ids is None:
+        return set().union(*per_meter)
+    return {cid for cid in ids if any(cid in by_customer for by_customer in per_meter)}
+
+
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
                  lifecycle: Lifecycle) -> None:
@@ -93,6 +102,8 @@ class ShardActor:
                         ticket.add(result)
                     case ExportState(ticket):
                         ticket.add((self.index, records.encode(shard_part(self.state))))
+                    case FindCustomers(ids, ticket):
+                        ticket.add(customers_with_usage(self.state, ids))
 
     def _apply_group(self, items: list[Apply],
                      mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:
@@ -125,5 +136,5 @@ def _drain(mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> list[Ticket]:
         match message:
             case ApplyGroup(items):
                 tickets.extend(item.ticket for item in items)
-            case RunQuery(_, ticket) | ExportState(ticket):
+            case RunQuery(_, ticket) | ExportState(ticket) | FindCustomers(_, ticket):
                 tickets.append(ticket)

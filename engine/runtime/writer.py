@@ -26,7 +26,14 @@ import trio
 
 from engine.domain import records
 from engine.domain.batch import MeterDef, merge_meter
-from engine.errors import MeterConflict, MeteringError, StorageError, StorageFull
+from engine.errors import (
+    CustomerExists,
+    MeterConflict,
+    MeteringError,
+    StorageError,
+    StorageFull,
+    UnknownCustomer,
+)
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.catalog import Catalog
@@ -37,14 +44,18 @@ from engine.runtime.messages import (
     DefineMeter,
     ExportState,
     GatherTicket,
+    HideCustomer,
     InstallLimit,
     LogBatch,
+    LogCustomerChange,
     LogLimitChange,
+    PutCustomer,
     ShardMessage,
     SnapshotTicket,
     TakeSnapshot,
     WriteRequest,
 )
+from engine.schema import Customer
 from engine.storage import Store, StoredSnapshot
 
 log = logging.getLogger(__name__)
@@ -117,10 +128,11 @@ class WalWriter:
         wal: list[tuple[int, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
         lsn = self.last_lsn
-        group = self._settle_meter_definitions(group)
+        group = self._settle(group)
         for request in group:
             match request:
-                case LogBatch(ticket, record) | LogLimitChange(ticket, record):
+                case (LogBatch(ticket, record) | LogLimitChange(ticket, record)
+                      | LogCustomerChange(ticket, record)):
                     lsn += 1
                     ticket.lsn = lsn
                     wal.append((lsn, record))
@@ -161,6 +173,14 @@ class WalWriter:
                     ticket.pending = len(per_shard)
                     for items in per_shard:
                         items.append(Apply(ticket.lsn, change, ticket))
+                case LogCustomerChange(ticket, record, change):
+                    self.wal_bytes_since_snapshot += len(record)
+                    if isinstance(change, PutCustomer):
+                        self._catalog.put_customer(change.customer)
+                    else:
+                        self._catalog.hide_customer(change.customer_id)
+                        ticket.removed = True
+                    self._acks.finish(ticket)
                 case DefineMeter(meter=meter):
                     self._catalog.put_meter(meter)
                     request.ticket.finish()
@@ -182,25 +202,53 @@ class WalWriter:
         self._hub.stored()
         self.group_commits += 1
 
-    def _settle_meter_definitions(self, group: list[WriteRequest]) -> list[WriteRequest]:
-        """Decide meter definitions here, in commit order: of two conflicting definitions
-        of one name the first wins and the second fails with ``MeterConflict``; an
-        identical one stores nothing."""
-        settled: dict[str, MeterDef] = {}
+    def _settle(self, group: list[WriteRequest]) -> list[WriteRequest]:
+        """Decide definitions here, in commit order, against the catalog and the requests
+        before them in the group; drop what needs no record, fail what conflicts.
+
+        Meters: of two conflicting definitions of one name the first wins and the
+        second fails with ``MeterConflict``; an identical one stores nothing.
+        Customers: an add of a customer that has a named record fails with
+        ``CustomerExists``, an update of an unknown or deleted one with
+        ``UnknownCustomer``; deleting an already deleted one stores nothing.
+        """
+        meters: dict[str, MeterDef] = {}
+        # Customer id -> (record, hidden) as of the requests kept so far in this group.
+        staged: dict[str, tuple[Customer | None, bool]] = {}
         kept: list[WriteRequest] = []
+        catalog = self._catalog
         for request in group:
             if isinstance(request, DefineMeter):
                 meter = request.meter
                 try:
-                    new = merge_meter(
-                        settled.get(meter.name) or self._catalog.meter_defs.get(meter.name), meter)
+                    new = merge_meter(meters.get(meter.name) or catalog.meter_defs.get(meter.name),
+                                      meter)
                 except MeterConflict as exc:
                     request.ticket.fail(exc)
                     continue
                 if not new:
                     request.ticket.finish()
                     continue
-                settled[meter.name] = meter
+                meters[meter.name] = meter
+            elif isinstance(request, LogCustomerChange):
+                change = request.change
+                cid = change.customer.id if isinstance(change, PutCustomer) else change.customer_id
+                record, hidden = staged.get(
+                    cid, (catalog.customers.get(cid), cid in catalog.hidden_customers))
+                if isinstance(change, HideCustomer):
+                    if hidden:
+                        request.ticket.finish()  # ``removed`` stays False: already deleted
+                        continue
+                    staged[cid] = (record, True)
+                elif change.mode == "add" and not hidden and record is not None and record.name:
+                    request.ticket.fail(CustomerExists(f"customer {cid!r} already exists"))
+                    continue
+                elif change.mode == "update" and (hidden or (record is None
+                                                             and not change.known_by_usage)):
+                    request.ticket.fail(UnknownCustomer(f"unknown customer {cid!r}"))
+                    continue
+                else:
+                    staged[cid] = (change.customer, False)
             kept.append(request)
         return kept
 
@@ -215,8 +263,7 @@ class WalWriter:
                 requester.fail(ticket.error)
             return
         parts = [raw for _, raw in sorted(ticket.results)]
-        engine_state = records.EngineState(limits=self._catalog.stored_limits(),
-                                           next_alert_seq=self._hub.next_seq)
+        engine_state = self._catalog.engine_state(self._hub.next_seq)
         snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes), parts,
                                   records.encode(engine_state))
         try:
