@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from engine.domain.values import exact_value
+from engine.domain.values import INT64_MAX, exact_value
 from engine.errors import BatchRejected, EventProblem, MeterConflict
 from engine.schema import AGGREGATIONS, Event, Meter
 
@@ -29,7 +29,6 @@ KIND_BY_AGGREGATION = dict(zip(AGGREGATIONS, range(7), strict=True))
 # Timestamps: non-negative and before year 9999, so a minute index fits 32 bits and
 # every calendar window containing one (a month, in any zone) ends before year 10000.
 MAX_TIMESTAMP_MS = 253_370_764_800_000 - 1
-MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +282,10 @@ def prepare_batch(
     if len(checked_dims) > DIMS_MEMO_MAX:
         checked_dims.clear()
     get_meter = meters.get
-    min_int, max_int = -MAX_INT64, MAX_INT64  # locals: a global lookup per event adds up
+    # The fast path's value check, inline rather than values.fits_int64: a call per event
+    # costs ~0.1 µs. Locals: a global lookup per event adds up. Symmetric, so one short of
+    # INT64_MIN: -2**63 takes _prepare_one, which accepts it all the same.
+    min_int, max_int = -INT64_MAX, INT64_MAX
     event_type = Event
     shard_cache = route.cache
     shard_count = route.shard_count

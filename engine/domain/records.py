@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from engine.domain.shard import MeterPart
+from engine.domain.values import fits_int64, fits_msgpack_int
 from engine.schema import Alert, Event, Limit, Meter
 
 
@@ -67,15 +68,18 @@ def encode(obj: object) -> bytes:
 def encode_batch(events: list[Event], received_ms: int) -> bytes:
     """Encode a batch for the WAL.
 
-    msgpack integers stop at 64 bits; an event value beyond that is logged as a
-    decimal string, which decodes back to the same exact value.
+    msgpack integers stop at 64 bits; an event value beyond what msgpack can
+    encode is logged as a decimal string, which decodes back to the same exact
+    value. The bound is msgpack's, not int64 (see ``engine.domain.values``): only
+    this engine reads the log, and widening happens only after the fast encode
+    failed, so a batch that encodes as it is stays as it is.
     """
     try:
         return _encoder.encode(WalBatch(events, received_ms))
     except OverflowError:
         wide = [
             msgspec.structs.replace(e, meter_value=Decimal(e.meter_value))
-            if type(e.meter_value) is int and not -(2**63) <= e.meter_value < 2**64
+            if type(e.meter_value) is int and not fits_msgpack_int(e.meter_value)
             else e
             for e in events
         ]
@@ -83,8 +87,9 @@ def encode_batch(events: list[Event], received_ms: int) -> bytes:
 
 
 def wide_ints_as_decimals(limit: Limit) -> Limit:
-    """msgpack integers stop at 64 bits: larger thresholds travel as decimal strings."""
-    if all(type(t) is not int or -(2**63) <= t < 2**63 for t in limit.thresholds):
+    """Clients read msgpack integers as int64: if a threshold is beyond that, every
+    integer threshold of the limit travels as a decimal string."""
+    if all(type(t) is not int or fits_int64(t) for t in limit.thresholds):
         return limit
     return msgspec.structs.replace(limit, thresholds=[
         Decimal(t) if type(t) is int else t for t in limit.thresholds
@@ -92,7 +97,8 @@ def wide_ints_as_decimals(limit: Limit) -> Limit:
 
 
 def encode_alert(alert: Alert) -> bytes:
-    """Alerts carry exact numbers; integers beyond 64 bits travel as decimal strings."""
+    """Alerts carry exact numbers; if one is beyond what msgpack encodes, both travel as
+    decimal strings (the alert log is read by this engine only: msgpack's bound)."""
     try:
         return _encoder.encode(alert)
     except OverflowError:

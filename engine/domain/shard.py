@@ -44,6 +44,7 @@ from engine.domain.batch import (
     dims_key_of,
     dims_of_key,
 )
+from engine.domain.values import fits_int64
 from engine.errors import InvalidQuery
 
 SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal timestamps
@@ -616,7 +617,7 @@ def _export_series(series: Series) -> SeriesRecord:
         exported = values.tobytes()
     else:
         exported = [
-            sorted(v) if type(v) is set else (v if type(v) is int and _fits_int64(v) else str(v))
+            sorted(v) if type(v) is set else (v if type(v) is int and fits_int64(v) else str(v))
             for v in values
         ]
     return SeriesRecord(
@@ -629,10 +630,6 @@ def _export_series(series: Series) -> SeriesRecord:
         _column_bytes(series.times),
         _column_bytes(series.seqs),
     )
-
-
-def _fits_int64(value: int) -> bool:
-    return -(2**63) <= value < 2**63
 
 
 def _int_column(raw: bytes | None) -> Any:
