@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import decimal
 from decimal import Decimal
-from typing import TypeVar
 
 # Input bounds: generous for metering, small enough that sums stay cheap.
 MAX_ABS_VALUE = 10**30
@@ -45,9 +44,6 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 
-_V = TypeVar("_V")
-
-
 def fits_int64(value: int) -> bool:
     """True if ``value`` is a signed 64-bit integer, as every msgpack reader reads it."""
     return INT64_MIN <= value <= INT64_MAX
@@ -58,7 +54,7 @@ def fits_msgpack_int(value: int) -> bool:
     return INT64_MIN <= value <= UINT64_MAX
 
 
-def wide_as_decimal(value: _V) -> _V | Decimal:
+def wide_as_decimal(value: int | float | Decimal) -> int | float | Decimal:
     """``value`` itself, unless it is an ``int`` beyond int64: then the same number as
     a ``Decimal``, which msgspec encodes as its decimal string."""
     if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
