@@ -19,11 +19,17 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
-from engine.domain.batch import COUNT, MINUTE_MS, SUM, MeterDef
-from engine.domain.query import finalize
-from engine.domain.shard import MeterShard, Series, dims_match, merge_partial, slice_partial
+from engine.domain.aggregates import COUNT, SUM, finalize, merge_partial, slice_partial
+from engine.domain.meters import MeterDef
+from engine.domain.shard import MeterShard, Series, dims_match
 from engine.domain.values import exact_value
-from engine.domain.windows import WindowError, resolve_timezone, window_floor, window_spans
+from engine.domain.windows import (
+    MINUTE_MS,
+    WindowError,
+    resolve_timezone,
+    window_floor,
+    window_spans,
+)
 from engine.schema import Limit
 
 PERIODS = ("hour", "day", "week", "month", "total")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
 
-from engine.domain.batch import AVG, COUNT, LATEST, MAX, MIN, SUM, MeterDef
-from engine.domain.shard import merge_partial
-from engine.domain.values import EXACT, average
+from engine.domain.aggregates import copy_partial, finalize, merge_partial
+from engine.domain.meters import MeterDef
+from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
 from engine.errors import InvalidQuery
 from engine.schema import Query, QueryResult, Row
@@ -96,16 +96,6 @@ def plan_query(query: Query, meter: MeterDef) -> QueryPlan:
     )
 
 
-def finalize(kind: int, partial: Any) -> Any:
-    if kind in (SUM, COUNT, MAX, MIN):
-        return partial
-    if kind == AVG:
-        return average(partial[0], partial[1])
-    if kind == LATEST:
-        return partial[2]
-    return len(partial)
-
-
 def _group_order(group: tuple[Any, ...]) -> tuple[Any, ...]:
     """Order groups with ``None`` (dimension absent) first, then by string."""
     return tuple((value is not None, value or "") for value in group)
@@ -138,7 +128,7 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                 for (_, group), partial in merged.items():
                     existing = totals.get(group)
                     totals[group] = (
-                        _copy_partial(kind, partial)
+                        copy_partial(kind, partial)
                         if existing is None
                         else merge_partial(kind, existing, partial)
                     )
@@ -179,10 +169,3 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
             for span, group, value in rows
         ],
     )
-
-
-def _copy_partial(kind: int, partial: Any) -> Any:
-    """Partials of unique_count are sets merged in place: copy before reuse."""
-    if isinstance(partial, set):
-        return set(partial)
-    return partial

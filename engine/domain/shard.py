@@ -28,23 +28,21 @@ from typing import Any, cast
 
 import msgspec
 
-from engine.domain.batch import (
+from engine.domain.aggregates import (
     AVG,
     COUNT,
     LATEST,
     MAX,
     MIN,
-    MINUTE_MS,
     SUM,
     UNIQUE,
-    Columns,
-    MeterDef,
-    ShardSlice,
-    decimal_or_int,
-    dims_key_of,
-    dims_of_key,
+    merge_partial,
+    slice_partial,
 )
+from engine.domain.batch import Columns, ShardSlice, decimal_or_int, dims_key_of, dims_of_key
+from engine.domain.meters import MeterDef
 from engine.domain.values import fits_int64
+from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidQuery
 
 SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal timestamps
@@ -398,44 +396,7 @@ def _set_value(series: Series, slot: int, value: Any) -> None:
         series.values[slot] = value
 
 
-# ------------------------------------------------------------------ partials
-# A partial is the mergeable state of one aggregation over some buckets:
-# sum/count/max/min: a number; avg: [sum, count]; latest: (ts, seq, value);
-# unique_count: a set.
-
-
-def slice_partial(kind: int, series: Series, lo: int, hi: int) -> Any:
-    if kind == SUM:
-        return sum(series.values[lo:hi])
-    if kind == COUNT:
-        return sum(series.counts[lo:hi])
-    if kind == MAX:
-        return max(series.values[lo:hi])
-    if kind == MIN:
-        return min(series.values[lo:hi])
-    if kind == AVG:
-        return [sum(series.values[lo:hi]), sum(series.counts[lo:hi])]
-    if kind == LATEST:
-        times, seqs = series.times, series.seqs
-        best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
-        return (times[best], seqs[best], series.values[best])
-    return set().union(*series.values[lo:hi])
-
-
-def merge_partial(kind: int, left: Any, right: Any) -> Any:
-    """Merge two partials; may reuse ``left``."""
-    if kind == SUM or kind == COUNT:
-        return left + right
-    if kind == MAX:
-        return right if right > left else left
-    if kind == MIN:
-        return right if right < left else left
-    if kind == AVG:
-        return [left[0] + right[0], left[1] + right[1]]
-    if kind == LATEST:
-        return right if right[:2] > left[:2] else left
-    left |= right
-    return left
+# ------------------------------------------------------------------ query pass
 
 
 def _cut_minute(series: Series, cut_ms: int) -> int:
