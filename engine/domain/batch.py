@@ -11,7 +11,6 @@ when logged, and replay must be a pure function of the log.
 from __future__ import annotations
 
 import zlib
-from decimal import Decimal
 from typing import Any
 
 from engine.domain.meters import MAX_TIMESTAMP_MS, REPLAY_RULES, IngestRules
@@ -332,13 +331,3 @@ def _timestamp_problem(ts: object, oldest_ms: int, newest_ms: int) -> str:
                 f"{oldest_ms} (late-event limit)")
     return (f"meter_time_in_millis {ts} is later than the newest accepted {newest_ms} "
             "(future tolerance)")
-
-
-def decimal_or_int(value: int | str) -> int | Decimal:
-    """Inverse of the snapshot encoding of a value: ints beyond 64 bits travel as digits."""
-    if type(value) is int:
-        return value
-    text: str = value  # type: ignore[assignment]
-    if text.lstrip("-").isdigit():
-        return int(text)
-    return Decimal(text)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.domain.aggregates import COUNT, SUM, finalize, merge_partial, slice_partial
+from engine.domain.batch import ShardRouter
 from engine.domain.meters import MeterDef
-from engine.domain.shard import MeterShard, Series, dims_match
-from engine.domain.values import exact_value
+from engine.domain.series import MeterShard, Series, dims_match
+from engine.domain.values import Number, exact_value
 from engine.domain.windows import (
     MINUTE_MS,
     WindowError,
@@ -50,7 +51,7 @@ class LimitDef:
 
     limit: Limit
     meter: MeterDef
-    thresholds: tuple[Any, ...]  # exact, ascending, distinct
+    thresholds: tuple[Number, ...]  # exact, ascending, distinct
     customers: frozenset[str] | None  # from customer_id or filter["customer_id"]
     dim_filters: tuple[tuple[str, frozenset[str]], ...]
 
@@ -112,7 +113,7 @@ def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:
 
 # A crossing before it gets its sequence number:
 # (limit id, customer, meter, threshold, value, period start ms)
-Crossing = tuple[str, str, str, Any, Any, int]
+Crossing = tuple[str, str, str, Number, Number, int]
 
 
 USAGE_MEMO_MAX = 200_000  # remembered usages per limit and shard before starting over
@@ -241,7 +242,7 @@ class ShardLimits:
             return None
         return self.usage.get(limit.id)
 
-    def _check(self, limit: LimitDef, customer: str, start: int, value: Any,
+    def _check(self, limit: LimitDef, customer: str, start: int, value: Number | None,
                crossings: list[Crossing]) -> None:
         """Record and report the thresholds ``value`` reaches that had not fired."""
         if value is None:
@@ -267,7 +268,7 @@ class ShardLimits:
             for limit_id in sorted(self.fired)
         ]
 
-    def load(self, limits: list[LimitDef], fired: list[list[Any]], route: Any,
+    def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
              shard_index: int) -> None:
         """Install ``limits`` and the fired masks of this shard's customers."""
         for limit in limits:
@@ -285,7 +286,7 @@ class ShardLimits:
 
 
 def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
-          end_ms: int) -> Any:
+          end_ms: int) -> Number | None:
     """The limit's usage for one customer in [start, end), from the buckets; None if none."""
     kind = meter_shard.meter.kind
     first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)

@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 
-from engine.domain.shard import MeterPart
 from engine.domain.values import fits_int64, fits_msgpack_int
 from engine.schema import Alert, Event, Limit, Meter
 
@@ -39,6 +38,30 @@ class WalRemoveLimit(msgspec.Struct, tag="remove_limit", array_like=True):
 WalRecord = WalBatch | WalLimit | WalRemoveLimit
 
 
+# ------------------------------------------------------------------ snapshot
+
+
+class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
+    """One series in a snapshot (``engine.domain.series.series_record``)."""
+
+    customer_id: str
+    dims: list[list[str]]
+    minutes: bytes
+    edges: bytes
+    values: bytes | list[Any] | None  # int64 column, or ints / decimal strings / sorted lists
+    counts: bytes | None
+    times: bytes | None
+    seqs: bytes | None
+
+
+class MeterPart(msgspec.Struct, array_like=True):
+    """One meter's series and accepted unique ids in one shard, in canonical order."""
+
+    meter: str
+    series: list[SeriesRecord]
+    seen: list[list[str]]
+
+
 class ShardPart(msgspec.Struct, array_like=True):
     """One shard's snapshot: meter state and the fired thresholds of its limits."""
 
@@ -51,6 +74,17 @@ class EngineState(msgspec.Struct, array_like=True):
 
     limits: list[Limit] = []
     next_alert_seq: int = 0
+
+
+def decimal_or_int(value: int | str) -> int | Decimal:
+    """Inverse of the snapshot encoding of a widened value: an int beyond int64 or a
+    Decimal is stored as its decimal string (``SeriesRecord.values``)."""
+    if type(value) is int:
+        return value
+    text: str = value  # type: ignore[assignment]
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return Decimal(text)
 
 
 _encoder = msgspec.msgpack.Encoder()
