@@ -1,11 +1,19 @@
 """Batch validation and preparation: the per-event work done once per batch.
 
-Pure domain layer: standard library and ``engine.schema`` only. ``prepare_batch``
-checks every event of a batch, names each bad one by index and reason, and
-either refuses the whole batch or splits it by shard into compact tuples the
-shard actors apply. Replay of the write-ahead log runs the same function with
-``trusted=True`` (no clock, no configured rules): a logged batch was valid
-when logged, and replay must be a pure function of the log.
+Pure domain layer: standard library, ``engine.schema``, ``engine.errors`` and
+the domain modules ``meters`` and ``values`` only. ``prepare_batch`` checks
+every event of a batch against the ``IngestRules``, names each bad one by
+index and reason, and either refuses the whole batch or splits it by shard,
+and within a shard by meter, into ``Columns`` the shard actors apply. Replay of
+the write-ahead log runs the same function with ``now_ms=None`` (no clock, no
+configured rules): a logged batch was valid when logged, and replay must be a
+pure function of the log.
+
+``prepare_batch`` is a documented hot loop: it inlines the checks of the common
+event and leaves every other case to ``_prepare_one``. ``ShardRouter`` holds
+the per-engine state it reads for every event (customer -> shard, the memo of
+checked dimension sets); ``dims_key_of`` is the canonical dimension key the
+shards store.
 """
 
 from __future__ import annotations

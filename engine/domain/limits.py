@@ -1,6 +1,8 @@
 """Limits: thresholds on a customer's usage per period, and the crossings they fire.
 
-Pure domain layer: standard library, msgspec and ``engine.domain``. A shard
+Pure domain layer: standard library, ``engine.schema`` and the domain modules
+``aggregates``, ``batch``, ``meters``, ``series``, ``values`` and ``windows``
+(never ``shard`` or ``query``: the shard holds its limits). A shard
 keeps, per limit, which thresholds already fired for each (customer, period)
 it owns. After it applies a batch slice, it recomputes the usage of every
 (customer, period) the slice touched from its own buckets (the same numbers a

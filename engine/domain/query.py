@@ -1,6 +1,7 @@
 """Query planning, cross-shard merging and finalisation.
 
-Pure domain layer: standard library, ``engine.schema`` and ``engine.domain``.
+Pure domain layer: standard library, ``engine.schema``, ``engine.errors`` and
+the domain modules ``aggregates``, ``meters``, ``values`` and ``windows``.
 ``plan_query`` validates a ``Query`` against its meter and computes its calendar
 windows once; every shard turns the plan into partial aggregates
 (``ShardState.query``); ``finish_query`` merges the partials, finalises values,

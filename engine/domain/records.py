@@ -1,8 +1,12 @@
 """Write-ahead-log records, snapshot parts and alerts: their msgpack encoding.
 
-Pure domain layer: msgspec and the standard library. A WAL record is a tagged
-msgspec struct, so record kinds can be added without breaking old logs; new
-fields go at the end with defaults.
+Pure domain layer: standard library, msgspec, ``engine.schema`` and
+``engine.domain.values`` only, so storage and protocol code may import it. All
+stored shapes live here: a WAL record is a tagged msgspec struct, so record
+kinds can be added without breaking old logs; snapshot parts (``ShardPart``,
+``MeterPart``, ``SeriesRecord``, ``EngineState``) are untagged arrays. New
+fields go at the end with defaults. Integers beyond 64 bits are stored as
+decimal strings (the bounds: ``engine.domain.values``).
 """
 
 from __future__ import annotations
