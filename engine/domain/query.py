@@ -20,7 +20,7 @@ from engine.domain.meters import MeterDef
 from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
 from engine.errors import InvalidQuery
-from engine.schema import Query, QueryResult, Row
+from engine.schema import Query, QueryResult, Row, Take
 
 MAX_GROUP_BY = 8
 
@@ -119,34 +119,8 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                     merged[key] = (
                         partial if existing is None else merge_partial(kind, existing, partial)
                     )
-        rank: dict[tuple[Any, ...], int] | None = None
         take = plan.query.take
-        if take is not None:
-            totals: dict[tuple[Any, ...], Any] = {}
-            if single_span:  # one partial per group already
-                totals = {group: partial for (_, group), partial in merged.items()}
-            else:
-                for (_, group), partial in merged.items():
-                    existing = totals.get(group)
-                    totals[group] = (
-                        copy_partial(kind, partial)
-                        if existing is None
-                        else merge_partial(kind, existing, partial)
-                    )
-            finals = {group: finalize(kind, partial) for group, partial in totals.items()}
-            candidates: Any = finals
-            if len(finals) > take.limit:
-                # Only groups at least as good as the limit-th value can make the cut:
-                # find that value over plain numbers, then order just those groups.
-                pick = heapq.nsmallest if take.ascending else heapq.nlargest
-                bound = pick(take.limit, finals.values())[-1]
-                candidates = [
-                    group for group, value in finals.items()
-                    if (value <= bound if take.ascending else value >= bound)
-                ]
-            sign = 1 if take.ascending else -1
-            ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
-            rank = {g: i for i, g in enumerate(ranked[: take.limit])}
+        rank = None if take is None else _rank_groups(kind, merged, take, single_span)
         rows = []
         for (span, group), partial in merged.items():
             if rank is not None and group not in rank:
@@ -170,3 +144,33 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
             for span, group, value in rows
         ],
     )
+
+
+def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take: Take,
+                 single_span: bool) -> dict[tuple[Any, ...], int]:
+    """The ``take.limit`` best groups by their total over all spans, with their rank."""
+    totals: dict[tuple[Any, ...], Any] = {}
+    if single_span:  # one partial per group already
+        totals = {group: partial for (_, group), partial in merged.items()}
+    else:
+        for (_, group), partial in merged.items():
+            existing = totals.get(group)
+            totals[group] = (
+                copy_partial(kind, partial)
+                if existing is None
+                else merge_partial(kind, existing, partial)
+            )
+    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    candidates: Any = finals
+    if len(finals) > take.limit:
+        # Only groups at least as good as the limit-th value can make the cut:
+        # find that value over plain numbers, then order just those groups.
+        pick = heapq.nsmallest if take.ascending else heapq.nlargest
+        bound = pick(take.limit, finals.values())[-1]
+        candidates = [
+            group for group, value in finals.items()
+            if (value <= bound if take.ascending else value >= bound)
+        ]
+    sign = 1 if take.ascending else -1
+    ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
+    return {g: i for i, g in enumerate(ranked[: take.limit])}
