@@ -8,7 +8,7 @@
         result = await eng.query(Query(...))
 """
 
-from engine.domain.batch import IngestLimits
+from engine.domain.meters import IngestLimits, IngestRules
 from engine.errors import (
     BatchRejected,
     CustomerExists,
@@ -51,6 +51,7 @@ __all__ = [
     "EventProblem",
     "IngestAck",
     "IngestLimits",
+    "IngestRules",
     "InvalidQuery",
     "InvalidRequest",
     "Limit",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.domain.batch import IngestLimits
+from engine.domain.meters import IngestRules
 from engine.errors import InvalidRequest
 from engine.schema import Customer
 
@@ -21,7 +21,7 @@ MAX_EXTRA_BYTES = 16 << 10
 _extra_encoder = msgspec.msgpack.Encoder()
 
 
-def check_customer(customer: object, rules: IngestLimits) -> Customer:
+def check_customer(customer: object, rules: IngestRules) -> Customer:
     if type(customer) is not Customer:
         raise InvalidRequest(f"expected a Customer, got {type(customer).__name__}")
     cid = customer.id

@@ -1,6 +1,8 @@
 """Limits: thresholds on a customer's usage per period, and the crossings they fire.
 
-Pure domain layer: standard library, msgspec and ``engine.domain``. A shard
+Pure domain layer: standard library, ``engine.schema`` and the domain modules
+``aggregates``, ``batch``, ``meters``, ``series``, ``values`` and ``windows``
+(never ``shard`` or ``query``: the shard holds its limits). A shard
 keeps, per limit, which thresholds already fired for each (customer, period)
 it owns. After it applies a batch slice, it recomputes the usage of every
 (customer, period) the slice touched from its own buckets (the same numbers a
@@ -19,11 +21,18 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
-from engine.domain.batch import COUNT, MINUTE_MS, SUM, MeterDef
-from engine.domain.query import finalize
-from engine.domain.shard import MeterShard, Series, dims_match, merge_partial, slice_partial
-from engine.domain.values import exact_value
-from engine.domain.windows import WindowError, resolve_timezone, window_floor, window_spans
+from engine.domain.aggregates import COUNT, SUM, finalize, merge_partial, slice_partial
+from engine.domain.batch import ShardRouter
+from engine.domain.meters import MeterDef
+from engine.domain.series import MeterShard, Series, dims_match
+from engine.domain.values import Number, exact_value
+from engine.domain.windows import (
+    MINUTE_MS,
+    WindowError,
+    resolve_timezone,
+    window_floor,
+    window_spans,
+)
 from engine.schema import Limit
 
 PERIODS = ("hour", "day", "week", "month", "total")
@@ -44,7 +53,7 @@ class LimitDef:
 
     limit: Limit
     meter: MeterDef
-    thresholds: tuple[Any, ...]  # exact, ascending, distinct
+    thresholds: tuple[Number, ...]  # exact, ascending, distinct
     customers: frozenset[str] | None  # from customer_id or filter["customer_id"]
     dim_filters: tuple[tuple[str, frozenset[str]], ...]
 
@@ -106,7 +115,7 @@ def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:
 
 # A crossing before it gets its sequence number:
 # (limit id, customer, meter, threshold, value, period start ms)
-Crossing = tuple[str, str, str, Any, Any, int]
+Crossing = tuple[str, str, str, Number, Number, int]
 
 
 USAGE_MEMO_MAX = 200_000  # remembered usages per limit and shard before starting over
@@ -235,7 +244,7 @@ class ShardLimits:
             return None
         return self.usage.get(limit.id)
 
-    def _check(self, limit: LimitDef, customer: str, start: int, value: Any,
+    def _check(self, limit: LimitDef, customer: str, start: int, value: Number | None,
                crossings: list[Crossing]) -> None:
         """Record and report the thresholds ``value`` reaches that had not fired."""
         if value is None:
@@ -261,7 +270,7 @@ class ShardLimits:
             for limit_id in sorted(self.fired)
         ]
 
-    def load(self, limits: list[LimitDef], fired: list[list[Any]], route: Any,
+    def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
              shard_index: int) -> None:
         """Install ``limits`` and the fired masks of this shard's customers."""
         for limit in limits:
@@ -279,7 +288,7 @@ class ShardLimits:
 
 
 def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
-          end_ms: int) -> Any:
+          end_ms: int) -> Number | None:
     """The limit's usage for one customer in [start, end), from the buckets; None if none."""
     kind = meter_shard.meter.kind
     first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)

@@ -1,6 +1,7 @@
 """Query planning, cross-shard merging and finalisation.
 
-Pure domain layer: standard library, ``engine.schema`` and ``engine.domain``.
+Pure domain layer: standard library, ``engine.schema``, ``engine.errors`` and
+the domain modules ``aggregates``, ``meters``, ``values`` and ``windows``.
 ``plan_query`` validates a ``Query`` against its meter and computes its calendar
 windows once; every shard turns the plan into partial aggregates
 (``ShardState.query``); ``finish_query`` merges the partials, finalises values,
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
 
-from engine.domain.batch import AVG, COUNT, LATEST, MAX, MIN, SUM, MeterDef
-from engine.domain.shard import merge_partial
-from engine.domain.values import EXACT, average
+from engine.domain.aggregates import copy_partial, finalize, merge_partial
+from engine.domain.meters import MeterDef
+from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
 from engine.errors import InvalidQuery
-from engine.schema import Query, QueryResult, Row
+from engine.schema import Query, QueryResult, Row, Take
 
 MAX_GROUP_BY = 8
 
@@ -96,16 +97,6 @@ def plan_query(query: Query, meter: MeterDef) -> QueryPlan:
     )
 
 
-def finalize(kind: int, partial: Any) -> Any:
-    if kind in (SUM, COUNT, MAX, MIN):
-        return partial
-    if kind == AVG:
-        return average(partial[0], partial[1])
-    if kind == LATEST:
-        return partial[2]
-    return len(partial)
-
-
 def _group_order(group: tuple[Any, ...]) -> tuple[Any, ...]:
     """Order groups with ``None`` (dimension absent) first, then by string."""
     return tuple((value is not None, value or "") for value in group)
@@ -128,34 +119,8 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                     merged[key] = (
                         partial if existing is None else merge_partial(kind, existing, partial)
                     )
-        rank: dict[tuple[Any, ...], int] | None = None
         take = plan.query.take
-        if take is not None:
-            totals: dict[tuple[Any, ...], Any] = {}
-            if single_span:  # one partial per group already
-                totals = {group: partial for (_, group), partial in merged.items()}
-            else:
-                for (_, group), partial in merged.items():
-                    existing = totals.get(group)
-                    totals[group] = (
-                        _copy_partial(kind, partial)
-                        if existing is None
-                        else merge_partial(kind, existing, partial)
-                    )
-            finals = {group: finalize(kind, partial) for group, partial in totals.items()}
-            candidates: Any = finals
-            if len(finals) > take.limit:
-                # Only groups at least as good as the limit-th value can make the cut:
-                # find that value over plain numbers, then order just those groups.
-                pick = heapq.nsmallest if take.ascending else heapq.nlargest
-                bound = pick(take.limit, finals.values())[-1]
-                candidates = [
-                    group for group, value in finals.items()
-                    if (value <= bound if take.ascending else value >= bound)
-                ]
-            sign = 1 if take.ascending else -1
-            ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
-            rank = {g: i for i, g in enumerate(ranked[: take.limit])}
+        rank = None if take is None else _rank_groups(kind, merged, take, single_span)
         rows = []
         for (span, group), partial in merged.items():
             if rank is not None and group not in rank:
@@ -181,8 +146,31 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
     )
 
 
-def _copy_partial(kind: int, partial: Any) -> Any:
-    """Partials of unique_count are sets merged in place: copy before reuse."""
-    if isinstance(partial, set):
-        return set(partial)
-    return partial
+def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take: Take,
+                 single_span: bool) -> dict[tuple[Any, ...], int]:
+    """The ``take.limit`` best groups by their total over all spans, with their rank."""
+    totals: dict[tuple[Any, ...], Any] = {}
+    if single_span:  # one partial per group already
+        totals = {group: partial for (_, group), partial in merged.items()}
+    else:
+        for (_, group), partial in merged.items():
+            existing = totals.get(group)
+            totals[group] = (
+                copy_partial(kind, partial)
+                if existing is None
+                else merge_partial(kind, existing, partial)
+            )
+    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    candidates: Any = finals
+    if len(finals) > take.limit:
+        # Only groups at least as good as the limit-th value can make the cut:
+        # find that value over plain numbers, then order just those groups.
+        pick = heapq.nsmallest if take.ascending else heapq.nlargest
+        bound = pick(take.limit, finals.values())[-1]
+        candidates = [
+            group for group, value in finals.items()
+            if (value <= bound if take.ascending else value >= bound)
+        ]
+    sign = 1 if take.ascending else -1
+    ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
+    return {g: i for i, g in enumerate(ranked[: take.limit])}

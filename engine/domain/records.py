@@ -1,8 +1,12 @@
 """Write-ahead-log records, snapshot parts and alerts: their msgpack encoding.
 
-Pure domain layer: msgspec and the standard library. A WAL record is a tagged
-msgspec struct, so record kinds can be added without breaking old logs; new
-fields go at the end with defaults.
+Pure domain layer: standard library, msgspec, ``engine.schema`` and
+``engine.domain.values`` only, so storage and protocol code may import it. All
+stored shapes live here: a WAL record is a tagged msgspec struct, so record
+kinds can be added without breaking old logs; snapshot parts (``ShardPart``,
+``MeterPart``, ``SeriesRecord``, ``EngineState``) are untagged arrays. New
+fields go at the end with defaults. Integers beyond 64 bits are stored as
+decimal strings (the bounds: ``engine.domain.values``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from engine.domain.shard import MeterPart
+from engine.domain.values import fits_int64, fits_msgpack_int
 from engine.schema import Alert, Customer, Event, Limit, Meter
 
 
@@ -52,6 +56,30 @@ class WalHideCustomer(msgspec.Struct, tag="hide_customer", array_like=True):
 WalRecord = WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
 
 
+# ------------------------------------------------------------------ snapshot
+
+
+class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
+    """One series in a snapshot (``engine.domain.series.series_record``)."""
+
+    customer_id: str
+    dims: list[list[str]]
+    minutes: bytes
+    edges: bytes
+    values: bytes | list[Any] | None  # int64 column, or ints / decimal strings / sorted lists
+    counts: bytes | None
+    times: bytes | None
+    seqs: bytes | None
+
+
+class MeterPart(msgspec.Struct, array_like=True):
+    """One meter's series and accepted unique ids in one shard, in canonical order."""
+
+    meter: str
+    series: list[SeriesRecord]
+    seen: list[list[str]]
+
+
 class ShardPart(msgspec.Struct, array_like=True):
     """One shard's snapshot: meter state and the fired thresholds of its limits."""
 
@@ -66,6 +94,17 @@ class EngineState(msgspec.Struct, array_like=True):
     next_alert_seq: int = 0
     customers: list[Customer] = []  # the registry's records, by id
     hidden_customers: list[str] = []  # deleted ids, sorted
+
+
+def decimal_or_int(value: int | str) -> int | Decimal:
+    """Inverse of the snapshot encoding of a widened value: an int beyond int64 or a
+    Decimal is stored as its decimal string (``SeriesRecord.values``)."""
+    if type(value) is int:
+        return value
+    text: str = value  # type: ignore[assignment]
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return Decimal(text)
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -83,15 +122,18 @@ def encode(obj: object) -> bytes:
 def encode_batch(events: list[Event], received_ms: int) -> bytes:
     """Encode a batch for the WAL.
 
-    msgpack integers stop at 64 bits; an event value beyond that is logged as a
-    decimal string, which decodes back to the same exact value.
+    msgpack integers stop at 64 bits; an event value beyond what msgpack can
+    encode is logged as a decimal string, which decodes back to the same exact
+    value. The bound is msgpack's, not int64 (see ``engine.domain.values``): only
+    this engine reads the log, and widening happens only after the fast encode
+    failed, so a batch that encodes as it is stays as it is.
     """
     try:
         return _encoder.encode(WalBatch(events, received_ms))
     except OverflowError:
         wide = [
             msgspec.structs.replace(e, meter_value=Decimal(e.meter_value))
-            if type(e.meter_value) is int and not -(2**63) <= e.meter_value < 2**64
+            if type(e.meter_value) is int and not fits_msgpack_int(e.meter_value)
             else e
             for e in events
         ]
@@ -99,8 +141,9 @@ def encode_batch(events: list[Event], received_ms: int) -> bytes:
 
 
 def wide_ints_as_decimals(limit: Limit) -> Limit:
-    """msgpack integers stop at 64 bits: larger thresholds travel as decimal strings."""
-    if all(type(t) is not int or -(2**63) <= t < 2**63 for t in limit.thresholds):
+    """Clients read msgpack integers as int64: if a threshold is beyond that, every
+    integer threshold of the limit travels as a decimal string."""
+    if all(type(t) is not int or fits_int64(t) for t in limit.thresholds):
         return limit
     return msgspec.structs.replace(limit, thresholds=[
         Decimal(t) if type(t) is int else t for t in limit.thresholds
@@ -108,7 +151,8 @@ def wide_ints_as_decimals(limit: Limit) -> Limit:
 
 
 def encode_alert(alert: Alert) -> bytes:
-    """Alerts carry exact numbers; integers beyond 64 bits travel as decimal strings."""
+    """Alerts carry exact numbers; if one is beyond what msgpack encodes, both travel as
+    decimal strings (the alert log is read by this engine only: msgpack's bound)."""
     try:
         return _encoder.encode(alert)
     except OverflowError:

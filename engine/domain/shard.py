@@ -1,49 +1,44 @@
-"""One shard's state: time-bucketed series and the dedup index.
+"""One shard's state: the apply loops, the shard's query pass, snapshot export and restore.
 
-Pure domain layer: standard library, ``engine.schema`` and ``engine.domain`` only.
-A ``ShardState`` is owned by exactly one shard actor; nothing else touches it.
-Its state is a pure function of the prepared batches applied, in write-ahead-log
-order: ``apply`` is deterministic, and ``export`` is byte-identical for equal state.
+Pure domain layer: standard library, ``engine.errors`` and the domain modules
+(``aggregates``, ``batch``, ``limits``, ``meters``, ``query``, ``records``,
+``series``, ``windows``); no domain module imports this one. A ``ShardState``
+is owned by exactly one shard actor; nothing else touches it. Its state is a
+pure function of the prepared batches applied, in write-ahead-log order:
+``apply`` is deterministic, and ``export`` is byte-identical for equal state.
+Its ``alert_limits`` are evaluated after each slice, from the same buckets a
+query reads.
 
-Layout. A *series* is (meter, customer, dimensions). Each series keeps one-minute
-buckets as parallel columns: ``minutes`` (``array('I')``, sorted, minute index
-since the epoch) and the aggregation's value columns (``array('q')`` while values
-are integers that fit 64 bits, a list of ``int``/``Decimal`` otherwise). A
-(series, bucket) therefore costs 16 bytes for sum/count/max/min, 24 for avg,
-32 for latest, plus the set for unique_count, plus the amortised series header.
-
-Edges. Buckets are one minute wide; each bucket also keeps the offsets (ms
-within its minute) of its first and last event, packed ``lo << 16 | hi`` in the
-``edges`` column. A query cut that is not on a minute boundary is exact when
-all of a bucket's events lie on one side of it; otherwise the query is refused
-rather than answered wrong.
+Hot loops: ``_apply_counter`` and ``_apply_general`` run once per event,
+``collect_partials`` once per series; they inline steps a call would make
+costly (each says which). The layout of a series, its buckets and their edges
+is described in ``engine.domain.series``.
 """
 
 from __future__ import annotations
 
-from array import array
 from bisect import bisect_left, bisect_right
 from itertools import repeat
-from typing import Any, cast
+from typing import Any
 
-import msgspec
-
-from engine.domain.batch import (
+from engine.domain.aggregates import (
     AVG,
     COUNT,
     LATEST,
     MAX,
     MIN,
-    MINUTE_MS,
     SUM,
     UNIQUE,
-    Columns,
-    MeterDef,
-    ShardSlice,
-    decimal_or_int,
-    dims_key_of,
-    dims_of_key,
+    merge_partial,
+    slice_partial,
 )
+from engine.domain.batch import Columns, ShardRouter, ShardSlice
+from engine.domain.limits import Crossing, ShardLimits
+from engine.domain.meters import MeterDef
+from engine.domain.query import QueryPlan
+from engine.domain.records import MeterPart
+from engine.domain.series import MeterShard, Series, dims_match, load_series, series_record
+from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidQuery
 
 SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal timestamps
@@ -52,101 +47,14 @@ SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal tim
 BUCKET_LOOP_MAX_PER_SPAN = 8
 
 
-class Series:
-    """One (meter, customer, dimensions) series with its minute buckets."""
-
-    __slots__ = ("counts", "customer_id", "dims", "edges", "minutes", "seqs", "times", "values")
-
-    def __init__(
-        self, customer_id: str, dims: tuple[tuple[str, str], ...], kind: int
-    ) -> None:
-        self.customer_id = customer_id
-        self.dims = dims
-        self.minutes = array("I")
-        self.edges = array("I")  # per bucket: first and last event offset, lo << 16 | hi
-        self.values: Any = None
-        self.counts: Any = None
-        self.times: Any = None
-        self.seqs: Any = None
-        if kind in (SUM, MAX, MIN, AVG, LATEST):
-            self.values = array("q")
-        if kind in (COUNT, AVG):
-            self.counts = array("q")
-        if kind == LATEST:
-            self.times = array("q")
-            self.seqs = array("q")
-        if kind == UNIQUE:
-            self.values = []
-
-    def widen_values(self) -> None:
-        """Switch the value column from int64 to Python objects (big ints, Decimals)."""
-        if type(self.values) is array:
-            self.values = self.values.tolist()
-
-
-class MeterShard:
-    """Everything one shard knows about one meter."""
-
-    __slots__ = ("by_customer", "dims_by_key", "meter", "seen", "series")
-
-    def __init__(self, meter: MeterDef) -> None:
-        self.meter = meter
-        self.series: dict[tuple[str, str], Series] = {}  # (customer, dims key) -> series
-        self.by_customer: dict[str, list[Series]] = {}
-        # Parsed dimension sets, shared by every series with the same dimensions
-        # (far fewer distinct sets than series: less memory, fewer GC-tracked tuples).
-        self.dims_by_key: dict[str, tuple[tuple[str, str], ...]] = {}
-        # customer -> unique ids accepted. Strings are invisible to the cyclic GC; tuple
-        # keys (one per event, kept forever) made every collection walk all of them.
-        self.seen: dict[str, set[str]] = {}
-
-    def new_series(self, customer_id: str, dims_key: str) -> Series:
-        dims = self.dims_by_key.get(dims_key)
-        if dims is None:
-            dims = self.dims_by_key[dims_key] = dims_of_key(dims_key)
-        series = Series(customer_id, dims, self.meter.kind)
-        self.series[(customer_id, dims_key)] = series
-        self.by_customer.setdefault(customer_id, []).append(series)
-        return series
-
-
-def _insert_bucket(series: Series, minute: int, offset: int, kind: int, value: Any) -> int:
-    """Insert an empty bucket for ``minute`` (or find it); return its index."""
-    minutes = series.minutes
-    index = bisect_left(minutes, minute)
-    if index < len(minutes) and minutes[index] == minute:
-        return index
-    minutes.insert(index, minute)
-    series.edges.insert(index, offset * 0x10001)
-    if kind == SUM or kind == AVG:
-        series.values.insert(index, 0)
-    if kind == COUNT or kind == AVG:
-        series.counts.insert(index, 0)
-    elif kind == MAX or kind == MIN:
-        _insert_value(series, index, value)
-    elif kind == LATEST:
-        _insert_value(series, index, value)
-        series.times.insert(index, -1)
-        series.seqs.insert(index, -1)
-    elif kind == UNIQUE:
-        series.values.insert(index, set())
-    return index
-
-
-def _insert_value(series: Series, index: int, value: Any) -> None:
-    try:
-        series.values.insert(index, value)
-    except (TypeError, OverflowError):
-        series.widen_values()
-        series.values.insert(index, value)
-
-
 class ShardState:
     """The state of one shard. Not thread-safe; owned by one actor."""
 
     def __init__(self) -> None:
         self.meters: dict[str, MeterShard] = {}
-        self.limits: Any = None  # ShardLimits, installed by the engine (domain.limits)
+        # The alert limits this shard evaluates after each slice; recovery restores
+        # them. Not the ingest rules (meters.IngestRules).
+        self.alert_limits = ShardLimits()
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
         shard = self.meters.get(meter.name)
@@ -156,7 +64,7 @@ class ShardState:
 
     # ---------------------------------------------------------------- ingest
 
-    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int, list[Any]]:
+    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int, list[Crossing]]:
         """Apply one batch slice, grouped by meter.
 
         Returns (accepted, duplicates, limit crossings). Deterministic: the same
@@ -164,8 +72,8 @@ class ShardState:
         """
         accepted = duplicates = 0
         seq_base = lsn << SEQ_SHIFT
-        crossings: list[Any] = []
-        limits = self.limits
+        crossings: list[Crossing] = []
+        limits = self.alert_limits
         for meter, items in groups:
             meter_shard = self.meter_shard(meter)
             duplicate_positions: list[int] = []
@@ -176,7 +84,7 @@ class ShardState:
                 applied = _apply_general(meter_shard, items, seq_base, duplicate_positions)
             accepted += applied
             duplicates += len(duplicate_positions)
-            if limits is not None and limits.by_meter.get(meter.name):
+            if limits.by_meter.get(meter.name):
                 skip = set(duplicate_positions)
                 positions = [p for p in range(len(items)) if p not in skip]
                 crossings.extend(limits.after_apply(
@@ -186,8 +94,8 @@ class ShardState:
 
     # ----------------------------------------------------------------- query
 
-    def query(self, plan: Any) -> dict[tuple[int, tuple[Any, ...]], Any]:
-        """Partial aggregates per (span index, group key) for ``plan`` (a ``QueryPlan``)."""
+    def query(self, plan: QueryPlan) -> dict[tuple[int, tuple[Any, ...]], Any]:
+        """Partial aggregates per (span index, group key) for ``plan``."""
         meter_shard = self.meters.get(plan.meter.name)
         if meter_shard is None:
             return {}
@@ -201,7 +109,7 @@ class ShardState:
         for name in sorted(self.meters):
             meter_shard = self.meters[name]
             records = [
-                _export_series(meter_shard.series[key]) for key in sorted(meter_shard.series)
+                series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
             ]
             seen = [
                 [customer, unique_id]
@@ -360,6 +268,37 @@ def _apply_general(
     return accepted
 
 
+def _insert_bucket(series: Series, minute: int, offset: int, kind: int, value: Any) -> int:
+    """Insert an empty bucket for ``minute`` (or find it); return its index."""
+    minutes = series.minutes
+    index = bisect_left(minutes, minute)
+    if index < len(minutes) and minutes[index] == minute:
+        return index
+    minutes.insert(index, minute)
+    series.edges.insert(index, offset * 0x10001)
+    if kind == SUM or kind == AVG:
+        series.values.insert(index, 0)
+    if kind == COUNT or kind == AVG:
+        series.counts.insert(index, 0)
+    elif kind == MAX or kind == MIN:
+        _insert_value(series, index, value)
+    elif kind == LATEST:
+        _insert_value(series, index, value)
+        series.times.insert(index, -1)
+        series.seqs.insert(index, -1)
+    elif kind == UNIQUE:
+        series.values.insert(index, set())
+    return index
+
+
+def _insert_value(series: Series, index: int, value: Any) -> None:
+    try:
+        series.values.insert(index, value)
+    except (TypeError, OverflowError):
+        series.widen_values()
+        series.values.insert(index, value)
+
+
 def _insert_bucket_at_end(series: Series, minute: int, offset: int, kind: int, value: Any) -> int:
     series.minutes.append(minute)
     series.edges.append(offset * 0x10001)
@@ -397,44 +336,7 @@ def _set_value(series: Series, slot: int, value: Any) -> None:
         series.values[slot] = value
 
 
-# ------------------------------------------------------------------ partials
-# A partial is the mergeable state of one aggregation over some buckets:
-# sum/count/max/min: a number; avg: [sum, count]; latest: (ts, seq, value);
-# unique_count: a set.
-
-
-def slice_partial(kind: int, series: Series, lo: int, hi: int) -> Any:
-    if kind == SUM:
-        return sum(series.values[lo:hi])
-    if kind == COUNT:
-        return sum(series.counts[lo:hi])
-    if kind == MAX:
-        return max(series.values[lo:hi])
-    if kind == MIN:
-        return min(series.values[lo:hi])
-    if kind == AVG:
-        return [sum(series.values[lo:hi]), sum(series.counts[lo:hi])]
-    if kind == LATEST:
-        times, seqs = series.times, series.seqs
-        best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
-        return (times[best], seqs[best], series.values[best])
-    return set().union(*series.values[lo:hi])
-
-
-def merge_partial(kind: int, left: Any, right: Any) -> Any:
-    """Merge two partials; may reuse ``left``."""
-    if kind == SUM or kind == COUNT:
-        return left + right
-    if kind == MAX:
-        return right if right > left else left
-    if kind == MIN:
-        return right if right < left else left
-    if kind == AVG:
-        return [left[0] + right[0], left[1] + right[1]]
-    if kind == LATEST:
-        return right if right[:2] > left[:2] else left
-    left |= right
-    return left
+# ------------------------------------------------------------------ query pass
 
 
 def _cut_minute(series: Series, cut_ms: int) -> int:
@@ -461,7 +363,9 @@ def _cut_minute(series: Series, cut_ms: int) -> int:
     )
 
 
-def collect_partials(meter_shard: MeterShard, plan: Any) -> dict[tuple[int, tuple[Any, ...]], Any]:
+def collect_partials(
+    meter_shard: MeterShard, plan: QueryPlan
+) -> dict[tuple[int, tuple[Any, ...]], Any]:
     """Partial aggregates per (span index, group key) of the series matching ``plan``.
 
     The cost is per series, so the loop avoids per-series work where it can:
@@ -562,15 +466,7 @@ def collect_partials(meter_shard: MeterShard, plan: Any) -> dict[tuple[int, tupl
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
 
 
-def dims_match(
-    dims: tuple[tuple[str, str], ...], dim_filters: tuple[tuple[str, frozenset[str]], ...]
-) -> bool:
-    """True if a dimension set passes every (key, allowed values) filter (queries, limits)."""
-    values = dict(dims)
-    return all(values.get(key) in allowed for key, allowed in dim_filters)
-
-
-def _dims_group(dims: tuple[tuple[str, str], ...], plan: Any) -> Any:
+def _dims_group(dims: tuple[tuple[str, str], ...], plan: QueryPlan) -> Any:
     """For one dimension set: ``_FILTERED``, or the group values (customer slot None)."""
     if plan.dim_filters and not dims_match(dims, plan.dim_filters):
         return _FILTERED
@@ -586,83 +482,8 @@ def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
 # ------------------------------------------------------------------ snapshot
 
 
-class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
-    customer_id: str
-    dims: list[list[str]]
-    minutes: bytes
-    edges: bytes
-    values: bytes | list[Any] | None  # int64 column, or ints / decimal strings / sorted lists
-    counts: bytes | None
-    times: bytes | None
-    seqs: bytes | None
-
-
-class MeterPart(msgspec.Struct, array_like=True):
-    meter: str
-    series: list[SeriesRecord]
-    seen: list[list[str]]
-
-
-def _column_bytes(column: Any) -> bytes | None:
-    return None if column is None else column.tobytes()
-
-
-def _export_series(series: Series) -> SeriesRecord:
-    values = series.values
-    exported: bytes | list[Any] | None
-    if values is None:
-        exported = None
-    elif type(values) is array:
-        exported = values.tobytes()
-    else:
-        exported = [
-            sorted(v) if type(v) is set else (v if type(v) is int and _fits_int64(v) else str(v))
-            for v in values
-        ]
-    return SeriesRecord(
-        series.customer_id,
-        [list(pair) for pair in series.dims],
-        series.minutes.tobytes(),
-        series.edges.tobytes(),
-        exported,
-        _column_bytes(series.counts),
-        _column_bytes(series.times),
-        _column_bytes(series.seqs),
-    )
-
-
-def _fits_int64(value: int) -> bool:
-    return -(2**63) <= value < 2**63
-
-
-def _int_column(raw: bytes | None) -> Any:
-    if raw is None:
-        return None
-    column = array("q")
-    column.frombytes(raw)
-    return column
-
-
-def _load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
-    series = meter_shard.new_series(record.customer_id, dims_key_of(dict(record.dims)))
-    series.minutes = array("I")
-    series.minutes.frombytes(record.minutes)
-    series.edges = array("I")
-    series.edges.frombytes(record.edges)
-    if type(record.values) is bytes:
-        series.values = _int_column(record.values)
-    elif record.values is not None:
-        if meter_shard.meter.kind == UNIQUE:
-            series.values = [set(v) for v in cast("list[list[str]]", record.values)]
-        else:
-            series.values = [decimal_or_int(v) for v in record.values]
-    series.counts = _int_column(record.counts)
-    series.times = _int_column(record.times)
-    series.seqs = _int_column(record.seqs)
-
-
 def restore_shards(
-    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: Any
+    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: ShardRouter
 ) -> list[ShardState]:
     """Rebuild shard states from a snapshot taken with any shard count.
 
@@ -673,7 +494,7 @@ def restore_shards(
         for part in parts:
             meter = meters[part.meter]
             for record in part.series:
-                _load_series(states[route(record.customer_id)].meter_shard(meter), record)
+                load_series(states[route(record.customer_id)].meter_shard(meter), record)
             for customer, unique_id in part.seen:
                 seen = states[route(customer)].meter_shard(meter).seen
                 ids = seen.get(customer)

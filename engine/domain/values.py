@@ -1,9 +1,23 @@
-"""Exact meter values.
+"""Exact meter values, and the 64-bit bounds of their encodings.
 
-Pure domain layer: standard library only. Values are kept as ``int`` whenever
-they are integral and as ``Decimal`` otherwise, and are always added in the
-``EXACT`` decimal context, which traps any rounding: a sum is exact to the last
-digit or it raises.
+Pure domain layer: standard library only (so the protocol layer may import it
+too). Values are kept as ``int`` whenever they are integral and as ``Decimal``
+otherwise, and are always added in the ``EXACT`` decimal context, which traps
+any rounding: a sum is exact to the last digit or it raises.
+
+Exact values are unbounded, encodings are not: msgpack integers are 64 bits
+(signed down to ``-2**63``, unsigned up to ``2**64 - 1``), and clients in other
+languages read them as signed int64. Two bounds follow, each used on purpose:
+
+- ``fits_int64``: what leaves the engine for others to read (wire messages,
+  limit thresholds in the engine state, widened snapshot columns). A larger
+  integer travels as its decimal string (``wide_as_decimal``).
+- ``fits_msgpack_int``: what msgpack can encode at all. The write-ahead log
+  and the alert log are read only by this engine; they encode first and widen
+  only after an ``OverflowError``, so checking every event on the ingest path
+  is never needed, and an integer up to ``2**64 - 1`` is stored as msgpack's
+  uint64. Stored data keeps decoding either way: a decimal string decodes to
+  the same exact value.
 """
 
 from __future__ import annotations
@@ -25,6 +39,27 @@ EXACT = decimal.Context(
 AVG_CONTEXT = decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)
 
 Number = int | Decimal
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+def fits_int64(value: int) -> bool:
+    """True if ``value`` is a signed 64-bit integer, as every msgpack reader reads it."""
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def fits_msgpack_int(value: int) -> bool:
+    """True if msgpack can encode ``value`` as an integer (int64 or uint64)."""
+    return INT64_MIN <= value <= UINT64_MAX
+
+
+def wide_as_decimal(value: int | float | Decimal) -> int | float | Decimal:
+    """``value`` itself, unless it is an ``int`` beyond int64: then the same number as
+    a ``Decimal``, which msgspec encodes as its decimal string."""
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        return Decimal(value)
+    return value
 
 
 def exact_value(raw: object) -> Number:

@@ -67,7 +67,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 __all__ = [
+    "DAY_MS",
+    "HOUR_MS",
     "MAX_WINDOWS",
+    "MINUTE_MS",
     "WINDOW_NAMES",
     "WindowError",
     "resolve_timezone",
@@ -80,24 +83,24 @@ MAX_WINDOWS = 200_000  # a query producing more windows is refused
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
-_MINUTE_MS = 60_000
-_HOUR_MS = 3_600_000
-_DAY_MS = 86_400_000
+MINUTE_MS = 60_000  # also the width of a bucket (engine.domain.series)
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
 # Offset transitions are assumed to be at least this far apart (see module
 # docstring): the offset is sampled at this step and transitions are located
 # by binary search between two samples whose offsets differ.
 _SAMPLE_STEP_S = 6 * 3600
 
-_PERIOD_MS: dict[str, int] = {"minute": _MINUTE_MS, "hour": _HOUR_MS}
+_PERIOD_MS: dict[str, int] = {"minute": MINUTE_MS, "hour": HOUR_MS}
 # Shortest nominal length of each window kind, used for a cheap early refusal
 # of ranges that certainly produce more than MAX_WINDOWS windows (no real
 # window is more than twice its nominal length).
 _NOMINAL_MS: dict[str, int] = {
-    "minute": _MINUTE_MS,
-    "hour": _HOUR_MS,
-    "day": _DAY_MS,
-    "week": 7 * _DAY_MS,
-    "month": 28 * _DAY_MS,
+    "minute": MINUTE_MS,
+    "hour": HOUR_MS,
+    "day": DAY_MS,
+    "week": 7 * DAY_MS,
+    "month": 28 * DAY_MS,
 }
 
 

@@ -10,8 +10,8 @@ commit order, where a concurrent definition may have won.
 from __future__ import annotations
 
 from engine.domain import records
-from engine.domain.batch import MeterDef
 from engine.domain.limits import LimitDef
+from engine.domain.meters import MeterDef
 from engine.schema import Customer, Limit, Meter
 
 

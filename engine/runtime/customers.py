@@ -20,8 +20,9 @@ import msgspec
 import trio
 
 from engine.domain import records
-from engine.domain.batch import IngestLimits, ShardRouter
+from engine.domain.batch import ShardRouter
 from engine.domain.customers import check_customer
+from engine.domain.meters import IngestRules
 from engine.errors import EngineClosed, InvalidRequest
 from engine.runtime import messages
 from engine.runtime.catalog import Catalog
@@ -32,7 +33,7 @@ Submit = Callable[[messages.WriteRequest], Awaitable[None]]
 
 
 class CustomerRegistry:
-    def __init__(self, catalog: Catalog, route: ShardRouter, rules: IngestLimits,
+    def __init__(self, catalog: Catalog, route: ShardRouter, rules: IngestRules,
                  mailboxes: list[trio.MemorySendChannel[messages.ShardMessage]],
                  lifecycle: Lifecycle, submit: Submit, clock_ms: Callable[[], int]) -> None:
         self._catalog = catalog

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import trio
 
 from engine.domain import records
-from engine.domain.batch import IngestLimits, ShardRouter, check_meter, merge_meter, prepare_batch
+from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.limits import LimitError, check_limit
+from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.domain.query import finish_query, plan_query
 from engine.domain.shard import state_statistics
 from engine.errors import EngineClosed, InvalidRequest, UnknownMeter
@@ -87,7 +88,7 @@ class EngineStatistics:
 class Engine:
     """An open metering engine. Create it with ``open_engine``."""
 
-    def __init__(self, store: Store, shard_count: int, ingest_rules: IngestLimits,
+    def __init__(self, store: Store, shard_count: int, ingest_rules: IngestRules,
                  clock_ms: Callable[[], int], snapshot_every_bytes: int) -> None:
         if type(shard_count) is not int or not 1 <= shard_count <= 4096:
             raise ValueError(f"shards must be an integer from 1 to 4096, got {shard_count!r}")
@@ -347,8 +348,8 @@ async def open_engine(
     shards: int = 8,
     *,
     store: Store | None = None,
-    ingest_rules: IngestLimits | None = None,
-    limits: IngestLimits | None = None,
+    ingest_rules: IngestRules | None = None,
+    limits: IngestRules | None = None,
     clock_ms: Callable[[], int] | None = None,
     snapshot_every_bytes: int = DEFAULT_SNAPSHOT_EVERY_BYTES,
     map_bytes: int | None = None,
@@ -379,7 +380,7 @@ async def open_engine(
         store = LmdbStore(data_dir, map_bytes=map_bytes or min(DEFAULT_MAP_BYTES, max_map_bytes),
                           max_map_bytes=max_map_bytes)
     try:
-        engine = Engine(store, shards, ingest_rules or limits or IngestLimits(),
+        engine = Engine(store, shards, ingest_rules or limits or IngestRules(),
                         clock_ms or wall_clock_ms, snapshot_every_bytes)
         with tuned_gc(tune_gc), unwrap_single():
             async with trio.open_nursery() as nursery:

@@ -20,8 +20,9 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import trio
 
-from engine.domain.batch import MeterDef, ShardSlice
+from engine.domain.batch import ShardSlice
 from engine.domain.limits import Crossing, LimitDef
+from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
 from engine.schema import Alert, Customer
 

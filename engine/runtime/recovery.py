@@ -23,8 +23,9 @@ from decimal import localcontext
 import msgspec
 
 from engine.domain import records
-from engine.domain.batch import IngestLimits, ShardRouter, check_meter, prepare_batch
-from engine.domain.limits import LimitError, ShardLimits, check_limit
+from engine.domain.batch import ShardRouter, prepare_batch
+from engine.domain.limits import LimitError, check_limit
+from engine.domain.meters import IngestRules, check_meter
 from engine.domain.shard import ShardState, restore_shards
 from engine.domain.values import EXACT
 from engine.errors import DataDirError, InvalidRequest
@@ -61,7 +62,7 @@ def damaged_if(what: str, *errors: type[Exception]) -> Iterator[None]:
         raise DataDirError(f"{what}: {exc}; {DAMAGED}") from None
 
 
-def recover(store: Store, shard_count: int, rules: IngestLimits, route: ShardRouter,
+def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRouter,
             catalog: Catalog, hub: AlertHub) -> Recovered:
     """Fill ``catalog`` and ``hub`` from the store and return the rebuilt shard states."""
     started = time.perf_counter()
@@ -74,8 +75,6 @@ def recover(store: Store, shard_count: int, rules: IngestLimits, route: ShardRou
     with localcontext(EXACT):
         if snapshot is None:
             states = [ShardState() for _ in range(shard_count)]
-            for state in states:
-                state.limits = ShardLimits()
             applied = 0
         else:
             with damaged_if(f"snapshot at lsn {snapshot.lsn} is corrupt",
@@ -118,12 +117,11 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
     fired = [entry for part in parts for entry in part.fired]
     limit_defs = list(catalog.limit_defs.values())
     for index, state in enumerate(states):
-        state.limits = ShardLimits()
-        state.limits.load(limit_defs, fired, route, index)
+        state.alert_limits.load(limit_defs, fired, route, index)
     return states, engine_state.next_alert_seq
 
 
-def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestLimits,
+def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
             route: ShardRouter, catalog: Catalog, hub: AlertHub) -> None:
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
         record = records.decode_record(raw)
@@ -143,7 +141,7 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestLimits,
     hub.append(number_alerts(ticket.crossings, hub.next_seq, ticket.received_ms))
 
 
-def _work_for(record: records.WalRecord, shard_count: int, rules: IngestLimits,
+def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,
               route: ShardRouter, catalog: Catalog) -> list[ShardWork | None]:
     """What each shard applies for a WAL record (limit records also update the catalog)."""
     if isinstance(record, records.WalBatch):

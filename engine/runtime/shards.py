@@ -55,9 +55,10 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
             ticket.accepted += accepted
             ticket.duplicates += duplicates
         case InstallLimit(limit, received_ms):
-            crossings = state.limits.add(limit, state.meters.get(limit.meter.name), received_ms)
+            meter_shard = state.meters.get(limit.meter.name)
+            crossings = state.alert_limits.add(limit, meter_shard, received_ms)
         case DropLimit(limit_id):
-            state.limits.remove(limit_id)
+            state.alert_limits.remove(limit_id)
             crossings = []
     if crossings:
         ticket.crossings.append((index, crossings))
@@ -65,7 +66,7 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
 
 def shard_part(state: ShardState) -> records.ShardPart:
     """One shard's snapshot part: its meter state and its limits' fired thresholds."""
-    return records.ShardPart(state.export(), state.limits.export())
+    return records.ShardPart(state.export(), state.alert_limits.export())
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:

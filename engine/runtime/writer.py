@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from engine.domain import records
-from engine.domain.batch import MeterDef, merge_meter
+from engine.domain.meters import MeterDef, merge_meter
 from engine.errors import (
     CustomerExists,
     MeterConflict,

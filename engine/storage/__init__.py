@@ -1,7 +1,8 @@
 """Storage layer: the LMDB write-ahead log, snapshots and meter catalogue.
 
-May import lmdb and the standard library; never trio. ``LmdbStore`` is the
-real store; ``MemoryStore`` is a fake with the same contract for tests that run
+May import the standard library, lmdb, msgspec and ``engine.errors``; never trio
+(``tests/test_layers.py`` holds the full allow-list). ``LmdbStore`` is the real
+store; ``MemoryStore`` is a fake with the same contract for tests that run
 under a virtual clock, and for tests that want no disk at all.
 """
 

@@ -1,5 +1,7 @@
 """The storage contract shared by ``LmdbStore`` and ``MemoryStore``.
 
+Storage layer: standard library only.
+
 Keys of the write-ahead log are log sequence numbers (``lsn``), starting at 1
 and gap-free. ``commit`` is all-or-nothing and durable when it returns.
 """

@@ -1,10 +1,10 @@
 """LMDB-backed write-ahead log, meter catalogue and snapshots.
 
-Storage layer: imports lmdb and the standard library only. One process owns a
-data directory (an exclusive ``flock`` on ``LOCK``); within it, one task (the
-WAL writer) calls ``commit`` and ``write_snapshot``, each a complete write
-transaction within one call (an LMDB write transaction must begin and end on
-one thread).
+Storage layer: imports the standard library, lmdb, msgspec (the snapshot
+header) and ``engine.errors`` only. One process owns a data directory (an
+exclusive ``flock`` on ``LOCK``); within it, one task (the WAL writer) calls
+``commit`` and ``write_snapshot``, each a complete write transaction within one
+call (an LMDB write transaction must begin and end on one thread).
 
 A data directory holds ``LOCK`` (whose content records that the directory was
 initialised) and ``lmdb/``, created complete under a temporary name and then

@@ -1,6 +1,6 @@
 """An in-memory store with the ``Store`` contract, for tests under a virtual clock.
 
-Storage layer: standard library only. Not durable, by design.
+Storage layer: standard library and ``engine.errors`` only. Not durable, by design.
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""Aggregation kinds and their partials: the arithmetic queries and limits share.
+
+Pure domain layer: standard library, ``engine.schema`` and
+``engine.domain.values`` only; it imports no other domain module, so every
+module that aggregates may import it.
+
+A *partial* is the mergeable state of one aggregation over some buckets:
+sum/count/max/min: a number; avg: ``[sum, count]``; latest: ``(ts, seq,
+value)``; unique_count: a set of strings. ``slice_partial`` reads one from a
+series' bucket columns, ``merge_partial`` combines two (associative and
+commutative, so buckets and shards may be merged in any grouping), and
+``finalize`` turns one into the value a query row or a limit reports. Sums
+stay exact: callers merge inside the ``values.EXACT`` context where Decimals
+meet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from engine.domain.values import average
+from engine.schema import AGGREGATIONS
+
+# Aggregation kinds as small ints so the hot loops branch on an int compare.
+SUM, COUNT, MAX, MIN, AVG, LATEST, UNIQUE = range(7)
+KIND_BY_AGGREGATION = dict(zip(AGGREGATIONS, range(7), strict=True))
+
+
+class BucketColumns(Protocol):
+    """The per-bucket columns of one series (``series.Series``), as partials read them.
+
+    Which columns exist depends on the kind: ``values`` for all but count,
+    ``counts`` for count and avg, ``times`` and ``seqs`` for latest.
+    """
+
+    values: Any
+    counts: Any
+    times: Any
+    seqs: Any
+
+
+def slice_partial(kind: int, series: BucketColumns, lo: int, hi: int) -> Any:
+    """The partial of buckets ``lo`` to ``hi`` (exclusive; at least one) of a series."""
+    if kind == SUM:
+        return sum(series.values[lo:hi])
+    if kind == COUNT:
+        return sum(series.counts[lo:hi])
+    if kind == MAX:
+        return max(series.values[lo:hi])
+    if kind == MIN:
+        return min(series.values[lo:hi])
+    if kind == AVG:
+        return [sum(series.values[lo:hi]), sum(series.counts[lo:hi])]
+    if kind == LATEST:
+        times, seqs = series.times, series.seqs
+        best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
+        return (times[best], seqs[best], series.values[best])
+    return set().union(*series.values[lo:hi])
+
+
+def merge_partial(kind: int, left: Any, right: Any) -> Any:
+    """Merge two partials; may reuse ``left`` (see ``copy_partial``)."""
+    if kind == SUM or kind == COUNT:
+        return left + right
+    if kind == MAX:
+        return right if right > left else left
+    if kind == MIN:
+        return right if right < left else left
+    if kind == AVG:
+        return [left[0] + right[0], left[1] + right[1]]
+    if kind == LATEST:
+        return right if right[:2] > left[:2] else left
+    left |= right
+    return left
+
+
+def copy_partial(kind: int, partial: Any) -> Any:
+    """A partial safe to merge into while ``partial`` is still needed: unique_count
+    partials are sets, merged in place."""
+    if kind == UNIQUE:
+        return set(partial)
+    return partial
+
+
+def finalize(kind: int, partial: Any) -> Any:
+    """The reported value of a partial: avg divides, latest drops its order key,
+    unique_count counts."""
+    if kind in (SUM, COUNT, MAX, MIN):
+        return partial
+    if kind == AVG:
+        return average(partial[0], partial[1])
+    if kind == LATEST:
+        return partial[2]
+    return len(partial)
