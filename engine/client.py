@@ -95,9 +95,8 @@ def error_from_reply(reply: ErrorReply) -> MeteringError:
         return BatchRejected([EventProblem(index, reason) for index, reason in reply.problems])
     error_type = ERRORS_BY_CODE.get(reply.code)
     if error_type is None or error_type is BatchRejected:
-        error = ProtocolError(f"{reply.code}: {reply.detail}")
-        error.code = reply.code
-        return error
+        # A code this client does not know (or a rejection without its problems).
+        return ProtocolError(f"{reply.code}: {reply.detail}", code=reply.code)
     return error_type(reply.detail)
 
 

@@ -51,6 +51,7 @@ from engine.auth import KeyRing, Principal
 from engine.errors import (
     BatchRejected,
     Forbidden,
+    InsecureBind,
     InvalidRequest,
     MeteringError,
 )
@@ -141,10 +142,6 @@ class ServerConfig:
     idle_timeout_s: float = 300.0
     send_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0
-
-
-class InsecureBind(MeteringError):
-    code = "insecure_bind"
 
 
 @dataclass(slots=True)
