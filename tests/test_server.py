@@ -1205,33 +1205,3 @@ async def test_an_unauthenticated_client_cannot_hold_the_request_budget(
             while server.request_budget.used_bytes:
                 await trio.sleep(0.001)
         assert await ping_quickly(server.port) < 1.0
-
-
-async def test_the_request_budget_admits_in_arrival_order() -> None:
-    """A large request waiting for the budget is not overtaken by later small ones, so a
-    steady stream of small requests cannot starve it."""
-    from engine.server import ByteBudget
-
-    budget = ByteBudget(100)
-    held = await budget.acquire(30)
-    order: list[str] = []
-
-    async def take(name: str, size: int) -> None:
-        got = await budget.acquire(size)
-        order.append(name)
-        budget.release(got)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(take, "big", 90)
-        await trio.sleep(0.01)
-        nursery.start_soon(take, "small", 10)  # would fit now, but arrived later
-        await trio.sleep(0.01)
-        assert order == [] and budget.used_bytes == 30  # small waits behind big
-        budget.release(held)
-    assert sorted(order) == ["big", "small"] and budget.used_bytes == 0  # both granted at once
-    # A waiter cancelled while queued leaves the queue, and those behind it get through.
-    held = await budget.acquire(100)
-    with trio.move_on_after(0.01):
-        await budget.acquire(50)
-    budget.release(held)
-    assert await budget.acquire(60) == 60 and budget.used_bytes == 60
