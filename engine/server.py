@@ -41,7 +41,7 @@ import errno
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import trio
@@ -49,20 +49,28 @@ import trio
 from engine.auth import KeyRing, Principal
 from engine.budget import ByteBudget
 from engine.errors import (
-    BatchRejected,
     Forbidden,
     InsecureBind,
     InvalidRequest,
     MeteringError,
+    ProtocolTimeout,
+    ServerBusy,
+    Unauthorized,
 )
-from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
+from engine.protocol.connection import (
+    MAX_HELLO_BYTES,
+    NEED_DATA,
+    RemoteProtocolError,
+    ServerConnection,
+    encode_message_frame,
+    error_reply,
+)
+from engine.protocol.framing import MAX_FRAME_BYTES
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
     AddLimit,
     AlertsPush,
     DefineMeter,
-    ErrorReply,
-    Hello,
     Ingest,
     IngestReply,
     Lagged,
@@ -70,7 +78,6 @@ from engine.protocol.messages import (
     LimitsReply,
     ListLimits,
     ListMeters,
-    MessageError,
     MeterReply,
     MetersReply,
     Ping,
@@ -86,11 +93,20 @@ from engine.protocol.messages import (
     Unsubscribe,
     Unsubscribed,
     Welcome,
-    decode_client_message,
-    encode_message,
 )
 from engine.runtime.engine import Engine
 from engine.schema import Limit, Query
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "MAX_HELLO_BYTES",
+    "ByteBudget",
+    "InsecureBind",
+    "MeterServer",
+    "ServerConfig",
+    "ServerStatistics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +116,6 @@ SERVER_NAME = "metering-engine"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 RECEIVE_CHUNK_BYTES = 256 * 1024
-MAX_HELLO_BYTES = 64 * 1024  # the first frame: a version, an API key and a client name
 # A decoded request takes several times its wire size in memory (an event of ~100 bytes
 # of msgpack is a struct, a dict and strings): the request budget counts this multiple.
 REQUEST_MEMORY_FACTOR = 4
@@ -223,8 +238,7 @@ class MeterServer:
         stats = self.stats
         if stats.connections >= self.config.max_connections:
             stats.refused_connections += 1
-            await self._send_and_close(
-                stream, ErrorReply(code="busy", detail="too many connections"))
+            await self._send_and_close(stream, ServerBusy("too many connections"))
             return
         stats.connections += 1
         stats.connections_total += 1
@@ -239,18 +253,13 @@ class MeterServer:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _send_and_close(self, stream: trio.SocketStream, message: ErrorReply) -> None:
+    async def _send_and_close(self, stream: trio.SocketStream, error: MeteringError) -> None:
         with trio.move_on_after(1):
             try:
-                await stream.send_all(_frame(message))
+                await stream.send_all(encode_message_frame(error_reply(error)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()
-
-
-def _frame(message: msgspec.Struct) -> bytes:
-    payload = encode_message(message)
-    return HEADER.pack(len(payload)) + payload
 
 
 class _Connection:
@@ -258,9 +267,11 @@ class _Connection:
         self.server = server
         self.config = server.config
         self.stream = stream
-        # Until the hello is through, frames are small and not charged to the request
-        # budget: a client that has not authenticated must not be able to hold it.
-        self.decoder = FrameDecoder(min(MAX_HELLO_BYTES, self.config.max_frame_bytes))
+        # The protocol state: until the hello is through, frames are small, and they are
+        # not charged to the request budget (a client that has not authenticated must not
+        # be able to hold it).
+        self.protocol = ServerConnection(max_frame_bytes=self.config.max_frame_bytes,
+                                         max_reply_bytes=self.config.max_reply_bytes)
         self.principal: Principal | None = None
         self.slots = trio.Semaphore(self.config.max_in_flight)
         self.nursery: trio.Nursery | None = None
@@ -329,11 +340,12 @@ class _Connection:
             raise
 
     async def _send(self, message: msgspec.Struct) -> None:
-        await self._queue(_frame(message))
+        await self._queue(self.protocol.send(message))
 
-    async def _close_with(self, code: str, detail: str, request_id: int | None = None) -> None:
+    async def _close_with(self, error: MeteringError, request_id: int | None = None) -> NoReturn:
+        """Tell the peer why, then close the connection (once the error frame is written)."""
         self.server.stats.protocol_errors += 1
-        await self._send(ErrorReply(code=code, detail=detail, id=request_id))
+        await self._queue(self.protocol.refuse(error, request_id))
         raise _Closing
 
     async def _next_frame(self, timeout_s: float, idle_check: bool = True) -> bytes | None:
@@ -341,37 +353,37 @@ class _Connection:
         deadline = trio.current_time() + timeout_s
         while True:
             try:
-                frame = self.decoder.next_frame()
-            except FrameError as exc:
-                await self._close_with("frame_error", str(exc))
-            if frame is not None:
+                frame = self.protocol.next_frame()
+            except RemoteProtocolError as exc:
+                await self._close_with(exc.error, exc.request_id)
+            if frame is not NEED_DATA:
                 return frame
-            pending = self.decoder.pending_frame_bytes
+            pending = self.protocol.pending_frame_bytes
             if pending and not self.charged_bytes and self.principal is not None:
                 # Budget first, body second: a frame body is buffered only when the
                 # server-wide budget has room for it (not timed: this wait is ours).
                 self.charged_bytes = await self.server.request_budget.acquire(
                     pending * REQUEST_MEMORY_FACTOR)
                 deadline = max(deadline, trio.current_time() + self.config.frame_timeout_s)
-            if self.decoder.mid_frame:
+            if self.protocol.mid_frame:
                 deadline = min(deadline, trio.current_time() + self.config.frame_timeout_s)
             with trio.move_on_at(deadline):
                 data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
                 if not data:
-                    if self.decoder.mid_frame:
+                    if self.protocol.mid_frame:
                         log.info("peer closed mid-frame")
                     return None
-                self.decoder.feed(data)
+                self.protocol.receive_data(data)
                 continue
-            if not self.decoder.mid_frame and idle_check and self._in_flight():
+            if not self.protocol.mid_frame and idle_check and self._in_flight():
                 # Not idle while requests run: look again one idle period later.
                 deadline = trio.current_time() + self.config.idle_timeout_s
                 continue
-            if self.decoder.mid_frame:
+            if self.protocol.mid_frame:
                 detail = "frame not completed in time"
             else:
                 detail = "idle timeout" if idle_check else "no hello in time"
-            await self._close_with("timeout", detail)
+            await self._close_with(ProtocolTimeout(detail))
 
     def _in_flight(self) -> bool:
         """Requests running, or subscriptions open: the connection is not idle."""
@@ -382,7 +394,6 @@ class _Connection:
         if frame is None:
             return
         await self._handshake(frame)
-        self.decoder.max_frame_bytes = self.config.max_frame_bytes
         draining = self.server._draining
         while not draining.is_set():
             # Backpressure: no new request is read while max_in_flight are unanswered.
@@ -398,16 +409,11 @@ class _Connection:
             if not charge:
                 charge = await budget.acquire(len(frame) * REQUEST_MEMORY_FACTOR)
             try:
-                message = decode_client_message(frame)
-            except MessageError as exc:
+                message = self.protocol.decode(frame)
+            except RemoteProtocolError as exc:  # a bad message; the stream is still in sync
                 budget.release(charge)
                 self.server.stats.protocol_errors += 1
-                await self._send(ErrorReply(code="bad_message", detail=str(exc),
-                                            id=_request_id_of(frame)))
-                continue
-            if isinstance(message, Hello):
-                budget.release(charge)
-                await self._send(ErrorReply(code="bad_message", detail="already said hello"))
+                await self._send(error_reply(exc.error, exc.request_id))
                 continue
             del frame  # the decoded message is what the request keeps
             try:
@@ -420,22 +426,12 @@ class _Connection:
 
     async def _handshake(self, frame: bytes) -> None:
         try:
-            message = decode_client_message(frame)
-        except MessageError as exc:
-            await self._close_with("protocol_error", f"expected hello: {exc}")
-        if not isinstance(message, Hello):
-            await self._close_with(
-                "protocol_error", "the first frame must be hello", getattr(message, "id", None)
-            )
-        assert isinstance(message, Hello)
-        if message.version != PROTOCOL_VERSION:
-            await self._close_with(
-                "unsupported_version",
-                f"client speaks version {message.version}; this server speaks {PROTOCOL_VERSION}",
-            )
-        principal = self.config.keys.authenticate(message.api_key)
+            hello = self.protocol.decode_hello(frame)
+        except RemoteProtocolError as exc:
+            await self._close_with(exc.error, exc.request_id)
+        principal = self.config.keys.authenticate(hello.api_key)
         if principal is None:
-            await self._close_with("unauthorized", "invalid API key")
+            await self._close_with(Unauthorized("invalid API key"))
         self.principal = principal
         await self._send(Welcome(version=PROTOCOL_VERSION, server=SERVER_NAME,
                                  max_frame_bytes=self.config.max_frame_bytes,
@@ -448,22 +444,13 @@ class _Connection:
         try:
             try:
                 reply = await self._answer(message)
-            except BatchRejected as exc:
-                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id,
-                                   problems=[(p.index, p.reason) for p in exc.problems])
             except MeteringError as exc:
-                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id)
+                reply = error_reply(exc, message.id)
             except Exception:
                 log.exception("request %s failed", type(message).__name__)
-                reply = ErrorReply(code="internal", detail="internal error", id=message.id)
+                reply = error_reply(MeteringError("internal error"), message.id)
             self.server.stats.requests += 1
-            frame = _frame(reply)
-            if len(frame) - HEADER.size > self.config.max_reply_bytes:
-                frame = _frame(ErrorReply(
-                    code="too_large", id=message.id,
-                    detail=f"the reply would be {len(frame)} bytes, over the "
-                           f"{self.config.max_reply_bytes}-byte limit; narrow the request",
-                ))
+            frame = self.protocol.send(reply)  # over max_reply_bytes: a too_large error
             try:
                 await self._queue(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -542,8 +529,7 @@ class _Connection:
                     if customer is not None:
                         batch = [a for a in batch if a.customer_id == customer]
                     if batch:
-                        await self._queue(
-                            _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
+                        await self._send(AlertsPush(subscription=subscription_id, alerts=batch))
                     if customer is not None:
                         continue  # other customers' alert counts are not this key's business
                     behind = alerts.behind_by()
@@ -586,17 +572,3 @@ def _limits_visible_to(limits: list[Limit], customer_id: str) -> list[Limit]:
                 limit, filter={**limit.filter, "customer_id": [customer_id]})
         visible.append(limit)
     return visible
-
-
-def _request_id_of(frame: bytes) -> int | None:
-    """Best effort: the ``id`` of an invalid request, so the client can match the error."""
-    try:
-        # Values stay raw: a bad value elsewhere in the message must not hide the id.
-        fields = msgspec.msgpack.decode(frame, type=dict[str, msgspec.Raw])
-        raw_id = fields.get("id")
-        if raw_id is None:
-            return None
-        request_id = msgspec.msgpack.decode(raw_id, type=int)
-    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
-        return None
-    return request_id if 0 <= request_id < 2**63 else None

@@ -314,9 +314,15 @@ def test_error_from_reply_maps_every_wire_code_to_its_type() -> None:
                                            problems=[(0, "bad"), (3, "worse")]))
     assert isinstance(rejected, BatchRejected)
     assert [(p.index, p.reason) for p in rejected.problems] == [(0, "bad"), (3, "worse")]
-    for code in ("bad_message", "frame_error", "timeout", "something_new"):
+    # Connection-level codes are protocol errors (each with its own class now)...
+    for code in ("bad_message", "frame_error", "timeout", "too_large"):
         error = error_from_reply(ErrorReply(code=code, detail="d"))
-        assert type(error) is ProtocolError and error.code == code and code in str(error)
+        assert isinstance(error, ProtocolError) and type(error) is ERRORS_BY_CODE[code]
+        assert error.code == code
+    # ... and a code this client does not know is one too, carrying the server's code.
+    error = error_from_reply(ErrorReply(code="something_new", detail="d"))
+    assert type(error) is ProtocolError and error.code == "something_new"
+    assert "something_new" in str(error)
     # A batch_rejected without its problems cannot be rebuilt faithfully.
     assert type(error_from_reply(ErrorReply(code="batch_rejected", detail="d"))) is ProtocolError
 
