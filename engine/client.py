@@ -20,7 +20,6 @@ interval, retries on connection loss with the same unique ids) and
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import uuid
@@ -34,16 +33,18 @@ import msgspec
 import trio
 
 from engine.errors import (
-    ERRORS_BY_CODE,
-    BatchRejected,
     ConnectionLost,
-    EventProblem,
-    InvalidRequest,
     MeteringError,
-    ProtocolError,
     ServerBusy,
+    map_exceptions,
 )
-from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
+from engine.protocol.connection import (
+    MAX_REPLY_BYTES,
+    NEED_DATA,
+    ClientConnection,
+    RemoteProtocolError,
+    error_from_reply,
+)
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
     AddLimit,
@@ -58,7 +59,6 @@ from engine.protocol.messages import (
     LimitsReply,
     ListLimits,
     ListMeters,
-    MessageError,
     MeterReply,
     MetersReply,
     Ping,
@@ -71,8 +71,6 @@ from engine.protocol.messages import (
     Subscribe,
     Unsubscribe,
     Welcome,
-    decode_server_message,
-    encode_message,
 )
 from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
@@ -82,22 +80,24 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 _Ts = TypeVarTuple("_Ts")
 
-# Replies (query results) may be larger than requests; the server caps them at 256 MiB.
-MAX_REPLY_BYTES = 256 * 1024 * 1024 + 1024
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
-__all__ = ["Client", "SyncClient", "open_batcher", "open_client"]
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "Client",
+    "ClientSubscription",
+    "SyncClient",
+    "error_from_reply",
+    "open_batcher",
+    "open_client",
+]
 
-
-def error_from_reply(reply: ErrorReply) -> MeteringError:
-    """The typed exception for a server's error frame."""
-    if reply.code == BatchRejected.code and reply.problems is not None:
-        return BatchRejected([EventProblem(index, reason) for index, reason in reply.problems])
-    error_type = ERRORS_BY_CODE.get(reply.code)
-    if error_type is None or error_type is BatchRejected:
-        # A code this client does not know (or a rejection without its problems).
-        return ProtocolError(f"{reply.code}: {reply.detail}", code=reply.code)
-    return error_type(reply.detail)
+# The stream failing under us: the connection is gone.
+TRANSPORT_ERRORS: dict[type[Exception], type[MeteringError]] = {
+    trio.BrokenResourceError: ConnectionLost,
+    trio.ClosedResourceError: ConnectionLost,
+    OSError: ConnectionLost,
+}
 
 
 class _Pending:
@@ -113,29 +113,28 @@ class Client:
 
     def __init__(self, stream: trio.abc.Stream, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self._stream = stream
-        self._decoder = FrameDecoder(max_reply_bytes)
-        self._ids = itertools.count(1)
+        # Protocol state (ids in flight, open subscriptions, the welcome); the trio
+        # objects waiting on it are here.
+        self._protocol = ClientConnection(max_reply_bytes=max_reply_bytes)
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed_error: MeteringError | None = None
         self._subscriptions: dict[int, ClientSubscription] = {}
-        self.welcome: Welcome | None = None
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The server's welcome (its limits), once the handshake is done."""
+        return self._protocol.welcome
 
     # --------------------------------------------------------------- plumbing
 
-    async def _send(self, message: msgspec.Struct) -> None:
-        payload = encode_message(message)
-        limit = self.welcome.max_frame_bytes if self.welcome is not None else MAX_FRAME_BYTES
-        if len(payload) > limit:
-            raise InvalidRequest(
-                f"request of {len(payload)} bytes exceeds the server's frame limit of {limit}; "
-                "send smaller batches"
-            )
+    async def _send(self, message: Any) -> None:
+        frame = self._protocol.send(message)  # a request over the frame limit raises here
         async with self._send_lock:
             if self._closed_error is not None:
                 raise ConnectionLost(f"connection is closed: {self._closed_error}")
             try:
-                await self._stream.send_all(HEADER.pack(len(payload)) + payload)
+                await self._stream.send_all(frame)
             except BaseException as exc:
                 # Possibly half a frame is on the wire: it would swallow the next request's
                 # frame, so this connection cannot be used again.
@@ -145,47 +144,40 @@ class Client:
                 raise
 
     async def _receive(self) -> Any:
+        """The next message the protocol lets through; raises the server's breach as
+        the typed error it amounts to."""
         while True:
-            payload = self._decoder.next_frame()
-            if payload is not None:
-                return decode_server_message(payload)
+            try:
+                message = self._protocol.next_message()
+            except RemoteProtocolError as exc:
+                raise exc.error from None
+            if message is not NEED_DATA:
+                return message
             data = await self._stream.receive_some(256 * 1024)
             if not data:
                 raise ConnectionLost("the server closed the connection")
-            self._decoder.feed(data)
+            self._protocol.receive_data(data)
 
     async def _handshake(self, api_key: str | None, client_name: str) -> None:
         await self._send(Hello(version=PROTOCOL_VERSION, api_key=api_key, client=client_name))
-        reply = await self._receive()
-        if isinstance(reply, ErrorReply):
-            raise error_from_reply(reply)
-        if not isinstance(reply, Welcome):
-            raise ProtocolError(f"expected welcome, got {type(reply).__name__}")
-        self.welcome = reply
+        await self._receive()  # the welcome, or the server's refusal raised
 
     async def _reader(self) -> None:
         try:
-            while True:
-                reply = await self._receive()
-                if isinstance(reply, AlertsPush | Lagged):
-                    subscription = self._subscriptions.get(reply.subscription)
-                    if subscription is not None:
-                        subscription._deliver(reply)
-                    continue
-                request_id = getattr(reply, "id", None)
-                if request_id is None:
-                    if isinstance(reply, ErrorReply):
-                        raise error_from_reply(reply)  # connection-level: fatal
-                    raise ProtocolError(f"unexpected {type(reply).__name__} without an id")
-                pending = self._pending.pop(request_id, None)
-                if pending is None:
-                    continue  # its caller was cancelled and stopped waiting
-                pending.reply = reply
-                pending.done.set()
-        except (MeteringError, MessageError, FrameError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError) as exc:
-            error = exc if isinstance(exc, MeteringError) else ConnectionLost(str(exc))
-            self._fail_all(error)
+            with map_exceptions(TRANSPORT_ERRORS):
+                while True:
+                    message = await self._receive()
+                    if isinstance(message, AlertsPush | Lagged):
+                        subscription = self._subscriptions.get(message.subscription)
+                        if subscription is not None:
+                            subscription._deliver(message)
+                        continue
+                    pending = self._pending.pop(message.id, None)
+                    if pending is not None:  # None: a reply nobody waits for (unsubscribe)
+                        pending.reply = message
+                        pending.done.set()
+        except MeteringError as exc:
+            self._fail_all(exc)
 
     def _fail_all(self, error: MeteringError) -> None:
         if self._closed_error is None:
@@ -197,24 +189,24 @@ class Client:
             subscription._wake()
 
     async def _call(self, message_type: type, **fields: Any) -> Any:
-        return await self._call_with_id(next(self._ids), message_type, **fields)
+        return await self._call_with_id(self._protocol.next_request_id(), message_type,
+                                        **fields)
 
     async def _call_with_id(self, request_id: int, message_type: type, **fields: Any) -> Any:
         if self._closed_error is not None:
             raise ConnectionLost(f"connection is closed: {self._closed_error}")
         pending = self._pending[request_id] = _Pending()
         try:
-            await self._send(message_type(id=request_id, **fields))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._pending.pop(request_id, None)
-            raise ConnectionLost(f"sending failed: {exc}") from None
-        except BaseException:
-            self._pending.pop(request_id, None)
-            raise
-        try:
+            try:
+                with map_exceptions(TRANSPORT_ERRORS, "sending failed: {error}"):
+                    await self._send(message_type(id=request_id, **fields))
+            except BaseException:
+                self._pending.pop(request_id, None)
+                raise
             await pending.done.wait()
         finally:
             self._pending.pop(request_id, None)
+            self._protocol.forget(request_id)  # a no-op once its reply arrived
         reply = pending.reply
         if reply is None:
             raise ConnectionLost(
@@ -301,11 +293,12 @@ class ClientSubscription:
         self._arrived = trio.Event()
 
     async def _open(self) -> None:
-        request_id = next(self._client._ids)
+        request_id = self._client._protocol.next_request_id()
         self._id = request_id
         self._buffer.clear()
         self._overflowed = False
-        # Registered before the request is sent: pushes may precede the reply.
+        # Registered before the request is sent: pushes may precede the reply (the
+        # protocol routes them from the moment the Subscribe is sent).
         self._client._subscriptions[request_id] = self
         try:
             await self._client._call_with_id(request_id, Subscribe, from_seq=self.next_seq)
@@ -318,6 +311,7 @@ class ClientSubscription:
         if subscription_id is None:
             return
         self._client._subscriptions.pop(subscription_id, None)
+        self._client._protocol.end_subscription(subscription_id)
         if self._client._closed_error is None:
             # Sent without waiting for the reply: this runs shielded, often because the
             # caller's scope was cancelled, which may have cancelled the reader task too,
@@ -326,8 +320,8 @@ class ClientSubscription:
             with trio.move_on_after(UNSUBSCRIBE_SEND_TIMEOUT_S), \
                     contextlib.suppress(MeteringError, trio.BrokenResourceError,
                                         trio.ClosedResourceError, OSError):
-                await self._client._send(
-                    Unsubscribe(id=next(self._client._ids), subscription=subscription_id))
+                await self._client._send(Unsubscribe(
+                    id=self._client._protocol.next_request_id(), subscription=subscription_id))
 
     def _deliver(self, push: AlertsPush | Lagged) -> None:
         if isinstance(push, Lagged):
@@ -385,8 +379,7 @@ async def open_client(
         try:
             with trio.fail_after(connect_timeout_s):
                 await client._handshake(api_key, client_name)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError,
-                MessageError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"handshake failed: {exc!r}") from None
         with unwrap_single():
             async with trio.open_nursery() as nursery:

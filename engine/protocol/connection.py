@@ -191,7 +191,7 @@ class ServerConnection:
         # server buffer much.
         self._decoder = FrameDecoder(min(max_hello_bytes, max_frame_bytes))
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._decoder.feed(data)
 
     @property
@@ -326,7 +326,7 @@ class ClientConnection:
     def subscriptions(self) -> frozenset[int]:
         return frozenset(self._subscriptions)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._decoder.feed(data)
 
     def send(self, message: ClientMessage) -> bytes:
