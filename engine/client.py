@@ -24,9 +24,10 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, TypeVar, TypeVarTuple
 
 import msgspec
@@ -84,8 +85,11 @@ UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer th
 
 __all__ = [
     "MAX_REPLY_BYTES",
+    "BatcherStatistics",
     "Client",
     "ClientSubscription",
+    "RemoteStatistics",
+    "SubscriptionStatistics",
     "SyncClient",
     "error_from_reply",
     "open_batcher",
@@ -268,8 +272,55 @@ class Client:
         return reply.result
 
     async def stats(self) -> dict[str, Any]:
+        """The server's ``stats`` map as sent (engine fields, then ``server_*`` ones)."""
         reply: StatsReply = await self._call(Stats)
         return reply.stats
+
+    async def statistics(self) -> RemoteStatistics:
+        """The server's statistics as a record, the remote ``Engine.statistics()``."""
+        return RemoteStatistics.from_stats(await self.stats())
+
+    async def meters(self) -> list[Meter]:
+        """Every meter definition (``Engine.meters()``; same as ``list_meters``)."""
+        return await self.list_meters()
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStatistics:
+    """What ``Client.statistics()`` returns: the server's ``stats`` map, split.
+
+    The fields are the server's, of whatever version it runs (docs/protocol.md: the map
+    is for humans and dashboards, keys may be added), so they stay mappings.
+    """
+
+    engine: Mapping[str, Any]
+    """The fields of the server's ``Engine.statistics()`` (``series_count``, ...)."""
+    server: Mapping[str, Any]
+    """The fields of its ``MeterServer.statistics()``, without the ``server_`` prefix."""
+    server_time_ms: int | None
+    """The server's wall clock when it answered."""
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> RemoteStatistics:
+        engine = {k: v for k, v in stats.items() if not k.startswith("server_")}
+        server = {k.removeprefix("server_"): v for k, v in stats.items()
+                  if k.startswith("server_") and k != "server_time_ms"}
+        return cls(engine=MappingProxyType(engine), server=MappingProxyType(server),
+                   server_time_ms=stats.get("server_time_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """What ``ClientSubscription.statistics()`` returns."""
+
+    next_seq: int
+    """The seq of the next alert this subscription will yield."""
+    buffered_alerts: int
+    """Alerts received and not yet read."""
+    lagged: int
+    """Times the reader fell ``buffer_alerts`` behind and the subscription was reopened."""
+    server_lag_notices: int
+    """``lagged`` notices from the server (this connection read too slowly for it)."""
 
 
 class ClientSubscription:
@@ -278,6 +329,7 @@ class ClientSubscription:
     Alerts wait in a bounded buffer until read. A reader that falls behind by
     more than ``buffer_alerts`` is counted in ``lagged`` and the subscription is
     reopened from its ``next_seq``: nothing is lost and nothing repeats.
+    ``statistics()`` gives these counters as one record.
     """
 
     buffer_alerts = 10_000
@@ -322,6 +374,11 @@ class ClientSubscription:
                                         trio.ClosedResourceError, OSError):
                 await self._client._send(Unsubscribe(
                     id=self._client._protocol.next_request_id(), subscription=subscription_id))
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(next_seq=self.next_seq, buffered_alerts=len(self._buffer),
+                                      lagged=self.lagged,
+                                      server_lag_notices=self.server_lag_notices)
 
     def _deliver(self, push: AlertsPush | Lagged) -> None:
         if isinstance(push, Lagged):
@@ -394,8 +451,32 @@ async def open_client(
 # ------------------------------------------------------------------- batcher
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class BatcherStatistics:
+    """What ``Batcher.statistics()`` returns: counters at the moment of the call.
+
+    ``Batcher.statistics`` used to be a (mutable) attribute, so the record is also
+    callable: ``batcher.statistics.accepted`` and ``batcher.statistics().accepted`` read
+    the same value. New code should call it.
+    """
+
+    events_added: int = 0
+    """Events given to ``add``."""
+    batches_sent: int = 0
+    """Batches acknowledged by the server."""
+    accepted: int = 0
+    """Events the server accepted (not duplicates)."""
+    duplicates: int = 0
+    """Events the server had already (a retry after a lost acknowledgement, say)."""
+    retries: int = 0
+    """Sends repeated after a lost connection."""
+
+    def __call__(self) -> BatcherStatistics:
+        return self
+
+
+@dataclass(slots=True)
+class _BatcherCounters:
     events_added: int = 0
     batches_sent: int = 0
     accepted: int = 0
@@ -412,19 +493,28 @@ class Batcher:
         self.max_events = max_events
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
-        self.statistics = BatcherStatistics()
+        self._counters = _BatcherCounters()
         self._buffer: list[Event] = []
         self._client: Client | None = None
         self._client_scope: Any = None
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
+    @property
+    def statistics(self) -> BatcherStatistics:
+        """``batcher.statistics()`` (or, as before, ``batcher.statistics.accepted``)."""
+        counters = self._counters
+        return BatcherStatistics(
+            events_added=counters.events_added, batches_sent=counters.batches_sent,
+            accepted=counters.accepted, duplicates=counters.duplicates,
+            retries=counters.retries)
+
     async def add(self, event: Event) -> None:
         """Buffer one event (giving it a unique id if it has none); flush when full."""
         if event.unique_id is None:
             event = msgspec.structs.replace(event, unique_id=uuid.uuid4().hex)
         self._buffer.append(event)
-        self.statistics.events_added += 1
+        self._counters.events_added += 1
         if len(self._buffer) >= self.max_events:
             await self.flush()
 
@@ -435,9 +525,9 @@ class Batcher:
                 return None
             batch, self._buffer = self._buffer, []
             ack = await self._send_with_retries(batch)
-            self.statistics.batches_sent += 1
-            self.statistics.accepted += ack.accepted
-            self.statistics.duplicates += ack.duplicates
+            self._counters.batches_sent += 1
+            self._counters.accepted += ack.accepted
+            self._counters.duplicates += ack.duplicates
             return ack
 
     async def _send_with_retries(self, batch: list[Event]) -> IngestAck:
@@ -452,7 +542,7 @@ class Batcher:
                 attempt += 1
                 if attempt > self.max_retries:
                     raise ConnectionLost(f"gave up after {attempt} attempts: {exc}") from None
-                self.statistics.retries += 1
+                self._counters.retries += 1
                 log.info("ingest failed (%s); retry %d with the same unique ids", exc, attempt)
                 await trio.sleep(self.retry_backoff_s * min(2 ** (attempt - 1), 32))
 
@@ -569,6 +659,9 @@ class SyncClient:
     def list_meters(self) -> list[Meter]:
         return self._call(Client.list_meters)
 
+    def meters(self) -> list[Meter]:
+        return self._call(Client.meters)
+
     def ingest(self, events: Sequence[Event]) -> IngestAck:
         return self._call(Client.ingest, events)
 
@@ -577,6 +670,9 @@ class SyncClient:
 
     def stats(self) -> dict[str, Any]:
         return self._call(Client.stats)
+
+    def statistics(self) -> RemoteStatistics:
+        return self._call(Client.statistics)
 
     def add_limit(self, limit: Limit) -> Limit:
         return self._call(Client.add_limit, limit)

@@ -147,8 +147,31 @@ class ServerConfig:
     drain_timeout_s: float = 10.0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ServerStatistics:
+    """What ``MeterServer.statistics()`` returns: counters at the moment of the call.
+
+    The ``stats`` request sends these with a ``server_`` prefix beside the engine's.
+    """
+
+    connections: int = 0
+    """Connections open now (past the connection limit check)."""
+    connections_total: int = 0
+    """Connections accepted since the server started."""
+    requests: int = 0
+    """Requests answered (with a reply or an error), not counting refused frames."""
+    events_ingested: int = 0
+    """Events accepted by ingest requests (not duplicates)."""
+    protocol_errors: int = 0
+    """Frames refused: bad frames and messages, failed handshakes, timeouts."""
+    refused_connections: int = 0
+    """Connections refused at the connection limit (``busy``)."""
+
+
+@dataclass(slots=True)
+class _ServerCounters:
+    """The mutable counters behind ``ServerStatistics``; written only by the server."""
+
     connections: int = 0
     connections_total: int = 0
     requests: int = 0
@@ -167,7 +190,7 @@ class MeterServer:
     def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
-        self.stats = ServerStatistics()
+        self._counters = _ServerCounters()
         self.port: int | None = None
         self._draining = trio.Event()
         self.request_budget = ByteBudget(self.config.max_request_bytes_in_flight)
@@ -179,6 +202,20 @@ class MeterServer:
                 f"refusing to listen on {self.config.host!r} without API keys: configure keys "
                 "(--keys FILE or $METER_API_KEYS) or pass --allow-insecure-bind"
             )
+
+    def statistics(self) -> ServerStatistics:
+        """The server's counters now (an immutable snapshot)."""
+        counters = self._counters
+        return ServerStatistics(
+            connections=counters.connections, connections_total=counters.connections_total,
+            requests=counters.requests, events_ingested=counters.events_ingested,
+            protocol_errors=counters.protocol_errors,
+            refused_connections=counters.refused_connections)
+
+    @property
+    def stats(self) -> ServerStatistics:
+        """``statistics()``, under the attribute name it had before (read-only)."""
+        return self.statistics()
 
     # ------------------------------------------------------------- listening
 
@@ -223,13 +260,13 @@ class MeterServer:
     # ------------------------------------------------------------ connection
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        stats = self.stats
-        if stats.connections >= self.config.max_connections:
-            stats.refused_connections += 1
+        counters = self._counters
+        if counters.connections >= self.config.max_connections:
+            counters.refused_connections += 1
             await self._send_and_close(stream, ServerBusy("too many connections"))
             return
-        stats.connections += 1
-        stats.connections_total += 1
+        counters.connections += 1
+        counters.connections_total += 1
         try:
             await _Connection(self, stream).run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -237,7 +274,7 @@ class MeterServer:
         except* Exception:
             log.exception("connection handler failed")
         finally:
-            stats.connections -= 1
+            counters.connections -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -332,7 +369,7 @@ class _Connection:
 
     async def _close_with(self, error: MeteringError, request_id: int | None = None) -> NoReturn:
         """Tell the peer why, then close the connection (once the error frame is written)."""
-        self.server.stats.protocol_errors += 1
+        self.server._counters.protocol_errors += 1
         await self._queue(self.protocol.refuse(error, request_id))
         raise _Closing
 
@@ -400,7 +437,7 @@ class _Connection:
                 message = self.protocol.decode(frame)
             except RemoteProtocolError as exc:  # a bad message; the stream is still in sync
                 budget.release(charge)
-                self.server.stats.protocol_errors += 1
+                self.server._counters.protocol_errors += 1
                 await self._send(error_reply(exc.error, exc.request_id))
                 continue
             del frame  # the decoded message is what the request keeps
@@ -437,7 +474,7 @@ class _Connection:
             except Exception:
                 log.exception("request %s failed", type(message).__name__)
                 reply = error_reply(MeteringError("internal error"), message.id)
-            self.server.stats.requests += 1
+            self.server._counters.requests += 1
             frame = self.protocol.send(reply)  # over max_reply_bytes: a too_large error
             try:
                 await self._queue(frame)
@@ -467,7 +504,7 @@ class _Connection:
                     raise Forbidden(f"event {index}: this API key may only send events of "
                                     "its own customer")
         ack = await self.server.engine.ingest(message.events, report_alerts=message.report_alerts)
-        self.server.stats.events_ingested += ack.accepted
+        self.server._counters.events_ingested += ack.accepted
         return IngestReply(id=message.id, accepted=ack.accepted, duplicates=ack.duplicates,
                            lsn=ack.lsn, alerts=ack.alerts)
 
@@ -542,7 +579,7 @@ class _Connection:
 
     def server_statistics(self) -> dict[str, Any]:
         stats = asdict(self.server.engine.statistics())
-        stats.update({f"server_{k}": v for k, v in asdict(self.server.stats).items()})
+        stats.update({f"server_{k}": v for k, v in asdict(self.server.statistics()).items()})
         stats["server_time_ms"] = time.time_ns() // 1_000_000
         return stats
 

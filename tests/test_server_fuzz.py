@@ -246,7 +246,7 @@ def server_messages(data: bytes) -> list[Any]:
 def frame(message: msgspec.Struct | Any) -> bytes:
     payload = (encode_message(message) if isinstance(message, msgspec.Struct)
                else msgspec.msgpack.encode(message))
-    return HEADER.pack(len(payload)) + payload
+    return encode_frame(payload)
 
 
 HELLO = frame(Hello(version=PROTOCOL_VERSION, client="fuzz"))
