@@ -31,14 +31,17 @@ Policy, per connection (each is a task with its own small nursery):
   committed and acknowledged or not acknowledged; the engine never applies half
   a batch), then closes.
 
-Resource errors on ``accept`` (EMFILE and friends) are logged and retried
-after a short sleep, as in ``trio.serve_listeners``.
+The protocol rules themselves (handshake, frame and reply limits, bad
+requests) are in ``engine.protocol.connection``; this module keeps the
+timeouts, the request budget and the tasks. The accept loop's policy is on
+``MeterServer.serve``.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -99,6 +102,7 @@ from engine.runtime.engine import Engine
 from engine.schema import Limit, Query
 
 __all__ = [
+    "ACCEPT_RETRY_S",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "MAX_HELLO_BYTES",
@@ -115,7 +119,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7433
 SERVER_NAME = "metering-engine"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# accept() errors that mean "out of file descriptors or memory for now", as in
+# trio.serve_listeners: retried, not fatal.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# How long to sleep after one of those before calling accept() again.
+ACCEPT_RETRY_S = 0.1
 RECEIVE_CHUNK_BYTES = 256 * 1024
 # A decoded request takes several times its wire size in memory (an event of ~100 bytes
 # of msgpack is a struct, a dict and strings): the request budget counts this multiple.
@@ -220,7 +228,27 @@ class MeterServer:
     # ------------------------------------------------------------- listening
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled or ``shutdown`` is called; reports the bound port."""
+        """Listen on ``config.host``/``config.port`` until cancelled or ``shutdown``.
+
+        Reports the bound port through ``task_status`` (so ``port = await
+        nursery.start(server.serve)`` works with port 0) and sets ``self.port``.
+
+        Resource handling:
+            Each accepted connection runs in its own task in a nursery this call
+            owns, so ``serve`` returns only once every connection is closed. On
+            ``shutdown`` the listeners stop accepting, readers stop reading, and
+            connections get ``drain_timeout_s`` to answer what they already read,
+            after which they are cancelled. Listeners are closed on the way out, even
+            when cancelled. Past ``max_connections``, a new connection gets a
+            ``busy`` error frame and is closed.
+
+        Error handling:
+            An ``accept`` failing with EMFILE, ENFILE, ENOMEM or ENOBUFS (out of file
+            descriptors or memory) is logged and retried after ``ACCEPT_RETRY_S``;
+            any other ``accept`` error propagates. A connection whose peer goes away
+            ends quietly; an unexpected error in a connection is logged and closes
+            that connection only.
+        """
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         try:
             self.port = listeners[0].socket.getsockname()[1]
@@ -251,8 +279,10 @@ class MeterServer:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
+                    log.error("accept returned %s (%s); retrying in %.0f ms",
+                              errno.errorcode[exc.errno], os.strerror(exc.errno),
+                              ACCEPT_RETRY_S * 1000, exc_info=True)
+                    await trio.sleep(ACCEPT_RETRY_S)
                     continue
                 raise
             handlers.start_soon(self._connection, stream)
