@@ -12,33 +12,30 @@ are matched by id, so requests are pipelined on the connection. Errors the
 server sends arrive as the same typed exceptions the embedded engine raises
 (``BatchRejected`` with its ``problems``, ``InvalidQuery``, ``Forbidden``, ...).
 
-Also here: ``open_batcher`` (buffers single events, flushes by size and
-interval, retries on connection loss with the same unique ids) and
-``SyncClient`` (a blocking wrapper for programs that are not async).
+Beside it: ``engine.batcher.open_batcher`` (buffers single events, flushes
+by size and interval, retries on connection loss with the same unique ids) and
+``engine.sync_client.SyncClient`` (a blocking wrapper for programs that are not
+async); both stay importable from here.
+
+The protocol state (ids in flight, open subscriptions, the server's limits)
+is the sans-IO ``ClientConnection``'s; this module keeps the trio side: the
+send lock, the events callers wait on and the reader task.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
-import uuid
+import importlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar, TypeVarTuple
+from typing import Any
 
-import msgspec
 import trio
 
-from engine.errors import (
-    ConnectionLost,
-    MeteringError,
-    ServerBusy,
-    map_exceptions,
-)
+from engine.errors import ConnectionLost, MeteringError, map_exceptions
 from engine.protocol.connection import (
     MAX_REPLY_BYTES,
     NEED_DATA,
@@ -76,25 +73,36 @@ from engine.protocol.messages import (
 from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 
-log = logging.getLogger(__name__)
-
-_R = TypeVar("_R")
-_Ts = TypeVarTuple("_Ts")
-
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
 __all__ = [
     "MAX_REPLY_BYTES",
-    "BatcherStatistics",
+    "BatcherStatistics",  # noqa: F822 (moved; served by __getattr__)
     "Client",
     "ClientSubscription",
     "RemoteStatistics",
     "SubscriptionStatistics",
-    "SyncClient",
+    "SyncClient",  # noqa: F822 (moved; served by __getattr__)
     "error_from_reply",
-    "open_batcher",
+    "open_batcher",  # noqa: F822 (moved; served by __getattr__)
     "open_client",
 ]
+
+# Names that moved to their own modules, still importable from here (see __getattr__).
+_MOVED = {
+    "Batcher": "engine.batcher",
+    "BatcherStatistics": "engine.batcher",
+    "open_batcher": "engine.batcher",
+    "SyncClient": "engine.sync_client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 # The stream failing under us: the connection is gone.
 TRANSPORT_ERRORS: dict[type[Exception], type[MeteringError]] = {
@@ -446,251 +454,3 @@ async def open_client(
                 finally:
                     nursery.cancel_scope.cancel()
                     client._fail_all(ConnectionLost("client closed"))
-
-
-# ------------------------------------------------------------------- batcher
-
-
-@dataclass(frozen=True, slots=True)
-class BatcherStatistics:
-    """What ``Batcher.statistics()`` returns: counters at the moment of the call.
-
-    ``Batcher.statistics`` used to be a (mutable) attribute, so the record is also
-    callable: ``batcher.statistics.accepted`` and ``batcher.statistics().accepted`` read
-    the same value. New code should call it.
-    """
-
-    events_added: int = 0
-    """Events given to ``add``."""
-    batches_sent: int = 0
-    """Batches acknowledged by the server."""
-    accepted: int = 0
-    """Events the server accepted (not duplicates)."""
-    duplicates: int = 0
-    """Events the server had already (a retry after a lost acknowledgement, say)."""
-    retries: int = 0
-    """Sends repeated after a lost connection."""
-
-    def __call__(self) -> BatcherStatistics:
-        return self
-
-
-@dataclass(slots=True)
-class _BatcherCounters:
-    events_added: int = 0
-    batches_sent: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    retries: int = 0
-
-
-class Batcher:
-    """Buffers events and sends them in batches; see ``open_batcher``."""
-
-    def __init__(self, host: str, port: int, api_key: str | None, max_events: int,
-                 max_retries: int, retry_backoff_s: float) -> None:
-        self._address = (host, port, api_key)
-        self.max_events = max_events
-        self.max_retries = max_retries
-        self.retry_backoff_s = retry_backoff_s
-        self._counters = _BatcherCounters()
-        self._buffer: list[Event] = []
-        self._client: Client | None = None
-        self._client_scope: Any = None
-        self._lock = trio.Lock()
-        self._nursery: trio.Nursery | None = None
-
-    @property
-    def statistics(self) -> BatcherStatistics:
-        """``batcher.statistics()`` (or, as before, ``batcher.statistics.accepted``)."""
-        counters = self._counters
-        return BatcherStatistics(
-            events_added=counters.events_added, batches_sent=counters.batches_sent,
-            accepted=counters.accepted, duplicates=counters.duplicates,
-            retries=counters.retries)
-
-    async def add(self, event: Event) -> None:
-        """Buffer one event (giving it a unique id if it has none); flush when full."""
-        if event.unique_id is None:
-            event = msgspec.structs.replace(event, unique_id=uuid.uuid4().hex)
-        self._buffer.append(event)
-        self._counters.events_added += 1
-        if len(self._buffer) >= self.max_events:
-            await self.flush()
-
-    async def flush(self) -> IngestAck | None:
-        """Send what is buffered now; retries on connection loss with the same unique ids."""
-        async with self._lock:
-            if not self._buffer:
-                return None
-            batch, self._buffer = self._buffer, []
-            ack = await self._send_with_retries(batch)
-            self._counters.batches_sent += 1
-            self._counters.accepted += ack.accepted
-            self._counters.duplicates += ack.duplicates
-            return ack
-
-    async def _send_with_retries(self, batch: list[Event]) -> IngestAck:
-        attempt = 0
-        while True:
-            try:
-                client = await self._connected()
-                return await client.ingest(batch)
-            except (ConnectionLost, ServerBusy, OSError, trio.TooSlowError,
-                    trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self._disconnect()
-                attempt += 1
-                if attempt > self.max_retries:
-                    raise ConnectionLost(f"gave up after {attempt} attempts: {exc}") from None
-                self._counters.retries += 1
-                log.info("ingest failed (%s); retry %d with the same unique ids", exc, attempt)
-                await trio.sleep(self.retry_backoff_s * min(2 ** (attempt - 1), 32))
-
-    async def _connected(self) -> Client:
-        if self._client is not None:
-            return self._client
-        assert self._nursery is not None
-        host, port, api_key = self._address
-        self._client = await self._nursery.start(self._hold_client, host, port, api_key)
-        return self._client
-
-    async def _hold_client(self, host: str, port: int, api_key: str | None,
-                           task_status: trio.TaskStatus[Client]) -> None:
-        with trio.CancelScope() as scope:
-            self._client_scope = scope
-            async with open_client(host, port, api_key) as client:
-                task_status.started(client)
-                await trio.sleep_forever()
-
-    async def _disconnect(self) -> None:
-        if self._client_scope is not None:
-            self._client_scope.cancel()
-        self._client = None
-        self._client_scope = None
-        await trio.lowlevel.checkpoint()
-
-
-@asynccontextmanager
-async def open_batcher(
-    host: str,
-    port: int,
-    api_key: str | None = None,
-    *,
-    max_events: int = 1000,
-    flush_interval_s: float = 1.0,
-    max_retries: int = 8,
-    retry_backoff_s: float = 0.1,
-) -> AsyncIterator[Batcher]:
-    """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit."""
-    batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s)
-    with unwrap_single():
-        async with trio.open_nursery() as nursery:
-            batcher._nursery = nursery
-
-            async def flush_periodically() -> None:
-                while True:
-                    await trio.sleep(flush_interval_s)
-                    await batcher.flush()
-
-            nursery.start_soon(flush_periodically)
-            try:
-                yield batcher
-                await batcher.flush()
-            finally:
-                nursery.cancel_scope.cancel()
-
-
-# --------------------------------------------------------------- sync wrapper
-
-
-class SyncClient:
-    """A blocking client for programs that are not async.
-
-    Runs a trio event loop with one ``Client`` in a background thread::
-
-        with SyncClient("127.0.0.1", 7433) as client:
-            client.ingest([Event(...)])
-    """
-
-    def __init__(self, host: str, port: int, api_key: str | None = None) -> None:
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._client: Client | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._run, args=(host, port, api_key),
-                                        name="metering-engine-client", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-
-    def _run(self, host: str, port: int, api_key: str | None) -> None:
-        async def main() -> None:
-            try:
-                async with open_client(host, port, api_key) as client:
-                    self._client = client
-                    self._token = trio.lowlevel.current_trio_token()
-                    self._stop = trio.Event()
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:
-                if not self._ready.is_set():
-                    self._error = exc
-                    self._ready.set()
-                else:
-                    raise
-
-        trio.run(main)
-
-    def _call(self, method: Callable[[Client, *_Ts], Awaitable[_R]], *args: *_Ts) -> _R:
-        """Run ``method(client, *args)`` on the client's event loop and wait for it."""
-        if self._token is None or self._client is None:
-            raise ConnectionLost("client is closed")
-        return trio.from_thread.run(method, self._client, *args, trio_token=self._token)
-
-    def ping(self) -> None:
-        self._call(Client.ping)
-
-    def define_meter(self, meter: Meter) -> Meter:
-        return self._call(Client.define_meter, meter)
-
-    def list_meters(self) -> list[Meter]:
-        return self._call(Client.list_meters)
-
-    def meters(self) -> list[Meter]:
-        return self._call(Client.meters)
-
-    def ingest(self, events: Sequence[Event]) -> IngestAck:
-        return self._call(Client.ingest, events)
-
-    def query(self, query: Query) -> QueryResult:
-        return self._call(Client.query, query)
-
-    def stats(self) -> dict[str, Any]:
-        return self._call(Client.stats)
-
-    def statistics(self) -> RemoteStatistics:
-        return self._call(Client.statistics)
-
-    def add_limit(self, limit: Limit) -> Limit:
-        return self._call(Client.add_limit, limit)
-
-    def remove_limit(self, limit_id: str) -> bool:
-        return self._call(Client.remove_limit, limit_id)
-
-    def list_limits(self) -> list[Limit]:
-        return self._call(Client.list_limits)
-
-    def close(self) -> None:
-        if self._token is not None and self._stop is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            self._token = None
-        self._thread.join()
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
