@@ -332,11 +332,6 @@ class ClientConnection:
     def send(self, message: ClientMessage) -> bytes:
         """The frame for ``message``; a request over the server's frame limit is refused
         with ``InvalidRequest`` before anything is sent."""
-        if isinstance(message, Hello):
-            if self.state is not ClientState.IDLE:
-                raise LocalProtocolError("hello is sent once, first")
-            self.state = ClientState.SENT_HELLO
-            return encode_message_frame(message)
         payload = encode_message(message)
         limit = self.welcome.max_frame_bytes if self.welcome is not None else MAX_FRAME_BYTES
         if len(payload) > limit:
@@ -344,6 +339,11 @@ class ClientConnection:
                 f"request of {len(payload)} bytes exceeds the server's frame limit of {limit}; "
                 "send smaller batches"
             )
+        if isinstance(message, Hello):
+            if self.state is not ClientState.IDLE:
+                raise LocalProtocolError("hello is sent once, first")
+            self.state = ClientState.SENT_HELLO
+            return encode_frame(payload)
         request_id = message.id
         if request_id in self._in_flight:
             raise LocalProtocolError(f"request id {request_id} is already in flight")
