@@ -1,6 +1,7 @@
 """The lightweight client: trio, one TCP connection, many requests in flight.
 
-Shell layer: trio and ``engine.protocol``. Use::
+Shell layer: trio, ``engine.protocol``, ``engine.errors``, ``engine.schema`` and
+``engine.runtime.groups`` (for ``unwrap_single``); never the engine itself. Use::
 
     async with open_client("127.0.0.1", 7433, api_key=None) as client:
         await client.define_meter(Meter(name="api_calls", aggregation="sum"))

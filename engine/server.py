@@ -1,6 +1,7 @@
 """The TCP server: trio around the sans-IO protocol and the embedded engine.
 
-Shell layer: trio, ``engine.protocol``, ``engine.auth`` and the runtime.
+Shell layer: trio, ``engine.protocol``, ``engine.auth``, ``engine.budget``,
+``engine.server_connection`` (one connection's tasks) and the runtime's ``Engine``.
 
 Policy, per connection (each is a task with its own small nursery):
 
