@@ -7,10 +7,13 @@ limits, bad requests' ids, and the client's id matching and push routing.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import (
     BadFrame,
@@ -318,3 +321,30 @@ def test_the_clients_fatal_errors_say_what_the_caller_sees() -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         pair.client.next_message()
     assert type(caught.value.error) is ConnectionLost
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 2000), max_size=10), count=st.integers(1, 8))
+def test_requests_and_replies_survive_any_split_of_the_stream(cuts: list[int], count: int
+                                                              ) -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    requests = [ListMeters(id=pair.client.next_request_id()) for _ in range(count)]
+    data = b"".join(pair.client.send(request) for request in requests)
+    read: list[Any] = []
+    for start, end in itertools.pairwise(sorted({0, len(data), *(c % (len(data) + 1)
+                                                                 for c in cuts)})):
+        pair.server.receive_data(data[start:end])
+        while (message := pair.server.next_message()) is not NEED_DATA:
+            read.append(message)
+    assert read == requests
+    replies = b"".join(pair.server.send(MetersReply(id=r.id, meters=[Meter(name=f"m{r.id}")]))
+                       for r in reversed(requests))  # answered in any order
+    got: list[Any] = []
+    for start, end in itertools.pairwise(sorted({0, len(replies), *(c % (len(replies) + 1)
+                                                                    for c in cuts)})):
+        pair.client.receive_data(replies[start:end])
+        while (message := pair.client.next_message()) is not NEED_DATA:
+            got.append(message)
+    assert [reply.id for reply in got] == [r.id for r in reversed(requests)]
+    assert pair.client.in_flight == set()
