@@ -142,15 +142,16 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _status_line(server: MeterServer, out: TextIO) -> None:
-    last_events, last_time = server.stats.events_ingested, time.perf_counter()
+    last_events, last_time = server.statistics().events_ingested, time.perf_counter()
     while True:
         await trio.sleep(1)
         now = time.perf_counter()
-        events = server.stats.events_ingested
+        served = server.statistics()
+        events = served.events_ingested
         rate = (events - last_events) / (now - last_time)
         last_events, last_time = events, now
         stats = server.engine.statistics()
-        out.write(f"\r{rate:>10,.0f} events/s  {server.stats.connections:>5} connections  "
+        out.write(f"\r{rate:>10,.0f} events/s  {served.connections:>5} connections  "
                   f"{stats.series_count:>10,} series  {stats.bucket_count:>12,} buckets  "
                   f"lsn {stats.last_lsn}   ")
         out.flush()

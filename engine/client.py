@@ -1,6 +1,7 @@
 """The lightweight client: trio, one TCP connection, many requests in flight.
 
-Shell layer: trio and ``engine.protocol``. Use::
+Shell layer: trio, ``engine.protocol``, ``engine.errors``, ``engine.schema`` and
+``engine.runtime.groups`` (for ``unwrap_single``); never the engine itself. Use::
 
     async with open_client("127.0.0.1", 7433, api_key=None) as client:
         await client.define_meter(Meter(name="api_calls", aggregation="sum"))
@@ -12,38 +13,37 @@ are matched by id, so requests are pipelined on the connection. Errors the
 server sends arrive as the same typed exceptions the embedded engine raises
 (``BatchRejected`` with its ``problems``, ``InvalidQuery``, ``Forbidden``, ...).
 
-Also here: ``open_batcher`` (buffers single events, flushes by size and
-interval, retries on connection loss with the same unique ids) and
-``SyncClient`` (a blocking wrapper for programs that are not async).
+Beside it: ``engine.batcher.open_batcher`` (buffers single events, flushes
+by size and interval, retries on connection loss with the same unique ids) and
+``engine.sync_client.SyncClient`` (a blocking wrapper for programs that are not
+async); both stay importable from here.
+
+The protocol state (ids in flight, open subscriptions, the server's limits)
+is the sans-IO ``ClientConnection``'s; this module keeps the trio side: the
+send lock, the events callers wait on and the reader task.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import logging
-import threading
-import uuid
+import importlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, TypeVarTuple
+from types import MappingProxyType
+from typing import Any
 
-import msgspec
 import trio
 
-from engine.errors import (
-    ERRORS_BY_CODE,
-    BatchRejected,
-    ConnectionLost,
-    EventProblem,
-    InvalidRequest,
-    MeteringError,
-    ProtocolError,
-    ServerBusy,
+from engine.errors import ConnectionLost, MeteringError, map_exceptions
+from engine.protocol.connection import (
+    MAX_REPLY_BYTES,
+    NEED_DATA,
+    ClientConnection,
+    RemoteProtocolError,
+    error_from_reply,
 )
-from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
     AddLimit,
@@ -58,7 +58,6 @@ from engine.protocol.messages import (
     LimitsReply,
     ListLimits,
     ListMeters,
-    MessageError,
     MeterReply,
     MetersReply,
     Ping,
@@ -71,34 +70,47 @@ from engine.protocol.messages import (
     Subscribe,
     Unsubscribe,
     Welcome,
-    decode_server_message,
-    encode_message,
 )
 from engine.runtime.groups import unwrap_single
 from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
 
-log = logging.getLogger(__name__)
-
-_R = TypeVar("_R")
-_Ts = TypeVarTuple("_Ts")
-
-# Replies (query results) may be larger than requests; the server caps them at 256 MiB.
-MAX_REPLY_BYTES = 256 * 1024 * 1024 + 1024
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
-__all__ = ["Client", "SyncClient", "open_batcher", "open_client"]
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "BatcherStatistics",  # noqa: F822 (moved; served by __getattr__)
+    "Client",
+    "ClientSubscription",
+    "RemoteStatistics",
+    "SubscriptionStatistics",
+    "SyncClient",  # noqa: F822 (moved; served by __getattr__)
+    "error_from_reply",
+    "open_batcher",  # noqa: F822 (moved; served by __getattr__)
+    "open_client",
+]
+
+# Names that moved to their own modules, still importable from here (see __getattr__).
+_MOVED = {
+    "Batcher": "engine.batcher",
+    "BatcherStatistics": "engine.batcher",
+    "open_batcher": "engine.batcher",
+    "SyncClient": "engine.sync_client",
+}
 
 
-def error_from_reply(reply: ErrorReply) -> MeteringError:
-    """The typed exception for a server's error frame."""
-    if reply.code == BatchRejected.code and reply.problems is not None:
-        return BatchRejected([EventProblem(index, reason) for index, reason in reply.problems])
-    error_type = ERRORS_BY_CODE.get(reply.code)
-    if error_type is None or error_type is BatchRejected:
-        error = ProtocolError(f"{reply.code}: {reply.detail}")
-        error.code = reply.code
-        return error
-    return error_type(reply.detail)
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+# The stream failing under us: the connection is gone.
+TRANSPORT_ERRORS: dict[type[Exception], type[MeteringError]] = {
+    trio.BrokenResourceError: ConnectionLost,
+    trio.ClosedResourceError: ConnectionLost,
+    OSError: ConnectionLost,
+}
 
 
 class _Pending:
@@ -114,29 +126,28 @@ class Client:
 
     def __init__(self, stream: trio.abc.Stream, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self._stream = stream
-        self._decoder = FrameDecoder(max_reply_bytes)
-        self._ids = itertools.count(1)
+        # Protocol state (ids in flight, open subscriptions, the welcome); the trio
+        # objects waiting on it are here.
+        self._protocol = ClientConnection(max_reply_bytes=max_reply_bytes)
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed_error: MeteringError | None = None
         self._subscriptions: dict[int, ClientSubscription] = {}
-        self.welcome: Welcome | None = None
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The server's welcome (its limits), once the handshake is done."""
+        return self._protocol.welcome
 
     # --------------------------------------------------------------- plumbing
 
-    async def _send(self, message: msgspec.Struct) -> None:
-        payload = encode_message(message)
-        limit = self.welcome.max_frame_bytes if self.welcome is not None else MAX_FRAME_BYTES
-        if len(payload) > limit:
-            raise InvalidRequest(
-                f"request of {len(payload)} bytes exceeds the server's frame limit of {limit}; "
-                "send smaller batches"
-            )
+    async def _send(self, message: Any) -> None:
+        frame = self._protocol.send(message)  # a request over the frame limit raises here
         async with self._send_lock:
             if self._closed_error is not None:
                 raise ConnectionLost(f"connection is closed: {self._closed_error}")
             try:
-                await self._stream.send_all(HEADER.pack(len(payload)) + payload)
+                await self._stream.send_all(frame)
             except BaseException as exc:
                 # Possibly half a frame is on the wire: it would swallow the next request's
                 # frame, so this connection cannot be used again.
@@ -146,47 +157,40 @@ class Client:
                 raise
 
     async def _receive(self) -> Any:
+        """The next message the protocol lets through; raises the server's breach as
+        the typed error it amounts to."""
         while True:
-            payload = self._decoder.next_frame()
-            if payload is not None:
-                return decode_server_message(payload)
+            try:
+                message = self._protocol.next_message()
+            except RemoteProtocolError as exc:
+                raise exc.error from None
+            if message is not NEED_DATA:
+                return message
             data = await self._stream.receive_some(256 * 1024)
             if not data:
                 raise ConnectionLost("the server closed the connection")
-            self._decoder.feed(data)
+            self._protocol.receive_data(data)
 
     async def _handshake(self, api_key: str | None, client_name: str) -> None:
         await self._send(Hello(version=PROTOCOL_VERSION, api_key=api_key, client=client_name))
-        reply = await self._receive()
-        if isinstance(reply, ErrorReply):
-            raise error_from_reply(reply)
-        if not isinstance(reply, Welcome):
-            raise ProtocolError(f"expected welcome, got {type(reply).__name__}")
-        self.welcome = reply
+        await self._receive()  # the welcome, or the server's refusal raised
 
     async def _reader(self) -> None:
         try:
-            while True:
-                reply = await self._receive()
-                if isinstance(reply, AlertsPush | Lagged):
-                    subscription = self._subscriptions.get(reply.subscription)
-                    if subscription is not None:
-                        subscription._deliver(reply)
-                    continue
-                request_id = getattr(reply, "id", None)
-                if request_id is None:
-                    if isinstance(reply, ErrorReply):
-                        raise error_from_reply(reply)  # connection-level: fatal
-                    raise ProtocolError(f"unexpected {type(reply).__name__} without an id")
-                pending = self._pending.pop(request_id, None)
-                if pending is None:
-                    continue  # its caller was cancelled and stopped waiting
-                pending.reply = reply
-                pending.done.set()
-        except (MeteringError, MessageError, FrameError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError) as exc:
-            error = exc if isinstance(exc, MeteringError) else ConnectionLost(str(exc))
-            self._fail_all(error)
+            with map_exceptions(TRANSPORT_ERRORS):
+                while True:
+                    message = await self._receive()
+                    if isinstance(message, AlertsPush | Lagged):
+                        subscription = self._subscriptions.get(message.subscription)
+                        if subscription is not None:
+                            subscription._deliver(message)
+                        continue
+                    pending = self._pending.pop(message.id, None)
+                    if pending is not None:  # None: a reply nobody waits for (unsubscribe)
+                        pending.reply = message
+                        pending.done.set()
+        except MeteringError as exc:
+            self._fail_all(exc)
 
     def _fail_all(self, error: MeteringError) -> None:
         if self._closed_error is None:
@@ -198,24 +202,24 @@ class Client:
             subscription._wake()
 
     async def _call(self, message_type: type, **fields: Any) -> Any:
-        return await self._call_with_id(next(self._ids), message_type, **fields)
+        return await self._call_with_id(self._protocol.next_request_id(), message_type,
+                                        **fields)
 
     async def _call_with_id(self, request_id: int, message_type: type, **fields: Any) -> Any:
         if self._closed_error is not None:
             raise ConnectionLost(f"connection is closed: {self._closed_error}")
         pending = self._pending[request_id] = _Pending()
         try:
-            await self._send(message_type(id=request_id, **fields))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._pending.pop(request_id, None)
-            raise ConnectionLost(f"sending failed: {exc}") from None
-        except BaseException:
-            self._pending.pop(request_id, None)
-            raise
-        try:
+            try:
+                with map_exceptions(TRANSPORT_ERRORS, "sending failed: {error}"):
+                    await self._send(message_type(id=request_id, **fields))
+            except BaseException:
+                self._pending.pop(request_id, None)
+                raise
             await pending.done.wait()
         finally:
             self._pending.pop(request_id, None)
+            self._protocol.forget(request_id)  # a no-op once its reply arrived
         reply = pending.reply
         if reply is None:
             raise ConnectionLost(
@@ -277,8 +281,55 @@ class Client:
         return reply.result
 
     async def stats(self) -> dict[str, Any]:
+        """The server's ``stats`` map as sent (engine fields, then ``server_*`` ones)."""
         reply: StatsReply = await self._call(Stats)
         return reply.stats
+
+    async def statistics(self) -> RemoteStatistics:
+        """The server's statistics as a record, the remote ``Engine.statistics()``."""
+        return RemoteStatistics.from_stats(await self.stats())
+
+    async def meters(self) -> list[Meter]:
+        """Every meter definition (``Engine.meters()``; same as ``list_meters``)."""
+        return await self.list_meters()
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStatistics:
+    """What ``Client.statistics()`` returns: the server's ``stats`` map, split.
+
+    The fields are the server's, of whatever version it runs (docs/protocol.md: the map
+    is for humans and dashboards, keys may be added), so they stay mappings.
+    """
+
+    engine: Mapping[str, Any]
+    """The fields of the server's ``Engine.statistics()`` (``series_count``, ...)."""
+    server: Mapping[str, Any]
+    """The fields of its ``MeterServer.statistics()``, without the ``server_`` prefix."""
+    server_time_ms: int | None
+    """The server's wall clock when it answered."""
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> RemoteStatistics:
+        engine = {k: v for k, v in stats.items() if not k.startswith("server_")}
+        server = {k.removeprefix("server_"): v for k, v in stats.items()
+                  if k.startswith("server_") and k != "server_time_ms"}
+        return cls(engine=MappingProxyType(engine), server=MappingProxyType(server),
+                   server_time_ms=stats.get("server_time_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """What ``ClientSubscription.statistics()`` returns."""
+
+    next_seq: int
+    """The seq of the next alert this subscription will yield."""
+    buffered_alerts: int
+    """Alerts received and not yet read."""
+    lagged: int
+    """Times the reader fell ``buffer_alerts`` behind and the subscription was reopened."""
+    server_lag_notices: int
+    """``lagged`` notices from the server (this connection read too slowly for it)."""
 
 
 class ClientSubscription:
@@ -287,6 +338,7 @@ class ClientSubscription:
     Alerts wait in a bounded buffer until read. A reader that falls behind by
     more than ``buffer_alerts`` is counted in ``lagged`` and the subscription is
     reopened from its ``next_seq``: nothing is lost and nothing repeats.
+    ``statistics()`` gives these counters as one record.
     """
 
     buffer_alerts = 10_000
@@ -302,11 +354,12 @@ class ClientSubscription:
         self._arrived = trio.Event()
 
     async def _open(self) -> None:
-        request_id = next(self._client._ids)
+        request_id = self._client._protocol.next_request_id()
         self._id = request_id
         self._buffer.clear()
         self._overflowed = False
-        # Registered before the request is sent: pushes may precede the reply.
+        # Registered before the request is sent: pushes may precede the reply (the
+        # protocol routes them from the moment the Subscribe is sent).
         self._client._subscriptions[request_id] = self
         try:
             await self._client._call_with_id(request_id, Subscribe, from_seq=self.next_seq)
@@ -319,6 +372,7 @@ class ClientSubscription:
         if subscription_id is None:
             return
         self._client._subscriptions.pop(subscription_id, None)
+        self._client._protocol.end_subscription(subscription_id)
         if self._client._closed_error is None:
             # Sent without waiting for the reply: this runs shielded, often because the
             # caller's scope was cancelled, which may have cancelled the reader task too,
@@ -327,8 +381,13 @@ class ClientSubscription:
             with trio.move_on_after(UNSUBSCRIBE_SEND_TIMEOUT_S), \
                     contextlib.suppress(MeteringError, trio.BrokenResourceError,
                                         trio.ClosedResourceError, OSError):
-                await self._client._send(
-                    Unsubscribe(id=next(self._client._ids), subscription=subscription_id))
+                await self._client._send(Unsubscribe(
+                    id=self._client._protocol.next_request_id(), subscription=subscription_id))
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(next_seq=self.next_seq, buffered_alerts=len(self._buffer),
+                                      lagged=self.lagged,
+                                      server_lag_notices=self.server_lag_notices)
 
     def _deliver(self, push: AlertsPush | Lagged) -> None:
         if isinstance(push, Lagged):
@@ -386,8 +445,7 @@ async def open_client(
         try:
             with trio.fail_after(connect_timeout_s):
                 await client._handshake(api_key, client_name)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError,
-                MessageError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"handshake failed: {exc!r}") from None
         with unwrap_single():
             async with trio.open_nursery() as nursery:
@@ -397,212 +455,3 @@ async def open_client(
                 finally:
                     nursery.cancel_scope.cancel()
                     client._fail_all(ConnectionLost("client closed"))
-
-
-# ------------------------------------------------------------------- batcher
-
-
-@dataclass
-class BatcherStatistics:
-    events_added: int = 0
-    batches_sent: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    retries: int = 0
-
-
-class Batcher:
-    """Buffers events and sends them in batches; see ``open_batcher``."""
-
-    def __init__(self, host: str, port: int, api_key: str | None, max_events: int,
-                 max_retries: int, retry_backoff_s: float) -> None:
-        self._address = (host, port, api_key)
-        self.max_events = max_events
-        self.max_retries = max_retries
-        self.retry_backoff_s = retry_backoff_s
-        self.statistics = BatcherStatistics()
-        self._buffer: list[Event] = []
-        self._client: Client | None = None
-        self._client_scope: Any = None
-        self._lock = trio.Lock()
-        self._nursery: trio.Nursery | None = None
-
-    async def add(self, event: Event) -> None:
-        """Buffer one event (giving it a unique id if it has none); flush when full."""
-        if event.unique_id is None:
-            event = msgspec.structs.replace(event, unique_id=uuid.uuid4().hex)
-        self._buffer.append(event)
-        self.statistics.events_added += 1
-        if len(self._buffer) >= self.max_events:
-            await self.flush()
-
-    async def flush(self) -> IngestAck | None:
-        """Send what is buffered now; retries on connection loss with the same unique ids."""
-        async with self._lock:
-            if not self._buffer:
-                return None
-            batch, self._buffer = self._buffer, []
-            ack = await self._send_with_retries(batch)
-            self.statistics.batches_sent += 1
-            self.statistics.accepted += ack.accepted
-            self.statistics.duplicates += ack.duplicates
-            return ack
-
-    async def _send_with_retries(self, batch: list[Event]) -> IngestAck:
-        attempt = 0
-        while True:
-            try:
-                client = await self._connected()
-                return await client.ingest(batch)
-            except (ConnectionLost, ServerBusy, OSError, trio.TooSlowError,
-                    trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self._disconnect()
-                attempt += 1
-                if attempt > self.max_retries:
-                    raise ConnectionLost(f"gave up after {attempt} attempts: {exc}") from None
-                self.statistics.retries += 1
-                log.info("ingest failed (%s); retry %d with the same unique ids", exc, attempt)
-                await trio.sleep(self.retry_backoff_s * min(2 ** (attempt - 1), 32))
-
-    async def _connected(self) -> Client:
-        if self._client is not None:
-            return self._client
-        assert self._nursery is not None
-        host, port, api_key = self._address
-        self._client = await self._nursery.start(self._hold_client, host, port, api_key)
-        return self._client
-
-    async def _hold_client(self, host: str, port: int, api_key: str | None,
-                           task_status: trio.TaskStatus[Client]) -> None:
-        with trio.CancelScope() as scope:
-            self._client_scope = scope
-            async with open_client(host, port, api_key) as client:
-                task_status.started(client)
-                await trio.sleep_forever()
-
-    async def _disconnect(self) -> None:
-        if self._client_scope is not None:
-            self._client_scope.cancel()
-        self._client = None
-        self._client_scope = None
-        await trio.lowlevel.checkpoint()
-
-
-@asynccontextmanager
-async def open_batcher(
-    host: str,
-    port: int,
-    api_key: str | None = None,
-    *,
-    max_events: int = 1000,
-    flush_interval_s: float = 1.0,
-    max_retries: int = 8,
-    retry_backoff_s: float = 0.1,
-) -> AsyncIterator[Batcher]:
-    """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit."""
-    batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s)
-    with unwrap_single():
-        async with trio.open_nursery() as nursery:
-            batcher._nursery = nursery
-
-            async def flush_periodically() -> None:
-                while True:
-                    await trio.sleep(flush_interval_s)
-                    await batcher.flush()
-
-            nursery.start_soon(flush_periodically)
-            try:
-                yield batcher
-                await batcher.flush()
-            finally:
-                nursery.cancel_scope.cancel()
-
-
-# --------------------------------------------------------------- sync wrapper
-
-
-class SyncClient:
-    """A blocking client for programs that are not async.
-
-    Runs a trio event loop with one ``Client`` in a background thread::
-
-        with SyncClient("127.0.0.1", 7433) as client:
-            client.ingest([Event(...)])
-    """
-
-    def __init__(self, host: str, port: int, api_key: str | None = None) -> None:
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._client: Client | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._run, args=(host, port, api_key),
-                                        name="metering-engine-client", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-
-    def _run(self, host: str, port: int, api_key: str | None) -> None:
-        async def main() -> None:
-            try:
-                async with open_client(host, port, api_key) as client:
-                    self._client = client
-                    self._token = trio.lowlevel.current_trio_token()
-                    self._stop = trio.Event()
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:
-                if not self._ready.is_set():
-                    self._error = exc
-                    self._ready.set()
-                else:
-                    raise
-
-        trio.run(main)
-
-    def _call(self, method: Callable[[Client, *_Ts], Awaitable[_R]], *args: *_Ts) -> _R:
-        """Run ``method(client, *args)`` on the client's event loop and wait for it."""
-        if self._token is None or self._client is None:
-            raise ConnectionLost("client is closed")
-        return trio.from_thread.run(method, self._client, *args, trio_token=self._token)
-
-    def ping(self) -> None:
-        self._call(Client.ping)
-
-    def define_meter(self, meter: Meter) -> Meter:
-        return self._call(Client.define_meter, meter)
-
-    def list_meters(self) -> list[Meter]:
-        return self._call(Client.list_meters)
-
-    def ingest(self, events: Sequence[Event]) -> IngestAck:
-        return self._call(Client.ingest, events)
-
-    def query(self, query: Query) -> QueryResult:
-        return self._call(Client.query, query)
-
-    def stats(self) -> dict[str, Any]:
-        return self._call(Client.stats)
-
-    def add_limit(self, limit: Limit) -> Limit:
-        return self._call(Client.add_limit, limit)
-
-    def remove_limit(self, limit_id: str) -> bool:
-        return self._call(Client.remove_limit, limit_id)
-
-    def list_limits(self) -> list[Limit]:
-        return self._call(Client.list_limits)
-
-    def close(self) -> None:
-        if self._token is not None and self._stop is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            self._token = None
-        self._thread.join()
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -1,6 +1,7 @@
 """The TCP server: trio around the sans-IO protocol and the embedded engine.
 
-Shell layer: trio, ``engine.protocol``, ``engine.auth`` and the runtime.
+Shell layer: trio, ``engine.protocol``, ``engine.auth``, ``engine.budget``,
+``engine.server_connection`` (one connection's tasks) and the runtime's ``Engine``.
 
 Policy, per connection (each is a task with its own small nursery):
 
@@ -31,95 +32,72 @@ Policy, per connection (each is a task with its own small nursery):
   committed and acknowledged or not acknowledged; the engine never applies half
   a batch), then closes.
 
-Resource errors on ``accept`` (EMFILE and friends) are logged and retried
-after a short sleep, as in ``trio.serve_listeners``.
+The protocol rules themselves (handshake, frame and reply limits, bad
+requests) are in ``engine.protocol.connection``; this module keeps the
+timeouts, the request budget and the tasks. The accept loop's policy is on
+``MeterServer.serve``.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import os
+from dataclasses import dataclass, field
 
-import msgspec
 import trio
 
-from engine.auth import KeyRing, Principal
-from engine.errors import (
-    BatchRejected,
-    Forbidden,
-    InvalidRequest,
-    MeteringError,
-)
-from engine.protocol.framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, FrameError
-from engine.protocol.messages import (
-    PROTOCOL_VERSION,
-    AddLimit,
-    AlertsPush,
-    DefineMeter,
-    ErrorReply,
-    Hello,
-    Ingest,
-    IngestReply,
-    Lagged,
-    LimitReply,
-    LimitsReply,
-    ListLimits,
-    ListMeters,
-    MessageError,
-    MeterReply,
-    MetersReply,
-    Ping,
-    Pong,
-    QueryReply,
-    QueryRequest,
-    RemovedReply,
-    RemoveLimit,
-    Stats,
-    StatsReply,
-    Subscribe,
-    Subscribed,
-    Unsubscribe,
-    Unsubscribed,
-    Welcome,
-    decode_client_message,
-    encode_message,
-)
+from engine.auth import KeyRing
+from engine.budget import ByteBudget
+from engine.errors import InsecureBind, MeteringError, ServerBusy
+from engine.protocol.connection import MAX_HELLO_BYTES, encode_message_frame, error_reply
+from engine.protocol.framing import MAX_FRAME_BYTES
 from engine.runtime.engine import Engine
-from engine.schema import Limit, Query
+from engine.server_connection import (
+    LAG_NOTICE,
+    MAX_SUBSCRIPTIONS,
+    PUSH_BATCH,
+    RECEIVE_CHUNK_BYTES,
+    REQUEST_HANDLERS,
+    REQUEST_MEMORY_FACTOR,
+    REQUIRED_SCOPE,
+    SERVER_NAME,
+    RequestHandler,
+    ServerSideConnection,
+)
+
+__all__ = [
+    "ACCEPT_RETRY_S",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "LAG_NOTICE",
+    "MAX_HELLO_BYTES",
+    "MAX_SUBSCRIPTIONS",
+    "PUSH_BATCH",
+    "RECEIVE_CHUNK_BYTES",
+    "REQUEST_HANDLERS",
+    "REQUEST_MEMORY_FACTOR",
+    "REQUIRED_SCOPE",
+    "SERVER_NAME",
+    "ByteBudget",
+    "InsecureBind",
+    "MeterServer",
+    "RequestHandler",
+    "ServerConfig",
+    "ServerStatistics",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7433
-SERVER_NAME = "metering-engine"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# accept() errors that mean "out of file descriptors or memory for now", as in
+# trio.serve_listeners: retried, not fatal.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-RECEIVE_CHUNK_BYTES = 256 * 1024
-MAX_HELLO_BYTES = 64 * 1024  # the first frame: a version, an API key and a client name
-# A decoded request takes several times its wire size in memory (an event of ~100 bytes
-# of msgpack is a struct, a dict and strings): the request budget counts this multiple.
-REQUEST_MEMORY_FACTOR = 4
+# How long to sleep after one of those before calling accept() again.
+ACCEPT_RETRY_S = 0.1
 
-REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {
-    Ping: None,
-    ListMeters: "query",
-    QueryRequest: "query",
-    Ingest: "ingest",
-    DefineMeter: "admin",
-    Stats: "admin",
-    AddLimit: "admin",
-    RemoveLimit: "admin",
-    ListLimits: "query",
-    Subscribe: "query",
-    Unsubscribe: None,
-}
-MAX_SUBSCRIPTIONS = 16  # per connection
-PUSH_BATCH = 256  # alerts per push frame at most
-LAG_NOTICE = 10_000  # alerts behind before a subscriber is told it lags
 
 
 @dataclass(frozen=True)
@@ -143,12 +121,31 @@ class ServerConfig:
     drain_timeout_s: float = 10.0
 
 
-class InsecureBind(MeteringError):
-    code = "insecure_bind"
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """What ``MeterServer.statistics()`` returns: counters at the moment of the call.
+
+    The ``stats`` request sends these with a ``server_`` prefix beside the engine's.
+    """
+
+    connections: int = 0
+    """Connections open now (past the connection limit check)."""
+    connections_total: int = 0
+    """Connections accepted since the server started."""
+    requests: int = 0
+    """Requests answered (with a reply or an error), not counting refused frames."""
+    events_ingested: int = 0
+    """Events accepted by ingest requests (not duplicates)."""
+    protocol_errors: int = 0
+    """Frames refused: bad frames and messages, failed handshakes, timeouts."""
+    refused_connections: int = 0
+    """Connections refused at the connection limit (``busy``)."""
 
 
 @dataclass(slots=True)
-class ServerStatistics:
+class _ServerCounters:
+    """The mutable counters behind ``ServerStatistics``; written only by the server."""
+
     connections: int = 0
     connections_total: int = 0
     requests: int = 0
@@ -157,17 +154,13 @@ class ServerStatistics:
     refused_connections: int = 0
 
 
-class _Closing(Exception):
-    """Internal: close this connection after the error frame was sent."""
-
-
 class MeterServer:
     """Serves one engine over TCP. Use ``serve`` (or ``nursery.start(server.serve)``)."""
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
-        self.stats = ServerStatistics()
+        self._counters = _ServerCounters()
         self.port: int | None = None
         self._draining = trio.Event()
         self.request_budget = ByteBudget(self.config.max_request_bytes_in_flight)
@@ -180,10 +173,44 @@ class MeterServer:
                 "(--keys FILE or $METER_API_KEYS) or pass --allow-insecure-bind"
             )
 
+    def statistics(self) -> ServerStatistics:
+        """The server's counters now (an immutable snapshot)."""
+        counters = self._counters
+        return ServerStatistics(
+            connections=counters.connections, connections_total=counters.connections_total,
+            requests=counters.requests, events_ingested=counters.events_ingested,
+            protocol_errors=counters.protocol_errors,
+            refused_connections=counters.refused_connections)
+
+    @property
+    def stats(self) -> ServerStatistics:
+        """``statistics()``, under the attribute name it had before (read-only)."""
+        return self.statistics()
+
     # ------------------------------------------------------------- listening
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled or ``shutdown`` is called; reports the bound port."""
+        """Listen on ``config.host``/``config.port`` until cancelled or ``shutdown``.
+
+        Reports the bound port through ``task_status`` (so ``port = await
+        nursery.start(server.serve)`` works with port 0) and sets ``self.port``.
+
+        Resource handling:
+            Each accepted connection runs in its own task in a nursery this call
+            owns, so ``serve`` returns only once every connection is closed. On
+            ``shutdown`` the listeners stop accepting, readers stop reading, and
+            connections get ``drain_timeout_s`` to answer what they already read,
+            after which they are cancelled. Listeners are closed on the way out, even
+            when cancelled. Past ``max_connections``, a new connection gets a
+            ``busy`` error frame and is closed.
+
+        Error handling:
+            An ``accept`` failing with EMFILE, ENFILE, ENOMEM or ENOBUFS (out of file
+            descriptors or memory) is logged and retried after ``ACCEPT_RETRY_S``;
+            any other ``accept`` error propagates. A connection whose peer goes away
+            ends quietly; an unexpected error in a connection is logged and closes
+            that connection only.
+        """
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         try:
             self.port = listeners[0].socket.getsockname()[1]
@@ -214,8 +241,10 @@ class MeterServer:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
+                    log.error("accept returned %s (%s); retrying in %.0f ms",
+                              errno.errorcode[exc.errno], os.strerror(exc.errno),
+                              ACCEPT_RETRY_S * 1000, exc_info=True)
+                    await trio.sleep(ACCEPT_RETRY_S)
                     continue
                 raise
             handlers.start_soon(self._connection, stream)
@@ -223,443 +252,28 @@ class MeterServer:
     # ------------------------------------------------------------ connection
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        stats = self.stats
-        if stats.connections >= self.config.max_connections:
-            stats.refused_connections += 1
-            await self._send_and_close(
-                stream, ErrorReply(code="busy", detail="too many connections"))
+        counters = self._counters
+        if counters.connections >= self.config.max_connections:
+            counters.refused_connections += 1
+            await self._send_and_close(stream, ServerBusy("too many connections"))
             return
-        stats.connections += 1
-        stats.connections_total += 1
+        counters.connections += 1
+        counters.connections_total += 1
         try:
-            await _Connection(self, stream).run()
+            await ServerSideConnection(self, stream).run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away
         except* Exception:
             log.exception("connection handler failed")
         finally:
-            stats.connections -= 1
+            counters.connections -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _send_and_close(self, stream: trio.SocketStream, message: ErrorReply) -> None:
+    async def _send_and_close(self, stream: trio.SocketStream, error: MeteringError) -> None:
         with trio.move_on_after(1):
             try:
-                await stream.send_all(_frame(message))
+                await stream.send_all(encode_message_frame(error_reply(error)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await stream.aclose()
-
-
-class ByteBudget:
-    """A server-wide budget of bytes, handed out in arrival order.
-
-    ``acquire(n)`` waits while ``n`` more would pass the limit, and behind any earlier
-    waiter (so a large request is not overtaken for ever by a stream of small ones). A
-    request larger than the whole budget is admitted when nothing else holds any.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.used_bytes = 0
-        self._queue: deque[_BudgetWaiter] = deque()
-
-    def _fits(self, size_bytes: int) -> bool:
-        return not self.used_bytes or self.used_bytes + size_bytes <= self.limit_bytes
-
-    async def acquire(self, size_bytes: int) -> int:
-        """Take ``size_bytes`` (capped at the limit); returns what to ``release``."""
-        size_bytes = min(size_bytes, self.limit_bytes)
-        if not self._queue and self._fits(size_bytes):
-            self.used_bytes += size_bytes
-            return size_bytes
-        waiter = _BudgetWaiter(size_bytes)
-        self._queue.append(waiter)
-        try:
-            await waiter.granted.wait()
-        except BaseException:
-            if waiter.granted.is_set():
-                self.release(size_bytes)  # granted just as we were cancelled
-            else:
-                self._queue.remove(waiter)
-                self._grant()  # the waiters behind may fit now
-            raise
-        return size_bytes
-
-    def _grant(self) -> None:
-        while self._queue and self._fits(self._queue[0].size_bytes):
-            waiter = self._queue.popleft()
-            self.used_bytes += waiter.size_bytes
-            waiter.granted.set()
-
-    def charge(self, size_bytes: int) -> None:
-        """Take ``size_bytes`` without waiting, even past the limit (replies already
-        built): readers then wait until enough is released."""
-        self.used_bytes += size_bytes
-
-    def release(self, size_bytes: int) -> None:
-        if size_bytes:
-            self.used_bytes -= size_bytes
-            self._grant()
-
-
-class _BudgetWaiter:
-    __slots__ = ("granted", "size_bytes")
-
-    def __init__(self, size_bytes: int) -> None:
-        self.size_bytes = size_bytes
-        self.granted = trio.Event()
-
-
-def _frame(message: msgspec.Struct) -> bytes:
-    payload = encode_message(message)
-    return HEADER.pack(len(payload)) + payload
-
-
-class _Connection:
-    def __init__(self, server: MeterServer, stream: trio.SocketStream) -> None:
-        self.server = server
-        self.config = server.config
-        self.stream = stream
-        # Until the hello is through, frames are small and not charged to the request
-        # budget: a client that has not authenticated must not be able to hold it.
-        self.decoder = FrameDecoder(min(MAX_HELLO_BYTES, self.config.max_frame_bytes))
-        self.principal: Principal | None = None
-        self.slots = trio.Semaphore(self.config.max_in_flight)
-        self.nursery: trio.Nursery | None = None
-        self.subscriptions: dict[int, trio.CancelScope] = {}
-        self.charged_bytes = 0  # of the server's request budget, for the frame being read
-        self.outgoing_send, self.outgoing_receive = trio.open_memory_channel[bytes](
-            self.config.max_in_flight
-        )
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._writer, nursery.cancel_scope)
-            with trio.CancelScope() as reader_scope:
-                self.server._reader_scopes.add(reader_scope)
-                if self.server._draining.is_set():
-                    reader_scope.cancel()
-                try:
-                    await self._reader(nursery)
-                except _Closing:
-                    pass
-                finally:
-                    self.server._reader_scopes.discard(reader_scope)
-                    # A frame cut short (timeout, close, shutdown) gives its budget back.
-                    self.server.request_budget.release(self.charged_bytes)
-                    self.charged_bytes = 0
-            # Reader is done: stop pushing alerts, let running requests finish, then flush
-            # and stop the writer.
-            for scope in self.subscriptions.values():
-                scope.cancel()
-            for _ in range(self.config.max_in_flight):
-                await self.slots.acquire()
-            await self.outgoing_send.aclose()
-
-    async def _writer(self, connection_scope: trio.CancelScope) -> None:
-        budget = self.server.request_budget
-        async with self.outgoing_receive:
-            try:
-                async for frame in self.outgoing_receive:
-                    try:
-                        with trio.move_on_after(self.config.send_timeout_s) as timeout:
-                            await self.stream.send_all(frame)
-                    finally:
-                        budget.release(len(frame))
-                    if timeout.cancelled_caught:
-                        log.info("closing a connection that does not read its replies")
-                        connection_scope.cancel()
-                        return
-            finally:
-                # Replies that will never be sent give their bytes back.
-                while True:
-                    try:
-                        budget.release(len(self.outgoing_receive.receive_nowait()))
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-
-    async def _queue(self, frame: bytes) -> None:
-        """Queue a frame for the writer. Unsent reply bytes count against the server-wide
-        request budget, so clients that do not read their replies slow everyone's
-        reading of new requests instead of growing the server's memory."""
-        self.server.request_budget.charge(len(frame))
-        try:
-            await self.outgoing_send.send(frame)
-        except BaseException:
-            self.server.request_budget.release(len(frame))
-            raise
-
-    async def _send(self, message: msgspec.Struct) -> None:
-        await self._queue(_frame(message))
-
-    async def _close_with(self, code: str, detail: str, request_id: int | None = None) -> None:
-        self.server.stats.protocol_errors += 1
-        await self._send(ErrorReply(code=code, detail=detail, id=request_id))
-        raise _Closing
-
-    async def _next_frame(self, timeout_s: float, idle_check: bool = True) -> bytes | None:
-        """The next frame, or ``None`` when the peer closed cleanly between frames."""
-        deadline = trio.current_time() + timeout_s
-        while True:
-            try:
-                frame = self.decoder.next_frame()
-            except FrameError as exc:
-                await self._close_with("frame_error", str(exc))
-            if frame is not None:
-                return frame
-            pending = self.decoder.pending_frame_bytes
-            if pending and not self.charged_bytes and self.principal is not None:
-                # Budget first, body second: a frame body is buffered only when the
-                # server-wide budget has room for it (not timed: this wait is ours).
-                self.charged_bytes = await self.server.request_budget.acquire(
-                    pending * REQUEST_MEMORY_FACTOR)
-                deadline = max(deadline, trio.current_time() + self.config.frame_timeout_s)
-            if self.decoder.mid_frame:
-                deadline = min(deadline, trio.current_time() + self.config.frame_timeout_s)
-            with trio.move_on_at(deadline):
-                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
-                if not data:
-                    if self.decoder.mid_frame:
-                        log.info("peer closed mid-frame")
-                    return None
-                self.decoder.feed(data)
-                continue
-            if not self.decoder.mid_frame and idle_check and self._in_flight():
-                # Not idle while requests run: look again one idle period later.
-                deadline = trio.current_time() + self.config.idle_timeout_s
-                continue
-            if self.decoder.mid_frame:
-                detail = "frame not completed in time"
-            else:
-                detail = "idle timeout" if idle_check else "no hello in time"
-            await self._close_with("timeout", detail)
-
-    def _in_flight(self) -> bool:
-        """Requests running, or subscriptions open: the connection is not idle."""
-        return self.slots.value < self.config.max_in_flight or bool(self.subscriptions)
-
-    async def _reader(self, nursery: trio.Nursery) -> None:
-        frame = await self._next_frame(self.config.handshake_timeout_s, idle_check=False)
-        if frame is None:
-            return
-        await self._handshake(frame)
-        self.decoder.max_frame_bytes = self.config.max_frame_bytes
-        draining = self.server._draining
-        while not draining.is_set():
-            # Backpressure: no new request is read while max_in_flight are unanswered.
-            await self.slots.acquire()
-            self.slots.release()
-            frame = await self._next_frame(self.config.idle_timeout_s)
-            if frame is None:
-                return
-            budget = self.server.request_budget
-            # Held until the request is answered (a frame that arrived in one piece
-            # is charged now).
-            charge, self.charged_bytes = self.charged_bytes, 0
-            if not charge:
-                charge = await budget.acquire(len(frame) * REQUEST_MEMORY_FACTOR)
-            try:
-                message = decode_client_message(frame)
-            except MessageError as exc:
-                budget.release(charge)
-                self.server.stats.protocol_errors += 1
-                await self._send(ErrorReply(code="bad_message", detail=str(exc),
-                                            id=_request_id_of(frame)))
-                continue
-            if isinstance(message, Hello):
-                budget.release(charge)
-                await self._send(ErrorReply(code="bad_message", detail="already said hello"))
-                continue
-            del frame  # the decoded message is what the request keeps
-            try:
-                await self.slots.acquire()
-            except BaseException:
-                budget.release(charge)
-                raise
-            nursery.start_soon(self._request, message, charge)
-            del message  # held by the request only: its memory goes when it is answered
-
-    async def _handshake(self, frame: bytes) -> None:
-        try:
-            message = decode_client_message(frame)
-        except MessageError as exc:
-            await self._close_with("protocol_error", f"expected hello: {exc}")
-        if not isinstance(message, Hello):
-            await self._close_with(
-                "protocol_error", "the first frame must be hello", getattr(message, "id", None)
-            )
-        assert isinstance(message, Hello)
-        if message.version != PROTOCOL_VERSION:
-            await self._close_with(
-                "unsupported_version",
-                f"client speaks version {message.version}; this server speaks {PROTOCOL_VERSION}",
-            )
-        principal = self.config.keys.authenticate(message.api_key)
-        if principal is None:
-            await self._close_with("unauthorized", "invalid API key")
-        self.principal = principal
-        await self._send(Welcome(version=PROTOCOL_VERSION, server=SERVER_NAME,
-                                 max_frame_bytes=self.config.max_frame_bytes,
-                                 max_in_flight=self.config.max_in_flight))
-
-    async def _request(self, message: Any, charge_bytes: int = 0) -> None:
-        """Answer one request. Its slot is held until the reply is queued for sending, so
-        at most ``max_in_flight`` requests are running or waiting to queue a reply (and
-        the queue holds at most ``max_in_flight`` more)."""
-        try:
-            try:
-                reply = await self._answer(message)
-            except BatchRejected as exc:
-                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id,
-                                   problems=[(p.index, p.reason) for p in exc.problems])
-            except MeteringError as exc:
-                reply = ErrorReply(code=exc.code, detail=exc.detail, id=message.id)
-            except Exception:
-                log.exception("request %s failed", type(message).__name__)
-                reply = ErrorReply(code="internal", detail="internal error", id=message.id)
-            self.server.stats.requests += 1
-            frame = _frame(reply)
-            if len(frame) - HEADER.size > self.config.max_reply_bytes:
-                frame = _frame(ErrorReply(
-                    code="too_large", id=message.id,
-                    detail=f"the reply would be {len(frame)} bytes, over the "
-                           f"{self.config.max_reply_bytes}-byte limit; narrow the request",
-                ))
-            try:
-                await self._queue(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        finally:
-            self.server.request_budget.release(charge_bytes)
-            self.slots.release()
-
-    async def _answer(self, message: Any) -> msgspec.Struct:
-        principal = self.principal
-        assert principal is not None
-        scope = REQUIRED_SCOPE[type(message)]
-        if scope is not None and scope not in principal.scopes:
-            raise Forbidden(f"this API key may not {scope}")
-        engine = self.server.engine
-        if isinstance(message, Ingest):
-            if principal.customer_id is not None:
-                for index, event in enumerate(message.events):
-                    if event.customer_id != principal.customer_id:
-                        raise Forbidden(f"event {index}: this API key may only send events of "
-                                        "its own customer")
-            ack = await engine.ingest(message.events, report_alerts=message.report_alerts)
-            self.server.stats.events_ingested += ack.accepted
-            return IngestReply(id=message.id, accepted=ack.accepted, duplicates=ack.duplicates,
-                               lsn=ack.lsn, alerts=ack.alerts)
-        if isinstance(message, QueryRequest):
-            query = _restrict_to_customer(message.query, principal.customer_id)
-            return QueryReply(id=message.id, result=await engine.query(query))
-        if isinstance(message, Ping):
-            return Pong(id=message.id)
-        if isinstance(message, DefineMeter):
-            return MeterReply(id=message.id, meter=await engine.define_meter(message.meter))
-        if isinstance(message, ListMeters):
-            return MetersReply(id=message.id, meters=engine.meters())
-        if isinstance(message, Subscribe):
-            return await self._subscribe(message)
-        if isinstance(message, Unsubscribe):
-            scope_of_push = self.subscriptions.pop(message.subscription, None)
-            if scope_of_push is not None:
-                scope_of_push.cancel()
-            return Unsubscribed(id=message.id, subscription=message.subscription)
-        if isinstance(message, AddLimit):
-            return LimitReply(id=message.id, limit=await engine.add_limit(message.limit))
-        if isinstance(message, RemoveLimit):
-            return RemovedReply(id=message.id, removed=await engine.remove_limit(message.limit_id))
-        if isinstance(message, ListLimits):
-            limits = await engine.list_limits()
-            if principal.customer_id is not None:
-                limits = _limits_visible_to(limits, principal.customer_id)
-            return LimitsReply(id=message.id, limits=limits)
-        assert isinstance(message, Stats)
-        return StatsReply(id=message.id, stats=self.server_statistics())
-
-    async def _subscribe(self, message: Subscribe) -> msgspec.Struct:
-        if message.id in self.subscriptions:
-            raise InvalidRequest(f"subscription {message.id} is already open on this connection")
-        if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-            raise InvalidRequest(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
-        engine = self.server.engine
-        next_seq = engine.next_alert_seq()
-        scope = trio.CancelScope()
-        self.subscriptions[message.id] = scope
-        assert self.nursery is not None
-        self.nursery.start_soon(self._push_alerts, message.id, message.from_seq, scope)
-        return Subscribed(id=message.id, next_seq=next_seq)
-
-    async def _push_alerts(self, subscription_id: int, from_seq: int,
-                           scope: trio.CancelScope) -> None:
-        """Send a subscription's alerts as fast as the client reads them (bounded queue)."""
-        customer = self.principal.customer_id if self.principal else None
-        lag_noticed = False
-        with scope:
-            async with self.server.engine.subscribe(from_seq) as alerts:
-                while True:
-                    batch = await alerts.receive_batch(PUSH_BATCH)
-                    if customer is not None:
-                        batch = [a for a in batch if a.customer_id == customer]
-                    if batch:
-                        await self._queue(
-                            _frame(AlertsPush(subscription=subscription_id, alerts=batch)))
-                    if customer is not None:
-                        continue  # other customers' alert counts are not this key's business
-                    behind = alerts.behind_by()
-                    if behind > LAG_NOTICE and not lag_noticed:
-                        lag_noticed = True
-                        await self._send(Lagged(
-                            subscription=subscription_id, next_seq=alerts.next_seq,
-                            behind=behind))
-                    elif behind <= LAG_NOTICE:
-                        lag_noticed = False
-
-    def server_statistics(self) -> dict[str, Any]:
-        stats = asdict(self.server.engine.statistics())
-        stats.update({f"server_{k}": v for k, v in asdict(self.server.stats).items()})
-        stats["server_time_ms"] = time.time_ns() // 1_000_000
-        return stats
-
-
-def _restrict_to_customer(query: Query, customer_id: str | None) -> Query:
-    """A customer-bound key sees only its customer's usage."""
-    if customer_id is None:
-        return query
-    allowed = query.filter.get("customer_id")
-    if allowed is not None and set(allowed) - {customer_id}:
-        raise Forbidden("this API key may only query its own customer's usage")
-    return msgspec.structs.replace(query, filter={**query.filter, "customer_id": [customer_id]})
-
-
-def _limits_visible_to(limits: list[Limit], customer_id: str) -> list[Limit]:
-    """The limits a customer-bound key may see, naming no other customer."""
-    visible = []
-    for limit in limits:
-        if limit.customer_id not in (None, customer_id):
-            continue
-        allowed = limit.filter.get("customer_id")
-        if allowed is not None:
-            if customer_id not in allowed:
-                continue
-            limit = msgspec.structs.replace(
-                limit, filter={**limit.filter, "customer_id": [customer_id]})
-        visible.append(limit)
-    return visible
-
-
-def _request_id_of(frame: bytes) -> int | None:
-    """Best effort: the ``id`` of an invalid request, so the client can match the error."""
-    try:
-        # Values stay raw: a bad value elsewhere in the message must not hide the id.
-        fields = msgspec.msgpack.decode(frame, type=dict[str, msgspec.Raw])
-        raw_id = fields.get("id")
-        if raw_id is None:
-            return None
-        request_id = msgspec.msgpack.decode(raw_id, type=int)
-    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
-        return None
-    return request_id if 0 <= request_id < 2**63 else None

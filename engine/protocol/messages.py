@@ -1,6 +1,7 @@
 """Protocol messages: msgspec structs, a tagged union per direction.
 
-Pure protocol layer: msgspec, the standard library and ``engine.schema``.
+Pure protocol layer: msgspec, the standard library, ``engine.schema`` and
+``engine.domain.records`` (for the int64 widening it shares with the WAL).
 Every message is a msgpack map with a ``type`` tag; field names are camelCase
 on the wire. Requests carry an ``id`` chosen by the client (a non-negative
 integer, unique among its requests in flight); the reply carries the same

@@ -23,10 +23,10 @@ from engine.domain import records
 from engine.domain.batch import ShardRouter
 from engine.domain.customers import check_customer
 from engine.domain.meters import IngestRules
-from engine.errors import EngineClosed, InvalidRequest
+from engine.errors import InvalidRequest
 from engine.runtime import messages
 from engine.runtime.catalog import Catalog
-from engine.runtime.lifecycle import Lifecycle
+from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
 from engine.schema import Customer
 
 Submit = Callable[[messages.WriteRequest], Awaitable[None]]
@@ -107,11 +107,9 @@ class CustomerRegistry:
         self._lifecycle.check_open()
         ticket: messages.GatherTicket[set[str]] = messages.GatherTicket(len(shards))
         with self._lifecycle.waiting(ticket):
-            for shard in shards:
-                try:
+            with closed_channel_is_closed_engine():
+                for shard in shards:
                     await self._mailboxes[shard].send(messages.FindCustomers(ids, ticket))
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise EngineClosed("the engine is closed") from None
             await ticket.wait()
         return set().union(*ticket.results)
 

@@ -37,7 +37,7 @@ from engine.domain.limits import LimitError, check_limit
 from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.domain.query import finish_query, plan_query
 from engine.domain.shard import state_statistics
-from engine.errors import EngineClosed, InvalidRequest, UnknownMeter
+from engine.errors import InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub, AlertSubscription
@@ -45,7 +45,7 @@ from engine.runtime.catalog import Catalog
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
-from engine.runtime.lifecycle import Lifecycle
+from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
 from engine.runtime.writer import WalWriter
@@ -141,10 +141,8 @@ class Engine:
     async def _submit(self, request: messages.WriteRequest) -> None:
         self._lifecycle.check_open()
         with self._lifecycle.waiting(request.ticket):
-            try:
+            with closed_channel_is_closed_engine():
                 await self._write_send.send(request)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise EngineClosed("the engine is closed") from None
             await request.ticket.wait()
 
     async def _close(self, snapshot: bool) -> None:
@@ -275,11 +273,9 @@ class Engine:
         ticket: messages.GatherTicket[messages.Partials] = messages.GatherTicket(len(shards))
         if shards:
             with self._lifecycle.waiting(ticket):
-                for shard in shards:
-                    try:
+                with closed_channel_is_closed_engine():
+                    for shard in shards:
                         await self._mailboxes[shard][0].send(messages.RunQuery(plan, ticket))
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        raise EngineClosed("the engine is closed") from None
                 await ticket.wait()
         return finish_query(plan, ticket.results)
 

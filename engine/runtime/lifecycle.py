@@ -11,10 +11,18 @@ nobody waits forever.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
-from engine.errors import EngineClosed
+import trio
+
+from engine.errors import EngineClosed, map_exceptions
 from engine.runtime.messages import Ticket
+
+
+def closed_channel_is_closed_engine() -> AbstractContextManager[None]:
+    """A mailbox or the writer's queue closed under a sender: the engine is closed."""
+    return map_exceptions({trio.ClosedResourceError: EngineClosed,
+                           trio.BrokenResourceError: EngineClosed}, "the engine is closed")
 
 
 class Lifecycle:

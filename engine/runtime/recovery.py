@@ -55,7 +55,12 @@ class Recovered:
 
 @contextmanager
 def damaged_if(what: str, *errors: type[Exception]) -> Iterator[None]:
-    """Translate ``errors`` raised in the body into a ``DataDirError`` about ``what``."""
+    """Translate ``errors`` raised in the body into a ``DataDirError`` about ``what``.
+
+    Not ``errors.map_exceptions``: replay must also turn our own ``InvalidRequest``
+    (a logged batch that no longer validates) into damage, where ``map_exceptions``
+    lets every ``MeteringError`` through.
+    """
     try:
         yield
     except errors as exc:
