@@ -742,7 +742,8 @@ def report_and_check(result: dict[str, Any], frames_wanted: int) -> None:
     for code in ("bad_message", "frame_error", "batch_rejected", "protocol_error"):
         assert counts[f"reply error {code}"] > 0, code
     assert clean.batches >= 20
-    assert percentile(lat, 0.99) < 1.0
+    # Measured with a busy core beside it: p99 11-30 ms, max 45-400 ms over ~250 batches.
+    assert percentile(lat, 0.99) < 1.0, f"clean client p99 {1000 * percentile(lat, 0.99):.1f} ms"
 
 
 async def test_hostile_frames_fast(tmp_path: Path) -> None:

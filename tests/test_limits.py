@@ -624,7 +624,13 @@ async def test_an_idle_subscriber_never_slows_ingest_and_later_gets_everything(
                 nursery.start_soon(trickle)
                 with_idle_s, alerts = await ingest_all("idle")
                 nursery.cancel_scope.cancel()
-            assert with_idle_s < 3 * baseline_s + 1.0, (baseline_s, with_idle_s)
+            print(f"\ningest {batches} batches: {baseline_s:.2f} s alone, {with_idle_s:.2f} s"
+                  " beside an idle and a slow subscriber")
+            # Measured with a busy core beside it: 0.03-0.16 s alone, 0.03-0.23 s beside
+            # them; the slack covers a stall of the whole process (up to ~1.9 s seen on
+            # this shared machine), which would hit either run.
+            assert with_idle_s < 3 * baseline_s + 3.0, (
+                f"with an idle subscriber {with_idle_s:.2f} s, alone {baseline_s:.2f} s")
             assert idle.behind_by() == len(alerts) == 2 * batches * per_batch
             got = await take(idle, len(alerts), timeout_s=20)
             assert got == alerts
@@ -766,12 +772,13 @@ async def test_tcp_alert_reaches_a_subscriber_soon_after_the_ack(
                     ack = await admin.ingest([ev(f"c{i}", 10, NOW)], report_alerts=True)
                     acked_at = trio.current_time()
                     [alert] = ack.alerts
-                    with trio.fail_after(2):
+                    with trio.fail_after(10):  # only bounds the wait; the delay is asserted
                         while alert.seq not in arrivals:
                             await trio.sleep(0.001)
                     delays.append(arrivals[alert.seq] - acked_at)
                 nursery.cancel_scope.cancel()
-    assert max(delays) < 0.2, delays
+    print(f"\nack to alert push: max {1000 * max(delays):.1f} ms over {len(delays)} alerts")
+    assert max(delays) < 0.2, f"ack to push {[round(1000 * d, 1) for d in delays]} ms"
 
 
 async def test_tcp_a_subscriber_that_does_not_read_never_slows_ingest(
@@ -812,7 +819,8 @@ async def test_tcp_a_small_client_buffer_still_makes_progress(
             ack = await admin.ingest(crossing_batch("c", 300), report_alerts=True)
             async with reader.subscribe(0) as subscription:
                 await trio.sleep(0.2)  # the first pushes arrive unread and overflow
-                assert await take(subscription, 300, timeout_s=2) == ack.alerts
+                # The timeout only bounds the wait (a shared machine stalls for seconds).
+                assert await take(subscription, 300, timeout_s=10) == ack.alerts
 
 
 async def test_tcp_a_connection_that_never_reads_is_dropped_and_can_resume(
@@ -904,7 +912,8 @@ async def test_tcp_a_connection_that_never_reads_is_dropped_and_can_resume(
                 rest = await take(subscription, len(acked) - len(received), timeout_s=20)
                 await assert_quiet(subscription)
             assert received + rest == acked
-            assert ingest_s < 20
+            print(f"\n{batches - 1} ingests beside a subscriber that does not read: {ingest_s:.2f} s")
+            assert ingest_s < 20, f"{ingest_s:.2f} s"
 
 
 # ------------------------------------------------ a real server, killed with -9
