@@ -42,8 +42,8 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
-from benchmarks.tcp_ingest import ServerProcess
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
+from benchmarks.serve import ServerProcess
 from engine.client import open_client
 from engine.schema import Event, Limit, Meter
 

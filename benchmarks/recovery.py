@@ -43,9 +43,9 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts
+from benchmarks.common import BenchmarkFailure, machine_facts
 from benchmarks.query_latency import QueryModel, current_minute_ms, measure_queries, month_range
-from benchmarks.tcp_ingest import ServerProcess
+from benchmarks.serve import ServerProcess
 from benchmarks.workload import AGGREGATIONS_MIXED, WorkloadStream
 from engine.client import open_client
 from engine.schema import Event, Query, Take
