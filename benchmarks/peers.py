@@ -20,7 +20,7 @@ that system's own sense (below) before the next is sent.
 
 Systems and how each is set up:
 
-- ``engine``: ``python -m engine serve`` subprocess (``benchmarks/tcp_ingest.py``'s
+- ``engine``: ``python -m engine serve`` subprocess (``benchmarks/serve.py``'s
   ``ServerProcess``), LMDB write-ahead log fsynced per group commit, over TCP
   with ``engine.client``. Dedup: by (meter, customer, unique id), exact, forever.
   Its answers are the reference every peer is checked against.

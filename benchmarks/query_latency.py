@@ -2,7 +2,7 @@
 
 A plain script (not collected by pytest; tests/test_benchmarks_smoke.py runs it
 on a tiny workload). It starts a fresh ``meter serve`` subprocess
-(``ServerProcess`` from ``tcp_ingest.py``), ingests a seeded workload
+(``ServerProcess`` from ``serve.py``), ingests a seeded workload
 (``benchmarks/workload.py``), then times three query shapes over one client
 connection, one query at a time:
 

@@ -2,7 +2,7 @@
 
 A plain script (not collected by pytest; tests/test_benchmarks_smoke.py runs it
 on a tiny workload). It starts ``meter serve`` (``ServerProcess`` from
-``tcp_ingest.py``) on a fresh data directory, streams a seeded workload into it
+``serve.py``) on a fresh data directory, streams a seeded workload into it
 over TCP (``WorkloadStream``: batches are generated while earlier ones are in
 flight, so a 10M-event state never has to be held by the load generator),
 reads the server's statistics, kills it with SIGKILL (no drain, no snapshot on

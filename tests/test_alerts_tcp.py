@@ -16,7 +16,7 @@ from engine import Alert, Engine, Limit, Meter
 from engine.auth import parse_keys
 from engine.client import ClientSubscription, open_client
 from engine.errors import ConnectionLost, Forbidden
-from engine.protocol.framing import HEADER, FrameDecoder
+from engine.protocol.framing import FrameDecoder
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
     AlertsPush,
@@ -25,7 +25,6 @@ from engine.protocol.messages import (
     Subscribed,
     Welcome,
     decode_server_message,
-    encode_message,
 )
 from tests.helpers.alerts import (
     assert_gap_free,
@@ -36,6 +35,7 @@ from tests.helpers.alerts import (
 )
 from tests.helpers.events import MINUTE, NOW, TODAY, ev
 from tests.helpers.serve import HOST
+from tests.helpers.wire import frame
 
 # -------------------------------------------------------------------- over TCP
 
@@ -268,8 +268,7 @@ async def test_tcp_a_connection_that_never_reads_is_dropped_and_can_resume(
 
                 for message in (Hello(version=PROTOCOL_VERSION, client="never-reads"),
                                 Subscribe(id=1, from_seq=0)):
-                    payload = encode_message(message)
-                    await raw.send_all(HEADER.pack(len(payload)) + payload)
+                    await raw.send_all(frame(message))
                 with trio.fail_after(5):
                     assert isinstance(await receive(), Welcome)
                     assert isinstance(await receive(), Subscribed)
