@@ -26,7 +26,7 @@ from engine.storage import lmdb_store
 from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION
 from tests.helpers import serve
 from tests.helpers.events import NOW, total
-from tests.helpers.internals import store_of
+from tests.helpers.internals import checksums_on
 
 
 async def make_store(path: Path) -> int:
@@ -256,7 +256,7 @@ async def test_a_format_1_store_without_checksums_still_works(
                                 meter_time_in_millis=NOW)])
     async with open_engine(tmp_path, shards=3, clock_ms=lambda: NOW) as eng:
         assert await total(eng) == before + 5
-        assert store_of(eng)._checksums is False
+        assert checksums_on(eng) is False
 
 
 # ------------------------------------------------------------------ in use

@@ -45,7 +45,7 @@ from engine.client import open_client
 from engine.storage import lmdb_store
 from engine.storage.lmdb_store import LmdbStore
 from tests.helpers.events import NOW, total
-from tests.helpers.internals import store_of
+from tests.helpers.internals import map_size_of, store_of
 
 CALLS = Meter(name="calls", aggregation="sum")
 PADDING = {"pad": "p" * 250, "pad2": "q" * 250}  # about 550 bytes per event in the WAL
@@ -89,14 +89,14 @@ async def test_map_grows_from_a_small_initial_map_and_loses_nothing(tmp_path: Pa
     async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW, map_bytes=initial,
                            snapshot_every_bytes=2 << 20, snapshot_on_close=False) as eng:
         assert isinstance(store_of(eng), LmdbStore)
-        sizes.append(store_of(eng).env.info()["map_size"])
+        sizes.append(map_size_of(eng))
         await eng.define_meter(CALLS)
         for number in range(120):
             events = batch(f"b{number}")
             ack = await eng.ingest(events)
             assert ack.accepted == len(events)
             acked += batch_total(events)
-            size = store_of(eng).env.info()["map_size"]
+            size = map_size_of(eng)
             if size != sizes[-1]:
                 sizes.append(size)
         assert await total(eng) == acked
@@ -150,7 +150,7 @@ async def test_a_capped_map_refuses_batches_but_keeps_serving(tmp_path: Path) ->
 async def test_max_map_bytes_alone_caps_the_initial_map_too(tmp_path: Path) -> None:
     async with open_engine(tmp_path / "a", clock_ms=lambda: NOW, max_map_bytes=2 << 20) as eng:
         assert isinstance(store_of(eng), LmdbStore)
-        assert store_of(eng).env.info()["map_size"] == 2 << 20
+        assert map_size_of(eng) == 2 << 20
     with pytest.raises(ValueError, match="map_bytes <= max_map_bytes"):
         async with open_engine(tmp_path / "b", map_bytes=4 << 20, max_map_bytes=2 << 20):
             pass
