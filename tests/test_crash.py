@@ -432,16 +432,21 @@ class Report:
     unacked_absent: int = 0
 
 
+def start_ingest_and_subscriber(nursery: trio.Nursery, port: int, producers: list[Producer],
+                                alerts: AlertBook) -> None:
+    """The producers, PRODUCERS_PER_CONNECTION to a connection, and one subscriber."""
+    for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
+        nursery.start_soon(run_connection, port,
+                           producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts, 100_000)
+    nursery.start_soon(alerts.subscribe, port)
+
+
 async def run_round(started: ServerProcess, producers: list[Producer], alerts: AlertBook,
                     end: str, run_s: float, report: Report) -> None:
     """Ingest from every producer and subscribe, then end the server with ``end``."""
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
-                nursery.start_soon(run_connection, started.port,
-                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
-                                   100_000)
-            nursery.start_soon(alerts.subscribe, started.port)
+            start_ingest_and_subscriber(nursery, started.port, producers, alerts)
             await trio.sleep(run_s)
             report.in_flight_at_kill.append(sum(p.in_flight for p in producers))
             if end == "kill":
@@ -569,11 +574,7 @@ async def ingest_until(started: ServerProcess, producers: list[Producer], alerts
     events_per_batch = producers[0].workload.events_per_batch
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
-            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
-                nursery.start_soon(run_connection, started.port,
-                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
-                                   100_000)
-            nursery.start_soon(alerts.subscribe, started.port)
+            start_ingest_and_subscriber(nursery, started.port, producers, alerts)
             for _ in range(600_000):
                 if sum(len(p.acked) for p in producers) * events_per_batch >= acked_events:
                     break
