@@ -4,7 +4,7 @@ arrival at a subscribed client.
 A plain script (not collected by pytest; tests/test_benchmarks_smoke.py runs it on
 a tiny workload). Each run starts a fresh ``meter serve`` subprocess on 127.0.0.1
 with a fresh data directory (real LMDB, fsync on; ``ServerProcess`` from
-``tcp_ingest.py``), defines a sum meter and a limit, and connects three clients
+``serve.py``), defines a sum meter and a limit, and connects three clients
 from this process: an admin, a subscriber (``subscribe(from_seq=0)``) and an
 ingester. The ingester sends ``--batches`` batches of ``--batch-size`` events with
 ``report_alerts=True`` (``--in-flight`` at a time); in each batch ``--crossers``
@@ -42,8 +42,8 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
-from benchmarks.tcp_ingest import ServerProcess
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
+from benchmarks.serve import ServerProcess
 from engine.client import open_client
 from engine.schema import Event, Limit, Meter
 

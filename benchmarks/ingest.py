@@ -34,22 +34,17 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import importlib.metadata
 import json
 import linecache
 import math
-import os
-import platform
 import pstats
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +55,7 @@ import lmdb
 import msgspec
 import trio
 
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
 from benchmarks.workload import AGGREGATIONS_MIXED, DAY_MS, Workload, generate
 from engine import Event, open_engine
 from engine.storage import MemoryStore
@@ -70,10 +66,6 @@ MINUTE_MS = 60_000
 
 QUICK = {"events": 500_000, "in_flight": [4], "repeats": 1, "memory_events": 200_000}
 FULL = {"events": 1_000_000, "in_flight": [1, 4, 16], "repeats": 3, "memory_events": 200_000}
-
-
-class BenchmarkFailure(RuntimeError):
-    """A correctness check failed or a run exceeded its time budget."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -134,38 +126,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -------------------------------------------------------------- machine facts
 
 
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git(*command: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def machine_facts() -> dict[str, Any]:
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "trio": _package_version("trio"),
-        "msgspec": _package_version("msgspec"),
-        "lmdb": _package_version("lmdb"),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-    }
-
-
 # --------------------------------------------------------------------- engine
 
 
@@ -179,14 +139,6 @@ def reset_gc() -> None:
     """
     gc.unfreeze()
     gc.collect()
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 class GcPauses:

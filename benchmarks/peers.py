@@ -20,7 +20,7 @@ that system's own sense (below) before the next is sent.
 
 Systems and how each is set up:
 
-- ``engine``: ``python -m engine serve`` subprocess (``benchmarks/tcp_ingest.py``'s
+- ``engine``: ``python -m engine serve`` subprocess (``benchmarks/serve.py``'s
   ``ServerProcess``), LMDB write-ahead log fsynced per group commit, over TCP
   with ``engine.client``. Dedup: by (meter, customer, unique id), exact, forever.
   Its answers are the reference every peer is checked against.
@@ -133,7 +133,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import trio
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
 from benchmarks.services import PostgresServer, RedisServer, ServiceUnavailable
 from benchmarks.workload import DAY_MS, DIMENSION_SETS, Workload, generate
 from engine import Event, Query, Take
@@ -334,11 +334,12 @@ def run_engine(workload: Workload, specs: dict[str, list[QuerySpec]],
     ``counts`` (queries per kind) replaces the time budget, so that repeats
     run the same queries as the first run.
     """
-    from benchmarks.tcp_ingest import ServerProcess, _load
+    from benchmarks.serve import ServerProcess
+    from benchmarks.tcp_ingest import send_workload
 
     server = ServerProcess(args.shards)
     try:
-        loaded = trio.run(_load, server.port, workload, 1, args.writers, args.timeout_s)
+        loaded = trio.run(send_workload, server.port, workload, 1, args.writers, args.timeout_s)
         answers, figures = trio.run(_engine_queries, server.port, specs, args.query_budget_s,
                                     counts)
     finally:

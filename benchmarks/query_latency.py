@@ -2,7 +2,7 @@
 
 A plain script (not collected by pytest; tests/test_benchmarks_smoke.py runs it
 on a tiny workload). It starts a fresh ``meter serve`` subprocess
-(``ServerProcess`` from ``tcp_ingest.py``), ingests a seeded workload
+(``ServerProcess`` from ``serve.py``), ingests a seeded workload
 (``benchmarks/workload.py``), then times three query shapes over one client
 connection, one query at a time:
 
@@ -43,7 +43,7 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
 from benchmarks.workload import (
     AGGREGATIONS_MIXED,
     DAY_MS,
@@ -282,7 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.tcp_ingest import ServerProcess, _load
+    from benchmarks.serve import ServerProcess
+    from benchmarks.tcp_ingest import send_workload
 
     workload = generate(args.seed, customers=args.customers, meters=args.meters,
                         events=args.events, now_ms=current_minute_ms(),
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = plan_queries(workload)
     server = ServerProcess(args.shards)
     try:
-        trio.run(_load, server.port, workload, 1, 4, args.timeout_s)
+        trio.run(send_workload, server.port, workload, 1, 4, args.timeout_s)
         results = trio.run(lambda: measure_queries(
             server.port, plan, queries=args.queries, warmup=args.warmup,
             budget_s=args.budget_s, timeout_s=args.timeout_s))

@@ -2,7 +2,7 @@
 
 A plain script (not collected by pytest; tests/test_benchmarks_smoke.py runs it
 on a tiny workload). It starts ``meter serve`` (``ServerProcess`` from
-``tcp_ingest.py``) on a fresh data directory, streams a seeded workload into it
+``serve.py``) on a fresh data directory, streams a seeded workload into it
 over TCP (``WorkloadStream``: batches are generated while earlier ones are in
 flight, so a 10M-event state never has to be held by the load generator),
 reads the server's statistics, kills it with SIGKILL (no drain, no snapshot on
@@ -43,9 +43,9 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts
+from benchmarks.common import BenchmarkFailure, machine_facts
 from benchmarks.query_latency import QueryModel, current_minute_ms, measure_queries, month_range
-from benchmarks.tcp_ingest import ServerProcess
+from benchmarks.serve import ServerProcess
 from benchmarks.workload import AGGREGATIONS_MIXED, WorkloadStream
 from engine.client import open_client
 from engine.schema import Event, Query, Take

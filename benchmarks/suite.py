@@ -63,8 +63,9 @@ if __package__ in (None, ""):
 import trio
 
 from benchmarks import alert_latency, ingest, query_latency, recovery
-from benchmarks.ingest import BenchmarkFailure, machine_facts
-from benchmarks.tcp_ingest import ServerProcess, _load
+from benchmarks.common import BenchmarkFailure, machine_facts
+from benchmarks.serve import ServerProcess
+from benchmarks.tcp_ingest import send_workload
 from benchmarks.workload import AGGREGATIONS_MIXED, Workload, generate
 from engine.client import open_client
 
@@ -185,7 +186,7 @@ def sweep_one(args: argparse.Namespace, workload: Workload, plan: query_latency.
             idle = recovery.process_memory(server.pid)
             row: dict[str, Any] = {"shards": shards, "in_flight": in_flight,
                                    "server_start_s": server.ready_s}
-            row.update(trio.run(_load, server.port, workload, 1, in_flight, args.timeout_s))
+            row.update(trio.run(send_workload, server.port, workload, 1, in_flight, args.timeout_s))
             if not keep:
                 return row
             loaded = recovery.process_memory(server.pid)

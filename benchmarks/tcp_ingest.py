@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,13 +31,13 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile, run_floor
+from benchmarks.common import BenchmarkFailure, machine_facts, percentile
+from benchmarks.ingest import run_floor
+from benchmarks.serve import ServerProcess
 from benchmarks.workload import Workload, generate
 from engine.client import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
-RECOVERED = re.compile(r"recovered ([\d,]+) series \(lsn (\d+)\) in (\d+) ms")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,83 +64,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class ServerProcess:
-    """``python -m engine serve`` on a data directory and an ephemeral port.
-
-    With ``data_dir=None`` a fresh temporary directory is used and removed by
-    ``stop``; with a given ``data_dir`` the directory is the caller's (used to
-    restart on the state a killed server left). ``ready_s`` is the time from
-    spawning the process to its "listening" line, which the server prints only
-    after recovery; ``recovery_ms`` and ``recovered_series`` are what the
-    server reported about its own recovery.
-    """
-
-    def __init__(self, shards: int, data_dir: str | None = None,
-                 start_timeout_s: float = 30.0) -> None:
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="meter-bench-tcp-")
-            data_dir = self._tmp.name
-        self.data_dir = data_dir
-        self.recovery_ms: int | None = None
-        self.recovered_series: int | None = None
-        self.recovered_lsn: int | None = None
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        env.pop("METER_API_KEYS", None)
-        spawned = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--data-dir", self.data_dir,
-             "--port", "0", "--shards", str(shards), "--status", "off"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        self.pid = self.process.pid
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + start_timeout_s
-        # readline blocks; the deadline is checked between lines, and the server
-        # prints its recovery line and then its listening line, or exits.
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            recovered = RECOVERED.search(line)
-            if recovered:
-                self.recovered_series = int(recovered.group(1).replace(",", ""))
-                self.recovered_lsn = int(recovered.group(2))
-                self.recovery_ms = int(recovered.group(3))
-            match = LISTENING.search(line)
-            if match:
-                self.port = int(match.group(1))
-                self.ready_s = time.perf_counter() - spawned
-                return
-        self.stop()
-        raise BenchmarkFailure("server did not start")
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no snapshot; the data directory stays for a restart."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=60)
-
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop (SIGTERM, a clean close; ``kill=True``: SIGKILL) and remove a temporary dir."""
-        if kill:
-            self.kill()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
-async def _load(port: int, workload: Workload, connections: int, in_flight: int,
-                timeout_s: float) -> dict[str, Any]:
+async def send_workload(port: int, workload: Workload, connections: int, in_flight: int,
+                        timeout_s: float) -> dict[str, Any]:
+    """Define the workload's meters, then send its batches over ``connections`` clients
+    with ``in_flight`` ingests each; check every event was acknowledged once. Returns
+    events/s, the elapsed time and the ack latency p50/p99 (ms)."""
     batches = list(enumerate(workload.batches))
     latencies: list[float] = []
     totals = {"accepted": 0, "duplicates": 0}
@@ -199,8 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeats):
                 server = ServerProcess(args.shards)
                 try:
-                    runs.append(trio.run(_load, server.port, workload, connections, in_flight,
-                                         args.timeout_s))
+                    runs.append(trio.run(send_workload, server.port, workload, connections,
+                                         in_flight, args.timeout_s))
                 finally:
                     server.stop()
             results.append({

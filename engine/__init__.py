@@ -35,7 +35,8 @@ from engine.errors import (
     UnknownMeter,
     UnsupportedVersion,
 )
-from engine.runtime.engine import Engine, EngineStatistics, open_engine
+from engine.runtime.engine import Engine, open_engine
+from engine.runtime.statistics import EngineStatistics
 from engine.schema import (
     Alert,
     Customer,

@@ -12,9 +12,10 @@ import trio
 
 from engine import Engine, open_engine
 from engine.server import MeterServer, ServerConfig
+from tests.helpers.events import NOW
+from tests.helpers.serve import HOST
 
-NOW = 1_790_000_000_000  # a fixed engine clock, as in test_ingest.py
-HOST = "127.0.0.1"
+__all__ = ["HOST", "NOW", "GatedEngine"]  # NOW and HOST stay importable from here
 
 
 @pytest.fixture

@@ -20,7 +20,16 @@ import msgspec
 import pytest
 import trio
 
-from benchmarks import alert_latency, ingest, query_latency, recovery, suite, tcp_ingest, workload
+from benchmarks import (
+    alert_latency,
+    ingest,
+    query_latency,
+    recovery,
+    serve,
+    suite,
+    tcp_ingest,
+    workload,
+)
 from engine import Event
 
 DAY_MS = 86_400_000
@@ -165,9 +174,9 @@ def test_query_latency_checks_answers_against_the_model() -> None:
                           aggregations=workload.AGGREGATIONS_MIXED)
     plan = query_latency.plan_queries(w)
     assert plan.sample_customers and plan.per_customer_total and plan.per_day_region
-    server = tcp_ingest.ServerProcess(2)
+    server = serve.ServerProcess(2)
     try:
-        trio.run(tcp_ingest._load, server.port, w, 1, 2, 30.0)
+        trio.run(tcp_ingest.send_workload, server.port, w, 1, 2, 30.0)
         results = trio.run(lambda: query_latency.measure_queries(
             server.port, plan, queries=3, warmup=1, budget_s=5, timeout_s=30))
         assert set(results) == set(query_latency.KINDS)

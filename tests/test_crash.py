@@ -31,10 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -50,13 +47,9 @@ import trio
 from engine import Alert, Engine, Event, IngestAck, Limit, Meter, Query
 from engine.client import Client, open_client
 from engine.errors import ConnectionLost
-
-REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
-MINUTE = 60_000
-DAY = 86_400_000
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-RECOVERED = re.compile(r"recovered [\d,]+ series \(lsn (\d+)\) in (\d+) ms")
+from tests.helpers import serve
+from tests.helpers.events import DAY, MINUTE
+from tests.helpers.serve import HOST, ServerProcess
 
 METERS = [
     Meter(name="calls", aggregation="sum"),
@@ -293,14 +286,6 @@ async def run_connection(port: int, producers: list[Producer], alerts: AlertBook
 # --------------------------------------------------------------- the server
 
 
-@dataclass
-class Started:
-    process: subprocess.Popen[str]
-    port: int
-    open_s: float  # from spawning the process to "listening"
-    recovery_ms: int  # what the server printed
-
-
 # ``python -m engine serve`` with a smaller ``snapshot_every_bytes`` default (the command
 # has no flag for it), so that snapshots, and kills during them, happen within a short run.
 SERVE_WITH_SNAPSHOT_EVERY = """
@@ -314,55 +299,17 @@ raise SystemExit(main(sys.argv[2:]))
 
 @asynccontextmanager
 async def server_process(data: Path, log: Path, shards: int = 4,
-                         snapshot_every_bytes: int | None = None) -> AsyncIterator[Started]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("METER_API_KEYS", None)
-    command = [sys.executable, "-m", "engine"]
+                         snapshot_every_bytes: int | None = None,
+                         ) -> AsyncIterator[ServerProcess]:
+    """The server, started (``ready_s`` from spawning it to "listening"), with the
+    recovery time it printed (``recovery_ms``)."""
+    command: tuple[str, ...] = serve.ENGINE_COMMAND
     if snapshot_every_bytes is not None:
-        command = [sys.executable, "-c", SERVE_WITH_SNAPSHOT_EVERY, str(snapshot_every_bytes)]
-    spawned = time.perf_counter()
-    with log.open("a") as stderr, subprocess.Popen(
-        [*command, "serve", "--data-dir", str(data), "--port", "0", "--shards", str(shards),
-         "--status", "off"],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            port = recovery_ms = None
-            with trio.fail_after(300):
-                for _ in range(20):
-                    line = await trio.to_thread.run_sync(process.stdout.readline,
-                                                        abandon_on_cancel=True)
-                    if not line:
-                        break
-                    if recovered := RECOVERED.search(line):
-                        recovery_ms = int(recovered.group(2))
-                    if listening := LISTENING.search(line):
-                        port = int(listening.group(1))
-                        break
-            assert port is not None and recovery_ms is not None, log.read_text()
-            yield Started(process, port, time.perf_counter() - spawned, recovery_ms)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-
-
-async def kill(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGKILL)
-    with trio.fail_after(30):
-        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
-    assert process.returncode == -signal.SIGKILL
-
-
-async def terminate(process: subprocess.Popen[str], within_s: float) -> float:
-    """SIGTERM; the process must exit 0 within ``within_s``. Returns how long it took."""
-    signalled = time.perf_counter()
-    process.send_signal(signal.SIGTERM)
-    with trio.fail_after(within_s):
-        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
-    assert process.returncode == 0, f"exit code {process.returncode} after SIGTERM"
-    return time.perf_counter() - signalled
+        command = (sys.executable, "-c", SERVE_WITH_SNAPSHOT_EVERY, str(snapshot_every_bytes))
+    async with serve.server_process(data, log, shards=shards, start_timeout_s=300,
+                                    command=command) as started:
+        assert started.recovery_ms is not None, log.read_text()
+        yield started
 
 
 async def setup(port: int) -> None:
@@ -485,27 +432,32 @@ class Report:
     unacked_absent: int = 0
 
 
-async def run_round(started: Started, producers: list[Producer], alerts: AlertBook,
+def start_ingest_and_subscriber(nursery: trio.Nursery, port: int, producers: list[Producer],
+                                alerts: AlertBook) -> None:
+    """The producers, PRODUCERS_PER_CONNECTION to a connection, and one subscriber."""
+    for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
+        nursery.start_soon(run_connection, port,
+                           producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts, 100_000)
+    nursery.start_soon(alerts.subscribe, port)
+
+
+async def run_round(started: ServerProcess, producers: list[Producer], alerts: AlertBook,
                     end: str, run_s: float, report: Report) -> None:
     """Ingest from every producer and subscribe, then end the server with ``end``."""
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
-                nursery.start_soon(run_connection, started.port,
-                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
-                                   100_000)
-            nursery.start_soon(alerts.subscribe, started.port)
+            start_ingest_and_subscriber(nursery, started.port, producers, alerts)
             await trio.sleep(run_s)
             report.in_flight_at_kill.append(sum(p.in_flight for p in producers))
             if end == "kill":
-                await kill(started.process)
+                await serve.kill(started.process)
                 report.kills += 1
             else:
-                await terminate(started.process, within_s=10 + 20)
+                await serve.terminate(started.process, within_s=10 + 20)
                 report.terms += 1
 
 
-async def finish(started: Started, producers: list[Producer], alerts: AlertBook) -> None:
+async def finish(started: ServerProcess, producers: list[Producer], alerts: AlertBook) -> None:
     """No kill: retry what is pending, send a few more batches, check the final state."""
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
@@ -547,7 +499,7 @@ async def crash_scenario(tmp_path: Path, ends: list[str], seed: int,
     for round_number, end in enumerate([*ends, "finish"]):
         async with server_process(data, log,
                                   snapshot_every_bytes=snapshot_every_bytes) as started:
-            report.open_s.append(started.open_s)
+            report.open_s.append(started.ready_s)
             report.recovery_ms.append(started.recovery_ms)
             if round_number == 0:
                 await setup(started.port)
@@ -562,7 +514,7 @@ async def crash_scenario(tmp_path: Path, ends: list[str], seed: int,
                     report.unacked_absent += absent
             if end == "finish":
                 await finish(started, producers, alerts)
-                await terminate(started.process, within_s=30)
+                await serve.terminate(started.process, within_s=30)
             else:
                 await run_round(started, producers, alerts, end, rng.uniform(0.05, 1.5), report)
     acked = sum(len(p.acked) for p in producers)
@@ -612,7 +564,7 @@ async def test_soak_25_sigkills_under_concurrent_ingest(tmp_path: Path) -> None:
 DRAIN_TIMEOUT_S = 10.0  # the server's default (ServerConfig.drain_timeout_s)
 
 
-async def ingest_until(started: Started, producers: list[Producer], alerts: AlertBook,
+async def ingest_until(started: ServerProcess, producers: list[Producer], alerts: AlertBook,
                        acked_events: int, end: str) -> tuple[int, float, float]:
     """Ingest from every producer until ``acked_events`` are acknowledged, then end the
     server with ``end`` while batches are in flight.
@@ -622,11 +574,7 @@ async def ingest_until(started: Started, producers: list[Producer], alerts: Aler
     events_per_batch = producers[0].workload.events_per_batch
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
-            for offset in range(0, len(producers), PRODUCERS_PER_CONNECTION):
-                nursery.start_soon(run_connection, started.port,
-                                   producers[offset:offset + PRODUCERS_PER_CONNECTION], alerts,
-                                   100_000)
-            nursery.start_soon(alerts.subscribe, started.port)
+            start_ingest_and_subscriber(nursery, started.port, producers, alerts)
             for _ in range(600_000):
                 if sum(len(p.acked) for p in producers) * events_per_batch >= acked_events:
                     break
@@ -634,10 +582,10 @@ async def ingest_until(started: Started, producers: list[Producer], alerts: Aler
             in_flight = sum(p.in_flight for p in producers)
             signalled = time.perf_counter()
             if end == "kill":
-                await kill(started.process)
+                await serve.kill(started.process)
                 exit_s = time.perf_counter() - signalled
             else:
-                exit_s = await terminate(started.process, within_s=DRAIN_TIMEOUT_S + 20)
+                exit_s = await serve.terminate(started.process, within_s=DRAIN_TIMEOUT_S + 20)
     return in_flight, signalled, exit_s
 
 
@@ -669,12 +617,12 @@ async def test_sigterm_during_heavy_ingest_drains_exits_0_and_the_restart_replay
             assert (stats["recovered_wal_records"], stats["recovered_wal_bytes"]) == (0, 0)
             present, absent = await check_after_restart(client, producers, alerts)
         await finish(started, producers, alerts)
-        await terminate(started.process, within_s=30)
+        await serve.terminate(started.process, within_s=30)
     acked = sum(len(p.acked) for p in producers)
     print(f"\nSIGTERM: {in_flight} batches in flight, exit 0 after {exit_s:.2f} s, "
           f"{acks_after_signal} acks during the drain, {unacked} unacknowledged "
           f"({present} had been applied, {absent} not); restart replayed "
-          f"{stats['recovered_wal_records']} WAL records, open {started.open_s:.2f} s "
+          f"{stats['recovered_wal_records']} WAL records, open {started.ready_s:.2f} s "
           f"(recovery {started.recovery_ms} ms); {acked} batches of "
           f"{workload.events_per_batch} events in all")
 
@@ -703,23 +651,23 @@ async def test_restart_time_after_sigkill_with_a_million_events(tmp_path: Path) 
                 if attempt in (0, len(hows) - 1):
                     await check_after_restart(client, producers, alerts)
             figures.append(
-                f"restart {how}: open {started.open_s:.2f} s (spawn to listening), "
+                f"restart {how}: open {started.ready_s:.2f} s (spawn to listening), "
                 f"recovery {started.recovery_ms} ms, replayed {stats['recovered_wal_records']} "
                 f"WAL records / {stats['recovered_wal_bytes'] / 1e6:.1f} MB; "
                 f"{stats['series_count']:,} series, {stats['bucket_count']:,} buckets; "
                 f"load average {os.getloadavg()[0]:.1f}")
             if attempt < len(hows) - 2:
                 assert stats["recovered_wal_records"] >= 1_000
-                await kill(started.process)
+                await serve.kill(started.process)
             elif attempt == len(hows) - 2:
                 assert stats["recovered_wal_records"] >= 1_000
-                exit_s = await terminate(started.process, within_s=120)
+                exit_s = await serve.terminate(started.process, within_s=120)
                 figures.append(f"SIGTERM with that state: exit 0 after {exit_s:.2f} s "
                                "(writes the snapshot)")
             else:
                 assert stats["recovered_wal_records"] == 0
                 await finish(started, producers, alerts)
-                await terminate(started.process, within_s=120)
+                await serve.terminate(started.process, within_s=120)
     acked = sum(len(p.acked) for p in producers) * workload.events_per_batch
     print(f"\n{acked:,} events acknowledged over TCP in {ingest_s:.1f} s before the SIGKILL "
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")

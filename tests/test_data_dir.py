@@ -20,14 +20,13 @@ import lmdb
 import pytest
 import trio
 
-from engine import DataDirError, Event, Limit, Meter, Query, open_engine
+from engine import DataDirError, Event, Limit, Meter, open_engine
 from engine.client import open_client
 from engine.storage import lmdb_store
 from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION
-
-NOW = 1_790_000_000_000
-DAY = 86_400_000
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import serve
+from tests.helpers.events import NOW, total
+from tests.helpers.internals import checksums_on
 
 
 async def make_store(path: Path) -> int:
@@ -43,12 +42,6 @@ async def make_store(path: Path) -> int:
                                     unique_id=f"{number}-{i}") for i in range(30)])
         assert eng.statistics().snapshots >= 1 and eng.next_alert_seq() == 7
         return await total(eng)
-
-
-async def total(eng: object) -> int:
-    result = await eng.query(Query(  # type: ignore[attr-defined]
-        meter_api_name="calls", start_ms=0, end_ms=NOW + DAY))
-    return sum(int(row.value) for row in result.rows)
 
 
 async def refused(path: Path) -> str:
@@ -142,7 +135,7 @@ async def test_random_damage_to_any_page_is_refused_or_harmless(tmp_path: Path) 
     done = await trio.to_thread.run_sync(lambda: subprocess.run(
         [sys.executable, str(script), str(tmp_path / "good"), str(tmp_path / "work"),
          str(page_bytes(tmp_path / "good")), "4"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, env=serve.child_env(),
     ))
     assert done.returncode == 0, f"worker died ({done.returncode}): {done.stderr[-2000:]}"
     outcome = json.loads(done.stdout)
@@ -263,39 +256,23 @@ async def test_a_format_1_store_without_checksums_still_works(
                                 meter_time_in_millis=NOW)])
     async with open_engine(tmp_path, shards=3, clock_ms=lambda: NOW) as eng:
         assert await total(eng) == before + 5
-        assert eng._store._checksums is False  # type: ignore[attr-defined]
+        assert checksums_on(eng) is False
 
 
 # ------------------------------------------------------------------ in use
 
 
-async def read_line(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    return await trio.to_thread.run_sync(process.stdout.readline)
-
-
 async def test_a_second_server_on_the_same_directory_refuses_to_start(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    serve = [sys.executable, "-m", "engine", "serve", "--data-dir", str(tmp_path / "data"),
-             "--port", "0", "--status", "off"]
-    with subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env) as first:
-        try:
-            with trio.fail_after(30):
-                line = ""
-                while not line.startswith("listening on"):
-                    line = await read_line(first)
-                    assert line, f"the first server stopped: {first.stderr.read()}"  # type: ignore[union-attr]
-            port = int(line.split()[2].split(":")[1])
-            second = await trio.to_thread.run_sync(lambda: subprocess.run(
-                serve, capture_output=True, text=True, env=env, timeout=30))
-            assert second.returncode != 0
-            assert "is in use by another engine process" in second.stderr, second.stderr
-            assert "listening" not in second.stdout
-            async with open_client("127.0.0.1", port) as client:  # the first one still serves
-                await client.define_meter(Meter(name="calls"))
-                assert [m.name for m in await client.list_meters()] == ["calls"]
-        finally:
-            first.terminate()
-            await trio.to_thread.run_sync(first.wait, 20)
-    assert first.returncode == 0
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    async with serve.server_process(data, log, shards=None) as first:
+        second = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [*serve.ENGINE_COMMAND, "serve", "--data-dir", str(data), "--port", "0",
+             "--status", "off"],
+            capture_output=True, text=True, env=serve.child_env(), timeout=30))
+        assert second.returncode != 0
+        assert "is in use by another engine process" in second.stderr, second.stderr
+        assert "listening" not in second.stdout
+        async with open_client("127.0.0.1", first.port) as client:  # the first one still serves
+            await client.define_meter(Meter(name="calls"))
+            assert [m.name for m in await client.list_meters()] == ["calls"]
+        await serve.terminate(first.process, within_s=20)

@@ -59,22 +59,15 @@ from engine.protocol.messages import (
     decode_server_message,
 )
 from engine.schema import Event, Meter, Query
-from tests.test_load import HOST, percentile, server_process
+from tests.helpers.events import DAY, MINUTE, now_ms
+from tests.helpers.serve import HOST, serve_in
+from tests.helpers.stats import percentile
+from tests.helpers.wire import framed
 
-DAY = 86_400_000
-MINUTE = 60_000
 FUZZ_METER = "fz"  # sum: what mutated ingests that stay valid add to
 UNIQUE_METER = "users"  # unique_count over the "user" dimension
 CLEAN_METER = "clean_meter_7"  # only the clean client writes it (no seed names it)
 GHOST = "ghost"  # never defined: an ingest naming it is refused whole
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def framed(payload: bytes) -> bytes:
-    return HEADER.pack(len(payload)) + payload
 
 
 def encode(value: Any) -> bytes:
@@ -671,7 +664,7 @@ async def final_state(port: int, model: Model) -> list[str]:
 async def fuzz(tmp_path: Path, frames_wanted: int, time_budget_s: float, workers: int,
                seed: int) -> dict[str, Any]:
     flags = ["--frame-timeout", "5", "--handshake-timeout", "5", "--idle-timeout", "30"]
-    with server_process(tmp_path, *flags) as server:
+    with serve_in(tmp_path, *flags) as server:
         async with open_client(HOST, server.port) as admin:
             fz = await admin.define_meter(Meter(name=FUZZ_METER))
             users = await admin.define_meter(Meter(name=UNIQUE_METER, aggregation="unique_count",
@@ -704,7 +697,7 @@ async def fuzz(tmp_path: Path, frames_wanted: int, time_budget_s: float, workers
         differences = await final_state(server.port, model)
         async with open_client(HOST, server.port) as client:
             stats = await client.stats()
-        code = server.stop()
+        code = server.terminate()
         logged = server.errors_logged()
     counts: collections.Counter[str] = collections.Counter()
     for fuzzer in fuzzers:
@@ -742,7 +735,8 @@ def report_and_check(result: dict[str, Any], frames_wanted: int) -> None:
     for code in ("bad_message", "frame_error", "batch_rejected", "protocol_error"):
         assert counts[f"reply error {code}"] > 0, code
     assert clean.batches >= 20
-    assert percentile(lat, 0.99) < 1.0
+    # Measured with a busy core beside it: p99 11-30 ms, max 45-400 ms over ~250 batches.
+    assert percentile(lat, 0.99) < 1.0, f"clean client p99 {1000 * percentile(lat, 0.99):.1f} ms"
 
 
 async def test_hostile_frames_fast(tmp_path: Path) -> None:
@@ -787,7 +781,7 @@ async def test_hostile_payloads_get_an_error_and_the_connection_stays_open(
 ) -> None:
     """Each payload after a hello gets its error frame; a ping after it is still answered.
     A deep structure in the hello itself is refused with an error frame too."""
-    with server_process(tmp_path) as server:
+    with serve_in(tmp_path) as server:
         async with open_client(HOST, server.port) as admin:
             await admin.define_meter(Meter(name=FUZZ_METER))
         hello = framed(encode(HELLO))
@@ -800,5 +794,5 @@ async def test_hostile_payloads_get_an_error_and_the_connection_stays_open(
         deep_hello = b"\x84" + encode(HELLO)[1:] + b"\xa1x" + DEEP_ARRAY
         replies = await exchange(server.port, framed(deep_hello))
         assert [getattr(r, "code", None) for r in replies] == ["protocol_error"], replies
-        assert server.stop() == 0
+        assert server.terminate() == 0
         assert not server.errors_logged(), server.errors_logged()

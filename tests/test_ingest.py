@@ -22,23 +22,12 @@ from engine import (
     open_engine,
 )
 from engine.storage import MemoryStore
-
-NOW = 1_790_000_000_000  # a fixed engine clock
-DAY = 86_400_000
-
-
-def event(**fields: object) -> Event:
-    base: dict[str, object] = {
-        "meter_api_name": "calls",
-        "customer_id": "acme",
-        "meter_value": 1,
-        "meter_time_in_millis": NOW,
-    }
-    base.update(fields)
-    return Event(**base)  # type: ignore[arg-type]
+from tests.helpers.events import DAY, NOW, event
+from tests.helpers.internals import dimension_sets_of
 
 
 async def total(eng: object, meter: str = "calls", **query: object) -> object:
+    """The value of the first row of a query over the last 40 days (``None`` if none)."""
     result = await eng.query(  # type: ignore[attr-defined]
         Query(meter_api_name=meter, start_ms=NOW - 40 * DAY, end_ms=NOW + DAY, **query)
     )
@@ -348,4 +337,4 @@ async def test_remembered_dimension_sets_still_refuse_string_subclasses() -> Non
         for _ in range(3):
             with pytest.raises(BatchRejected):
                 await eng.ingest([event(dimensions=huge)] * 50 + [event(meter_value="x")])
-        assert len(eng._route.dims_keys) == 1
+        assert dimension_sets_of(eng) == 1

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from engine import Limit, open_engine
 from engine.domain.limits import period_bounds
 from engine.storage import MemoryStore
+from tests.helpers.events import DAY
+from tests.helpers.strategies import ANCHORS_MS, CUSTOMERS, METERS, ZONES, events
 from tests.model import Model, ModelEvent, aggregate
-from tests.test_engine_model import ANCHORS_MS, CUSTOMERS, DAY, METERS, ZONES, events
 
 limits_strategy = st.builds(
     Limit,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -13,9 +12,10 @@ import pytest
 import trio
 
 from engine import DataDirError, Event, Meter, Query, open_engine
+from tests.helpers.events import DAY, NOW
+from tests.helpers.internals import store_of
+from tests.helpers.serve import child_env
 
-NOW = 1_790_000_000_000
-DAY = 86_400_000
 METERS = [
     Meter(name="calls", aggregation="sum"),
     Meter(name="peak", aggregation="max"),
@@ -96,7 +96,7 @@ async def test_snapshot_truncates_the_wal(tmp_path: Path) -> None:
     async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW) as eng:
         lsn = await eng.snapshot()
         assert lsn == 60 + len(METERS) * 0  # meters live in the catalogue, not the WAL
-        store = eng._store
+        store = store_of(eng)
         assert list(store.read_wal(0)) == []
         assert eng.statistics().wal_bytes_since_snapshot == 0
 
@@ -153,7 +153,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, kills: int) ->
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     data = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env()
     rng = random.Random(7 + kills)
     total_batches = 400
     for _kill in range(kills):

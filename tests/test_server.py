@@ -653,8 +653,10 @@ async def test_batcher_flushes_by_size_interval_and_on_exit(engine: Engine, serv
                                 flush_interval_s=0.1) as batcher:
             await batcher.add(event(meter_value=1000, unique_id="given"))
             await batcher.add(event(meter_value=1000, unique_id="given"))
-            with trio.fail_after(3):
-                while await total(engine) != 1310:  # flushed by the interval
+            with trio.fail_after(10):  # only bounds the wait
+                # Flushed by the interval. The engine applies the batch before the ack
+                # reaches the batcher, so wait for the ack too before reading its counts.
+                while await total(engine) != 1310 or batcher.statistics().batches_sent < 1:
                     await trio.sleep(0.05)
             assert batcher.statistics().duplicates == 1
         assert await total(engine) == 1310

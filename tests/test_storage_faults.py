@@ -37,7 +37,6 @@ from engine import (
     Event,
     Limit,
     Meter,
-    Query,
     StorageError,
     StorageFull,
     open_engine,
@@ -45,9 +44,9 @@ from engine import (
 from engine.client import open_client
 from engine.storage import lmdb_store
 from engine.storage.lmdb_store import LmdbStore
+from tests.helpers.events import NOW, total
+from tests.helpers.internals import map_size_of, store_of
 
-NOW = 1_790_000_000_000
-DAY = 86_400_000
 CALLS = Meter(name="calls", aggregation="sum")
 PADDING = {"pad": "p" * 250, "pad2": "q" * 250}  # about 550 bytes per event in the WAL
 
@@ -62,11 +61,6 @@ def batch(tag: str, size: int = 100, customer: str | None = None) -> list[Event]
 
 def batch_total(events: list[Event]) -> int:
     return sum(int(e.meter_value) for e in events)  # type: ignore[arg-type]
-
-
-async def total(eng: Any) -> int:
-    result = await eng.query(Query(meter_api_name="calls", start_ms=0, end_ms=NOW + DAY))
-    return sum(int(row.value) for row in result.rows)
 
 
 async def ingest_until_full(eng: Engine, tag: str, limit_batches: int = 5000
@@ -94,15 +88,15 @@ async def test_map_grows_from_a_small_initial_map_and_loses_nothing(tmp_path: Pa
     acked = 0
     async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW, map_bytes=initial,
                            snapshot_every_bytes=2 << 20, snapshot_on_close=False) as eng:
-        assert isinstance(eng._store, LmdbStore)
-        sizes.append(eng._store.env.info()["map_size"])
+        assert isinstance(store_of(eng), LmdbStore)
+        sizes.append(map_size_of(eng))
         await eng.define_meter(CALLS)
         for number in range(120):
             events = batch(f"b{number}")
             ack = await eng.ingest(events)
             assert ack.accepted == len(events)
             acked += batch_total(events)
-            size = eng._store.env.info()["map_size"]
+            size = map_size_of(eng)
             if size != sizes[-1]:
                 sizes.append(size)
         assert await total(eng) == acked
@@ -155,8 +149,8 @@ async def test_a_capped_map_refuses_batches_but_keeps_serving(tmp_path: Path) ->
 
 async def test_max_map_bytes_alone_caps_the_initial_map_too(tmp_path: Path) -> None:
     async with open_engine(tmp_path / "a", clock_ms=lambda: NOW, max_map_bytes=2 << 20) as eng:
-        assert isinstance(eng._store, LmdbStore)
-        assert eng._store.env.info()["map_size"] == 2 << 20
+        assert isinstance(store_of(eng), LmdbStore)
+        assert map_size_of(eng) == 2 << 20
     with pytest.raises(ValueError, match="map_bytes <= max_map_bytes"):
         async with open_engine(tmp_path / "b", map_bytes=4 << 20, max_map_bytes=2 << 20):
             pass
@@ -306,9 +300,10 @@ async def test_a_snapshot_without_space_keeps_the_wal_and_is_retried(
                 await eng.snapshot()  # an explicit request fails with the reason
             stats = eng.statistics()
             assert stats.snapshots == 0 and stats.last_lsn == 40
-            assert [lsn for lsn, _ in eng._store.read_wal(0)] == list(range(1, 41))
+            assert [lsn for lsn, _ in store_of(eng).read_wal(0)] == list(range(1, 41))
             # Retried with a growing wait, not after every one of the 40 commits.
-            assert 1 <= control["calls"] <= 2 + elapsed / 0.2
+            assert 1 <= control["calls"] <= 2 + elapsed / 0.2, (
+                f"{control['calls']} snapshot attempts in {elapsed:.2f} s")
             assert "snapshot at lsn" in caplog.text and "retrying in" in caplog.text
             control["on"] = False  # space freed
             with trio.fail_after(10):
@@ -319,7 +314,7 @@ async def test_a_snapshot_without_space_keeps_the_wal_and_is_retried(
                     acked += batch_total(events)
         stats = eng.statistics()
         # The snapshot truncated the WAL: at most the record committed after it is left.
-        wal = list(eng._store.read_wal(0))
+        wal = list(store_of(eng).read_wal(0))
         assert stats.snapshots == 1 and len(wal) <= 1 and stats.last_lsn > 41
         assert stats.wal_bytes_since_snapshot == sum(len(record) for _, record in wal)
         state = eng.export_state()

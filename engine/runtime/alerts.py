@@ -1,8 +1,10 @@
 """The alert hub: the ordered alert log, its persistence, and subscriptions.
 
-Runtime layer: trio, the storage layer and ``engine.schema``.
+Runtime layer: trio, the storage layer and ``engine.schema``. The hub is
+appended to by the ``AckSequencer`` (and by recovery's replay), its unstored
+alerts are taken by the WAL writer, and subscriptions read it.
 
-Alerts get their ``seq`` in write-ahead-log order (see ``Engine``), so the
+Alerts get their ``seq`` in write-ahead-log order (``runtime.acks``), so the
 log is a deterministic function of the WAL: replay after a crash regenerates
 the same alerts with the same seqs. The hub keeps the most recent alerts in
 memory and hands new ones to the WAL writer, which stores them in its next
@@ -40,7 +42,6 @@ class AlertHub:
         self.next_seq = 0  # the seq the next alert will get
         self._unpersisted: list[Alert] = []
         self._changed = trio.Event()
-        self.published = 0
 
     # ------------------------------------------------------------- writing
 
@@ -58,7 +59,6 @@ class AlertHub:
         self._recent.extend(alerts)
         self._unpersisted.extend(alerts)
         self.next_seq = alerts[-1].seq + 1
-        self.published += len(alerts)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -88,7 +88,7 @@ class AlertHub:
         if recent and from_seq >= recent[0].seq:
             offset = from_seq - recent[0].seq
             return [recent[i] for i in range(offset, min(len(recent), offset + max_count))], False
-        # A short read transaction, on this thread (see Engine._call_store for why).
+        # A short read transaction, on this thread (see runtime.writer.call_store for why).
         raws = self._store.read_alerts(from_seq, max_count)
         await trio.lowlevel.checkpoint()
         alerts = [records.decode_alert(raw) for raw in raws]

@@ -27,7 +27,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 
@@ -36,7 +35,6 @@ from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.limits import LimitError, check_limit
 from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.domain.query import finish_query, plan_query
-from engine.domain.shard import state_statistics
 from engine.errors import InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
@@ -48,6 +46,7 @@ from engine.runtime.groups import unwrap_single
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
+from engine.runtime.statistics import EngineStatistics, series_and_buckets
 from engine.runtime.writer import WalWriter
 from engine.schema import Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 from engine.storage import LmdbStore, Store
@@ -60,29 +59,6 @@ DEFAULT_SNAPSHOT_EVERY_BYTES = 256 << 20
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStatistics:
-    """A consistent-enough reading of the engine's counters (docs/api.md lists the fields)."""
-
-    shard_count: int
-    meter_count: int
-    series_count: int
-    bucket_count: int
-    last_lsn: int
-    events_accepted: int
-    events_duplicate: int
-    batches: int
-    group_commits: int
-    snapshots: int
-    wal_bytes_since_snapshot: int
-    recovery_ms: int
-    limit_count: int = 0
-    alerts: int = 0
-    # What the last open replayed from the WAL after the snapshot: 0 after a clean close.
-    recovered_wal_records: int = 0
-    recovered_wal_bytes: int = 0
 
 
 class Engine:
@@ -306,12 +282,8 @@ class Engine:
         return ticket.lsn
 
     def statistics(self) -> EngineStatistics:
-        series = buckets = 0
-        for actor in self._actors:
-            s, b = state_statistics(actor.state)
-            series += s
-            buckets += b
-        recovered, writer = self._recovered, self._writer
+        writer, recovered = self._writer, self._recovered
+        series, buckets = series_and_buckets(actor.state for actor in self._actors)
         return EngineStatistics(
             shard_count=self.shard_count,
             meter_count=len(self._catalog.meter_defs),

@@ -1,0 +1,46 @@
+"""The engine's statistics record: trio's ``statistics()`` convention, a frozen record.
+
+Runtime layer: the domain's shard state (read-only). ``Engine.statistics()`` reads
+each owner's counters; the reading is not atomic across owners, but every field
+is a value its owner really had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.domain.shard import ShardState, state_statistics
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    """A consistent-enough reading of the engine's counters (docs/api.md lists the fields)."""
+
+    shard_count: int
+    meter_count: int
+    series_count: int
+    bucket_count: int
+    last_lsn: int
+    events_accepted: int
+    events_duplicate: int
+    batches: int
+    group_commits: int
+    snapshots: int
+    wal_bytes_since_snapshot: int
+    recovery_ms: int
+    limit_count: int = 0
+    alerts: int = 0
+    # What the last open replayed from the WAL after the snapshot: 0 after a clean close.
+    recovered_wal_records: int = 0
+    recovered_wal_bytes: int = 0
+
+
+def series_and_buckets(states: Iterable[ShardState]) -> tuple[int, int]:
+    """Series and (series, minute) buckets held, summed over shards."""
+    series = buckets = 0
+    for state in states:
+        shard_series, shard_buckets = state_statistics(state)
+        series += shard_series
+        buckets += shard_buckets
+    return series, buckets
