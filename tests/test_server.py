@@ -53,21 +53,9 @@ from engine.protocol.messages import (
 from engine.server import MeterServer, ServerConfig
 from engine.storage import MemoryStore
 from tests.conftest import HOST, NOW, GatedEngine
+from tests.helpers.events import DAY, HOUR, event
 
-DAY = 86_400_000
-HOUR = 3_600_000
 FAR = Query(meter_api_name="calls", start_ms=NOW - 40 * DAY, end_ms=NOW + DAY)
-
-
-def event(**fields: Any) -> Event:
-    base: dict[str, Any] = {
-        "meter_api_name": "calls",
-        "customer_id": "acme",
-        "meter_value": 1,
-        "meter_time_in_millis": NOW,
-    }
-    base.update(fields)
-    return Event(**base)
 
 
 def query(meter: str = "calls", **fields: Any) -> Query:
