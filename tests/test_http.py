@@ -280,3 +280,19 @@ async def test_routes_answer_503_until_an_engine_is_attached(meters: Engine) -> 
         server.attach(meters)
         assert (await http("GET", url(server, "/readyz"))).status_code == 200
         await trio.sleep(0)
+
+
+def test_interval_starts_are_utc_aligned_weeks_on_monday_months_on_the_first() -> None:
+    from engine.http.amberflo import interval_starts, percentage_change
+
+    # 2021-04-24T20:07:31Z to 2021-04-26T20:07:30Z: Amberflo's own example.
+    assert interval_starts(1619294851, 1619467650, "day") == [1619222400, 1619308800, 1619395200]
+    assert interval_starts(1619294851, 1619298000, "hour") == [1619294400, 1619298000]
+    # Wednesday 2024-05-01 to Tuesday 2024-05-14: weeks of Monday 29 Apr, 6 May and 13 May.
+    assert interval_starts(1714521600, 1715644800, "week") == [1714348800, 1714953600, 1715558400]
+    # 2024-12-15 to 2025-02-01: December, January, February.
+    assert interval_starts(1734220800, 1738368000, "month") == [1733011200, 1735689600, 1738368000]
+    assert percentage_change(None, 5) == 0.0
+    assert percentage_change(0, 5) == 100.0
+    assert percentage_change(4040, 19605) == pytest.approx(385.2722772277228)
+    assert percentage_change(Decimal("0.2"), Decimal("0.1")) == -50.0

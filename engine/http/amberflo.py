@@ -43,6 +43,7 @@ INTERVALS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month
 AMBERFLO_KEYS = {"customerId": "customer_id"}  # Amberflo's name -> the engine's
 ENGINE_KEYS = {engine: amberflo for amberflo, engine in AMBERFLO_KEYS.items()}
 LOGGED_PROBLEMS = 5
+MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second datetime can name
 
 
 # ------------------------------------------------------------------ wire types
@@ -224,6 +225,10 @@ async def report(request: Request, usage_query: UsageQuery) -> UsageReport:
                           f"{usage_query.time_grouping_interval!r}", code="invalid_query")
     start_s = usage_query.time_range.start_time_in_seconds
     end_s = usage_query.time_range.end_time_in_seconds or request.app.clock_ms() // 1000
+    for name, seconds in (("startTimeInSeconds", start_s), ("endTimeInSeconds", end_s)):
+        if not 0 <= seconds <= MAX_SECONDS:
+            raise bad_request(f"{name} must be from 0 to {MAX_SECONDS} (year 9999), "
+                              f"got {seconds}", code="invalid_query")
     take = usage_query.take
     query = Query(
         meter_api_name=meter.name, start_ms=start_s * 1000, end_ms=end_s * 1000,
