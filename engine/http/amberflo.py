@@ -224,7 +224,8 @@ async def report(request: Request, usage_query: UsageQuery) -> UsageReport:
                           f"{', '.join(i.upper() for i in INTERVALS)}, got "
                           f"{usage_query.time_grouping_interval!r}", code="invalid_query")
     start_s = usage_query.time_range.start_time_in_seconds
-    end_s = usage_query.time_range.end_time_in_seconds or request.app.clock_ms() // 1000
+    # No end: now, rounded up to a whole second, so that usage up to this instant counts.
+    end_s = usage_query.time_range.end_time_in_seconds or -(-request.app.clock_ms() // 1000)
     for name, seconds in (("startTimeInSeconds", start_s), ("endTimeInSeconds", end_s)):
         if not 0 <= seconds <= MAX_SECONDS:
             raise bad_request(f"{name} must be from 0 to {MAX_SECONDS} (year 9999), "
