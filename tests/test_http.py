@@ -296,3 +296,36 @@ def test_interval_starts_are_utc_aligned_weeks_on_monday_months_on_the_first() -
     assert percentage_change(0, 5) == 100.0
     assert percentage_change(4040, 19605) == pytest.approx(385.2722772277228)
     assert percentage_change(Decimal("0.2"), Decimal("0.1")) == -50.0
+
+
+async def test_a_body_that_does_not_arrive_in_time_gets_408(meters: Engine) -> None:
+    async with open_http(meters, body_timeout_s=0.2) as server:
+        assert server.port is not None
+        answer = await raw_exchange(server.port, (
+            b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n[{"))
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert await total(meters) == 0
+
+
+async def test_bodies_wait_for_room_in_a_shared_request_budget(meters: Engine) -> None:
+    from engine.server import ByteBudget
+
+    budget = ByteBudget(1024 * 1024)
+    budget.charge(budget.limit_bytes)  # as if the TCP server's requests held all of it
+    async with open_http(meters, request_budget=budget) as server:
+        answers: list[int] = []
+
+        async def send() -> None:
+            response = await http("POST", url(server, "/ingest"), json=record("acme", 1, 0))
+            answers.append(response.status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            with trio.fail_after(10):
+                while not budget._queue:  # the request waits for room, its body unread
+                    await trio.sleep(0.01)
+            assert answers == []
+            budget.release(budget.limit_bytes)
+        assert answers == [200]
+        assert budget.used_bytes == 0  # given back once answered
+    assert await total(meters) == 1

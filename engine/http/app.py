@@ -27,12 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+import trio
+
 from engine import Engine
 from engine.auth import KeyRing, Principal
 from engine.errors import MeteringError
 from engine.http.codecs import BodyReader, encode_json
 from engine.http.errors import RETRY_AFTER_SECONDS, HttpError, from_engine_error
 from engine.http.metrics import HttpMetrics
+from engine.server import REQUEST_MEMORY_FACTOR, ByteBudget
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ TEXT = b"text/plain; charset=utf-8"
 @dataclass(frozen=True)
 class HttpLimits:
     max_body_bytes: int = 16 * 1024 * 1024  # received and, for gzip, inflated
+    body_timeout_s: float = 30.0  # a body must arrive whole within this, once its read began
+    # Shared with the TCP server when given: bodies wait for room before they are read.
+    request_budget: ByteBudget | None = None
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Request:
         self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                                keep_blank_values=True)
         self._receive = receive
+        self.charged_bytes = 0  # of the request budget, given back when the answer is sent
 
     @property
     def engine(self) -> Engine:
@@ -98,9 +105,22 @@ class Request:
             length = int(length_text) if length_text is not None else None
         except ValueError:
             raise HttpError(400, "bad_request", "Content-Length is not an integer") from None
-        reader = BodyReader(self._receive, self.app.limits.max_body_bytes, length,
+        limits = self.app.limits
+        reader = BodyReader(self._receive, limits.max_body_bytes, length,
                             self.headers.get("content-encoding", ""))
-        return await reader.read()
+        if length is not None and length > limits.max_body_bytes:
+            return await reader.read()  # refused at once, nothing to charge
+        if limits.request_budget is not None and not self.charged_bytes:
+            # As on TCP: budget first, body second (the decoded body is what costs memory).
+            wanted = min(length if length is not None else limits.max_body_bytes,
+                         limits.max_body_bytes)
+            self.charged_bytes = await limits.request_budget.acquire(
+                max(wanted, 1) * REQUEST_MEMORY_FACTOR)
+        with trio.move_on_after(limits.body_timeout_s) as timeout:
+            return await reader.read()
+        assert timeout.cancelled_caught
+        raise HttpError(408, "timeout", f"the body did not arrive within "
+                                        f"{limits.body_timeout_s} s")
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -185,6 +205,7 @@ class HttpApp:
             return  # websockets are not served; closing without accepting refuses them
         started = time.perf_counter()
         route_name = "unmatched"
+        request: Request | None = None
         try:
             route = self.router.match(scope["method"], scope["path"])
             route_name = route.name
@@ -192,8 +213,12 @@ class HttpApp:
             if route.needs_engine and self.engine is None:
                 raise HttpError(503, "starting", "the engine is recovering; retry shortly",
                                 headers=[(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+            request = Request(self, scope, receive, principal)
             with self.metrics.in_flight.track_inprogress():
-                response = await route.handler(Request(self, scope, receive, principal))
+                response = await route.handler(request)
+        except trio.Cancelled:
+            self._release(request)
+            raise
         except HttpError as exc:
             response = _error_response(exc)
         except MeteringError as exc:
@@ -203,7 +228,16 @@ class HttpApp:
             response = _error_response(HttpError(500, "internal", "internal error"))
         self.metrics.requests.labels(route_name, scope["method"], str(response.status)).inc()
         self.metrics.request_seconds.labels(route_name).observe(time.perf_counter() - started)
-        await _send(send, response, head=scope["method"] == "HEAD")
+        try:
+            await _send(send, response, head=scope["method"] == "HEAD")
+        finally:
+            self._release(request)
+
+    def _release(self, request: Request | None) -> None:
+        budget = self.limits.request_budget
+        if request is not None and budget is not None and request.charged_bytes:
+            budget.release(request.charged_bytes)
+            request.charged_bytes = 0
 
     def _authenticate(self, scope: dict[str, Any], route: Route) -> Principal:
         if route.scope is None:

@@ -16,8 +16,11 @@ the server, so a caller may attach the engine later (``HttpServer.attach``),
 when recovery has ended; until then every route but ``/healthz`` answers 503.
 Like the TCP server, it refuses a non-loopback bind without API keys unless
 ``allow_insecure_bind``. Idle keep-alive connections close after
-``keep_alive_timeout_s``; a request must arrive whole within
-``read_timeout_s``. On shutdown, requests in flight get ``drain_timeout_s``.
+``keep_alive_timeout_s``; a connection that sends nothing for
+``read_timeout_s`` is closed; a body must arrive whole within
+``body_timeout_s`` (408), and waits, before it is read, for room in the
+``request_budget`` when one is given (the TCP server's, to share it). On
+shutdown, requests in flight get ``drain_timeout_s``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from engine.auth import KeyRing
 from engine.http import amberflo, native
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
-from engine.server import LOOPBACK_HOSTS, InsecureBind
+from engine.server import LOOPBACK_HOSTS, ByteBudget, InsecureBind
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ class HttpConfig:
     keys: KeyRing = field(default_factory=lambda: KeyRing(()))
     allow_insecure_bind: bool = False
     max_body_bytes: int = HttpLimits.max_body_bytes
+    body_timeout_s: float = HttpLimits.body_timeout_s
+    # Pass the TCP server's ``request_budget`` to share one server-wide memory budget.
+    request_budget: ByteBudget | None = None
     keep_alive_timeout_s: float = 30.0
     read_timeout_s: int = 30
     drain_timeout_s: float = 10.0
@@ -76,7 +82,8 @@ class HttpServer:
                 "or pass allow_insecure_bind"
             )
         self.metrics = HttpMetrics()
-        self.app = HttpApp(build_router(), config.keys, HttpLimits(config.max_body_bytes),
+        self.app = HttpApp(build_router(), config.keys, HttpLimits(
+            config.max_body_bytes, config.body_timeout_s, config.request_budget),
                            self.metrics, clock_ms=config.clock_ms)
         if engine is not None:
             self.attach(engine)
