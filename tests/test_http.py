@@ -329,3 +329,19 @@ async def test_bodies_wait_for_room_in_a_shared_request_budget(meters: Engine) -
         assert answers == [200]
         assert budget.used_bytes == 0  # given back once answered
     assert await total(meters) == 1
+
+
+async def test_a_unique_count_report_totals_distinct_values_over_the_range(
+        engine: Engine) -> None:
+    await engine.define_meter(Meter(name="users", aggregation="unique_count",
+                                    unique_dimension="user"))
+    await engine.ingest([
+        Event(**_event({**record("acme", 1, day, user=user), "meterApiName": "users"}))
+        for day, user in ((2, "a"), (0, "a"), (0, "b"))])
+    async with open_http(engine) as server:
+        response = await http("POST", url(server, "/usage"), json=usage_query(
+            meterApiName="users", aggregation="UNIQUE_COUNT"))
+        assert response.status_code == 200, response.text
+        (only,) = response.json()["clientMeters"]
+        assert [v["value"] for v in only["values"]] == [1, 0, 2]
+        assert only["groupValue"] == 2  # a and b, not the 3 of the buckets added up
