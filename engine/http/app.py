@@ -228,10 +228,9 @@ class HttpApp:
             response = _error_response(HttpError(500, "internal", "internal error"))
         self.metrics.requests.labels(route_name, scope["method"], str(response.status)).inc()
         self.metrics.request_seconds.labels(route_name).observe(time.perf_counter() - started)
-        try:
-            await _send(send, response, head=scope["method"] == "HEAD")
-        finally:
-            self._release(request)
+        # The request's memory is gone once its answer is built: give its budget back first.
+        self._release(request)
+        await _send(send, response, head=scope["method"] == "HEAD")
 
     def _release(self, request: Request | None) -> None:
         budget = self.limits.request_budget
