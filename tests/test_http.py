@@ -345,3 +345,13 @@ async def test_a_unique_count_report_totals_distinct_values_over_the_range(
         (only,) = response.json()["clientMeters"]
         assert [v["value"] for v in only["values"]] == [1, 0, 2]
         assert only["groupValue"] == 2  # a and b, not the 3 of the buckets added up
+
+
+def test_the_http_shell_uses_only_the_engines_public_api() -> None:
+    from tests.test_layers import ROOT, imported_modules
+
+    forbidden = ("engine.runtime", "engine.storage", "engine.domain", "engine.protocol")
+    for path in sorted((ROOT / "http").glob("*.py")):
+        bad = {name for name in imported_modules(path)
+               if any(name == f or name.startswith(f + ".") for f in forbidden)}
+        assert not bad, f"engine/http/{path.name} imports {sorted(bad)}"
