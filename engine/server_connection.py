@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import msgspec
 import trio
 
+from engine.access import restrict_query, visible_limits
 from engine.auth import Principal
 from engine.errors import (
     Forbidden,
@@ -70,7 +71,6 @@ from engine.protocol.messages import (
     Unsubscribed,
     Welcome,
 )
-from engine.schema import Limit, Query
 
 if TYPE_CHECKING:
     from engine.server import MeterServer
@@ -318,7 +318,7 @@ class ServerSideConnection:
                            lsn=ack.lsn, alerts=ack.alerts)
 
     async def _query(self, principal: Principal, message: QueryRequest) -> msgspec.Struct:
-        query = _restrict_to_customer(message.query, principal.customer_id)
+        query = restrict_query(message.query, principal.customer_id)
         return QueryReply(id=message.id, result=await self.server.engine.query(query))
 
     async def _define_meter(self, principal: Principal, message: DefineMeter) -> msgspec.Struct:
@@ -337,7 +337,7 @@ class ServerSideConnection:
     async def _list_limits(self, principal: Principal, message: ListLimits) -> msgspec.Struct:
         limits = await self.server.engine.list_limits()
         if principal.customer_id is not None:
-            limits = _limits_visible_to(limits, principal.customer_id)
+            limits = visible_limits(limits, principal.customer_id)
         return LimitsReply(id=message.id, limits=limits)
 
     async def _stats(self, principal: Principal, message: Stats) -> msgspec.Struct:
@@ -421,29 +421,3 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {
     message_type: handler.scope for message_type, handler in REQUEST_HANDLERS.items()
 }
-
-
-def _restrict_to_customer(query: Query, customer_id: str | None) -> Query:
-    """A customer-bound key sees only its customer's usage."""
-    if customer_id is None:
-        return query
-    allowed = query.filter.get("customer_id")
-    if allowed is not None and set(allowed) - {customer_id}:
-        raise Forbidden("this API key may only query its own customer's usage")
-    return msgspec.structs.replace(query, filter={**query.filter, "customer_id": [customer_id]})
-
-
-def _limits_visible_to(limits: list[Limit], customer_id: str) -> list[Limit]:
-    """The limits a customer-bound key may see, naming no other customer."""
-    visible = []
-    for limit in limits:
-        if limit.customer_id not in (None, customer_id):
-            continue
-        allowed = limit.filter.get("customer_id")
-        if allowed is not None:
-            if customer_id not in allowed:
-                continue
-            limit = msgspec.structs.replace(
-                limit, filter={**limit.filter, "customer_id": [customer_id]})
-        visible.append(limit)
-    return visible

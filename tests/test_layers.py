@@ -38,6 +38,10 @@ STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage",
 RUNTIME = PURE | {"trio", "engine.schema", "engine.errors", "engine.domain", "engine.auth",
                   "engine.protocol", "engine.storage", "engine.runtime"}
 
+HTTP = PURE | {"trio", "hypercorn", "prometheus_client", "=engine", "engine.schema",
+               "engine.errors", "engine.auth", "engine.access", "engine.server",
+               "engine.budget", "engine.http"}
+
 RULES: dict[str, frozenset[str]] = {
     "domain/": DOMAIN,
     "protocol/": PROTOCOL,
@@ -46,6 +50,12 @@ RULES: dict[str, frozenset[str]] = {
     "schema.py": PURE,
     "errors.py": PURE,
     "auth.py": frozenset({STDLIB, "engine.errors"}),
+    # What a customer-bound key may see: pure rules over the public structs.
+    "access.py": PURE | {"engine.schema", "engine.errors"},
+    # The HTTP shell: the engine's public API (the ``engine`` package itself, not what
+    # is under it), the access rules and the TCP server's policies, never the runtime,
+    # storage, domain or protocol internals.
+    "http/": HTTP,
 }
 
 # Of the runtime, only the modules that write or read the store may import it: the
@@ -56,7 +66,8 @@ STORAGE_USERS = frozenset({"writer.py", "recovery.py", "engine.py", "alerts.py"}
 NEVER_STORAGE = frozenset({"shards.py", "acks.py"})
 
 # Everything engine/ may import from outside the standard library: its dependencies.
-THIRD_PARTY = frozenset({"trio", "msgspec", "lmdb", "sortedcontainers"})
+THIRD_PARTY = frozenset({"trio", "msgspec", "lmdb", "sortedcontainers", "hypercorn",
+                         "prometheus_client"})
 
 
 def module_name(path: Path) -> str:
@@ -96,6 +107,9 @@ def allowed(name: str, allow: Iterable[str]) -> bool:
     for entry in allow:
         if entry == STDLIB:
             if top in sys.stdlib_module_names:
+                return True
+        elif entry.startswith("="):  # that module alone, not what is under it
+            if name == entry[1:]:
                 return True
         elif name == entry or name.startswith(entry + "."):
             return True

@@ -1,0 +1,134 @@
+"""The OpenAPI 3.1 document of every HTTP route, served at ``/openapi.json``.
+
+Shell layer: msgspec and the ``engine.http`` wire types. Schemas come from the
+same msgspec structs the routes decode and encode, so the document cannot
+drift from the code; exact values (``Decimal``) are JSON numbers on the wire,
+so their schema is ``number``, not msgspec's default decimal string.
+Every route also answers with a trailing slash (not listed twice).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import msgspec
+
+from engine.http.amberflo import (
+    AmberfloMeter,
+    AmberfloMeterIn,
+    IngestRecord,
+    UsageQuery,
+    UsageReport,
+)
+from engine.http.errors import ErrorBody
+from engine.http.native import Health, QueryIn, Ready
+from engine.schema import QueryResult
+
+REF = "#/components/schemas/{name}"
+# {}: no key is needed when the server has none configured.
+SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}, {}]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None,
+               parameters: list[dict[str, Any]] | None = None, secured: bool = True,
+               ok_type: str = "application/json") -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "success", "content": {ok_type: {"schema": ok}}},
+            "default": {"description": "an error", "content": _json(_ref("ErrorBody"))},
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(body)}
+    if parameters:
+        operation["parameters"] = parameters
+    operation["security"] = SECURITY if secured else [{}]
+    return operation
+
+
+def _query_param(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+def _numbers_for_decimals(node: Any) -> Any:
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("format") == "decimal":
+            return {"type": "number"}
+        return {k: _numbers_for_decimals(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers_for_decimals(v) for v in node]
+    return node
+
+
+def build_document() -> dict[str, Any]:
+    types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
+             QueryResult, Health, Ready, ErrorBody)
+    _, components = msgspec.json.schema_components(types, ref_template=REF)
+    text = {"type": "string"}
+    records = {"oneOf": [_ref("IngestRecord"), {"type": "array", "items": _ref("IngestRecord")}]}
+    paths: dict[str, Any] = {
+        "/ingest": {"post": _operation(
+            "Ingest one record or an array (gzip or plain); idempotent on uniqueId; the text "
+            "'N records were ingested'", text, records, ok_type="text/plain")},
+        "/usage": {"post": _operation("One usage report", _ref("UsageReport"),
+                                      _ref("UsageQuery"))},
+        "/usage/batch": {"post": _operation(
+            "Usage reports, in the order of the queries",
+            {"type": "array", "items": _ref("UsageReport")},
+            {"type": "array", "items": _ref("UsageQuery")})},
+        "/usage/all": {"get": _operation(
+            "One usage report per meter", {"type": "array", "items": _ref("UsageReport")},
+            parameters=[
+                _query_param("startTimeInSeconds", {"type": "integer"}, required=True),
+                _query_param("endTimeInSeconds", {"type": "integer"}),
+                _query_param("timeGroupingInterval", {
+                    "type": "string", "enum": ["MINUTE", "HOUR", "DAY", "WEEK", "MONTH"]},
+                    required=True),
+                _query_param("groupBy", {"type": "string", "enum": ["customerId"]}),
+                _query_param("customerId", text),
+            ])},
+        "/meters": {
+            "get": _operation("The meters, in Amberflo's shape",
+                              {"type": "array", "items": _ref("AmberfloMeter")},
+                              parameters=[_query_param("meterApiName", text)]),
+            "post": _operation("Define a meter (idempotent; another aggregation is a 409)",
+                               _ref("AmberfloMeter"), _ref("AmberfloMeterIn")),
+        },
+        "/api/query": {"post": _operation("The engine's own query", _ref("QueryResult"),
+                                          _ref("QueryIn"))},
+        "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},
+        "/readyz": {"get": _operation("Recovery has ended; requests are served",
+                                      _ref("Ready"), secured=False)},
+        "/metrics": {"get": _operation("Prometheus text format", text, ok_type="text/plain")},
+        "/openapi.json": {"get": _operation("This document", {"type": "object"},
+                                            secured=False)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metering-engine HTTP API", "version": "1",
+                 "description": "Amberflo-compatible and native routes; see docs/http.md. "
+                                "Every route also answers with a trailing slash."},
+        "paths": paths,
+        "components": {
+            "schemas": _numbers_for_decimals(components),
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+@cache
+def openapi_document() -> bytes:
+    return msgspec.json.encode(build_document())
