@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Start the server on its embedded LMDB store (data in ./data), 127.0.0.1:7433.
+## Start the server on its embedded LMDB store (data in ./data): TCP on 127.0.0.1:7433,
+## HTTP on 127.0.0.1:7434 (docs/http.md).
 run: $(STAMP)
-	$(PY) -m engine serve --data-dir ./data
+	$(PY) -m engine serve --data-dir ./data --http-port 7434
 
 ## Embed the engine, ingest synthetic traffic, print a usage table.
 demo: $(STAMP)

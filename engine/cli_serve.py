@@ -1,8 +1,12 @@
-"""``meter serve``: the TCP server on an embedded engine, with a live status line.
+"""``meter serve``: the TCP server (and, with ``--http-port``, the HTTP server) on an
+embedded engine, with a live status line.
 
-Shell layer. SIGINT and SIGTERM shut down cleanly: stop accepting, let
-requests in flight finish and be acknowledged (up to the drain timeout), then
-close the engine, which drains the WAL writer and writes a snapshot.
+Shell layer. The HTTP listener binds before recovery (``/healthz`` answers, every
+other route 503 until the engine is open), the TCP listener after it. Both share
+one server-wide budget of request bytes. SIGINT and SIGTERM shut down cleanly:
+stop accepting, let requests in flight finish and be acknowledged (up to the
+drain timeout), then close the engine, which drains the WAL writer and writes a
+snapshot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import trio
 
 from engine import open_engine
 from engine.auth import load_keys
+from engine.budget import ByteBudget
+from engine.http import HttpConfig, HttpServer
 from engine.server import DEFAULT_HOST, DEFAULT_PORT, MeterServer, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,14 @@ def _positive_int(text: str) -> int:
 
 
 def add_serve_parser(commands: Any) -> None:
-    serve = commands.add_parser("serve", help="run the TCP server")
+    serve = commands.add_parser("serve", help="run the TCP server (and the HTTP server)")
     serve.add_argument("--data-dir", default="./data", help="data directory (default ./data)")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"TCP port, default {DEFAULT_PORT}")
+    serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                       help="also serve HTTP (docs/http.md) on --host:PORT; 0 picks a free "
+                            "port (default: no HTTP)")
     serve.add_argument("--shards", type=int, default=8)
     serve.add_argument("--keys", help="API key file (JSON); default $METER_API_KEYS, else no keys")
     serve.add_argument("--allow-insecure-bind", action="store_true",
@@ -112,12 +122,44 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
                           send_timeout_s=args.send_timeout,
                           drain_timeout_s=args.drain_timeout)
     raise_open_files_limit(config.max_connections)
+    budget = ByteBudget(config.max_request_bytes_in_flight)
+    async with trio.open_nursery() as http_nursery:
+        http: HttpServer | None = None
+        if args.http_port is not None:
+            http = HttpServer(None, HttpConfig(
+                host=args.host, port=args.http_port, keys=keys,
+                allow_insecure_bind=args.allow_insecure_bind, request_budget=budget,
+                drain_timeout_s=args.drain_timeout))
+            await http_nursery.start(http.serve)
+            print(f"HTTP listening on http://{_url_host(args.host)}:{http.port}/ (recovering)",
+                  file=out, flush=True)
+        try:
+            await _serve_engine(args, config, budget, http, out)
+        finally:
+            if http is not None:
+                http.shutdown()
+    print("stopped cleanly", file=out, flush=True)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: ByteBudget,
+                        http: HttpServer | None, out: TextIO) -> None:
+    keys = config.keys
     async with open_engine(args.data_dir, shards=args.shards) as eng:
-        server = MeterServer(eng, config)
+        server = MeterServer(eng, config, request_budget=budget)
         stats = eng.statistics()
         print(f"metering-engine: data in {args.data_dir!r}, {args.shards} shards, recovered "
               f"{stats.series_count:,} series (lsn {stats.last_lsn}) in {stats.recovery_ms} ms",
               file=out, flush=True)
+        if http is not None:
+            http.attach(eng)
+            print(f"HTTP ready on http://{_url_host(args.host)}:{http.port}/ "
+                  f"(for example: curl http://{_url_host(args.host)}:{http.port}/meters)",
+                  file=out, flush=True)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve)
             print(f"listening on {args.host}:{port} "
@@ -136,9 +178,9 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
                           "finish first)", file=out, flush=True)
                     break
             server.shutdown()
+            if http is not None:
+                http.shutdown()
         print("stopped accepting; closing the engine (writing a snapshot)", file=out, flush=True)
-    print("stopped cleanly", file=out, flush=True)
-    return 0
 
 
 async def _status_line(server: MeterServer, out: TextIO) -> None:

@@ -157,13 +157,17 @@ class _ServerCounters:
 class MeterServer:
     """Serves one engine over TCP. Use ``serve`` (or ``nursery.start(server.serve)``)."""
 
-    def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig | None = None, *,
+                 request_budget: ByteBudget | None = None) -> None:
+        """``request_budget``: share one with another shell (HTTP) of the same process;
+        by default the server makes its own of ``config.max_request_bytes_in_flight``."""
         self.engine = engine
         self.config = config or ServerConfig()
         self._counters = _ServerCounters()
         self.port: int | None = None
         self._draining = trio.Event()
-        self.request_budget = ByteBudget(self.config.max_request_bytes_in_flight)
+        self.request_budget = request_budget or ByteBudget(
+            self.config.max_request_bytes_in_flight)
         self._reader_scopes: set[trio.CancelScope] = set()
         if not self.config.keys.enabled and not self.config.allow_insecure_bind and (
             self.config.host not in LOOPBACK_HOSTS
