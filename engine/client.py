@@ -46,16 +46,22 @@ from engine.protocol.connection import (
 )
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
+    AddCustomer,
     AddLimit,
     AlertsPush,
+    CustomerReply,
+    CustomersReply,
     DefineMeter,
+    DeleteCustomer,
     ErrorReply,
+    GetCustomer,
     Hello,
     Ingest,
     IngestReply,
     Lagged,
     LimitReply,
     LimitsReply,
+    ListCustomers,
     ListLimits,
     ListMeters,
     MeterReply,
@@ -69,10 +75,11 @@ from engine.protocol.messages import (
     StatsReply,
     Subscribe,
     Unsubscribe,
+    UpdateCustomer,
     Welcome,
 )
 from engine.runtime.groups import unwrap_single
-from engine.schema import Alert, Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import Alert, Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
@@ -259,6 +266,28 @@ class Client:
     async def list_limits(self) -> list[Limit]:
         reply: LimitsReply = await self._call(ListLimits)
         return reply.limits
+
+    async def add_customer(self, customer: Customer) -> Customer:
+        reply: CustomerReply = await self._call(AddCustomer, customer=customer)
+        assert reply.customer is not None
+        return reply.customer
+
+    async def update_customer(self, customer: Customer) -> Customer:
+        reply: CustomerReply = await self._call(UpdateCustomer, customer=customer)
+        assert reply.customer is not None
+        return reply.customer
+
+    async def get_customer(self, customer_id: str) -> Customer | None:
+        reply: CustomerReply = await self._call(GetCustomer, customer_id=customer_id)
+        return reply.customer
+
+    async def list_customers(self) -> list[Customer]:
+        reply: CustomersReply = await self._call(ListCustomers)
+        return reply.customers
+
+    async def delete_customer(self, customer_id: str) -> Customer | None:
+        reply: CustomerReply = await self._call(DeleteCustomer, customer_id=customer_id)
+        return reply.customer
 
     @asynccontextmanager
     async def subscribe(self, from_seq: int = 0) -> AsyncIterator[ClientSubscription]:

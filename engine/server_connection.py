@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import msgspec
 import trio
 
+from engine import server_customers
 from engine.access import restrict_query, visible_limits
 from engine.auth import Principal
 from engine.errors import (
@@ -45,14 +46,18 @@ from engine.protocol.connection import (
 )
 from engine.protocol.messages import (
     PROTOCOL_VERSION,
+    AddCustomer,
     AddLimit,
     AlertsPush,
     DefineMeter,
+    DeleteCustomer,
+    GetCustomer,
     Ingest,
     IngestReply,
     Lagged,
     LimitReply,
     LimitsReply,
+    ListCustomers,
     ListLimits,
     ListMeters,
     MeterReply,
@@ -69,6 +74,7 @@ from engine.protocol.messages import (
     Subscribed,
     Unsubscribe,
     Unsubscribed,
+    UpdateCustomer,
     Welcome,
 )
 
@@ -416,6 +422,11 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
     ListLimits: RequestHandler("query", ServerSideConnection._list_limits),
     Subscribe: RequestHandler("query", ServerSideConnection._subscribe),
     Unsubscribe: RequestHandler(None, ServerSideConnection._unsubscribe),
+    AddCustomer: RequestHandler("admin", server_customers.add_customer),
+    UpdateCustomer: RequestHandler("admin", server_customers.update_customer),
+    GetCustomer: RequestHandler("query", server_customers.get_customer),
+    ListCustomers: RequestHandler("query", server_customers.list_customers),
+    DeleteCustomer: RequestHandler("admin", server_customers.delete_customer),
 }
 # The scope each request needs (kept for code that read the former table).
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {

@@ -15,7 +15,7 @@ import trio
 
 from engine.client import Client, RemoteStatistics, open_client
 from engine.errors import ConnectionLost
-from engine.schema import Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 __all__ = ["SyncClient"]
 
@@ -102,6 +102,21 @@ class SyncClient:
 
     def list_limits(self) -> list[Limit]:
         return self._call(Client.list_limits)
+
+    def add_customer(self, customer: Customer) -> Customer:
+        return self._call(Client.add_customer, customer)
+
+    def update_customer(self, customer: Customer) -> Customer:
+        return self._call(Client.update_customer, customer)
+
+    def get_customer(self, customer_id: str) -> Customer | None:
+        return self._call(Client.get_customer, customer_id)
+
+    def list_customers(self) -> list[Customer]:
+        return self._call(Client.list_customers)
+
+    def delete_customer(self, customer_id: str) -> Customer | None:
+        return self._call(Client.delete_customer, customer_id)
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

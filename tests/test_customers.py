@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -11,13 +12,17 @@ from engine import (
     Customer,
     CustomerExists,
     Event,
+    Forbidden,
     InvalidRequest,
     Meter,
     Query,
     UnknownCustomer,
     open_engine,
 )
+from engine.auth import parse_keys
+from engine.client import open_client
 from engine.storage.memory import MemoryStore
+from tests.conftest import HOST
 
 NOW = 1_790_000_000_000
 
@@ -140,3 +145,41 @@ async def test_the_registry_survives_a_restart(tmp_path: Path, snapshot: bool) -
         assert eng.export_state() == state
     async with open_engine(tmp_path, shards=5, clock_ms=lambda: NOW) as eng:  # resharded
         assert await eng.list_customers() == before
+
+
+async def test_customers_over_tcp_with_scopes_and_customer_bound_keys(
+        engine: object, serving: Any) -> None:
+    keys = parse_keys({"keys": [
+        {"key": "admin", "scopes": ["admin", "ingest", "query"]},
+        {"key": "reader", "scopes": ["query"]},
+        {"key": "acme", "scopes": ["ingest", "query"], "customer_id": "acme"},
+    ]})
+    async with serving(engine, keys=keys) as server:
+        async with open_client(HOST, server.port, api_key="admin") as admin:
+            stored = await admin.add_customer(Customer(id="acme", name="Acme",
+                                                       extra={"address": {"city": "Oslo"}}))
+            assert stored.extra == {"address": {"city": "Oslo"}}
+            await admin.add_customer(Customer(id="beta", name="Beta"))
+            assert await admin.get_customer("acme") == stored
+            with pytest.raises(CustomerExists):
+                await admin.add_customer(Customer(id="acme", name="Again"))
+            with pytest.raises(UnknownCustomer):
+                await admin.update_customer(Customer(id="nobody"))
+            assert (await admin.update_customer(Customer(id="beta", name="B"))).name == "B"
+        async with open_client(HOST, server.port, api_key="reader") as reader:
+            assert [c.id for c in await reader.list_customers()] == ["acme", "beta"]
+            with pytest.raises(Forbidden):
+                await reader.delete_customer("beta")
+        async with open_client(HOST, server.port, api_key="acme") as bound:
+            # A customer-bound key reads its own record only (and is never admin).
+            assert [c.id for c in await bound.list_customers()] == ["acme"]
+            assert await bound.get_customer("acme") == stored
+            with pytest.raises(Forbidden):
+                await bound.get_customer("beta")
+            with pytest.raises(Forbidden):
+                await bound.update_customer(Customer(id="acme", name="mine now"))
+        async with open_client(HOST, server.port, api_key="admin") as admin:
+            assert (await admin.delete_customer("acme")) == stored
+        async with open_client(HOST, server.port, api_key="acme") as bound:
+            assert await bound.get_customer("acme") is None
+            assert await bound.list_customers() == []

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 
 from engine.domain.records import wide_ints_as_decimals
-from engine.schema import Alert, Event, Limit, Meter, Query, QueryResult
+from engine.schema import Alert, Customer, Event, Limit, Meter, Query, QueryResult
 
 PROTOCOL_VERSION = 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -94,9 +94,34 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", **_BASE):
     subscription: RequestId
 
 
+class AddCustomer(msgspec.Struct, tag="add_customer", **_BASE):
+    id: RequestId
+    customer: Customer
+
+
+class UpdateCustomer(msgspec.Struct, tag="update_customer", **_BASE):
+    id: RequestId
+    customer: Customer
+
+
+class GetCustomer(msgspec.Struct, tag="get_customer", **_BASE):
+    id: RequestId
+    customer_id: str
+
+
+class ListCustomers(msgspec.Struct, tag="list_customers", **_BASE):
+    id: RequestId
+
+
+class DeleteCustomer(msgspec.Struct, tag="delete_customer", **_BASE):
+    id: RequestId
+    customer_id: str
+
+
 ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
+    | AddCustomer | UpdateCustomer | GetCustomer | ListCustomers | DeleteCustomer
 )
 
 
@@ -184,6 +209,18 @@ class Unsubscribed(msgspec.Struct, tag="unsubscribed", **_BASE):
     subscription: RequestId
 
 
+class CustomerReply(msgspec.Struct, tag="customer", **_BASE):
+    """The customer stored, found or deleted; ``None``: there is no such customer."""
+
+    id: RequestId
+    customer: Customer | None = None
+
+
+class CustomersReply(msgspec.Struct, tag="customers", **_BASE):
+    id: RequestId
+    customers: list[Customer]
+
+
 class ErrorReply(msgspec.Struct, tag="error", **_BASE):
     """A refused request (``id`` set) or a connection-level error (``id`` absent).
 
@@ -199,6 +236,7 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
+    | CustomerReply | CustomersReply
 )
 
 _client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)
