@@ -28,14 +28,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import trio
 
+from engine.client_statistics import RemoteStatistics, SubscriptionStatistics
 from engine.errors import ConnectionLost, MeteringError, map_exceptions
 from engine.protocol.connection import (
     MAX_REPLY_BYTES,
@@ -321,44 +320,6 @@ class Client:
     async def meters(self) -> list[Meter]:
         """Every meter definition (``Engine.meters()``; same as ``list_meters``)."""
         return await self.list_meters()
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteStatistics:
-    """What ``Client.statistics()`` returns: the server's ``stats`` map, split.
-
-    The fields are the server's, of whatever version it runs (docs/protocol.md: the map
-    is for humans and dashboards, keys may be added), so they stay mappings.
-    """
-
-    engine: Mapping[str, Any]
-    """The fields of the server's ``Engine.statistics()`` (``series_count``, ...)."""
-    server: Mapping[str, Any]
-    """The fields of its ``MeterServer.statistics()``, without the ``server_`` prefix."""
-    server_time_ms: int | None
-    """The server's wall clock when it answered."""
-
-    @classmethod
-    def from_stats(cls, stats: Mapping[str, Any]) -> RemoteStatistics:
-        engine = {k: v for k, v in stats.items() if not k.startswith("server_")}
-        server = {k.removeprefix("server_"): v for k, v in stats.items()
-                  if k.startswith("server_") and k != "server_time_ms"}
-        return cls(engine=MappingProxyType(engine), server=MappingProxyType(server),
-                   server_time_ms=stats.get("server_time_ms"))
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionStatistics:
-    """What ``ClientSubscription.statistics()`` returns."""
-
-    next_seq: int
-    """The seq of the next alert this subscription will yield."""
-    buffered_alerts: int
-    """Alerts received and not yet read."""
-    lagged: int
-    """Times the reader fell ``buffer_alerts`` behind and the subscription was reopened."""
-    server_lag_notices: int
-    """``lagged`` notices from the server (this connection read too slowly for it)."""
 
 
 class ClientSubscription:
