@@ -26,7 +26,8 @@ has been fsynced. Errors: ``DataDirError`` when the directory is not a usable
 store (foreign, locked, missing, truncated, corrupt, newer format), checked
 before LMDB maps the file; ``StorageFull`` when a write finds no room (the map
 may not grow further, or the filesystem is full), nothing of it written;
-``StorageError`` for any other failed write.
+``StorageError`` for any other failed write. The checks of a directory before it
+is opened live in ``engine.storage.data_dir``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import os
 import shutil
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,11 +46,11 @@ from io import BufferedRandom
 from pathlib import Path
 
 import lmdb
-import lmdb.verify
 import msgspec
 
 from engine.errors import DataDirError, StorageError, StorageFull
 from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, StoredSnapshot
+from engine.storage.data_dir import check_data_file, check_format
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ MAX_DBS = 5
 DEFAULT_MAP_BYTES = 1 << 30
 DEFAULT_MAX_MAP_BYTES = 1 << 40
 INITIALISED_MARK = b"metering-engine data directory\n"
-FORMAT_PREFIX = b"metering-engine/"
 # A commit that failed with EIO counts as "out of space" when the filesystem has less
 # than this much room beyond the bytes the commit wrote (see ``_out_of_space``).
 SPACE_SLACK_BYTES = 1 << 20
@@ -138,7 +137,7 @@ class LmdbStore:
                 )
             self._create(lmdb_dir, map_bytes)
         else:
-            _check_data_file(lmdb_dir / "data.mdb", verify)
+            check_data_file(lmdb_dir / "data.mdb", verify)
         try:
             self.env = lmdb.open(
                 str(lmdb_dir),
@@ -178,7 +177,7 @@ class LmdbStore:
                     "engine at its own data directory."
                 ) from None
             version = txn.get(b"format", db=self.meta_db)
-            _check_format(lmdb_dir, version)
+            check_format(lmdb_dir, version)
             # Format 1 stores carry no checksums; they keep being written without.
             self._checksums = version != LEGACY_FORMAT_VERSION
             # ``create`` only writes when a database is missing (none are, in a store
@@ -443,73 +442,6 @@ def _out_of_space(exc: lmdb.Error, path: Path, size_bytes: int) -> bool:
     except OSError:
         return False
     return stats.f_bavail * stats.f_frsize < size_bytes + SPACE_SLACK_BYTES
-
-
-def _check_format(lmdb_dir: Path, version: bytes | None) -> None:
-    if version in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
-        return
-    if version is None or not version.startswith(FORMAT_PREFIX):
-        raise DataDirError(
-            f"{str(lmdb_dir)!r} is an LMDB environment without a metering-engine format "
-            f"marker ({'none' if version is None else repr(version)}): it belongs to another "
-            "program, or its creation never finished. Point the engine at its own data "
-            "directory."
-        )
-    supported = int(FORMAT_VERSION[len(FORMAT_PREFIX):])
-    try:
-        found = int(version[len(FORMAT_PREFIX):])
-    except ValueError:
-        found = -1
-    if found > supported:
-        raise DataDirError(
-            f"{str(lmdb_dir)!r} was written by a newer metering-engine (data format "
-            f"{found}); this version reads format {supported} only. Run a newer engine "
-            "version on it; this one will not touch it."
-        )
-    raise DataDirError(
-        f"{str(lmdb_dir)!r} has data format {version!r}, which this engine (format "
-        f"{supported}) cannot read. Run a matching engine version on it."
-    )
-
-
-def _check_data_file(data_file: Path, verify: bool) -> None:
-    """Refuse a missing, emptied, truncated or structurally corrupt ``data.mdb``
-    before LMDB maps it: LMDB would take an empty file for a new store, and reading
-    a truncated or corrupt one can crash the process (SIGBUS, SIGSEGV)."""
-    restore = "Restore the data directory from a backup; the engine will not start over it."
-    try:
-        size_bytes = data_file.stat().st_size
-    except FileNotFoundError:
-        raise DataDirError(
-            f"{str(data_file)!r} is missing (deleted or moved?): refusing to start empty "
-            f"over an existing store. {restore}"
-        ) from None
-    except OSError as exc:
-        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
-    if size_bytes == 0:
-        raise DataDirError(f"{str(data_file)!r} is empty (truncated to 0 bytes). {restore}")
-    if not verify:
-        return
-    started = time.perf_counter()
-    try:
-        problems: list[str] = lmdb.verify.verify(  # type: ignore[no-untyped-call]
-            str(data_file), subdir=False)
-    except lmdb.verify.VerifyError as exc:
-        raise DataDirError(
-            f"{str(data_file)!r} is not a readable LMDB file ({exc}): corrupt, truncated "
-            f"or not ours. {restore}"
-        ) from None
-    except OSError as exc:
-        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
-    log.info("checked %s (%d bytes) in %.0f ms", data_file, size_bytes,
-             (time.perf_counter() - started) * 1000)
-    if problems:
-        beyond_end = any("beyond EOF" in p or "truncated" in p for p in problems)
-        what = "truncated (pages it needs lie past its end)" if beyond_end else "corrupt"
-        raise DataDirError(
-            f"{str(data_file)!r} is {what}: {len(problems)} problem(s) in its page "
-            f"structure, first: {problems[0]}. {restore}"
-        )
 
 
 def _unusable(lmdb_dir: Path, exc: lmdb.Error) -> str:

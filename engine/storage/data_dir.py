@@ -1,0 +1,89 @@
+"""Checks of a data directory before the engine trusts it: format marker and data file.
+
+Storage layer: the standard library, lmdb (its offline verifier, which never maps the
+file) and ``engine.errors``. Each check raises ``DataDirError`` saying what is wrong
+and what to do; ``LmdbStore`` runs them before LMDB maps ``data.mdb``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lmdb
+import lmdb.verify
+
+from engine.errors import DataDirError
+from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION
+
+log = logging.getLogger("engine.storage.lmdb_store")  # one logger for the store's messages
+
+FORMAT_PREFIX = b"metering-engine/"
+
+
+def check_format(lmdb_dir: Path, version: bytes | None) -> None:
+    if version in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
+        return
+    if version is None or not version.startswith(FORMAT_PREFIX):
+        raise DataDirError(
+            f"{str(lmdb_dir)!r} is an LMDB environment without a metering-engine format "
+            f"marker ({'none' if version is None else repr(version)}): it belongs to another "
+            "program, or its creation never finished. Point the engine at its own data "
+            "directory."
+        )
+    supported = int(FORMAT_VERSION[len(FORMAT_PREFIX):])
+    try:
+        found = int(version[len(FORMAT_PREFIX):])
+    except ValueError:
+        found = -1
+    if found > supported:
+        raise DataDirError(
+            f"{str(lmdb_dir)!r} was written by a newer metering-engine (data format "
+            f"{found}); this version reads format {supported} only. Run a newer engine "
+            "version on it; this one will not touch it."
+        )
+    raise DataDirError(
+        f"{str(lmdb_dir)!r} has data format {version!r}, which this engine (format "
+        f"{supported}) cannot read. Run a matching engine version on it."
+    )
+
+
+def check_data_file(data_file: Path, verify: bool) -> None:
+    """Refuse a missing, emptied, truncated or structurally corrupt ``data.mdb``
+    before LMDB maps it: LMDB would take an empty file for a new store, and reading
+    a truncated or corrupt one can crash the process (SIGBUS, SIGSEGV)."""
+    restore = "Restore the data directory from a backup; the engine will not start over it."
+    try:
+        size_bytes = data_file.stat().st_size
+    except FileNotFoundError:
+        raise DataDirError(
+            f"{str(data_file)!r} is missing (deleted or moved?): refusing to start empty "
+            f"over an existing store. {restore}"
+        ) from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
+    if size_bytes == 0:
+        raise DataDirError(f"{str(data_file)!r} is empty (truncated to 0 bytes). {restore}")
+    if not verify:
+        return
+    started = time.perf_counter()
+    try:
+        problems: list[str] = lmdb.verify.verify(  # type: ignore[no-untyped-call]
+            str(data_file), subdir=False)
+    except lmdb.verify.VerifyError as exc:
+        raise DataDirError(
+            f"{str(data_file)!r} is not a readable LMDB file ({exc}): corrupt, truncated "
+            f"or not ours. {restore}"
+        ) from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read {str(data_file)!r}: {exc}") from None
+    log.info("checked %s (%d bytes) in %.0f ms", data_file, size_bytes,
+             (time.perf_counter() - started) * 1000)
+    if problems:
+        beyond_end = any("beyond EOF" in p or "truncated" in p for p in problems)
+        what = "truncated (pages it needs lie past its end)" if beyond_end else "corrupt"
+        raise DataDirError(
+            f"{str(data_file)!r} is {what}: {len(problems)} problem(s) in its page "
+            f"structure, first: {problems[0]}. {restore}"
+        )
