@@ -128,10 +128,18 @@ def check_bind(host: str, *, keys_enabled: bool, tls: bool, allow_insecure_bind:
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2 or later, Python's defaults otherwise) holding
-    the PEM certificate chain in ``cert_file`` and its private key in ``key_file``."""
+    the PEM certificate chain in ``cert_file`` and its private key in ``key_file``.
+
+    The key must not be encrypted: OpenSSL would otherwise prompt for its password on
+    the terminal, and a server started by a supervisor would wait there forever."""
+
+    def no_password() -> str:
+        raise ssl.SSLError(f"the private key in {key_file!r} is encrypted; give the server "
+                           "an unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    context.load_cert_chain(certfile=cert_file, keyfile=key_file, password=no_password)
     return context
 
 

@@ -300,3 +300,22 @@ def test_meter_serve_refuses_a_public_bind_without_tls_before_binding(
     assert "refusing to listen on '192.0.2.10' without TLS" in error, error
     assert "--allow-insecure-bind" in error
     assert not (tmp_path / "data").exists()  # refused before the engine opened
+
+
+def test_an_encrypted_key_is_refused_instead_of_prompting(
+        tmp_path: Path, certificates: Certificates,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(certificates.key_file).read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ssl.SSLError, match="is encrypted"):
+        server_ssl_context(certificates.cert_file, str(encrypted))
+    code = main(["serve", "--data-dir", str(tmp_path / "data"), "--port", "0",
+                 "--tls-cert", certificates.cert_file, "--tls-key", str(encrypted)])
+    assert code == 1
+    assert "is encrypted" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
