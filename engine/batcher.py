@@ -10,6 +10,7 @@ duplicate by the server, never twice. One flush runs at a time.
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -66,8 +67,10 @@ class Batcher:
     """Buffers events and sends them in batches; see ``open_batcher``."""
 
     def __init__(self, host: str, port: int, api_key: str | None, max_events: int,
-                 max_retries: int, retry_backoff_s: float) -> None:
+                 max_retries: int, retry_backoff_s: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._address = (host, port, api_key)
+        self._ssl_context = ssl_context
         self.max_events = max_events
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
@@ -136,7 +139,8 @@ class Batcher:
                            task_status: trio.TaskStatus[Client]) -> None:
         with trio.CancelScope() as scope:
             self._client_scope = scope
-            async with open_client(host, port, api_key) as client:
+            async with open_client(host, port, api_key,
+                                   ssl_context=self._ssl_context) as client:
                 task_status.started(client)
                 await trio.sleep_forever()
 
@@ -158,9 +162,13 @@ async def open_batcher(
     flush_interval_s: float = 1.0,
     max_retries: int = 8,
     retry_backoff_s: float = 0.1,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Batcher]:
-    """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit."""
-    batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s)
+    """A ``Batcher``: ``await batcher.add(event)``; flushed by size, every interval, and on exit.
+
+    ``ssl_context``: connect over TLS (as ``open_client``)."""
+    batcher = Batcher(host, port, api_key, max_events, max_retries, retry_backoff_s,
+                      ssl_context)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
             batcher._nursery = nursery

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -42,6 +43,17 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--api-key", default=os.environ.get("METER_API_KEY"),
                         help="API key (default $METER_API_KEY)")
+    parser.add_argument("--tls", action="store_true",
+                        help="connect over TLS, trusting the system's certificate authorities")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="connect over TLS, trusting the CA certificates in this PEM file")
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context ``--tls``/``--tls-ca`` ask for, else ``None`` (plain TCP)."""
+    if args.tls_ca is not None:
+        return ssl.create_default_context(cafile=args.tls_ca)
+    return ssl.create_default_context() if args.tls else None
 
 
 def add_client_parsers(commands: Any) -> None:
@@ -169,6 +181,7 @@ async def run_ingest(args: argparse.Namespace, out: TextIO) -> int:
     source: TextIO = sys.stdin if args.file == "-" else open(args.file, newline="")
     try:
         async with open_client(args.host, args.port, args.api_key,
+                               ssl_context=_ssl_context(args),
                                client_name="meter ingest") as client:
             slots = trio.Semaphore(max(1, args.in_flight))
 
@@ -259,7 +272,8 @@ def build_query(args: argparse.Namespace, now_ms: int) -> Query:
 
 async def run_query(args: argparse.Namespace, out: TextIO) -> int:
     query = build_query(args, time.time_ns() // 1_000_000)
-    async with open_client(args.host, args.port, args.api_key, client_name="meter query") as client:
+    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
+                           client_name="meter query") as client:
         result = await client.query(query)
     if args.json:
         out.write(msgspec.json.encode(result).decode() + "\n")
@@ -285,7 +299,8 @@ async def run_query(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
-    async with open_client(args.host, args.port, args.api_key, client_name="meter stats") as client:
+    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
+                           client_name="meter stats") as client:
         stats = await client.stats()
     if args.json:
         out.write(json.dumps(stats, sort_keys=True) + "\n")

@@ -3,7 +3,9 @@ embedded engine, with a live status line.
 
 Shell layer. The HTTP listener binds before recovery (``/healthz`` answers, every
 other route 503 until the engine is open), the TCP listener after it. Both share
-one server-wide budget of request bytes. SIGINT and SIGTERM shut down cleanly:
+one server-wide budget of request bytes. With ``--tls-cert``/``--tls-key`` both
+ports speak TLS (the files are loaded before anything binds, so a bad file stops
+the start with its error). SIGINT and SIGTERM shut down cleanly:
 stop accepting, let requests in flight finish and be acknowledged (up to the
 drain timeout), then close the engine, which drains the WAL writer and writes a
 snapshot.
@@ -15,6 +17,7 @@ import argparse
 import logging
 import resource
 import signal
+import sys
 import time
 from typing import Any, TextIO
 
@@ -24,7 +27,14 @@ from engine import open_engine
 from engine.auth import load_keys
 from engine.budget import ByteBudget
 from engine.http import HttpConfig, HttpServer
-from engine.server import DEFAULT_HOST, DEFAULT_PORT, MeterServer, ServerConfig
+from engine.server import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    MeterServer,
+    ServerConfig,
+    check_bind,
+    server_ssl_context,
+)
 
 log = logging.getLogger(__name__)
 DEFAULTS = ServerConfig()
@@ -57,8 +67,14 @@ def add_serve_parser(commands: Any) -> None:
                             "port (default: no HTTP)")
     serve.add_argument("--shards", type=int, default=8)
     serve.add_argument("--keys", help="API key file (JSON); default $METER_API_KEYS, else no keys")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="serve both ports over TLS with this PEM certificate chain "
+                            "(needs --tls-key); clients connect with TLS (docs/protocol.md)")
+    serve.add_argument("--tls-key", metavar="FILE",
+                       help="the PEM private key of --tls-cert")
     serve.add_argument("--allow-insecure-bind", action="store_true",
-                       help="listen on a non-loopback address without API keys")
+                       help="listen on a non-loopback address without API keys or without "
+                            "TLS (keys and data then cross the network in clear)")
     serve.add_argument("--status", choices=["auto", "on", "off"], default="auto",
                        help="live status line (auto: when stdout is a terminal)")
     limits = serve.add_argument_group("connection limits and timeouts (docs/protocol.md §12)")
@@ -111,8 +127,17 @@ def raise_open_files_limit(max_connections: int) -> int:
 
 async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
     keys = load_keys(args.keys)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("meter serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = args.tls_cert is not None
+    # Refuse an insecure bind before loading anything or binding either port.
+    check_bind(args.host, keys_enabled=keys.enabled, tls=tls,
+               allow_insecure_bind=args.allow_insecure_bind)
+    ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if tls else None
     config = ServerConfig(host=args.host, port=args.port, keys=keys,
                           allow_insecure_bind=args.allow_insecure_bind,
+                          ssl_context=ssl_context,
                           max_connections=args.max_connections,
                           max_in_flight=args.max_in_flight,
                           max_request_bytes_in_flight=args.max_request_bytes,
@@ -129,9 +154,11 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
             http = HttpServer(None, HttpConfig(
                 host=args.host, port=args.http_port, keys=keys,
                 allow_insecure_bind=args.allow_insecure_bind, request_budget=budget,
+                tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                tls_handshake_timeout_s=args.handshake_timeout,
                 drain_timeout_s=args.drain_timeout))
             await http_nursery.start(http.serve)
-            print(f"HTTP listening on http://{_url_host(args.host)}:{http.port}/ (recovering)",
+            print(f"HTTP listening on {_http_url(args, http.port)} (recovering)",
                   file=out, flush=True)
         try:
             await _serve_engine(args, config, budget, http, out)
@@ -146,6 +173,11 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _http_url(args: argparse.Namespace, port: int | None) -> str:
+    scheme = "https" if args.tls_cert is not None else "http"
+    return f"{scheme}://{_url_host(args.host)}:{port}/"
+
+
 async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: ByteBudget,
                         http: HttpServer | None, out: TextIO) -> None:
     keys = config.keys
@@ -157,17 +189,22 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
               file=out, flush=True)
         if http is not None:
             http.attach(eng)
-            print(f"HTTP ready on http://{_url_host(args.host)}:{http.port}/ "
-                  f"(for example: curl http://{_url_host(args.host)}:{http.port}/meters)",
-                  file=out, flush=True)
+            url = _http_url(args, http.port)
+            print(f"HTTP ready on {url} (for example: curl {url}meters)", file=out, flush=True)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve)
-            print(f"listening on {args.host}:{port} "
-                  f"({'API keys required' if keys.enabled else 'no API keys configured'})\n"
+            # The first line's "listening on HOST:PORT" is what launchers parse.
+            tls = config.ssl_context is not None
+            auth = "API keys required" if keys.enabled else "no API keys configured"
+            tls_argument = ", ssl_context=ssl.create_default_context(cafile=CA)" if tls else ""
+            tls_flag = " --tls-ca CA" if tls else ""
+            print(f"listening on {args.host}:{port} ({'TLS, ' if tls else ''}{auth})\n"
                   "connect from Python:\n"
                   "    from engine.client import open_client\n"
-                  f"    async with open_client({args.host!r}, {port}) as client: ...\n"
-                  f"or: meter stats --port {port}    meter ingest events.ndjson --port {port}\n"
+                  f"    async with open_client({args.host!r}, {port}{tls_argument}) as client:"
+                  " ...\n"
+                  f"or: meter stats --port {port}{tls_flag}    "
+                  f"meter ingest events.ndjson --port {port}{tls_flag}\n"
                   "Ctrl-C or SIGTERM to stop.", file=out, flush=True)
             live = args.status == "on" or (args.status == "auto" and out.isatty())
             if live:

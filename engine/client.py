@@ -8,6 +8,12 @@ Shell layer: trio, ``engine.protocol``, ``engine.errors``, ``engine.schema`` and
         ack = await client.ingest([Event(...)])
         result = await client.query(Query(...))
 
+Over TLS (a server started with ``--tls-cert``/``--tls-key``), pass a client
+context, which checks the server's certificate against ``host``::
+
+    context = ssl.create_default_context(cafile="ca.pem")  # or the system's CAs
+    async with open_client("meter.example.com", 7433, key, ssl_context=context) as client:
+
 Any number of tasks may share one client: each request gets an id, replies
 are matched by id, so requests are pipelined on the connection. Errors the
 server sends arrive as the same typed exceptions the embedded engine raises
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -424,13 +431,31 @@ async def open_client(
     port: int,
     api_key: str | None = None,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     connect_timeout_s: float = 10.0,
     client_name: str = "engine.client",
 ) -> AsyncIterator[Client]:
-    """Connect, say hello (with the API key), and yield a ``Client``."""
+    """Connect, say hello (with the API key), and yield a ``Client``.
+
+    With ``ssl_context`` the connection is TLS, and the server's certificate must be
+    valid for ``host`` under that context; a failed TLS handshake raises
+    ``ConnectionLost`` saying why (an untrusted certificate, a server without TLS).
+    Connecting, the TLS handshake and the hello each get ``connect_timeout_s``.
+    """
     with trio.fail_after(connect_timeout_s):
-        stream = await trio.open_tcp_stream(host, port)
+        tcp_stream = await trio.open_tcp_stream(host, port)
+    stream: trio.abc.Stream = tcp_stream
+    if ssl_context is not None:
+        stream = trio.SSLStream(tcp_stream, ssl_context, server_hostname=host)
     async with stream:
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(connect_timeout_s):
+                    await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise ConnectionLost(
+                    f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc!r}"
+                ) from None
         client = Client(stream)
         try:
             with trio.fail_after(connect_timeout_s):

@@ -5,6 +5,10 @@ Shell layer: trio, ``engine.protocol``, ``engine.auth``, ``engine.budget``,
 
 Policy, per connection (each is a task with its own small nursery):
 
+- With ``ssl_context`` set, the stream is TLS (``trio.SSLStream``): the TLS
+  handshake must finish within ``handshake_timeout_s`` (a plain-TCP client, a
+  failed or a stalled handshake is counted as a protocol error and closed;
+  nothing else sees it), and the hello timeout starts after it.
 - The first frame must be ``hello`` within ``handshake_timeout_s``, with the
   protocol version and, when keys are configured, a valid API key; otherwise
   the server answers with an error frame and closes.
@@ -43,6 +47,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import ssl
 from dataclasses import dataclass, field
 
 import trio
@@ -85,6 +90,8 @@ __all__ = [
     "RequestHandler",
     "ServerConfig",
     "ServerStatistics",
+    "check_bind",
+    "server_ssl_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,43 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # How long to sleep after one of those before calling accept() again.
 ACCEPT_RETRY_S = 0.1
+# Closing a connection never waits longer than this (a TLS close_notify to a peer that
+# does not read, say); past it the socket is closed without the goodbye.
+CLOSE_TIMEOUT_S = 1.0
+
+
+def check_bind(host: str, *, keys_enabled: bool, tls: bool, allow_insecure_bind: bool,
+               what: str = "listen") -> None:
+    """Refuse (``InsecureBind``) a non-loopback ``host`` without API keys or without TLS,
+    unless ``allow_insecure_bind``: beyond loopback, keys must exist and must not cross
+    the network in clear. Loopback is always allowed. Called before anything binds."""
+    if allow_insecure_bind or host in LOOPBACK_HOSTS:
+        return
+    missing = [need for need, present in (("API keys", keys_enabled), ("TLS", tls))
+               if not present]
+    if missing:
+        raise InsecureBind(
+            f"refusing to {what} on {host!r} without {' and '.join(missing)}: configure "
+            "keys (--keys FILE or $METER_API_KEYS) and TLS (--tls-cert FILE --tls-key FILE), "
+            "bind to 127.0.0.1, or pass --allow-insecure-bind"
+        )
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or later, Python's defaults otherwise) holding
+    the PEM certificate chain in ``cert_file`` and its private key in ``key_file``.
+
+    The key must not be encrypted: OpenSSL would otherwise prompt for its password on
+    the terminal, and a server started by a supervisor would wait there forever."""
+
+    def no_password() -> str:
+        raise ssl.SSLError(f"the private key in {key_file!r} is encrypted; give the server "
+                           "an unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)")
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=cert_file, keyfile=key_file, password=no_password)
+    return context
 
 
 
@@ -106,6 +150,9 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     keys: KeyRing = field(default_factory=lambda: KeyRing(()))
     allow_insecure_bind: bool = False
+    # TLS on every connection when set (``server_ssl_context`` makes one from PEM files);
+    # required beyond loopback unless ``allow_insecure_bind``.
+    ssl_context: ssl.SSLContext | None = None
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_reply_bytes: int = 256 * 1024 * 1024
     max_in_flight: int = 16
@@ -169,13 +216,9 @@ class MeterServer:
         self.request_budget = request_budget or ByteBudget(
             self.config.max_request_bytes_in_flight)
         self._reader_scopes: set[trio.CancelScope] = set()
-        if not self.config.keys.enabled and not self.config.allow_insecure_bind and (
-            self.config.host not in LOOPBACK_HOSTS
-        ):
-            raise InsecureBind(
-                f"refusing to listen on {self.config.host!r} without API keys: configure keys "
-                "(--keys FILE or $METER_API_KEYS) or pass --allow-insecure-bind"
-            )
+        check_bind(self.config.host, keys_enabled=self.config.keys.enabled,
+                   tls=self.config.ssl_context is not None,
+                   allow_insecure_bind=self.config.allow_insecure_bind)
 
     def statistics(self) -> ServerStatistics:
         """The server's counters now (an immutable snapshot)."""
@@ -255,8 +298,11 @@ class MeterServer:
 
     # ------------------------------------------------------------ connection
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, socket_stream: trio.SocketStream) -> None:
         counters = self._counters
+        stream: trio.abc.Stream = socket_stream
+        if self.config.ssl_context is not None:
+            stream = trio.SSLStream(socket_stream, self.config.ssl_context, server_side=True)
         if counters.connections >= self.config.max_connections:
             counters.refused_connections += 1
             await self._send_and_close(stream, ServerBusy("too many connections"))
@@ -264,6 +310,8 @@ class MeterServer:
         counters.connections += 1
         counters.connections_total += 1
         try:
+            if isinstance(stream, trio.SSLStream) and not await self._tls_handshake(stream):
+                return
             await ServerSideConnection(self, stream).run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away
@@ -271,13 +319,36 @@ class MeterServer:
             log.exception("connection handler failed")
         finally:
             counters.connections -= 1
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            await _close(stream)
 
-    async def _send_and_close(self, stream: trio.SocketStream, error: MeteringError) -> None:
+    async def _tls_handshake(self, stream: trio.SSLStream[trio.SocketStream]) -> bool:
+        """The TLS handshake within ``handshake_timeout_s``; ``False`` if it failed (a
+        plain-TCP client, an untrusted certificate) or stalled, and the caller closes."""
+        with trio.move_on_after(self.config.handshake_timeout_s) as timer:
+            try:
+                await stream.do_handshake()
+                return True
+            except trio.BrokenResourceError as exc:
+                reason: object = exc.__cause__ or exc
+        if timer.cancelled_caught:
+            reason = f"not finished within {self.config.handshake_timeout_s} s"
+        self._counters.protocol_errors += 1
+        log.info("closing a connection whose TLS handshake failed: %s", reason)
+        return False
+
+    async def _send_and_close(self, stream: trio.abc.Stream, error: MeteringError) -> None:
+        # Over TLS the send includes the handshake: both within the same second.
         with trio.move_on_after(1):
             try:
                 await stream.send_all(encode_message_frame(error_reply(error)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+        await _close(stream)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` even when cancelled, within ``CLOSE_TIMEOUT_S``: an ``SSLStream``
+    sends close_notify first (and, with its handshake unfinished, would try to finish it);
+    cancelling that closes the socket without it."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
         await stream.aclose()

@@ -103,7 +103,7 @@ class _Closing(Exception):
 class ServerSideConnection:
     """The tasks of one accepted connection (see the module docstring)."""
 
-    def __init__(self, server: MeterServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: MeterServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.config = server.config
         self.stream = stream

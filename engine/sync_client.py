@@ -7,6 +7,7 @@ waits for it; errors arrive as the same typed exceptions.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, TypeVarTuple
@@ -32,13 +33,15 @@ class SyncClient:
             client.ingest([Event(...)])
     """
 
-    def __init__(self, host: str, port: int, api_key: str | None = None) -> None:
+    def __init__(self, host: str, port: int, api_key: str | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: connect over TLS (as ``open_client``)."""
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._client: Client | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._run, args=(host, port, api_key),
+        self._thread = threading.Thread(target=self._run, args=(host, port, api_key, ssl_context),
                                         name="metering-engine-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -46,10 +49,11 @@ class SyncClient:
             self._thread.join()
             raise self._error
 
-    def _run(self, host: str, port: int, api_key: str | None) -> None:
+    def _run(self, host: str, port: int, api_key: str | None,
+             ssl_context: ssl.SSLContext | None) -> None:
         async def main() -> None:
             try:
-                async with open_client(host, port, api_key) as client:
+                async with open_client(host, port, api_key, ssl_context=ssl_context) as client:
                     self._client = client
                     self._token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -265,9 +266,11 @@ async def test_admin_key_and_hashed_key(engine: Engine, keyed: MeterServer) -> N
 async def test_binding_beyond_loopback_without_keys_is_refused(engine: Engine, host: str) -> None:
     with pytest.raises(InsecureBind, match="refusing to listen"):
         MeterServer(engine, ServerConfig(host=host, port=0))
-    # Constructing (not serving) is fine with the explicit override or with keys.
+    # Constructing (not serving) is fine with the explicit override, or with keys and TLS
+    # (without TLS the keys would cross the network in clear: tests/test_tls.py).
     MeterServer(engine, ServerConfig(host=host, port=0, allow_insecure_bind=True))
-    MeterServer(engine, ServerConfig(host=host, port=0, keys=parse_keys(KEYS)))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    MeterServer(engine, ServerConfig(host=host, port=0, keys=parse_keys(KEYS), ssl_context=tls))
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])

@@ -14,8 +14,10 @@ router of ours (``engine.http.app``), not a framework.
 Resource policy: the listener is bound before ``task_status.started`` reports
 the server, so a caller may attach the engine later (``HttpServer.attach``),
 when recovery has ended; until then every route but ``/healthz`` answers 503.
-Like the TCP server, it refuses a non-loopback bind without API keys unless
-``allow_insecure_bind``. Idle keep-alive connections close after
+Like the TCP server (``engine.server.check_bind``), it refuses a non-loopback
+bind without API keys or without TLS unless ``allow_insecure_bind``. TLS is
+Hypercorn's own (``tls_cert_file`` and ``tls_key_file``, PEM); a handshake
+must finish within ``tls_handshake_timeout_s``. Idle keep-alive connections close after
 ``keep_alive_timeout_s``; a connection that sends nothing for
 ``read_timeout_s`` is closed; a body must arrive whole within
 ``body_timeout_s`` (408), and waits, before it is read, for room in the
@@ -39,7 +41,7 @@ from engine.auth import KeyRing
 from engine.http import amberflo, native
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
-from engine.server import LOOPBACK_HOSTS, ByteBudget, InsecureBind
+from engine.server import ByteBudget, check_bind
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class HttpConfig:
     port: int = DEFAULT_HTTP_PORT
     keys: KeyRing = field(default_factory=lambda: KeyRing(()))
     allow_insecure_bind: bool = False
+    # HTTPS when both are set: PEM files, loaded by Hypercorn when it binds.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_handshake_timeout_s: float = 10.0
     max_body_bytes: int = HttpLimits.max_body_bytes
     body_timeout_s: float = HttpLimits.body_timeout_s
     # Pass the TCP server's ``request_budget`` to share one server-wide memory budget.
@@ -74,13 +80,11 @@ class HttpServer:
 
     def __init__(self, engine: Engine | None, config: HttpConfig | None = None) -> None:
         self.config = config = config or HttpConfig()
-        if not config.keys.enabled and not config.allow_insecure_bind and (
-            config.host not in LOOPBACK_HOSTS
-        ):
-            raise InsecureBind(
-                f"refusing to serve HTTP on {config.host!r} without API keys: configure keys "
-                "or pass allow_insecure_bind"
-            )
+        if (config.tls_cert_file is None) != (config.tls_key_file is None):
+            raise ValueError("HTTP TLS needs both tls_cert_file and tls_key_file")
+        check_bind(config.host, keys_enabled=config.keys.enabled,
+                   tls=config.tls_cert_file is not None,
+                   allow_insecure_bind=config.allow_insecure_bind, what="serve HTTP")
         self.metrics = HttpMetrics()
         self.app = HttpApp(build_router(), config.keys, HttpLimits(
             config.max_body_bytes, config.body_timeout_s, config.request_budget),
@@ -109,10 +113,13 @@ class HttpServer:
         hypercorn_config.graceful_timeout = config.drain_timeout_s
         hypercorn_config.include_server_header = False
         hypercorn_config.accesslog = None
+        hypercorn_config.certfile = config.tls_cert_file
+        hypercorn_config.keyfile = config.tls_key_file
+        hypercorn_config.ssl_handshake_timeout = config.tls_handshake_timeout_s
         hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
 
         def started(binds: list[str] | None = None) -> None:
-            # "http://127.0.0.1:54321": the port the kernel chose for port 0.
+            # "http://127.0.0.1:54321" (https with TLS): the port the kernel chose for port 0.
             assert binds
             self.port = int(binds[0].rsplit(":", 1)[1])
             log.info("HTTP listening on %s", binds[0])
