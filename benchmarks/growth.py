@@ -74,6 +74,7 @@ events, so a short paced run would otherwise miss the stall the goal includes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -428,7 +429,7 @@ class Worker:
     def _check_log_order(self) -> None:
         """Batches must be logged in the order they were generated (retries after originals)."""
         lsns = [self._phase_lsns[index] for index in sorted(self._phase_lsns)]
-        self.lsns_out_of_order += sum(1 for a, b in zip(lsns, lsns[1:]) if b <= a)
+        self.lsns_out_of_order += sum(1 for a, b in itertools.pairwise(lsns) if b <= a)
         self._phase_lsns.clear()
 
     async def ingest_until(self, eng: Any, until_minute: int) -> dict[str, Any]:
@@ -660,8 +661,9 @@ async def worker_main(args: argparse.Namespace) -> None:
     async with open_engine(args.data_dir, shards=args.shards, clock_ms=worker.clock) as eng:
         for meter in worker.traffic.meters:
             await eng.define_meter(meter)
-        for limit in meter_limits(worker.traffic):
-            await eng.add_limit(limit)
+        if args.limits:
+            for limit in meter_limits(worker.traffic):
+                await eng.add_limit(limit)
         baseline = proc_status()
         emit("started", {"pid": os.getpid(), **baseline})
         for day in args.checkpoint_days:
@@ -802,6 +804,8 @@ def worker_argv(args: argparse.Namespace, data_dir: str) -> list[str]:
             "--pace-seconds", str(args.pace_seconds), "--timeout-s", str(args.timeout_s)]
     if not args.pace_snapshot:
         argv.append("--no-pace-snapshot")
+    if not args.limits:
+        argv.append("--no-limits")
     if args.report_answers:
         argv.append("--report-answers")
     return argv
@@ -864,6 +868,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
             "query_budget_s": args.query_budget_s,
             "pace_events_per_s": args.pace_events_per_s, "pace_seconds": args.pace_seconds,
             "pace_snapshot": args.pace_snapshot, "restart": args.restart,
+            "limits": "a day, a month and a total limit per meter" if args.limits else "none",
             "snapshot_every_bytes": "engine default (256 MiB)"}
 
 
@@ -963,6 +968,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="paced run on the final state (full 60, quick 10; 0 skips it)")
     parser.add_argument("--no-pace-snapshot", action="store_false", dest="pace_snapshot",
                         help="do not force a snapshot in the middle of the paced run")
+    parser.add_argument("--no-limits", action="store_false", dest="limits",
+                        help="define no limits (to see what they cost)")
     parser.add_argument("--no-restart", action="store_false", dest="restart",
                         help="skip the restart measurement (it doubles the memory needed)")
     parser.add_argument("--timeout-s", type=float, dest="timeout_s",
