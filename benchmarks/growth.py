@@ -115,6 +115,8 @@ LATE_DELAYS_MIN = (10, 60, 360, DAY_MINUTES, 3 * DAY_MINUTES, 7 * DAY_MINUTES,
 OLD_RETRY_MAX_MIN = 34 * DAY_MINUTES
 MESSAGE = "GROWTH "  # prefix of the worker's report lines on stdout
 STALL_RECORD_S = 0.020  # event-loop stalls at least this long are counted
+# The paced run gives up (and says so) when this many batches wait for their acks.
+MAX_PACED_OUTSTANDING = 64
 
 QUICK = {"days": 4, "customers": 20, "checkpoint_days": [1, 2, 4],
          "distinct_per_customer_day": 100, "query_runs": 20, "query_budget_s": 3.0,
@@ -626,7 +628,7 @@ class Worker:
                     batch = self.traffic.next_batch(self.args.batch_size, 1 << 40, self.clock)
                     outstanding = index - len(latencies)
                     outstanding_max = max(outstanding_max, outstanding)
-                    if outstanding > 512:
+                    if outstanding > MAX_PACED_OUTSTANDING:
                         behind += 1
                         break
                     nursery.start_soon(self._ingest_one, eng, order, index, batch, latencies,
