@@ -117,6 +117,8 @@ MESSAGE = "GROWTH "  # prefix of the worker's report lines on stdout
 STALL_RECORD_S = 0.020  # event-loop stalls at least this long are counted
 # The paced run gives up (and says so) when this many batches wait for their acks.
 MAX_PACED_OUTSTANDING = 64
+# ... or when its schedule is this far behind real time (the loop itself was held up).
+MAX_PACED_LAG_S = 120.0
 
 QUICK = {"days": 4, "customers": 20, "checkpoint_days": [1, 2, 4],
          "distinct_per_customer_day": 100, "query_runs": 20, "query_budget_s": 3.0,
@@ -628,7 +630,8 @@ class Worker:
                     batch = self.traffic.next_batch(self.args.batch_size, 1 << 40, self.clock)
                     outstanding = index - len(latencies)
                     outstanding_max = max(outstanding_max, outstanding)
-                    if outstanding > MAX_PACED_OUTSTANDING:
+                    if (outstanding > MAX_PACED_OUTSTANDING
+                            or time.perf_counter() - next_start > MAX_PACED_LAG_S):
                         behind += 1
                         break
                     nursery.start_soon(self._ingest_one, eng, order, index, batch, latencies,
@@ -641,7 +644,7 @@ class Worker:
         events = self.sent - events_before
         return {"target_events_per_s": rate, "seconds": seconds, "events_sent": events,
                 "achieved_events_per_s": events / elapsed_s, "elapsed_s": elapsed_s,
-                "gave_up_behind_schedule": bool(behind),
+                "gave_up_behind_schedule": bool(behind), "outstanding_max": outstanding_max,
                 "forced_snapshot": self.args.pace_snapshot, **snapshot,
                 **latency_figures(latencies, "ack"),
                 **latency_figures(snapshot_latencies, "ack_during_snapshot"),
