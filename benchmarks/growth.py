@@ -881,6 +881,11 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:,.0f}"
 
 
+def _ms(value: float) -> str:
+    """Milliseconds for the tables; a dash where nothing was measured (no ack in a snapshot)."""
+    return "-" if math.isnan(value) else f"{value:,.0f}"
+
+
 def format_tables(report: dict[str, Any]) -> str:
     lines = ["| day | events accepted | RSS MiB | RssAnon MiB | peak MiB | RAM B/event "
              "| since prev B/event | ingest ev/s | ack p50 / p99 / max ms | snapshots "
@@ -897,7 +902,7 @@ def format_tables(report: dict[str, Any]) -> str:
             f"| {c['ram_bytes_per_event']:.0f} | {c['ram_bytes_per_event_since_previous']:.0f} "
             f"| {ingest['events_per_s']:,.0f} | {ingest['ack_p50_ms']:.1f} / "
             f"{ingest['ack_p99_ms']:.1f} / {ingest['ack_max_ms']:,.0f} | {ingest['snapshots']} "
-            f"| {ingest['ack_during_snapshot_max_ms']:,.0f} | {ingest['loop_stall_max_ms']:,.0f} "
+            f"| {_ms(ingest['ack_during_snapshot_max_ms'])} | {ingest['loop_stall_max_ms']:,.0f} "
             f"| {c['disk_bytes_per_event']:.0f} | {restart[0]} | {restart[1]} |")
     lines += ["", "| day | meter | query | cold ms | warm p50 ms | warm p99 ms | warm runs |",
               "|---:|---|---|---:|---:|---:|---:|"]
@@ -916,7 +921,7 @@ def format_tables(report: dict[str, Any]) -> str:
                   f"| {paced['elapsed_s']:.1f} | {paced['ack_p50_ms']:.1f} / "
                   f"{paced['ack_p99_ms']:.1f} / {paced['ack_max_ms']:,.0f} "
                   f"| {paced['ack_during_snapshot_count']} "
-                  f"| {paced['ack_during_snapshot_max_ms']:,.0f} "
+                  f"| {_ms(paced['ack_during_snapshot_max_ms'])} "
                   f"| {paced.get('snapshot_call_s', math.nan):.2f} "
                   f"| {paced['loop_stall_max_ms']:,.0f} |"]
     return "\n".join(lines)
