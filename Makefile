@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test soak bench bench-quick bench-peers demo lint clean
+.PHONY: run test soak bench bench-quick bench-growth bench-peers demo lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,20 @@ $(BENCH_STAMP): $(STAMP)
 
 ## The whole benchmark suite (~15 min on 2 cores): rewrites the generated section of
 ## docs/benchmarks.md and docs/bench/*.png. Extra options: make bench BENCH_ARGS='--no-peers'
+## (history growth over simulated days is separate: make bench-growth).
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/suite.py --write-docs $(BENCH_ARGS)
 
 ## A small suite (~1 min); writes /tmp/metering-bench-quick/, never docs/.
 bench-quick: $(BENCH_STAMP)
 	$(PY) benchmarks/suite.py --quick $(BENCH_ARGS)
+
+## History growth over simulated days (benchmarks/growth.py): memory, snapshot stalls, restart
+## after SIGKILL and query times per checkpoint day. Quick by default (~1 min); the full
+## 64-day shape: make bench-growth GROWTH_ARGS='--days 64' (hours, 2 x 8-11 GiB today).
+GROWTH_ARGS ?= --quick
+bench-growth: $(BENCH_STAMP)
+	$(PY) benchmarks/growth.py $(GROWTH_ARGS)
 
 ## The engine beside Redis, PostgreSQL, DuckDB and SQLite on one workload, every answer
 ## checked equal; installs and starts the servers itself (apt-get as root). A few minutes;
