@@ -78,6 +78,7 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.principal = principal
+        self.path_params: dict[str, str] = {}  # the ``{name}`` segments of the route's path
         self.headers = {name.decode("latin-1").lower(): value.decode("latin-1")
                         for name, value in scope.get("headers", [])}
         self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
@@ -137,17 +138,38 @@ class Route:
 
 
 class Router:
+    """Routes by exact path, then by template: a ``{name}`` segment matches one
+    non-empty path segment, given to the handler in ``path_params``. ASGI gives the
+    path percent-decoded, so an id holding ``/`` cannot be named in a path (use a
+    query form). An exact path wins over a template."""
+
     def __init__(self) -> None:
         self._routes: dict[str, dict[str, Route]] = {}
+        self._templates: list[tuple[tuple[str, ...], str]] = []  # (segments, template)
 
     def add(self, method: str, path: str, handler: Handler, scope: str | None, *,
             needs_engine: bool = True) -> None:
         path = normalise(path)
+        if "{" in path and path not in self._routes:
+            self._templates.append((tuple(path.split("/")), path))
         self._routes.setdefault(path, {})[method] = Route(
             method, path, handler, scope, needs_engine, path)
 
     def match(self, method: str, path: str) -> Route:
-        by_method = self._routes.get(normalise(path))
+        return self.resolve(method, path)[0]
+
+    def resolve(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route for ``method`` and ``path``, and the values of its ``{name}`` segments."""
+        path = normalise(path)
+        params: dict[str, str] = {}
+        by_method = self._routes.get(path) if "{" not in path else None
+        if by_method is None:
+            segments = path.split("/")
+            for template_segments, template in self._templates:
+                found = _match_template(template_segments, segments)
+                if found is not None:
+                    by_method, params = self._routes[template], found
+                    break
         if by_method is None:
             raise HttpError(404, "not_found", f"no route {path!r}")
         route = by_method.get(method)
@@ -157,10 +179,24 @@ class Router:
             allowed = ", ".join(sorted(by_method))
             raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path!r}",
                             headers=[(b"allow", allowed.encode())])
-        return route
+        return route, params
 
     def routes(self) -> list[Route]:
         return [route for by_method in self._routes.values() for route in by_method.values()]
+
+
+def _match_template(template: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+    if len(template) != len(segments):
+        return None
+    params = {}
+    for expected, actual in zip(template, segments, strict=True):
+        if expected.startswith("{") and expected.endswith("}"):
+            if not actual:
+                return None
+            params[expected[1:-1]] = actual  # ASGI's path is already percent-decoded
+        elif expected != actual:
+            return None
+    return params
 
 
 def normalise(path: str) -> str:
@@ -207,13 +243,14 @@ class HttpApp:
         route_name = "unmatched"
         request: Request | None = None
         try:
-            route = self.router.match(scope["method"], scope["path"])
+            route, path_params = self.router.resolve(scope["method"], scope["path"])
             route_name = route.name
             principal = self._authenticate(scope, route)
             if route.needs_engine and self.engine is None:
                 raise HttpError(503, "starting", "the engine is recovering; retry shortly",
                                 headers=[(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
             request = Request(self, scope, receive, principal)
+            request.path_params = path_params
             with self.metrics.in_flight.track_inprogress():
                 response = await route.handler(request)
         except trio.Cancelled:

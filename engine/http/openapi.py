@@ -21,6 +21,7 @@ from engine.http.amberflo import (
     UsageQuery,
     UsageReport,
 )
+from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
 from engine.http.native import Health, QueryIn, Ready
 from engine.schema import QueryResult
@@ -56,6 +57,11 @@ def _operation(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = N
     return operation
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}}
+
+
 def _query_param(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema}
 
@@ -72,9 +78,11 @@ def _numbers_for_decimals(node: Any) -> Any:
 
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
-             QueryResult, Health, Ready, ErrorBody)
+             QueryResult, Health, Ready, ErrorBody, CustomerIn, CustomerOut, NoCustomer)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
+    # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
+    customer_or_none = {"anyOf": [_ref("CustomerOut"), _ref("NoCustomer")]}
     records = {"oneOf": [_ref("IngestRecord"), {"type": "array", "items": _ref("IngestRecord")}]}
     paths: dict[str, Any] = {
         "/ingest": {"post": _operation(
@@ -103,6 +111,25 @@ def build_document() -> dict[str, Any]:
                               parameters=[_query_param("meterApiName", text)]),
             "post": _operation("Define a meter (idempotent; another aggregation is a 409)",
                                _ref("AmberfloMeter"), _ref("AmberfloMeterIn")),
+        },
+        "/customers": {
+            "get": _operation(
+                "Every customer (an array); with customerId, that customer or {} when unknown",
+                {"anyOf": [{"type": "array", "items": _ref("CustomerOut")}, customer_or_none]},
+                parameters=[_query_param("customerId", {"type": "string", "minLength": 1})]),
+            "post": _operation("Add a customer (or fill in one known only by its usage); "
+                               "one with a name already is a 409",
+                               _ref("CustomerOut"), _ref("CustomerIn")),
+            "put": _operation("Replace a customer whole (customerId in the body)",
+                              _ref("CustomerOut"), _ref("CustomerIn")),
+        },
+        "/customers/{id}": {
+            "get": _operation("The customer, or {} when unknown", customer_or_none,
+                              parameters=[_path_param("id")]),
+            "put": _operation("Replace the customer whole", _ref("CustomerOut"),
+                              _ref("CustomerIn"), parameters=[_path_param("id")]),
+            "delete": _operation("Delete (hide) the customer; answers what it was, 404 if "
+                                 "unknown", _ref("CustomerOut"), parameters=[_path_param("id")]),
         },
         "/api/query": {"post": _operation("The engine's own query", _ref("QueryResult"),
                                           _ref("QueryIn"))},
