@@ -36,7 +36,7 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, customers, native
+from engine.http import amberflo, customers, limits, native, streams
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
 from engine.server import LOOPBACK_HOSTS, ByteBudget, InsecureBind
@@ -66,6 +66,8 @@ def build_router() -> Router:
     router = Router()
     amberflo.add_routes(router)
     customers.add_routes(router)
+    limits.add_routes(router)
+    streams.add_routes(router)
     native.add_routes(router)
     return router
 
