@@ -209,6 +209,9 @@ async def test_alert_stream_resumes_by_last_event_id_and_keeps_alive(metered: En
             await metered.ingest([event("acme", 1, "a3")])
             await reader.read_until(b"id: 3\n")
             assert [e["seq"] for e in reader.events()] == [3]
+        head = await http("HEAD", url(server, "/alerts/stream"))  # answered, not streamed
+        assert head.status_code == 200 and head.headers["content-type"].startswith(
+            "text/event-stream")
         refused = await http("GET", url(server, "/alerts/stream"),
                              headers={"Last-Event-ID": "x"})
         assert refused.status_code == 400

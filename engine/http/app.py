@@ -318,7 +318,9 @@ class HttpApp:
         self.metrics.request_seconds.labels(route_name).observe(time.perf_counter() - started)
         # The request's memory is gone once its answer is built: give its budget back first.
         self._release(request)
-        if isinstance(response, StreamResponse):
+        if isinstance(response, StreamResponse) and scope["method"] == "HEAD":
+            await _send(send, Response(200, b"", response.content_type), head=True)
+        elif isinstance(response, StreamResponse):
             await self._stream(send, receive, response)
         else:
             await _send(send, response, head=scope["method"] == "HEAD")
