@@ -14,6 +14,7 @@ import msgspec
 
 from engine.errors import (
     BatchRejected,
+    CustomerExists,
     DataDirError,
     EngineClosed,
     Forbidden,
@@ -26,6 +27,7 @@ from engine.errors import (
     StorageError,
     StorageFull,
     Unauthorized,
+    UnknownCustomer,
     UnknownMeter,
 )
 
@@ -34,6 +36,8 @@ STATUS_BY_ERROR: tuple[tuple[type[MeteringError], int], ...] = (
     (BatchRejected, 400),
     (UnknownMeter, 404),
     (MeterConflict, 409),
+    (CustomerExists, 409),
+    (UnknownCustomer, 404),
     (InvalidQuery, 400),
     (Forbidden, 403),
     (InvalidRequest, 400),

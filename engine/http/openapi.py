@@ -21,9 +21,12 @@ from engine.http.amberflo import (
     UsageQuery,
     UsageReport,
 )
+from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
+from engine.http.limits import AlertPage, CustomerLimits, LimitIn
 from engine.http.native import Health, QueryIn, Ready
-from engine.schema import QueryResult
+from engine.http.streams import StatsEvent, StreamToken
+from engine.schema import Limit, QueryResult
 
 REF = "#/components/schemas/{name}"
 # {}: no key is needed when the server has none configured.
@@ -56,8 +59,23 @@ def _operation(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = N
     return operation
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}}
+
+
 def _query_param(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+def _stream(summary: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    """A server-sent event stream: marked ``x-stream`` (it never ends by itself)."""
+    token = _query_param("token", {"type": "string"})
+    token["description"] = "a token from POST /api/stream-token, instead of a key header"
+    operation = _operation(summary, {"type": "string"}, parameters=[*parameters, token],
+                           ok_type="text/event-stream")
+    operation["x-stream"] = True
+    return operation
 
 
 def _numbers_for_decimals(node: Any) -> Any:
@@ -72,9 +90,12 @@ def _numbers_for_decimals(node: Any) -> Any:
 
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
-             QueryResult, Health, Ready, ErrorBody)
+             QueryResult, Health, Ready, ErrorBody, CustomerIn, CustomerOut, NoCustomer, Limit,
+             LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
+    # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
+    customer_or_none = {"anyOf": [_ref("CustomerOut"), _ref("NoCustomer")]}
     records = {"oneOf": [_ref("IngestRecord"), {"type": "array", "items": _ref("IngestRecord")}]}
     paths: dict[str, Any] = {
         "/ingest": {"post": _operation(
@@ -104,6 +125,53 @@ def build_document() -> dict[str, Any]:
             "post": _operation("Define a meter (idempotent; another aggregation is a 409)",
                                _ref("AmberfloMeter"), _ref("AmberfloMeterIn")),
         },
+        "/customers": {
+            "get": _operation(
+                "Every customer (an array); with customerId, that customer or {} when unknown",
+                {"anyOf": [{"type": "array", "items": _ref("CustomerOut")}, customer_or_none]},
+                parameters=[_query_param("customerId", {"type": "string", "minLength": 1})]),
+            "post": _operation("Add a customer (or fill in one known only by its usage); "
+                               "one with a name already is a 409",
+                               _ref("CustomerOut"), _ref("CustomerIn")),
+            "put": _operation("Replace a customer whole (customerId in the body)",
+                              _ref("CustomerOut"), _ref("CustomerIn")),
+        },
+        "/customers/{id}": {
+            "get": _operation("The customer, or {} when unknown", customer_or_none,
+                              parameters=[_path_param("id")]),
+            "put": _operation("Replace the customer whole", _ref("CustomerOut"),
+                              _ref("CustomerIn"), parameters=[_path_param("id")]),
+            "delete": _operation("Delete (hide) the customer; answers what it was, 404 if "
+                                 "unknown", _ref("CustomerOut"), parameters=[_path_param("id")]),
+        },
+        "/limits": {
+            "get": _operation("The limits (a customer-bound key: those that apply to it)",
+                              {"type": "array", "items": _ref("Limit")}),
+            "post": _operation("Add (or replace, by id) a limit; exact thresholds",
+                               _ref("Limit"), _ref("LimitIn")),
+        },
+        "/limits/{id}": {"delete": _operation("Remove a limit; answers it, 404 if unknown",
+                                              _ref("Limit"), parameters=[_path_param("id")])},
+        "/alerts": {"get": _operation(
+            "Stored alerts from fromSeq, at most limit of them; nextSeq says where to go on",
+            _ref("AlertPage"), parameters=[
+                _query_param("fromSeq", {"type": "integer", "minimum": 0}),
+                _query_param("limit", {"type": "integer", "minimum": 1, "maximum": 1000})])},
+        "/alerts/stream": {"get": _stream(
+            "Server-sent events, one per alert (id: its seq), from Last-Event-ID + 1, "
+            "fromSeq, or the next alert", [
+                _query_param("fromSeq", {"type": "integer", "minimum": 0}),
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
+        "/api/customers/{id}/limits": {"get": _operation(
+            "Each limit that applies to the customer: its current period, usage and thresholds",
+            _ref("CustomerLimits"), parameters=[_path_param("id")])},
+        "/api/stats/stream": {"get": _stream(
+            "Server-sent events: the engine's ingest counters and rate, once a second "
+            "(data: StatsEvent)", [])},
+        "/api/stream-token": {"post": _operation(
+            "A short-lived token for ?token= on the streams, with this key's scopes and "
+            "customer", _ref("StreamToken"))},
         "/api/query": {"post": _operation("The engine's own query", _ref("QueryResult"),
                                           _ref("QueryIn"))},
         "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},

@@ -38,7 +38,7 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, native
+from engine.http import amberflo, customers, limits, native, streams
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
 from engine.server import ByteBudget, check_bind
@@ -71,6 +71,9 @@ class HttpConfig:
 def build_router() -> Router:
     router = Router()
     amberflo.add_routes(router)
+    customers.add_routes(router)
+    limits.add_routes(router)
+    streams.add_routes(router)
     native.add_routes(router)
     return router
 
@@ -99,7 +102,9 @@ class HttpServer:
         self.app.attach(engine)
 
     def shutdown(self) -> None:
-        """Stop accepting; requests in flight get ``drain_timeout_s`` to finish."""
+        """Stop accepting; requests in flight get ``drain_timeout_s`` to finish, and open
+        event streams end now (they would otherwise hold the drain until its end)."""
+        self.app.close_streams()
         self._shutdown.set()
 
     async def serve(self, task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED
