@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import trio
 
 from engine import Event, Limit, Meter, Query, open_engine
+from engine.storage.memory import MemoryStore
 from tests.helpers.alerts import (
     assert_gap_free,
     key,
@@ -179,3 +180,17 @@ async def test_a_period_starting_inside_a_minute_gives_the_same_alerts_after_a_r
     crossings = [(a.threshold, a.period_start_ms) for a in [*live.alerts, *later.alerts]]
     assert [(a.threshold, a.period_start_ms) for a in stored] == crossings
     assert len(set(crossings)) == len(crossings) == 1, "the threshold fires exactly once"
+
+
+async def test_engine_limit_period_gives_the_period_a_limit_is_evaluated_in() -> None:
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: 0) as eng:
+        berlin_day = Limit(id="d", meter_api_name="m", thresholds=[1], period="day",
+                           timezone="Europe/Berlin")
+        # 2026-03-29 is 23 hours long in Berlin (clocks go forward at 02:00).
+        noon = local_ms("Europe/Berlin", 2026, 3, 29, 12)
+        assert eng.limit_period(berlin_day, noon) == (
+            local_ms("Europe/Berlin", 2026, 3, 29), local_ms("Europe/Berlin", 2026, 3, 30))
+        span = eng.limit_period(berlin_day, noon)
+        assert span[1] - span[0] == 23 * 3_600_000
+        total = Limit(id="t", meter_api_name="m", thresholds=[1], period="total")
+        assert eng.limit_period(total, noon)[0] == 0

@@ -28,7 +28,6 @@ from engine.errors import Forbidden, InvalidRequest
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json
 from engine.http.errors import HttpError, bad_request
-from engine.http.periods import period_bounds
 
 Value = int | Decimal
 DEFAULT_PAGE = 100
@@ -147,7 +146,7 @@ async def customer_limits(request: Request) -> Response:
     statuses = []
     for limit in visible_limits(engine.limits(), customer_id):
         try:
-            start_ms, end_ms = period_bounds(now_ms, limit)
+            start_ms, end_ms = engine.limit_period(limit, now_ms)
         except (ValueError, KeyError) as exc:  # pragma: no cover - the engine checked it
             raise InvalidRequest(f"limit {limit.id!r}: {exc}") from None
         result = await engine.query(Query(

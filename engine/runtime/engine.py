@@ -32,7 +32,7 @@ import trio
 
 from engine.domain import records
 from engine.domain.batch import ShardRouter, prepare_batch
-from engine.domain.limits import LimitError, check_limit
+from engine.domain.limits import LimitError, check_limit, period_bounds
 from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.domain.query import finish_query, plan_query
 from engine.errors import InvalidRequest, UnknownMeter
@@ -215,6 +215,12 @@ class Engine:
     def limits(self) -> list[Limit]:
         """The limits, in the order they were added (sync, like ``meters()``)."""
         return self._catalog.limits()
+
+    def limit_period(self, limit: Limit, at_ms: int) -> tuple[int, int]:
+        """``[start, end)`` of ``limit``'s period that holds ``at_ms``, by the rule the
+        shards evaluate limits with (calendar windows in the limit's zone, exact
+        across DST; ``total`` is all of time)."""
+        return period_bounds(at_ms, limit)
 
     async def list_limits(self) -> list[Limit]:
         """The same as ``limits()``, kept awaitable for existing callers."""
