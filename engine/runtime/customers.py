@@ -90,8 +90,8 @@ class CustomerRegistry:
         known = self._catalog.customer_record(checked.id)
         known_by_usage = known is None and await self._has_usage(checked.id)
         now_ms = self._clock_ms()
-        previous = self._catalog.customers.get(checked.id)
-        created_ms = previous.created_ms if previous is not None and known is not None else now_ms
+        # A visible record keeps its creation time; a new or reinstated one starts now.
+        created_ms = known.created_ms if known is not None else now_ms
         stored = msgspec.structs.replace(checked, created_ms=created_ms, updated_ms=now_ms)
         change = messages.PutCustomer(stored, mode, known_by_usage)
         record = records.encode(records.WalPutCustomer(stored, now_ms))
