@@ -62,7 +62,8 @@ RULES: dict[str, frozenset[str]] = {
 # write-ahead-log writer, recovery, the engine that opens the store, and the alert log.
 # Shard actors and ack ordering must never wait on storage. Checked for the modules
 # that exist, so the rule holds before and after runtime/engine.py is split.
-STORAGE_USERS = frozenset({"writer.py", "recovery.py", "engine.py", "alerts.py"})
+# blocks.py: the block cache reads sealed blocks in short synchronous read transactions.
+STORAGE_USERS = frozenset({"writer.py", "recovery.py", "engine.py", "alerts.py", "blocks.py"})
 NEVER_STORAGE = frozenset({"shards.py", "acks.py"})
 
 # Everything engine/ may import from outside the standard library: its dependencies.

@@ -55,50 +55,71 @@ async def answers(eng: object) -> list[object]:
     return rows
 
 
-async def fill(path: Path, seed: int, *, snapshot_every_bytes: int, shards: int = 4) -> tuple:
+async def fill(path: Path, seed: int, *, snapshot_every_bytes: int, shards: int = 4,
+               **options: object) -> tuple:
+    """Ingest a seeded workload; returns (answers, canonical logical export, statistics)."""
     async with open_engine(path, shards=shards, clock_ms=lambda: NOW,
                            snapshot_every_bytes=snapshot_every_bytes,
-                           snapshot_on_close=False) as eng:
+                           snapshot_on_close=False, **options) as eng:  # type: ignore[arg-type]
         for meter in METERS:
             await eng.define_meter(meter)
         for batch in batches(seed, 60):
             await eng.ingest(batch)
-        return await answers(eng), eng.export_state(), eng.statistics()
+        return await answers(eng), eng.export_logical(), eng.statistics()
 
 
 async def test_reopen_answers_as_before_and_keeps_dedup(tmp_path: Path) -> None:
     before, state, _ = await fill(tmp_path, 1, snapshot_every_bytes=1 << 40)
     async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW) as eng:
         assert await answers(eng) == before
-        assert eng.export_state() == state
+        assert eng.export_logical() == state
         replayed = batches(1, 60)
         ack = await eng.ingest(replayed[0])
         assert ack.accepted == sum(1 for e in replayed[0] if e.unique_id is None)
         assert ack.duplicates == sum(1 for e in replayed[0] if e.unique_id is not None)
 
 
-async def test_snapshot_plus_tail_equals_full_replay(tmp_path: Path) -> None:
-    full, state, stats_full = await fill(tmp_path / "full", 2, snapshot_every_bytes=1 << 40)
+async def test_checkpoint_plus_tail_equals_full_replay(tmp_path: Path) -> None:
+    """Replay determinism: checkpoints that sealed days, plus the WAL tail, give the same
+    canonical logical export as a replay from empty of the whole log (retention 0,
+    nothing ever sealed)."""
+    full, state, stats_full = await fill(tmp_path / "full", 2, snapshot_every_bytes=1 << 40,
+                                         hot_window_ms=None, raw_retention_ms=0)
     snap, snap_state, stats_snap = await fill(tmp_path / "snap", 2, snapshot_every_bytes=4096)
     assert stats_full.snapshots == 0 and stats_snap.snapshots >= 3
+    assert stats_full.block_count == 0 and stats_snap.block_count > 0
     assert snap == full and snap_state == state
     states = []
-    for name in ("full", "snap", "full"):
+    for name, hot_window in (("full", None), ("snap", 2 * DAY), ("full", None)):
         async with open_engine(tmp_path / name, shards=4, clock_ms=lambda: NOW,
-                               snapshot_on_close=False) as eng:
+                               snapshot_on_close=False, hot_window_ms=hot_window) as eng:
             assert await answers(eng) == full
-            states.append(eng.export_state())
+            states.append(eng.export_logical())
     assert states[0] == states[1] == states[2] == state  # replaying twice: identical bytes
 
 
-async def test_snapshot_truncates_the_wal(tmp_path: Path) -> None:
-    await fill(tmp_path, 3, snapshot_every_bytes=4096)
-    async with open_engine(tmp_path, shards=4, clock_ms=lambda: NOW) as eng:
+async def test_the_wal_is_kept_for_the_raw_retention_then_trimmed(tmp_path: Path) -> None:
+    now = [NOW]
+    async with open_engine(tmp_path, shards=4, clock_ms=lambda: now[0],
+                           raw_retention_ms=DAY) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        for batch in batches(3, 20):
+            await eng.ingest(batch)
         lsn = await eng.snapshot()
-        assert lsn == 60 + len(METERS) * 0  # meters live in the catalogue, not the WAL
+        assert lsn == 20  # meters live in the catalogue, not the WAL
         store = store_of(eng)
-        assert list(store.read_wal(0)) == []
+        assert [lsn for lsn, _ in store.read_wal(0)] == list(range(1, 21))  # raw events kept
         assert eng.statistics().wal_bytes_since_snapshot == 0
+        now[0] += DAY // 2
+        await eng.ingest(batches(4, 1)[0])
+        await eng.snapshot()
+        assert store.first_lsn() == 1  # not a day yet since the first checkpoint
+        now[0] += DAY // 2 + 3_600_000
+        await eng.ingest(batches(5, 1)[0])
+        await eng.snapshot()
+        # Trimmed through the newest checkpoint older than the retention, not past it.
+        assert store.first_lsn() == 21
 
 
 async def test_reopen_with_another_shard_count(tmp_path: Path) -> None:

@@ -81,10 +81,36 @@ class MeterPart(msgspec.Struct, array_like=True):
 
 
 class ShardPart(msgspec.Struct, array_like=True):
-    """One shard's snapshot: meter state and the fired thresholds of its limits."""
+    """One shard's checkpoint: its head (the unsealed minute buckets), the fired
+    thresholds of its limits, and where its sealed history begins.
+
+    ``meters`` is the head; ``deltas`` holds events for sealed days not yet merged
+    into their blocks; days before ``sealed_before_minute`` live in blocks
+    (``BlockRecord``); ``sealed_customers`` lists, per meter, the customers with
+    usage in sealed days, sorted (``[[meter, [customer, ...]], ...]``).
+    """
 
     meters: list[MeterPart]
     fired: list[list[Any]] = []
+    sealed_before_minute: int = 0
+    deltas: list[MeterPart] = []
+    sealed_customers: list[list[Any]] = []
+
+
+class BlockRecord(msgspec.Struct, array_like=True):
+    """One sealed day of one meter in one shard: immutable once written; a late event
+    makes a new version of it (``engine.domain.blocks``).
+
+    ``cover_lsn``: the block holds every accepted event of its (meter, day, shard)
+    logged at or before this lsn that is not in the checkpoint's deltas.
+    """
+
+    meter: str
+    day: int  # UTC day index since the epoch
+    shard_count: int
+    part: int  # the shard index under ``shard_count``
+    cover_lsn: int
+    series: list[SeriesRecord]
 
 
 class EngineState(msgspec.Struct, array_like=True):
@@ -94,6 +120,9 @@ class EngineState(msgspec.Struct, array_like=True):
     next_alert_seq: int = 0
     customers: list[Customer] = []  # the registry's records, by id
     hidden_customers: list[str] = []  # deleted ids, sorted
+    # [lsn, engine clock ms] of each checkpoint still inside the raw-event retention:
+    # the write-ahead log up to a mark older than the retention may be trimmed.
+    wal_marks: list[list[int]] = []
 
 
 def decimal_or_int(value: int | str) -> int | Decimal:
@@ -110,6 +139,7 @@ def decimal_or_int(value: int | str) -> int | Decimal:
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder: msgspec.msgpack.Decoder[WalRecord] = msgspec.msgpack.Decoder(WalRecord)
 _part_decoder = msgspec.msgpack.Decoder(ShardPart)
+_block_decoder = msgspec.msgpack.Decoder(BlockRecord)
 _engine_state_decoder = msgspec.msgpack.Decoder(EngineState)
 _meter_decoder = msgspec.msgpack.Decoder(Meter)
 _alert_decoder = msgspec.msgpack.Decoder(Alert)
@@ -169,6 +199,10 @@ def decode_record(raw: bytes) -> WalRecord:
 
 def decode_part(raw: bytes) -> ShardPart:
     return _part_decoder.decode(raw)
+
+
+def decode_block(raw: bytes) -> BlockRecord:
+    return _block_decoder.decode(raw)
 
 
 def decode_engine_state(raw: bytes) -> EngineState:

@@ -39,7 +39,8 @@ from engine.domain.values import fits_int64
 class Series:
     """One (meter, customer, dimensions) series with its minute buckets."""
 
-    __slots__ = ("counts", "customer_id", "dims", "edges", "minutes", "seqs", "times", "values")
+    __slots__ = ("counts", "customer_id", "dims", "edges", "minutes", "rollup", "seqs", "times",
+                 "values")
 
     def __init__(
         self, customer_id: str, dims: tuple[tuple[str, str], ...], kind: int
@@ -52,6 +53,9 @@ class Series:
         self.counts: Any = None
         self.times: Any = None
         self.seqs: Any = None
+        # A sealed block's series: the partial of all its buckets (engine.domain.blocks);
+        # None in the head, whose buckets change.
+        self.rollup: Any = None
         if kind in (SUM, MAX, MIN, AVG, LATEST):
             self.values = array("q")
         if kind in (COUNT, AVG):

@@ -33,10 +33,20 @@ from engine.domain.aggregates import (
     slice_partial,
 )
 from engine.domain.batch import Columns, ShardRouter, ShardSlice
+from engine.domain.blocks import (
+    DAY_MS,
+    BlockReader,
+    NoBlocks,
+    add_rollups,
+    build_block,
+    cut_sealed,
+    encode_block,
+    merge_buckets,
+)
 from engine.domain.limits import Crossing, ShardLimits
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
-from engine.domain.records import MeterPart
+from engine.domain.records import MeterPart, ShardPart
 from engine.domain.series import MeterShard, Series, dims_match, load_series, series_record
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidQuery
@@ -51,7 +61,17 @@ class ShardState:
     """The state of one shard. Not thread-safe; owned by one actor."""
 
     def __init__(self) -> None:
+        # The head: minute buckets of every day not yet sealed, per meter.
         self.meters: dict[str, MeterShard] = {}
+        # Days before this minute (a UTC day boundary) are sealed: their buckets live in
+        # blocks read through ``blocks``, and events for them land in ``deltas`` until the
+        # next checkpoint merges them into new versions of the blocks.
+        self.sealed_before_minute = 0
+        self.deltas: dict[str, MeterShard] = {}
+        self.blocks: BlockReader = NoBlocks()
+        # Per meter, the customers with usage in sealed days (limits and customer
+        # listings must know them without reading blocks).
+        self.sealed_customers: dict[str, set[str]] = {}
         # The alert limits this shard evaluates after each slice; recovery restores
         # them. Not the ingest rules (meters.IngestRules).
         self.alert_limits = ShardLimits()
@@ -61,6 +81,22 @@ class ShardState:
         if shard is None:
             shard = self.meters[meter.name] = MeterShard(meter)
         return shard
+
+    def delta_shard(self, meter: MeterDef) -> MeterShard:
+        shard = self.deltas.get(meter.name)
+        if shard is None:
+            shard = self.deltas[meter.name] = MeterShard(meter)
+            shard.seen = self.meter_shard(meter).seen  # one dedup memory per meter
+        return shard
+
+    def customers_of(self, meter_name: str) -> set[str]:
+        """The customers with usage of a meter on this shard: head, deltas and sealed."""
+        found = set(self.sealed_customers.get(meter_name, ()))
+        for part in (self.meters, self.deltas):
+            meter_shard = part.get(meter_name)
+            if meter_shard is not None:
+                found.update(meter_shard.by_customer)
+        return found
 
     # ---------------------------------------------------------------- ingest
 
@@ -74,50 +110,192 @@ class ShardState:
         seq_base = lsn << SEQ_SHIFT
         crossings: list[Crossing] = []
         limits = self.alert_limits
-        for meter, items in groups:
-            meter_shard = self.meter_shard(meter)
-            duplicate_positions: list[int] = []
-            if meter.kind == SUM or meter.kind == COUNT:
-                applied = _apply_counter(meter_shard, items, meter.kind == COUNT,
-                                         duplicate_positions)
-            else:
-                applied = _apply_general(meter_shard, items, seq_base, duplicate_positions)
-            accepted += applied
-            duplicates += len(duplicate_positions)
-            if limits.by_meter.get(meter.name):
-                skip = set(duplicate_positions)
-                positions = [p for p in range(len(items)) if p not in skip]
-                crossings.extend(limits.after_apply(
-                    meter_shard, items.customers, items.dims_keys, items.times, positions,
-                    items.values))
+        sealed_before_ms = self.sealed_before_minute * MINUTE_MS
+        for meter, all_items in groups:
+            targets = [(self.meter_shard(meter), all_items)]
+            if sealed_before_ms and min(all_items.times) < sealed_before_ms:
+                head_items, late_items = _split_by_time(all_items, sealed_before_ms)
+                targets = [(self.delta_shard(meter), late_items),
+                           (self.meter_shard(meter), head_items)]
+            for meter_shard, items in targets:
+                if not len(items):
+                    continue
+                duplicate_positions: list[int] = []
+                if meter.kind == SUM or meter.kind == COUNT:
+                    applied = _apply_counter(meter_shard, items, meter.kind == COUNT,
+                                             duplicate_positions)
+                else:
+                    applied = _apply_general(meter_shard, items, seq_base, duplicate_positions)
+                accepted += applied
+                duplicates += len(duplicate_positions)
+                if limits.by_meter.get(meter.name):
+                    skip = set(duplicate_positions)
+                    positions = [p for p in range(len(items)) if p not in skip]
+                    crossings.extend(limits.after_apply(
+                        meter_shard, items.customers, items.dims_keys, items.times, positions,
+                        items.values))
         return accepted, duplicates, crossings
 
     # ----------------------------------------------------------------- query
 
     def query(self, plan: QueryPlan) -> dict[tuple[int, tuple[Any, ...]], Any]:
         """Partial aggregates per (span index, group key) for ``plan``."""
-        meter_shard = self.meters.get(plan.meter.name)
-        if meter_shard is None:
-            return {}
-        return collect_partials(meter_shard, plan)
+        name = plan.meter.name
+        meter_shard = self.meters.get(name)
+        out = {} if meter_shard is None else collect_partials(meter_shard, plan)
+        if not plan.cuts_ms or plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
+            return out
+        kind = plan.meter.kind
+        delta = self.deltas.get(name)
+        if delta is not None and delta.series:
+            _merge_all(out, kind, collect_partials(delta, plan))
+        first_day = plan.cuts_ms[0] // DAY_MS
+        last_day = (plan.cuts_ms[-1] - 1) // DAY_MS
+        days = self.blocks.days(name)
+        for day in days[bisect_left(days, first_day):bisect_right(days, last_day)]:
+            block = self.blocks.load(plan.meter, day)
+            if block is not None:
+                _merge_all(out, kind, collect_partials(block, plan))
+        return out
+
+    def usage_partial(self, meter: MeterDef, customer: str,
+                      dim_filters: tuple[tuple[str, frozenset[str]], ...], start_ms: int,
+                      end_ms: int) -> Any:
+        """One customer's partial over [start, end) (whole minutes) from head, deltas
+        and sealed blocks: what limits read when they have no state for a period."""
+        first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)
+        kind = meter.kind
+        merged: Any = None
+        sources: list[MeterShard] = [part[meter.name] for part in (self.meters, self.deltas)
+                                     if meter.name in part]
+        if first < self.sealed_before_minute:
+            days = self.blocks.days(meter.name)
+            wanted = days[bisect_left(days, first // 1440):bisect_right(days, (last - 1) // 1440)]
+            for day in wanted:
+                block = self.blocks.load(meter, day)
+                if block is not None:
+                    sources.append(block)
+        for source in sources:
+            for series in source.by_customer.get(customer, ()):
+                if dim_filters and not dims_match(series.dims, dim_filters):
+                    continue
+                minutes = series.minutes
+                lo = bisect_left(minutes, first)
+                hi = bisect_left(minutes, last, lo)
+                if lo == hi:
+                    continue
+                partial = slice_partial(kind, series, lo, hi)
+                merged = partial if merged is None else merge_partial(kind, merged, partial)
+        return merged
+
+    # ----------------------------------------------------------------- sealing
+
+    def seal(self, before_minute: int, cover_lsn: int, shard_count: int,
+             part: int) -> list[tuple[str, int, MeterShard, bytes]]:
+        """Cut the days before ``before_minute`` out of the head and merge the deltas
+        into their days' blocks; returns the new blocks (meter, day, decoded, encoded),
+        which the caller must make readable before this shard answers again.
+
+        ``before_minute`` only moves forward. The blocks cover ``cover_lsn``: every
+        event of their day applied so far.
+        """
+        before_minute = max(before_minute, self.sealed_before_minute)
+        built: list[tuple[str, int, MeterShard, bytes]] = []
+        for name in sorted(set(self.meters) | set(self.deltas)):
+            head = self.meters.get(name)
+            delta = self.deltas.pop(name, None)
+            meter = (head or delta).meter  # type: ignore[union-attr]
+            pieces_by_day: dict[int, list[tuple[str, Series]]] = {}
+            for source, cut in ((delta, None), (head, before_minute)):
+                if source is None:
+                    continue
+                for day, pieces in cut_sealed(source, cut).items():
+                    pieces_by_day.setdefault(day, []).extend(pieces)
+            for day in sorted(pieces_by_day):
+                pieces = pieces_by_day[day]
+                self.sealed_customers.setdefault(name, set()).update(
+                    piece.customer_id for _, piece in pieces)
+                block = build_block(meter, pieces, self.blocks.load_copy(meter, day))
+                add_rollups(block)
+                built.append((name, day, block,
+                              encode_block(block, day, shard_count, part, cover_lsn)))
+        self.sealed_before_minute = before_minute
+        return built
+
+    def logical_export(self, meters: dict[str, MeterDef]) -> list[MeterPart]:
+        """Every bucket this shard holds, head, deltas and blocks merged, in canonical
+        order: the same bytes whatever was sealed or compacted when (tests, replay
+        checks). Reads every block: not for the serving path."""
+        merged: dict[str, MeterShard] = {}
+        names = set(self.meters) | set(self.deltas) | set(self.sealed_customers)
+        for name in sorted(names):
+            meter = meters[name]
+            target = merged[name] = MeterShard(meter)
+            for day in self.blocks.days(name):
+                block = self.blocks.load_copy(meter, day)
+                for key, series in (block.series.items() if block is not None else ()):
+                    merge_buckets(target, key[1], series)
+            for part in (self.meters, self.deltas):
+                meter_shard = part.get(name)
+                for key, series in (meter_shard.series.items() if meter_shard else ()):
+                    merge_buckets(target, key[1], series)
+        for meter_shard in merged.values():
+            for series in meter_shard.series.values():
+                series.rollup = None
+        return _export_meters(merged)
+
+    def export_deltas(self) -> list[MeterPart]:
+        return _export_meters(self.deltas)
+
+    def export_sealed_customers(self) -> list[list[Any]]:
+        return [[name, sorted(self.sealed_customers[name])]
+                for name in sorted(self.sealed_customers)]
 
     # -------------------------------------------------------------- snapshot
 
     def export(self) -> list[MeterPart]:
         """This shard's state as plain records, in a canonical order."""
-        parts = []
-        for name in sorted(self.meters):
-            meter_shard = self.meters[name]
-            records = [
-                series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
-            ]
-            seen = [
-                [customer, unique_id]
-                for customer in sorted(meter_shard.seen)
-                for unique_id in sorted(meter_shard.seen[customer])
-            ]
-            parts.append(MeterPart(name, records, seen))
-        return parts
+        return _export_meters(self.meters)
+
+
+def _export_meters(meters: dict[str, MeterShard]) -> list[MeterPart]:
+    parts = []
+    for name in sorted(meters):
+        meter_shard = meters[name]
+        if not meter_shard.series and not meter_shard.seen:
+            continue  # nothing of this meter here (it may all be sealed)
+        records = [
+            series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
+        ]
+        seen = [
+            [customer, unique_id]
+            for customer in sorted(meter_shard.seen)
+            for unique_id in sorted(meter_shard.seen[customer])
+        ]
+        parts.append(MeterPart(name, records, seen))
+    return parts
+
+
+def _split_by_time(items: Columns, before_ms: int) -> tuple[Columns, Columns]:
+    """(events at or after ``before_ms``, events before it), each in batch order."""
+    head, late = Columns(), Columns()
+    unique = bool(items.unique_values)
+    for position, ts in enumerate(items.times):
+        target = late if ts < before_ms else head
+        target.customers.append(items.customers[position])
+        target.dims_keys.append(items.dims_keys[position])
+        target.times.append(ts)
+        target.values.append(items.values[position])
+        target.unique_ids.append(items.unique_ids[position])
+        target.indices.append(items.indices[position])
+        if unique:
+            target.unique_values.append(items.unique_values[position])
+    return head, late
+
+
+def _merge_all(out: dict[Any, Any], kind: int, more: dict[Any, Any]) -> None:
+    for key, partial in more.items():
+        _merge_into(out, key, kind, partial)
 
 
 def _apply_counter(
@@ -420,6 +598,13 @@ def collect_partials(
         hi = count if minutes[-1] < last else bisect_left(minutes, last, lo)
         if lo >= hi:
             continue
+        rollup = series.rollup
+        if rollup is not None and lo == 0 and hi == count:
+            # A sealed series-day wholly inside one span: its precomputed partial.
+            span = bisect_right(cut_minutes, minutes[0], 0, span_count) - 1
+            if minutes[-1] < cut_minutes[span + 1]:
+                _merge_into(out, (span, group), kind, rollup)
+                continue
         if counter and span_count == 1:
             column = series.counts if kind == COUNT else series.values
             key = (0, group)
@@ -476,38 +661,54 @@ def _dims_group(dims: tuple[tuple[str, str], ...], plan: QueryPlan) -> Any:
 
 def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
     existing = out.get(key)
-    out[key] = partial if existing is None else merge_partial(kind, existing, partial)
+    if existing is None:
+        # A block's unique_count rollup is a shared frozenset: merge into a copy.
+        out[key] = set(partial) if type(partial) is frozenset else partial
+    elif type(existing) is frozenset:
+        out[key] = existing | partial
+    else:
+        out[key] = merge_partial(kind, existing, partial)
 
 
 # ------------------------------------------------------------------ snapshot
 
 
 def restore_shards(
-    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: ShardRouter
+    shard_parts: list[ShardPart], meters: dict[str, MeterDef], route: ShardRouter
 ) -> list[ShardState]:
-    """Rebuild shard states from a snapshot taken with any shard count.
+    """Rebuild shard states from a checkpoint taken with any shard count.
 
-    Series and dedup keys follow their customer to its shard under ``route``.
+    Series, deltas, dedup keys and sealed customers follow their customer to its
+    shard under ``route`` (sealed blocks themselves are per shard: the runtime
+    refuses another shard count once there are any).
     """
     states = [ShardState() for _ in range(route.shard_count)]
-    for parts in parts_by_shard:
-        for part in parts:
-            meter = meters[part.meter]
-            for record in part.series:
-                load_series(states[route(record.customer_id)].meter_shard(meter), record)
-            for customer, unique_id in part.seen:
-                seen = states[route(customer)].meter_shard(meter).seen
-                ids = seen.get(customer)
-                if ids is None:
-                    ids = seen[customer] = set()
-                ids.add(unique_id)
+    sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
+    for state in states:
+        state.sealed_before_minute = sealed_before
+    for shard_part in shard_parts:
+        for parts, pick in ((shard_part.meters, ShardState.meter_shard),
+                            (shard_part.deltas, ShardState.delta_shard)):
+            for part in parts:
+                meter = meters[part.meter]
+                for record in part.series:
+                    load_series(pick(states[route(record.customer_id)], meter), record)
+                for customer, unique_id in part.seen:
+                    seen = pick(states[route(customer)], meter).seen
+                    ids = seen.get(customer)
+                    if ids is None:
+                        ids = seen[customer] = set()
+                    ids.add(unique_id)
+        for name, customers in shard_part.sealed_customers:
+            for customer in customers:
+                states[route(customer)].sealed_customers.setdefault(name, set()).add(customer)
     return states
 
 
 def state_statistics(state: ShardState) -> tuple[int, int]:
     """(series, buckets) held by one shard."""
     series_count = bucket_count = 0
-    for meter_shard in state.meters.values():
+    for meter_shard in (*state.meters.values(), *state.deltas.values()):
         series_count += len(meter_shard.series)
         bucket_count += sum(len(s.minutes) for s in meter_shard.series.values())
     return series_count, bucket_count

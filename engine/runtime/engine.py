@@ -39,10 +39,12 @@ from engine.errors import InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub, AlertSubscription
+from engine.runtime.blocks import DEFAULT_BLOCK_CACHE_BYTES, BlockCache
 from engine.runtime.catalog import Catalog
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
+from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
@@ -65,7 +67,9 @@ class Engine:
     """An open metering engine. Create it with ``open_engine``."""
 
     def __init__(self, store: Store, shard_count: int, ingest_rules: IngestRules,
-                 clock_ms: Callable[[], int], snapshot_every_bytes: int) -> None:
+                 clock_ms: Callable[[], int], snapshot_every_bytes: int,
+                 history: HistoryPolicy | None = None,
+                 block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES) -> None:
         if type(shard_count) is not int or not 1 <= shard_count <= 4096:
             raise ValueError(f"shards must be an integer from 1 to 4096, got {shard_count!r}")
         self._store = store
@@ -78,8 +82,14 @@ class Engine:
         self._lifecycle = Lifecycle()
         self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
                                   self._hub)
+        self._history = history or HistoryPolicy(clock_ms=clock_ms)
+        self._blocks = BlockCache(store, block_cache_bytes)
+        self._blocks.load_index()
+        for index, state in enumerate(self._recovered.states):
+            state.blocks = self._blocks.reader(index)
         self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1)
-        self._actors = [ShardActor(index, state, self._acks, self._lifecycle)
+        self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
+                                   shard_count)
                         for index, state in enumerate(self._recovered.states)]
         self._write_send, self._write_receive = trio.open_memory_channel[messages.WriteRequest](
             WRITE_QUEUE)
@@ -91,6 +101,11 @@ class Engine:
             last_lsn=self._recovered.last_lsn,
             wal_bytes_since_snapshot=self._recovered.wal_bytes_since_snapshot,
             snapshot_every_bytes=snapshot_every_bytes,
+            history=self._history,
+            blocks=self._blocks,
+            wal_marks=self._recovered.wal_marks,
+            sealed_before_minute=max(
+                (state.sealed_before_minute for state in self._recovered.states), default=0),
         )
         self._customers = CustomerRegistry(
             self._catalog, self._route, ingest_rules, [send for send, _ in self._mailboxes],
@@ -307,7 +322,20 @@ class Engine:
             alerts=self._hub.next_seq,
             recovered_wal_records=recovered.wal_records,
             recovered_wal_bytes=recovered.wal_bytes,
+            sealed_before_ms=writer.sealed_before_minute * 60_000,
+            block_count=self._blocks.block_count,
+            block_cache_bytes=self._blocks.cached_bytes,
+            block_cache_hits=self._blocks.hits,
+            block_cache_misses=self._blocks.misses,
         )
+
+    def export_logical(self) -> bytes:
+        """Canonical bytes of every bucket and all engine state, whatever was sealed or
+        compacted when (for tests and checks: reads every block)."""
+        meters = self._catalog.meter_defs
+        shards = [actor.state.logical_export(meters) for actor in self._actors]
+        engine_state = self._catalog.engine_state(self._hub.next_seq)
+        return records.encode([shards, engine_state])
 
     def export_state(self) -> bytes:
         """Canonical bytes of all state (for tests: equal state ⇔ equal bytes)."""
@@ -330,6 +358,9 @@ async def open_engine(
     max_map_bytes: int | None = None,
     snapshot_on_close: bool = True,
     tune_gc: bool = True,
+    hot_window_ms: int | None = DEFAULT_HOT_WINDOW_MS,
+    raw_retention_ms: int = DEFAULT_RAW_RETENTION_MS,
+    block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
 ) -> AsyncIterator[Engine]:
     """Open (or create) the engine whose state lives in ``data_dir``.
 
@@ -347,6 +378,8 @@ async def open_engine(
     """
     if ingest_rules is not None and limits is not None:
         raise ValueError("pass ingest_rules or its older name limits, not both")
+    history = HistoryPolicy(clock_ms=clock_ms or wall_clock_ms, hot_window_ms=hot_window_ms,
+                            raw_retention_ms=raw_retention_ms)
     if store is None:
         if data_dir is None:
             raise ValueError("open_engine needs a data_dir (or a store)")
@@ -355,7 +388,8 @@ async def open_engine(
                           max_map_bytes=max_map_bytes)
     try:
         engine = Engine(store, shards, ingest_rules or limits or IngestRules(),
-                        clock_ms or wall_clock_ms, snapshot_every_bytes)
+                        clock_ms or wall_clock_ms, snapshot_every_bytes, history,
+                        block_cache_bytes)
         with tuned_gc(tune_gc), unwrap_single():
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine._run)

@@ -160,9 +160,13 @@ class RunQuery:
 
 @dataclass(slots=True, eq=False)
 class ExportState:
-    """Encode this shard's state for a snapshot: answers (shard index, encoded part)."""
+    """Checkpoint this shard: seal the days before ``seal_before_minute`` into blocks
+    (covering ``lsn``, the last lsn the writer handed out), merge its deltas into
+    their blocks, then encode its head: answers (shard index, encoded part)."""
 
     ticket: GatherTicket[tuple[int, bytes]]
+    seal_before_minute: int = 0
+    lsn: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +25,16 @@ import msgspec
 
 from engine.domain import records
 from engine.domain.batch import ShardRouter, prepare_batch
+from engine.domain.blocks import (
+    block_key,
+    decode_block,
+    encode_block,
+    merge_buckets,
+    parse_block_key,
+)
 from engine.domain.limits import LimitError, check_limit
 from engine.domain.meters import IngestRules, check_meter
+from engine.domain.series import MeterShard
 from engine.domain.shard import ShardState, restore_shards
 from engine.domain.values import EXACT
 from engine.errors import DataDirError, InvalidRequest
@@ -33,7 +42,7 @@ from engine.runtime.acks import number_alerts
 from engine.runtime.alerts import AlertHub
 from engine.runtime.catalog import Catalog
 from engine.runtime.messages import ApplySlice, DropLimit, InstallLimit, LoggedTicket, ShardWork
-from engine.runtime.shards import apply_work
+from engine.runtime.shards import apply_work, shard_part
 from engine.storage import Store, StoredSnapshot
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,7 @@ class Recovered:
     # What was replayed from the WAL after the snapshot: 0 after a clean close.
     wal_records: int
     wal_bytes: int
+    wal_marks: list[list[int]]
 
 
 @contextmanager
@@ -76,6 +86,7 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
             catalog.put_meter(check_meter(records.decode_meter(raw), rules))
     snapshot = store.load_snapshot()
     next_alert_seq = 0
+    wal_marks: list[list[int]] = []
     wal_records = wal_bytes = wal_bytes_since_snapshot = 0
     with localcontext(EXACT):
         if snapshot is None:
@@ -84,8 +95,12 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
         else:
             with damaged_if(f"snapshot at lsn {snapshot.lsn} is corrupt",
                             msgspec.DecodeError, KeyError, ValueError, LimitError):
-                states, next_alert_seq = _restore_snapshot(snapshot, catalog, route)
+                states, next_alert_seq, wal_marks = _restore_snapshot(snapshot, catalog, route)
             applied = snapshot.lsn
+            if snapshot.shard_count != shard_count:
+                with damaged_if("a sealed block is unreadable", msgspec.DecodeError, KeyError,
+                                ValueError, zlib.error):
+                    _reshard_blocks(store, snapshot, states, catalog, route)
         with damaged_if("a stored alert is unreadable", msgspec.DecodeError, ValueError):
             hub.restore(next_alert_seq)
         for lsn, raw in store.read_wal(applied):
@@ -104,13 +119,13 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
     log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
              last_lsn, recovery_ms, wal_records, wal_bytes)
     return Recovered(states, last_lsn, wal_bytes_since_snapshot, recovery_ms, wal_records,
-                     wal_bytes)
+                     wal_bytes, wal_marks)
 
 
 def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
-                      route: ShardRouter) -> tuple[list[ShardState], int]:
+                      route: ShardRouter) -> tuple[list[ShardState], int, list[list[int]]]:
     parts = [records.decode_part(raw) for raw in snapshot.parts]
-    states = restore_shards([p.meters for p in parts], catalog.meter_defs, route)
+    states = restore_shards(parts, catalog.meter_defs, route)
     engine_state = (records.decode_engine_state(snapshot.engine_state)
                     if snapshot.engine_state else records.EngineState())
     for limit in engine_state.limits:
@@ -123,7 +138,44 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
     limit_defs = list(catalog.limit_defs.values())
     for index, state in enumerate(states):
         state.alert_limits.load(limit_defs, fired, route, index)
-    return states, engine_state.next_alert_seq
+    return states, engine_state.next_alert_seq, engine_state.wal_marks
+
+
+def _reshard_blocks(store: Store, snapshot: StoredSnapshot, states: list[ShardState],
+                    catalog: Catalog, route: ShardRouter) -> None:
+    """Opened with another shard count: move every sealed series to its new shard's
+    block, and write the rerouted checkpoint with them in one transaction (so a crash
+    leaves the old layout or the new one). Reads all sealed history once."""
+    keys = store.block_keys()
+    if not keys:
+        return
+    by_day: dict[tuple[str, int], list[bytes]] = {}
+    for key in keys:
+        meter, day, _ = parse_block_key(key)
+        by_day.setdefault((meter, day), []).append(key)
+    new_blocks: list[tuple[bytes, bytes]] = []
+    for (meter, day), day_keys in sorted(by_day.items()):
+        meter_def = catalog.meter_defs[meter]
+        per_part: dict[int, MeterShard] = {}
+        for key in day_keys:
+            raw = store.read_block(key)
+            if raw is None:
+                continue
+            for (customer, dims_key), series in decode_block(meter_def, raw)[1].series.items():
+                target = per_part.get(route(customer))
+                if target is None:
+                    target = per_part[route(customer)] = MeterShard(meter_def)
+                merge_buckets(target, dims_key, series)
+        for part, block in sorted(per_part.items()):
+            new_blocks.append((block_key(meter, day, part),
+                               encode_block(block, day, route.shard_count, part, snapshot.lsn)))
+    parts = [records.encode(shard_part(state)) for state in states]
+    written = {key for key, _ in new_blocks}
+    store.write_snapshot(
+        StoredSnapshot(snapshot.lsn, route.shard_count, parts, snapshot.engine_state),
+        new_blocks, 0, [key for key in keys if key not in written])
+    log.info("resharded sealed history from %d to %d shards (%d blocks)",
+             snapshot.shard_count, route.shard_count, len(new_blocks))
 
 
 def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,

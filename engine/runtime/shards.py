@@ -24,6 +24,7 @@ from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
 from engine.runtime.acks import AckSequencer
+from engine.runtime.blocks import BlockCache
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
@@ -65,25 +66,32 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
 
 
 def shard_part(state: ShardState) -> records.ShardPart:
-    """One shard's snapshot part: its meter state and its limits' fired thresholds."""
-    return records.ShardPart(state.export(), state.alert_limits.export())
+    """One shard's checkpoint part: its head, its limits' fired thresholds, its deltas
+    and where its sealed history begins."""
+    return records.ShardPart(state.export(), state.alert_limits.export(),
+                             state.sealed_before_minute, state.export_deltas(),
+                             state.export_sealed_customers())
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
     """The customers (of ``ids``, or all) with usage of any meter on this shard."""
-    per_meter = [meter_shard.by_customer for meter_shard in state.meters.values()]
+    per_meter = [state.customers_of(name)
+                 for name in {*state.meters, *state.deltas, *state.sealed_customers}]
     if ids is None:
         return set().union(*per_meter)
-    return {cid for cid in ids if any(cid in by_customer for by_customer in per_meter)}
+    return {cid for cid in ids if any(cid in customers for customers in per_meter)}
 
 
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, blocks: BlockCache | None = None,
+                 shard_count: int = 1) -> None:
         self.index = index
         self.state = state
         self._acks = acks
         self._lifecycle = lifecycle
+        self._blocks = blocks
+        self._shard_count = shard_count
 
     async def run(self, mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:
         setcontext(EXACT)  # this task's own context: exact decimal sums
@@ -101,10 +109,25 @@ class ShardActor:
                             ticket.fail(exc)
                             result = {}
                         ticket.add(result)
-                    case ExportState(ticket):
+                    case ExportState(ticket, seal_before_minute, lsn):
+                        try:
+                            self._seal(seal_before_minute, lsn)
+                        except BaseException as exc:
+                            # Sealing moves buckets: a failure may leave them half moved.
+                            self._lifecycle.stop(exc)
+                            ticket.fail(EngineClosed(f"shard {self.index} failed: {exc!r}"))
+                            raise
                         ticket.add((self.index, records.encode(shard_part(self.state))))
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
+
+    def _seal(self, seal_before_minute: int, lsn: int) -> None:
+        """Seal and compact, and make the new blocks readable before anything else runs."""
+        if self._blocks is None:
+            return
+        for meter, day, block, raw in self.state.seal(seal_before_minute, lsn,
+                                                      self._shard_count, self.index):
+            self._blocks.add(meter, day, self.index, block, raw)
 
     def _apply_group(self, items: list[Apply],
                      mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:

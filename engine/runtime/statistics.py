@@ -34,6 +34,13 @@ class EngineStatistics:
     # What the last open replayed from the WAL after the snapshot: 0 after a clean close.
     recovered_wal_records: int = 0
     recovered_wal_bytes: int = 0
+    # Sealed history: event time before this is in blocks (0: nothing sealed yet); the
+    # blocks written, and the decoded copies the block cache holds within its budget.
+    sealed_before_ms: int = 0
+    block_count: int = 0
+    block_cache_bytes: int = 0
+    block_cache_hits: int = 0
+    block_cache_misses: int = 0
 
 
 def series_and_buckets(states: Iterable[ShardState]) -> tuple[int, int]:

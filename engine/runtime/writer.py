@@ -36,7 +36,9 @@ from engine.errors import (
 )
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
+from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
+from engine.runtime.history import HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
@@ -81,6 +83,10 @@ class WalWriter:
         last_lsn: int,
         wal_bytes_since_snapshot: int,
         snapshot_every_bytes: int,
+        history: HistoryPolicy | None = None,
+        blocks: BlockCache | None = None,
+        wal_marks: list[list[int]] | None = None,
+        sealed_before_minute: int = 0,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -95,6 +101,11 @@ class WalWriter:
         self.snapshots = 0
         self._snapshot_not_before = -math.inf  # trio time
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
+        self._history = history or HistoryPolicy()
+        self._blocks = blocks
+        # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
+        self._wal_marks = wal_marks or []
+        self.sealed_before_minute = sealed_before_minute
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         async with requests:
@@ -120,7 +131,8 @@ class WalWriter:
                     last = group[-1]
                     if isinstance(last, TakeSnapshot):
                         await self._snapshot(last.ticket)
-                    elif (self.wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                    elif ((self.wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                           or self._seal_due())
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
 
@@ -252,23 +264,39 @@ class WalWriter:
             kept.append(request)
         return kept
 
+    def _seal_due(self) -> bool:
+        """Whether a day left the hot window since the last checkpoint."""
+        return (self._blocks is not None and self._history.seal_before_minute(
+            self._history.clock_ms()) > self.sealed_before_minute)
+
     async def _snapshot(self, requester: SnapshotTicket | None) -> None:
-        """Snapshot every shard at the current lsn, then drop the WAL it covers."""
+        """Checkpoint: every shard seals what left the hot window and encodes its head at
+        the current lsn; the parts, the new blocks and the trimming of the WAL past the
+        raw-event retention are one transaction."""
+        now_ms = self._history.clock_ms()
+        seal_before = (self._history.seal_before_minute(now_ms) if self._blocks is not None
+                       else 0)
+        seal_before = max(seal_before, self.sealed_before_minute)
         ticket: GatherTicket[tuple[int, bytes]] = GatherTicket(len(self._mailboxes))
         for mailbox in self._mailboxes:
-            await mailbox.send(ExportState(ticket))
+            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
             if requester is not None:
                 requester.fail(ticket.error)
             return
+        self.sealed_before_minute = seal_before
         parts = [raw for _, raw in sorted(ticket.results)]
+        marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
+                                                            now_ms)
         engine_state = self._catalog.engine_state(self._hub.next_seq)
+        engine_state.wal_marks = marks
         snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes), parts,
                                   records.encode(engine_state))
+        blocks = self._blocks.unwritten() if self._blocks is not None else []
         try:
-            await self._commit([], [])  # stores pending alerts: their WAL is about to go
-            await call_store(self._store.write_snapshot, snapshot)
+            await self._commit([], [])  # stores pending alerts with the state that made them
+            await call_store(self._store.write_snapshot, snapshot, blocks, trim_through)
         except StorageFull as exc:
             # The WAL is intact and keeps covering everything: try again later.
             self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
@@ -290,6 +318,9 @@ class WalWriter:
             raise error from exc
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._snapshot_not_before = -math.inf
+        self._wal_marks = marks
+        if self._blocks is not None:
+            self._blocks.written([key for key, _ in blocks])
         self.wal_bytes_since_snapshot = 0
         self.snapshots += 1
         if requester is not None:

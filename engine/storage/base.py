@@ -8,7 +8,7 @@ and gap-free. ``commit`` is all-or-nothing and durable when it returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,8 +50,20 @@ class Store(Protocol):
 
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]: ...
 
-    def write_snapshot(self, snapshot: StoredSnapshot) -> None:
-        """Durably replace the snapshot and drop WAL records it covers."""
+    def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
+        """Durably replace the snapshot and put ``blocks`` (key, value), in one
+        transaction; drop WAL records up to ``trim_wal_through`` (never past the
+        snapshot's lsn; 0: drop none), possibly in several calls; delete the blocks
+        ``drop_blocks`` first (resharding)."""
+
+    def block_keys(self) -> list[bytes]:
+        """The keys of every sealed block, sorted."""
+
+    def read_block(self, key: bytes) -> bytes | None: ...
+
+    def first_lsn(self) -> int:
+        """The oldest lsn still in the write-ahead log (0 if it is empty)."""
 
     def load_snapshot(self) -> StoredSnapshot | None: ...
 

@@ -17,6 +17,12 @@ renamed. Layout of ``lmdb/`` (named databases):
 - ``snapshot``: ``header`` → encoded (lsn, shard count, part count);
   ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
 - ``alerts``: 8-byte big-endian seq → one encoded alert.
+- ``blocks``: sealed history, ``meter NUL day(4) part(2)`` → one compressed
+  ``BlockRecord`` (``engine.domain.blocks``); written only with a snapshot, in its
+  transaction, so blocks and the checkpoint that refers to them are one state.
+
+The write-ahead log is not truncated at a snapshot: it is also the raw-event
+log, kept for the retention the writer passes as ``trim_wal_through``.
 
 Every value but ``format`` starts with a 4-byte CRC-32 of the rest (format 2;
 format 1 stores, without checksums, are still read and written as they are).
@@ -40,7 +46,7 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from io import BufferedRandom
 from pathlib import Path
@@ -60,8 +66,11 @@ PART_INDEX = struct.Struct(">I")
 LMDB_DIR = "lmdb"
 LMDB_BUILDING_DIR = "lmdb.creating"
 OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
-DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts")
-MAX_DBS = 5
+DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"blocks")
+MAX_DBS = 8
+# WAL records deleted per checkpoint at most when trimming past the raw-event retention:
+# bounds the checkpoint's transaction; the rest goes at the next checkpoint.
+MAX_TRIM_RECORDS = 20_000
 DEFAULT_MAP_BYTES = 1 << 30
 DEFAULT_MAX_MAP_BYTES = 1 << 40
 INITIALISED_MARK = b"metering-engine data directory\n"
@@ -185,6 +194,8 @@ class LmdbStore:
             self.wal_db = self.env.open_db(b"wal", txn=txn)
             self.snapshot_db = self.env.open_db(b"snapshot", txn=txn)
             self.alerts_db = self.env.open_db(b"alerts", txn=txn)
+            # Sealed history (absent from stores written before it existed: created here).
+            self.blocks_db = self.env.open_db(b"blocks", txn=txn)
 
     def _create(self, lmdb_dir: Path, map_bytes: int) -> None:
         """Create the store atomically: built and given its format marker under a
@@ -258,23 +269,61 @@ class LmdbStore:
         for key, value in meta:
             txn.put(key, self._seal(value), db=self.meta_db)
 
-    def write_snapshot(self, snapshot: StoredSnapshot) -> None:
-        size_bytes = sum(len(part) for part in snapshot.parts) + len(snapshot.engine_state)
-        self._write(size_bytes, self._snapshot_txn, snapshot)
+    def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
+        size_bytes = (sum(len(part) for part in snapshot.parts) + len(snapshot.engine_state)
+                      + sum(len(raw) for _, raw in blocks))
+        self._write(size_bytes, self._snapshot_txn, snapshot, blocks, trim_wal_through,
+                    drop_blocks)
 
-    def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot) -> None:
+    def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot,
+                      blocks: Sequence[tuple[bytes, bytes]], trim_wal_through: int,
+                      drop_blocks: Sequence[bytes]) -> None:
         txn.drop(self.snapshot_db, delete=False)
         for index, part in enumerate(snapshot.parts):
             txn.put(b"part" + PART_INDEX.pack(index), self._seal(part), db=self.snapshot_db)
         header = msgspec.msgpack.encode([snapshot.lsn, snapshot.shard_count, len(snapshot.parts)])
         txn.put(b"header", self._seal(header), db=self.snapshot_db)
         txn.put(b"engine", self._seal(snapshot.engine_state), db=self.snapshot_db)
-        cursor = txn.cursor(db=self.wal_db)
-        last_key = LSN.pack(snapshot.lsn)
-        if cursor.first():
-            while cursor.key() <= last_key:
-                if not cursor.delete():
-                    break
+        for key in drop_blocks:
+            txn.delete(key, db=self.blocks_db)
+        for key, raw in blocks:
+            txn.put(key, self._seal(raw), db=self.blocks_db)
+        if trim_wal_through:
+            cursor = txn.cursor(db=self.wal_db)
+            last_key = LSN.pack(min(trim_wal_through, snapshot.lsn))
+            deleted = 0
+            if cursor.first():
+                while cursor.key() <= last_key and deleted < MAX_TRIM_RECORDS:
+                    deleted += 1
+                    if not cursor.delete():
+                        break
+
+    def block_keys(self) -> list[bytes]:
+        with self._reading("the block index"), self.env.begin(db=self.blocks_db) as txn:
+            return list(txn.cursor().iternext(keys=True, values=False))
+
+    def read_block(self, key: bytes) -> bytes | None:
+        with self._reading("a sealed block"), self.env.begin(db=self.blocks_db) as txn:
+            raw = txn.get(key)
+        return None if raw is None else self._unseal(raw, f"sealed block {key!r}")
+
+    def first_lsn(self) -> int:
+        """The oldest lsn still in the write-ahead log (0 if it is empty)."""
+        with self._reading("the write-ahead log"), self.env.begin(db=self.wal_db) as txn:
+            cursor = txn.cursor()
+            return LSN.unpack(cursor.key())[0] if cursor.first() else 0
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes of pages each database uses (the data file is larger: free pages)."""
+        sizes = {}
+        with self.env.begin() as txn:
+            for name, db in (("wal", self.wal_db), ("blocks", self.blocks_db),
+                             ("snapshot", self.snapshot_db), ("alerts", self.alerts_db)):
+                stat = txn.stat(db)
+                pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+                sizes[name] = pages * stat["psize"]
+        return sizes
 
     def _write(self, size_bytes: int, body: Callable[..., None], *args: object) -> None:
         """Run ``body(txn, *args)`` in one write transaction, growing the map when full.

@@ -5,7 +5,7 @@ Storage layer: standard library and ``engine.errors`` only. Not durable, by desi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from engine.errors import StorageError
 from engine.storage.base import StoredSnapshot
@@ -17,6 +17,7 @@ class MemoryStore:
         self.meta: dict[bytes, bytes] = {}
         self.snapshot: StoredSnapshot | None = None
         self.alerts: dict[int, bytes] = {}
+        self.blocks: dict[bytes, bytes] = {}
         self._last_lsn = 0
         self.commits = 0
         self.closed = False
@@ -48,10 +49,24 @@ class MemoryStore:
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         return sorted((k, v) for k, v in self.meta.items() if k.startswith(prefix))
 
-    def write_snapshot(self, snapshot: StoredSnapshot) -> None:
+    def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
         self.snapshot = snapshot
-        for lsn in [lsn for lsn in self.wal if lsn <= snapshot.lsn]:
+        for key in drop_blocks:
+            self.blocks.pop(key, None)
+        self.blocks.update(blocks)
+        through = min(trim_wal_through, snapshot.lsn)
+        for lsn in [lsn for lsn in self.wal if lsn <= through]:
             del self.wal[lsn]
+
+    def block_keys(self) -> list[bytes]:
+        return sorted(self.blocks)
+
+    def read_block(self, key: bytes) -> bytes | None:
+        return self.blocks.get(key)
+
+    def first_lsn(self) -> int:
+        return min(self.wal, default=0)
 
     def load_snapshot(self) -> StoredSnapshot | None:
         return self.snapshot

@@ -1,0 +1,150 @@
+"""The block cache: sealed history as shards read it, within a byte budget.
+
+Runtime layer: the domain (blocks, series) and the store, read synchronously
+(LMDB read transactions are short and never wait on the writer). Rules of this
+file:
+
+1. One cache per engine, one ``ShardBlocks`` reader per shard. A shard reads only
+   its own part of each (meter, day); it adds blocks only while it seals, inside
+   its own mailbox turn.
+2. A block a shard built is *unwritten* until the writer's checkpoint transaction
+   that holds it committed: until then it is pinned (served from memory, never
+   evicted) and every later checkpoint offers it again, so a checkpoint refused
+   for a full disk loses nothing.
+3. Written blocks are decoded on demand and kept, most recently used last, until
+   their estimated size passes ``budget_bytes``; eviction only drops the decoded
+   copy, never data.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections import OrderedDict
+
+from engine.domain.blocks import block_bytes_estimate, block_key, decode_block, parse_block_key
+from engine.domain.meters import MeterDef
+from engine.domain.series import MeterShard
+from engine.storage import Store
+
+DEFAULT_BLOCK_CACHE_BYTES = 64 << 20
+
+
+class BlockCache:
+    def __init__(self, store: Store, budget_bytes: int = DEFAULT_BLOCK_CACHE_BYTES) -> None:
+        if type(budget_bytes) is not int or budget_bytes < 0:
+            raise ValueError(f"block_cache_bytes must be a non-negative integer, got "
+                             f"{budget_bytes!r}")
+        self._store = store
+        self.budget_bytes = budget_bytes
+        self._days: dict[tuple[str, int], list[int]] = {}  # (meter, part) -> sorted days
+        self._decoded: OrderedDict[bytes, tuple[MeterShard, int]] = OrderedDict()
+        self._unwritten: dict[bytes, tuple[MeterShard, bytes]] = {}
+        self.cached_bytes = 0
+        self.hits = self.misses = 0
+        self.block_count = 0
+
+    def load_index(self) -> None:
+        """Learn which blocks the store holds (keys only, no block is read)."""
+        for key in self._store.block_keys():
+            meter, day, part = parse_block_key(key)
+            self._days.setdefault((meter, part), []).append(day)
+            self.block_count += 1
+        for days in self._days.values():
+            days.sort()
+
+    def reader(self, part: int) -> ShardBlocks:
+        return ShardBlocks(self, part)
+
+    # ------------------------------------------------------------ sealing
+
+    def add(self, meter: str, day: int, part: int, block: MeterShard, raw: bytes) -> None:
+        """A block a shard just built (a new day or a new version of one): pinned until
+        written."""
+        key = block_key(meter, day, part)
+        days = self._days.setdefault((meter, part), [])
+        if key not in self._unwritten and not self._known(days, day):
+            insort(days, day)
+            self.block_count += 1
+        self._drop_decoded(key)
+        self._unwritten[key] = (block, raw)
+
+    def unwritten(self) -> list[tuple[bytes, bytes]]:
+        """Every block not yet in the store, for the next checkpoint's transaction."""
+        return [(key, raw) for key, (_, raw) in sorted(self._unwritten.items())]
+
+    def written(self, keys: list[bytes]) -> None:
+        """These blocks are durable: unpin them (their decoded copy stays cached)."""
+        for key in keys:
+            entry = self._unwritten.pop(key, None)
+            if entry is not None and self.budget_bytes:
+                self._keep(key, entry[0])
+
+    # ------------------------------------------------------------ reading
+
+    def load(self, meter: MeterDef, day: int, part: int) -> MeterShard | None:
+        key = block_key(meter.name, day, part)
+        pinned = self._unwritten.get(key)
+        if pinned is not None:
+            return pinned[0]
+        cached = self._decoded.get(key)
+        if cached is not None:
+            self.hits += 1
+            self._decoded.move_to_end(key)
+            return cached[0]
+        self.misses += 1
+        raw = self._store.read_block(key)
+        if raw is None:
+            return None
+        _, block = decode_block(meter, raw)
+        if self.budget_bytes:
+            self._keep(key, block)
+        return block
+
+    def load_copy(self, meter: MeterDef, day: int, part: int) -> MeterShard | None:
+        key = block_key(meter.name, day, part)
+        pinned = self._unwritten.get(key)
+        raw = pinned[1] if pinned is not None else self._store.read_block(key)
+        return None if raw is None else decode_block(meter, raw)[1]
+
+    def days(self, meter: str, part: int) -> list[int]:
+        return self._days.get((meter, part), [])
+
+    # ------------------------------------------------------------ budget
+
+    def _keep(self, key: bytes, block: MeterShard) -> None:
+        self._drop_decoded(key)
+        size = block_bytes_estimate(block)
+        self._decoded[key] = (block, size)
+        self.cached_bytes += size
+        while self.cached_bytes > self.budget_bytes and self._decoded:
+            _, (_, evicted) = self._decoded.popitem(last=False)
+            self.cached_bytes -= evicted
+
+    def _drop_decoded(self, key: bytes) -> None:
+        entry = self._decoded.pop(key, None)
+        if entry is not None:
+            self.cached_bytes -= entry[1]
+
+    @staticmethod
+    def _known(days: list[int], day: int) -> bool:
+        index = bisect_left(days, day)
+        return index < len(days) and days[index] == day
+
+
+class ShardBlocks:
+    """One shard's view of the cache (``engine.domain.blocks.BlockReader``)."""
+
+    __slots__ = ("_cache", "_part")
+
+    def __init__(self, cache: BlockCache, part: int) -> None:
+        self._cache = cache
+        self._part = part
+
+    def days(self, meter: str) -> list[int]:
+        return self._cache.days(meter, self._part)
+
+    def load(self, meter: MeterDef, day: int) -> MeterShard | None:
+        return self._cache.load(meter, day, self._part)
+
+    def load_copy(self, meter: MeterDef, day: int) -> MeterShard | None:
+        return self._cache.load_copy(meter, day, self._part)
