@@ -34,7 +34,17 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from engine.domain import records
-from engine.domain.aggregates import AVG, COUNT, LATEST, MAX, MIN, SUM, UNIQUE, slice_partial
+from engine.domain.aggregates import (
+    AVG,
+    COUNT,
+    LATEST,
+    MAX,
+    MIN,
+    SUM,
+    UNIQUE,
+    slice_partial,
+    unique_union,
+)
 from engine.domain.meters import MeterDef
 from engine.domain.series import MeterShard, Series, load_series, series_record
 
@@ -149,7 +159,7 @@ def _combine(kind: int, target: Series, slot: int, piece: Series, index: int) ->
         target.counts[slot] += piece.counts[index]
         return
     if kind == UNIQUE:
-        target.values[slot] = target.values[slot] | piece.values[index]
+        target.values[slot] = unique_union(target.values[slot], piece.values[index])
         return
     value = piece.values[index]
     old = target.values[slot]
@@ -181,7 +191,7 @@ def _insert(kind: int, target: Series, slot: int, piece: Series, index: int) -> 
         target.seqs.insert(slot, piece.seqs[index])
     if target.values is not None:
         value = piece.values[index]
-        if kind == UNIQUE:
+        if kind == UNIQUE and type(value) is not str:
             value = set(value)
         try:
             target.values.insert(slot, value)
@@ -251,7 +261,8 @@ def block_bytes_estimate(block: MeterShard) -> int:
             else:
                 total += 8 * len(column)
                 if block.meter.kind == UNIQUE:
-                    total += sum(216 + 60 * len(values) for values in column)
+                    total += sum(60 if type(values) is str else 216 + 60 * len(values)
+                                 for values in column)
                 else:
                     total += 32 * len(column)
         if block.meter.kind == UNIQUE and series.rollup is not None:

@@ -121,6 +121,10 @@ def series_record(series: Series) -> SeriesRecord:
         exported = None
     elif type(values) is array:
         exported = values.tobytes()
+    elif series.times is None and series.counts is None and values and (
+            type(values[0]) is str or type(values[0]) is set):
+        # unique_count (the only kind with str or set buckets): one value or a sorted list.
+        exported = [v if type(v) is str else sorted(v) for v in values]
     else:
         exported = [
             sorted(v) if type(v) is set else (v if type(v) is int and fits_int64(v) else str(v))
@@ -157,7 +161,8 @@ def load_series(meter_shard: MeterShard, record: SeriesRecord) -> None:
         series.values = _int_column(record.values)
     elif record.values is not None:
         if meter_shard.meter.kind == UNIQUE:
-            series.values = [set(v) for v in cast("list[list[str]]", record.values)]
+            series.values = [v if type(v) is str else set(v)
+                             for v in cast("list[str | list[str]]", record.values)]
         else:
             series.values = [decimal_or_int(v) for v in record.values]
     series.counts = _int_column(record.counts)

@@ -441,7 +441,15 @@ def _apply_general(
                 series.seqs[slot] = seq
                 _set_value(series, slot, value)
         else:
-            series.values[slot].add(unique_value)
+            # One distinct value is kept as the str itself, two or more as a set.
+            current = series.values[slot]
+            if current is None:
+                series.values[slot] = unique_value
+            elif type(current) is str:
+                if current != unique_value:
+                    series.values[slot] = {current, unique_value}
+            else:
+                current.add(unique_value)
         accepted += 1
     return accepted
 
@@ -465,7 +473,7 @@ def _insert_bucket(series: Series, minute: int, offset: int, kind: int, value: A
         series.times.insert(index, -1)
         series.seqs.insert(index, -1)
     elif kind == UNIQUE:
-        series.values.insert(index, set())
+        series.values.insert(index, None)  # filled by the event that made it
     return index
 
 
@@ -494,7 +502,7 @@ def _insert_bucket_at_end(series: Series, minute: int, offset: int, kind: int, v
         series.times.append(-1)
         series.seqs.append(-1)
     else:
-        series.values.append(set())
+        series.values.append(None)  # unique_count: filled by the event that made it
     return len(series.minutes) - 1
 
 
