@@ -31,12 +31,13 @@ DOMAIN = PURE | {"engine.schema", "engine.errors", "engine.domain"}
 PROTOCOL = PURE | {"engine.schema", "engine.errors", "engine.protocol",
                    "engine.domain.values", "engine.domain.records"}
 # Storage stores bytes; the record shapes and value bounds are the most it may know.
-STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage",
+# engine.faults: the crash tests' kill points (standard library only).
+STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage", "engine.faults",
                   "engine.domain.records", "engine.domain.values"}
 # The runtime may use every inner layer and engine.auth, never the shells around it
 # (server, client, cli, the public engine package); and LMDB only through engine.storage.
 RUNTIME = PURE | {"trio", "engine.schema", "engine.errors", "engine.domain", "engine.auth",
-                  "engine.protocol", "engine.storage", "engine.runtime"}
+                  "engine.protocol", "engine.storage", "engine.runtime", "engine.faults"}
 
 HTTP = PURE | {"trio", "hypercorn", "prometheus_client", "=engine", "engine.schema",
                "engine.errors", "engine.auth", "engine.access", "engine.server",
@@ -50,6 +51,7 @@ RULES: dict[str, frozenset[str]] = {
     "schema.py": PURE,
     "errors.py": PURE,
     "auth.py": frozenset({STDLIB, "engine.errors"}),
+    "faults.py": frozenset({STDLIB}),
     # What a customer-bound key may see: pure rules over the public structs.
     "access.py": PURE | {"engine.schema", "engine.errors"},
     # The HTTP shell: the engine's public API (the ``engine`` package itself, not what

@@ -25,6 +25,7 @@ from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
 from engine.runtime.acks import AckSequencer
 from engine.runtime.blocks import BlockCache
+from engine.faults import fault_point
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
@@ -128,6 +129,7 @@ class ShardActor:
         for meter, day, block, raw in self.state.seal(seal_before_minute, lsn,
                                                       self._shard_count, self.index):
             self._blocks.add(meter, day, self.index, block, raw)
+        fault_point("seal.cut")
 
     def _apply_group(self, items: list[Apply],
                      mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> None:

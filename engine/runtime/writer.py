@@ -38,6 +38,7 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
+from engine.faults import fault_point
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
@@ -286,6 +287,7 @@ class WalWriter:
                 requester.fail(ticket.error)
             return
         self.sealed_before_minute = seal_before
+        fault_point("checkpoint.exported")
         parts = [raw for _, raw in sorted(ticket.results)]
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
                                                             now_ms)
@@ -316,6 +318,7 @@ class WalWriter:
             if requester is not None:
                 requester.fail(error)
             raise error from exc
+        fault_point("checkpoint.written")
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._snapshot_not_before = -math.inf
         self._wal_marks = marks

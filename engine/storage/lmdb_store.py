@@ -55,6 +55,7 @@ import lmdb
 import msgspec
 
 from engine.errors import DataDirError, StorageError, StorageFull
+from engine.faults import fault_point
 from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, StoredSnapshot
 from engine.storage.data_dir import check_data_file, check_format
 
@@ -289,6 +290,7 @@ class LmdbStore:
             txn.delete(key, db=self.blocks_db)
         for key, raw in blocks:
             txn.put(key, self._seal(raw), db=self.blocks_db)
+        fault_point("checkpoint.in_txn")
         if trim_wal_through:
             cursor = txn.cursor(db=self.wal_db)
             last_key = LSN.pack(min(trim_wal_through, snapshot.lsn))
