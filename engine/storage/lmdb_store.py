@@ -440,10 +440,12 @@ class LmdbStore:
         may not, so there the copy takes ``_resize_lock`` instead.
         """
         dest_path = Path(os.path.abspath(dest))
-        _check_backup_dest(dest_path)
         try:
+            _check_backup_dest(dest_path)
             building = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.backup-",
                                              dir=dest_path.parent))
+        except (PermissionError, FileExistsError) as exc:  # a place we may not write
+            raise InvalidRequest(f"cannot back up to {str(dest_path)!r}: {exc}") from None
         except OSError as exc:
             raise StorageError(f"cannot back up to {str(dest_path)!r}: {exc}") from None
         try:
