@@ -148,11 +148,16 @@ async def test_backup_while_ingesting_holds_exactly_the_wal_up_to_its_lsn(
             backups: list[tuple[int, Backup, int]] = []
 
             async def ingest(first: int) -> None:
-                for number in range(first, first + 45, 3):
+                # Until a few batches after the backup returned (at most 100 each).
+                after_backup = 0
+                for number in range(first, first + 300, 3):
                     events = batch(number)
                     acked[(await eng.ingest(events)).lsn] = events
                     if len(acked) >= 20:
                         enough_acked.set()
+                    after_backup += bool(backups)
+                    if after_backup >= 3:
+                        break
 
             async def back_up() -> None:
                 await enough_acked.wait()
