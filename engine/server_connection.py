@@ -352,9 +352,7 @@ class ServerSideConnection:
         return StatsReply(id=message.id, stats=self.server_statistics())
 
     async def _backup(self, principal: Principal, message: BackupRequest) -> msgspec.Struct:
-        backup = await self.server.engine.backup(message.path)
-        log.info("backup written to %s (lsn %d, %d bytes)", backup.path, backup.lsn,
-                 backup.size_bytes)
+        backup = await self.server.engine.backup(message.path)  # the store logs it
         return BackupReply(id=message.id, path=backup.path, lsn=backup.lsn,
                            size_bytes=backup.size_bytes)
 

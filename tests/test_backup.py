@@ -48,6 +48,7 @@ from engine.cli import main
 from engine.client import open_client
 from engine.server import MeterServer, ServerConfig
 from engine.storage import MemoryStore
+from engine.sync_client import SyncClient
 from tests.helpers.alerts import take
 from tests.helpers.events import DAY, HOUR, MINUTE, NOW, now_ms
 from tests.helpers.serve import HOST, server_process
@@ -301,9 +302,16 @@ async def test_backup_over_tcp_needs_the_admin_scope(
             with pytest.raises(InvalidRequest, match="exists and is not empty"):
                 await admin.backup(str(tmp_path / "backup"))
             await admin.ping()  # the connection is fine after a refusal
+
+        def blocking_backup() -> Backup:
+            with SyncClient(HOST, server.port, api_key="admin-key") as client:
+                return client.backup(str(tmp_path / "by-sync-client"))
+
+        assert (await trio.to_thread.run_sync(blocking_backup)).lsn == ack.lsn
         source = eng.export_state()
-    async with open_engine(tmp_path / "backup", shards=2, clock_ms=fixed_clock) as copy:
-        assert copy.export_state() == source
+    for name in ("backup", "by-sync-client"):
+        async with open_engine(tmp_path / name, shards=2, clock_ms=fixed_clock) as copy:
+            assert copy.export_state() == source
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

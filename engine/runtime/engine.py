@@ -305,7 +305,9 @@ class Engine:
         this call. It is written under a temporary name next to ``path`` and renamed
         into place once complete and fsynced. Open it like any data directory
         (``open_engine(data_dir=path)``, ``meter serve --data-dir path``).
-        Backups run one at a time; closing the engine waits for a running one.
+        Backups run one at a time; closing the engine waits for a running one, and so
+        does a cancelled caller (a copy cannot be interrupted; it completes, or fails
+        and removes what it wrote).
         """
         self._lifecycle.check_open()
         async with self._backup_lock:
