@@ -39,6 +39,7 @@ from engine.runtime.engine import Engine, open_engine
 from engine.runtime.statistics import EngineStatistics
 from engine.schema import (
     Alert,
+    Backup,
     Customer,
     Event,
     IngestAck,
@@ -52,6 +53,7 @@ from engine.schema import (
 
 __all__ = [
     "Alert",
+    "Backup",
     "BadFrame",
     "BadMessage",
     "BatchRejected",

@@ -7,6 +7,7 @@ Commands:
 - ``meter ingest FILE|-``: send NDJSON or CSV events in Amberflo's shape.
 - ``meter query``: query usage; a table, or ``--json``.
 - ``meter stats``: server and engine statistics.
+- ``meter backup DEST``: have a running server copy its data directory to DEST.
 - ``meter demo``: embed the engine, ingest synthetic traffic, print a usage table.
 """
 

@@ -1,4 +1,5 @@
-"""``meter ingest``, ``meter query`` and ``meter stats``: the client side of the CLI.
+"""``meter ingest``, ``meter query``, ``meter stats`` and ``meter backup``: the client
+side of the CLI.
 
 Shell layer: argparse, files, the terminal and ``engine.client``.
 
@@ -82,6 +83,18 @@ def add_client_parsers(commands: Any) -> None:
     stats = commands.add_parser("stats", help="server and engine statistics")
     stats.add_argument("--json", action="store_true")
     _add_connection_options(stats)
+
+    backup = commands.add_parser(
+        "backup", help="have a running server copy its data directory to DEST, while serving",
+        description="Ask a running server (--host/--port) to write a consistent copy of its "
+                    "data directory to DEST. DEST is a path on the server's machine, written "
+                    "by the server process (a relative one is relative to the server's "
+                    "working directory: prefer an absolute path); it must not exist or be "
+                    "an empty directory, and its parent must exist. Needs an admin key. "
+                    "Restore: start `meter serve --data-dir DEST`.")
+    backup.add_argument("dest", help="the new data directory, on the server's machine")
+    backup.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_connection_options(backup)
 
 
 # -------------------------------------------------------------------- ingest
@@ -311,4 +324,20 @@ async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-CLIENT_COMMANDS = {"ingest": run_ingest, "query": run_query, "stats": run_stats}
+# -------------------------------------------------------------------- backup
+
+
+async def run_backup(args: argparse.Namespace, out: TextIO) -> int:
+    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
+                           client_name="meter backup") as client:
+        backup = await client.backup(args.dest)
+    if args.json:
+        out.write(msgspec.json.encode(backup).decode() + "\n")
+    else:
+        print(f"backup written to {backup.path}: the write-ahead log up to lsn {backup.lsn}, "
+              f"{backup.size_bytes / 2**20:,.1f} MiB ({backup.size_bytes:,} bytes)", file=out)
+    return 0
+
+
+CLIENT_COMMANDS = {"ingest": run_ingest, "query": run_query, "stats": run_stats,
+                   "backup": run_backup}

@@ -55,6 +55,8 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    BackupReply,
+    BackupRequest,
     CustomerReply,
     CustomersReply,
     DefineMeter,
@@ -85,7 +87,17 @@ from engine.protocol.messages import (
     Welcome,
 )
 from engine.runtime.groups import unwrap_single
-from engine.schema import Alert, Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import (
+    Alert,
+    Backup,
+    Customer,
+    Event,
+    IngestAck,
+    Limit,
+    Meter,
+    Query,
+    QueryResult,
+)
 
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
 
@@ -294,6 +306,13 @@ class Client:
     async def delete_customer(self, customer_id: str) -> Customer | None:
         reply: CustomerReply = await self._call(DeleteCustomer, customer_id=customer_id)
         return reply.customer
+
+    async def backup(self, path: str) -> Backup:
+        """Ask the server to write a consistent copy of its data directory to ``path``,
+        a path on the server's machine (``Engine.backup``; needs the ``admin`` scope).
+        Returns once the copy is complete; the server keeps serving meanwhile."""
+        reply: BackupReply = await self._call(BackupRequest, path=path)
+        return Backup(path=reply.path, lsn=reply.lsn, size_bytes=reply.size_bytes)
 
     @asynccontextmanager
     async def subscribe(self, from_seq: int = 0) -> AsyncIterator[ClientSubscription]:

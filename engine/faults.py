@@ -1,6 +1,7 @@
 """Fault injection for crash tests: kill the process at a named point.
 
-Shared by the runtime and storage layers: standard library only. ``METERING_ENGINE_FAULT=NAME:N`` makes the
+Shared by the runtime and storage layers: standard library only.
+``METERING_ENGINE_FAULT=NAME:N`` makes the
 N-th pass through ``fault_point(NAME)`` (counted from 1) kill this process with
 SIGKILL, as a power cut would: no cleanup, no flushing. Unset (always, outside
 tests), ``fault_point`` costs one dict lookup. The named points are listed in

@@ -145,6 +145,18 @@ class IngestAck(msgspec.Struct, frozen=True, rename="camel"):
     alerts: list[Alert] = []
 
 
+class Backup(msgspec.Struct, frozen=True, rename="camel"):
+    """A backup written by ``Engine.backup``: the data directory ``path``.
+
+    It holds exactly the write-ahead log up to ``lsn``: every batch acknowledged with
+    a lsn <= ``lsn`` and nothing later. ``size_bytes`` is the size of its store file.
+    """
+
+    path: str
+    lsn: int
+    size_bytes: int
+
+
 class Customer(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """A customer in the engine's registry.
 

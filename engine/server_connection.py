@@ -49,6 +49,8 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    BackupReply,
+    BackupRequest,
     DefineMeter,
     DeleteCustomer,
     GetCustomer,
@@ -349,6 +351,11 @@ class ServerSideConnection:
     async def _stats(self, principal: Principal, message: Stats) -> msgspec.Struct:
         return StatsReply(id=message.id, stats=self.server_statistics())
 
+    async def _backup(self, principal: Principal, message: BackupRequest) -> msgspec.Struct:
+        backup = await self.server.engine.backup(message.path)  # the store logs it
+        return BackupReply(id=message.id, path=backup.path, lsn=backup.lsn,
+                           size_bytes=backup.size_bytes)
+
     async def _subscribe(self, principal: Principal, message: Subscribe) -> msgspec.Struct:
         if message.id in self.subscriptions:
             raise InvalidRequest(f"subscription {message.id} is already open on this connection")
@@ -427,6 +434,8 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
     GetCustomer: RequestHandler("query", server_customers.get_customer),
     ListCustomers: RequestHandler("query", server_customers.list_customers),
     DeleteCustomer: RequestHandler("admin", server_customers.delete_customer),
+    # Writes on the server's filesystem, wherever the server may: administrators only.
+    BackupRequest: RequestHandler("admin", ServerSideConnection._backup),
 }
 # The scope each request needs (kept for code that read the former table).
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {

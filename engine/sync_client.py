@@ -16,7 +16,7 @@ import trio
 
 from engine.client import Client, RemoteStatistics, open_client
 from engine.errors import ConnectionLost
-from engine.schema import Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import Backup, Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 __all__ = ["SyncClient"]
 
@@ -121,6 +121,9 @@ class SyncClient:
 
     def delete_customer(self, customer_id: str) -> Customer | None:
         return self._call(Client.delete_customer, customer_id)
+
+    def backup(self, path: str) -> Backup:
+        return self._call(Client.backup, path)
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

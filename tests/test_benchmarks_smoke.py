@@ -22,6 +22,7 @@ import trio
 
 from benchmarks import (
     alert_latency,
+    backup_latency,
     ingest,
     query_latency,
     recovery,
@@ -153,6 +154,23 @@ def test_alert_latency_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert 0 < row["send_to_alert"]["min_ms"] and row["ack"]["min_ms"] > 0
     assert row["send_to_alert"]["max_ms"] < 10_000
     assert "| 1 | 10 |" in alert_latency.format_table(report)
+
+
+def test_backup_latency_benchmark_runs_end_to_end(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny store, a backup while two loops ingest, and the same copy inline: the
+    figures are in the table and the JSON, and the backup's lsn was checked."""
+    out = tmp_path / "backup.json"
+    assert backup_latency.main([
+        "--store-mb", "1", "--baseline-s", "0.2", "--ingesters", "2", "--shards", "2",
+        "--inline", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert backup_latency.format_table(report) in capsys.readouterr().out
+    for phase in ("baseline", "backup", "inline"):
+        row = report[phase]
+        assert row["acks"] > 0 and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    backup = report["backup"]
+    assert backup["lsn"] >= backup["acked_before_lsn"] > 0 and backup["size_bytes"] > 0
 
 
 def test_workload_stream_yields_what_generate_collects() -> None:

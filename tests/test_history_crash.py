@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Event, Meter, Query, open_engine
+from engine import Event, Query, open_engine
 from engine.faults import ENV, POINTS
 from tests.helpers.events import DAY, MINUTE
 from tests.helpers.serve import child_env

@@ -7,8 +7,9 @@ module that aggregates may import it.
 A *partial* is the mergeable state of one aggregation over some buckets:
 sum/count/max/min: a number; avg: ``[sum, count]``; latest: ``(ts, seq,
 value)``; unique_count: a set of strings. (A unique_count *bucket* is its one
-distinct value as a ``str``, or a set of two or more: most minute buckets of a
-series hold one event, and a str costs a pointer where a set costs 216 bytes.) ``slice_partial`` reads one from a
+distinct value as a ``str``, or a set of two or more: most minute buckets of
+a series hold one event, and a str costs a pointer where a set costs 216
+bytes.) ``slice_partial`` reads one from a
 series' bucket columns, ``merge_partial`` combines two (associative and
 commutative, so buckets and shards may be merged in any grouping), and
 ``finalize`` turns one into the value a query row or a limit reports. Sums
@@ -71,11 +72,11 @@ def unique_union(left: str | set[str] | frozenset[str], right: str | set[str] | 
                  ) -> str | set[str]:
     """Two unique_count buckets merged, as a bucket: one value stays a str (new object
     otherwise: neither argument is changed)."""
-    if type(left) is str:
-        if type(right) is str:
+    if isinstance(left, str):
+        if isinstance(right, str):
             return left if left == right else {left, right}
         return left if len(right) == 1 and left in right else {left, *right}
-    if type(right) is str:
+    if isinstance(right, str):
         return set(left) if right in left else {right, *left}
     merged = set(left) | right
     return next(iter(merged)) if len(merged) == 1 else merged

@@ -118,10 +118,19 @@ class DeleteCustomer(msgspec.Struct, tag="delete_customer", **_BASE):
     customer_id: str
 
 
+class BackupRequest(msgspec.Struct, tag="backup", **_BASE):
+    """Write a consistent copy of the server's data directory to ``path``, a path on
+    the server's machine (relative: to the server's working directory)."""
+
+    id: RequestId
+    path: str
+
+
 ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
     | AddCustomer | UpdateCustomer | GetCustomer | ListCustomers | DeleteCustomer
+    | BackupRequest
 )
 
 
@@ -221,6 +230,16 @@ class CustomersReply(msgspec.Struct, tag="customers", **_BASE):
     customers: list[Customer]
 
 
+class BackupReply(msgspec.Struct, tag="backup_done", **_BASE):
+    """The backup is complete at ``path`` (absolute): it holds exactly the WAL up to
+    ``lsn``; ``size_bytes`` is the size of its store file."""
+
+    id: RequestId
+    path: str
+    lsn: int
+    size_bytes: int
+
+
 class ErrorReply(msgspec.Struct, tag="error", **_BASE):
     """A refused request (``id`` set) or a connection-level error (``id`` absent).
 
@@ -236,7 +255,7 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
-    | CustomerReply | CustomersReply
+    | CustomerReply | CustomersReply | BackupReply
 )
 
 _client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)

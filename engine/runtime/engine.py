@@ -50,7 +50,16 @@ from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
 from engine.runtime.statistics import EngineStatistics, series_and_buckets
 from engine.runtime.writer import WalWriter
-from engine.schema import Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import (
+    Backup,
+    Customer,
+    Event,
+    IngestAck,
+    Limit,
+    Meter,
+    Query,
+    QueryResult,
+)
 from engine.storage import LmdbStore, Store
 from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
 
@@ -112,6 +121,8 @@ class Engine:
             self._lifecycle, self._submit, clock_ms)
         # Written only by ``ingest``, after its acknowledgement.
         self._events_accepted = self._events_duplicate = self._batches = 0
+        # Held by a running backup: one at a time, and closing the store waits for it.
+        self._backup_lock = trio.Lock()
 
     # --------------------------------------------------------------- tasks
 
@@ -149,6 +160,8 @@ class Engine:
         await self._write_send.aclose()
         for send, _ in self._mailboxes:
             await send.aclose()
+        async with self._backup_lock:  # the store is closed next: no copy may still read it
+            pass
 
     # ---------------------------------------------------------- public API
 
@@ -295,6 +308,27 @@ class Engine:
     async def delete_customer(self, customer_id: str) -> Customer | None:
         """Hide a customer (its usage is still metered); returns what it was, or None."""
         return await self._customers.delete(customer_id)
+
+    async def backup(self, path: str | os.PathLike[str]) -> Backup:
+        """Write a consistent copy of the data directory to ``path``, while serving.
+
+        ``path`` must not exist (or be an empty directory) and its parent must exist;
+        otherwise ``InvalidRequest``, and nothing is written. The copy is taken in one
+        LMDB read transaction on a worker thread, so ingest and queries go on (the
+        writer keeps committing); it holds exactly the write-ahead log up to the
+        returned ``lsn``, which is at least the lsn of every batch acknowledged before
+        this call. It is written under a temporary name next to ``path`` and renamed
+        into place once complete and fsynced. Open it like any data directory
+        (``open_engine(data_dir=path)``, ``meter serve --data-dir path``).
+        Backups run one at a time; closing the engine waits for a running one, and so
+        does a cancelled caller (a copy cannot be interrupted; it completes, or fails
+        and removes what it wrote).
+        """
+        self._lifecycle.check_open()
+        async with self._backup_lock:
+            self._lifecycle.check_open()
+            stored = await trio.to_thread.run_sync(self._store.backup, path)
+        return Backup(path=stored.path, lsn=stored.lsn, size_bytes=stored.size_bytes)
 
     async def snapshot(self) -> int:
         """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""

@@ -23,9 +23,9 @@ from engine.domain import records
 from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
+from engine.faults import fault_point
 from engine.runtime.acks import AckSequencer
 from engine.runtime.blocks import BlockCache
-from engine.faults import fault_point
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,

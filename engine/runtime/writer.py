@@ -34,11 +34,11 @@ from engine.errors import (
     StorageFull,
     UnknownCustomer,
 )
+from engine.faults import fault_point
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
-from engine.faults import fault_point
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (

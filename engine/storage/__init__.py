@@ -6,8 +6,8 @@ store; ``MemoryStore`` is a fake with the same contract for tests that run
 under a virtual clock, and for tests that want no disk at all.
 """
 
-from engine.storage.base import Store, StoredSnapshot
+from engine.storage.base import Store, StoredBackup, StoredSnapshot
 from engine.storage.lmdb_store import LmdbStore
 from engine.storage.memory import MemoryStore
 
-__all__ = ["LmdbStore", "MemoryStore", "Store", "StoredSnapshot"]
+__all__ = ["LmdbStore", "MemoryStore", "Store", "StoredBackup", "StoredSnapshot"]

@@ -8,6 +8,7 @@ and gap-free. ``commit`` is all-or-nothing and durable when it returns.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,3 +69,22 @@ class Store(Protocol):
     def load_snapshot(self) -> StoredSnapshot | None: ...
 
     def close(self) -> None: ...
+
+    def backup(self, dest: str | os.PathLike[str]) -> StoredBackup:
+        """Write a consistent copy of the whole store as a new data directory ``dest``.
+
+        ``dest`` must not exist, or be an empty directory, and its parent must exist.
+        The copy is one read transaction's view: it holds exactly the WAL up to some
+        lsn (``StoredBackup.lsn``), so every commit that returned before the call is
+        in it. It is built under a temporary name next to ``dest`` and renamed into
+        place when complete and fsynced. May be called from another thread while the
+        WAL writer commits. Raises ``InvalidRequest`` for a ``dest`` it refuses,
+        ``StorageError`` if writing the copy failed (nothing is left at ``dest``).
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBackup:
+    path: str  # the data directory written
+    lsn: int  # the copy holds every WAL record up to and including this lsn, and no later one
+    size_bytes: int  # the size of the copied store file

@@ -42,21 +42,28 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import struct
+import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from io import BufferedRandom
 from pathlib import Path
 
 import lmdb
 import msgspec
 
-from engine.errors import DataDirError, StorageError, StorageFull
+from engine.errors import DataDirError, InvalidRequest, StorageError, StorageFull
 from engine.faults import fault_point
-from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, StoredSnapshot
+from engine.storage.base import (
+    FORMAT_VERSION,
+    LEGACY_FORMAT_VERSION,
+    StoredBackup,
+    StoredSnapshot,
+)
 from engine.storage.data_dir import check_data_file, check_format
 
 log = logging.getLogger(__name__)
@@ -462,6 +469,87 @@ class LmdbStore:
         finally:
             self._lock_file.close()
 
+    # ------------------------------------------------------------ backup
+
+    def backup(self, dest: str | os.PathLike[str]) -> StoredBackup:
+        """Copy the whole store into a new data directory ``dest`` (the contract is
+        ``Store.backup``'s); meant to run on a worker thread while the writer commits.
+
+        ``Environment.copy(compact=True)`` walks every database inside one read
+        transaction of its own, so the copy is that transaction's snapshot, however
+        many databases the store has, while the WAL writer keeps committing. py-lmdb
+        releases the GIL for the whole copy, so the event loop keeps running. The lsn
+        the copy covers is read back from the copy itself: exactly its snapshot's.
+
+        The copy is built in ``.NAME.backup-XXXXXXXX`` next to ``dest`` (so the final
+        rename stays on one filesystem, whichever holds the store), fsynced, then
+        renamed to ``dest``: a backup that stopped half way never looks like a data
+        directory, and the temporary directory it leaves may be deleted.
+
+        A map resize (``_write`` growing a full map) waits for the copy to end:
+        py-lmdb 3.0 excludes ``set_mapsize`` while it copies (measured); an older one
+        may not, so there the copy takes ``_resize_lock`` instead.
+        """
+        dest_path = Path(os.path.abspath(dest))
+        try:
+            _check_backup_dest(dest_path)
+            building = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.backup-",
+                                             dir=dest_path.parent))
+        except (PermissionError, FileExistsError) as exc:  # a place we may not write
+            raise InvalidRequest(f"cannot back up to {str(dest_path)!r}: {exc}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot back up to {str(dest_path)!r}: {exc}") from None
+        try:
+            lmdb_copy = building / LMDB_DIR
+            lmdb_copy.mkdir()
+            with _copy_guard(self._resize_lock):
+                self.env.copy(str(lmdb_copy), compact=True)
+            data_file = lmdb_copy / "data.mdb"
+            _fsync_file(data_file)
+            lsn = self._copied_lsn(lmdb_copy)
+            with open(building / "LOCK", "wb") as lock_file:  # initialised, as a store's
+                lock_file.write(INITIALISED_MARK)
+                lock_file.flush()
+                os.fsync(lock_file.fileno())
+            _fsync_dir(lmdb_copy)
+            _fsync_dir(building)
+            size_bytes = data_file.stat().st_size
+            try:
+                os.rename(building, dest_path)  # onto nothing, or onto an empty directory
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise InvalidRequest(_backup_dest_taken(dest_path)) from None
+                raise
+        except (lmdb.Error, OSError) as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            raise StorageError(
+                f"backup to {str(dest_path)!r} failed, nothing was written there (the store "
+                f"itself is untouched): {exc}"
+            ) from None
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        try:
+            _fsync_dir(dest_path.parent)
+        except OSError as exc:
+            raise StorageError(f"the backup {str(dest_path)!r} is complete, but the directory "
+                               f"holding it could not be fsynced: {exc}") from None
+        log.info("backup of %s written to %s: lsn %d, %d bytes", self.path, dest_path, lsn,
+                 size_bytes)
+        return StoredBackup(str(dest_path), lsn, size_bytes)
+
+    def _copied_lsn(self, lmdb_copy: Path) -> int:
+        """``last_lsn`` as the copy in ``lmdb_copy`` holds it (read-only, no lock file)."""
+        env = lmdb.open(str(lmdb_copy), readonly=True, lock=False, max_dbs=MAX_DBS,
+                        subdir=True, create=False)
+        try:
+            meta_db = env.open_db(b"meta", create=False)
+            with env.begin(db=meta_db) as txn:
+                raw = txn.get(b"last_lsn")
+        finally:
+            env.close()
+        return 0 if raw is None else LSN.unpack(self._unseal(raw, "the backup's last_lsn"))[0]
+
 
 REFUSED = ("the request was refused and nothing in it was applied; the engine keeps "
            "answering queries; retry once space is freed")
@@ -506,3 +594,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_backup_dest(dest: Path) -> None:
+    """Refuse a backup destination that exists with content, or has no parent."""
+    where = f"cannot back up to {str(dest)!r}"
+    if not dest.parent.is_dir():
+        raise InvalidRequest(f"{where}: its parent directory {str(dest.parent)!r} does not "
+                             "exist; create it first")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise InvalidRequest(f"{where}: it exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise InvalidRequest(_backup_dest_taken(dest))
+
+
+def _backup_dest_taken(dest: Path) -> str:
+    return (f"cannot back up to {str(dest)!r}: it exists and is not empty; a backup never "
+            "writes over files: name a new directory (or an empty one)")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_guard(resize_lock: threading.Lock) -> AbstractContextManager[object]:
+    """What a copy on another thread holds against a map resize (see ``backup``)."""
+    return nullcontext() if _LMDB_COPY_EXCLUDES_RESIZE else resize_lock
+
+
+_LMDB_COPY_EXCLUDES_RESIZE = tuple(
+    int(part) for part in re.findall(r"\d+", lmdb.__version__)[:2]) >= (3, 0)

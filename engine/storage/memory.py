@@ -5,10 +5,11 @@ Storage layer: standard library and ``engine.errors`` only. Not durable, by desi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
-from engine.errors import StorageError
-from engine.storage.base import StoredSnapshot
+from engine.errors import InvalidRequest, StorageError
+from engine.storage.base import StoredBackup, StoredSnapshot
 
 
 class MemoryStore:
@@ -77,3 +78,16 @@ class MemoryStore:
 
     def close(self) -> None:
         self.closed = True
+
+    def backup(self, dest: str | os.PathLike[str]) -> StoredBackup:
+        """Refused: a backup is a copy of a data directory, and this store has none.
+
+        Writing this store out as an LMDB data directory would be a second writer of
+        that format, to be kept in step with ``LmdbStore``'s; an engine meant to be
+        backed up runs on a data directory.
+        """
+        raise InvalidRequest(
+            f"cannot back up to {os.fspath(dest)!r}: this engine runs on an in-memory store "
+            "(MemoryStore), which has no data directory to copy; open the engine with a "
+            "data_dir to take backups"
+        )
