@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,10 +76,22 @@ async def check_queries(eng: Any, model: Model, data: Any, now_ms: int, count: i
         assert got == model.query(query), query
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan=steps, shards=st.integers(1, 3), data=st.data())
 async def test_sealed_history_matches_model(plan: Any, shards: int, data: Any) -> None:
+    await run_history_against_model(plan, shards, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(plan=steps, shards=st.integers(1, 3), data=st.data())
+async def test_sealed_history_matches_model_long(plan: Any, shards: int, data: Any) -> None:
+    await run_history_against_model(plan, shards, data)
+
+
+async def run_history_against_model(plan: Any, shards: int, data: Any) -> None:
     store = MemoryStore()
     now = [START_MS + 7 * DAY]
     model = Model(meters={m.name: m for m in METERS})
