@@ -55,6 +55,8 @@ SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal tim
 # A windowed sum/count query walks a series bucket by bucket when it has at most this
 # many buckets per window asked for, else sums it a window at a time (slices in C).
 BUCKET_LOOP_MAX_PER_SPAN = 8
+# (meter, day) deltas of late events merged into their blocks per shard per checkpoint.
+MAX_COMPACTIONS_PER_CHECKPOINT = 4
 
 
 class ShardState:
@@ -201,24 +203,37 @@ class ShardState:
         """
         before_minute = max(before_minute, self.sealed_before_minute)
         built: list[tuple[str, int, MeterShard, bytes]] = []
-        for name in sorted(set(self.meters) | set(self.deltas)):
-            head = self.meters.get(name)
-            delta = self.deltas.pop(name, None)
-            meter = (head or delta).meter  # type: ignore[union-attr]
-            pieces_by_day: dict[int, list[tuple[str, Series]]] = {}
-            for source, cut in ((delta, None), (head, before_minute)):
-                if source is None:
-                    continue
-                for day, pieces in cut_sealed(source, cut).items():
-                    pieces_by_day.setdefault(day, []).extend(pieces)
-            for day in sorted(pieces_by_day):
-                pieces = pieces_by_day[day]
-                self.sealed_customers.setdefault(name, set()).update(
-                    piece.customer_id for _, piece in pieces)
-                block = build_block(meter, pieces, self.blocks.load_copy(meter, day))
-                add_rollups(block)
-                built.append((name, day, block,
-                              encode_block(block, day, shard_count, part, cover_lsn)))
+        pieces_by_block: dict[tuple[str, int], list[tuple[str, Series]]] = {}
+        meters: dict[str, MeterDef] = {}
+        # Late events: compact the largest deltas, a bounded number per checkpoint (each
+        # costs decoding and encoding a block); the rest wait in the delta, which
+        # queries merge, for a later checkpoint.
+        late: dict[tuple[str, int], list[tuple[str, Series]]] = {}
+        for name, delta in self.deltas.items():
+            meters[name] = delta.meter
+            for day, pieces in cut_sealed(delta, None).items():
+                late[(name, day)] = pieces
+        self.deltas = {}
+        ranked = sorted(late, key=lambda key: (-sum(len(p.minutes) for _, p in late[key]), key))
+        for key in ranked[MAX_COMPACTIONS_PER_CHECKPOINT:]:
+            delta = self.delta_shard(meters[key[0]])
+            for dims_key, piece in late.pop(key):
+                _adopt(delta, dims_key, piece)
+        pieces_by_block.update(late)
+        # The days that left the hot window: a first block each.
+        for name, head in self.meters.items():
+            meters[name] = head.meter
+            for day, pieces in cut_sealed(head, before_minute).items():
+                pieces_by_block.setdefault((name, day), []).extend(pieces)
+        for name, day in sorted(pieces_by_block):
+            pieces = pieces_by_block[(name, day)]
+            meter = meters[name]
+            self.sealed_customers.setdefault(name, set()).update(
+                piece.customer_id for _, piece in pieces)
+            block = build_block(meter, pieces, self.blocks.load_copy(meter, day))
+            add_rollups(block)
+            built.append((name, day, block,
+                          encode_block(block, day, shard_count, part, cover_lsn)))
         self.sealed_before_minute = before_minute
         return built
 
@@ -274,6 +289,18 @@ def _export_meters(meters: dict[str, MeterShard]) -> list[MeterPart]:
         ]
         parts.append(MeterPart(name, records, seen))
     return parts
+
+
+def _adopt(meter_shard: MeterShard, dims_key: str, piece: Series) -> None:
+    """Put a cut piece back into ``meter_shard`` (its columns moved, not copied, when
+    the series is new there)."""
+    existing = meter_shard.series.get((piece.customer_id, dims_key))
+    if existing is None:
+        series = meter_shard.new_series(piece.customer_id, dims_key)
+        for name in ("minutes", "edges", "values", "counts", "times", "seqs"):
+            setattr(series, name, getattr(piece, name))
+    else:
+        merge_buckets(meter_shard, dims_key, piece)
 
 
 def _split_by_time(items: Columns, before_ms: int) -> tuple[Columns, Columns]:
