@@ -81,10 +81,13 @@ class MeterPart(msgspec.Struct, array_like=True):
 
 
 class ShardPart(msgspec.Struct, array_like=True):
-    """One shard's snapshot: meter state and the fired thresholds of its limits."""
+    """One shard's snapshot: meter state, the fired thresholds of its limits and their
+    per-period states (``ShardLimits.export_states``; empty in snapshots written before
+    states were kept: they are then read from the buckets on first touch)."""
 
     meters: list[MeterPart]
     fired: list[list[Any]] = []
+    limit_states: list[list[Any]] = []
 
 
 class EngineState(msgspec.Struct, array_like=True):

@@ -6,8 +6,9 @@ Pure domain layer: standard library, ``engine.errors`` and the domain modules
 is owned by exactly one shard actor; nothing else touches it. Its state is a
 pure function of the prepared batches applied, in write-ahead-log order:
 ``apply`` is deterministic, and ``export`` is byte-identical for equal state.
-Its ``alert_limits`` are evaluated after each slice, from the same buckets a
-query reads.
+Its ``alert_limits`` are evaluated after each slice from their own states;
+``limit_partial`` and ``customers_of`` are the one seam through which a missing
+limit state is read from the buckets (the same a query reads).
 
 Hot loops: ``_apply_counter`` and ``_apply_general`` run once per event,
 ``collect_partials`` once per series; they inline steps a call would make
@@ -18,6 +19,7 @@ is described in ``engine.domain.series``.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from itertools import repeat
 from typing import Any
 
@@ -33,7 +35,7 @@ from engine.domain.aggregates import (
     slice_partial,
 )
 from engine.domain.batch import Columns, ShardRouter, ShardSlice
-from engine.domain.limits import Crossing, ShardLimits
+from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
 from engine.domain.records import MeterPart
@@ -50,11 +52,17 @@ BUCKET_LOOP_MAX_PER_SPAN = 8
 class ShardState:
     """The state of one shard. Not thread-safe; owned by one actor."""
 
-    def __init__(self) -> None:
+    def __init__(self, late_ms: int | None = None) -> None:
+        """``late_ms``: the configured late limit (``IngestRules.late_ms``), which says
+        when a limit's period is final and its state can be forgotten; None keeps every
+        state. Given here, not per batch: replay prepares batches under
+        ``REPLAY_RULES``, whose late limit is unbounded, yet must forget what the live
+        engine forgot."""
         self.meters: dict[str, MeterShard] = {}
         # The alert limits this shard evaluates after each slice; recovery restores
-        # them. Not the ingest rules (meters.IngestRules).
-        self.alert_limits = ShardLimits()
+        # them. Not the ingest rules (meters.IngestRules). Their states are created
+        # through limit_partial and customers_of (the LimitSource seam).
+        self.alert_limits = ShardLimits(self, late_ms)
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
         shard = self.meters.get(meter.name)
@@ -64,8 +72,10 @@ class ShardState:
 
     # ---------------------------------------------------------------- ingest
 
-    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int, list[Crossing]]:
-        """Apply one batch slice, grouped by meter.
+    def apply(self, lsn: int, groups: ShardSlice,
+              received_ms: int = 0) -> tuple[int, int, list[Crossing]]:
+        """Apply one batch slice, grouped by meter; ``received_ms`` is the batch's
+        (``WalBatch.received_ms``): the "now" after which limits forget ended periods.
 
         Returns (accepted, duplicates, limit crossings). Deterministic: the same
         slices in the same order give the same state and the same crossings.
@@ -74,6 +84,7 @@ class ShardState:
         seq_base = lsn << SEQ_SHIFT
         crossings: list[Crossing] = []
         limits = self.alert_limits
+        limits.forget_ended(received_ms)
         for meter, items in groups:
             meter_shard = self.meter_shard(meter)
             duplicate_positions: list[int] = []
@@ -87,10 +98,42 @@ class ShardState:
             if limits.by_meter.get(meter.name):
                 skip = set(duplicate_positions)
                 positions = [p for p in range(len(items)) if p not in skip]
-                crossings.extend(limits.after_apply(
-                    meter_shard, items.customers, items.dims_keys, items.times, positions,
-                    items.values))
+                crossings.extend(limits.after_apply(meter_shard, items, positions, seq_base))
         return accepted, duplicates, crossings
+
+    # ------------------------------------------------ limit states (LimitSource)
+
+    def limit_partial(self, limit: LimitDef, customer: str, start_ms: int,
+                      end_ms: int) -> Any | None:
+        """The partial of ``customer``'s usage in [start, end) under ``limit``'s
+        dimension filters, read from the buckets; None if there is none.
+
+        Whole-minute buckets: bucket ``m`` counts if ``start <= m * MINUTE_MS < end``,
+        so a bound inside a minute puts that minute in the period it starts in
+        (``limits.period_of_bucket``). Called only to create a missing limit state.
+        """
+        meter_shard = self.meters.get(limit.meter.name)
+        if meter_shard is None:
+            return None
+        kind = meter_shard.meter.kind
+        first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)
+        merged: Any = None
+        for series in meter_shard.by_customer.get(customer, ()):
+            if limit.dim_filters and not dims_match(series.dims, limit.dim_filters):
+                continue
+            minutes = series.minutes
+            lo = bisect_left(minutes, first)
+            hi = bisect_left(minutes, last, lo)
+            if lo == hi:
+                continue
+            partial = slice_partial(kind, series, lo, hi)
+            merged = partial if merged is None else merge_partial(kind, merged, partial)
+        return merged
+
+    def customers_of(self, meter_name: str) -> Iterable[str]:
+        """The customers with usage of the meter on this shard, in insertion order."""
+        meter_shard = self.meters.get(meter_name)
+        return () if meter_shard is None else meter_shard.by_customer.keys()
 
     # ----------------------------------------------------------------- query
 
@@ -483,13 +526,14 @@ def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
 
 
 def restore_shards(
-    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: ShardRouter
+    parts_by_shard: list[list[MeterPart]], meters: dict[str, MeterDef], route: ShardRouter,
+    late_ms: int | None = None,
 ) -> list[ShardState]:
     """Rebuild shard states from a snapshot taken with any shard count.
 
     Series and dedup keys follow their customer to its shard under ``route``.
     """
-    states = [ShardState() for _ in range(route.shard_count)]
+    states = [ShardState(late_ms) for _ in range(route.shard_count)]
     for parts in parts_by_shard:
         for part in parts:
             meter = meters[part.meter]

@@ -51,12 +51,11 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
     """
     match work:
         case ApplySlice(shard_slice):
-            accepted, duplicates, crossings = state.apply(lsn, shard_slice)
+            accepted, duplicates, crossings = state.apply(lsn, shard_slice, ticket.received_ms)
             ticket.accepted += accepted
             ticket.duplicates += duplicates
         case InstallLimit(limit, received_ms):
-            meter_shard = state.meters.get(limit.meter.name)
-            crossings = state.alert_limits.add(limit, meter_shard, received_ms)
+            crossings = state.alert_limits.add(limit, received_ms)
         case DropLimit(limit_id):
             state.alert_limits.remove(limit_id)
             crossings = []
@@ -65,8 +64,10 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
 
 
 def shard_part(state: ShardState) -> records.ShardPart:
-    """One shard's snapshot part: its meter state and its limits' fired thresholds."""
-    return records.ShardPart(state.export(), state.alert_limits.export())
+    """One shard's snapshot part: its meter state, its limits' fired thresholds and
+    their per-period states."""
+    limits = state.alert_limits
+    return records.ShardPart(state.export(), limits.export(), limits.export_states())
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
