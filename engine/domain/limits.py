@@ -1,18 +1,24 @@
 """Limits: thresholds on a customer's usage per period, and the crossings they fire.
 
 Pure domain layer: standard library, ``engine.schema`` and the domain modules
-``aggregates``, ``batch``, ``meters``, ``series``, ``values`` and ``windows``
-(never ``shard`` or ``query``: the shard holds its limits). A shard
-keeps, per limit, which thresholds already fired for each (customer, period)
-it owns. After it applies a batch slice, it recomputes the usage of every
-(customer, period) the slice touched from its own buckets (the same numbers a
-query returns) and fires each threshold that the usage now reaches and that
-had not fired in that period. A limit added (or replaced) is evaluated at once
-for the period containing the time it was added, so a customer already over a
-threshold is alerted immediately.
+``aggregates``, ``batch``, ``meters``, ``records``, ``series``, ``values`` and
+``windows`` (never ``shard`` or ``query``: the shard holds its limits, and is
+their ``LimitSource``). A shard keeps, per limit and (customer, period) it
+owns, the period's partial aggregate and which thresholds already fired. After
+it applies a batch slice, it merges the slice's accepted events into the
+partials they touch and fires each threshold that the finalized usage now
+reaches and that had not fired in that period. A batch costs its own events,
+never a read of stored usage: the source is read only to create a missing
+state. A limit added (or replaced) is evaluated at once for the period
+containing the time it was added, so a customer already over a threshold is
+alerted immediately.
+
+Usage equals what a query over the period returns for that customer under the
+limit's filters, with one documented exception kept from before: a period with
+a bound inside a minute (``period_of_bucket``).
 
 Everything here is a deterministic function of the write-ahead-log order:
-replay produces the same crossings, in the same order.
+replay produces the same crossings, in the same order, and the same states.
 """
 
 from __future__ import annotations
