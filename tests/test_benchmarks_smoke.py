@@ -23,6 +23,7 @@ import trio
 from benchmarks import (
     alert_latency,
     ingest,
+    limit_history,
     query_latency,
     recovery,
     serve,
@@ -153,6 +154,15 @@ def test_alert_latency_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert 0 < row["send_to_alert"]["min_ms"] and row["ack"]["min_ms"] > 0
     assert row["send_to_alert"]["max_ms"] < 10_000
     assert "| 1 | 10 |" in alert_latency.format_table(report)
+
+
+def test_limit_history_benchmark_runs_end_to_end() -> None:
+    result = limit_history.main(["--quick", "--json"])
+    runs = result["runs"]
+    assert set(runs) == {"no limit", "month unique_count limit"}
+    for run in runs.values():
+        assert set(run["median_batch_ms_by_day"]) == {1, 2}
+        assert run["last_over_first"] > 0
 
 
 def test_workload_stream_yields_what_generate_collects() -> None:

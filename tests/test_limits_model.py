@@ -371,3 +371,9 @@ def test_latest_orders_equal_times_by_log_position_across_batches() -> None:
         start = period_bounds(ts, limit.limit)[0]
         partial = state.alert_limits.states["l"][start].partials["acme"]
         assert finalize(limit.meter.kind, partial) == batch_values[-1]
+
+
+def test_a_shard_part_written_before_limit_states_still_decodes() -> None:
+    old = records.encode([[], [["l1", [["acme", 0, 1]]]]])  # meters, fired: no states
+    part = records.decode_part(old)
+    assert part.fired == [["l1", [["acme", 0, 1]]]] and part.limit_states == []
