@@ -157,7 +157,7 @@ class LimitSource(Protocol):
         ...
 
     def customers_of(self, meter_name: str) -> Iterable[str]:
-        """Every customer with usage of the meter, in a deterministic order."""
+        """Every customer with usage of the meter (in any order)."""
         ...
 
 
@@ -213,7 +213,8 @@ class ShardLimits:
         start, end = period_bounds(now_ms, limit.limit)
         crossings: list[Crossing] = []
         kind = limit.meter.kind
-        for customer in list(self._source.customers_of(limit.meter.name)):
+        # Sorted: a source may answer with a set, whose order varies between processes.
+        for customer in sorted(self._source.customers_of(limit.meter.name)):
             if limit.customers is not None and customer not in limit.customers:
                 continue
             partial = self._source.limit_partial(limit, customer, start, end)

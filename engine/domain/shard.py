@@ -131,7 +131,7 @@ class ShardState:
         return merged
 
     def customers_of(self, meter_name: str) -> Iterable[str]:
-        """The customers with usage of the meter on this shard, in insertion order."""
+        """The customers with usage of the meter on this shard."""
         meter_shard = self.meters.get(meter_name)
         return () if meter_shard is None else meter_shard.by_customer.keys()
 
