@@ -24,6 +24,7 @@ from benchmarks import (
     alert_latency,
     backup_latency,
     ingest,
+    limit_history,
     query_latency,
     recovery,
     serve,
@@ -171,6 +172,15 @@ def test_backup_latency_benchmark_runs_end_to_end(
         assert row["acks"] > 0 and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     backup = report["backup"]
     assert backup["lsn"] >= backup["acked_before_lsn"] > 0 and backup["size_bytes"] > 0
+
+
+def test_limit_history_benchmark_runs_end_to_end() -> None:
+    result = limit_history.main(["--quick", "--json"])
+    runs = result["runs"]
+    assert set(runs) == {"no limit", "month unique_count limit"}
+    for run in runs.values():
+        assert set(run["median_batch_ms_by_day"]) == {1, 2}
+        assert run["last_over_first"] > 0
 
 
 def test_workload_stream_yields_what_generate_collects() -> None:

@@ -263,10 +263,10 @@ async def test_a_failed_shard_stops_the_engine_without_leaving_anyone_waiting(
 
     real_apply = ShardState.apply
 
-    def apply(self: ShardState, lsn: int, groups: Any) -> Any:
+    def apply(self: ShardState, lsn: int, groups: Any, received_ms: int = 0) -> Any:
         if any("poison" in columns.customers for _, columns in groups):
             raise RuntimeError("a bug while applying")
-        return real_apply(self, lsn, groups)
+        return real_apply(self, lsn, groups, received_ms)
 
     monkeypatch.setattr(ShardState, "apply", apply)
     caught: list[BaseException] = []

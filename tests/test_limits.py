@@ -13,9 +13,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
-from engine import Event, Limit, Meter, Query, open_engine
+from engine import Event, IngestRules, Limit, Meter, Query, open_engine
 from tests.helpers.alerts import (
     assert_gap_free,
     assert_quiet,
@@ -285,3 +286,36 @@ async def test_of_two_concurrent_removals_only_one_removes() -> None:
                 nursery.start_soon(remove)
         assert sorted(results) == [False, False, True]
         assert await eng.list_limits() == []
+
+
+def limit_periods(state: bytes) -> list[int]:
+    """The period starts of every limit state in ``Engine.export_state`` bytes."""
+    shards, _ = msgspec.msgpack.decode(state)
+    return sorted({start for part in shards for _, periods in part[2]
+                   for start, _, _ in periods})
+
+
+async def test_the_engine_forgets_limit_periods_beyond_its_late_limit_live_and_in_replay(
+    tmp_path: Path,
+) -> None:
+    """The configured late limit bounds the kept periods, and replay (which checks events
+    against no late limit) forgets exactly what the live engine forgot."""
+    clock = [TODAY]
+    rules = IngestRules(late_ms=2 * HOUR)
+    async with open_engine(tmp_path, shards=2, ingest_rules=rules, clock_ms=lambda: clock[0],
+                           snapshot_on_close=False) as eng:
+        await eng.define_meter(Meter(name="calls", aggregation="sum"))
+        await eng.add_limit(Limit(id="hourly", meter_api_name="calls", thresholds=[2],
+                                  period="hour"))
+        fired = 0
+        for hour in range(12):
+            clock[0] = TODAY + hour * HOUR + 30 * MINUTE
+            events = [ev(customer, 1, clock[0] - MINUTE, "calls") for customer in "abc"]
+            fired += len((await eng.ingest(events + events, report_alerts=True)).alerts)
+        assert fired == 12 * 3
+        live = eng.export_state()
+    # At 11:30 an event may be as old as 9:30, so hour 9 is kept; hour 8 is forgotten.
+    assert limit_periods(live) == [TODAY + hour * HOUR for hour in (9, 10, 11)]
+    async with open_engine(tmp_path, shards=2, ingest_rules=rules,
+                           clock_ms=lambda: clock[0]) as eng:  # replays the whole log
+        assert eng.export_state() == live

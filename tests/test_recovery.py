@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from engine import DataDirError, Event, Meter, Query, open_engine
+from engine import DataDirError, Event, Limit, Meter, Query, open_engine
 from tests.helpers.events import DAY, NOW
 from tests.helpers.internals import store_of
 from tests.helpers.serve import child_env
@@ -63,8 +63,18 @@ async def fill(path: Path, seed: int, *, snapshot_every_bytes: int, shards: int 
                            snapshot_on_close=False, **options) as eng:  # type: ignore[arg-type]
         for meter in METERS:
             await eng.define_meter(meter)
-        for batch in batches(seed, 60):
+        # Limits keep per-period states, which snapshots carry and replay rebuilds.
+        for limit_id, meter_name, period in (("month-users", "users", "month"),
+                                             ("daily-calls", "calls", "day"),
+                                             ("hourly-last", "last", "hour")):
+            await eng.add_limit(Limit(id=limit_id, meter_api_name=meter_name,
+                                      thresholds=[10**12], period=period,
+                                      timezone="Europe/Berlin"))
+        for index, batch in enumerate(batches(seed, 60)):
             await eng.ingest(batch)
+            if index == 20:  # added mid-stream: evaluated from the buckets at once
+                await eng.add_limit(Limit(id="mean-total", meter_api_name="mean",
+                                          thresholds=[10**12], period="total"))
         return await answers(eng), eng.export_logical(), eng.statistics()
 
 

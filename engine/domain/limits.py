@@ -1,31 +1,47 @@
 """Limits: thresholds on a customer's usage per period, and the crossings they fire.
 
 Pure domain layer: standard library, ``engine.schema`` and the domain modules
-``aggregates``, ``batch``, ``meters``, ``series``, ``values`` and ``windows``
-(never ``shard`` or ``query``: the shard holds its limits). A shard
-keeps, per limit, which thresholds already fired for each (customer, period)
-it owns. After it applies a batch slice, it recomputes the usage of every
-(customer, period) the slice touched from its own buckets (the same numbers a
-query returns) and fires each threshold that the usage now reaches and that
-had not fired in that period. A limit added (or replaced) is evaluated at once
-for the period containing the time it was added, so a customer already over a
-threshold is alerted immediately.
+``aggregates``, ``batch``, ``meters``, ``records``, ``series``, ``values`` and
+``windows`` (never ``shard`` or ``query``: the shard holds its limits, and is
+their ``LimitSource``). A shard keeps, per limit and (customer, period) it
+owns, the period's partial aggregate and which thresholds already fired. After
+it applies a batch slice, it merges the slice's accepted events into the
+partials they touch and fires each threshold that the finalized usage now
+reaches and that had not fired in that period. A batch costs its own events,
+never a read of stored usage: the source is read only to create a missing
+state. A limit added (or replaced) is evaluated at once for the period
+containing the time it was added, so a customer already over a threshold is
+alerted immediately.
+
+Usage equals what a query over the period returns for that customer under the
+limit's filters, with one documented exception kept from before: a period with
+a bound inside a minute (``period_of_bucket``).
 
 Everything here is a deterministic function of the write-ahead-log order:
-replay produces the same crossings, in the same order.
+replay produces the same crossings, in the same order, and the same states.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from engine.domain.aggregates import COUNT, SUM, finalize, merge_partial, slice_partial
-from engine.domain.batch import ShardRouter
+from engine.domain.aggregates import (
+    AVG,
+    COUNT,
+    LATEST,
+    MAX,
+    SUM,
+    UNIQUE,
+    finalize,
+    merge_partial,
+)
+from engine.domain.batch import Columns, ShardRouter
 from engine.domain.meters import MeterDef
-from engine.domain.series import MeterShard, Series, dims_match
-from engine.domain.values import Number, exact_value
+from engine.domain.records import decimal_or_int
+from engine.domain.series import MeterShard, dims_match
+from engine.domain.values import Number, exact_value, fits_int64
 from engine.domain.windows import (
     MINUTE_MS,
     WindowError,
@@ -118,39 +134,97 @@ def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:
 Crossing = tuple[str, str, str, Number, Number, int]
 
 
-USAGE_MEMO_MAX = 200_000  # remembered usages per limit and shard before starting over
 RECENT_PERIODS = 4  # periods remembered per limit
+FORGET_EVERY_MS = 3_600_000  # forgetting ended periods runs at most once per hour of received time
+
+
+class LimitSource(Protocol):
+    """Where a limit's state comes from when it has none: the shard's stored usage.
+
+    ``ShardState`` implements it (``engine.domain.shard``). ``ShardLimits`` calls it
+    only to create a missing state, never for a state it holds, so the cost of a
+    read (bucket columns today, sealed blocks later) is paid once per (limit,
+    customer, period), not once per batch.
+    """
+
+    def limit_partial(self, limit: LimitDef, customer: str, start_ms: int,
+                      end_ms: int) -> Any | None:
+        """The partial aggregate (``engine.domain.aggregates``) of ``customer``'s usage
+        of ``limit.meter`` in [start, end) under the limit's dimension filters, or None
+        if there is none. Whole-minute buckets: a bucket belongs to the period holding
+        its minute's start (``period_of_bucket``). The caller owns the result (merges
+        into it in place)."""
+        ...
+
+    def customers_of(self, meter_name: str) -> Iterable[str]:
+        """Every customer with usage of the meter (in any order)."""
+        ...
+
+
+class _Period:
+    """One limit's states for one period: its end and each customer's partial."""
+
+    __slots__ = ("end_ms", "partials")
+
+    def __init__(self, end_ms: int) -> None:
+        self.end_ms = end_ms
+        self.partials: dict[str, Any] = {}
 
 
 class ShardLimits:
-    """Limits as one shard evaluates them."""
+    """Limits as one shard evaluates them.
 
-    def __init__(self) -> None:
+    Per (limit, customer, period) the shard keeps the period's *partial aggregate*
+    (``engine.domain.aggregates``): ``after_apply`` merges each accepted event of a
+    slice into it and checks the thresholds on its finalized value. A state is read
+    from the ``LimitSource`` only when missing: when a limit is added (for the period
+    containing the time it was added), when an event reaches a period the limit does
+    not track yet (a late event, or the first touch after restoring a snapshot
+    written before states were kept). Order: a slice is applied to the buckets
+    first, then ``after_apply`` runs; a state missing at that point is read from the
+    buckets, which already hold the slice, so the slice's events are not merged into
+    it again.
+
+    Periods that ended more than ``late_ms`` (plus a minute: see ``forget_ended``)
+    before a batch's received time can receive no event, so their states and fired
+    masks are forgotten. ``late_ms=None`` never forgets.
+    """
+
+    def __init__(self, source: LimitSource, late_ms: int | None = None) -> None:
+        self._source = source
+        self.late_ms = late_ms
         self.by_meter: dict[str, list[LimitDef]] = {}
         self.by_id: dict[str, LimitDef] = {}
         # limit id -> (customer, period start) -> bitmask of fired threshold indexes
         self.fired: dict[str, dict[tuple[str, int], int]] = {}
-        # limit id -> (customer, period start) -> usage, for sum and count limits: kept
-        # up to date by adding each batch's accepted values, so a batch costs its own
-        # events, not a scan of the customer's buckets. A cache: filled from the buckets
-        # on a miss (after a restart, or once cleared for size), never exported.
-        self.usage: dict[str, dict[tuple[str, int], Any]] = {}
+        # limit id -> period start -> the period's partials per customer
+        self.states: dict[str, dict[int, _Period]] = {}
         self._periods: dict[str, list[tuple[int, int]]] = {}  # limit id -> recent periods
+        # Ends before this were forgotten; not exported: forgetting again is a no-op.
+        self._forgotten_before_ms = -1
 
-    def add(self, limit: LimitDef, meter_shard: MeterShard | None, now_ms: int) -> list[Crossing]:
+    def add(self, limit: LimitDef, now_ms: int) -> list[Crossing]:
         """Install (or replace) a limit and evaluate it at once for the current period."""
         self.remove(limit.id)
         self.by_id[limit.id] = limit
         self.by_meter.setdefault(limit.meter.name, []).append(limit)
         self.fired[limit.id] = {}
-        self.usage[limit.id] = {}
-        if meter_shard is None:
-            return []
+        periods = self.states[limit.id] = {}
         start, end = period_bounds(now_ms, limit.limit)
         crossings: list[Crossing] = []
-        for customer in list(meter_shard.by_customer):
-            if limit.customers is None or customer in limit.customers:
-                self._evaluate(limit, meter_shard, customer, start, end, crossings)
+        kind = limit.meter.kind
+        # Sorted: a source may answer with a set, whose order varies between processes.
+        for customer in sorted(self._source.customers_of(limit.meter.name)):
+            if limit.customers is not None and customer not in limit.customers:
+                continue
+            partial = self._source.limit_partial(limit, customer, start, end)
+            if partial is None:
+                continue
+            period = periods.get(start)
+            if period is None:
+                period = periods[start] = _Period(end)
+            period.partials[customer] = partial
+            self._check(limit, customer, start, finalize(kind, partial), crossings)
         return crossings
 
     def remove(self, limit_id: str) -> bool:
@@ -159,59 +233,125 @@ class ShardLimits:
             return False
         self.by_meter[limit.meter.name].remove(limit)
         self.fired.pop(limit_id, None)
-        self.usage.pop(limit_id, None)
+        self.states.pop(limit_id, None)
         self._periods.pop(limit_id, None)
         return True
 
     def after_apply(
-        self, meter_shard: MeterShard, customers: list[str], dims_keys: list[str],
-        times: list[int], accepted: list[int], values: list[Any],
+        self, meter_shard: MeterShard, items: Columns, accepted: list[int], seq_base: int,
     ) -> list[Crossing]:
         """Crossings caused by the accepted events (positions) of one applied slice.
 
-        Runs after the slice is in the buckets: a usage read from them includes it.
+        Runs after the slice is in the buckets (see the class docstring for why that
+        order matters). ``seq_base`` is ``lsn << SEQ_SHIFT``: a latest partial orders
+        equal timestamps by ``seq_base | index in batch``, as the buckets do.
         """
         limits = self.by_meter.get(meter_shard.meter.name)
         if not limits or not accepted:
             return []
         crossings: list[Crossing] = []
         kind = meter_shard.meter.kind
-        additive = kind == SUM or kind == COUNT
+        customers, dims_keys, times = items.customers, items.dims_keys, items.times
+        values, indices, unique_values = items.values, items.indices, items.unique_values
+        dims_by_key = meter_shard.dims_by_key
         for limit in limits:
-            # (customer, period start) -> [period end, this slice's addition to the usage]
-            touched: dict[tuple[str, int], list[Any]] = {}
+            # (customer, period start) -> this slice's partial for it, in first-touch order
+            delta: dict[tuple[str, int], Any] = {}
+            ends: dict[int, int] = {}
+            # Rare (zones with seconds in their offset, see period_of_bucket): events
+            # counted in the period before their own, which is checked, not that one.
+            moved: dict[tuple[str, int], Any] = {}
+            checked: dict[tuple[str, int], None] = {}
             period = (0, -1)
+            customer_filter = limit.customers
+            dim_filters = limit.dim_filters
             for position in accepted:
                 customer = customers[position]
-                if limit.customers is not None and customer not in limit.customers:
+                if customer_filter is not None and customer not in customer_filter:
                     continue
-                if limit.dim_filters and not dims_match(
-                    meter_shard.dims_by_key[dims_keys[position]], limit.dim_filters
-                ):
+                if dim_filters and not dims_match(dims_by_key[dims_keys[position]],
+                                                  dim_filters):
                     continue
                 ts = times[position]
                 if not period[0] <= ts < period[1]:
                     period = self._period_of(limit, ts)
+                    ends[period[0]] = period[1]
+                if period[0] % 60_000 and ts - ts % 60_000 < period[0]:
+                    checked[(customer, period[0])] = None
+                    counted_in = self._period_of(limit, ts - ts % 60_000)
+                    ends[counted_in[0]] = counted_in[1]
+                    one = _event_partial(kind, values[position], ts, seq_base | indices[position],
+                                         unique_values[position] if kind == UNIQUE else None)
+                    key = (customer, counted_in[0])
+                    found = moved.get(key)
+                    moved[key] = one if found is None else merge_partial(kind, found, one)
+                    continue
                 key = (customer, period[0])
-                entry = touched.get(key)
-                if entry is None:
-                    touched[key] = entry = [period[1], 0]
-                if additive:
-                    entry[1] += 1 if kind == COUNT else values[position]
-            memo = self.usage[limit.id]
-            if len(memo) > USAGE_MEMO_MAX:
-                memo.clear()
-            for (customer, start), (end, added) in touched.items():
-                period_memo = self._memo_for(limit, start, end)
-                known = None if period_memo is None else period_memo.get((customer, start))
-                if known is None:
-                    value = usage(meter_shard, customer, limit, start, end)
+                # Add one event to this slice's partial, inline (a call per event costs).
+                if kind == SUM:
+                    delta[key] = delta.get(key, 0) + values[position]
+                elif kind == COUNT:
+                    delta[key] = delta.get(key, 0) + 1
+                elif kind == UNIQUE:
+                    found = delta.get(key)
+                    if found is None:
+                        delta[key] = {unique_values[position]}
+                    else:
+                        found.add(unique_values[position])
+                elif kind == AVG:
+                    found = delta.get(key)
+                    if found is None:
+                        delta[key] = [values[position], 1]
+                    else:
+                        found[0] += values[position]
+                        found[1] += 1
+                elif kind == LATEST:
+                    found = delta.get(key)
+                    seq = seq_base | indices[position]
+                    if found is None or (ts, seq) > found[:2]:
+                        delta[key] = (ts, seq, values[position])
                 else:
-                    value = known + added
-                if period_memo is not None and value is not None:
-                    period_memo[(customer, start)] = value
-                self._check(limit, customer, start, value, crossings)
+                    value = values[position]
+                    found = delta.get(key)
+                    if found is None or (value > found if kind == MAX else value < found):
+                        delta[key] = value
+            periods = self.states[limit.id]
+            # States read from the source during this slice already hold all of it.
+            fresh: set[tuple[str, int]] = set()
+            for key, partial in moved.items():
+                self._state(limit, periods, key, ends[key[1]], partial, fresh)
+            for key, partial in delta.items():
+                state = self._state(limit, periods, key, ends[key[1]], partial, fresh)
+                if state is not None:
+                    self._check(limit, key[0], key[1], finalize(kind, state), crossings)
+            for key in checked:
+                if key not in delta:
+                    state = self._state(limit, periods, key, ends[key[1]], None, fresh)
+                    if state is not None:
+                        self._check(limit, key[0], key[1], finalize(kind, state), crossings)
         return crossings
+
+    def _state(self, limit: LimitDef, periods: dict[int, _Period], key: tuple[str, int],
+               end: int, partial: Any | None, fresh: set[tuple[str, int]]) -> Any | None:
+        """The state of (customer, period start) ``key`` with this slice's ``partial``
+        merged in. A missing state is read from the source, which already holds the
+        whole slice: it is marked ``fresh`` and nothing of the slice is merged into it."""
+        customer, start = key
+        period = periods.get(start)
+        if period is None:
+            period = periods[start] = _Period(end)
+        known = period.partials.get(customer)
+        if known is None:
+            known = self._source.limit_partial(limit, customer, start, end)
+            if known is None:
+                if not period.partials:
+                    del periods[start]
+                return None
+            fresh.add(key)
+        elif partial is not None and key not in fresh:
+            known = merge_partial(limit.meter.kind, known, partial)
+        period.partials[customer] = known
+        return known
 
     def _period_of(self, limit: LimitDef, ts_ms: int) -> tuple[int, int]:
         """``period_bounds``, remembering the last few periods of each limit (events of a
@@ -225,30 +365,9 @@ class ShardLimits:
         del recent[RECENT_PERIODS:]
         return period
 
-    def _evaluate(self, limit: LimitDef, meter_shard: MeterShard, customer: str, start: int,
-                  end: int, crossings: list[Crossing]) -> None:
-        value = usage(meter_shard, customer, limit, start, end)
-        memo = self._memo_for(limit, start, end)
-        if memo is not None and value is not None:
-            memo[(customer, start)] = value
-        self._check(limit, customer, start, value, crossings)
-
-    def _memo_for(self, limit: LimitDef, start: int, end: int) -> dict[Any, Any] | None:
-        """The usage memo for this limit and period, or None where the buckets must be
-        read every time: aggregations other than sum and count, and periods with a bound
-        inside a minute (zones with seconds in their offset, such as Monrovia before
-        1972), where usage() counts whole-minute buckets that need not match the events'
-        own periods."""
-        kind = limit.meter.kind
-        if (kind != SUM and kind != COUNT) or start % MINUTE_MS or end % MINUTE_MS:
-            return None
-        return self.usage.get(limit.id)
-
-    def _check(self, limit: LimitDef, customer: str, start: int, value: Number | None,
+    def _check(self, limit: LimitDef, customer: str, start: int, value: Number,
                crossings: list[Crossing]) -> None:
         """Record and report the thresholds ``value`` reaches that had not fired."""
-        if value is None:
-            return
         fired_for_limit = self.fired[limit.id]
         fired = fired_for_limit.get((customer, start), 0)
         newly = fired
@@ -261,6 +380,44 @@ class ShardLimits:
         if newly != fired:
             fired_for_limit[(customer, start)] = newly
 
+    # ------------------------------------------------------------ forgetting
+
+    def forget_ended(self, received_ms: int) -> None:
+        """Forget the states and fired masks of periods no event can reach any more.
+
+        Ingest refuses events older than ``received_ms - late_ms``, so a period that
+        ended before that is final. One more minute of margin: in a zone with seconds
+        in its offset, an event up to a minute after a period's end may count in it
+        (``period_of_bucket``). The horizon moves in whole hours of received time, so
+        this walks the states at most once per hour, and the result depends only on the
+        batches' received times (replay forgets exactly what the live engine forgot).
+        """
+        if self.late_ms is None:
+            return
+        horizon = received_ms - self.late_ms - MINUTE_MS
+        horizon -= horizon % FORGET_EVERY_MS
+        if horizon <= self._forgotten_before_ms:
+            return
+        self._forgotten_before_ms = horizon
+        for limit_id, periods in self.states.items():
+            for start in [s for s, period in periods.items() if period.end_ms <= horizon]:
+                del periods[start]
+            fired = self.fired[limit_id]
+            if not fired:
+                continue
+            limit = self.by_id[limit_id].limit
+            ends: dict[int, int] = {}
+            stale = []
+            for key in fired:
+                start = key[1]
+                end = ends.get(start)
+                if end is None:
+                    end = ends[start] = period_bounds(start, limit)[1]
+                if end <= horizon:
+                    stale.append(key)
+            for key in stale:
+                del fired[key]
+
     # ------------------------------------------------------------ snapshot
 
     def export(self) -> list[list[Any]]:
@@ -270,14 +427,33 @@ class ShardLimits:
             for limit_id in sorted(self.fired)
         ]
 
+    def export_states(self) -> list[list[Any]]:
+        """[[limit id, [[period start, period end, [[customer, partial], ...]], ...]], ...]
+        in canonical order, partials encoded by ``encode_partial``."""
+        out = []
+        for limit_id in sorted(self.states):
+            kind = self.by_id[limit_id].meter.kind
+            periods = self.states[limit_id]
+            out.append([limit_id, [
+                [start, periods[start].end_ms, [
+                    [customer, encode_partial(kind, partial)]
+                    for customer, partial in sorted(periods[start].partials.items())
+                ]]
+                for start in sorted(periods)
+            ]])
+        return out
+
     def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
-             shard_index: int) -> None:
-        """Install ``limits`` and the fired masks of this shard's customers."""
+             shard_index: int, states: list[list[Any]] | None = None) -> None:
+        """Install ``limits``, and the fired masks and states of this shard's customers.
+
+        A snapshot without states (from before they were kept) leaves them to be read
+        from the source on first touch."""
         for limit in limits:
             self.by_id[limit.id] = limit
             self.by_meter.setdefault(limit.meter.name, []).append(limit)
             self.fired.setdefault(limit.id, {})
-            self.usage.setdefault(limit.id, {})
+            self.states.setdefault(limit.id, {})
         for limit_id, entries in fired:
             if limit_id not in self.fired:
                 continue
@@ -285,23 +461,66 @@ class ShardLimits:
             for customer, period_start, mask in entries:
                 if route(customer) == shard_index:
                     target[(customer, period_start)] = mask
+        for limit_id, stored_periods in states or []:
+            limit_def = self.by_id.get(limit_id)
+            if limit_def is None:
+                continue
+            kind = limit_def.meter.kind
+            periods = self.states[limit_id]
+            for start, end, partials in stored_periods:
+                for customer, encoded in partials:
+                    if route(customer) != shard_index:
+                        continue
+                    period = periods.get(start)
+                    if period is None:
+                        period = periods[start] = _Period(end)
+                    period.partials[customer] = decode_partial(kind, encoded)
 
 
-def usage(meter_shard: MeterShard, customer: str, limit: LimitDef, start_ms: int,
-          end_ms: int) -> Number | None:
-    """The limit's usage for one customer in [start, end), from the buckets; None if none."""
-    kind = meter_shard.meter.kind
-    first, last = -(-start_ms // MINUTE_MS), -(-end_ms // MINUTE_MS)
-    merged: Any = None
-    series_list: list[Series] = meter_shard.by_customer.get(customer, [])
-    for series in series_list:
-        if limit.dim_filters and not dims_match(series.dims, limit.dim_filters):
-            continue
-        minutes = series.minutes
-        lo = bisect_left(minutes, first)
-        hi = bisect_left(minutes, last, lo)
-        if lo == hi:
-            continue
-        partial = slice_partial(kind, series, lo, hi)
-        merged = partial if merged is None else merge_partial(kind, merged, partial)
-    return None if merged is None else finalize(kind, merged)
+def _event_partial(kind: int, value: Any, ts_ms: int, seq: int, unique_value: Any) -> Any:
+    """The partial of one event (the slow path of ``after_apply``)."""
+    if kind == COUNT:
+        return 1
+    if kind == AVG:
+        return [value, 1]
+    if kind == LATEST:
+        return (ts_ms, seq, value)
+    if kind == UNIQUE:
+        return {unique_value}
+    return value
+
+
+def _encode_number(value: Number) -> int | str:
+    return value if type(value) is int and fits_int64(value) else str(value)
+
+
+def encode_partial(kind: int, partial: Any) -> Any:
+    """A partial as plain msgpack data, deterministically: numbers beyond int64 and
+    Decimals as decimal strings (as ``records.SeriesRecord``), sets as sorted lists."""
+    if kind == UNIQUE:
+        return sorted(partial)
+    if kind == AVG:
+        return [_encode_number(partial[0]), partial[1]]
+    if kind == LATEST:
+        return [partial[0], partial[1], _encode_number(partial[2])]
+    return _encode_number(partial)
+
+
+def decode_partial(kind: int, encoded: Any) -> Any:
+    """Inverse of ``encode_partial``."""
+    if kind == UNIQUE:
+        return set(encoded)
+    if kind == AVG:
+        return [decimal_or_int(encoded[0]), encoded[1]]
+    if kind == LATEST:
+        return (encoded[0], encoded[1], decimal_or_int(encoded[2]))
+    return decimal_or_int(encoded)
+
+
+def period_of_bucket(ts_ms: int, limit: Limit) -> tuple[int, int]:
+    """The period whose usage counts an event at ``ts_ms``: the one holding the start of
+    the event's minute. Usage is read from whole-minute buckets, so a period with a
+    bound inside a minute (zones with seconds in their UTC offset, such as Monrovia
+    before 1972) counts the minute holding its start in the period before. For every
+    other period this is ``period_bounds(ts_ms)``."""
+    return period_bounds(ts_ms - ts_ms % MINUTE_MS, limit)

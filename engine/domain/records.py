@@ -82,7 +82,9 @@ class MeterPart(msgspec.Struct, array_like=True):
 
 class ShardPart(msgspec.Struct, array_like=True):
     """One shard's checkpoint: its head (the unsealed minute buckets), the fired
-    thresholds of its limits, and where its sealed history begins.
+    thresholds of its limits, where its sealed history begins, and its limits'
+    per-period states (``ShardLimits.export_states``; empty in snapshots written
+    before states were kept: they are then read on first touch).
 
     ``meters`` is the head; ``deltas`` holds events for sealed days not yet merged
     into their blocks; days before ``sealed_before_minute`` live in blocks
@@ -95,6 +97,7 @@ class ShardPart(msgspec.Struct, array_like=True):
     sealed_before_minute: int = 0
     deltas: list[MeterPart] = []
     sealed_customers: list[list[Any]] = []
+    limit_states: list[list[Any]] = []
 
 
 class BlockRecord(msgspec.Struct, array_like=True):

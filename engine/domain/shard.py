@@ -6,8 +6,9 @@ Pure domain layer: standard library, ``engine.errors`` and the domain modules
 is owned by exactly one shard actor; nothing else touches it. Its state is a
 pure function of the prepared batches applied, in write-ahead-log order:
 ``apply`` is deterministic, and ``export`` is byte-identical for equal state.
-Its ``alert_limits`` are evaluated after each slice, from the same buckets a
-query reads.
+Its ``alert_limits`` are evaluated after each slice from their own states;
+``limit_partial`` and ``customers_of`` are the one seam through which a missing
+limit state is read from the buckets (the same a query reads).
 
 Hot loops: ``_apply_counter`` and ``_apply_general`` run once per event,
 ``collect_partials`` once per series; they inline steps a call would make
@@ -43,7 +44,7 @@ from engine.domain.blocks import (
     encode_block,
     merge_buckets,
 )
-from engine.domain.limits import Crossing, ShardLimits
+from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
 from engine.domain.records import MeterPart, ShardPart
@@ -62,7 +63,12 @@ MAX_COMPACTIONS_PER_CHECKPOINT = 4
 class ShardState:
     """The state of one shard. Not thread-safe; owned by one actor."""
 
-    def __init__(self) -> None:
+    def __init__(self, late_ms: int | None = None) -> None:
+        """``late_ms``: the configured late limit (``IngestRules.late_ms``), which says
+        when a limit's period is final and its state can be forgotten; None keeps every
+        state. Given here, not per batch: replay prepares batches under
+        ``REPLAY_RULES``, whose late limit is unbounded, yet must forget what the live
+        engine forgot."""
         # The head: minute buckets of every day not yet sealed, per meter.
         self.meters: dict[str, MeterShard] = {}
         # Days before this minute (a UTC day boundary) are sealed: their buckets live in
@@ -75,8 +81,9 @@ class ShardState:
         # listings must know them without reading blocks).
         self.sealed_customers: dict[str, set[str]] = {}
         # The alert limits this shard evaluates after each slice; recovery restores
-        # them. Not the ingest rules (meters.IngestRules).
-        self.alert_limits = ShardLimits()
+        # them. Not the ingest rules (meters.IngestRules). Their states are created
+        # through limit_partial and customers_of (the LimitSource seam).
+        self.alert_limits = ShardLimits(self, late_ms)
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
         shard = self.meters.get(meter.name)
@@ -102,8 +109,10 @@ class ShardState:
 
     # ---------------------------------------------------------------- ingest
 
-    def apply(self, lsn: int, groups: ShardSlice) -> tuple[int, int, list[Crossing]]:
-        """Apply one batch slice, grouped by meter.
+    def apply(self, lsn: int, groups: ShardSlice,
+              received_ms: int = 0) -> tuple[int, int, list[Crossing]]:
+        """Apply one batch slice, grouped by meter; ``received_ms`` is the batch's
+        (``WalBatch.received_ms``): the "now" after which limits forget ended periods.
 
         Returns (accepted, duplicates, limit crossings). Deterministic: the same
         slices in the same order give the same state and the same crossings.
@@ -112,6 +121,7 @@ class ShardState:
         seq_base = lsn << SEQ_SHIFT
         crossings: list[Crossing] = []
         limits = self.alert_limits
+        limits.forget_ended(received_ms)
         sealed_before_ms = self.sealed_before_minute * MINUTE_MS
         for meter, all_items in groups:
             targets = [(self.meter_shard(meter), all_items)]
@@ -133,10 +143,22 @@ class ShardState:
                 if limits.by_meter.get(meter.name):
                     skip = set(duplicate_positions)
                     positions = [p for p in range(len(items)) if p not in skip]
-                    crossings.extend(limits.after_apply(
-                        meter_shard, items.customers, items.dims_keys, items.times, positions,
-                        items.values))
+                    crossings.extend(limits.after_apply(meter_shard, items, positions,
+                                                        seq_base))
         return accepted, duplicates, crossings
+
+    # ------------------------------------------------ limit states (LimitSource)
+
+    def limit_partial(self, limit: LimitDef, customer: str, start_ms: int,
+                      end_ms: int) -> Any | None:
+        """The partial of ``customer``'s usage in [start, end) under ``limit``'s
+        dimension filters, read from the buckets; None if there is none.
+
+        Whole-minute buckets: bucket ``m`` counts if ``start <= m * MINUTE_MS < end``,
+        so a bound inside a minute puts that minute in the period it starts in
+        (``limits.period_of_bucket``). Called only to create a missing limit state.
+        """
+        return self.usage_partial(limit.meter, customer, limit.dim_filters, start_ms, end_ms)
 
     # ----------------------------------------------------------------- query
 
@@ -709,7 +731,8 @@ def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
 
 
 def restore_shards(
-    shard_parts: list[ShardPart], meters: dict[str, MeterDef], route: ShardRouter
+    shard_parts: list[ShardPart], meters: dict[str, MeterDef], route: ShardRouter,
+    late_ms: int | None = None,
 ) -> list[ShardState]:
     """Rebuild shard states from a checkpoint taken with any shard count.
 
@@ -717,7 +740,7 @@ def restore_shards(
     shard under ``route`` (sealed blocks themselves are per shard: the runtime
     refuses another shard count once there are any).
     """
-    states = [ShardState() for _ in range(route.shard_count)]
+    states = [ShardState(late_ms) for _ in range(route.shard_count)]
     sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
     for state in states:
         state.sealed_before_minute = sealed_before

@@ -90,12 +90,13 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
     wal_records = wal_bytes = wal_bytes_since_snapshot = 0
     with localcontext(EXACT):
         if snapshot is None:
-            states = [ShardState() for _ in range(shard_count)]
+            states = [ShardState(rules.late_ms) for _ in range(shard_count)]
             applied = 0
         else:
             with damaged_if(f"snapshot at lsn {snapshot.lsn} is corrupt",
                             msgspec.DecodeError, KeyError, ValueError, LimitError):
-                states, next_alert_seq, wal_marks = _restore_snapshot(snapshot, catalog, route)
+                states, next_alert_seq, wal_marks = _restore_snapshot(snapshot, catalog, route,
+                                                                      rules.late_ms)
             applied = snapshot.lsn
             if snapshot.shard_count != shard_count:
                 with damaged_if("a sealed block is unreadable", msgspec.DecodeError, KeyError,
@@ -122,10 +123,10 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
                      wal_bytes, wal_marks)
 
 
-def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
-                      route: ShardRouter) -> tuple[list[ShardState], int, list[list[int]]]:
+def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRouter,
+                      late_ms: int) -> tuple[list[ShardState], int, list[list[int]]]:
     parts = [records.decode_part(raw) for raw in snapshot.parts]
-    states = restore_shards(parts, catalog.meter_defs, route)
+    states = restore_shards(parts, catalog.meter_defs, route, late_ms)
     engine_state = (records.decode_engine_state(snapshot.engine_state)
                     if snapshot.engine_state else records.EngineState())
     for limit in engine_state.limits:
@@ -135,9 +136,10 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
     for customer_id in engine_state.hidden_customers:
         catalog.hide_customer(customer_id)
     fired = [entry for part in parts for entry in part.fired]
+    limit_states = [entry for part in parts for entry in part.limit_states]
     limit_defs = list(catalog.limit_defs.values())
     for index, state in enumerate(states):
-        state.alert_limits.load(limit_defs, fired, route, index)
+        state.alert_limits.load(limit_defs, fired, route, index, limit_states)
     return states, engine_state.next_alert_seq, engine_state.wal_marks
 
 

@@ -53,12 +53,11 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
     """
     match work:
         case ApplySlice(shard_slice):
-            accepted, duplicates, crossings = state.apply(lsn, shard_slice)
+            accepted, duplicates, crossings = state.apply(lsn, shard_slice, ticket.received_ms)
             ticket.accepted += accepted
             ticket.duplicates += duplicates
         case InstallLimit(limit, received_ms):
-            meter_shard = state.meters.get(limit.meter.name)
-            crossings = state.alert_limits.add(limit, meter_shard, received_ms)
+            crossings = state.alert_limits.add(limit, received_ms)
         case DropLimit(limit_id):
             state.alert_limits.remove(limit_id)
             crossings = []
@@ -67,11 +66,12 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
 
 
 def shard_part(state: ShardState) -> records.ShardPart:
-    """One shard's checkpoint part: its head, its limits' fired thresholds, its deltas
-    and where its sealed history begins."""
-    return records.ShardPart(state.export(), state.alert_limits.export(),
-                             state.sealed_before_minute, state.export_deltas(),
-                             state.export_sealed_customers())
+    """One shard's checkpoint part: its head, its limits' fired thresholds, its deltas,
+    where its sealed history begins, and its limits' per-period states."""
+    limits = state.alert_limits
+    return records.ShardPart(state.export(), limits.export(), state.sealed_before_minute,
+                             state.export_deltas(), state.export_sealed_customers(),
+                             limits.export_states())
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
