@@ -291,7 +291,7 @@ async def test_of_two_concurrent_removals_only_one_removes() -> None:
 def limit_periods(state: bytes) -> list[int]:
     """The period starts of every limit state in ``Engine.export_state`` bytes."""
     shards, _ = msgspec.msgpack.decode(state)
-    return sorted({start for part in shards for _, periods in part[2]
+    return sorted({start for part in shards for _, periods in part[5]
                    for start, _, _ in periods})
 
 

@@ -182,11 +182,14 @@ def state_events(now_ms: int, late_ms: int) -> st.SearchStrategy[list[Event]]:
 def restart(states: list[ShardState], route: ShardRouter, limit_defs: list[LimitDef],
             late_ms: int, keep_states: bool) -> list[ShardState]:
     """Snapshot and restore, as recovery does (the WAL tail replays through apply)."""
-    raw = [records.encode(records.ShardPart(
-        s.export(), s.alert_limits.export(),
-        s.alert_limits.export_states() if keep_states else [])) for s in states]
+    raw = []
+    for state in states:
+        part = shard_part(state)
+        if not keep_states:
+            part.limit_states = []
+        raw.append(records.encode(part))
     parts = [records.decode_part(r) for r in raw]
-    restored = restore_shards([p.meters for p in parts], STATE_METERS, route, late_ms)
+    restored = restore_shards(parts, STATE_METERS, route, late_ms)
     fired = [entry for p in parts for entry in p.fired]
     kept = [entry for p in parts for entry in p.limit_states]
     for index, state in enumerate(restored):
