@@ -111,12 +111,8 @@ class ShardState:
             records = [
                 series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
             ]
-            seen = [
-                [customer, unique_id]
-                for customer in sorted(meter_shard.seen)
-                for unique_id in sorted(meter_shard.seen[customer])
-            ]
-            parts.append(MeterPart(name, records, seen))
+            # ``seen`` stays empty: unique ids live in the store's dedup index now.
+            parts.append(MeterPart(name, records, []))
         return parts
 
 
@@ -125,28 +121,19 @@ def _apply_counter(
 ) -> int:
     """The hot loop for sum and count meters: one column, updated in place.
 
-    Returns the number accepted; appends the positions of duplicates. The dedup
-    and edge steps are written out here and in ``_apply_general``
-    rather than shared: a function call per event costs about 0.1 µs, a
-    noticeable share of the whole ingest path.
+    Returns the number accepted; appends the positions of duplicates (none: the WAL
+    writer drops duplicates before a slice gets here, ``engine.runtime.dedup``). The
+    edge steps are written out here and in ``_apply_general`` rather than shared: a
+    function call per event costs about 0.1 µs, a noticeable share of the whole
+    ingest path.
     """
     accepted = 0
     position = -1
-    seen = meter_shard.seen
     series_map = meter_shard.series
-    for customer, dims, ts, value, unique_id in zip(
-        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
-        strict=True,
+    for customer, dims, ts, value in zip(
+        items.customers, items.dims_keys, items.times, items.values, strict=True,
     ):
         position += 1
-        if unique_id is not None:
-            ids = seen.get(customer)
-            if ids is None:
-                ids = seen[customer] = set()
-            elif unique_id in ids:
-                duplicate_positions.append(position)
-                continue
-            ids.add(unique_id)
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
@@ -210,23 +197,14 @@ def _apply_general(
     """max, min, avg, latest and unique_count (see ``_apply_counter``)."""
     accepted = 0
     position = -1
-    seen = meter_shard.seen
     series_map = meter_shard.series
     kind = meter_shard.meter.kind
     unique_values = items.unique_values if kind == UNIQUE else repeat(None)
-    for customer, dims, ts, value, unique_id, index, unique_value in zip(
-        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
+    for customer, dims, ts, value, index, unique_value in zip(
+        items.customers, items.dims_keys, items.times, items.values,
         items.indices, unique_values, strict=False,  # unique_values may be an endless repeat
     ):
         position += 1
-        if unique_id is not None:
-            ids = seen.get(customer)
-            if ids is None:
-                ids = seen[customer] = set()
-            elif unique_id in ids:
-                duplicate_positions.append(position)
-                continue
-            ids.add(unique_id)
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
@@ -487,7 +465,9 @@ def restore_shards(
 ) -> list[ShardState]:
     """Rebuild shard states from a snapshot taken with any shard count.
 
-    Series and dedup keys follow their customer to its shard under ``route``.
+    Series follow their customer to its shard under ``route``. The unique ids of a
+    snapshot from before the dedup index (``MeterPart.seen``) are not loaded here:
+    recovery moves them into the index.
     """
     states = [ShardState() for _ in range(route.shard_count)]
     for parts in parts_by_shard:
@@ -495,12 +475,6 @@ def restore_shards(
             meter = meters[part.meter]
             for record in part.series:
                 load_series(states[route(record.customer_id)].meter_shard(meter), record)
-            for customer, unique_id in part.seen:
-                seen = states[route(customer)].meter_shard(meter).seen
-                ids = seen.get(customer)
-                if ids is None:
-                    ids = seen[customer] = set()
-                ids.add(unique_id)
     return states
 
 

@@ -34,6 +34,10 @@ class EngineStatistics:
     # What the last open replayed from the WAL after the snapshot: 0 after a clean close.
     recovered_wal_records: int = 0
     recovered_wal_bytes: int = 0
+    # The store's dedup index: ids remembered, and the bytes of its pages (on disk,
+    # mapped from the file: not in the Python heap).
+    dedup_index_entries: int = 0
+    dedup_index_bytes: int = 0
 
 
 def series_and_buckets(states: Iterable[ShardState]) -> tuple[int, int]:
