@@ -65,6 +65,9 @@ class Recovered:
     wal_bytes: int
     snapshot_lsn: int = 0  # the lsn the loaded snapshot covers (0: none)
     migrated_ids: int = -1  # entries put into a dedup index built at this start (-1: none)
+    # The replayed batches' events: accepted, and dropped as duplicates.
+    replayed_accepted: int = 0
+    replayed_duplicates: int = 0
 
 
 @contextmanager
@@ -97,6 +100,7 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
         migrated_ids = _build_id_index(store, snapshot, now_ms)
     next_alert_seq = 0
     wal_records = wal_bytes = wal_bytes_since_snapshot = 0
+    replayed = [0, 0]  # accepted, duplicates
     with localcontext(EXACT):
         if snapshot is None:
             states = [ShardState() for _ in range(shard_count)]
@@ -113,7 +117,7 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
                 raise DataDirError(
                     f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}; {DAMAGED}"
                 )
-            _replay(lsn, raw, states, rules, route, catalog, hub, store)
+            _replay(lsn, raw, states, rules, route, catalog, hub, store, replayed)
             applied = lsn
             wal_records += 1
             wal_bytes += len(raw)
@@ -124,7 +128,7 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
     log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
              last_lsn, recovery_ms, wal_records, wal_bytes)
     return Recovered(states, last_lsn, wal_bytes_since_snapshot, recovery_ms, wal_records,
-                     wal_bytes, 0 if snapshot is None else snapshot.lsn, migrated_ids)
+                     wal_bytes, 0 if snapshot is None else snapshot.lsn, migrated_ids, *replayed)
 
 
 def _build_id_index(store: Store, snapshot: StoredSnapshot | None, now_ms: int) -> int:
@@ -175,7 +179,8 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog,
 
 
 def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
-            route: ShardRouter, catalog: Catalog, hub: AlertHub, store: Store) -> None:
+            route: ShardRouter, catalog: Catalog, hub: AlertHub, store: Store,
+            replayed: list[int]) -> None:
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
         record = records.decode_record(raw)
     with damaged_if(f"write-ahead log record {lsn} cannot be replayed",
@@ -198,6 +203,8 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
             f"write-ahead log record {lsn} could not be applied: {exc!r}; {DAMAGED}"
         ) from exc
     hub.append(number_alerts(ticket.crossings, hub.next_seq, ticket.received_ms))
+    replayed[0] += ticket.accepted
+    replayed[1] += ticket.duplicates
 
 
 def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,
