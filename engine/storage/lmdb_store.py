@@ -292,7 +292,8 @@ class LmdbStore:
             # of 4,000 keys into 1M, measured), stable, so of equal keys the earliest
             # still comes first. Without overwriting: False means the key was there (or was put
             # earlier in this very list), i.e. a duplicate.
-            for index in sorted(range(len(ids)), key=lambda i: ids[i][0]):
+            keys = [key for key, _ in ids]
+            for index in sorted(range(len(ids)), key=keys.__getitem__):
                 key, value = ids[index]
                 sealed = sealed_of.get(value)
                 if sealed is None:
