@@ -128,12 +128,10 @@ def _apply_counter(
     ingest path.
     """
     accepted = 0
-    position = -1
     series_map = meter_shard.series
     for customer, dims, ts, value in zip(
         items.customers, items.dims_keys, items.times, items.values, strict=True,
     ):
-        position += 1
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
@@ -196,7 +194,6 @@ def _apply_general(
 ) -> int:
     """max, min, avg, latest and unique_count (see ``_apply_counter``)."""
     accepted = 0
-    position = -1
     series_map = meter_shard.series
     kind = meter_shard.meter.kind
     unique_values = items.unique_values if kind == UNIQUE else repeat(None)
@@ -204,7 +201,6 @@ def _apply_general(
         items.customers, items.dims_keys, items.times, items.values,
         items.indices, unique_values, strict=False,  # unique_values may be an endless repeat
     ):
-        position += 1
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
