@@ -333,15 +333,17 @@ def _floor_loop(
 
 
 class _RecordlessStore(MemoryStore):
-    """The in-memory store, minus the record bytes: only engine state is left to measure."""
+    """The in-memory store, minus the record bytes: only engine state is left to measure,
+    and the dedup index, which this fake keeps in a dict (``LmdbStore`` in its file)."""
 
     def commit(
         self,
         wal: list[tuple[int, bytes]],
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
-    ) -> None:
-        super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts)
+        ids: list[tuple[bytes, bytes]] | None = None,
+    ) -> list[bool]:
+        return super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts, ids)
 
 
 async def _memory_run(workload: Workload, shards: int, top: int) -> dict[str, Any]:

@@ -73,7 +73,11 @@ class SeriesRecord(msgspec.Struct, array_like=True, gc=False):
 
 
 class MeterPart(msgspec.Struct, array_like=True):
-    """One meter's series and accepted unique ids in one shard, in canonical order."""
+    """One meter's series in one shard, in canonical order.
+
+    ``seen``: the (customer, unique id) pairs accepted, in snapshots from before the
+    dedup index (data format 1 and 2); written empty since (the store's ``ids``).
+    """
 
     meter: str
     series: list[SeriesRecord]

@@ -75,7 +75,7 @@ class Series:
 class MeterShard:
     """Everything one shard knows about one meter."""
 
-    __slots__ = ("by_customer", "dims_by_key", "meter", "seen", "series")
+    __slots__ = ("by_customer", "dims_by_key", "meter", "series")
 
     def __init__(self, meter: MeterDef) -> None:
         self.meter = meter
@@ -84,9 +84,6 @@ class MeterShard:
         # Parsed dimension sets, shared by every series with the same dimensions
         # (far fewer distinct sets than series: less memory, fewer GC-tracked tuples).
         self.dims_by_key: dict[str, tuple[tuple[str, str], ...]] = {}
-        # customer -> unique ids accepted. Strings are invisible to the cyclic GC; tuple
-        # keys (one per event, kept forever) made every collection walk all of them.
-        self.seen: dict[str, set[str]] = {}
 
     def new_series(self, customer_id: str, dims_key: str) -> Series:
         dims = self.dims_by_key.get(dims_key)

@@ -95,7 +95,6 @@ class ShardState:
         shard = self.deltas.get(meter.name)
         if shard is None:
             shard = self.deltas[meter.name] = MeterShard(meter)
-            shard.seen = self.meter_shard(meter).seen  # one dedup memory per meter
         return shard
 
     def customers_of(self, meter_name: str) -> set[str]:
@@ -299,17 +298,13 @@ def _export_meters(meters: dict[str, MeterShard]) -> list[MeterPart]:
     parts = []
     for name in sorted(meters):
         meter_shard = meters[name]
-        if not meter_shard.series and not meter_shard.seen:
+        if not meter_shard.series:
             continue  # nothing of this meter here (it may all be sealed)
         records = [
             series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
         ]
-        seen = [
-            [customer, unique_id]
-            for customer in sorted(meter_shard.seen)
-            for unique_id in sorted(meter_shard.seen[customer])
-        ]
-        parts.append(MeterPart(name, records, seen))
+        # ``seen`` stays empty: unique ids live in the store's dedup index now.
+        parts.append(MeterPart(name, records, []))
     return parts
 
 
@@ -352,28 +347,17 @@ def _apply_counter(
 ) -> int:
     """The hot loop for sum and count meters: one column, updated in place.
 
-    Returns the number accepted; appends the positions of duplicates. The dedup
-    and edge steps are written out here and in ``_apply_general``
-    rather than shared: a function call per event costs about 0.1 µs, a
-    noticeable share of the whole ingest path.
+    Returns the number accepted; appends the positions of duplicates (none: the WAL
+    writer drops duplicates before a slice gets here, ``engine.runtime.dedup``). The
+    edge steps are written out here and in ``_apply_general`` rather than shared: a
+    function call per event costs about 0.1 µs, a noticeable share of the whole
+    ingest path.
     """
     accepted = 0
-    position = -1
-    seen = meter_shard.seen
     series_map = meter_shard.series
-    for customer, dims, ts, value, unique_id in zip(
-        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
-        strict=True,
+    for customer, dims, ts, value in zip(
+        items.customers, items.dims_keys, items.times, items.values, strict=True,
     ):
-        position += 1
-        if unique_id is not None:
-            ids = seen.get(customer)
-            if ids is None:
-                ids = seen[customer] = set()
-            elif unique_id in ids:
-                duplicate_positions.append(position)
-                continue
-            ids.add(unique_id)
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
@@ -436,24 +420,13 @@ def _apply_general(
 ) -> int:
     """max, min, avg, latest and unique_count (see ``_apply_counter``)."""
     accepted = 0
-    position = -1
-    seen = meter_shard.seen
     series_map = meter_shard.series
     kind = meter_shard.meter.kind
     unique_values = items.unique_values if kind == UNIQUE else repeat(None)
-    for customer, dims, ts, value, unique_id, index, unique_value in zip(
-        items.customers, items.dims_keys, items.times, items.values, items.unique_ids,
+    for customer, dims, ts, value, index, unique_value in zip(
+        items.customers, items.dims_keys, items.times, items.values,
         items.indices, unique_values, strict=False,  # unique_values may be an endless repeat
     ):
-        position += 1
-        if unique_id is not None:
-            ids = seen.get(customer)
-            if ids is None:
-                ids = seen[customer] = set()
-            elif unique_id in ids:
-                duplicate_positions.append(position)
-                continue
-            ids.add(unique_id)
         series = series_map.get((customer, dims))
         if series is None:
             series = meter_shard.new_series(customer, dims)
@@ -736,9 +709,10 @@ def restore_shards(
 ) -> list[ShardState]:
     """Rebuild shard states from a checkpoint taken with any shard count.
 
-    Series, deltas, dedup keys and sealed customers follow their customer to its
-    shard under ``route`` (sealed blocks themselves are per shard: the runtime
-    refuses another shard count once there are any).
+    Series, deltas and sealed customers follow their customer to its shard under
+    ``route`` (sealed blocks are resharded by recovery). The unique ids of a snapshot
+    from before the dedup index (``MeterPart.seen``) are not loaded here: recovery
+    moves them into the index.
     """
     states = [ShardState(late_ms) for _ in range(route.shard_count)]
     sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
@@ -751,12 +725,6 @@ def restore_shards(
                 meter = meters[part.meter]
                 for record in part.series:
                     load_series(pick(states[route(record.customer_id)], meter), record)
-                for customer, unique_id in part.seen:
-                    seen = pick(states[route(customer)], meter).seen
-                    ids = seen.get(customer)
-                    if ids is None:
-                        ids = seen[customer] = set()
-                    ids.add(unique_id)
         for name, customers in shard_part.sealed_customers:
             for customer in customers:
                 states[route(customer)].sealed_customers.setdefault(name, set()).add(customer)

@@ -16,9 +16,9 @@ its owner):
 Callers (``ingest``, ``query``, ``define_meter`` ...) validate in their own task,
 send a typed request, then wait on its ticket. Durability contract: ``ingest``
 returns only after the batch's transaction committed with fsync *and* every
-shard applied its slice. Dedup decisions are made while applying, in lsn order,
-so they are a pure function of the log: replay after a crash makes the same
-decisions.
+shard applied its slice. Dedup decisions are made by the WAL writer in the
+batch's own commit, against the store's dedup index, in lsn order; replay after a
+crash recomputes them from the index (``engine.runtime.dedup``).
 """
 
 from __future__ import annotations
@@ -78,9 +78,19 @@ class Engine:
     def __init__(self, store: Store, shard_count: int, ingest_rules: IngestRules,
                  clock_ms: Callable[[], int], snapshot_every_bytes: int,
                  history: HistoryPolicy | None = None,
-                 block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES) -> None:
+                 block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
+                 dedup_horizon_ms: int | None = None) -> None:
         if type(shard_count) is not int or not 1 <= shard_count <= 4096:
             raise ValueError(f"shards must be an integer from 1 to 4096, got {shard_count!r}")
+        if dedup_horizon_ms is None:
+            dedup_horizon_ms = ingest_rules.late_ms
+        if type(dedup_horizon_ms) is not int or dedup_horizon_ms < ingest_rules.late_ms:
+            raise ValueError(
+                f"dedup_horizon_ms must be an integer of at least the late-event limit "
+                f"(ingest_rules.late_ms = {ingest_rules.late_ms} ms), got "
+                f"{dedup_horizon_ms!r}: a retry older than the horizon but not yet late "
+                "would be counted twice")
+        self.dedup_horizon_ms = dedup_horizon_ms
         self._store = store
         self.shard_count = shard_count
         self.ingest_rules = ingest_rules
@@ -90,7 +100,7 @@ class Engine:
         self._hub = AlertHub(store)
         self._lifecycle = Lifecycle()
         self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
-                                  self._hub)
+                                  self._hub, clock_ms())
         self._history = history or HistoryPolicy(clock_ms=clock_ms)
         self._blocks = BlockCache(store, block_cache_bytes)
         self._blocks.load_index()
@@ -115,6 +125,10 @@ class Engine:
             wal_marks=self._recovered.wal_marks,
             sealed_before_minute=max(
                 (state.sealed_before_minute for state in self._recovered.states), default=0),
+            clock_ms=clock_ms,
+            dedup_horizon_ms=dedup_horizon_ms,
+            future_ms=ingest_rules.future_ms,
+            snapshot_lsn=self._recovered.snapshot_lsn,
         )
         self._customers = CustomerRegistry(
             self._catalog, self._route, ingest_rules, [send for send, _ in self._mailboxes],
@@ -339,6 +353,7 @@ class Engine:
     def statistics(self) -> EngineStatistics:
         writer, recovered = self._writer, self._recovered
         series, buckets = series_and_buckets(actor.state for actor in self._actors)
+        index_entries, index_bytes = self._store.id_index_statistics()
         return EngineStatistics(
             shard_count=self.shard_count,
             meter_count=len(self._catalog.meter_defs),
@@ -361,6 +376,8 @@ class Engine:
             block_cache_bytes=self._blocks.cached_bytes,
             block_cache_hits=self._blocks.hits,
             block_cache_misses=self._blocks.misses,
+            dedup_index_entries=index_entries,
+            dedup_index_bytes=index_bytes,
         )
 
     def export_logical(self) -> bytes:
@@ -395,6 +412,7 @@ async def open_engine(
     hot_window_ms: int | None = DEFAULT_HOT_WINDOW_MS,
     raw_retention_ms: int = DEFAULT_RAW_RETENTION_MS,
     block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
+    dedup_horizon_ms: int | None = None,
 ) -> AsyncIterator[Engine]:
     """Open (or create) the engine whose state lives in ``data_dir``.
 
@@ -409,6 +427,10 @@ async def open_engine(
     collections never walk the recovered state again) and raises the first
     threshold from 700 to 50,000; on exit it restores the threshold and
     unfreezes. Pass ``tune_gc=False`` if the host program manages the collector.
+
+    ``dedup_horizon_ms`` is how long a unique id is remembered after the batch that
+    carried it arrived (default: the late-event limit, ``ingest_rules.late_ms``, 35
+    days); a shorter one than the late-event limit is refused with ``ValueError``.
     """
     if ingest_rules is not None and limits is not None:
         raise ValueError("pass ingest_rules or its older name limits, not both")
@@ -423,7 +445,7 @@ async def open_engine(
     try:
         engine = Engine(store, shards, ingest_rules or limits or IngestRules(),
                         clock_ms or wall_clock_ms, snapshot_every_bytes, history,
-                        block_cache_bytes)
+                        block_cache_bytes, dedup_horizon_ms)
         with tuned_gc(tune_gc), unwrap_single():
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine._run)

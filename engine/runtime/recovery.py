@@ -5,7 +5,10 @@ shard apply function; synchronous (it runs before the engine's tasks start, so
 it owns everything it touches while it runs). Order: meter definitions, then the
 latest snapshot (shard states, limits, fired thresholds, next alert seq), then
 the WAL tail replayed in lsn order through the same ``apply_work`` the shard
-actors use, so replay makes exactly the decisions the live engine made.
+actors use, so replay makes exactly the decisions the live engine made. Dedup
+decisions are recomputed from the store's dedup index (``engine.runtime.dedup``);
+a store from before the index gets it first (``_build_id_index``), in one write
+transaction, from its snapshot's remembered ids and its WAL tail.
 
 Anything unreadable stops the start with ``DataDirError``: the engine never
 starts over a state it cannot trust.
@@ -41,9 +44,18 @@ from engine.errors import DataDirError, InvalidRequest
 from engine.runtime.acks import number_alerts
 from engine.runtime.alerts import AlertHub
 from engine.runtime.catalog import Catalog
+from engine.runtime.dedup import (
+    IndexDamaged,
+    batch_keys,
+    drop_duplicates,
+    first_occurrences,
+    remembered_keys,
+    replay_duplicates,
+)
 from engine.runtime.messages import ApplySlice, DropLimit, InstallLimit, LoggedTicket, ShardWork
 from engine.runtime.shards import apply_work, shard_part
 from engine.storage import Store, StoredSnapshot
+from engine.storage.base import ARRIVAL_DAY_MS, ID_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,11 @@ class Recovered:
     wal_records: int
     wal_bytes: int
     wal_marks: list[list[int]]
+    snapshot_lsn: int = 0  # the lsn the loaded snapshot covers (0: none)
+    migrated_ids: int = -1  # entries put into a dedup index built at this start (-1: none)
+    # The replayed batches' events: accepted, and dropped as duplicates.
+    replayed_accepted: int = 0
+    replayed_duplicates: int = 0
 
 
 @contextmanager
@@ -78,16 +95,23 @@ def damaged_if(what: str, *errors: type[Exception]) -> Iterator[None]:
 
 
 def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRouter,
-            catalog: Catalog, hub: AlertHub) -> Recovered:
-    """Fill ``catalog`` and ``hub`` from the store and return the rebuilt shard states."""
+            catalog: Catalog, hub: AlertHub, now_ms: int = 0) -> Recovered:
+    """Fill ``catalog`` and ``hub`` from the store and return the rebuilt shard states.
+
+    ``now_ms`` (the engine clock) dates the ids a dedup index built now takes over.
+    """
     started = time.perf_counter()
     for key, raw in store.meta_items(b"meter:"):
         with damaged_if(f"stored meter {key!r} is unreadable", msgspec.DecodeError, ValueError):
             catalog.put_meter(check_meter(records.decode_meter(raw), rules))
     snapshot = store.load_snapshot()
+    migrated_ids = -1
+    if store.needs_id_index():
+        migrated_ids = _build_id_index(store, snapshot, now_ms)
     next_alert_seq = 0
     wal_marks: list[list[int]] = []
     wal_records = wal_bytes = wal_bytes_since_snapshot = 0
+    replayed = [0, 0]  # accepted, duplicates
     with localcontext(EXACT):
         if snapshot is None:
             states = [ShardState(rules.late_ms) for _ in range(shard_count)]
@@ -109,7 +133,7 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
                 raise DataDirError(
                     f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}; {DAMAGED}"
                 )
-            _replay(lsn, raw, states, rules, route, catalog, hub)
+            _replay(lsn, raw, states, rules, route, catalog, hub, store, replayed)
             applied = lsn
             wal_records += 1
             wal_bytes += len(raw)
@@ -120,7 +144,36 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
     log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
              last_lsn, recovery_ms, wal_records, wal_bytes)
     return Recovered(states, last_lsn, wal_bytes_since_snapshot, recovery_ms, wal_records,
-                     wal_bytes, wal_marks)
+                     wal_bytes, wal_marks, 0 if snapshot is None else snapshot.lsn,
+                     migrated_ids, *replayed)
+
+
+def _build_id_index(store: Store, snapshot: StoredSnapshot | None, now_ms: int) -> int:
+    """Give a store from before the dedup index (format 1 or 2) its index, in one write
+    transaction (so a crash leaves the store as it was, and the next start does it
+    again): the ids its snapshot remembered (``MeterPart.seen``, lsn 0, arrival day
+    today) and the first occurrences in its WAL tail, decided as the old engine did.
+    Returns the number of entries."""
+    started = time.perf_counter()
+    known: set[bytes] = set()
+    if snapshot is not None:
+        with damaged_if(f"snapshot at lsn {snapshot.lsn} is corrupt", msgspec.DecodeError,
+                        ValueError):
+            for raw in snapshot.parts:
+                known.update(remembered_keys(records.decode_part(raw).meters))
+    today = ID_VALUE.pack(0, now_ms // ARRIVAL_DAY_MS)
+    entries = [(key, today) for key in known]
+    for lsn, raw in store.read_wal(0 if snapshot is None else snapshot.lsn):
+        with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
+            record = records.decode_record(raw)
+        if isinstance(record, records.WalBatch):
+            value = ID_VALUE.pack(lsn, record.received_ms // ARRIVAL_DAY_MS)
+            entries.extend((key, value) for key in first_occurrences(record, known))
+    entries.sort()  # in key order: LMDB fills its pages in sequence
+    store.build_id_index(entries)
+    log.info("built the dedup index (%d ids) in %.0f ms", len(entries),
+             (time.perf_counter() - started) * 1000)
+    return len(entries)
 
 
 def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRouter,
@@ -181,7 +234,8 @@ def _reshard_blocks(store: Store, snapshot: StoredSnapshot, states: list[ShardSt
 
 
 def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
-            route: ShardRouter, catalog: Catalog, hub: AlertHub) -> None:
+            route: ShardRouter, catalog: Catalog, hub: AlertHub, store: Store,
+            replayed: list[int]) -> None:
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
         record = records.decode_record(raw)
     with damaged_if(f"write-ahead log record {lsn} cannot be replayed",
@@ -189,6 +243,12 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
         work = _work_for(record, len(states), rules, route, catalog)
     ticket = LoggedTicket(record.received_ms)
     ticket.lsn = lsn
+    slices = [item.slice if isinstance(item, ApplySlice) else None for item in work]
+    keys = batch_keys(slices)
+    if keys:
+        with damaged_if(f"write-ahead log record {lsn} cannot be replayed", IndexDamaged):
+            duplicates = replay_duplicates(keys, store.read_ids(keys), lsn)
+        ticket.duplicates = drop_duplicates(slices, duplicates)
     try:
         for index, (state, item) in enumerate(zip(states, work, strict=True)):
             if item is not None:
@@ -198,6 +258,8 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
             f"write-ahead log record {lsn} could not be applied: {exc!r}; {DAMAGED}"
         ) from exc
     hub.append(number_alerts(ticket.crossings, hub.next_seq, ticket.received_ms))
+    replayed[0] += ticket.accepted
+    replayed[1] += ticket.duplicates
 
 
 def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,

@@ -41,6 +41,10 @@ class EngineStatistics:
     block_cache_bytes: int = 0
     block_cache_hits: int = 0
     block_cache_misses: int = 0
+    # The store's dedup index: ids remembered, and the bytes of its pages (on disk,
+    # mapped from the file: not in the Python heap).
+    dedup_index_entries: int = 0
+    dedup_index_bytes: int = 0
 
 
 def series_and_buckets(states: Iterable[ShardState]) -> tuple[int, int]:

@@ -13,6 +13,12 @@ Rules of this file:
    group in one message. So nothing is applied or acknowledged before it is durable.
 4. Fail-stop: a full disk refuses the group and keeps serving; any other store
    error stops the engine, and the next start recovers what was committed.
+5. Dedup is decided here, in the group's own commit: every unique id of the group's
+   batches is put into the store's dedup index without overwriting, in lsn order; a
+   put that finds its key marks a duplicate, which is then dropped from its shard's
+   columns before any shard sees the group (``engine.runtime.dedup``).
+6. Between group commits it expires dedup index entries older than the horizon, in
+   bounded slices (``_expire_slice``), never all at once.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -28,6 +34,7 @@ from engine.domain import records
 from engine.domain.meters import MeterDef, merge_meter
 from engine.errors import (
     CustomerExists,
+    DataDirError,
     MeterConflict,
     MeteringError,
     StorageError,
@@ -39,6 +46,7 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
+from engine.runtime.dedup import batch_keys, drop_duplicates
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
@@ -60,8 +68,10 @@ from engine.runtime.messages import (
 )
 from engine.schema import Customer
 from engine.storage import Store, StoredSnapshot
+from engine.storage.base import ARRIVAL_DAY_MS, ID_VALUE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_GROUP_REQUESTS = 64
 MAX_GROUP_BYTES = 8 << 20
@@ -69,6 +79,12 @@ MAX_GROUP_BYTES = 8 << 20
 # doubling per failure up to the maximum.
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
+# Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
+# time between two slices (so a pass costs the ingest path little), and the wait after
+# a slice that found no room.
+EXPIRY_SLICE_KEYS = 2048
+EXPIRY_SLICE_GAP_S = 0.05
+EXPIRY_FULL_RETRY_S = 60.0
 
 
 class WalWriter:
@@ -84,6 +100,10 @@ class WalWriter:
         last_lsn: int,
         wal_bytes_since_snapshot: int,
         snapshot_every_bytes: int,
+        clock_ms: Callable[[], int],
+        dedup_horizon_ms: int,
+        future_ms: int,
+        snapshot_lsn: int,
         history: HistoryPolicy | None = None,
         blocks: BlockCache | None = None,
         wal_marks: list[list[int]] | None = None,
@@ -102,6 +122,20 @@ class WalWriter:
         self.snapshots = 0
         self._snapshot_not_before = -math.inf  # trio time
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
+        self._clock_ms = clock_ms
+        # An entry may go once its arrival day lies wholly before now - horizon - future
+        # tolerance: an event can carry a timestamp up to future_ms after its arrival,
+        # so a retry with the same timestamp is then always refused as late.
+        self._expiry_keep_ms = dedup_horizon_ms + future_ms
+        self.snapshot_lsn = snapshot_lsn  # expiry keeps every entry the WAL tail needs
+        self.expiry_slice_keys = EXPIRY_SLICE_KEYS
+        self.expiry_gap_s = EXPIRY_SLICE_GAP_S
+        self._expiry_key: bytes | None = None  # where the running pass goes on; None: idle
+        self._expiry_pass: tuple[int, int] | None = None  # (cutoff day, snapshot lsn) of it
+        self._expiry_done: tuple[int, int] | None = None  # ... of the last finished pass
+        self._next_slice_at = -math.inf  # trio time
+        self.expiry_slices = 0
+        self.ids_expired = 0
         self._history = history or HistoryPolicy()
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
@@ -112,7 +146,7 @@ class WalWriter:
         async with requests:
             while True:
                 try:
-                    first = await requests.receive()
+                    first = await self._next_request(requests)
                 except trio.EndOfChannel:
                     break
                 group = [first]
@@ -137,22 +171,86 @@ class WalWriter:
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
 
+    async def _next_request(self, requests: trio.MemoryReceiveChannel[WriteRequest]
+                            ) -> WriteRequest:
+        """The next request; while an expiry pass runs, a slice of it whenever one is due
+        (after the group before, or while no request comes)."""
+        while True:
+            self._start_expiry_pass()
+            if self._expiry_key is None:
+                return await requests.receive()
+            if trio.current_time() >= self._next_slice_at:
+                await self._expire_slice()
+                continue
+            with trio.move_on_at(self._next_slice_at):
+                return await requests.receive()
+
+    def _start_expiry_pass(self) -> None:
+        """Start a pass over the index when the cutoff day or the snapshot moved since
+        the last one started (entries the WAL tail needs are kept until a snapshot
+        covers them)."""
+        if self._expiry_key is not None:
+            return
+        cutoff_day = (self._clock_ms() - self._expiry_keep_ms) // ARRIVAL_DAY_MS
+        wanted = (cutoff_day, self.snapshot_lsn)
+        if cutoff_day > 0 and wanted != self._expiry_done:
+            self._expiry_pass = wanted
+            self._expiry_key = b""
+
+    async def _expire_slice(self) -> None:
+        """One bounded slice of the running expiry pass: one short write transaction."""
+        assert self._expiry_key is not None and self._expiry_pass is not None
+        cutoff_day, snapshot_lsn = self._expiry_pass
+        try:
+            with trio.CancelScope(shield=True):
+                done = await call_store(self._store.expire_ids, self._expiry_key, cutoff_day,
+                                        snapshot_lsn, self.expiry_slice_keys)
+        except StorageFull as exc:
+            log.warning("dedup index expiry found no room, retrying in %.0f s: %s",
+                        EXPIRY_FULL_RETRY_S, exc)
+            self._next_slice_at = trio.current_time() + EXPIRY_FULL_RETRY_S
+            return
+        except DataDirError as exc:  # a damaged entry: stop, saying so (not a write error)
+            self._lifecycle.stop(exc)
+            raise
+        except Exception as exc:
+            error = storage_stopped(exc)
+            self._lifecycle.stop(error)
+            raise error from exc
+        self.expiry_slices += 1
+        self.ids_expired += done.deleted
+        self._next_slice_at = trio.current_time() + self.expiry_gap_s
+        self._expiry_key = done.next_key
+        if done.next_key is None:
+            self._expiry_done = self._expiry_pass
+
     async def _commit_group(self, group: list[WriteRequest]) -> None:
         wal: list[tuple[int, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
+        ids: list[tuple[bytes, bytes]] = []
+        # The batches that carry unique ids, with how many keys each put.
+        deduped: list[tuple[LogBatch, int]] = []
         lsn = self.last_lsn
         group = self._settle(group)
         for request in group:
             match request:
-                case (LogBatch(ticket, record) | LogLimitChange(ticket, record)
-                      | LogCustomerChange(ticket, record)):
+                case LogBatch(ticket, record, work):
+                    lsn += 1
+                    ticket.lsn = lsn
+                    wal.append((lsn, record))
+                    keys = batch_keys(item.slice if item else None for item in work)
+                    if keys:
+                        value = ID_VALUE.pack(lsn, ticket.received_ms // ARRIVAL_DAY_MS)
+                        ids.extend([(key, value) for key in keys])
+                        deduped.append((request, len(keys)))
+                case LogLimitChange(ticket, record) | LogCustomerChange(ticket, record):
                     lsn += 1
                     ticket.lsn = lsn
                     wal.append((lsn, record))
                 case DefineMeter(_, _, key, value):
                     meta.append((key, value))
         try:
-            await self._commit(wal, meta)
+            duplicates = await self._commit(wal, meta, ids)
         except StorageFull as exc:
             # Nothing of the group was written: refuse it, keep serving.
             for request in group:
@@ -165,6 +263,11 @@ class WalWriter:
                 request.ticket.fail(error)
             raise error from exc
         self.last_lsn = lsn
+        flag = 0
+        for batch, key_count in deduped:
+            batch.ticket.duplicates = drop_duplicates(
+                (item.slice if item else None for item in batch.work), duplicates, flag)
+            flag += key_count
         per_shard: list[list[Apply]] = [[] for _ in self._mailboxes]
         for request in group:
             match request:
@@ -202,18 +305,21 @@ class WalWriter:
             if shard_items:
                 await self._mailboxes[shard].send(ApplyGroup(shard_items))
 
-    async def _commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]]) -> None:
-        """One durable transaction: these records, plus every alert not yet stored."""
+    async def _commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]],
+                      ids: list[tuple[bytes, bytes]] | None = None) -> list[bool]:
+        """One durable transaction: these records and dedup keys, plus every alert not yet
+        stored. Returns the duplicate flag of each key."""
         alerts = self._hub.take_unpersisted()
         if not (wal or meta or alerts):
-            return
+            return []
         try:
-            await call_store(self._store.commit, wal, meta, alerts)
+            duplicates = await call_store(self._store.commit, wal, meta, alerts, ids)
         except MeteringError:
             self._hub.give_back(alerts)
             raise
         self._hub.stored()
         self.group_commits += 1
+        return duplicates
 
     def _settle(self, group: list[WriteRequest]) -> list[WriteRequest]:
         """Decide definitions here, in commit order, against the catalog and the requests
@@ -324,6 +430,7 @@ class WalWriter:
         self._wal_marks = marks
         if self._blocks is not None:
             self._blocks.written([key for key, _ in blocks])
+        self.snapshot_lsn = snapshot.lsn
         self.wal_bytes_since_snapshot = 0
         self.snapshots += 1
         if requester is not None:
@@ -337,7 +444,7 @@ def _record_bytes(request: WriteRequest) -> int:
     return 0
 
 
-async def call_store(function: Callable[..., None], *args: Any) -> None:
+async def call_store(function: Callable[..., T], *args: Any) -> T:
     """Run a store call on the event-loop thread, then let other tasks run.
 
     Not in a worker thread: under CPU load (busy query tasks) a worker thread
@@ -345,8 +452,9 @@ async def call_store(function: Callable[..., None], *args: Any) -> None:
     concurrent query loops), while a group commit inline costs about as much as
     the thread hand-off did (measured: no throughput loss; see docs/benchmarks.md).
     """
-    function(*args)
+    result = function(*args)
     await trio.lowlevel.checkpoint()
+    return result
 
 
 def storage_stopped(exc: BaseException) -> StorageError:

@@ -1,4 +1,4 @@
-"""Storage layer: the LMDB write-ahead log, snapshots and meter catalogue.
+"""Storage layer: the LMDB write-ahead log, snapshots, meter catalogue and dedup index.
 
 May import the standard library, lmdb, msgspec and ``engine.errors``; never trio
 (``tests/test_layers.py`` holds the full allow-list). ``LmdbStore`` is the real

@@ -9,14 +9,33 @@ and gap-free. ``commit`` is all-or-nothing and durable when it returns.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# Format 2: every stored value starts with the CRC-32 of the rest. Format 1 (no
-# checksums) is still read, and written as format 1.
-FORMAT_VERSION = b"metering-engine/2"
+# Format 3: format 2 plus the dedup index (the ``ids`` database). Format 2: every stored
+# value starts with the CRC-32 of the rest. A format-2 store is migrated to format 3 when
+# it is opened (``build_id_index``); format 1 (no checksums) is still read, gets the
+# index the same way, and keeps being written as format 1.
+FORMAT_VERSION = b"metering-engine/3"
+PREVIOUS_FORMAT_VERSION = b"metering-engine/2"
 LEGACY_FORMAT_VERSION = b"metering-engine/1"
+
+# A dedup index entry's value: the lsn of the first batch that carried the id, and that
+# batch's arrival day (``received_ms // DAY_MS``), which expiry reads.
+ID_VALUE = struct.Struct(">QI")
+ARRIVAL_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class ExpirySlice:
+    """What one ``expire_ids`` call did: where the next slice starts (``None``: the pass
+    reached the end of the index), how many entries it looked at and deleted."""
+
+    next_key: bytes | None
+    examined: int
+    deleted: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +52,36 @@ class Store(Protocol):
         wal: list[tuple[int, bytes]],
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
-    ) -> None:
-        """Durably append WAL records (in lsn order), put meta entries and alerts, atomically.
+        ids: list[tuple[bytes, bytes]] | None = None,
+    ) -> list[bool]:
+        """Durably append WAL records (in lsn order), put meta entries, alerts and dedup
+        index entries, atomically; return one flag per ``ids`` entry: True if its key
+        was already in the index (a duplicate), which then keeps its old value.
 
+        ``ids`` are (key, ``ID_VALUE``) pairs, put in order without overwriting, so a
+        key repeated within ``ids`` is a duplicate from its second occurrence on.
         Alerts are keyed by seq; putting an alert again with the same seq is allowed
         (replay regenerates identical alerts).
         """
+
+    def read_ids(self, keys: list[bytes]) -> list[int | None]:
+        """The stored lsn of each dedup key (``None``: not in the index)."""
+
+    def expire_ids(self, start_key: bytes, before_day: int, max_lsn: int,
+                   max_keys: int) -> ExpirySlice:
+        """One bounded slice of an expiry pass, in one write transaction: from the first
+        key >= ``start_key``, look at up to ``max_keys`` entries and delete those whose
+        arrival day is < ``before_day`` and whose lsn is <= ``max_lsn``."""
+
+    def id_index_statistics(self) -> tuple[int, int]:
+        """(entries, bytes of the pages holding them) of the dedup index."""
+
+    def needs_id_index(self) -> bool:
+        """True if the store predates the dedup index (format 1 or 2 without ``ids``)."""
+
+    def build_id_index(self, entries: list[tuple[bytes, bytes]]) -> None:
+        """In one write transaction: create (or empty) the dedup index, put ``entries``
+        and mark the store as having it (format 3; a format-1 store stays format 1)."""
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         """Stored alerts with seq >= ``from_seq``, in order, at most ``max_count``."""

@@ -15,7 +15,7 @@ import lmdb
 import lmdb.verify
 
 from engine.errors import DataDirError
-from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION
+from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, PREVIOUS_FORMAT_VERSION
 
 log = logging.getLogger("engine.storage.lmdb_store")  # one logger for the store's messages
 
@@ -23,7 +23,7 @@ FORMAT_PREFIX = b"metering-engine/"
 
 
 def check_format(lmdb_dir: Path, version: bytes | None) -> None:
-    if version in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
+    if version in (FORMAT_VERSION, PREVIOUS_FORMAT_VERSION, LEGACY_FORMAT_VERSION):
         return
     if version is None or not version.startswith(FORMAT_PREFIX):
         raise DataDirError(

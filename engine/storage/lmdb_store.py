@@ -1,10 +1,11 @@
-"""LMDB-backed write-ahead log, meter catalogue and snapshots.
+"""LMDB-backed write-ahead log, meter catalogue, snapshots and dedup index.
 
 Storage layer: imports the standard library, lmdb, msgspec (the snapshot
 header) and ``engine.errors`` only. One process owns a data directory (an
 exclusive ``flock`` on ``LOCK``); within it, one task (the WAL writer) calls
-``commit`` and ``write_snapshot``, each a complete write transaction within one
-call (an LMDB write transaction must begin and end on one thread).
+``commit``, ``write_snapshot`` and ``expire_ids`` (recovery, before it runs,
+``build_id_index``), each a complete write transaction within one call (an LMDB
+write transaction must begin and end on one thread).
 
 A data directory holds ``LOCK`` (whose content records that the directory was
 initialised) and ``lmdb/``, created complete under a temporary name and then
@@ -17,6 +18,10 @@ renamed. Layout of ``lmdb/`` (named databases):
 - ``snapshot``: ``header`` → encoded (lsn, shard count, part count);
   ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
 - ``alerts``: 8-byte big-endian seq → one encoded alert.
+- ``ids`` (format 3): the dedup index, one entry per (meter, customer, unique id)
+  remembered; key as ``engine.runtime.dedup.id_key`` builds it, value
+  ``base.ID_VALUE`` (lsn of the first batch that carried it, its arrival day). Put
+  with ``overwrite=False`` in the batch's own commit; deleted only by ``expire_ids``.
 - ``blocks``: sealed history, ``meter NUL day(4) part(2)`` → one compressed
   ``BlockRecord`` (``engine.domain.blocks``); written only with a snapshot, in its
   transaction, so blocks and the checkpoint that refers to them are one state.
@@ -24,8 +29,10 @@ renamed. Layout of ``lmdb/`` (named databases):
 The write-ahead log is not truncated at a snapshot: it is also the raw-event
 log, kept for the retention the writer passes as ``trim_wal_through``.
 
-Every value but ``format`` starts with a 4-byte CRC-32 of the rest (format 2;
-format 1 stores, without checksums, are still read and written as they are).
+Every value but ``format`` starts with a 4-byte CRC-32 of the rest (format 2 and 3;
+format 1 stores, without checksums, are still read and written as they are). A
+store without ``ids`` (format 1 or 2) is opened with ``needs_id_index()`` true, and
+recovery fills the index with ``build_id_index`` before anything else is written.
 
 The environment is opened with ``sync=True, metasync=True``: a returned commit
 has been fsynced. Errors: ``DataDirError`` when the directory is not a usable
@@ -60,7 +67,10 @@ from engine.errors import DataDirError, InvalidRequest, StorageError, StorageFul
 from engine.faults import fault_point
 from engine.storage.base import (
     FORMAT_VERSION,
+    ID_VALUE,
     LEGACY_FORMAT_VERSION,
+    PREVIOUS_FORMAT_VERSION,
+    ExpirySlice,
     StoredBackup,
     StoredSnapshot,
 )
@@ -74,8 +84,10 @@ PART_INDEX = struct.Struct(">I")
 LMDB_DIR = "lmdb"
 LMDB_BUILDING_DIR = "lmdb.creating"
 OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
-DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"blocks")
-MAX_DBS = 8
+# The named databases of a new store. A new database is added here (and opened in
+# ``_open_databases``); MAX_DBS leaves room for two more before it must grow.
+DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks")
+MAX_DBS = len(DB_NAMES) + 2
 # WAL records deleted per checkpoint at most when trimming past the raw-event retention:
 # bounds the checkpoint's transaction; the rest goes at the next checkpoint.
 MAX_TRIM_RECORDS = 20_000
@@ -204,6 +216,18 @@ class LmdbStore:
             self.alerts_db = self.env.open_db(b"alerts", txn=txn)
             # Sealed history (absent from stores written before it existed: created here).
             self.blocks_db = self.env.open_db(b"blocks", txn=txn)
+            self._format = version
+            try:
+                self.ids_db: lmdb._Database | None = self.env.open_db(
+                    b"ids", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                self.ids_db = None  # an older store: recovery builds it (build_id_index)
+            if self.ids_db is None and version == FORMAT_VERSION:
+                raise DataDirError(
+                    f"{str(lmdb_dir)!r} is marked data format 3 but has no dedup index "
+                    "('ids' database): the data directory was damaged. Restore it from a "
+                    "backup; the engine will not start over it."
+                )
 
     def _create(self, lmdb_dir: Path, map_bytes: int) -> None:
         """Create the store atomically: built and given its format marker under a
@@ -253,11 +277,15 @@ class LmdbStore:
         wal: list[tuple[int, bytes]],
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
-    ) -> None:
+        ids: list[tuple[bytes, bytes]] | None = None,
+    ) -> list[bool]:
         alerts = alerts or []
+        ids = ids or []
         size_bytes = (sum(len(record) for _, record in wal) + sum(len(v) for _, v in meta)
-                      + sum(len(alert) for _, alert in alerts))
-        self._write(size_bytes, self._commit_txn, wal, meta, alerts)
+                      + sum(len(alert) for _, alert in alerts) + 32 * len(ids))
+        duplicates: list[bool] = []
+        self._write(size_bytes, self._commit_txn, wal, meta, alerts, ids, duplicates)
+        return duplicates
 
     def _commit_txn(
         self,
@@ -265,7 +293,27 @@ class LmdbStore:
         wal: list[tuple[int, bytes]],
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]],
+        ids: list[tuple[bytes, bytes]],
+        duplicates: list[bool],
     ) -> None:
+        duplicates.clear()  # a retry after growing the map starts over
+        if ids:
+            if self.ids_db is None:
+                raise StorageError("the dedup index was not built (build_id_index)")
+            put = txn.cursor(db=self.ids_db).put
+            duplicates.extend([False] * len(ids))
+            sealed_of: dict[bytes, bytes] = {}  # one value per batch: sealed once
+            # In key order (neighbouring keys share pages: about 7% less time per commit
+            # of 4,000 keys into 1M, measured), stable, so of equal keys the earliest
+            # still comes first. Without overwriting: False means the key was there (or was put
+            # earlier in this very list), i.e. a duplicate.
+            keys = [key for key, _ in ids]
+            for index in sorted(range(len(ids)), key=keys.__getitem__):
+                key, value = ids[index]
+                sealed = sealed_of.get(value)
+                if sealed is None:
+                    sealed = sealed_of[value] = self._seal(value)
+                duplicates[index] = not put(key, sealed, overwrite=False)
         for seq, alert in alerts:
             txn.put(LSN.pack(seq), self._seal(alert), db=self.alerts_db)
         if wal:
@@ -333,6 +381,49 @@ class LmdbStore:
                 pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
                 sizes[name] = pages * stat["psize"]
         return sizes
+
+    def expire_ids(self, start_key: bytes, before_day: int, max_lsn: int,
+                   max_keys: int) -> ExpirySlice:
+        found: list[ExpirySlice] = []
+        self._write(0, self._expire_txn, start_key, before_day, max_lsn, max_keys, found)
+        return found[-1]
+
+    def _expire_txn(self, txn: lmdb.Transaction[bytes], start_key: bytes, before_day: int,
+                    max_lsn: int, max_keys: int, found: list[ExpirySlice]) -> None:
+        if self.ids_db is None:
+            raise StorageError("the dedup index was not built (build_id_index)")
+        cursor = txn.cursor(db=self.ids_db)
+        examined = deleted = 0
+        positioned = cursor.set_range(start_key)
+        unpack, unseal = ID_VALUE.unpack, self._unseal
+        while positioned and examined < max_keys:
+            examined += 1
+            lsn, day = unpack(unseal(cursor.value(), "dedup index entry"))
+            if day < before_day and lsn <= max_lsn:
+                deleted += 1
+                cursor.delete()  # moves to the next entry, or past the last (key b"")
+                positioned = cursor.key() != b""
+            else:
+                positioned = cursor.next()
+        found.append(ExpirySlice(cursor.key() if positioned else None, examined, deleted))
+
+    def build_id_index(self, entries: list[tuple[bytes, bytes]]) -> None:
+        size_bytes = 32 * len(entries)
+        self._write(size_bytes, self._build_ids_txn, entries)
+        # Committed: the handle is valid from now on (one from an aborted try is not).
+        self.ids_db = self.env.open_db(b"ids", create=False)
+        if self._format == PREVIOUS_FORMAT_VERSION:
+            self._format = FORMAT_VERSION
+
+    def _build_ids_txn(self, txn: lmdb.Transaction[bytes],
+                       entries: list[tuple[bytes, bytes]]) -> None:
+        ids_db = self.env.open_db(b"ids", txn=txn)
+        txn.drop(ids_db, delete=False)  # a leftover of an unfinished earlier build
+        cursor = txn.cursor(db=ids_db)
+        for key, value in entries:
+            cursor.put(key, self._seal(value), overwrite=False)
+        if self._format == PREVIOUS_FORMAT_VERSION:
+            txn.put(b"format", FORMAT_VERSION, db=self.meta_db)
 
     def _write(self, size_bytes: int, body: Callable[..., None], *args: object) -> None:
         """Run ``body(txn, *args)`` in one write transaction, growing the map when full.
@@ -421,6 +512,29 @@ class LmdbStore:
             engine_state = b"" if sealed_engine is None else self._unseal(
                 sealed_engine, "snapshot engine state")
         return StoredSnapshot(lsn, shard_count, parts, engine_state)
+
+    def read_ids(self, keys: list[bytes]) -> list[int | None]:
+        if self.ids_db is None:
+            raise StorageError("the dedup index was not built (build_id_index)")
+        lsns: list[int | None] = []
+        with self._reading("the dedup index"), self.env.begin(db=self.ids_db) as txn:
+            get = txn.get
+            for key in keys:
+                value = get(key)
+                lsns.append(None if value is None else ID_VALUE.unpack(
+                    self._unseal(value, "dedup index entry"))[0])
+        return lsns
+
+    def id_index_statistics(self) -> tuple[int, int]:
+        if self.ids_db is None:
+            return 0, 0
+        with self._reading("the dedup index"), self.env.begin() as txn:
+            stat = txn.stat(self.ids_db)
+        pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return int(stat["entries"]), int(pages * stat["psize"])
+
+    def needs_id_index(self) -> bool:
+        return self.ids_db is None
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         alerts: list[bytes] = []

@@ -10,6 +10,8 @@ the runtime's internals move, only this module changes. Wanted public hooks:
   would do.
 - ``dimension_sets_of``: how many distinct dimension sets the ingest router has
   memoised; a counter in ``Engine.statistics()`` would do.
+- ``recovered_of`` and ``writer_of``: replay and dedup index expiry counters; fields in
+  ``Engine.statistics()`` would do.
 - ``keep_recent_alerts``: the size of the in-memory alert window that a subscriber
   can catch up from without the store; an ``open_engine(..., recent_alerts=N)``
   argument would do.
@@ -46,3 +48,15 @@ def dimension_sets_of(eng: Engine) -> int:
 def keep_recent_alerts(eng: Engine, count: int) -> None:
     """Shrink (or grow) the window of recent alerts kept in memory for subscribers."""
     eng._hub._recent_limit = count
+
+
+def recovered_of(eng: Engine) -> Any:
+    """What the last open recovered (``engine.runtime.recovery.Recovered``): the replayed
+    events accepted and dropped as duplicates, the ids a dedup index built at open took."""
+    return eng._recovered  # type: ignore[attr-defined]
+
+
+def writer_of(eng: Engine) -> Any:
+    """The WAL writer: its dedup index expiry knobs (``expiry_slice_keys``,
+    ``expiry_gap_s``) and counters (``expiry_slices``, ``ids_expired``)."""
+    return eng._writer  # type: ignore[attr-defined]
