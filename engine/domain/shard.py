@@ -123,6 +123,8 @@ class ShardState:
         limits.forget_ended(received_ms)
         sealed_before_ms = self.sealed_before_minute * MINUTE_MS
         for meter, all_items in groups:
+            if not len(all_items):
+                continue  # every event of it was a duplicate (dropped by the writer)
             targets = [(self.meter_shard(meter), all_items)]
             if sealed_before_ms and min(all_items.times) < sealed_before_ms:
                 head_items, late_items = _split_by_time(all_items, sealed_before_ms)
