@@ -139,7 +139,7 @@ def test_a_snapshot_restores_to_any_shard_count() -> None:
         assert query(one, meter, group_by=["customer_id"]) == query(
             states, meter, group_by=["customer_id"])
     # Unique ids are the store's (its dedup index), no longer in a shard's snapshot.
-    assert all(part.seen == [] for parts in decoded for part in parts)
+    assert all(part.seen == [] for shard_part in decoded for part in shard_part.meters)
 
 
 def model(events: list[Event], aggregation: str, window_ms: int | None,
