@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 
 import lmdb
+import lmdb.verify
 import pytest
 import trio
 
 from engine import DataDirError, Event, Limit, Meter, open_engine
 from engine.client import open_client
-from engine.storage import lmdb_store
+from engine.storage import data_dir, lmdb_store
 from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION
 from tests.helpers import serve
 from tests.helpers.events import NOW, total
@@ -162,6 +163,28 @@ async def test_a_truncated_or_emptied_data_file_stops_startup(tmp_path: Path) ->
         text = await refused(copy)
         assert message in text, text
         assert (copy / "lmdb" / "data.mdb").stat().st_size == length  # left as found
+
+
+async def test_a_large_store_is_checked_by_its_extent_and_still_refused_truncated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above FULL_VERIFY_MAX_BYTES an open checks the meta pages and the file's extent,
+    not every page (a restart must not grow with history): a truncated file is still
+    refused before LMDB maps it."""
+    monkeypatch.setattr(data_dir, "FULL_VERIFY_MAX_BYTES", 0)
+    walked: list[str] = []
+    real_verify = lmdb.verify.verify
+    monkeypatch.setattr(lmdb.verify, "verify",
+                        lambda *a, **k: walked.append("full") or real_verify(*a, **k))
+    await make_store(tmp_path / "good")
+    async with open_engine(tmp_path / "good", shards=2, clock_ms=lambda: NOW) as eng:
+        assert await total(eng) > 0
+    size = (tmp_path / "good" / "lmdb" / "data.mdb").stat().st_size
+    copy = tmp_path / "half"
+    shutil.copytree(tmp_path / "good", copy)
+    os.truncate(copy / "lmdb" / "data.mdb", size // 2)
+    assert "is truncated (pages it needs lie past its end)" in await refused(copy)
+    assert walked == []
 
 
 async def test_a_missing_store_is_not_started_empty(tmp_path: Path) -> None:

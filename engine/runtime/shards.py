@@ -65,13 +65,13 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
         ticket.crossings.append((index, crossings))
 
 
-def shard_part(state: ShardState) -> records.ShardPart:
+def shard_part(state: ShardState, canonical: bool = True) -> records.ShardPart:
     """One shard's checkpoint part: its head, its limits' fired thresholds, its deltas,
     where its sealed history begins, and its limits' per-period states."""
     limits = state.alert_limits
     return records.ShardPart(state.export(), limits.export(), state.sealed_before_minute,
                              state.export_deltas(), state.export_sealed_customers(),
-                             limits.export_states())
+                             limits.export_states(canonical))
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
@@ -118,7 +118,8 @@ class ShardActor:
                             self._lifecycle.stop(exc)
                             ticket.fail(EngineClosed(f"shard {self.index} failed: {exc!r}"))
                             raise
-                        ticket.add((self.index, records.encode(shard_part(self.state))))
+                        part = shard_part(self.state, canonical=False)
+                        ticket.add((self.index, records.encode(part)))
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
 
