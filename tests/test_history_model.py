@@ -162,3 +162,41 @@ async def test_logical_export_does_not_depend_on_sealing() -> None:
                 assert eng.statistics().block_count > 0
             exports.append(eng.export_logical())
     assert exports[0] == exports[1]
+
+
+async def test_compaction_is_bounded_per_checkpoint_and_finishes() -> None:
+    """Late events into ten sealed days: a checkpoint compacts at most
+    MAX_COMPACTIONS_PER_CHECKPOINT deltas per shard, oldest first; the rest stay in
+    the delta, answers stay exact throughout, and later checkpoints finish the job."""
+    from engine.domain import shard as shard_module
+
+    now = [START_MS + 12 * DAY]
+    meter = METERS[0]
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        await eng.define_meter(meter)
+        day_starts = [START_MS + day * DAY for day in range(10)]
+        await eng.ingest([Event(meter_api_name=meter.name, customer_id="acme",
+                                meter_value=1, meter_time_in_millis=start)
+                          for start in day_starts])
+        await eng.snapshot()  # the ten days: sealed into blocks
+        late = [Event(meter_api_name=meter.name, customer_id="acme", meter_value=10,
+                      meter_time_in_millis=start + HOUR) for start in day_starts]
+        await eng.ingest(late)
+        state = eng._actors[0].state  # noqa: SLF001 - the shard's deltas, read-only
+        query = Query(meter_api_name=meter.name, start_ms=START_MS, end_ms=START_MS + 10 * DAY,
+                      window="day")
+        expected = [(start, {}, 11) for start in day_starts]
+        delta_days = []
+        for _ in range(3):
+            result = await eng.query(query)
+            assert [(r.window_start_ms, r.group, r.value) for r in result.rows] == expected
+            await eng.snapshot()
+            delta = state.deltas.get(meter.name)
+            delta_days.append(sorted({m // 1440 for s in (delta.series.values() if delta else ())
+                                      for m in s.minutes}))
+        step = shard_module.MAX_COMPACTIONS_PER_CHECKPOINT
+        assert delta_days[0] == [start // DAY for start in day_starts[step:]]  # oldest first
+        assert delta_days[-1] == []
+        result = await eng.query(query)
+        assert [(r.window_start_ms, r.group, r.value) for r in result.rows] == expected

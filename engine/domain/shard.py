@@ -56,7 +56,8 @@ SEQ_SHIFT = 20  # seq = lsn << 20 | index in batch: orders events with equal tim
 # A windowed sum/count query walks a series bucket by bucket when it has at most this
 # many buckets per window asked for, else sums it a window at a time (slices in C).
 BUCKET_LOOP_MAX_PER_SPAN = 8
-# (meter, day) deltas of late events merged into their blocks per shard per checkpoint.
+# (meter, day) deltas of late events merged into their blocks per shard per checkpoint,
+# oldest day first.
 MAX_COMPACTIONS_PER_CHECKPOINT = 4
 
 
@@ -228,16 +229,17 @@ class ShardState:
         built: list[tuple[str, int, MeterShard, bytes]] = []
         pieces_by_block: dict[tuple[str, int], list[tuple[str, Series]]] = {}
         meters: dict[str, MeterDef] = {}
-        # Late events: compact the largest deltas, a bounded number per checkpoint (each
-        # costs decoding and encoding a block); the rest wait in the delta, which
-        # queries merge, for a later checkpoint.
+        # Late events: compact the deltas of the oldest days first (the days least likely
+        # to change again; and no delta waits forever), a bounded number per checkpoint
+        # (each costs decoding and encoding a block); the rest wait in the delta, which
+        # queries merge, for a later checkpoint. Deltas are bounded by the late limit.
         late: dict[tuple[str, int], list[tuple[str, Series]]] = {}
         for name, delta in self.deltas.items():
             meters[name] = delta.meter
             for day, pieces in cut_sealed(delta, None).items():
                 late[(name, day)] = pieces
         self.deltas = {}
-        ranked = sorted(late, key=lambda key: (-sum(len(p.minutes) for _, p in late[key]), key))
+        ranked = sorted(late, key=lambda key: (key[1], key[0]))
         for key in ranked[MAX_COMPACTIONS_PER_CHECKPOINT:]:
             delta = self.delta_shard(meters[key[0]])
             for dims_key, piece in late.pop(key):
