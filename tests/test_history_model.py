@@ -183,7 +183,7 @@ async def test_compaction_is_bounded_per_checkpoint_and_finishes() -> None:
         late = [Event(meter_api_name=meter.name, customer_id="acme", meter_value=10,
                       meter_time_in_millis=start + HOUR) for start in day_starts]
         await eng.ingest(late)
-        state = eng._actors[0].state  # noqa: SLF001 - the shard's deltas, read-only
+        state = eng._actors[0].state
         query = Query(meter_api_name=meter.name, start_ms=START_MS, end_ms=START_MS + 10 * DAY,
                       window="day")
         expected = [(start, {}, 11) for start in day_starts]
