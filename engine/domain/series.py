@@ -110,8 +110,10 @@ def _column_bytes(column: Any) -> bytes | None:
     return None if column is None else column.tobytes()
 
 
-def series_record(series: Series) -> SeriesRecord:
-    """One series as its snapshot record (``ShardState.export``)."""
+def series_record(series: Series, canonical: bool = True) -> SeriesRecord:
+    """One series as its snapshot record (``ShardState.export``). ``canonical=False``
+    (checkpoints) leaves unique_count sets unsorted: msgpack writes them as arrays in
+    set order, the same state in bytes that need not be equal for equal states."""
     values = series.values
     exported: bytes | list[Any] | None
     if values is None:
@@ -121,7 +123,8 @@ def series_record(series: Series) -> SeriesRecord:
     elif series.times is None and series.counts is None and values and (
             type(values[0]) is str or type(values[0]) is set):
         # unique_count (the only kind with str or set buckets): one value or a sorted list.
-        exported = [v if type(v) is str else sorted(v) for v in values]
+        exported = values if not canonical else [
+            v if type(v) is str else sorted(v) for v in values]
     else:
         exported = [
             sorted(v) if type(v) is set else (v if type(v) is int and fits_int64(v) else str(v))

@@ -284,8 +284,8 @@ class ShardState:
                 series.rollup = None
         return _export_meters(merged)
 
-    def export_deltas(self) -> list[MeterPart]:
-        return _export_meters(self.deltas)
+    def export_deltas(self, canonical: bool = True) -> list[MeterPart]:
+        return _export_meters(self.deltas, canonical)
 
     def export_sealed_customers(self) -> list[list[Any]]:
         return [[name, sorted(self.sealed_customers[name])]
@@ -293,19 +293,20 @@ class ShardState:
 
     # -------------------------------------------------------------- snapshot
 
-    def export(self) -> list[MeterPart]:
+    def export(self, canonical: bool = True) -> list[MeterPart]:
         """This shard's state as plain records, in a canonical order."""
-        return _export_meters(self.meters)
+        return _export_meters(self.meters, canonical)
 
 
-def _export_meters(meters: dict[str, MeterShard]) -> list[MeterPart]:
+def _export_meters(meters: dict[str, MeterShard], canonical: bool = True) -> list[MeterPart]:
     parts = []
     for name in sorted(meters):
         meter_shard = meters[name]
         if not meter_shard.series:
             continue  # nothing of this meter here (it may all be sealed)
         records = [
-            series_record(meter_shard.series[key]) for key in sorted(meter_shard.series)
+            series_record(meter_shard.series[key], canonical)
+            for key in sorted(meter_shard.series)
         ]
         # ``seen`` stays empty: unique ids live in the store's dedup index now.
         parts.append(MeterPart(name, records, []))
