@@ -534,3 +534,14 @@ def test_floor_properties(name: str, window: str, ts: int) -> None:
     # the next window starts after ts
     nxt = window_spans(f, ts + 1, window, tz)
     assert nxt[0][0] == f and nxt[-1][2] == ts + 1
+
+
+def test_windows_past_the_last_python_date_are_refused_not_crashed() -> None:
+    """A range ending in 9999 in a zone ahead of UTC needs windows after 9999-12-31:
+    a WindowError (answered as an invalid query), never a ValueError from ``date``."""
+    from engine.domain.windows import WindowError, window_spans
+
+    for window in ("day", "week", "month"):
+        with pytest.raises(WindowError, match="out of supported range"):
+            window_spans(253_380_000_000_000, 253_402_300_799_999, window,
+                         ZoneInfo("Pacific/Kiritimati"))

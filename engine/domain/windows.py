@@ -293,13 +293,16 @@ def _key_date(d: date, window: str) -> date:
 
 
 def _next_key(d: date, window: str) -> date:
-    if window == "day":
-        return d + timedelta(days=1)
-    if window == "week":
-        return d + timedelta(days=7)
-    if d.month == 12:
-        return date(d.year + 1, 1, 1)
-    return date(d.year, d.month + 1, 1)
+    try:
+        if window == "day":
+            return d + timedelta(days=1)
+        if window == "week":
+            return d + timedelta(days=7)
+        if d.month == 12:
+            return date(d.year + 1, 1, 1)
+        return date(d.year, d.month + 1, 1)
+    except (ValueError, OverflowError):  # past 9999-12-31, the last date Python has
+        raise WindowError(f"date out of supported range: after {d.isoformat()}") from None
 
 
 def _local_date(ts_ms: int, tz: ZoneInfo) -> date:
