@@ -125,7 +125,6 @@ class Engine:
             wal_marks=self._recovered.wal_marks,
             sealed_before_minute=max(
                 (state.sealed_before_minute for state in self._recovered.states), default=0),
-            clock_ms=clock_ms,
             dedup_horizon_ms=dedup_horizon_ms,
             future_ms=ingest_rules.future_ms,
             snapshot_lsn=self._recovered.snapshot_lsn,

@@ -8,9 +8,8 @@ engine's clock (``clock_ms``), read by the writer only.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.domain.blocks import DAY_MINUTES, DAY_MS
 
@@ -21,10 +20,6 @@ DEFAULT_RAW_RETENTION_MS = 60 * DAY_MS
 MARK_SPACING_MS = 3_600_000
 
 
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True, slots=True)
 class HistoryPolicy:
     """``hot_window_ms``: the head holds the UTC days starting at most this long ago
@@ -32,7 +27,7 @@ class HistoryPolicy:
     events stay in the write-ahead log at least this long after the checkpoint that
     follows them (0: forever)."""
 
-    clock_ms: Callable[[], int] = field(default=_wall_clock_ms)
+    clock_ms: Callable[[], int]
     hot_window_ms: int | None = DEFAULT_HOT_WINDOW_MS
     raw_retention_ms: int = DEFAULT_RAW_RETENTION_MS
 

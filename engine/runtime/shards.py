@@ -87,8 +87,7 @@ def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
 
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
-                 lifecycle: Lifecycle, blocks: BlockCache | None = None,
-                 shard_count: int = 1) -> None:
+                 lifecycle: Lifecycle, blocks: BlockCache, shard_count: int) -> None:
         self.index = index
         self.state = state
         self._acks = acks
@@ -127,8 +126,6 @@ class ShardActor:
 
     def _seal(self, seal_before_minute: int, lsn: int) -> None:
         """Seal and compact, and make the new blocks readable before anything else runs."""
-        if self._blocks is None:
-            return
         for meter, day, block, raw in self.state.seal(seal_before_minute, lsn,
                                                       self._shard_count, self.index):
             self._blocks.add(meter, day, self.index, block, raw)

@@ -100,14 +100,13 @@ class WalWriter:
         last_lsn: int,
         wal_bytes_since_snapshot: int,
         snapshot_every_bytes: int,
-        clock_ms: Callable[[], int],
         dedup_horizon_ms: int,
         future_ms: int,
         snapshot_lsn: int,
-        history: HistoryPolicy | None = None,
-        blocks: BlockCache | None = None,
-        wal_marks: list[list[int]] | None = None,
-        sealed_before_minute: int = 0,
+        history: HistoryPolicy,
+        blocks: BlockCache,
+        wal_marks: list[list[int]],
+        sealed_before_minute: int,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -122,7 +121,6 @@ class WalWriter:
         self.snapshots = 0
         self._snapshot_not_before = -math.inf  # trio time
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
-        self._clock_ms = clock_ms
         # An entry may go once its arrival day lies wholly before now - horizon - future
         # tolerance: an event can carry a timestamp up to future_ms after its arrival,
         # so a retry with the same timestamp is then always refused as late.
@@ -136,10 +134,10 @@ class WalWriter:
         self._next_slice_at = -math.inf  # trio time
         self.expiry_slices = 0
         self.ids_expired = 0
-        self._history = history or HistoryPolicy()
+        self._history = history  # the engine's clock, hot window and raw-event retention
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
-        self._wal_marks = wal_marks or []
+        self._wal_marks = wal_marks
         self.sealed_before_minute = sealed_before_minute
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
@@ -191,7 +189,7 @@ class WalWriter:
         covers them)."""
         if self._expiry_key is not None:
             return
-        cutoff_day = (self._clock_ms() - self._expiry_keep_ms) // ARRIVAL_DAY_MS
+        cutoff_day = (self._history.clock_ms() - self._expiry_keep_ms) // ARRIVAL_DAY_MS
         wanted = (cutoff_day, self.snapshot_lsn)
         if cutoff_day > 0 and wanted != self._expiry_done:
             self._expiry_pass = wanted
@@ -373,17 +371,15 @@ class WalWriter:
 
     def _seal_due(self) -> bool:
         """Whether a day left the hot window since the last checkpoint."""
-        return (self._blocks is not None and self._history.seal_before_minute(
-            self._history.clock_ms()) > self.sealed_before_minute)
+        return (self._history.seal_before_minute(self._history.clock_ms())
+                > self.sealed_before_minute)
 
     async def _snapshot(self, requester: SnapshotTicket | None) -> None:
         """Checkpoint: every shard seals what left the hot window and encodes its head at
         the current lsn; the parts, the new blocks and the trimming of the WAL past the
         raw-event retention are one transaction."""
         now_ms = self._history.clock_ms()
-        seal_before = (self._history.seal_before_minute(now_ms) if self._blocks is not None
-                       else 0)
-        seal_before = max(seal_before, self.sealed_before_minute)
+        seal_before = max(self._history.seal_before_minute(now_ms), self.sealed_before_minute)
         ticket: GatherTicket[tuple[int, bytes]] = GatherTicket(len(self._mailboxes))
         for mailbox in self._mailboxes:
             await mailbox.send(ExportState(ticket, seal_before, self.last_lsn))
@@ -401,7 +397,7 @@ class WalWriter:
         engine_state.wal_marks = marks
         snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes), parts,
                                   records.encode(engine_state))
-        blocks = self._blocks.unwritten() if self._blocks is not None else []
+        blocks = self._blocks.unwritten()
         try:
             await self._commit([], [])  # stores pending alerts with the state that made them
             await call_store(self._store.write_snapshot, snapshot, blocks, trim_through)
@@ -428,8 +424,7 @@ class WalWriter:
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._snapshot_not_before = -math.inf
         self._wal_marks = marks
-        if self._blocks is not None:
-            self._blocks.written([key for key, _ in blocks])
+        self._blocks.written([key for key, _ in blocks])
         self.snapshot_lsn = snapshot.lsn
         self.wal_bytes_since_snapshot = 0
         self.snapshots += 1
