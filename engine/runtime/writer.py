@@ -61,6 +61,7 @@ from engine.runtime.messages import (
     LogCustomerChange,
     LogLimitChange,
     PutCustomer,
+    ShardCheckpoint,
     ShardMessage,
     SnapshotTicket,
     TakeSnapshot,
@@ -107,6 +108,7 @@ class WalWriter:
         blocks: BlockCache,
         wal_marks: list[list[int]],
         sealed_before_minute: int,
+        head_rewrite: bool = False,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -139,6 +141,14 @@ class WalWriter:
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
         self._wal_marks = wal_marks
         self.sealed_before_minute = sealed_before_minute
+        # The next checkpoint writes every head chunk anew (engine.domain.head): after a
+        # restore that cannot reuse the stored chunks, and after a checkpoint failed.
+        self._head_rewrite = head_rewrite
+        # The last checkpoint written (EngineStatistics).
+        self.checkpoint_bytes = 0
+        self.checkpoint_head_chunks = 0
+        self.checkpoint_head_chunks_dropped = 0
+        self.checkpoint_ms = 0.0
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         async with requests:
@@ -378,11 +388,13 @@ class WalWriter:
         """Checkpoint: every shard seals what left the hot window and encodes its head at
         the current lsn; the parts, the new blocks and the trimming of the WAL past the
         raw-event retention are one transaction."""
+        started = trio.current_time()
         now_ms = self._history.clock_ms()
         seal_before = max(self._history.seal_before_minute(now_ms), self.sealed_before_minute)
-        ticket: GatherTicket[tuple[int, bytes]] = GatherTicket(len(self._mailboxes))
+        full = self._head_rewrite
+        ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
         for mailbox in self._mailboxes:
-            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn))
+            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn, full))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
             if requester is not None:
@@ -390,17 +402,24 @@ class WalWriter:
             return
         self.sealed_before_minute = seal_before
         fault_point("checkpoint.exported")
-        parts = [raw for _, raw in sorted(ticket.results)]
+        shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
                                                             now_ms)
         engine_state = self._catalog.engine_state(self._hub.next_seq)
         engine_state.wal_marks = marks
-        snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes), parts,
-                                  records.encode(engine_state))
+        snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes),
+                                  [share.part for share in shares],
+                                  records.encode(engine_state),
+                                  [chunk for share in shares for chunk in share.head])
+        drop_head = [key for share in shares for key in share.drop_head]
         blocks = self._blocks.unwritten()
+        # Whatever happens next, the shards have taken these chunks off their dirty lists:
+        # until a checkpoint is written, the next one rewrites every chunk.
+        self._head_rewrite = True
         try:
             await self._commit([], [])  # stores pending alerts with the state that made them
-            await call_store(self._store.write_snapshot, snapshot, blocks, trim_through)
+            await call_store(self._store.write_snapshot, snapshot, blocks, trim_through, (),
+                             drop_head, full)
         except StorageFull as exc:
             # The WAL is intact and keeps covering everything: try again later.
             self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
@@ -421,6 +440,13 @@ class WalWriter:
                 requester.fail(error)
             raise error from exc
         fault_point("checkpoint.written")
+        self._head_rewrite = False
+        self.checkpoint_bytes = (sum(map(len, snapshot.parts)) + len(snapshot.engine_state)
+                                 + sum(len(raw) for _, raw in snapshot.head)
+                                 + sum(len(raw) for _, raw in blocks))
+        self.checkpoint_head_chunks = len(snapshot.head)
+        self.checkpoint_head_chunks_dropped = len(drop_head)
+        self.checkpoint_ms = (trio.current_time() - started) * 1000
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._snapshot_not_before = -math.inf
         self._wal_marks = marks
