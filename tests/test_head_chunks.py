@@ -11,6 +11,7 @@ from typing import Any
 
 import lmdb
 import pytest
+import trio.testing
 
 from engine import Event, Meter, Query, open_engine
 from engine.errors import StorageFull
@@ -220,3 +221,40 @@ async def test_a_format_3_store_opens_and_moves_its_head_into_chunks(
     async with open_at(path, now) as eng:
         assert eng.statistics().recovered_wal_records == 0
         assert await old_answers(eng) == expected["answers"]
+
+
+async def test_large_checkpoints_are_taken_less_often() -> None:
+    """A total unique_count limit's state is every distinct value: written whole by each
+    checkpoint. The next one is due only after twice its bytes of WAL (and at least
+    ``snapshot_every_bytes``), so checkpoints never rewrite more than half the WAL."""
+    from engine import Limit
+    from engine.storage import MemoryStore
+
+    now = [START + HOUR]
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0],
+                           snapshot_every_bytes=1) as eng:
+        await eng.define_meter(METERS[1])
+        await eng.add_limit(Limit(id="all-users", meter_api_name="users", period="total",
+                                  thresholds=[10**9]))
+        batch = 0
+
+        async def ingest(users: int) -> None:
+            nonlocal batch
+            batch += 1
+            await eng.ingest([Event(meter_api_name="users", customer_id="c", meter_value=1,
+                                    meter_time_in_millis=START + i, unique_id=f"{batch}-{i}",
+                                    dimensions={"user": f"user-{batch}-{i}-" + "x" * 40})
+                              for i in range(users)])
+
+        await ingest(2000)
+        await eng.snapshot()  # a large state
+        stats = eng.statistics()
+        state_bytes = stats.checkpoint_bytes
+        assert state_bytes > 2000 * 40
+        snapshots = stats.snapshots
+        while eng.statistics().snapshots == snapshots:
+            before = eng.statistics().wal_bytes_since_snapshot
+            await ingest(20)
+            await trio.testing.wait_all_tasks_blocked()  # the writer's checkpoint, if due
+        # Due once the WAL since it passed twice the state's bytes of the last one.
+        assert before < 2 * state_bytes <= before + 20 * 200

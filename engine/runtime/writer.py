@@ -78,6 +78,9 @@ MAX_GROUP_REQUESTS = 64
 MAX_GROUP_BYTES = 8 << 20
 # After a snapshot failed for lack of space, the next automatic try waits this long,
 # doubling per failure up to the maximum.
+# A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
+# this many times what the last one wrote (blocks aside).
+CHECKPOINT_SHARE_OF_WAL = 2
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
 # Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
@@ -146,6 +149,7 @@ class WalWriter:
         self._head_rewrite = head_rewrite
         # The last checkpoint written (EngineStatistics).
         self.checkpoint_bytes = 0
+        self.checkpoint_state_bytes = 0  # of it, what every checkpoint writes: not blocks
         self.checkpoint_head_chunks = 0
         self.checkpoint_head_chunks_dropped = 0
         self.checkpoint_ms = 0.0
@@ -174,7 +178,7 @@ class WalWriter:
                     last = group[-1]
                     if isinstance(last, TakeSnapshot):
                         await self._snapshot(last.ticket)
-                    elif ((self.wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                    elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
                            or self._seal_due())
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
@@ -379,6 +383,14 @@ class WalWriter:
             kept.append(request)
         return kept
 
+    def _checkpoint_every_bytes(self) -> int:
+        """The WAL bytes after which the next checkpoint is due: ``snapshot_every_bytes``,
+        or more when checkpoints are large (limits' states of long periods are written
+        whole each time), so checkpoints never write more than 1/CHECKPOINT_SHARE_OF_WAL
+        of the WAL's volume again."""
+        return max(self._snapshot_every_bytes,
+                   CHECKPOINT_SHARE_OF_WAL * self.checkpoint_state_bytes)
+
     def _seal_due(self) -> bool:
         """Whether a day left the hot window since the last checkpoint."""
         return (self._history.seal_before_minute(self._history.clock_ms())
@@ -441,9 +453,10 @@ class WalWriter:
             raise error from exc
         fault_point("checkpoint.written")
         self._head_rewrite = False
-        self.checkpoint_bytes = (sum(map(len, snapshot.parts)) + len(snapshot.engine_state)
-                                 + sum(len(raw) for _, raw in snapshot.head)
-                                 + sum(len(raw) for _, raw in blocks))
+        self.checkpoint_state_bytes = (sum(map(len, snapshot.parts))
+                                       + len(snapshot.engine_state)
+                                       + sum(len(raw) for _, raw in snapshot.head))
+        self.checkpoint_bytes = self.checkpoint_state_bytes + sum(len(raw) for _, raw in blocks)
         self.checkpoint_head_chunks = len(snapshot.head)
         self.checkpoint_head_chunks_dropped = len(drop_head)
         self.checkpoint_ms = (trio.current_time() - started) * 1000
