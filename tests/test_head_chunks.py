@@ -258,3 +258,53 @@ async def test_large_checkpoints_are_taken_less_often() -> None:
             await trio.testing.wait_all_tasks_blocked()  # the writer's checkpoint, if due
         # Due once the WAL since it passed twice the state's bytes of the last one.
         assert before < 2 * state_bytes <= before + 20 * 200
+
+
+async def test_automatic_checkpoints_seal_a_day_a_few_shards_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Sealing is most of a checkpoint's work: after a day leaves the hot window, each
+    automatic checkpoint seals it on two shards, and queries stay exact in between, and
+    across a restart with some shards sealed and others not."""
+    from engine.runtime.writer import SEAL_SHARDS_PER_CHECKPOINT
+
+    now = [START + 20 * HOUR]
+    customers = [f"c{i}" for i in range(40)]
+
+    def day_events(hour: int, tag: str) -> list[Event]:
+        return [Event(meter_api_name="calls", customer_id=c, meter_value=i + 1,
+                      meter_time_in_millis=START + hour * HOUR + i, unique_id=f"{tag}-{i}")
+                for i, c in enumerate(customers)]
+
+    async def totals(eng: Any) -> list[list[Any]]:
+        result = await eng.query(Query(meter_api_name="calls", start_ms=START,
+                                       end_ms=START + 4 * DAY, window="day",
+                                       group_by=["customer_id"]))
+        return sorted([r.window_start_ms, r.group["customer_id"], str(r.value)]
+                      for r in result.rows)
+
+    async with open_at(tmp_path, now, shards=8) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.ingest(day_events(3, "a"))
+        await eng.snapshot()
+        now[0] = START + 2 * DAY + HOUR  # day 0 left the hot window
+        blocks = []
+        for step in range(2):
+            await eng.ingest(day_events(49, f"b{step}")[:1])  # a group commit: a checkpoint
+            await trio.testing.wait_all_tasks_blocked()
+            blocks.append(eng.statistics().block_count)
+        # Two shards' blocks per checkpoint (a shard without customers of day 0 has none).
+        assert 0 < blocks[0] < blocks[1] <= 2 * SEAL_SHARDS_PER_CHECKPOINT
+        assert eng.statistics().sealed_before_ms < START + DAY  # not yet on every shard
+        before = await totals(eng)
+    async with open_at(tmp_path, now, shards=8) as eng:  # some shards sealed, some not
+        assert await totals(eng) == before
+        await eng.ingest(day_events(5, "late"))  # late, into day 0 on every shard
+        await eng.snapshot()
+        assert eng.statistics().sealed_before_ms == START + DAY
+        after = await totals(eng)
+    day0 = {row[1]: row for row in before if row[0] == START}
+    for row in after:
+        if row[0] == START:
+            index = customers.index(row[1])
+            assert row[2] == str(int(day0[row[1]][2]) + index + 1)

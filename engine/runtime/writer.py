@@ -81,6 +81,8 @@ MAX_GROUP_BYTES = 8 << 20
 # A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
 # this many times what the last one wrote (blocks aside).
 CHECKPOINT_SHARE_OF_WAL = 2
+# Shards that seal a day that left the hot window per automatic checkpoint.
+SEAL_SHARDS_PER_CHECKPOINT = 2
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
 # Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
@@ -143,7 +145,9 @@ class WalWriter:
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
         self._wal_marks = wal_marks
-        self.sealed_before_minute = sealed_before_minute
+        # Where each shard's sealed history ends: automatic checkpoints seal a day on
+        # SEAL_SHARDS_PER_CHECKPOINT shards at a time (see ``_snapshot``).
+        self._shard_sealed = [sealed_before_minute] * len(mailboxes)
         # The next checkpoint writes every head chunk anew (engine.domain.head): after a
         # restore that cannot reuse the stored chunks, and after a checkpoint failed.
         self._head_rewrite = head_rewrite
@@ -391,8 +395,13 @@ class WalWriter:
         return max(self._snapshot_every_bytes,
                    CHECKPOINT_SHARE_OF_WAL * self.checkpoint_state_bytes)
 
+    @property
+    def sealed_before_minute(self) -> int:
+        """Event time before this minute is sealed on every shard."""
+        return min(self._shard_sealed)
+
     def _seal_due(self) -> bool:
-        """Whether a day left the hot window since the last checkpoint."""
+        """Whether a day left the hot window and some shard has not sealed it yet."""
         return (self._history.seal_before_minute(self._history.clock_ms())
                 > self.sealed_before_minute)
 
@@ -402,17 +411,27 @@ class WalWriter:
         raw-event retention are one transaction."""
         started = trio.current_time()
         now_ms = self._history.clock_ms()
-        seal_before = max(self._history.seal_before_minute(now_ms), self.sealed_before_minute)
+        target = max(self._history.seal_before_minute(now_ms), *self._shard_sealed)
+        # Sealing a day is most of a checkpoint's work (cutting, encoding and compressing
+        # the day's blocks): an automatic checkpoint does it on a few shards, the ones
+        # behind the longest first, and the next group commit's checkpoint goes on
+        # (``_seal_due``); a requested one (``snapshot()``, close) on every shard.
+        behind = sorted((sealed, index) for index, sealed in enumerate(self._shard_sealed)
+                        if sealed < target)
+        if requester is None:
+            behind = behind[:SEAL_SHARDS_PER_CHECKPOINT]
+        sealing = [target if (sealed, index) in behind else sealed
+                   for index, sealed in enumerate(self._shard_sealed)]
         full = self._head_rewrite
         ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
-        for mailbox in self._mailboxes:
+        for mailbox, seal_before in zip(self._mailboxes, sealing, strict=True):
             await mailbox.send(ExportState(ticket, seal_before, self.last_lsn, full))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
             if requester is not None:
                 requester.fail(ticket.error)
             return
-        self.sealed_before_minute = seal_before
+        self._shard_sealed = sealing
         fault_point("checkpoint.exported")
         shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
