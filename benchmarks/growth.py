@@ -77,6 +77,7 @@ one seals on every shard.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import json
 import math
@@ -342,15 +343,29 @@ def rows_json(result: QueryResult) -> list[list[Any]]:
 
 
 class StallMonitor:
-    """A task that sleeps 1 ms in a loop: its overshoots are the event loop's stalls."""
+    """A task that sleeps 1 ms in a loop: its overshoots are the event loop's stalls.
+
+    With ``$GROWTH_STALL_TRACE_S`` set (seconds), a stall longer than that dumps every
+    thread's stack to the worker's stderr (``faulthandler``), to see what stalled."""
 
     def __init__(self) -> None:
         self.max_s = 0.0
         self.count = 0  # stalls of at least STALL_RECORD_S
         self.total_s = 0.0
+        trace = os.environ.get("GROWTH_STALL_TRACE_S")
+        self.trace_after_s = float(trace) if trace else None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.trace_after_s is not None:
+                faulthandler.cancel_dump_traceback_later()
+
+    async def _run(self) -> None:
         while True:
+            if self.trace_after_s is not None:
+                faulthandler.dump_traceback_later(self.trace_after_s)
             before = time.perf_counter()
             await trio.sleep(0.001)
             stall = time.perf_counter() - before - 0.001
