@@ -5,12 +5,11 @@ and ``series``. A checkpoint used to encode and write a shard's whole head (two 
 minute buckets) every time, so its cost was the head's size whatever had changed.
 Now the head is stored as one chunk per (shard, meter, UTC hour of event time): a
 ``MeterPart`` holding every series' buckets of that hour. A shard remembers which
-hours its applies touched since its last checkpoint (``HeadLog.dirty``: per slice,
-the hours from its earliest to its latest event) and which chunks the store holds
-(``HeadLog.stored``). A checkpoint writes the touched hours again, deletes the
-chunks of hours that left the head (sealed into blocks) or emptied, and leaves the
-rest as they are: in steady traffic that is the current hour and the few hours late
-events reached.
+hours its applies touched since its last checkpoint (``HeadLog.dirty``) and which
+chunks the store holds (``HeadLog.stored``). A checkpoint writes the touched hours
+again, deletes the chunks of hours that left the head (sealed into blocks) or
+emptied, and leaves the rest as they are: in steady traffic that is the current
+hour and the few hours late events reached.
 
 A full rewrite (every chunk again, after the store's chunks were dropped) is needed
 once after a restore that cannot trust the stored chunks: a checkpoint from before
@@ -47,16 +46,20 @@ class HeadLog:
         self.stored: dict[str, set[int]] = {}  # meter -> hours with a chunk in the store
         self.rewrite = False  # the next checkpoint must write every chunk (see the module)
 
-    def touch(self, meter_name: str, first_ms: int, last_ms: int) -> None:
-        """An apply changed buckets of ``meter_name`` between these event times."""
-        first, last = first_ms // HOUR_MS, last_ms // HOUR_MS
+    def touch(self, meter_name: str, times: Any) -> None:
+        """An apply changed buckets of ``meter_name`` at these event times (a slice's
+        column). Per slice when its events lie within two hours; per event otherwise:
+        one late event in a batch would else mark every hour back to its own."""
+        first, last = min(times) // HOUR_MS, max(times) // HOUR_MS
         hours = self.dirty.get(meter_name)
         if hours is None:
             hours = self.dirty[meter_name] = set()
         if first == last:
             hours.add(first)
+        elif last - first == 1:
+            hours.update((first, last))
         else:
-            hours.update(range(first, last + 1))
+            hours.update({ts // HOUR_MS for ts in times})
 
 
 def chunk_key(part: int, meter_name: str, hour: int) -> bytes:

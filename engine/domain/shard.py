@@ -140,8 +140,7 @@ class ShardState:
                 if not len(items):
                     continue
                 if meter_shard is head:
-                    times = items.times
-                    self.head_log.touch(meter.name, min(times), max(times))
+                    self.head_log.touch(meter.name, items.times)
                 duplicate_positions: list[int] = []
                 if meter.kind == SUM or meter.kind == COUNT:
                     applied = _apply_counter(meter_shard, items, meter.kind == COUNT,
