@@ -224,7 +224,7 @@ class ShardState:
     # ----------------------------------------------------------------- sealing
 
     def seal(self, before_minute: int, cover_lsn: int, shard_count: int,
-             part: int) -> list[tuple[str, int, MeterShard, bytes]]:
+             part: int, compact: bool = True) -> list[tuple[str, int, MeterShard, bytes]]:
         """Cut the days before ``before_minute`` out of the head and merge the deltas
         into their days' blocks; returns the new blocks (meter, day, decoded, encoded),
         which the caller must make readable before this shard answers again.
@@ -241,11 +241,12 @@ class ShardState:
         # (each costs decoding and encoding a block); the rest wait in the delta, which
         # queries merge, for a later checkpoint. Deltas are bounded by the late limit.
         late: dict[tuple[str, int], list[tuple[str, Series]]] = {}
-        for name, delta in self.deltas.items():
+        for name, delta in (self.deltas if compact else {}).items():
             meters[name] = delta.meter
             for day, pieces in cut_sealed(delta, None).items():
                 late[(name, day)] = pieces
-        self.deltas = {}
+        if compact:
+            self.deltas = {}
         ranked = sorted(late, key=lambda key: (key[1], key[0]))
         for key in ranked[MAX_COMPACTIONS_PER_CHECKPOINT:]:
             delta = self.delta_shard(meters[key[0]])
@@ -335,6 +336,11 @@ class ShardState:
         log.dirty = {}
         log.rewrite = False
         return out
+
+    def head_from_minute(self) -> int | None:
+        """The earliest minute with a bucket in the head (None: the head is empty)."""
+        return min((series.minutes[0] for meter_shard in self.meters.values()
+                    for series in meter_shard.series.values() if series.minutes), default=None)
 
     def export(self, canonical: bool = True) -> list[MeterPart]:
         """This shard's state as plain records, in a canonical order."""
@@ -779,9 +785,16 @@ def restore_shards(
     if len(shard_parts) != route.shard_count or not all(chunked):
         for state in states:  # the stored chunks do not match these shards: write anew
             state.head_log.rewrite = True
-    sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
-    for state in states:
-        state.sealed_before_minute = sealed_before
+    # The same shards: each its own boundary (automatic checkpoints seal a day a few
+    # shards at a time). Resharded: the greatest, so no customer's sealed day is read
+    # as head (a head still holding days before it cuts them at its next checkpoint).
+    if len(shard_parts) == route.shard_count:
+        for state, shard_part in zip(states, shard_parts, strict=True):
+            state.sealed_before_minute = shard_part.sealed_before_minute
+    else:
+        sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
+        for state in states:
+            state.sealed_before_minute = sealed_before
     for shard_part in shard_parts:
         for parts, pick in ((shard_part.meters, ShardState.meter_shard),
                             (shard_part.deltas, ShardState.delta_shard)):

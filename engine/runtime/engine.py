@@ -126,8 +126,8 @@ class Engine:
             history=self._history,
             blocks=self._blocks,
             wal_marks=self._recovered.wal_marks,
-            sealed_before_minute=max(
-                (state.sealed_before_minute for state in self._recovered.states), default=0),
+            sealed_before_minutes=[state.sealed_before_minute
+                                   for state in self._recovered.states],
             head_rewrite=any(state.head_log.rewrite for state in self._recovered.states),
             dedup_horizon_ms=dedup_horizon_ms,
             future_ms=ingest_rules.future_ms,

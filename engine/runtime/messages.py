@@ -161,7 +161,8 @@ class RunQuery:
 @dataclass(slots=True, eq=False)
 class ExportState:
     """Checkpoint this shard: seal the days before ``seal_before_minute`` into blocks
-    (covering ``lsn``, the last lsn the writer handed out), merge its deltas into
+    (covering ``lsn``, the last lsn the writer handed out; with ``seal`` False only if
+    that cuts nothing, i.e. its head begins there or later), merge its deltas into
     their blocks, then encode its part and the head's changed hour chunks (every
     chunk with ``full``; ``engine.domain.head``): answers a ``ShardCheckpoint``."""
 
@@ -169,17 +170,20 @@ class ExportState:
     seal_before_minute: int = 0
     lsn: int = 0
     full: bool = False
+    seal: bool = True
+    compact: bool = True  # merge deltas into their blocks (see ``WalWriter._snapshot``)
 
 
 @dataclass(slots=True, eq=False)
 class ShardCheckpoint:
     """One shard's share of a checkpoint: its encoded part, the head chunks to put
-    (key, encoded) and the chunk keys to delete."""
+    (key, encoded), the chunk keys to delete, and where its sealed history ends now."""
 
     index: int
     part: bytes
     head: list[tuple[bytes, bytes]]
     drop_head: list[bytes]
+    sealed_before_minute: int
 
 
 @dataclass(slots=True, eq=False)

@@ -93,7 +93,7 @@ def shard_checkpoint(state: ShardState, index: int, full: bool) -> ShardCheckpoi
         else:
             head.append((key, records.encode(chunk)))
     part = records.encode(shard_part(state, canonical=False, head_chunked=True))
-    return ShardCheckpoint(index, part, head, drop_head)
+    return ShardCheckpoint(index, part, head, drop_head, state.sealed_before_minute)
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
@@ -131,9 +131,13 @@ class ShardActor:
                             ticket.fail(exc)
                             result = {}
                         ticket.add(result)
-                    case ExportState(ticket, seal_before_minute, lsn, full):
+                    case ExportState(ticket, seal_before_minute, lsn, full, seal, compact):
                         try:
-                            self._seal(seal_before_minute, lsn)
+                            if not seal:  # only if that cuts nothing
+                                first = self.state.head_from_minute()
+                                if first is not None and first < seal_before_minute:
+                                    seal_before_minute = self.state.sealed_before_minute
+                            self._seal(seal_before_minute, lsn, compact)
                         except BaseException as exc:
                             # Sealing moves buckets: a failure may leave them half moved.
                             self._lifecycle.stop(exc)
@@ -143,10 +147,10 @@ class ShardActor:
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
 
-    def _seal(self, seal_before_minute: int, lsn: int) -> None:
+    def _seal(self, seal_before_minute: int, lsn: int, compact: bool) -> None:
         """Seal and compact, and make the new blocks readable before anything else runs."""
         for meter, day, block, raw in self.state.seal(seal_before_minute, lsn,
-                                                      self._shard_count, self.index):
+                                                      self._shard_count, self.index, compact):
             self._blocks.add(meter, day, self.index, block, raw)
         fault_point("seal.cut")
 

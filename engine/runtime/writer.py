@@ -83,6 +83,9 @@ MAX_GROUP_BYTES = 8 << 20
 CHECKPOINT_SHARE_OF_WAL = 2
 # Shards that seal a day that left the hot window per automatic checkpoint.
 SEAL_SHARDS_PER_CHECKPOINT = 2
+# Late events for sealed days are merged into their blocks at most this often (in WAL
+# bytes), at sealing checkpoints and at requested ones.
+COMPACT_EVERY_BYTES = 256 << 20
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
 # Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
@@ -112,7 +115,7 @@ class WalWriter:
         history: HistoryPolicy,
         blocks: BlockCache,
         wal_marks: list[list[int]],
-        sealed_before_minute: int,
+        sealed_before_minutes: list[int],
         head_rewrite: bool = False,
     ) -> None:
         self._store = store
@@ -147,7 +150,8 @@ class WalWriter:
         self._wal_marks = wal_marks
         # Where each shard's sealed history ends: automatic checkpoints seal a day on
         # SEAL_SHARDS_PER_CHECKPOINT shards at a time (see ``_snapshot``).
-        self._shard_sealed = [sealed_before_minute] * len(mailboxes)
+        self._shard_sealed = list(sealed_before_minutes)
+        self._wal_bytes_since_compaction = 0
         # The next checkpoint writes every head chunk anew (engine.domain.head): after a
         # restore that cannot reuse the stored chunks, and after a checkpoint failed.
         self._head_rewrite = head_rewrite
@@ -420,18 +424,29 @@ class WalWriter:
                         if sealed < target)
         if requester is None:
             behind = behind[:SEAL_SHARDS_PER_CHECKPOINT]
-        sealing = [target if (sealed, index) in behind else sealed
-                   for index, sealed in enumerate(self._shard_sealed)]
+        chosen = {index for _, index in behind}
+        # Compaction decodes and re-encodes a block per (meter, day) with late events:
+        # at most every COMPACT_EVERY_BYTES of WAL (checkpoints come far more often, and
+        # late events waiting longer are merged in fewer rewrites), when sealing, and
+        # when asked.
+        compact = (requester is not None or bool(chosen)
+                   or (self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot
+                       >= COMPACT_EVERY_BYTES))
         full = self._head_rewrite
         ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
-        for mailbox, seal_before in zip(self._mailboxes, sealing, strict=True):
-            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn, full))
+        for index, mailbox in enumerate(self._mailboxes):
+            # The others seal too if that cuts nothing (their heads begin later).
+            await mailbox.send(ExportState(ticket, target, self.last_lsn, full,
+                                           index in chosen, compact))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
             if requester is not None:
                 requester.fail(ticket.error)
             return
-        self._shard_sealed = sealing
+        for share in ticket.results:
+            self._shard_sealed[share.index] = share.sealed_before_minute
+        self._wal_bytes_since_compaction = (
+            0 if compact else self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot)
         fault_point("checkpoint.exported")
         shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
