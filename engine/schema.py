@@ -25,12 +25,21 @@ class Meter(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """How events of one meter aggregate.
 
     ``unique_count`` meters count distinct values of ``unique_dimension``.
+
+    OpenMeter ingest (``POST /api/v1/events``, docs/http.md): a CloudEvent whose
+    ``type`` equals ``event_type`` feeds this meter. ``value_property`` is the
+    JSON path (``$.tokens``) of its value in the event's ``data`` (a ``count``
+    meter needs none; a ``unique_count`` meter's is the value it counts), and
+    ``dimension_paths`` maps dimension keys to JSON paths in ``data``.
     """
 
     name: str
     aggregation: Aggregation = "sum"
     unique_dimension: str | None = None
     description: str = ""
+    event_type: str | None = None
+    value_property: str | None = None
+    dimension_paths: dict[str, str] = {}
 
 
 class Event(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):

@@ -9,7 +9,8 @@ Invariants:
 
 - Every route answers with and without a trailing slash, and never redirects
   (a 301/302 makes ``requests`` turn a POST into a GET and drop the body).
-- Every success is 200 (the Amberflo SDK treats anything else as an error).
+- Every success is 200 (the Amberflo SDK treats anything else as an error), but
+  OpenMeter's ingest, which answers 204 as OpenMeter does.
 - Every answer that is not a success is JSON (``engine.http.errors``): an
   unknown route is a 404, a known path with the wrong method a 405.
 - A route declares the scope it needs; the key comes in ``X-API-KEY`` or
@@ -407,8 +408,11 @@ def _error_response(error: HttpError) -> Response:
 
 
 async def _send(send: Send, response: Response, head: bool = False) -> None:
-    headers = [(b"content-type", response.content_type),
-               (b"content-length", str(len(response.body)).encode()), *response.headers]
+    if response.status == 204:  # no body, so neither a type nor a length (RFC 9110 §8.6)
+        headers = list(response.headers)
+    else:
+        headers = [(b"content-type", response.content_type),
+                   (b"content-length", str(len(response.body)).encode()), *response.headers]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else response.body})
 
