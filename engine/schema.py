@@ -220,3 +220,39 @@ class Dimension(msgspec.Struct, frozen=True, rename="camel"):
     value_count: int
     values: list[DimensionValue]
     other: int | Decimal | None = None
+
+
+MAX_PATH_CHARS = 512
+
+
+def parse_path(path: object) -> tuple[str, ...]:
+    """The member names of a JSON path: ``$.a.b`` or ``$['a']["b"]`` (members only, no
+    wildcards, filters or array indexes); raises ``ValueError`` for anything else."""
+    if type(path) is not str or not path.startswith("$") or len(path) > MAX_PATH_CHARS:
+        raise ValueError(f"JSON path {path!r} must start with '$' (like '$.tokens')")
+    names: list[str] = []
+    position = 1
+    while position < len(path):
+        char = path[position]
+        if char == ".":
+            end = position + 1
+            while end < len(path) and path[end] not in ".[":
+                end += 1
+            name = path[position + 1:end]
+            if not name or name == "*":
+                raise ValueError(f"JSON path {path!r}: an empty or wildcard member name")
+            names.append(name)
+            position = end
+        elif char == "[" and path[position + 1:position + 2] in ("'", '"'):
+            quote = path[position + 1]
+            end = path.find(quote + "]", position + 2)
+            if end < 0:
+                raise ValueError(f"JSON path {path!r}: an unclosed [{quote}...{quote}]")
+            names.append(path[position + 2:end])
+            position = end + 2
+        else:
+            raise ValueError(f"JSON path {path!r}: only .name and ['name'] members are "
+                             "supported (no wildcards, filters or indexes)")
+    if not names:
+        raise ValueError(f"JSON path {path!r} names no member")
+    return tuple(names)

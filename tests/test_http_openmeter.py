@@ -16,8 +16,9 @@ import pytest
 from engine import Engine, Meter, Query, open_engine
 from engine.auth import parse_keys
 from engine.domain import records
-from engine.domain.meters import IngestRules, check_meter, merge_meter, parse_path
+from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.errors import MeterConflict
+from engine.schema import parse_path
 from tests.http_support import NOW, http, open_http, url
 
 SINGLE = {"Content-Type": "application/cloudevents+json"}

@@ -7,8 +7,8 @@ as a small int); ``merge_meter`` decides whether defining a meter again is a
 no-op or a conflict. ``IngestRules`` are the configured bounds of an event;
 ``REPLAY_RULES`` the bounds replay uses, which accept anything a past
 configuration may have accepted. A meter's CloudEvent mapping (``event_type``,
-``value_property``, ``dimension_paths``) is checked here too; ``parse_path``
-reads the JSON paths it uses.
+``value_property``, ``dimension_paths``) is checked here too
+(``engine.schema.parse_path`` reads its JSON paths).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from engine.domain.aggregates import KIND_BY_AGGREGATION
 from engine.domain.windows import DAY_MS, MINUTE_MS
 from engine.errors import MeterConflict
-from engine.schema import AGGREGATIONS, Meter
+from engine.schema import AGGREGATIONS, Meter, parse_path
 
 # Timestamps: non-negative and before year 9999, so a minute index fits 32 bits and
 # every calendar window containing one (a month, in any zone) ends before year 10000.
@@ -138,39 +138,3 @@ def check_event_mapping(meter: Meter, rules: IngestRules) -> None:
             raise ValueError(f"dimension_paths may not name {key!r}: a unique_count meter "
                              "takes the value it counts from value_property")
         parse_path(path)
-
-
-MAX_PATH_CHARS = 512
-
-
-def parse_path(path: object) -> tuple[str, ...]:
-    """The member names of a JSON path: ``$.a.b`` or ``$['a']["b"]`` (members only, no
-    wildcards, filters or array indexes); raises ``ValueError`` for anything else."""
-    if type(path) is not str or not path.startswith("$") or len(path) > MAX_PATH_CHARS:
-        raise ValueError(f"JSON path {path!r} must start with '$' (like '$.tokens')")
-    names: list[str] = []
-    position = 1
-    while position < len(path):
-        char = path[position]
-        if char == ".":
-            end = position + 1
-            while end < len(path) and path[end] not in ".[":
-                end += 1
-            name = path[position + 1:end]
-            if not name or name == "*":
-                raise ValueError(f"JSON path {path!r}: an empty or wildcard member name")
-            names.append(name)
-            position = end
-        elif char == "[" and path[position + 1:position + 2] in ("'", '"'):
-            quote = path[position + 1]
-            end = path.find(quote + "]", position + 2)
-            if end < 0:
-                raise ValueError(f"JSON path {path!r}: an unclosed [{quote}...{quote}]")
-            names.append(path[position + 2:end])
-            position = end + 2
-        else:
-            raise ValueError(f"JSON path {path!r}: only .name and ['name'] members are "
-                             "supported (no wildcards, filters or indexes)")
-    if not names:
-        raise ValueError(f"JSON path {path!r} names no member")
-    return tuple(names)

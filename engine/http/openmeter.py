@@ -1,6 +1,6 @@
 """OpenMeter ingest: ``POST /api/v1/events`` with CloudEvents (docs/http.md has the mapping).
 
-Shell layer: the engine's public API, ``engine.domain.meters.parse_path`` (pure),
+Shell layer: the engine's public API (``engine.schema.parse_path`` for JSON paths),
 ``engine.errors`` and ``engine.http``. A CloudEvent becomes one engine ``Event``
 per meter whose ``event_type`` equals its ``type``:
 
@@ -31,11 +31,11 @@ from typing import Any, Literal
 import msgspec
 
 from engine import Event, Meter
-from engine.domain.meters import parse_path
 from engine.errors import Forbidden, InvalidRequest
 from engine.http.amberflo import refuse
 from engine.http.app import Request, Response, Router
 from engine.http.errors import HttpError, Problem, bad_request
+from engine.schema import parse_path
 
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
