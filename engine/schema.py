@@ -110,6 +110,8 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     ``customer_id=None`` applies the limit to every customer separately.
     ``period`` is a calendar window in ``timezone`` or ``"total"`` (all time).
     ``filter`` restricts the usage counted, like ``Query.filter``.
+    ``webhook_url`` (an http or https URL) receives each of its alerts as a
+    signed POST when the server delivers webhooks.
     """
 
     id: str
@@ -119,6 +121,8 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     period: PeriodName = "day"
     timezone: str = "UTC"
     filter: dict[str, list[str]] = {}
+    # Where ``meter serve`` POSTs this limit's alerts (docs/http.md, "Webhooks").
+    webhook_url: str | None = None
 
 
 class Alert(msgspec.Struct, frozen=True, rename="camel"):

@@ -31,7 +31,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import trio
@@ -44,6 +44,9 @@ from engine.http.errors import RETRY_AFTER_SECONDS, HttpError, from_engine_error
 from engine.http.metrics import HttpMetrics
 from engine.http.tokens import verify_token
 from engine.server import REQUEST_MEMORY_FACTOR, ByteBudget
+
+if TYPE_CHECKING:
+    from engine.http.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +274,8 @@ class HttpApp:
         self.token_secret = secrets.token_bytes(32)
         self._closing = trio.Event()
         self.open_streams = 0  # streams being served now
+        # The alert webhooks' dispatcher (engine.http.webhooks), when the server runs one.
+        self.webhooks: WebhookDispatcher | None = None
 
     def close_streams(self) -> None:
         """End every open stream now (they also end when the server drains)."""

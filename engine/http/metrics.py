@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine import Engine
+
+if TYPE_CHECKING:
+    from engine.http.webhooks import WebhookDispatcher
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -59,11 +63,32 @@ class _EngineCollector(Collector):
             yield family
 
 
+class _WebhookCollector(Collector):
+    def __init__(self) -> None:
+        self.dispatcher: WebhookDispatcher | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.dispatcher is None:
+            return
+        stats = self.dispatcher.statistics()
+        yield CounterMetricFamily("meter_webhook_deliveries", "Alert webhooks delivered (2xx)",
+                                  value=stats.delivered)
+        yield CounterMetricFamily("meter_webhook_failed_attempts",
+                                  "Alert webhook attempts that failed (retried or parked)",
+                                  value=stats.failed_attempts)
+        yield GaugeMetricFamily("meter_webhooks_parked", "Alerts parked after the retry time "
+                                "(GET /webhooks/failed)", value=stats.parked)
+        yield GaugeMetricFamily("meter_alert_lag", "Alerts raised but not yet delivered or "
+                                "parked for some webhook URL", value=stats.backlog)
+
+
 class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._engine = _EngineCollector()
         self.registry.register(self._engine)
+        self._webhooks = _WebhookCollector()
+        self.registry.register(self._webhooks)
         self.requests = Counter(
             "meter_http_requests", "HTTP requests answered", ["route", "method", "status"],
             registry=self.registry)
@@ -88,6 +113,9 @@ class HttpMetrics:
 
     def attach(self, engine: Engine) -> None:
         self._engine.engine = engine
+
+    def attach_webhooks(self, dispatcher: WebhookDispatcher) -> None:
+        self._webhooks.dispatcher = dispatcher
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,6 +34,7 @@ from engine.http.native import (
 )
 from engine.http.openmeter import BATCH, PLAIN, SINGLE, CloudEventDoc
 from engine.http.streams import StatsEvent, StreamToken
+from engine.http.webhooks import FailedPage, Redelivered, RedeliverIn
 from engine.schema import Limit
 
 REF = "#/components/schemas/{name}"
@@ -117,7 +118,7 @@ def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
              NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
-             StreamToken, StatsEvent)
+             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -189,6 +190,12 @@ def build_document() -> dict[str, Any]:
                 _query_param("fromSeq", {"type": "integer", "minimum": 0}),
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
+        "/webhooks/failed": {"get": _operation(
+            "Alert webhooks parked after their retry time; 404 on a server without webhooks",
+            _ref("FailedPage"))},
+        "/webhooks/redeliver": {"post": _operation(
+            "Try parked alert webhooks again: all, or those of url and/or seq (an empty body "
+            "is all); answers those taken", _ref("Redelivered"), _ref("RedeliverIn"))},
         "/api/customers/{id}/limits": {"get": _operation(
             "Each limit that applies to the customer: its current period, usage and thresholds",
             _ref("CustomerLimits"), parameters=[_path_param("id")])},

@@ -38,7 +38,7 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, customers, limits, native, openmeter, streams
+from engine.http import amberflo, customers, limits, native, openmeter, streams, webhooks
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
 from engine.server import ByteBudget, check_bind
@@ -76,6 +76,7 @@ def build_router() -> Router:
     streams.add_routes(router)
     native.add_routes(router)
     openmeter.add_routes(router)
+    webhooks.add_routes(router)
     return router
 
 
@@ -101,6 +102,11 @@ class HttpServer:
     def attach(self, engine: Engine) -> None:
         """Serve ``engine`` from now on (routes answered 503 before)."""
         self.app.attach(engine)
+
+    def attach_webhooks(self, dispatcher: webhooks.WebhookDispatcher) -> None:
+        """Serve ``/webhooks/*`` and the webhook metrics from ``dispatcher``."""
+        self.app.webhooks = dispatcher
+        self.metrics.attach_webhooks(dispatcher)
 
     def shutdown(self) -> None:
         """Stop accepting; requests in flight get ``drain_timeout_s`` to finish, and open
