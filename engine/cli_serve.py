@@ -199,6 +199,7 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
               file=out, flush=True)
         if http is not None:
             http.attach(eng)
+            http.attach_tcp(server)
             url = _http_url(args, http.port)
             print(f"HTTP ready on {url} (for example: curl {url}meters)", file=out, flush=True)
         async with trio.open_nursery() as nursery:

@@ -21,6 +21,7 @@ from engine import Engine
 
 if TYPE_CHECKING:
     from engine.http.webhooks import WebhookDispatcher
+    from engine.server import MeterServer
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -61,6 +62,30 @@ class _EngineCollector(Collector):
             else:
                 family = GaugeMetricFamily(metric, help_text, value=stats[name])
             yield family
+        yield GaugeMetricFamily("meter_writes_in_flight", "Ingest batches and other write "
+                                "requests queued for the WAL or logged and not yet "
+                                "acknowledged", value=self.engine.writes_in_flight())
+
+
+class _TcpCollector(Collector):
+    def __init__(self) -> None:
+        self.server: MeterServer | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.server is None:
+            return
+        stats = self.server.statistics()
+        yield GaugeMetricFamily("meter_tcp_connections", "TCP connections open now",
+                                value=stats.connections)
+        for name, value, help_text in (
+                ("meter_tcp_connections_accepted", stats.connections_total,
+                 "TCP connections accepted"),
+                ("meter_tcp_connections_refused", stats.refused_connections,
+                 "TCP connections refused at the connection limit"),
+                ("meter_tcp_requests", stats.requests, "TCP requests answered"),
+                ("meter_tcp_protocol_errors", stats.protocol_errors,
+                 "TCP frames refused: bad frames, failed handshakes, timeouts")):
+            yield CounterMetricFamily(name, help_text, value=value)
 
 
 class _WebhookCollector(Collector):
@@ -89,6 +114,8 @@ class HttpMetrics:
         self.registry.register(self._engine)
         self._webhooks = _WebhookCollector()
         self.registry.register(self._webhooks)
+        self._tcp = _TcpCollector()
+        self.registry.register(self._tcp)
         self.requests = Counter(
             "meter_http_requests", "HTTP requests answered", ["route", "method", "status"],
             registry=self.registry)
@@ -116,6 +143,9 @@ class HttpMetrics:
 
     def attach_webhooks(self, dispatcher: WebhookDispatcher) -> None:
         self._webhooks.dispatcher = dispatcher
+
+    def attach_tcp(self, server: MeterServer) -> None:
+        self._tcp.server = server
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -41,7 +41,7 @@ from engine.auth import KeyRing
 from engine.http import amberflo, customers, limits, native, openmeter, streams, webhooks
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
-from engine.server import ByteBudget, check_bind
+from engine.server import ByteBudget, MeterServer, check_bind
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ class HttpServer:
     def attach(self, engine: Engine) -> None:
         """Serve ``engine`` from now on (routes answered 503 before)."""
         self.app.attach(engine)
+
+    def attach_tcp(self, server: MeterServer) -> None:
+        """Report ``server``'s connections and requests in ``/metrics`` too."""
+        self.metrics.attach_tcp(server)
 
     def attach_webhooks(self, dispatcher: webhooks.WebhookDispatcher) -> None:
         """Serve ``/webhooks/*`` and the webhook metrics from ``dispatcher``."""
