@@ -1,7 +1,7 @@
 """Webhooks for alerts: every alert POSTed, signed, to its limit's URL and the server's.
 
 Shell layer: trio, msgspec, the engine's public API (``Engine.subscribe``,
-``Engine.limits``) and ``engine.http``. The engine's alert log is the queue: it
+``Engine.get_limit``) and ``engine.http``. The engine's alert log is the queue: it
 is durable and ordered by ``seq``, so the dispatcher keeps only, per URL, the
 next seq it has to look at (its *cursor*), and the alerts it gave up on.
 
@@ -178,9 +178,9 @@ class WebhookDispatcher:
         urls = set()
         if self.settings.default_url is not None:
             urls.add(self.settings.default_url)
-        for limit in self.engine.limits():
-            if limit.id == alert.limit_id and limit.webhook_url is not None:
-                urls.add(limit.webhook_url)
+        limit = self.engine.get_limit(alert.limit_id)
+        if limit is not None and limit.webhook_url is not None:
+            urls.add(limit.webhook_url)
         return urls
 
     def _start_worker(self, url: str) -> None:

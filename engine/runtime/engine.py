@@ -449,6 +449,11 @@ class Engine:
                                           top))
         return found
 
+    def get_limit(self, limit_id: str) -> Limit | None:
+        """The limit ``limit_id`` as it is now, or None (sync, like ``limits()``)."""
+        limit_def = self._catalog.limit_defs.get(limit_id)
+        return None if limit_def is None else limit_def.limit
+
     def writes_in_flight(self) -> int:
         """Write requests (ingest batches, limit, meter and customer changes) queued for
         the WAL writer or waiting to be queued, plus WAL records logged but not yet
