@@ -413,17 +413,33 @@ class Engine:
         return finish_page(plan, await self._gather_partials(plan), offset, other)
 
     async def dimensions(self, meter_api_name: str, start_ms: int, end_ms: int, *,
-                         top: int = 10, customer_id: str | None = None) -> list[Dimension]:
+                         top: int = 10, customer_id: str | None = None,
+                         keys: list[str] | None = None) -> list[Dimension]:
         """The dimension keys seen on ``meter_api_name``'s events in [start, end) (head
-        and sealed history), sorted, each with its ``top`` values by usage.
-
-        Keys come from series with a bucket in the range rounded out to whole
-        minutes; values and usage are then exact queries over [start, end) grouped by
-        each key. A unique_count meter's counted dimension is not listed (queries
-        cannot group by it). ``customer_id``: only that customer's usage.
+        and sealed history; ``dimension_keys``), sorted, each with its ``top`` values by
+        usage: exact queries over [start, end) grouped by each key. ``keys``: only these
+        (each costs one query). ``customer_id``: only that customer's usage.
         """
         if type(top) is not int or top < 1:
             raise InvalidQuery(f"top must be a positive integer, got {top!r}")
+        if keys is None:
+            keys = await self.dimension_keys(meter_api_name, start_ms, end_ms,
+                                             customer_id=customer_id)
+        base = Query(meter_api_name=meter_api_name, start_ms=start_ms, end_ms=end_ms,
+                     filter={} if customer_id is None else {"customer_id": [customer_id]})
+        found = []
+        for key in keys:
+            key_plan = self._plan(msgspec.structs.replace(base, group_by=[key]))
+            found.append(finish_dimension(key_plan, await self._gather_partials(key_plan),
+                                          top))
+        return found
+
+    async def dimension_keys(self, meter_api_name: str, start_ms: int, end_ms: int, *,
+                             customer_id: str | None = None) -> list[str]:
+        """The dimension keys, sorted, of the series of ``meter_api_name`` (of
+        ``customer_id``, or all) with a bucket in [start, end) rounded out to whole
+        minutes, head and sealed blocks alike. A unique_count meter's counted dimension
+        is not listed (queries cannot group by it)."""
         base = Query(meter_api_name=meter_api_name, start_ms=start_ms, end_ms=end_ms,
                      filter={} if customer_id is None else {"customer_id": [customer_id]})
         plan = self._plan(base)
@@ -442,12 +458,7 @@ class Engine:
                 await ticket.wait()
             keys = set().union(*ticket.results)
         keys.discard(meter.unique_dimension or "")
-        found = []
-        for key in sorted(keys):
-            key_plan = self._plan(msgspec.structs.replace(base, group_by=[key]))
-            found.append(finish_dimension(key_plan, await self._gather_partials(key_plan),
-                                          top))
-        return found
+        return sorted(keys)
 
     def get_limit(self, limit_id: str) -> Limit | None:
         """The limit ``limit_id`` as it is now, or None (sync, like ``limits()``)."""
