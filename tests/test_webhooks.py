@@ -331,3 +331,24 @@ def test_the_verification_example_in_the_docs_verifies() -> None:
     assert not namespace["verify"](SECRET, header, body.replace(b"3", b"4"))
     assert not namespace["verify"](b"wrong", header, body)
     assert not namespace["verify"](SECRET, sign(SECRET, 1_000, body), body)  # too old
+
+
+async def test_an_unreadable_progress_file_is_refused_and_a_failed_save_is_survived(
+        tmp_path: Path) -> None:
+    broken = tmp_path / "webhooks.json"
+    broken.write_text("{not json")
+    receiver = Receiver()
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: NOW) as engine, \
+            receiving(receiver):
+        await engine.define_meter(Meter(name="calls"))
+        await engine.add_limit(Limit(id="l", meter_api_name="calls", thresholds=[1, 2],
+                                     webhook_url=receiver.url))
+        refusing = WebhookDispatcher(engine, WebhookSettings(secret=SECRET, state_path=broken))
+        with pytest.raises(ValueError, match="unreadable"):
+            await refusing.run()
+        # A directory that does not exist: every save fails; deliveries go on.
+        nowhere = tmp_path / "missing" / "webhooks.json"
+        async with dispatching(engine, state_path=nowhere) as dispatcher:
+            await usage(engine, "acme", 2)
+            await until(lambda: receiver.accepted() == [0, 1])
+            assert dispatcher.save_failures >= 2 and not nowhere.exists()

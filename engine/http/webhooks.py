@@ -38,6 +38,7 @@ import msgspec
 import trio
 
 from engine import Alert, Engine
+from engine.errors import EngineClosed
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json, encode_json
 from engine.http.errors import HttpError
@@ -143,7 +144,7 @@ class WebhookDispatcher:
         self._nursery: trio.Nursery | None = None
         self._workers: set[str] = set()
         self._scope = trio.CancelScope()
-        self.delivered = self.failed_attempts = 0
+        self.delivered = self.failed_attempts = self.save_failures = 0
 
     # ------------------------------------------------------------------ running
 
@@ -191,8 +192,17 @@ class WebhookDispatcher:
 
     async def _discover(self) -> None:
         """Find the URLs of limits: each starts at the first alert that names it."""
-        assert self.progress.discovered_seq is not None
-        async with self.engine.subscribe(self.progress.discovered_seq) as subscription:
+        while True:
+            try:
+                await self._discover_from(self.progress.discovered_seq or 0)
+            except EngineClosed:
+                return
+            except Exception:
+                log.exception("webhooks: the discovery of URLs failed; starting again")
+                await trio.sleep(self.settings.backoff_max_s)
+
+    async def _discover_from(self, seq: int) -> None:
+        async with self.engine.subscribe(seq) as subscription:
             async for alert in subscription:
                 new = [url for url in self.targets(alert) if url not in self.progress.cursors]
                 self.progress.discovered_seq = alert.seq + 1
@@ -204,14 +214,23 @@ class WebhookDispatcher:
                         self._start_worker(url)
 
     async def _worker(self, url: str) -> None:
-        async with self.engine.subscribe(self.progress.cursors[url]) as subscription:
-            async for alert in subscription:
-                if url in self.targets(alert):
-                    await self._deliver(url, alert)
-                    self.progress.cursors[url] = alert.seq + 1
-                    await self.save()
-                else:  # nothing to do: saved with the next delivery (or looked at again)
-                    self.progress.cursors[url] = alert.seq + 1
+        """One URL's deliveries, in seq order. An unexpected error stops this URL only, for
+        a while: the worker starts again from its cursor (so it skips nothing)."""
+        while True:
+            try:
+                async with self.engine.subscribe(self.progress.cursors[url]) as subscription:
+                    async for alert in subscription:
+                        if url in self.targets(alert):
+                            await self._deliver(url, alert)
+                            self.progress.cursors[url] = alert.seq + 1
+                            await self.save()
+                        else:  # nothing to send: saved with the next delivery
+                            self.progress.cursors[url] = alert.seq + 1
+            except EngineClosed:
+                return  # the engine is closing: nothing more to deliver
+            except Exception:
+                log.exception("webhook %s: the worker failed; starting again", url)
+                await trio.sleep(self.settings.backoff_max_s)
 
     async def _deliver(self, url: str, alert: Alert) -> bool:
         """Until a 2xx answer (True) or the retry time is over: then parked (False)."""
@@ -277,16 +296,28 @@ class WebhookDispatcher:
         path = self.settings.state_path
         if path is None or not path.exists():
             return Progress()
-        return msgspec.json.decode(path.read_bytes(), type=Progress)
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=Progress)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Without it nobody knows which alerts each URL got: refuse to guess.
+            raise ValueError(f"the webhook progress file {str(path)!r} is unreadable "
+                             f"({exc}); restore it, or remove it to deliver only alerts "
+                             "raised from now on") from None
 
     async def save(self) -> None:
-        """Write the progress durably (no-op without a ``state_path``)."""
+        """Write the progress durably (no-op without a ``state_path``). A failed write
+        is logged and counted, and deliveries go on: the saved cursors are then behind,
+        which after a restart means alerts sent again, never skipped."""
         path = self.settings.state_path
         if path is None:
             return
         async with self._save_lock:
             raw = msgspec.json.encode(self.progress)
-            await trio.to_thread.run_sync(_write_atomically, path, raw)
+            try:
+                await trio.to_thread.run_sync(_write_atomically, path, raw)
+            except OSError as exc:
+                self.save_failures += 1
+                log.error("webhook progress not saved to %s: %s", path, exc)
 
 
 def _write_atomically(path: Path, raw: bytes) -> None:
