@@ -362,3 +362,19 @@ async def test_an_unreadable_progress_file_is_refused_and_a_failed_save_is_survi
             await usage(engine, "acme", 2)
             await until(lambda: receiver.accepted() == [0, 1])
             assert dispatcher.save_failures >= 2 and not nowhere.exists()
+
+
+async def test_alerts_raised_before_the_dispatcher_runs_are_not_left_out() -> None:
+    receiver = Receiver()
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: NOW) as engine, \
+            receiving(receiver):
+        await engine.define_meter(Meter(name="calls"))
+        first = engine.next_alert_seq()  # as meter serve takes it, before serving
+        await engine.add_limit(Limit(id="l", meter_api_name="calls", thresholds=[1, 2]))
+        await usage(engine, "acme", 2)  # two alerts before the dispatcher starts
+        dispatcher = WebhookDispatcher(engine, WebhookSettings(
+            secret=SECRET, default_url=receiver.url, **FAST), start_seq=first)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            await until(lambda: receiver.accepted() == [0, 1])
+            nursery.cancel_scope.cancel()

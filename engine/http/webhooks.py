@@ -132,7 +132,11 @@ class WebhookDispatcher:
     stops when cancelled (a delivery in flight is simply tried again after a restart)."""
 
     def __init__(self, engine: Engine, settings: WebhookSettings, *,
-                 post: Post = post_json, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 post: Post = post_json, clock_ms: Callable[[], int] = wall_clock_ms,
+                 start_seq: int | None = None) -> None:
+        """``start_seq``: where a URL with no saved progress starts (default: the next
+        alert when ``run`` starts); take it before the engine serves anyone, so that
+        no alert raised before the dispatcher runs is left out."""
         if not settings.secret:
             raise ValueError("webhooks need a secret to sign with")
         self.engine = engine
@@ -144,13 +148,14 @@ class WebhookDispatcher:
         self._nursery: trio.Nursery | None = None
         self._workers: set[str] = set()
         self._scope = trio.CancelScope()
+        self._start_seq = start_seq
         self.delivered = self.failed_attempts = self.save_failures = 0
 
     # ------------------------------------------------------------------ running
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.progress = await trio.to_thread.run_sync(self._load)
-        start_seq = self.engine.next_alert_seq()
+        start_seq = self.engine.next_alert_seq() if self._start_seq is None else self._start_seq
         if self.progress.discovered_seq is None:
             self.progress.discovered_seq = start_seq
         default = self.settings.default_url
