@@ -23,10 +23,11 @@ from engine.http.amberflo import (
 )
 from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
+from engine.http.explorer import openapi_paths as explorer_paths
 from engine.http.limits import AlertPage, CustomerLimits, LimitIn
 from engine.http.native import Health, QueryIn, Ready
 from engine.http.streams import StatsEvent, StreamToken
-from engine.schema import Limit, QueryResult
+from engine.schema import Limit, Meter, QueryResult
 
 REF = "#/components/schemas/{name}"
 # {}: no key is needed when the server has none configured.
@@ -91,7 +92,7 @@ def _numbers_for_decimals(node: Any) -> Any:
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
              QueryResult, Health, Ready, ErrorBody, CustomerIn, CustomerOut, NoCustomer, Limit,
-             LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent)
+             LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent, Meter)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -180,6 +181,7 @@ def build_document() -> dict[str, Any]:
         "/metrics": {"get": _operation("Prometheus text format", text, ok_type="text/plain")},
         "/openapi.json": {"get": _operation("This document", {"type": "object"},
                                             secured=False)},
+        **explorer_paths(),
     }
     return {
         "openapi": "3.1.0",

@@ -38,7 +38,7 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, customers, limits, native, streams
+from engine.http import amberflo, customers, explorer, limits, native, streams
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
 from engine.server import ByteBudget, check_bind
@@ -75,6 +75,7 @@ def build_router() -> Router:
     limits.add_routes(router)
     streams.add_routes(router)
     native.add_routes(router)
+    explorer.add_routes(router)
     return router
 
 
