@@ -61,27 +61,6 @@
     const [whole, fraction = ""] = s.split(".");
     return { negative, whole: whole || "0", fraction };
   }
-  function toScaled(text, scale) {
-    const { negative, whole, fraction } = splitDecimal(text);
-    const digits = BigInt(whole + fraction.padEnd(scale, "0"));
-    return negative ? -digits : digits;
-  }
-  function scaleOf(text) { return splitDecimal(text).fraction.length; }
-  function fromScaled(value, scale) {
-    const negative = value < 0n;
-    let digits = (negative ? -value : value).toString().padStart(scale + 1, "0");
-    let text = scale ? digits.slice(0, -scale) + "." + digits.slice(-scale) : digits;
-    if (scale) text = text.replace(/0+$/, "").replace(/\.$/, "");
-    return (negative && text !== "0" ? "-" : "") + text;
-  }
-  function exactSum(values) {
-    const scale = Math.max(0, ...values.map(scaleOf));
-    return fromScaled(values.reduce((acc, v) => acc + toScaled(v, scale), 0n), scale);
-  }
-  function exactSub(a, b) {
-    const scale = Math.max(scaleOf(a), scaleOf(b));
-    return fromScaled(toScaled(a, scale) - toScaled(b, scale), scale);
-  }
   function formatExact(text) {
     if (text === null || text === undefined) return "–";
     const { negative, whole, fraction } = splitDecimal(text);
@@ -327,7 +306,6 @@
           $("key-button").hidden = false;
           keyPrompt = null;
           resolve();
-          restartStreams();
         };
       });
     }
@@ -344,19 +322,22 @@
     return metersCache;
   }
   const dimensionsCache = new Map();
-  // The dimension keys a meter has seen and their top values: {key: [value, …]}.
-  async function dimensions(meter) {
-    if (!dimensionsCache.has(meter)) {
+  // The dimension keys a meter has seen in [startMs, endMs) and their top values:
+  // {key: [value, …]}.
+  async function dimensions(meter, startMs, endMs) {
+    const cacheKey = `${meter}|${startMs}|${endMs}`;
+    if (!dimensionsCache.has(cacheKey)) {
       let keys = {};
       try {
-        const answer = (await api("GET", `/api/meters/${encodeURIComponent(meter)}/dimensions`)).data;
+        const answer = (await api("GET", `/api/meters/${encodeURIComponent(meter)}/dimensions` +
+          `?startMs=${startMs}&endMs=${endMs}&top=20`)).data;
         keys = readDimensions(answer);
       } catch (error) {
         if (!(error instanceof ApiError) || error.status !== 404 || error.code === "unknown_meter") throw error;
       }
-      dimensionsCache.set(meter, keys);
+      dimensionsCache.set(cacheKey, keys);
     }
-    return dimensionsCache.get(meter);
+    return dimensionsCache.get(cacheKey);
   }
   function readDimensions(answer) {
     const keys = {};
@@ -492,12 +473,6 @@
     $("customer-view").hidden = true;
     const meter = await chooseMeter(current);
     if (!meter) return;
-    const dims = await dimensions(meter.name);
-    if (!current()) return;
-    fillGroupAndFilterControls(meter, dims);
-    $("chart-kind").value = chartKind(meter);
-    $("usage-view").hidden = false;
-
     const s = state;
     const [startMs, endMs] = resolveRange(s, Date.now());
     if (!(startMs < endMs)) {
@@ -506,6 +481,11 @@
       finished("error");
       return;
     }
+    const dims = await dimensions(meter.name, startMs, endMs);
+    if (!current()) return;
+    fillGroupAndFilterControls(meter, dims);
+    $("chart-kind").value = chartKind(meter);
+    $("usage-view").hidden = false;
     const groupBy = s.group.filter((k) => k === "customer_id" || k in dims || s.group.includes(k));
     const filter = filterMap(s);
     const base = { meterApiName: meter.name, startMs, endMs, timezone: s.tz, groupBy, filter };
@@ -521,7 +501,9 @@
     const totalRows = totals.data.rows;
     const grandValue = grand ? (grand.data.rows[0]?.value ?? "0") : (totalRows[0]?.value ?? "0");
     const moreGroups = totalRows.length > TABLE_PAGE;
-    const groupsKnown = s.page === 0 && !moreGroups ? totalRows.length : null;
+    // groupCount: every group before paging (a server without it: what the first page shows).
+    const groupsKnown = typeof totals.data.groupCount === "number" ? totals.data.groupCount
+      : s.page === 0 && !moreGroups ? totalRows.length : null;
 
     const windows = windowStarts(startMs, endMs, s.window, s.tz);
     const windowCount = windows.length > MAX_POINTS ? estimatedWindows(startMs, endMs, s.window) : windows.length;
@@ -531,12 +513,15 @@
     const points = windowCount * seriesCount;
 
     renderSummary(meter, grandValue, groupBy, groupsKnown, moreGroups || s.page > 0, startMs, endMs, points);
-    renderTable(meter, groupBy, totalRows.slice(0, TABLE_PAGE), grandValue, moreGroups);
+    renderTable(meter, groupBy, totalRows.slice(0, TABLE_PAGE), grandValue, moreGroups, groupsKnown);
     lastView = { meter: meter.name, aggregation: totals.data.aggregation, startMs, endMs, window: s.window,
       timezone: s.tz, groupBy, filter, totals: totalRows.slice(0, TABLE_PAGE), grandTotal: grandValue,
       windows: [], series: [], points, answers: {} };
     window.explorer.view = lastView;
 
+    $("chart-title").textContent = `${meter.name} by ${s.window}`;
+    $("chart-note").textContent = "";
+    $("download-csv").disabled = $("download-json").disabled = true;
     if (points > MAX_POINTS) {
       const coarser = WINDOWS.slice(WINDOWS.indexOf(s.window) + 1)
         .find((w) => estimatedWindows(startMs, endMs, w) * seriesCount <= MAX_POINTS);
@@ -564,50 +549,35 @@
     if (!current()) return;
     lastView.answers.series = series.text;
     drawUsageChart(meter, windows, groupBy, series, groupCount > topN);
+    $("download-csv").disabled = $("download-json").disabled = false;
     finished("ready");
   }
 
-  // The top groups per window, plus "other": every other group, exactly, per window.
+  // The top groups per window, plus "other": every other group together, exactly, per
+  // window (the server's "other" rows, so it is right for max, min and averages too).
   async function seriesQuery(meter, base, groupBy, topN, hasOther) {
     if (!groupBy.length) {
       const answer = await query({ ...base, window: state.window });
       return { rows: answer.data.rows, other: null, text: answer.text };
     }
-    const answer = await query({ ...base, window: state.window, take: { limit: topN, other: hasOther } });
-    let other = null;
-    if (hasOther) {
-      other = otherFromAnswer(answer.data, groupBy);
-      if (!other && ADDITIVE.has(meter.aggregation)) {
-        // An older server without the other row: for sum and count, other = all − top, exactly.
-        const all = await query({ ...base, window: state.window, groupBy: [] });
-        other = new Map(all.data.rows.map((r) => [r.windowStartMs, r.value]));
-        for (const row of answer.data.rows) {
-          if (isOtherRow(row, groupBy)) continue;
-          other.set(row.windowStartMs, exactSub(other.get(row.windowStartMs) ?? "0", row.value));
-        }
-      }
-    }
-    return { rows: answer.data.rows.filter((r) => !isOtherRow(r, groupBy)), other, text: answer.text };
-  }
-  function isOtherRow(row, groupBy) { return row.other === true || (row.group && row.group.__other__); }
-  function otherFromAnswer(data, groupBy) {
-    const rows = Array.isArray(data.other) ? data.other : data.rows.filter((r) => isOtherRow(r, groupBy));
-    if (!rows.length && !Array.isArray(data.other)) return null;
-    return new Map(rows.map((r) => [r.windowStartMs, r.value]));
+    const answer = await query({ ...base, window: state.window, take: { limit: topN }, other: hasOther });
+    const other = Array.isArray(answer.data.other)
+      ? new Map(answer.data.other.map((r) => [r.windowStartMs, r.value])) : null;
+    return { rows: answer.data.rows, other, text: answer.text };
   }
 
   function renderSummary(meter, grandValue, groupBy, groupsKnown, paged, startMs, endMs, points) {
     const cards = [stat(`Total ${meter.aggregation}`, formatExact(grandValue), "summary-total")];
     if (groupBy.length) {
       cards.push(stat(groupNoun(groupBy, true),
-        groupsKnown !== null ? String(groupsKnown) : "more than " + TABLE_PAGE, "summary-groups"));
+        groupsKnown !== null ? groupsKnown.toLocaleString("en-US") : "more than " + TABLE_PAGE, "summary-groups"));
     }
     cards.push(stat("Range", formatRange(startMs, endMs, state.tz), "summary-range", true));
-    cards.push(stat("Points drawn", points.toLocaleString("en-US"), "summary-points"));
+    cards.push(stat(points > MAX_POINTS ? "Points (over the limit)" : "Points drawn", points.toLocaleString("en-US"), "summary-points"));
     $("summary").replaceChildren(...cards);
   }
 
-  function renderTable(meter, groupBy, rows, grandValue, more) {
+  function renderTable(meter, groupBy, rows, grandValue, more, groupCount) {
     const s = state;
     const head = $("totals").tHead;
     const body = $("totals").tBodies[0];
@@ -648,7 +618,8 @@
       ? `${s.order === "asc" ? "quietest" : "busiest"} first · ${TABLE_PAGE} per page` : "";
     $("page-prev").disabled = s.page === 0;
     $("page-next").disabled = !more;
-    $("page-label").textContent = `Page ${s.page + 1}`;
+    $("page-label").textContent = groupCount === null ? `Page ${s.page + 1}`
+      : `Page ${s.page + 1} of ${Math.max(1, Math.ceil(groupCount / TABLE_PAGE))} · ${groupCount.toLocaleString("en-US")} groups`;
     $("pager").hidden = !groupBy.length;
   }
 
@@ -766,6 +737,12 @@
     if (main) {
       chart = instance;
       window.explorer.chart = instance;
+      if (stacked) {
+        // The legend reads busiest first, whatever order the stack is drawn in.
+        const rows = [...container.querySelectorAll(".u-legend .u-series")];
+        const parent = rows[0]?.parentNode;
+        for (const row of rows.slice(1).reverse()) parent.append(row);
+      }
       makeLegendKeyboardFriendly(container);
     }
     return instance;
@@ -880,8 +857,11 @@
     $("customer-note").textContent = `${formatRange(startMs, endMs, s.tz)} · by ${s.window} · ${s.tz}`;
     const filter = { customer_id: [customer] };
     const [usages, limits, alerts] = await Promise.all([
-      Promise.all(all.map((m) => query({ meterApiName: m.name, startMs, endMs, window: s.window,
-        timezone: s.tz, groupBy: [], filter }).then((a) => ({ meter: m, rows: a.data.rows, text: a.text })))),
+      Promise.all(all.map(async (m) => {
+        const body = { meterApiName: m.name, startMs, endMs, timezone: s.tz, groupBy: [], filter };
+        const [series, whole] = await Promise.all([query({ ...body, window: s.window }), query({ ...body, window: null })]);
+        return { meter: m, rows: series.data.rows, total: whole.data.rows[0]?.value ?? null };
+      })),
       api("GET", `/api/customers/${encodeURIComponent(customer)}/limits`).then((a) => a.data),
       customerAlerts(customer),
     ]);
@@ -890,11 +870,11 @@
     const cards = [];
     const used = usages.filter((u) => u.rows.length);
     for (const usage of used) {
-      const total = ADDITIVE.has(usage.meter.aggregation) ? exactSum(usage.rows.map((r) => r.value)) : null;
+      const total = usage.total;
       const holder = el("div", { class: "mini-chart" });
       const card = el("div", { class: "meter-card", "data-meter": usage.meter.name, "data-total": total ?? "" },
         el("div", { class: "card-head" }, el("h2", { text: usage.meter.name }),
-          el("span", { class: "muted", text: usage.meter.aggregation }), el("span", { class: "spacer" }),
+          el("span", { class: "muted", text: `${usage.meter.aggregation} over the range` }), el("span", { class: "spacer" }),
           el("a", { href: "/" + stateQuery({ ...s, view: "usage", meter: usage.meter.name, filters: [["customer_id", customer]] }), text: "explore →" })),
         el("div", { class: "total", text: total === null ? "" : formatExact(total) }), holder);
       cards.push([card, holder, usage]);
@@ -912,7 +892,7 @@
     }
     renderLimits(limits);
     renderCustomerAlerts(alerts);
-    window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows })), limits, alerts };
+    window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts };
     finished(cards.length ? "ready" : "empty");
   }
 
@@ -928,8 +908,10 @@
       const reached = new Set(status.reached);
       const over = status.reached.length > 0;
       const percent = (v) => Math.min(100, (Number(v) / top) * 100);
-      const period = status.limit.period === "total" ? "all time"
-        : `${status.limit.period}: ${formatRange(status.periodStartMs, status.periodEndMs, status.limit.timezone || "UTC")}`;
+      // The engine's Limit leaves its defaults out: period "day", time zone UTC.
+      const periodName = status.limit.period || "day";
+      const period = periodName === "total" ? "all time"
+        : `${periodName}: ${formatRange(status.periodStartMs, status.periodEndMs, status.limit.timezone || "UTC")}`;
       return el("div", { class: "limit" + (over ? " over" : ""), "data-limit": status.limit.id, "data-usage": status.usage },
         el("div", {}, el("strong", { text: status.limit.id }), el("div", { class: "muted", text: `${status.limit.meterApiName} · ${period}` })),
         el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": String(top), "aria-valuenow": String(Number(status.usage)),
@@ -1178,7 +1160,7 @@
     $("brand").addEventListener("click", (e) => { e.preventDefault(); history.pushState(null, "", "/"); state = readState(); render(); });
     $("download-csv").addEventListener("click", () => lastView && download(viewFileName(lastView, "csv"), "text/csv", viewCsv(lastView)));
     $("download-json").addEventListener("click", () => lastView && download(viewFileName(lastView, "json"), "application/json", viewJson(lastView)));
-    $("key-button").addEventListener("click", () => askForKey("").then(() => render()));
+    $("key-button").addEventListener("click", () => askForKey("").then(() => { restartStreams(); render(); }));
     addEventListener("popstate", () => { state = readState(); render(); });
     const zones = typeof Intl.supportedValuesOf === "function" ? Intl.supportedValuesOf("timeZone") : [];
     $("tz-list").replaceChildren(...["UTC", ...zones].map((z) => el("option", { value: z })));
