@@ -175,3 +175,39 @@ class Customer(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     extra: dict[str, Any] = {}
     created_ms: int = 0
     updated_ms: int = 0
+
+
+class QueryPage(msgspec.Struct, frozen=True, rename="camel"):
+    """A page of a query's groups (``Engine.query_page``).
+
+    ``result`` holds the rows of the groups ranked ``offset`` to
+    ``offset + take.limit - 1`` (every group without ``take``); ``other``, when
+    asked for, one row per window (group ``{}``) with the exact aggregate of every
+    group not in the page; ``group_count`` counts the groups before paging.
+    """
+
+    result: QueryResult
+    other: list[Row] | None
+    group_count: int
+    offset: int = 0
+
+
+class DimensionValue(msgspec.Struct, frozen=True, rename="camel"):
+    """One value of a dimension key and the meter's usage over the events holding it."""
+
+    value: str
+    usage: int | Decimal
+
+
+class Dimension(msgspec.Struct, frozen=True, rename="camel"):
+    """A dimension key seen on a meter's events (``Engine.dimensions``).
+
+    ``values`` are its top values by usage (best first, ties by value);
+    ``value_count`` counts its distinct values; ``other`` is the exact usage of
+    every value not in ``values`` together (None when there is none).
+    """
+
+    key: str
+    value_count: int
+    values: list[DimensionValue]
+    other: int | Decimal | None = None

@@ -20,7 +20,7 @@ from engine.domain.meters import MeterDef
 from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
 from engine.errors import InvalidQuery
-from engine.schema import Query, QueryResult, Row, Take
+from engine.schema import Dimension, DimensionValue, Query, QueryPage, QueryResult, Row, Take
 
 MAX_GROUP_BY = 8
 
@@ -174,3 +174,113 @@ def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take
     sign = 1 if take.ascending else -1
     ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
     return {g: i for i, g in enumerate(ranked[: take.limit])}
+
+
+# ------------------------------------------------------- pages, other rows, dimensions
+
+
+def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
+                         ) -> dict[tuple[int, tuple[Any, ...]], Any]:
+    """Every shard's partials merged per (span index, group); call inside ``EXACT``."""
+    kind = plan.meter.kind
+    merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    for partials in shard_partials:
+        for key, partial in partials.items():
+            existing = merged.get(key)
+            merged[key] = partial if existing is None else merge_partial(kind, existing, partial)
+    return merged
+
+
+def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
+                    ascending: bool) -> list[tuple[Any, ...]]:
+    """Every group, best first by its total over all spans (ties by group order)."""
+    totals: dict[tuple[Any, ...], Any] = {}
+    for (_, group), partial in merged.items():
+        existing = totals.get(group)
+        totals[group] = (copy_partial(kind, partial) if existing is None
+                         else merge_partial(kind, existing, partial))
+    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    sign = 1 if ascending else -1
+    return sorted(finals, key=lambda g: (sign * finals[g], _group_order(g)))
+
+
+def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: int,
+                with_other: bool) -> QueryPage:
+    """Like ``finish_query``, with paging and the exact aggregate of the rest.
+
+    With ``take``, the groups ranked ``offset`` to ``offset + take.limit - 1`` (from
+    0) by their total over the range; without it, every group (``offset`` must be
+    0). ``other`` (when asked for) has one row per span: the aggregate of every
+    group *not* in the page, merged from their partials, so it is exact for every
+    aggregation (unique_count counts the distinct values over all those groups
+    together, not a sum of their counts); a span where no such group has usage has
+    no row. ``group_count`` is the number of groups before paging.
+    """
+    if type(offset) is not int or offset < 0:
+        raise InvalidQuery(f"take.offset must be a non-negative integer, got {offset!r}")
+    take = plan.query.take
+    if take is None and offset:
+        raise InvalidQuery("take.offset needs take.limit")
+    kind = plan.meter.kind
+    with localcontext(EXACT):
+        merged = merge_shard_partials(plan, shard_partials)
+        groups = {group for _, group in merged}
+        if take is None:
+            rank = {group: index for index, group in
+                    enumerate(sorted(groups, key=_group_order))}
+        else:
+            ranked = rank_all_groups(kind, merged, take.ascending)
+            rank = {group: index for index, group in
+                    enumerate(ranked[offset:offset + take.limit])}
+        rows = []
+        rest: dict[int, Any] = {}
+        for (span, group), partial in merged.items():
+            if group in rank:
+                rows.append((span, rank[group], group, finalize(kind, partial)))
+            elif with_other:
+                existing = rest.get(span)
+                rest[span] = (copy_partial(kind, partial) if existing is None
+                              else merge_partial(kind, existing, partial))
+        other = [Row(plan.labels_ms[span], {}, finalize(kind, rest[span]))
+                 for span in sorted(rest)]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    query = plan.query
+    result = QueryResult(
+        meter_api_name=query.meter_api_name,
+        aggregation=plan.meter.meter.aggregation,
+        start_ms=query.start_ms,
+        end_ms=query.end_ms,
+        window=query.window,
+        timezone=query.timezone,
+        rows=[Row(plan.labels_ms[span], dict(zip(plan.group_by, group, strict=True)), value)
+              for span, _, group, value in rows],
+    )
+    return QueryPage(result=result, other=other if with_other else None,
+                     group_count=len(groups), offset=offset)
+
+
+def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top: int
+                     ) -> Dimension:
+    """The ``top`` values of the one key ``plan`` groups by, by usage over its range.
+
+    Usage is the meter's own aggregation over the events holding that value; ties
+    go by value. Events without the key are left out. ``other`` is the exact
+    aggregate over every value not in the top (None when there is none).
+    """
+    (key,) = plan.group_by
+    kind = plan.meter.kind
+    with localcontext(EXACT):
+        merged = {group_key: partial for group_key, partial in
+                  merge_shard_partials(plan, shard_partials).items()
+                  if group_key[1][0] is not None}
+        ranked = rank_all_groups(kind, merged, ascending=False)
+        totals = {group: partial for (_, group), partial in merged.items()}  # one span
+        values = [DimensionValue(group[0], finalize(kind, totals[group]))
+                  for group in ranked[:top]]
+        rest: Any = None
+        for group in ranked[top:]:
+            partial = totals[group]
+            rest = copy_partial(kind, partial) if rest is None else merge_partial(
+                kind, rest, partial)
+        other = None if rest is None else finalize(kind, rest)
+    return Dimension(key=key, value_count=len(ranked), values=values, other=other)

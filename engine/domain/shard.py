@@ -297,6 +297,43 @@ class ShardState:
         """This shard's state as plain records, in a canonical order."""
         return _export_meters(self.meters, canonical)
 
+    # ------------------------------------------------------------ dimensions
+
+    def dimension_keys(self, meter: MeterDef, start_ms: int, end_ms: int,
+                       customers: frozenset[str] | None = None) -> set[str]:
+        """The dimension keys of the series of ``meter`` (of ``customers``, or all) with
+        a bucket in [start, end) rounded out to whole minutes: head, deltas and the
+        sealed blocks of the days the range touches."""
+        first, last = start_ms // MINUTE_MS, -(-end_ms // MINUTE_MS)
+        if first >= last:
+            return set()
+        sources = [part[meter.name] for part in (self.meters, self.deltas)
+                   if meter.name in part]
+        if first < self.sealed_before_minute:
+            days = self.blocks.days(meter.name)
+            for day in days[bisect_left(days, first // 1440):
+                            bisect_right(days, (last - 1) // 1440)]:
+                block = self.blocks.load(meter, day)
+                if block is not None:
+                    sources.append(block)
+        keys: set[str] = set()
+        done: set[int] = set()  # id(dims) already in ``keys``: series share dims tuples
+        for source in sources:
+            if customers is None:
+                candidates: list[Series] = list(source.series.values())
+            else:
+                candidates = [series for customer in customers
+                              for series in source.by_customer.get(customer, ())]
+            for series in candidates:
+                if not series.dims or id(series.dims) in done:
+                    continue
+                minutes = series.minutes
+                lo = bisect_left(minutes, first)
+                if lo < len(minutes) and minutes[lo] < last:
+                    done.add(id(series.dims))
+                    keys.update(key for key, _ in series.dims)
+        return keys
+
 
 def _export_meters(meters: dict[str, MeterShard], canonical: bool = True) -> list[MeterPart]:
     parts = []

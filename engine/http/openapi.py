@@ -25,9 +25,16 @@ from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
 from engine.http.explorer import openapi_paths as explorer_paths
 from engine.http.limits import AlertPage, CustomerLimits, LimitIn
-from engine.http.native import Health, QueryIn, Ready
+from engine.http.native import (
+    DIMENSIONS_MAX_TOP,
+    DimensionsOut,
+    Health,
+    QueryIn,
+    QueryOut,
+    Ready,
+)
 from engine.http.streams import StatsEvent, StreamToken
-from engine.schema import Limit, Meter, QueryResult
+from engine.schema import Limit, Meter
 
 REF = "#/components/schemas/{name}"
 # {}: no key is needed when the server has none configured.
@@ -91,8 +98,9 @@ def _numbers_for_decimals(node: Any) -> Any:
 
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
-             QueryResult, Health, Ready, ErrorBody, CustomerIn, CustomerOut, NoCustomer, Limit,
-             LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent, Meter)
+             QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
+             NoCustomer, Limit, LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent,
+             Meter)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -173,8 +181,19 @@ def build_document() -> dict[str, Any]:
         "/api/stream-token": {"post": _operation(
             "A short-lived token for ?token= on the streams, with this key's scopes and "
             "customer", _ref("StreamToken"))},
-        "/api/query": {"post": _operation("The engine's own query", _ref("QueryResult"),
-                                          _ref("QueryIn"))},
+        "/api/query": {"post": _operation(
+            "The engine's own query; take.offset pages through the ranked groups, other: true "
+            "adds the exact aggregate of every group outside the page", _ref("QueryOut"),
+            _ref("QueryIn"))},
+        "/api/meters/{name}/dimensions": {"get": _operation(
+            "The dimension keys seen on the meter's events in [startMs, endMs) (default: the "
+            "30 UTC days up to today), each with its top values by usage; 404 if the meter "
+            "is unknown", _ref("DimensionsOut"), parameters=[
+                _path_param("name"),
+                _query_param("startMs", {"type": "integer", "minimum": 0}),
+                _query_param("endMs", {"type": "integer", "minimum": 0}),
+                _query_param("top", {"type": "integer", "minimum": 1,
+                                     "maximum": DIMENSIONS_MAX_TOP})])},
         "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},
         "/readyz": {"get": _operation("Recovery has ended; requests are served",
                                       _ref("Ready"), secured=False)},

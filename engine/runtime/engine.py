@@ -28,14 +28,21 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
+import msgspec
 import trio
 
 from engine.domain import records
 from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.limits import LimitError, check_limit, period_bounds
 from engine.domain.meters import IngestRules, check_meter, merge_meter
-from engine.domain.query import finish_query, plan_query
-from engine.errors import InvalidRequest, UnknownMeter
+from engine.domain.query import (
+    QueryPlan,
+    finish_dimension,
+    finish_page,
+    finish_query,
+    plan_query,
+)
+from engine.errors import InvalidQuery, InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub, AlertSubscription
@@ -53,11 +60,13 @@ from engine.runtime.writer import WalWriter
 from engine.schema import (
     Backup,
     Customer,
+    Dimension,
     Event,
     IngestAck,
     Limit,
     Meter,
     Query,
+    QueryPage,
     QueryResult,
 )
 from engine.storage import LmdbStore, Store
@@ -392,6 +401,79 @@ class Engine:
         shards = [shard_part(actor.state) for actor in self._actors]
         engine_state = self._catalog.engine_state(self._hub.next_seq)
         return records.encode([shards, engine_state])
+
+    # ------------------------------------------- pages and dimensions (the explorer's)
+
+    async def query_page(self, query: Query, *, offset: int = 0,
+                         other: bool = False) -> QueryPage:
+        """``query`` with paging: the groups ranked ``offset`` .. ``offset + take.limit - 1``
+        and, with ``other=True``, the exact aggregate of every other group per window
+        (``engine.domain.query.finish_page``)."""
+        plan = self._plan(query)
+        return finish_page(plan, await self._gather_partials(plan), offset, other)
+
+    async def dimensions(self, meter_api_name: str, start_ms: int, end_ms: int, *,
+                         top: int = 10, customer_id: str | None = None) -> list[Dimension]:
+        """The dimension keys seen on ``meter_api_name``'s events in [start, end) (head
+        and sealed history), sorted, each with its ``top`` values by usage.
+
+        Keys come from series with a bucket in the range rounded out to whole
+        minutes; values and usage are then exact queries over [start, end) grouped by
+        each key. A unique_count meter's counted dimension is not listed (queries
+        cannot group by it). ``customer_id``: only that customer's usage.
+        """
+        if type(top) is not int or top < 1:
+            raise InvalidQuery(f"top must be a positive integer, got {top!r}")
+        base = Query(meter_api_name=meter_api_name, start_ms=start_ms, end_ms=end_ms,
+                     filter={} if customer_id is None else {"customer_id": [customer_id]})
+        plan = self._plan(base)
+        meter = plan.meter
+        keys: set[str] = set()
+        shards = [] if not plan.cuts_ms else (
+            list(range(self.shard_count)) if plan.customers is None
+            else sorted({self._route(customer) for customer in plan.customers}))
+        if shards:
+            ticket: messages.GatherTicket[set[str]] = messages.GatherTicket(len(shards))
+            with self._lifecycle.waiting(ticket):
+                with closed_channel_is_closed_engine():
+                    for shard in shards:
+                        await self._mailboxes[shard][0].send(messages.FindDimensionKeys(
+                            meter, plan.cuts_ms[0], plan.cuts_ms[-1], plan.customers, ticket))
+                await ticket.wait()
+            keys = set().union(*ticket.results)
+        keys.discard(meter.unique_dimension or "")
+        found = []
+        for key in sorted(keys):
+            key_plan = self._plan(msgspec.structs.replace(base, group_by=[key]))
+            found.append(finish_dimension(key_plan, await self._gather_partials(key_plan),
+                                          top))
+        return found
+
+    def _plan(self, query: Query) -> QueryPlan:
+        self._lifecycle.check_open()
+        if type(query) is not Query:
+            raise InvalidRequest(f"expected a Query, got {type(query).__name__}")
+        meter = self._catalog.meter_defs.get(query.meter_api_name)
+        if meter is None:
+            raise UnknownMeter(f"unknown meter {query.meter_api_name!r}")
+        return plan_query(query, meter)
+
+    async def _gather_partials(self, plan: QueryPlan) -> list[messages.Partials]:
+        """Every owning shard's partials for ``plan`` (as ``query`` gathers them)."""
+        if not plan.cuts_ms:
+            return []
+        if plan.customers is not None:
+            shards = sorted({self._route(customer) for customer in plan.customers})
+        else:
+            shards = list(range(self.shard_count))
+        ticket: messages.GatherTicket[messages.Partials] = messages.GatherTicket(len(shards))
+        if shards:
+            with self._lifecycle.waiting(ticket):
+                with closed_channel_is_closed_engine():
+                    for shard in shards:
+                        await self._mailboxes[shard][0].send(messages.RunQuery(plan, ticket))
+                await ticket.wait()
+        return ticket.results
 
 
 @asynccontextmanager

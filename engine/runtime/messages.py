@@ -177,7 +177,19 @@ class FindCustomers:
     ticket: GatherTicket[set[str]]
 
 
-ShardMessage = ApplyGroup | RunQuery | ExportState | FindCustomers
+@dataclass(slots=True, eq=False)
+class FindDimensionKeys:
+    """The dimension keys of a meter's series with usage in [start, end) on this shard
+    (of ``customers``, or all): answers a set."""
+
+    meter: MeterDef
+    start_ms: int
+    end_ms: int
+    customers: frozenset[str] | None
+    ticket: GatherTicket[set[str]]
+
+
+ShardMessage = ApplyGroup | RunQuery | ExportState | FindCustomers | FindDimensionKeys
 
 
 # ------------------------------------------------------ requests to the writer

@@ -34,6 +34,7 @@ from engine.runtime.messages import (
     DropLimit,
     ExportState,
     FindCustomers,
+    FindDimensionKeys,
     InstallLimit,
     LoggedTicket,
     RunQuery,
@@ -123,6 +124,15 @@ class ShardActor:
                         ticket.add((self.index, records.encode(part)))
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
+                    case FindDimensionKeys(meter, start_ms, end_ms, customers, ticket):
+                        try:
+                            keys = self.state.dimension_keys(meter, start_ms, end_ms,
+                                                             customers)
+                        except Exception as exc:  # a read, like a query: not fatal
+                            log.exception("dimension keys failed on shard %d", self.index)
+                            ticket.fail(exc)
+                            keys = set()
+                        ticket.add(keys)
 
     def _seal(self, seal_before_minute: int, lsn: int) -> None:
         """Seal and compact, and make the new blocks readable before anything else runs."""
@@ -163,4 +173,6 @@ def _drain(mailbox: trio.MemoryReceiveChannel[ShardMessage]) -> list[Ticket]:
             case ApplyGroup(items):
                 tickets.extend(item.ticket for item in items)
             case RunQuery(_, ticket) | ExportState(ticket) | FindCustomers(_, ticket):
+                tickets.append(ticket)
+            case FindDimensionKeys(ticket=ticket):
                 tickets.append(ticket)
