@@ -752,7 +752,7 @@
   function calendarAxis(windows, windowName, tz, main) {
     const axis = { stroke: "#616e7c", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#e4e7eb" } };
     if (windowName === "minute" || windowName === "hour") return axis;
-    const most = main ? 14 : 6;
+    const most = main ? 14 : 5;
     const stride = Math.max(1, Math.ceil(windows.length / most));
     const format = new Intl.DateTimeFormat("en-US", windowName === "month"
       ? { timeZone: tz, month: "short", year: "numeric" } : { timeZone: tz, month: "short", day: "numeric" });
@@ -1105,6 +1105,7 @@
     $("customer").value = s.customer;
     $("customer-field").hidden = s.view !== "customer" || !!boundCustomer;
     $("usage-controls").hidden = s.view !== "usage";
+    $("meter-field").hidden = s.view !== "usage"; // the customer page shows every meter
     $("tab-usage").setAttribute("aria-current", s.view === "usage" ? "page" : "false");
     $("tab-customer").setAttribute("aria-current", s.view === "customer" ? "page" : "false");
     $("tab-usage").href = "/" + stateQuery({ ...s, view: "usage" });
