@@ -305,6 +305,20 @@ def test_the_default_view_is_the_first_meter_by_day_over_seven_days(
     assert "page=2" in page.url
     rest = [(f"cust-{i:02d}", str((55 - i) * 7)) for i in range(49, 55)]
     assert table(page) == rest
+    assert page.inner_text("#page-label") == "Page 2 of 2 · 56 groups"
+
+    # Quietest first: the server ranks, so the order holds across pages.
+    after(page, lambda: page.click("#sort-total"))
+    assert "order=asc" in page.url and "page=" not in page.url
+    quietest = live.query(**common, group_by=["customer_id"], take=Take(limit=50, ascending=True))
+    assert table(page) == [(r.group["customer_id"], str(r.value)) for r in quietest.rows]
+
+    # The legend works from the keyboard: Enter on an entry hides its series.
+    entry = page.locator("#chart .u-legend .u-series[role='button']").first
+    entry.focus()
+    page.keyboard.press("Enter")
+    assert entry.get_attribute("aria-pressed") == "false"
+    assert page.evaluate("window.explorer.chart.series.filter(s => !s.show).length") == 1
 
     # Offline and native: everything came from this server, data only from native routes.
     origin = live.url("")
@@ -487,3 +501,18 @@ def test_the_page_needs_nothing_from_elsewhere(live: LiveServer) -> None:
     assert "MIT License" in license_text
     assert requests.get(live.url("/explorer/../../serve.py"), timeout=10).status_code == 404
     assert requests.get(live.url("/explorer/nothing.js"), timeout=10).status_code == 404
+
+
+def test_the_speed_benchmark_runs() -> None:
+    """benchmarks/explorer.py on a tiny workload, so the script does not rot."""
+    _browser_or_skip()
+    from benchmarks import explorer
+
+    report = explorer.run(explorer.parse_args(
+        ["--events", "3000", "--customers", "200", "--meters", "2", "--shards", "2",
+         "--repeats", "1", "--timeout-s", "120"]))
+    browser = report["browser"]
+    assert browser["first_view"]["samples"] == 1 and browser["first_view"]["p50_ms"] > 0
+    assert {"window_day_to_hour", "range_7d_to_30d", "table_next_page", "another_meter"} <= set(
+        browser["changes"])
+    assert "| first view | 1 |" in explorer.format_table(report)

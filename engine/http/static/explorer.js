@@ -311,7 +311,22 @@
     }
     return keyPrompt;
   }
-  function query(body) { return api("POST", "/api/query", body); }
+  // Answers are kept for QUERY_CACHE_MS, so going back to a view, or changing only the
+  // window (the totals stay the same), asks the server only what changed. New events
+  // (the stats stream's count moved) drop them all at once.
+  const QUERY_CACHE_MS = 15000;
+  const QUERY_CACHE_SIZE = 64;
+  const queryCache = new Map();
+  function query(body) {
+    const key = JSON.stringify(body);
+    const hit = queryCache.get(key);
+    if (hit && performance.now() - hit.at < QUERY_CACHE_MS) return hit.answer;
+    const answer = api("POST", "/api/query", body);
+    queryCache.set(key, { at: performance.now(), answer });
+    answer.catch(() => queryCache.delete(key));
+    while (queryCache.size > QUERY_CACHE_SIZE) queryCache.delete(queryCache.keys().next().value);
+    return answer;
+  }
 
   let metersCache = null;
   async function meters() {
@@ -363,11 +378,20 @@
   let chart = null;
   let lastView = null; // what the current view drew: for downloads and tests
 
-  function setBusy(busy) { document.documentElement.dataset.busy = busy ? "1" : "0"; }
+  let renderStartedAt = 0;
+  function setBusy(busy) {
+    if (busy) renderStartedAt = performance.now();
+    document.documentElement.dataset.busy = busy ? "1" : "0";
+  }
+  // A view is done: counted (tests wait on the count) and timed (benchmarks/explorer.py
+  // reads how long the view took and, for the first, how long since navigation began).
   function finished(chartState) {
     $("chart").dataset.state = chartState;
-    const done = (parseInt(document.documentElement.dataset.renders || "0", 10) + 1);
-    document.documentElement.dataset.renders = String(done);
+    const root = document.documentElement.dataset;
+    const done = (parseInt(root.renders || "0", 10) + 1);
+    root.renders = String(done);
+    root.renderMs = (performance.now() - renderStartedAt).toFixed(1);
+    if (done === 1) root.firstViewMs = performance.now().toFixed(1);
     setBusy(false);
   }
   function showStatus(kind, title, text, actions = []) {
@@ -481,23 +505,30 @@
       finished("error");
       return;
     }
-    const dims = await dimensions(meter.name, startMs, endMs);
-    if (!current()) return;
-    fillGroupAndFilterControls(meter, dims);
-    $("chart-kind").value = chartKind(meter);
-    $("usage-view").hidden = false;
-    const groupBy = s.group.filter((k) => k === "customer_id" || k in dims || s.group.includes(k));
+    const groupBy = s.group;
     const filter = filterMap(s);
     const base = { meterApiName: meter.name, startMs, endMs, timezone: s.tz, groupBy, filter };
     const descending = s.order !== "asc";
+    const windows = windowStarts(startMs, endMs, s.window, s.tz);
+    const windowCount = windows.length > MAX_POINTS ? estimatedWindows(startMs, endMs, s.window) : windows.length;
+    const topN = groupBy.length ? s.top : 1;
 
-    // Totals first: they size the view (how many groups) and fill the table.
+    // One round trip where possible: the totals (they size the view and fill the table),
+    // the dimension keys (the controls) and, when the view cannot be over the limit
+    // whatever the number of groups, the series too, all at once.
     const totalsTake = groupBy.length ? { limit: TABLE_PAGE + 1, offset: s.page * TABLE_PAGE, ascending: !descending } : undefined;
-    const [totals, grand] = await Promise.all([
+    const mostPoints = windowCount * (groupBy.length ? topN + 1 : 1);
+    const seriesAnswer = mostPoints <= MAX_POINTS ? seriesQuery(base, groupBy, topN) : null;
+    seriesAnswer?.catch(() => {}); // awaited below; a failure before then is not "unhandled"
+    const [dims, totals, grand] = await Promise.all([
+      dimensions(meter.name, startMs, endMs),
       query({ ...base, window: null, take: totalsTake }),
       groupBy.length ? query({ ...base, window: null, groupBy: [] }) : null,
     ]);
     if (!current()) return;
+    fillGroupAndFilterControls(meter, dims);
+    $("chart-kind").value = chartKind(meter);
+    $("usage-view").hidden = false;
     const totalRows = totals.data.rows;
     const grandValue = grand ? (grand.data.rows[0]?.value ?? "0") : (totalRows[0]?.value ?? "0");
     const moreGroups = totalRows.length > TABLE_PAGE;
@@ -505,9 +536,6 @@
     const groupsKnown = typeof totals.data.groupCount === "number" ? totals.data.groupCount
       : s.page === 0 && !moreGroups ? totalRows.length : null;
 
-    const windows = windowStarts(startMs, endMs, s.window, s.tz);
-    const windowCount = windows.length > MAX_POINTS ? estimatedWindows(startMs, endMs, s.window) : windows.length;
-    const topN = groupBy.length ? s.top : 1;
     const groupCount = groupBy.length ? (groupsKnown ?? Infinity) : 1;
     const seriesCount = Math.min(groupCount, topN) + (groupCount > topN ? 1 : 0);
     const points = windowCount * seriesCount;
@@ -545,22 +573,22 @@
     }
     clearStatus();
 
-    const series = await seriesQuery(meter, base, groupBy, topN, groupCount > topN);
+    const series = await (seriesAnswer ?? seriesQuery(base, groupBy, topN));
     if (!current()) return;
     lastView.answers.series = series.text;
-    drawUsageChart(meter, windows, groupBy, series, groupCount > topN);
+    drawUsageChart(meter, windows, groupBy, series);
     $("download-csv").disabled = $("download-json").disabled = false;
     finished("ready");
   }
 
   // The top groups per window, plus "other": every other group together, exactly, per
   // window (the server's "other" rows, so it is right for max, min and averages too).
-  async function seriesQuery(meter, base, groupBy, topN, hasOther) {
+  async function seriesQuery(base, groupBy, topN) {
     if (!groupBy.length) {
       const answer = await query({ ...base, window: state.window });
       return { rows: answer.data.rows, other: null, text: answer.text };
     }
-    const answer = await query({ ...base, window: state.window, take: { limit: topN }, other: hasOther });
+    const answer = await query({ ...base, window: state.window, take: { limit: topN }, other: true });
     const other = Array.isArray(answer.data.other)
       ? new Map(answer.data.other.map((r) => [r.windowStartMs, r.value])) : null;
     return { rows: answer.data.rows, other, text: answer.text };
@@ -625,7 +653,7 @@
 
   // ---- the chart ---------------------------------------------------------------------
 
-  function drawUsageChart(meter, windows, groupBy, series, hasOther) {
+  function drawUsageChart(meter, windows, groupBy, series) {
     const s = state;
     const index = new Map(windows.map((t, i) => [t, i]));
     for (const row of series.rows) {
@@ -655,9 +683,9 @@
     lastView.series = plotted.map((g) => ({ label: g.label, group: g.group, other: !!g.other, values: g.values }));
     const kind = chartKind(meter);
     $("chart-title").textContent = `${meter.name} by ${s.window}`;
+    const hasOther = plotted.some((g) => g.other);
     $("chart-note").textContent = (groupBy.length ? `top ${s.top} ${groupNoun(groupBy, false)}` +
-      (hasOther && series.other ? " and other" : "") + " · " : "") + `time zone ${s.tz}` +
-      (kind === "bars" ? " · stacked" : "") + (hasOther && !series.other ? ` · the rest is not shown (no exact other for ${meter.aggregation})` : "");
+      (hasOther ? " and other" : "") + " · " : "") + `time zone ${s.tz}` + (kind === "bars" ? " · stacked" : "");
     makeChart($("chart"), windows, plotted, kind, s.window, s.tz, 320, true);
   }
   // Stacking adds values up, which only means something for sum and count.
@@ -669,9 +697,16 @@
     // Stacked bars are drawn from the top of the stack down (each bar covers the ones
     // above it from zero), so uPlot's series go "other" first and the busiest last.
     const order = stacked ? plotted.map((_, i) => i).reverse() : plotted.map((_, i) => i);
-    const raw = order.map((i) => plotted[i].values.map((v) => (v === null ? null : Number(v))));
+    // What the series draw, replaced in place when a live update keeps the same shape.
+    const model = { plotted, raw: null };
+    const setValues = (next) => {
+      model.plotted = next;
+      model.raw = order.map((i) => next[i].values.map((v) => (v === null ? null : Number(v))));
+    };
+    setValues(plotted);
     const shown = order.map(() => true);
     const stack = () => {
+      const raw = model.raw;
       if (!stacked) return raw;
       const out = raw.map((vals) => vals.slice());
       for (let w = 0; w < windows.length; w++) {
@@ -683,6 +718,11 @@
       }
       return out;
     };
+    const signature = JSON.stringify([kind, windowName, tz, height, windows, plotted.map((p) => p.label)]);
+    if (main && chart && chart.explorerSignature === signature) {
+      chart.explorerUpdate(plotted);
+      return chart;
+    }
     const step = windows.length > 1 ? windows[1] - windows[0] : WINDOW_MS[windowName];
     const lastEnd = windows.length ? windows[windows.length - 1] + step : 0;
     const bars = uPlot.paths.bars({ size: [0.78, 80], align: 1, gap: 1 });
@@ -713,7 +753,7 @@
           paths: stacked ? bars : undefined,
           points: { show: !stacked && windows.length <= 60, size: 5 },
           spanGaps: false,
-          value: (u, v, si, idx) => (idx == null ? "–" : formatExact(plotted[i].values[idx] ?? "0")),
+          value: (u, v, si, idx) => (idx == null ? "–" : formatExact(model.plotted[i].values[idx] ?? "0")),
         })),
       ],
       hooks: {
@@ -731,7 +771,13 @@
     const data = [windows, ...stack()];
     if (main) destroyChart();
     container.replaceChildren();
+
     const instance = new uPlot(opts, data, container);
+    instance.explorerSignature = signature;
+    instance.ctx.canvas.setAttribute("role", "img");
+    instance.ctx.canvas.setAttribute("aria-label", `Chart of ${plotted.length} series over ${windows.length} ` +
+      "windows; the legend and the table hold the values.");
+    instance.explorerUpdate = (next) => { setValues(next); instance.setData([windows, ...stack()]); };
     container.dataset.series = String(plotted.length);
     container.dataset.points = String(plotted.length * windows.length);
     if (main) {
@@ -1036,7 +1082,8 @@
     if (endMs <= Date.now() - WINDOW_MS[state.window] || liveRefreshPending) return;
     if (document.documentElement.dataset.busy === "1") return;
     liveRefreshPending = true;
-    metersCache = null;
+    metersCache = null; // a meter defined since: the picker shows it
+    queryCache.clear();
     dimensionsCache.clear();
     render().finally(() => { liveRefreshPending = false; });
   }
