@@ -67,41 +67,47 @@ def _timed_change(page: Any, action: Callable[[], object], timeout_ms: float) ->
     return float(page.evaluate("document.documentElement.dataset.renderMs"))
 
 
+def _visit(browser: Any, base: str, timeout_ms: float) -> tuple[float, dict[str, float]]:
+    """One fresh visit: the first view's time, then each change of view's."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(DONE, arg=0, timeout=timeout_ms)
+    first_ms = float(page.evaluate("document.documentElement.dataset.firstViewMs"))
+    meters = page.eval_on_selector_all("#meter option", "os => os.map(o => o.value)")
+    group_keys = page.eval_on_selector_all("input[data-group-key]", "es => es.map(e => e.value)")
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("window_day_to_hour", lambda: page.select_option("#window", "hour")),
+        ("window_hour_to_day", lambda: page.select_option("#window", "day")),
+        ("range_7d_to_30d", lambda: page.select_option("#range", "30d")),
+        ("range_30d_to_7d", lambda: page.select_option("#range", "7d")),
+    ]
+    if page.is_enabled("#page-next"):  # more than one page of customers
+        steps.append(("table_next_page", lambda: page.click("#page-next")))
+    dimension = next((k for k in group_keys if k != "customer_id"), None)
+    if dimension is not None:
+        steps.append(("group_by_dimension",
+                      lambda: page.check(f"input[data-group-key='{dimension}']")))
+    if len(meters) > 1:
+        steps.append(("another_meter", lambda: page.select_option("#meter", meters[1])))
+    changes = {name: _timed_change(page, action, timeout_ms) for name, action in steps}
+    context.close()
+    return first_ms, changes
+
+
 def measure_browser(http_port: int, *, repeats: int, timeout_s: float) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     base = f"http://127.0.0.1:{http_port}"
-    timeout_ms = timeout_s * 1000
     first: list[float] = []
     changes: dict[str, list[float]] = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for _ in range(repeats):
-            context = browser.new_context(viewport={"width": 1280, "height": 900})
-            page = context.new_page()
-            page.goto(base + "/")
-            page.wait_for_function(DONE, arg=0, timeout=timeout_ms)
-            first.append(float(page.evaluate("document.documentElement.dataset.firstViewMs")))
-            meters = page.eval_on_selector_all("#meter option", "os => os.map(o => o.value)")
-            group_keys = page.eval_on_selector_all(
-                "input[data-group-key]", "es => es.map(e => e.value)")
-            steps: list[tuple[str, Callable[[], object]]] = [
-                ("window_day_to_hour", lambda: page.select_option("#window", "hour")),
-                ("window_hour_to_day", lambda: page.select_option("#window", "day")),
-                ("range_7d_to_30d", lambda: page.select_option("#range", "30d")),
-                ("range_30d_to_7d", lambda: page.select_option("#range", "7d")),
-            ]
-            if page.is_enabled("#page-next"):  # more than one page of customers
-                steps.append(("table_next_page", lambda: page.click("#page-next")))
-            dimension = next((k for k in group_keys if k != "customer_id"), None)
-            if dimension is not None:
-                steps.append(("group_by_dimension", lambda: page.check(
-                    f"input[data-group-key='{dimension}']")))
-            if len(meters) > 1:
-                steps.append(("another_meter", lambda: page.select_option("#meter", meters[1])))
-            for name, action in steps:
-                changes.setdefault(name, []).append(_timed_change(page, action, timeout_ms))
-            context.close()
+            first_ms, visit = _visit(browser, base, timeout_s * 1000)
+            first.append(first_ms)
+            for name, ms in visit.items():
+                changes.setdefault(name, []).append(ms)
         browser.close()
 
     def summary(samples: list[float], goal_ms: float) -> dict[str, Any]:
