@@ -68,7 +68,8 @@
     return (negative ? "−" : "") + grouped + (fraction ? "." + fraction : "");
   }
   const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
-  const formatCompact = (n) => (Math.abs(n) < 1000 ? String(+n.toPrecision(4)) : compact.format(n));
+  const formatCompact = (n) => (Math.abs(n) < 1000 ? String(+n.toPrecision(4))
+    : Math.abs(n) < 1e15 ? compact.format(n) : n.toExponential(1));
 
   // ---- time zones and calendar ranges -----------------------------------------------
 
@@ -476,6 +477,7 @@
     fillMeterSelect(all);
     if (!all.length) {
       $("usage-view").hidden = true;
+      $("usage-controls").hidden = true;
       showStatus("empty", "No meters yet", "Define a meter and send events, then come back: for example " +
         "POST /meters with {\"meterApiName\": \"api_calls\", \"aggregation\": \"sum\"} and POST /ingest.");
       finished("empty");
@@ -486,6 +488,7 @@
     if (!meter) {
       $("usage-view").hidden = true;
       $("customer-view").hidden = true;
+      $("usage-controls").hidden = true; // no meter: nothing to group or filter
       unknownMeter(name, all);
       finished("error");
       return null;
@@ -921,7 +924,7 @@
       const card = el("div", { class: "meter-card", "data-meter": usage.meter.name, "data-total": total ?? "" },
         el("div", { class: "card-head" }, el("h2", { text: usage.meter.name }),
           el("span", { class: "muted", text: `${usage.meter.aggregation} over the range` }), el("span", { class: "spacer" }),
-          el("a", { href: "/" + stateQuery({ ...s, view: "usage", meter: usage.meter.name, filters: [["customer_id", customer]] }), text: "explore →" })),
+          boundCustomer ? null : el("a", { href: "/" + stateQuery({ ...s, view: "usage", meter: usage.meter.name, filters: [["customer_id", customer]] }), text: "explore →" })),
         el("div", { class: "total", text: total === null ? "" : formatExact(total) }), holder);
       cards.push([card, holder, usage]);
     }
