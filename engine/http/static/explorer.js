@@ -234,7 +234,7 @@
     q.set("range", s.range);
     if (s.range === "custom") { q.set("from", s.from); q.set("to", s.to); }
     q.set("window", s.window);
-    if (s.tz !== BROWSER_TZ) q.set("tz", s.tz);
+    q.set("tz", s.tz); // a shared link shows the same days wherever it is opened
     if (s.view === "usage") {
       if (s.group.join(",") !== d.group.join(",")) q.set("group", s.group.join(","));
       if (s.top !== d.top) q.set("top", String(s.top));
@@ -248,6 +248,8 @@
   function navigate(change, { push = true } = {}) {
     const next = { ...state, ...change };
     if (!("page" in change)) next.page = 0;
+    // The default meter by name: a link keeps showing it when other meters are added.
+    if (!next.meter && $("meter").value) next.meter = $("meter").value;
     state = next;
     const url = "/" + stateQuery(state);
     if (push) history.pushState(null, "", url);
