@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import trio
@@ -26,7 +28,9 @@ import trio
 from engine import open_engine
 from engine.auth import load_keys
 from engine.budget import ByteBudget
+from engine.domain.limits import LimitError, check_webhook_url
 from engine.http import HttpConfig, HttpServer
+from engine.http.webhooks import DEFAULT_RETRY_FOR_S, WebhookDispatcher, WebhookSettings
 from engine.server import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -77,6 +81,7 @@ def add_serve_parser(commands: Any) -> None:
                             "TLS (keys and data then cross the network in clear)")
     serve.add_argument("--status", choices=["auto", "on", "off"], default="auto",
                        help="live status line (auto: when stdout is a terminal)")
+    _add_webhook_arguments(serve)
     limits = serve.add_argument_group("connection limits and timeouts (docs/protocol.md §12)")
     limits.add_argument("--max-connections", type=_positive_int, metavar="N",
                         default=DEFAULTS.max_connections,
@@ -147,6 +152,11 @@ async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
                           send_timeout_s=args.send_timeout,
                           drain_timeout_s=args.drain_timeout)
     raise_open_files_limit(config.max_connections)
+    try:
+        args.webhooks = webhook_settings(args)
+    except ValueError as exc:
+        print(f"meter serve: {exc}", file=sys.stderr)
+        return 2
     budget = ByteBudget(config.max_request_bytes_in_flight)
     async with trio.open_nursery() as http_nursery:
         http: HttpServer | None = None
@@ -189,6 +199,7 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
               file=out, flush=True)
         if http is not None:
             http.attach(eng)
+            http.attach_tcp(server)
             url = _http_url(args, http.port)
             print(f"HTTP ready on {url} (for example: curl {url}meters)", file=out, flush=True)
         async with trio.open_nursery() as nursery:
@@ -206,6 +217,12 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
                   f"or: meter stats --port {port}{tls_flag}    "
                   f"meter ingest events.ndjson --port {port}{tls_flag}\n"
                   "Ctrl-C or SIGTERM to stop.", file=out, flush=True)
+            dispatcher = None
+            if args.webhooks is not None:
+                dispatcher = WebhookDispatcher(eng, args.webhooks)
+                await nursery.start(dispatcher.run)
+                if http is not None:
+                    http.attach_webhooks(dispatcher)
             live = args.status == "on" or (args.status == "auto" and out.isatty())
             if live:
                 nursery.start_soon(_status_line, server, out)
@@ -217,6 +234,8 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
             server.shutdown()
             if http is not None:
                 http.shutdown()
+            if dispatcher is not None:
+                dispatcher.shutdown()
         print("stopped accepting; closing the engine (writing a snapshot)", file=out, flush=True)
 
 
@@ -234,3 +253,44 @@ async def _status_line(server: MeterServer, out: TextIO) -> None:
                   f"{stats.series_count:>10,} series  {stats.bucket_count:>12,} buckets  "
                   f"lsn {stats.last_lsn}   ")
         out.flush()
+
+
+# ------------------------------------------------------------------- webhooks
+
+
+def _add_webhook_arguments(serve: Any) -> None:
+    hooks = serve.add_argument_group("alert webhooks (docs/http.md, Webhooks)")
+    hooks.add_argument("--webhook-url", metavar="URL",
+                       help="POST every alert here too (each limit's webhookUrl gets its own)")
+    hooks.add_argument("--webhook-secret-file", metavar="FILE",
+                       help="the secret alerts are signed with (default "
+                            "$METER_WEBHOOK_SECRET); webhooks are delivered only with one")
+    hooks.add_argument("--webhook-retry-hours", type=_positive_seconds, metavar="HOURS",
+                       default=DEFAULT_RETRY_FOR_S / 3600,
+                       help="retry a failing delivery this long, then park it "
+                            "(default %(default)s)")
+
+
+def webhook_settings(args: argparse.Namespace) -> WebhookSettings | None:
+    """The dispatcher's settings, or None without a secret; ``ValueError`` if unusable."""
+    secret = os.environ.get("METER_WEBHOOK_SECRET", "").encode()
+    if args.webhook_secret_file is not None:
+        try:
+            secret = Path(args.webhook_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --webhook-secret-file: {exc}") from None
+        if not secret:
+            raise ValueError(f"--webhook-secret-file {args.webhook_secret_file!r} is empty")
+    if not secret:
+        if args.webhook_url is not None:
+            raise ValueError("--webhook-url needs a secret to sign with: "
+                             "--webhook-secret-file or $METER_WEBHOOK_SECRET")
+        return None
+    if args.webhook_url is not None:
+        try:
+            check_webhook_url(args.webhook_url)
+        except LimitError as exc:
+            raise ValueError(f"--webhook-url: {exc}") from None
+    return WebhookSettings(secret=secret, default_url=args.webhook_url,
+                           retry_for_s=args.webhook_retry_hours * 3600,
+                           state_path=Path(args.data_dir) / "webhooks.json")

@@ -25,12 +25,21 @@ class Meter(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """How events of one meter aggregate.
 
     ``unique_count`` meters count distinct values of ``unique_dimension``.
+
+    OpenMeter ingest (``POST /api/v1/events``, docs/http.md): a CloudEvent whose
+    ``type`` equals ``event_type`` feeds this meter. ``value_property`` is the
+    JSON path (``$.tokens``) of its value in the event's ``data`` (a ``count``
+    meter needs none; a ``unique_count`` meter's is the value it counts), and
+    ``dimension_paths`` maps dimension keys to JSON paths in ``data``.
     """
 
     name: str
     aggregation: Aggregation = "sum"
     unique_dimension: str | None = None
     description: str = ""
+    event_type: str | None = None
+    value_property: str | None = None
+    dimension_paths: dict[str, str] = {}
 
 
 class Event(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
@@ -101,6 +110,8 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     ``customer_id=None`` applies the limit to every customer separately.
     ``period`` is a calendar window in ``timezone`` or ``"total"`` (all time).
     ``filter`` restricts the usage counted, like ``Query.filter``.
+    ``webhook_url`` (an http or https URL) receives each of its alerts as a
+    signed POST when the server delivers webhooks.
     """
 
     id: str
@@ -110,6 +121,8 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     period: PeriodName = "day"
     timezone: str = "UTC"
     filter: dict[str, list[str]] = {}
+    # Where ``meter serve`` POSTs this limit's alerts (docs/http.md, "Webhooks").
+    webhook_url: str | None = None
 
 
 class Alert(msgspec.Struct, frozen=True, rename="camel"):
@@ -211,3 +224,39 @@ class Dimension(msgspec.Struct, frozen=True, rename="camel"):
     value_count: int
     values: list[DimensionValue]
     other: int | Decimal | None = None
+
+
+MAX_PATH_CHARS = 512
+
+
+def parse_path(path: object) -> tuple[str, ...]:
+    """The member names of a JSON path: ``$.a.b`` or ``$['a']["b"]`` (members only, no
+    wildcards, filters or array indexes); raises ``ValueError`` for anything else."""
+    if type(path) is not str or not path.startswith("$") or len(path) > MAX_PATH_CHARS:
+        raise ValueError(f"JSON path {path!r} must start with '$' (like '$.tokens')")
+    names: list[str] = []
+    position = 1
+    while position < len(path):
+        char = path[position]
+        if char == ".":
+            end = position + 1
+            while end < len(path) and path[end] not in ".[":
+                end += 1
+            name = path[position + 1:end]
+            if not name or name == "*":
+                raise ValueError(f"JSON path {path!r}: an empty or wildcard member name")
+            names.append(name)
+            position = end
+        elif char == "[" and path[position + 1:position + 2] in ("'", '"'):
+            quote = path[position + 1]
+            end = path.find(quote + "]", position + 2)
+            if end < 0:
+                raise ValueError(f"JSON path {path!r}: an unclosed [{quote}...{quote}]")
+            names.append(path[position + 2:end])
+            position = end + 2
+        else:
+            raise ValueError(f"JSON path {path!r}: only .name and ['name'] members are "
+                             "supported (no wildcards, filters or indexes)")
+    if not names:
+        raise ValueError(f"JSON path {path!r} names no member")
+    return tuple(names)

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from engine import open_engine
+from engine.http.webhooks import WebhookDispatcher, WebhookSettings
 from tests.http_support import open_http
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "http.md"
@@ -44,7 +45,10 @@ def test_every_route_has_an_example() -> None:
                     reason="needs curl and gzip")
 async def test_the_curl_examples_run(tmp_path: Path) -> None:
     async with open_engine(tmp_path / "data", shards=2) as engine, open_http(
-            engine, clock_ms=None) as server:
+            engine, clock_ms=None) as server, trio.open_nursery() as hooks:
+        dispatcher = WebhookDispatcher(engine, WebhookSettings(secret=b"doc-secret"))
+        await hooks.start(dispatcher.run)
+        server.attach_webhooks(dispatcher)
         base = f"http://127.0.0.1:{server.port}"
         for block, status, text in examples():
             script = CURL_SHIM + block.replace(DOC_BASE, base)
@@ -56,6 +60,7 @@ async def test_the_curl_examples_run(tmp_path: Path) -> None:
             assert done.returncode == 0, (block, done.stderr.decode())
             assert int(code) == status, (block, output)
             assert text in body, (block, body)
+        dispatcher.shutdown()
 
 
 def test_examples_are_not_silently_skipped() -> None:

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from engine import Engine, Meter
 from tests.http_support import open_http
 
-ROUTES = ("/ingest", "/usage", "/usage/batch", "/meters", "/api/query")
-EXAMPLES = 40
+ROUTES = ("/ingest", "/usage", "/usage/batch", "/meters", "/api/query", "/api/v1/events",
+          "/webhooks/redeliver")
+EXAMPLES = 50
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -32,15 +33,28 @@ ingest_like = st.fixed_dictionaries({}, optional={
     "uniqueId": st.text(max_size=5) | st.none(),
     "dimensions": json_values,
 })
+cloud_like = st.fixed_dictionaries({}, optional={
+    "specversion": st.sampled_from(["1.0", "0.3"]) | st.integers(),
+    "id": st.text(max_size=5) | st.integers(),
+    "source": st.text(max_size=5),
+    "type": st.sampled_from(["calls.made", "nobody"]) | st.none(),
+    "subject": st.text(max_size=5) | st.none(),
+    "time": st.sampled_from(["2026-09-21T14:13:20Z", "2026-09-21T14:13:20", "now"]),
+    "data": json_values | st.fixed_dictionaries({"n": st.integers() | st.floats()
+                                                  | st.text(max_size=5)}),
+})
 bodies = st.one_of(
     st.binary(max_size=200),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.lists(ingest_like, max_size=5).map(lambda v: json.dumps(v).encode()),
+    st.lists(cloud_like, max_size=5).map(lambda v: json.dumps(v).encode()),
 )
 
 
 async def test_hostile_bodies_never_get_a_server_error(engine: Engine) -> None:
     await engine.define_meter(Meter(name="api_calls", aggregation="sum"))
+    await engine.define_meter(Meter(name="cloud_calls", event_type="calls.made",
+                                    value_property="$.n", dimension_paths={"n": "$.n"}))
     async with open_http(engine, max_body_bytes=64 * 1024) as server:
         base = f"http://127.0.0.1:{server.port}"
         failures, sent = await trio.to_thread.run_sync(_fuzz, base)
@@ -70,8 +84,9 @@ def _fuzz(base: str) -> tuple[list[Any], int]:
             headers["Content-Encoding"] = "gzip"
         response = session.post(base + route, data=body, headers=headers, timeout=10)
         sent[0] += 1
-        if response.status_code >= 500 or (
-                response.status_code != 200 and "error" not in response.json()):
+        ok = response.status_code == 204 if route == "/api/v1/events" else (
+            response.status_code == 200)
+        if response.status_code >= 500 or (not ok and "error" not in response.json()):
             failures.append((route, body[:100], response.status_code, response.text[:200]))
 
     post()

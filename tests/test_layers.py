@@ -39,7 +39,7 @@ STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage", "engine.faults",
 RUNTIME = PURE | {"trio", "engine.schema", "engine.errors", "engine.domain", "engine.auth",
                   "engine.protocol", "engine.storage", "engine.runtime", "engine.faults"}
 
-HTTP = PURE | {"trio", "hypercorn", "prometheus_client", "=engine", "engine.schema",
+HTTP = PURE | {"trio", "hypercorn", "h11", "prometheus_client", "=engine", "engine.schema",
                "engine.errors", "engine.auth", "engine.access", "engine.server",
                "engine.budget", "engine.http"}
 
@@ -70,7 +70,7 @@ NEVER_STORAGE = frozenset({"shards.py", "acks.py"})
 
 # Everything engine/ may import from outside the standard library: its dependencies.
 THIRD_PARTY = frozenset({"trio", "msgspec", "lmdb", "sortedcontainers", "hypercorn",
-                         "prometheus_client"})
+                         "prometheus_client", "h11"})
 
 
 def module_name(path: Path) -> str:

@@ -116,7 +116,24 @@ def check_limit(limit: Limit, meters: dict[str, MeterDef]) -> LimitDef:
             customers = allowed_set if customers is None else customers & allowed_set
         else:
             dim_filters.append((key, frozenset(allowed)))
+    check_webhook_url(limit.webhook_url)
     return LimitDef(limit, meter, thresholds, customers, tuple(dim_filters))
+
+
+MAX_URL_CHARS = 2048
+
+
+def check_webhook_url(url: object) -> None:
+    """None, or an absolute http(s) URL with a host; raises ``LimitError`` otherwise."""
+    if url is None:
+        return
+    if type(url) is not str or len(url) > MAX_URL_CHARS:
+        raise LimitError(f"webhook_url must be a URL of at most {MAX_URL_CHARS} characters")
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if scheme.lower() not in ("http", "https") or not host or any(
+            c.isspace() or ord(c) < 32 for c in url):
+        raise LimitError(f"webhook_url must be an http:// or https:// URL, got {url!r}")
 
 
 def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:

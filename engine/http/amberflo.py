@@ -111,9 +111,13 @@ class AmberfloMeterIn(msgspec.Struct, rename="camel"):
     aggregation: str | None = None
     description: str | None = None
     aggregation_dimensions: list[str] | None = None
+    # OpenMeter ingest (POST /api/v1/events): the engine's Meter fields of the same names.
+    event_type: str | None = None
+    value_property: str | None = None
+    dimension_paths: dict[str, str] | None = None
 
 
-class AmberfloMeter(msgspec.Struct, rename="camel"):
+class AmberfloMeter(msgspec.Struct, rename="camel", omit_defaults=True):
     id: str
     meter_api_name: str
     label: str
@@ -121,6 +125,9 @@ class AmberfloMeter(msgspec.Struct, rename="camel"):
     aggregation: str
     description: str
     aggregation_dimensions: list[str]
+    event_type: str | None = None
+    value_property: str | None = None
+    dimension_paths: dict[str, str] = {}
 
 
 METER_TYPES = {"sum_of_all_usage": "sum", "active_users": "unique_count"}
@@ -141,7 +148,7 @@ async def ingest(request: Request) -> Response:
         raws, _ = split_records(body)
         records, problems = decode_each(raws, IngestRecord)
         if problems:
-            _refuse(request, "invalid_record", problems)
+            refuse(request, "invalid_record", problems)
             raise bad_request(f"{len(problems)} of {len(raws)} record(s) are invalid; "
                               "nothing was ingested", problems, code="batch_rejected") from None
     metrics = request.app.metrics
@@ -150,7 +157,7 @@ async def ingest(request: Request) -> Response:
         foreign = [Problem(i, "this API key may only send records of its own customer")
                    for i, r in enumerate(records) if r.customer_id != customer]
         if foreign:
-            _refuse(request, "forbidden", foreign)
+            refuse(request, "forbidden", foreign)
             raise Forbidden(f"{len(foreign)} record(s) are of another customer; "
                             "nothing was ingested")
     events = [Event(meter_api_name=r.meter_api_name, customer_id=r.customer_id,
@@ -161,7 +168,7 @@ async def ingest(request: Request) -> Response:
         await request.engine.ingest(events)
     except InvalidRequest as exc:
         bad = getattr(exc, "problems", None)
-        _refuse(request, exc.code, [Problem(p.index, p.reason) for p in bad]
+        refuse(request, exc.code, [Problem(p.index, p.reason) for p in bad]
                 if bad else [Problem(-1, exc.detail)], count=len(bad) if bad else len(events))
         raise
     metrics.ingest_seconds.observe(time.perf_counter() - started)
@@ -169,7 +176,7 @@ async def ingest(request: Request) -> Response:
     return text_response(f"{len(events)} records were ingested")
 
 
-def _refuse(request: Request, reason: str, problems: list[Problem],
+def refuse(request: Request, reason: str, problems: list[Problem],
             count: int | None = None) -> None:
     request.app.metrics.events_rejected.labels(reason).inc(
         len(problems) if count is None else count)
@@ -356,7 +363,9 @@ def to_amberflo(meter: Meter) -> AmberfloMeter:
         id=meter.name, meter_api_name=meter.name, label=meter.name,
         meter_type=TYPE_OF_AGGREGATION.get(meter.aggregation, meter.aggregation),
         aggregation=meter.aggregation.upper(), description=meter.description,
-        aggregation_dimensions=[meter.unique_dimension] if meter.unique_dimension else [])
+        aggregation_dimensions=[meter.unique_dimension] if meter.unique_dimension else [],
+        event_type=meter.event_type, value_property=meter.value_property,
+        dimension_paths=dict(meter.dimension_paths))
 
 
 def from_amberflo(meter: AmberfloMeterIn) -> Meter:
@@ -381,7 +390,9 @@ def from_amberflo(meter: AmberfloMeterIn) -> Meter:
     return Meter(name=meter.meter_api_name,
                  aggregation=aggregation,  # type: ignore[arg-type]  # checked above
                  unique_dimension=dimensions[0] if aggregation == "unique_count" else None,
-                 description=meter.description or "")
+                 description=meter.description or "", event_type=meter.event_type,
+                 value_property=meter.value_property,
+                 dimension_paths=meter.dimension_paths or {})
 
 
 async def list_meters(request: Request) -> Response:

@@ -9,7 +9,8 @@ Invariants:
 
 - Every route answers with and without a trailing slash, and never redirects
   (a 301/302 makes ``requests`` turn a POST into a GET and drop the body).
-- Every success is 200 (the Amberflo SDK treats anything else as an error).
+- Every success is 200 (the Amberflo SDK treats anything else as an error), but
+  OpenMeter's ingest, which answers 204 as OpenMeter does.
 - Every answer that is not a success is JSON (``engine.http.errors``): an
   unknown route is a 404, a known path with the wrong method a 405.
 - A route declares the scope it needs; the key comes in ``X-API-KEY`` or
@@ -30,7 +31,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import trio
@@ -43,6 +44,9 @@ from engine.http.errors import RETRY_AFTER_SECONDS, HttpError, from_engine_error
 from engine.http.metrics import HttpMetrics
 from engine.http.tokens import verify_token
 from engine.server import REQUEST_MEMORY_FACTOR, ByteBudget
+
+if TYPE_CHECKING:
+    from engine.http.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +274,8 @@ class HttpApp:
         self.token_secret = secrets.token_bytes(32)
         self._closing = trio.Event()
         self.open_streams = 0  # streams being served now
+        # The alert webhooks' dispatcher (engine.http.webhooks), when the server runs one.
+        self.webhooks: WebhookDispatcher | None = None
 
     def close_streams(self) -> None:
         """End every open stream now (they also end when the server drains)."""
@@ -407,8 +413,11 @@ def _error_response(error: HttpError) -> Response:
 
 
 async def _send(send: Send, response: Response, head: bool = False) -> None:
-    headers = [(b"content-type", response.content_type),
-               (b"content-length", str(len(response.body)).encode()), *response.headers]
+    if response.status == 204:  # no body, so neither a type nor a length (RFC 9110 §8.6)
+        headers = list(response.headers)
+    else:
+        headers = [(b"content-type", response.content_type),
+                   (b"content-length", str(len(response.body)).encode()), *response.headers]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else response.body})
 

@@ -46,6 +46,7 @@ class LimitIn(msgspec.Struct, rename="camel"):
     period: str = "day"
     timezone: str = "UTC"
     filter: dict[str, list[str]] = {}
+    webhook_url: str | None = None
 
 
 class AlertPage(msgspec.Struct, rename="camel"):
@@ -75,7 +76,7 @@ def to_limit(body: LimitIn) -> Limit:
     return Limit(id=body.id, meter_api_name=body.meter_api_name,
                  thresholds=cast(list[int | float | Decimal], body.thresholds),
                  customer_id=body.customer_id, period=cast(Any, period),
-                 timezone=body.timezone, filter=body.filter)
+                 timezone=body.timezone, filter=body.filter, webhook_url=body.webhook_url)
 
 
 async def list_limits(request: Request) -> Response:

@@ -33,7 +33,9 @@ from engine.http.native import (
     QueryOut,
     Ready,
 )
+from engine.http.openmeter import BATCH, PLAIN, SINGLE, CloudEventDoc
 from engine.http.streams import StatsEvent, StreamToken
+from engine.http.webhooks import FailedPage, Redelivered, RedeliverIn
 from engine.schema import Limit, Meter
 
 REF = "#/components/schemas/{name}"
@@ -86,6 +88,23 @@ def _stream(summary: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
     return operation
 
 
+def _cloudevents() -> dict[str, Any]:
+    """OpenMeter ingest: 204 with no body, as OpenMeter answers."""
+    one, many = _ref("CloudEventDoc"), {"type": "array", "items": _ref("CloudEventDoc")}
+    return {
+        "summary": "OpenMeter ingest: one CloudEvent or a batch; each feeds every meter whose "
+                   "eventType is its type; idempotent on source + id",
+        "requestBody": {"required": True, "content": {
+            SINGLE: {"schema": one}, BATCH: {"schema": many},
+            PLAIN: {"schema": {"oneOf": [one, many]}}}},
+        "responses": {
+            "204": {"description": "every event was ingested"},
+            "default": {"description": "an error", "content": _json(_ref("ErrorBody"))},
+        },
+        "security": SECURITY,
+    }
+
+
 def _numbers_for_decimals(node: Any) -> Any:
     if isinstance(node, dict):
         if node.get("type") == "string" and node.get("format") == "decimal":
@@ -99,8 +118,8 @@ def _numbers_for_decimals(node: Any) -> Any:
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
-             NoCustomer, Limit, LimitIn, AlertPage, CustomerLimits, StreamToken, StatsEvent,
-             Meter)
+             NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
+             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -172,6 +191,12 @@ def build_document() -> dict[str, Any]:
                 _query_param("fromSeq", {"type": "integer", "minimum": 0}),
                 {"name": "Last-Event-ID", "in": "header", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
+        "/webhooks/failed": {"get": _operation(
+            "Alert webhooks parked after their retry time; 404 on a server without webhooks",
+            _ref("FailedPage"))},
+        "/webhooks/redeliver": {"post": _operation(
+            "Try parked alert webhooks again: all, or those of url and/or seq (an empty body "
+            "is all); answers those taken", _ref("Redelivered"), _ref("RedeliverIn"))},
         "/api/customers/{id}/limits": {"get": _operation(
             "Each limit that applies to the customer: its current period, usage and thresholds",
             _ref("CustomerLimits"), parameters=[_path_param("id")])},
@@ -194,6 +219,7 @@ def build_document() -> dict[str, Any]:
                 _query_param("endMs", {"type": "integer", "minimum": 0}),
                 _query_param("top", {"type": "integer", "minimum": 1,
                                      "maximum": DIMENSIONS_MAX_TOP})])},
+        "/api/v1/events": {"post": _cloudevents()},
         "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},
         "/readyz": {"get": _operation("Recovery has ended; requests are served",
                                       _ref("Ready"), secured=False)},

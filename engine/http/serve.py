@@ -38,10 +38,19 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, customers, explorer, limits, native, streams
+from engine.http import (
+    amberflo,
+    customers,
+    explorer,
+    limits,
+    native,
+    openmeter,
+    streams,
+    webhooks,
+)
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
-from engine.server import ByteBudget, check_bind
+from engine.server import ByteBudget, MeterServer, check_bind
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,8 @@ def build_router() -> Router:
     limits.add_routes(router)
     streams.add_routes(router)
     native.add_routes(router)
+    openmeter.add_routes(router)
+    webhooks.add_routes(router)
     explorer.add_routes(router)
     return router
 
@@ -101,6 +112,15 @@ class HttpServer:
     def attach(self, engine: Engine) -> None:
         """Serve ``engine`` from now on (routes answered 503 before)."""
         self.app.attach(engine)
+
+    def attach_tcp(self, server: MeterServer) -> None:
+        """Report ``server``'s connections and requests in ``/metrics`` too."""
+        self.metrics.attach_tcp(server)
+
+    def attach_webhooks(self, dispatcher: webhooks.WebhookDispatcher) -> None:
+        """Serve ``/webhooks/*`` and the webhook metrics from ``dispatcher``."""
+        self.app.webhooks = dispatcher
+        self.metrics.attach_webhooks(dispatcher)
 
     def shutdown(self) -> None:
         """Stop accepting; requests in flight get ``drain_timeout_s`` to finish, and open

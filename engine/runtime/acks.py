@@ -47,3 +47,8 @@ class AckSequencer:
             done.alerts = number_alerts(done.crossings, self._hub.next_seq, done.received_ms)
             self._hub.append(done.alerts)
             done.finish()
+
+    @property
+    def next_lsn(self) -> int:
+        """The lsn the next acknowledgement will be for."""
+        return self._next_lsn

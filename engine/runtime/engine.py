@@ -449,6 +449,14 @@ class Engine:
                                           top))
         return found
 
+    def writes_in_flight(self) -> int:
+        """Write requests (ingest batches, limit, meter and customer changes) queued for
+        the WAL writer or waiting to be queued, plus WAL records logged but not yet
+        acknowledged: the engine's batches in flight (``/metrics``)."""
+        queue = self._write_send.statistics()
+        logged = self._writer.last_lsn - (self._acks.next_lsn - 1)
+        return queue.current_buffer_used + queue.tasks_waiting_send + max(0, logged)
+
     def _plan(self, query: Query) -> QueryPlan:
         self._lifecycle.check_open()
         if type(query) is not Query:
