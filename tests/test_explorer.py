@@ -388,6 +388,19 @@ def test_changing_meter_range_group_and_filter(live: LiveServer, page: Any) -> N
     open_page(page, shared)
     assert series_by_label(plotted(page)) == by_window(expected, "region")
 
+    # A custom range, in another zone: its bounds are local times there.
+    open_page(page, live.url("/?range=custom&from=2026-09-19T06:00&to=2026-09-20T18:30"
+                             "&window=hour&tz=America/New_York&group="))
+    assert page.input_value("#from") == "2026-09-19T06:00"
+    new_york = ZoneInfo("America/New_York")
+    start = int(datetime(2026, 9, 19, 6, tzinfo=new_york).timestamp()) * 1000
+    end = int(datetime(2026, 9, 20, 18, 30, tzinfo=new_york).timestamp()) * 1000
+    view = plotted(page)
+    assert view["windows"][0] == start and view["windows"][-1] == end - 30 * 60_000
+    expected = live.query(meter_api_name="api_calls", start_ms=start, end_ms=end, window="hour",
+                          timezone="America/New_York")
+    assert series_by_label(view) == by_window(expected, None)
+
 
 def test_downloads_hold_the_exact_view(live: LiveServer, page: Any) -> None:
     open_page(page, live.url("/?group=&range=7d"))
