@@ -536,3 +536,16 @@ def test_the_speed_benchmark_runs() -> None:
     assert {"window_day_to_hour", "range_7d_to_30d", "table_next_page", "another_meter"} <= set(
         browser["changes"])
     assert "| first view | 1 |" in explorer.format_table(report)
+
+
+async def test_the_page_is_served_while_the_engine_recovers() -> None:
+    """The listener binds before recovery: the page and its files load, the API says 503."""
+    from tests.http_support import http, open_http, url
+
+    async with open_http(None) as server:
+        page = await http("GET", url(server, "/"))
+        script = await http("GET", url(server, "/explorer/explorer.js"))
+        meters = await http("GET", url(server, "/api/meters"))
+    assert page.status_code == 200 and "<title>Usage explorer" in page.text
+    assert script.status_code == 200 and "engine is starting" in script.text
+    assert meters.status_code == 503 and meters.headers["retry-after"]
