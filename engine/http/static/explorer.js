@@ -61,6 +61,22 @@
     const [whole, fraction = ""] = s.split(".");
     return { negative, whole: whole || "0", fraction };
   }
+  // Exact decimal addition (BigInt digits at the largest scale): the grand total of a sum
+  // meter is the page's rows plus the server's exact "other", never a float sum.
+  function exactSum(values) {
+    const parts = values.map(splitDecimal);
+    const scale = Math.max(0, ...parts.map((p) => p.fraction.length));
+    let total = 0n;
+    for (const { negative, whole, fraction } of parts) {
+      const digits = BigInt(whole + fraction.padEnd(scale, "0"));
+      total += negative ? -digits : digits;
+    }
+    const negative = total < 0n;
+    const digits = (negative ? -total : total).toString().padStart(scale + 1, "0");
+    let text = scale ? `${digits.slice(0, -scale)}.${digits.slice(-scale)}` : digits;
+    if (scale) text = text.replace(/0+$/, "").replace(/\.$/, "");
+    return (negative && text !== "0" ? "-" : "") + text;
+  }
   function formatExact(text) {
     if (text === null || text === undefined) return "–";
     const { negative, whole, fraction } = splitDecimal(text);
@@ -340,15 +356,15 @@
     return metersCache;
   }
   const dimensionsCache = new Map();
-  // The dimension keys a meter has seen in [startMs, endMs) and their top values:
-  // {key: [value, …]}.
-  async function dimensions(meter, startMs, endMs) {
-    const cacheKey = `${meter}|${startMs}|${endMs}`;
+  // The dimension keys a meter has seen and their top values, {key: [value, …]}, over the
+  // server's default range (the last 30 days): each key costs the server a query, so they
+  // are asked for once per meter, beside the view rather than before it.
+  async function dimensions(meter) {
+    const cacheKey = meter;
     if (!dimensionsCache.has(cacheKey)) {
       let keys = {};
       try {
-        const answer = (await api("GET", `/api/meters/${encodeURIComponent(meter)}/dimensions` +
-          `?startMs=${startMs}&endMs=${endMs}&top=20`)).data;
+        const answer = (await api("GET", `/api/meters/${encodeURIComponent(meter)}/dimensions?top=20`)).data;
         keys = readDimensions(answer);
       } catch (error) {
         if (!(error instanceof ApiError) || error.status !== 404 || error.code === "unknown_meter") throw error;
@@ -525,17 +541,25 @@
     const mostPoints = windowCount * (groupBy.length ? topN + 1 : 1);
     const seriesAnswer = mostPoints <= MAX_POINTS ? seriesQuery(base, groupBy, topN) : null;
     seriesAnswer?.catch(() => {}); // awaited below; a failure before then is not "unhandled"
-    const [dims, totals, grand] = await Promise.all([
-      dimensions(meter.name, startMs, endMs),
-      query({ ...base, window: null, take: totalsTake }),
-      groupBy.length ? query({ ...base, window: null, groupBy: [] }) : null,
+    // A sum or count's grand total is the page plus the exact rest ("other"): one query
+    // less; other aggregations (a max of maxima is not a sum) ask for it.
+    const additive = ADDITIVE.has(meter.aggregation);
+    const dims = dimensionsCache.get(meter.name);
+    const dimsAnswer = dims ? null : dimensions(meter.name);
+    dimsAnswer?.then((found) => { if (current() || state.meter === meter.name) fillGroupAndFilterControls(meter, found); })
+      .catch(() => {}); // the controls keep what they have; the view does not depend on them
+    fillGroupAndFilterControls(meter, dims || {});
+    const [totals, grand] = await Promise.all([
+      query({ ...base, window: null, take: totalsTake, other: !!groupBy.length && additive }),
+      groupBy.length && !additive ? query({ ...base, window: null, groupBy: [] }) : null,
     ]);
     if (!current()) return;
-    fillGroupAndFilterControls(meter, dims);
     $("chart-kind").value = chartKind(meter);
     $("usage-view").hidden = false;
     const totalRows = totals.data.rows;
-    const grandValue = grand ? (grand.data.rows[0]?.value ?? "0") : (totalRows[0]?.value ?? "0");
+    const grandValue = grand ? (grand.data.rows[0]?.value ?? "0")
+      : groupBy.length ? exactSum([...totalRows.map((r) => r.value), ...(totals.data.other || []).map((r) => r.value)])
+        : (totalRows[0]?.value ?? "0");
     const moreGroups = totalRows.length > TABLE_PAGE;
     // groupCount: every group before paging (a server without it: what the first page shows).
     const groupsKnown = typeof totals.data.groupCount === "number" ? totals.data.groupCount
