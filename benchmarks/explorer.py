@@ -57,23 +57,37 @@ def _renders(page: Any) -> int:
     return int(page.evaluate("+(document.documentElement.dataset.renders || 0)"))
 
 
-def _timed_change(page: Any, action: Callable[[], object], timeout_ms: float) -> float:
+API_SINCE = """t0 => performance.getEntriesByType('resource')
+    .filter(e => e.startTime >= t0 && new URL(e.name).pathname.startsWith('/api/')
+                 && !new URL(e.name).pathname.includes('stream'))
+    .map(e => e.duration)"""
+
+
+def _timed_change(page: Any, action: Callable[[], object],
+                  timeout_ms: float) -> tuple[float, list[float]]:
+    """The view's time from the change to drawn, and the API requests it made (ms each)."""
     before = _renders(page)
+    started = page.evaluate("performance.now()")
     action()
     page.wait_for_function(DONE, arg=before, timeout=timeout_ms)
     state = page.evaluate("document.getElementById('chart').dataset.state")
     if state not in ("ready", "empty"):
         raise BenchmarkFailure(f"the view ended {state!r}: {page.inner_text('#status')}")
-    return float(page.evaluate("document.documentElement.dataset.renderMs"))
+    return (float(page.evaluate("document.documentElement.dataset.renderMs")),
+            page.evaluate(API_SINCE, started))
 
 
-def _visit(browser: Any, base: str, timeout_ms: float) -> tuple[float, dict[str, float]]:
+Timing = tuple[float, list[float]]  # the view's ms, and each API request's ms
+
+
+def _visit(browser: Any, base: str, timeout_ms: float) -> tuple[Timing, dict[str, Timing]]:
     """One fresh visit: the first view's time, then each change of view's."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.goto(base + "/")
     page.wait_for_function(DONE, arg=0, timeout=timeout_ms)
-    first_ms = float(page.evaluate("document.documentElement.dataset.firstViewMs"))
+    first = (float(page.evaluate("document.documentElement.dataset.firstViewMs")),
+             page.evaluate(API_SINCE, 0))
     meters = page.eval_on_selector_all("#meter option", "os => os.map(o => o.value)")
     group_keys = page.eval_on_selector_all("input[data-group-key]", "es => es.map(e => e.value)")
     steps: list[tuple[str, Callable[[], object]]] = [
@@ -92,29 +106,32 @@ def _visit(browser: Any, base: str, timeout_ms: float) -> tuple[float, dict[str,
         steps.append(("another_meter", lambda: page.select_option("#meter", meters[1])))
     changes = {name: _timed_change(page, action, timeout_ms) for name, action in steps}
     context.close()
-    return first_ms, changes
+    return first, changes
 
 
 def measure_browser(http_port: int, *, repeats: int, timeout_s: float) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     base = f"http://127.0.0.1:{http_port}"
-    first: list[float] = []
-    changes: dict[str, list[float]] = {}
+    first: list[Timing] = []
+    changes: dict[str, list[Timing]] = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for _ in range(repeats):
-            first_ms, visit = _visit(browser, base, timeout_s * 1000)
-            first.append(first_ms)
-            for name, ms in visit.items():
-                changes.setdefault(name, []).append(ms)
+            first_view, visit = _visit(browser, base, timeout_s * 1000)
+            first.append(first_view)
+            for name, timing in visit.items():
+                changes.setdefault(name, []).append(timing)
         browser.close()
 
-    def summary(samples: list[float], goal_ms: float) -> dict[str, Any]:
-        ordered = sorted(samples)
+    def summary(timings: list[Timing], goal_ms: float) -> dict[str, Any]:
+        ordered = sorted(ms for ms, _ in timings)
+        slowest = [max(requests, default=0.0) for _, requests in timings]
         return {"samples": len(ordered), "p50_ms": statistics.median(ordered),
                 "p90_ms": percentile(ordered, 0.9), "max_ms": ordered[-1], "goal_ms": goal_ms,
-                "meets_goal": statistics.median(ordered) < goal_ms}
+                "meets_goal": statistics.median(ordered) < goal_ms,
+                "api_requests": statistics.median(len(requests) for _, requests in timings),
+                "slowest_api_p50_ms": statistics.median(slowest)}
 
     return {"first_view": summary(first, FIRST_VIEW_GOAL_MS),
             "changes": {name: summary(samples, CHANGE_GOAL_MS)
@@ -170,14 +187,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| view | samples | p50 ms | p90 ms | max ms | goal |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| view | samples | p50 ms | p90 ms | max ms | API requests | slowest request ms "
+             "| goal |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     rows = [("first view", report["browser"]["first_view"]),
             *report["browser"]["changes"].items()]
     for name, r in rows:
         verdict = "met" if r["meets_goal"] else "**missed**"
         lines.append(f"| {name} | {r['samples']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} "
-                     f"| {r['max_ms']:.0f} | < {r['goal_ms']:.0f} ms: {verdict} |")
+                     f"| {r['max_ms']:.0f} | {r['api_requests']:.0f} "
+                     f"| {r['slowest_api_p50_ms']:.0f} | < {r['goal_ms']:.0f} ms: {verdict} |")
     return "\n".join(lines)
 
 
