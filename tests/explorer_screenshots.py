@@ -24,11 +24,13 @@ from tests.test_explorer import (
     LiveServer,
 )
 
+# (file, page, a selector to wait for: the dimension keys arrive beside the view)
 VIEWS = [
-    ("usage.png", "/", None),
-    ("usage-by-region.png", "/?range=30d&group=region&chart=lines&f=plan%3Apro", None),
+    ("usage.png", "/", "input[data-group-key='region']"),
+    ("usage-by-region.png", "/?range=30d&group=region&chart=lines&f=plan%3Apro",
+     "input[data-group-key='plan']"),
     ("customer.png", "/?view=customer&customer=acme&range=30d", ".limit"),
-    ("refused.png", "/?range=30d&window=minute", None),
+    ("refused.png", "/?range=30d&window=minute", "input[data-group-key='region']"),
 ]
 
 
@@ -86,8 +88,7 @@ def main(directory: str) -> None:
             page.goto(live.url(path))
             page.wait_for_function("() => +(document.documentElement.dataset.renders || 0) > 0"
                                    " && document.documentElement.dataset.busy === '0'")
-            if selector:
-                page.wait_for_selector(selector)
+            page.wait_for_selector(selector, state="attached")
             page.wait_for_selector("#live[data-accepted]")
             page.screenshot(path=str(out / name))
             print(out / name)
