@@ -41,9 +41,11 @@ that of a process that has run the whole history. The restart child's peak RSS
 (VmHWM) is reported too. During a restart probe both processes are alive: the
 machine needs about twice the worker's memory.
 
-Per checkpoint: RSS, RssAnon and peak (``/proc/self/status`` of the worker),
-RAM per event of history ((RssAnon - RssAnon of the empty engine) / events
-accepted) and per event since the previous checkpoint, ingest events/s (wall
+Per checkpoint: RSS, RssAnon and peak (``/proc/self/status`` of the worker,
+taken before that checkpoint's queries: the state's memory), RAM per event of
+history ((RssAnon - RssAnon of the empty engine) / events accepted) and per event
+since the previous checkpoint, RssAnon again after the queries (whole-history
+queries build large transient results whose pages the allocator keeps), ingest events/s (wall
 time, the traffic generation in the same thread included; ``generation_s`` says how
 much of it was generation), ack p50/p99/max over every batch of the interval
 (snapshots included; acks that overlapped a snapshot are also given apart),
@@ -62,8 +64,9 @@ Then a **paced** run on the final state: ``--pace-events-per-s`` for
 ``--pace-seconds``, batches started on a fixed schedule (open loop: ack time
 is measured from each batch's scheduled start, so a stalled loop is not
 hidden), with one ``eng.snapshot()`` forced at mid-run (``--no-pace-snapshot``
-to skip it): an automatic snapshot comes every 256 MiB of WAL, about 1.6M
-events, so a short paced run would otherwise miss the stall the goal includes.
+to skip it): automatic checkpoints come every 16 MiB of WAL or more (twice what
+the last one wrote), so a short paced run might otherwise miss one; the forced
+one seals on every shard.
 
     python benchmarks/growth.py --quick                       # ~1-3 min: 4 days, 20 customers
     python benchmarks/growth.py --days 16 --checkpoint-days 1,8,16
@@ -74,6 +77,7 @@ events, so a short paced run would otherwise miss the stall the goal includes.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import json
 import math
@@ -100,6 +104,7 @@ import trio
 
 from benchmarks.ingest import BenchmarkFailure, machine_facts, percentile
 from engine import Event, Limit, Meter, Query, Take, open_engine
+from engine.runtime.engine import DEFAULT_SNAPSHOT_EVERY_BYTES
 from engine.schema import QueryResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -338,15 +343,29 @@ def rows_json(result: QueryResult) -> list[list[Any]]:
 
 
 class StallMonitor:
-    """A task that sleeps 1 ms in a loop: its overshoots are the event loop's stalls."""
+    """A task that sleeps 1 ms in a loop: its overshoots are the event loop's stalls.
+
+    With ``$GROWTH_STALL_TRACE_S`` set (seconds), a stall longer than that dumps every
+    thread's stack to the worker's stderr (``faulthandler``), to see what stalled."""
 
     def __init__(self) -> None:
         self.max_s = 0.0
         self.count = 0  # stalls of at least STALL_RECORD_S
         self.total_s = 0.0
+        trace = os.environ.get("GROWTH_STALL_TRACE_S")
+        self.trace_after_s = float(trace) if trace else None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.trace_after_s is not None:
+                faulthandler.cancel_dump_traceback_later()
+
+    async def _run(self) -> None:
         while True:
+            if self.trace_after_s is not None:
+                faulthandler.dump_traceback_later(self.trace_after_s)
             before = time.perf_counter()
             await trio.sleep(0.001)
             stall = time.perf_counter() - before - 0.001
@@ -575,15 +594,20 @@ class Worker:
                 "disk_bytes_per_event": info.st_size / max(1, self.accepted)}
 
     async def checkpoint(self, eng: Any, day: int, baseline_anon: int) -> dict[str, Any]:
+        # Memory of the state, before the queries: whole-history queries build large
+        # transient results (a month of distinct values per customer) whose pages the
+        # allocator keeps afterwards; that figure is reported beside it.
+        memory = proc_status()
         figures, answers = await self.time_queries(eng)
         self.check_answers(eng, answers)
-        memory = proc_status()
+        after_queries = proc_status()
         stats = eng.statistics()
         return {
             "day": day, "sim_now_ms": self.clock.now_ms, "events_sent": self.sent,
             "events_accepted": self.accepted, "duplicates": self.duplicates,
             "retries_sent": self.traffic.model.retries,
             **memory,
+            "rss_anon_after_queries_bytes": after_queries["rss_anon_bytes"],
             "ram_bytes_per_event": (memory["rss_anon_bytes"] - baseline_anon)
             / max(1, self.accepted),
             **self.disk_figures(),
@@ -874,7 +898,8 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
             "pace_events_per_s": args.pace_events_per_s, "pace_seconds": args.pace_seconds,
             "pace_snapshot": args.pace_snapshot, "restart": args.restart,
             "limits": "a day, a month and a total limit per meter" if args.limits else "none",
-            "snapshot_every_bytes": "engine default (256 MiB)"}
+            "snapshot_every_bytes": "engine default "
+                                    f"({DEFAULT_SNAPSHOT_EVERY_BYTES >> 20} MiB)"}
 
 
 def _mib(value: float) -> str:
@@ -888,10 +913,11 @@ def _ms(value: float) -> str:
 
 def format_tables(report: dict[str, Any]) -> str:
     lines = ["| day | events accepted | RSS MiB | RssAnon MiB | peak MiB | RAM B/event "
-             "| since prev B/event | ingest ev/s | ack p50 / p99 / max ms | snapshots "
+             "| since prev B/event | RssAnon after queries MiB | ingest ev/s "
+             "| ack p50 / p99 / max ms | snapshots "
              "| ack max in snapshot ms | loop stall max ms | disk B/event | restart s "
              "| restart peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for c in report["checkpoints"]:
         ingest = c["ingest"]
         restart = (f"{c['restart_s']:.2f}", _mib(c["restart_rss_peak_bytes"])) \
@@ -900,6 +926,7 @@ def format_tables(report: dict[str, Any]) -> str:
             f"| {c['day']} | {c['events_accepted']:,} | {_mib(c['rss_bytes'])} "
             f"| {_mib(c['rss_anon_bytes'])} | {_mib(c['rss_peak_bytes'])} "
             f"| {c['ram_bytes_per_event']:.0f} | {c['ram_bytes_per_event_since_previous']:.0f} "
+            f"| {_mib(c.get('rss_anon_after_queries_bytes', math.nan))} "
             f"| {ingest['events_per_s']:,.0f} | {ingest['ack_p50_ms']:.1f} / "
             f"{ingest['ack_p99_ms']:.1f} / {ingest['ack_max_ms']:,.0f} | {ingest['snapshots']} "
             f"| {_ms(ingest['ack_during_snapshot_max_ms'])} | {ingest['loop_stall_max_ms']:,.0f} "

@@ -197,6 +197,7 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
         print(f"metering-engine: data in {args.data_dir!r}, {args.shards} shards, recovered "
               f"{stats.series_count:,} series (lsn {stats.last_lsn}) in {stats.recovery_ms} ms",
               file=out, flush=True)
+        first_alert_seq = eng.next_alert_seq()  # before anyone can raise one
         if http is not None:
             http.attach(eng)
             http.attach_tcp(server)
@@ -219,7 +220,7 @@ async def _serve_engine(args: argparse.Namespace, config: ServerConfig, budget: 
                   "Ctrl-C or SIGTERM to stop.", file=out, flush=True)
             dispatcher = None
             if args.webhooks is not None:
-                dispatcher = WebhookDispatcher(eng, args.webhooks)
+                dispatcher = WebhookDispatcher(eng, args.webhooks, start_seq=first_alert_seq)
                 await nursery.start(dispatcher.run)
                 if http is not None:
                     http.attach_webhooks(dispatcher)

@@ -272,7 +272,7 @@ async def test_a_store_from_before_the_index_opens_and_keeps_its_ids(
         for batch in batches:  # snapshot ids and tail ids alike: all known
             ack = await eng.ingest(batch)
             assert ack.accepted == sum(1 for e in batch if e.unique_id is None)
-    assert format_of(path) == (b"metering-engine/3" if version == 2 else b"metering-engine/1")
+    assert format_of(path) == (b"metering-engine/4" if version == 2 else b"metering-engine/1")
     async with open_engine(path, shards=3, clock_ms=lambda: NOW) as eng:
         assert recovered_of(eng).migrated_ids == -1  # built once
         ack = await eng.ingest(batches[7])
@@ -300,7 +300,7 @@ async def test_a_migration_that_fails_leaves_the_store_as_it_was(
     async with open_engine(path, shards=3, clock_ms=lambda: NOW) as eng:
         assert recovered_of(eng).migrated_ids > 10
         assert isinstance(store_of(eng), LmdbStore)
-    assert format_of(path) == b"metering-engine/3"
+    assert format_of(path) == b"metering-engine/4"
 
 
 async def test_a_format_3_store_without_its_index_is_damage(tmp_path: Path) -> None:

@@ -233,6 +233,11 @@ async def test_dimensions_route(engine: Engine) -> None:
                                                                   today + DAY, 2)
         expected = await engine.dimensions("api_calls", today - 29 * DAY, today + DAY, top=2)
         assert [d["key"] for d in body["dimensions"]] == ["plan", "region"]
+        assert body["keyCount"] == 2
+        first = (await http("GET", route + "?maxKeys=1", headers=admin)).json()
+        assert first["keyCount"] == 2 and [d["key"] for d in first["dimensions"]] == ["plan"]
+        assert await engine.dimension_keys("api_calls", today - 29 * DAY,
+                                           today + DAY) == ["plan", "region"]
         assert body["dimensions"] == [
             {"key": d.key, "valueCount": d.value_count, "other": d.other,
              "values": [{"value": v.value, "usage": v.usage} for v in d.values]}
@@ -261,7 +266,7 @@ async def test_dimensions_route(engine: Engine) -> None:
         unknown = await http("GET", url(server, "/api/meters/nope/dimensions"), headers=admin)
         assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_meter"
         for bad in ("?top=0", "?top=x", "?startMs=-1", "?startMs=120000&endMs=60000",
-                    "?top=100000"):
+                    "?top=100000", "?maxKeys=0", "?maxKeys=501"):
             refused = await http("GET", route + bad, headers=admin)
             assert refused.status_code == 400, (bad, refused.text)
             assert refused.json()["code"] == "invalid_query"

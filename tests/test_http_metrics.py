@@ -35,3 +35,16 @@ async def test_tcp_connections_and_writes_in_flight(engine: Engine,
         samples = _samples((await http("GET", url(server, "/metrics"))).text)
         assert samples["meter_tcp_connections"] == 0
     assert engine.writes_in_flight() == 0
+
+
+async def test_the_last_checkpoint_is_in_the_metrics(engine: Engine) -> None:
+    await engine.define_meter(Meter(name="calls"))
+    await engine.ingest([Event(meter_api_name="calls", customer_id="acme", meter_value=1,
+                               meter_time_in_millis=NOW)])
+    async with open_http(engine) as server:
+        before = _samples((await http("GET", url(server, "/metrics"))).text)
+        await engine.snapshot()
+        after = _samples((await http("GET", url(server, "/metrics"))).text)
+        assert after["meter_snapshots_total"] == before["meter_snapshots_total"] + 1
+        assert after["meter_checkpoint_last_bytes"] == engine.statistics().checkpoint_bytes > 0
+        assert after["meter_checkpoint_last_milliseconds"] == engine.statistics().checkpoint_ms

@@ -90,10 +90,13 @@ class ShardPart(msgspec.Struct, array_like=True):
     per-period states (``ShardLimits.export_states``; empty in snapshots written
     before states were kept: they are then read on first touch).
 
-    ``meters`` is the head; ``deltas`` holds events for sealed days not yet merged
-    into their blocks; days before ``sealed_before_minute`` live in blocks
-    (``BlockRecord``); ``sealed_customers`` lists, per meter, the customers with
-    usage in sealed days, sorted (``[[meter, [customer, ...]], ...]``).
+    ``meters`` is the head, or empty with ``head_chunked``: the head is then stored
+    beside the part in hour chunks, one ``MeterPart`` each (``engine.domain.head``),
+    and a checkpoint rewrites only the chunks that changed. ``deltas`` holds events
+    for sealed days not yet merged into their blocks; days before
+    ``sealed_before_minute`` live in blocks (``BlockRecord``); ``sealed_customers``
+    lists, per meter, the customers with usage in sealed days, sorted
+    (``[[meter, [customer, ...]], ...]``).
     """
 
     meters: list[MeterPart]
@@ -102,6 +105,7 @@ class ShardPart(msgspec.Struct, array_like=True):
     deltas: list[MeterPart] = []
     sealed_customers: list[list[Any]] = []
     limit_states: list[list[Any]] = []
+    head_chunked: bool = False  # the head is in hour chunks (engine.domain.head)
 
 
 class BlockRecord(msgspec.Struct, array_like=True):
@@ -146,6 +150,7 @@ def decimal_or_int(value: int | str) -> int | Decimal:
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder: msgspec.msgpack.Decoder[WalRecord] = msgspec.msgpack.Decoder(WalRecord)
 _part_decoder = msgspec.msgpack.Decoder(ShardPart)
+_meter_part_decoder = msgspec.msgpack.Decoder(MeterPart)
 _block_decoder = msgspec.msgpack.Decoder(BlockRecord)
 _engine_state_decoder = msgspec.msgpack.Decoder(EngineState)
 _meter_decoder = msgspec.msgpack.Decoder(Meter)
@@ -206,6 +211,10 @@ def decode_record(raw: bytes) -> WalRecord:
 
 def decode_part(raw: bytes) -> ShardPart:
     return _part_decoder.decode(raw)
+
+
+def decode_meter_part(raw: bytes) -> MeterPart:
+    return _meter_part_decoder.decode(raw)
 
 
 def decode_block(raw: bytes) -> BlockRecord:

@@ -19,6 +19,7 @@ is described in ``engine.domain.series``.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
@@ -44,6 +45,7 @@ from engine.domain.blocks import (
     encode_block,
     merge_buckets,
 )
+from engine.domain.head import HeadLog, head_hours, hour_chunks, load_chunk
 from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
@@ -85,6 +87,8 @@ class ShardState:
         # them. Not the ingest rules (meters.IngestRules). Their states are created
         # through limit_partial and customers_of (the LimitSource seam).
         self.alert_limits = ShardLimits(self, late_ms)
+        # Which hours of the head changed since the last checkpoint (engine.domain.head).
+        self.head_log = HeadLog()
 
     def meter_shard(self, meter: MeterDef) -> MeterShard:
         shard = self.meters.get(meter.name)
@@ -131,9 +135,13 @@ class ShardState:
                 head_items, late_items = _split_by_time(all_items, sealed_before_ms)
                 targets = [(self.delta_shard(meter), late_items),
                            (self.meter_shard(meter), head_items)]
+            head = targets[-1][0]
             for meter_shard, items in targets:
                 if not len(items):
                     continue
+                if meter_shard is head:
+                    times = items.times
+                    self.head_log.touch(meter.name, min(times), max(times))
                 duplicate_positions: list[int] = []
                 if meter.kind == SUM or meter.kind == COUNT:
                     applied = _apply_counter(meter_shard, items, meter.kind == COUNT,
@@ -292,6 +300,42 @@ class ShardState:
                 for name in sorted(self.sealed_customers)]
 
     # -------------------------------------------------------------- snapshot
+
+    def head_checkpoint(self, full: bool = False) -> list[tuple[str, int, MeterPart | None]]:
+        """The head's chunks this checkpoint writes, as (meter, hour, chunk), and those
+        it deletes, as (meter, hour, None) (``engine.domain.head``). ``full``: every
+        chunk, the store's chunks having been dropped. Call after ``seal``."""
+        log = self.head_log
+        full = full or log.rewrite
+        first_hour = self.sealed_before_minute // 60
+        if full:
+            touched = {name: head_hours(meter_shard)
+                       for name, meter_shard in self.meters.items()}
+            log.stored = {}
+        else:
+            touched = {name: {hour for hour in hours if hour >= first_hour}
+                       for name, hours in log.dirty.items()}
+        out: list[tuple[str, int, MeterPart | None]] = []
+        for name in sorted(touched):
+            hours = touched[name]
+            meter_shard = self.meters.get(name)
+            chunks = hour_chunks(meter_shard, hours) if meter_shard is not None else {}
+            stored = log.stored.setdefault(name, set())
+            for hour in sorted(hours):
+                chunk = chunks.get(hour)
+                if chunk is not None:
+                    out.append((name, hour, chunk))
+                    stored.add(hour)
+                elif hour in stored:  # emptied (a query never empties; restore may)
+                    out.append((name, hour, None))
+                    stored.discard(hour)
+        for name, stored in sorted(log.stored.items()):
+            sealed = sorted(hour for hour in stored if hour < first_hour)
+            out.extend((name, hour, None) for hour in sealed)
+            stored.difference_update(sealed)
+        log.dirty = {}
+        log.rewrite = False
+        return out
 
     def export(self, canonical: bool = True) -> list[MeterPart]:
         """This shard's state as plain records, in a canonical order."""
@@ -748,15 +792,31 @@ def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
 def restore_shards(
     shard_parts: list[ShardPart], meters: dict[str, MeterDef], route: ShardRouter,
     late_ms: int | None = None,
+    head_chunks: Sequence[tuple[int, str, int, MeterPart]] = (),
 ) -> list[ShardState]:
     """Rebuild shard states from a checkpoint taken with any shard count.
 
     Series, deltas and sealed customers follow their customer to its shard under
-    ``route`` (sealed blocks are resharded by recovery). The unique ids of a snapshot
-    from before the dedup index (``MeterPart.seen``) are not loaded here: recovery
-    moves them into the index.
+    ``route`` (sealed blocks are resharded by recovery). The head comes from each
+    part's ``meters`` (checkpoints from before hour chunks) or from ``head_chunks``
+    (part, meter, hour, chunk), sorted, of the parts with ``head_chunked``. The unique
+    ids of a snapshot from before the dedup index (``MeterPart.seen``) are not loaded
+    here: recovery moves them into the index.
     """
     states = [ShardState(late_ms) for _ in range(route.shard_count)]
+    chunked = [part.head_chunked for part in shard_parts]
+    for part_index, name, hour, chunk in head_chunks:
+        if not chunked[part_index]:
+            continue  # a part written whole: its chunks are none of this checkpoint's
+        meter = meters[name]
+        for record in chunk.series:
+            state = states[route(record.customer_id)]
+            load_chunk(state.meter_shard(meter), record)
+            if len(shard_parts) == route.shard_count:
+                state.head_log.stored.setdefault(name, set()).add(hour)
+    if len(shard_parts) != route.shard_count or not all(chunked):
+        for state in states:  # the stored chunks do not match these shards: write anew
+            state.head_log.rewrite = True
     sealed_before = max((part.sealed_before_minute for part in shard_parts), default=0)
     for state in states:
         state.sealed_before_minute = sealed_before

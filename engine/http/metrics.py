@@ -44,6 +44,10 @@ ENGINE_FIELDS: dict[str, tuple[str, str, bool]] = {
     "wal_bytes_since_snapshot": ("meter_wal_bytes_since_snapshot",
                                  "WAL bytes written since the last snapshot", False),
     "recovery_ms": ("meter_recovery_milliseconds", "Duration of the last recovery", False),
+    "checkpoint_ms": ("meter_checkpoint_last_milliseconds",
+                      "Duration of the last checkpoint (snapshot)", False),
+    "checkpoint_bytes": ("meter_checkpoint_last_bytes",
+                         "Bytes the last checkpoint wrote (parts, head chunks, blocks)", False),
 }
 
 

@@ -33,6 +33,8 @@ DAY_MS = 86_400_000
 DIMENSIONS_DEFAULT_DAYS = 30
 DIMENSIONS_DEFAULT_TOP = 10
 DIMENSIONS_MAX_TOP = 1000
+DIMENSIONS_DEFAULT_KEYS = 50  # keys answered (each costs one query over the range)
+DIMENSIONS_MAX_KEYS = 500
 
 
 class TakeIn(msgspec.Struct, rename="camel"):
@@ -82,6 +84,7 @@ class DimensionsOut(msgspec.Struct, rename="camel"):
     start_ms: int
     end_ms: int
     top: int
+    key_count: int  # the keys seen; ``dimensions`` holds the first ``maxKeys`` of them
     dimensions: list[Dimension]
 
 
@@ -145,7 +148,8 @@ async def api_dimensions(request: Request) -> Response:
     """The dimension keys of a meter and the top values of each, by usage.
 
     Default range: the ``DIMENSIONS_DEFAULT_DAYS`` whole UTC days up to and
-    including today (by the server clock); ``top`` values per key (default 10).
+    including today (by the server clock); ``top`` values per key (default 10), for
+    the first ``maxKeys`` keys (default 50; ``keyCount`` says how many there are).
     """
     name = request.path_params["name"]
     today_end_ms = (request.app.clock_ms() // DAY_MS + 1) * DAY_MS
@@ -154,14 +158,17 @@ async def api_dimensions(request: Request) -> Response:
     start_ms = _int_param(request, "startMs", max(0, end_ms - DIMENSIONS_DEFAULT_DAYS * DAY_MS),
                           0, max_ms)
     top = _int_param(request, "top", DIMENSIONS_DEFAULT_TOP, 1, DIMENSIONS_MAX_TOP)
+    max_keys = _int_param(request, "maxKeys", DIMENSIONS_DEFAULT_KEYS, 1, DIMENSIONS_MAX_KEYS)
+    customer = request.principal.customer_id
     started = time.perf_counter()
+    keys = await request.engine.dimension_keys(name, start_ms, end_ms, customer_id=customer)
     dimensions = await request.engine.dimensions(
-        name, start_ms, end_ms, top=top, customer_id=request.principal.customer_id)
+        name, start_ms, end_ms, top=top, customer_id=customer, keys=keys[:max_keys])
     request.app.metrics.query_seconds.observe(time.perf_counter() - started)
     meter = next(m for m in request.engine.meters() if m.name == name)
     return json_response(DimensionsOut(meter_api_name=name, aggregation=meter.aggregation,
                                        start_ms=start_ms, end_ms=end_ms, top=top,
-                                       dimensions=dimensions))
+                                       key_count=len(keys), dimensions=dimensions))
 
 
 async def healthz(request: Request) -> Response:

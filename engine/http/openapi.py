@@ -26,6 +26,7 @@ from engine.http.errors import ErrorBody
 from engine.http.explorer import openapi_paths as explorer_paths
 from engine.http.limits import AlertPage, CustomerLimits, LimitIn
 from engine.http.native import (
+    DIMENSIONS_MAX_KEYS,
     DIMENSIONS_MAX_TOP,
     DimensionsOut,
     Health,
@@ -218,7 +219,9 @@ def build_document() -> dict[str, Any]:
                 _query_param("startMs", {"type": "integer", "minimum": 0}),
                 _query_param("endMs", {"type": "integer", "minimum": 0}),
                 _query_param("top", {"type": "integer", "minimum": 1,
-                                     "maximum": DIMENSIONS_MAX_TOP})])},
+                                     "maximum": DIMENSIONS_MAX_TOP}),
+                _query_param("maxKeys", {"type": "integer", "minimum": 1,
+                                         "maximum": DIMENSIONS_MAX_KEYS})])},
         "/api/v1/events": {"post": _cloudevents()},
         "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},
         "/readyz": {"get": _operation("Recovery has ended; requests are served",

@@ -1,7 +1,7 @@
 """Webhooks for alerts: every alert POSTed, signed, to its limit's URL and the server's.
 
 Shell layer: trio, msgspec, the engine's public API (``Engine.subscribe``,
-``Engine.limits``) and ``engine.http``. The engine's alert log is the queue: it
+``Engine.get_limit``) and ``engine.http``. The engine's alert log is the queue: it
 is durable and ordered by ``seq``, so the dispatcher keeps only, per URL, the
 next seq it has to look at (its *cursor*), and the alerts it gave up on.
 
@@ -38,6 +38,7 @@ import msgspec
 import trio
 
 from engine import Alert, Engine
+from engine.errors import EngineClosed
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json, encode_json
 from engine.http.errors import HttpError
@@ -131,7 +132,11 @@ class WebhookDispatcher:
     stops when cancelled (a delivery in flight is simply tried again after a restart)."""
 
     def __init__(self, engine: Engine, settings: WebhookSettings, *,
-                 post: Post = post_json, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 post: Post = post_json, clock_ms: Callable[[], int] = wall_clock_ms,
+                 start_seq: int | None = None) -> None:
+        """``start_seq``: where a URL with no saved progress starts (default: the next
+        alert when ``run`` starts); take it before the engine serves anyone, so that
+        no alert raised before the dispatcher runs is left out."""
         if not settings.secret:
             raise ValueError("webhooks need a secret to sign with")
         self.engine = engine
@@ -143,13 +148,14 @@ class WebhookDispatcher:
         self._nursery: trio.Nursery | None = None
         self._workers: set[str] = set()
         self._scope = trio.CancelScope()
-        self.delivered = self.failed_attempts = 0
+        self._start_seq = start_seq
+        self.delivered = self.failed_attempts = self.save_failures = 0
 
     # ------------------------------------------------------------------ running
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.progress = await trio.to_thread.run_sync(self._load)
-        start_seq = self.engine.next_alert_seq()
+        start_seq = self.engine.next_alert_seq() if self._start_seq is None else self._start_seq
         if self.progress.discovered_seq is None:
             self.progress.discovered_seq = start_seq
         default = self.settings.default_url
@@ -178,9 +184,9 @@ class WebhookDispatcher:
         urls = set()
         if self.settings.default_url is not None:
             urls.add(self.settings.default_url)
-        for limit in self.engine.limits():
-            if limit.id == alert.limit_id and limit.webhook_url is not None:
-                urls.add(limit.webhook_url)
+        limit = self.engine.get_limit(alert.limit_id)
+        if limit is not None and limit.webhook_url is not None:
+            urls.add(limit.webhook_url)
         return urls
 
     def _start_worker(self, url: str) -> None:
@@ -191,8 +197,17 @@ class WebhookDispatcher:
 
     async def _discover(self) -> None:
         """Find the URLs of limits: each starts at the first alert that names it."""
-        assert self.progress.discovered_seq is not None
-        async with self.engine.subscribe(self.progress.discovered_seq) as subscription:
+        while True:
+            try:
+                await self._discover_from(self.progress.discovered_seq or 0)
+            except EngineClosed:
+                return
+            except Exception:
+                log.exception("webhooks: the discovery of URLs failed; starting again")
+                await trio.sleep(self.settings.backoff_max_s)
+
+    async def _discover_from(self, seq: int) -> None:
+        async with self.engine.subscribe(seq) as subscription:
             async for alert in subscription:
                 new = [url for url in self.targets(alert) if url not in self.progress.cursors]
                 self.progress.discovered_seq = alert.seq + 1
@@ -204,14 +219,23 @@ class WebhookDispatcher:
                         self._start_worker(url)
 
     async def _worker(self, url: str) -> None:
-        async with self.engine.subscribe(self.progress.cursors[url]) as subscription:
-            async for alert in subscription:
-                if url in self.targets(alert):
-                    await self._deliver(url, alert)
-                    self.progress.cursors[url] = alert.seq + 1
-                    await self.save()
-                else:  # nothing to do: saved with the next delivery (or looked at again)
-                    self.progress.cursors[url] = alert.seq + 1
+        """One URL's deliveries, in seq order. An unexpected error stops this URL only, for
+        a while: the worker starts again from its cursor (so it skips nothing)."""
+        while True:
+            try:
+                async with self.engine.subscribe(self.progress.cursors[url]) as subscription:
+                    async for alert in subscription:
+                        if url in self.targets(alert):
+                            await self._deliver(url, alert)
+                            self.progress.cursors[url] = alert.seq + 1
+                            await self.save()
+                        else:  # nothing to send: saved with the next delivery
+                            self.progress.cursors[url] = alert.seq + 1
+            except EngineClosed:
+                return  # the engine is closing: nothing more to deliver
+            except Exception:
+                log.exception("webhook %s: the worker failed; starting again", url)
+                await trio.sleep(self.settings.backoff_max_s)
 
     async def _deliver(self, url: str, alert: Alert) -> bool:
         """Until a 2xx answer (True) or the retry time is over: then parked (False)."""
@@ -277,16 +301,28 @@ class WebhookDispatcher:
         path = self.settings.state_path
         if path is None or not path.exists():
             return Progress()
-        return msgspec.json.decode(path.read_bytes(), type=Progress)
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=Progress)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # Without it nobody knows which alerts each URL got: refuse to guess.
+            raise ValueError(f"the webhook progress file {str(path)!r} is unreadable "
+                             f"({exc}); restore it, or remove it to deliver only alerts "
+                             "raised from now on") from None
 
     async def save(self) -> None:
-        """Write the progress durably (no-op without a ``state_path``)."""
+        """Write the progress durably (no-op without a ``state_path``). A failed write
+        is logged and counted, and deliveries go on: the saved cursors are then behind,
+        which after a restart means alerts sent again, never skipped."""
         path = self.settings.state_path
         if path is None:
             return
         async with self._save_lock:
             raw = msgspec.json.encode(self.progress)
-            await trio.to_thread.run_sync(_write_atomically, path, raw)
+            try:
+                await trio.to_thread.run_sync(_write_atomically, path, raw)
+            except OSError as exc:
+                self.save_failures += 1
+                log.error("webhook progress not saved to %s: %s", path, exc)
 
 
 def _write_atomically(path: Path, raw: bytes) -> None:

@@ -162,11 +162,24 @@ class RunQuery:
 class ExportState:
     """Checkpoint this shard: seal the days before ``seal_before_minute`` into blocks
     (covering ``lsn``, the last lsn the writer handed out), merge its deltas into
-    their blocks, then encode its head: answers (shard index, encoded part)."""
+    their blocks, then encode its part and the head's changed hour chunks (every
+    chunk with ``full``; ``engine.domain.head``): answers a ``ShardCheckpoint``."""
 
-    ticket: GatherTicket[tuple[int, bytes]]
+    ticket: GatherTicket[ShardCheckpoint]
     seal_before_minute: int = 0
     lsn: int = 0
+    full: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class ShardCheckpoint:
+    """One shard's share of a checkpoint: its encoded part, the head chunks to put
+    (key, encoded) and the chunk keys to delete."""
+
+    index: int
+    part: bytes
+    head: list[tuple[bytes, bytes]]
+    drop_head: list[bytes]
 
 
 @dataclass(slots=True, eq=False)

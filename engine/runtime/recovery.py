@@ -35,6 +35,7 @@ from engine.domain.blocks import (
     merge_buckets,
     parse_block_key,
 )
+from engine.domain.head import parse_chunk_key
 from engine.domain.limits import LimitError, check_limit
 from engine.domain.meters import IngestRules, check_meter
 from engine.domain.series import MeterShard
@@ -179,7 +180,12 @@ def _build_id_index(store: Store, snapshot: StoredSnapshot | None, now_ms: int) 
 def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRouter,
                       late_ms: int) -> tuple[list[ShardState], int, list[list[int]]]:
     parts = [records.decode_part(raw) for raw in snapshot.parts]
-    states = restore_shards(parts, catalog.meter_defs, route, late_ms)
+    chunks = []
+    for key, raw in snapshot.head:
+        part, meter, hour = parse_chunk_key(key)
+        if part < len(parts):  # (a checkpoint with fewer parts dropped all chunks)
+            chunks.append((part, meter, hour, records.decode_meter_part(raw)))
+    states = restore_shards(parts, catalog.meter_defs, route, late_ms, chunks)
     engine_state = (records.decode_engine_state(snapshot.engine_state)
                     if snapshot.engine_state else records.EngineState())
     for limit in engine_state.limits:
@@ -228,7 +234,7 @@ def _reshard_blocks(store: Store, snapshot: StoredSnapshot, states: list[ShardSt
     written = {key for key, _ in new_blocks}
     store.write_snapshot(
         StoredSnapshot(snapshot.lsn, route.shard_count, parts, snapshot.engine_state),
-        new_blocks, 0, [key for key in keys if key not in written])
+        new_blocks, 0, [key for key in keys if key not in written], reset_head=True)
     log.info("resharded sealed history from %d to %d shards (%d blocks)",
              snapshot.shard_count, route.shard_count, len(new_blocks))
 

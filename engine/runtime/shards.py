@@ -20,6 +20,7 @@ from decimal import setcontext
 import trio
 
 from engine.domain import records
+from engine.domain.head import chunk_key
 from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
@@ -38,6 +39,7 @@ from engine.runtime.messages import (
     InstallLimit,
     LoggedTicket,
     RunQuery,
+    ShardCheckpoint,
     ShardMessage,
     ShardWork,
     Ticket,
@@ -66,15 +68,33 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
         ticket.crossings.append((index, crossings))
 
 
-def shard_part(state: ShardState, canonical: bool = True) -> records.ShardPart:
+def shard_part(state: ShardState, canonical: bool = True,
+               head_chunked: bool = False) -> records.ShardPart:
     """One shard's checkpoint part: its head, its limits' fired thresholds, its deltas,
     where its sealed history begins, and its limits' per-period states. ``canonical``
     (the default) sorts every set, so equal states give equal bytes; checkpoints skip
-    that (sorting was most of a checkpoint's time, measured)."""
+    that (sorting was most of a checkpoint's time, measured). ``head_chunked``: the
+    head is left out, stored in hour chunks instead (``shard_checkpoint``)."""
     limits = state.alert_limits
-    return records.ShardPart(state.export(canonical), limits.export(),
+    return records.ShardPart([] if head_chunked else state.export(canonical), limits.export(),
                              state.sealed_before_minute, state.export_deltas(canonical),
-                             state.export_sealed_customers(), limits.export_states(canonical))
+                             state.export_sealed_customers(), limits.export_states(canonical),
+                             head_chunked)
+
+
+def shard_checkpoint(state: ShardState, index: int, full: bool) -> ShardCheckpoint:
+    """This shard's share of a checkpoint (after sealing): its part without the head,
+    and the head's hour chunks that changed since the last one (all with ``full``)."""
+    head: list[tuple[bytes, bytes]] = []
+    drop_head: list[bytes] = []
+    for meter, hour, chunk in state.head_checkpoint(full):
+        key = chunk_key(index, meter, hour)
+        if chunk is None:
+            drop_head.append(key)
+        else:
+            head.append((key, records.encode(chunk)))
+    part = records.encode(shard_part(state, canonical=False, head_chunked=True))
+    return ShardCheckpoint(index, part, head, drop_head)
 
 
 def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
@@ -112,7 +132,7 @@ class ShardActor:
                             ticket.fail(exc)
                             result = {}
                         ticket.add(result)
-                    case ExportState(ticket, seal_before_minute, lsn):
+                    case ExportState(ticket, seal_before_minute, lsn, full):
                         try:
                             self._seal(seal_before_minute, lsn)
                         except BaseException as exc:
@@ -120,8 +140,7 @@ class ShardActor:
                             self._lifecycle.stop(exc)
                             ticket.fail(EngineClosed(f"shard {self.index} failed: {exc!r}"))
                             raise
-                        part = shard_part(self.state, canonical=False)
-                        ticket.add((self.index, records.encode(part)))
+                        ticket.add(shard_checkpoint(self.state, self.index, full))
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
                     case FindDimensionKeys(meter, start_ms, end_ms, customers, ticket):

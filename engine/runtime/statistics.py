@@ -45,6 +45,12 @@ class EngineStatistics:
     # mapped from the file: not in the Python heap).
     dedup_index_entries: int = 0
     dedup_index_bytes: int = 0
+    # The last checkpoint: the bytes it wrote (parts, head chunks, blocks), the head's hour
+    # chunks it wrote and deleted (only the hours that changed), and its duration.
+    checkpoint_bytes: int = 0
+    checkpoint_head_chunks: int = 0
+    checkpoint_head_chunks_dropped: int = 0
+    checkpoint_ms: float = 0.0
 
 
 def series_and_buckets(states: Iterable[ShardState]) -> tuple[int, int]:

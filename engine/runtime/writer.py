@@ -61,6 +61,7 @@ from engine.runtime.messages import (
     LogCustomerChange,
     LogLimitChange,
     PutCustomer,
+    ShardCheckpoint,
     ShardMessage,
     SnapshotTicket,
     TakeSnapshot,
@@ -77,6 +78,11 @@ MAX_GROUP_REQUESTS = 64
 MAX_GROUP_BYTES = 8 << 20
 # After a snapshot failed for lack of space, the next automatic try waits this long,
 # doubling per failure up to the maximum.
+# A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
+# this many times what the last one wrote (blocks aside).
+CHECKPOINT_SHARE_OF_WAL = 2
+# Shards that seal a day that left the hot window per automatic checkpoint.
+SEAL_SHARDS_PER_CHECKPOINT = 2
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
 # Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
@@ -107,6 +113,7 @@ class WalWriter:
         blocks: BlockCache,
         wal_marks: list[list[int]],
         sealed_before_minute: int,
+        head_rewrite: bool = False,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -138,7 +145,18 @@ class WalWriter:
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
         self._wal_marks = wal_marks
-        self.sealed_before_minute = sealed_before_minute
+        # Where each shard's sealed history ends: automatic checkpoints seal a day on
+        # SEAL_SHARDS_PER_CHECKPOINT shards at a time (see ``_snapshot``).
+        self._shard_sealed = [sealed_before_minute] * len(mailboxes)
+        # The next checkpoint writes every head chunk anew (engine.domain.head): after a
+        # restore that cannot reuse the stored chunks, and after a checkpoint failed.
+        self._head_rewrite = head_rewrite
+        # The last checkpoint written (EngineStatistics).
+        self.checkpoint_bytes = 0
+        self.checkpoint_state_bytes = 0  # of it, what every checkpoint writes: not blocks
+        self.checkpoint_head_chunks = 0
+        self.checkpoint_head_chunks_dropped = 0
+        self.checkpoint_ms = 0.0
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         async with requests:
@@ -164,7 +182,7 @@ class WalWriter:
                     last = group[-1]
                     if isinstance(last, TakeSnapshot):
                         await self._snapshot(last.ticket)
-                    elif ((self.wal_bytes_since_snapshot >= self._snapshot_every_bytes
+                    elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
                            or self._seal_due())
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
@@ -369,8 +387,21 @@ class WalWriter:
             kept.append(request)
         return kept
 
+    def _checkpoint_every_bytes(self) -> int:
+        """The WAL bytes after which the next checkpoint is due: ``snapshot_every_bytes``,
+        or more when checkpoints are large (limits' states of long periods are written
+        whole each time), so checkpoints never write more than 1/CHECKPOINT_SHARE_OF_WAL
+        of the WAL's volume again."""
+        return max(self._snapshot_every_bytes,
+                   CHECKPOINT_SHARE_OF_WAL * self.checkpoint_state_bytes)
+
+    @property
+    def sealed_before_minute(self) -> int:
+        """Event time before this minute is sealed on every shard."""
+        return min(self._shard_sealed)
+
     def _seal_due(self) -> bool:
-        """Whether a day left the hot window since the last checkpoint."""
+        """Whether a day left the hot window and some shard has not sealed it yet."""
         return (self._history.seal_before_minute(self._history.clock_ms())
                 > self.sealed_before_minute)
 
@@ -378,29 +409,48 @@ class WalWriter:
         """Checkpoint: every shard seals what left the hot window and encodes its head at
         the current lsn; the parts, the new blocks and the trimming of the WAL past the
         raw-event retention are one transaction."""
+        started = trio.current_time()
         now_ms = self._history.clock_ms()
-        seal_before = max(self._history.seal_before_minute(now_ms), self.sealed_before_minute)
-        ticket: GatherTicket[tuple[int, bytes]] = GatherTicket(len(self._mailboxes))
-        for mailbox in self._mailboxes:
-            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn))
+        target = max(self._history.seal_before_minute(now_ms), *self._shard_sealed)
+        # Sealing a day is most of a checkpoint's work (cutting, encoding and compressing
+        # the day's blocks): an automatic checkpoint does it on a few shards, the ones
+        # behind the longest first, and the next group commit's checkpoint goes on
+        # (``_seal_due``); a requested one (``snapshot()``, close) on every shard.
+        behind = sorted((sealed, index) for index, sealed in enumerate(self._shard_sealed)
+                        if sealed < target)
+        if requester is None:
+            behind = behind[:SEAL_SHARDS_PER_CHECKPOINT]
+        sealing = [target if (sealed, index) in behind else sealed
+                   for index, sealed in enumerate(self._shard_sealed)]
+        full = self._head_rewrite
+        ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
+        for mailbox, seal_before in zip(self._mailboxes, sealing, strict=True):
+            await mailbox.send(ExportState(ticket, seal_before, self.last_lsn, full))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
             if requester is not None:
                 requester.fail(ticket.error)
             return
-        self.sealed_before_minute = seal_before
+        self._shard_sealed = sealing
         fault_point("checkpoint.exported")
-        parts = [raw for _, raw in sorted(ticket.results)]
+        shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
                                                             now_ms)
         engine_state = self._catalog.engine_state(self._hub.next_seq)
         engine_state.wal_marks = marks
-        snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes), parts,
-                                  records.encode(engine_state))
+        snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes),
+                                  [share.part for share in shares],
+                                  records.encode(engine_state),
+                                  [chunk for share in shares for chunk in share.head])
+        drop_head = [key for share in shares for key in share.drop_head]
         blocks = self._blocks.unwritten()
+        # Whatever happens next, the shards have taken these chunks off their dirty lists:
+        # until a checkpoint is written, the next one rewrites every chunk.
+        self._head_rewrite = True
         try:
             await self._commit([], [])  # stores pending alerts with the state that made them
-            await call_store(self._store.write_snapshot, snapshot, blocks, trim_through)
+            await call_store(self._store.write_snapshot, snapshot, blocks, trim_through, (),
+                             drop_head, full)
         except StorageFull as exc:
             # The WAL is intact and keeps covering everything: try again later.
             self._snapshot_not_before = trio.current_time() + self._snapshot_retry_s
@@ -421,6 +471,14 @@ class WalWriter:
                 requester.fail(error)
             raise error from exc
         fault_point("checkpoint.written")
+        self._head_rewrite = False
+        self.checkpoint_state_bytes = (sum(map(len, snapshot.parts))
+                                       + len(snapshot.engine_state)
+                                       + sum(len(raw) for _, raw in snapshot.head))
+        self.checkpoint_bytes = self.checkpoint_state_bytes + sum(len(raw) for _, raw in blocks)
+        self.checkpoint_head_chunks = len(snapshot.head)
+        self.checkpoint_head_chunks_dropped = len(drop_head)
+        self.checkpoint_ms = (trio.current_time() - started) * 1000
         self._snapshot_retry_s = SNAPSHOT_RETRY_MIN_S
         self._snapshot_not_before = -math.inf
         self._wal_marks = marks

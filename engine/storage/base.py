@@ -14,11 +14,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-# Format 3: format 2 plus the dedup index (the ``ids`` database). Format 2: every stored
-# value starts with the CRC-32 of the rest. A format-2 store is migrated to format 3 when
+# Format 4: format 3 with the head's checkpoint in hour chunks (the ``head`` database;
+# ``engine.domain.head``). Format 3: format 2 plus the dedup index (the ``ids``
+# database). Format 2: every stored value starts with the CRC-32 of the rest. A format-3
+# store is marked format 4 when it is opened (its whole-head checkpoint is still read,
+# and the next checkpoint writes chunks); a format-2 store is migrated to format 4 when
 # it is opened (``build_id_index``); format 1 (no checksums) is still read, gets the
-# index the same way, and keeps being written as format 1.
-FORMAT_VERSION = b"metering-engine/3"
+# index the same way, and keeps being written as format 1. A format-3 engine refuses a
+# format-4 store (it would not see the head's chunks).
+FORMAT_VERSION = b"metering-engine/4"
+DEDUP_FORMAT_VERSION = b"metering-engine/3"
 PREVIOUS_FORMAT_VERSION = b"metering-engine/2"
 LEGACY_FORMAT_VERSION = b"metering-engine/1"
 
@@ -44,6 +49,9 @@ class StoredSnapshot:
     shard_count: int
     parts: list[bytes]  # one encoded part per shard
     engine_state: bytes = b""  # engine-wide state (limits, next alert seq)
+    # The head's hour chunks as (key, encoded MeterPart) (``engine.domain.head``): as
+    # loaded, every stored chunk; as written, the chunks this checkpoint puts.
+    head: Sequence[tuple[bytes, bytes]] = ()
 
 
 class Store(Protocol):
@@ -95,11 +103,13 @@ class Store(Protocol):
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]: ...
 
     def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
-                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = (),
+                       drop_head: Sequence[bytes] = (), reset_head: bool = False) -> None:
         """Durably replace the snapshot and put ``blocks`` (key, value), in one
         transaction; drop WAL records up to ``trim_wal_through`` (never past the
         snapshot's lsn; 0: drop none), possibly in several calls; delete the blocks
-        ``drop_blocks`` first (resharding)."""
+        ``drop_blocks`` first (resharding). The head's chunks: delete ``drop_head``
+        (every stored chunk first with ``reset_head``), then put ``snapshot.head``."""
 
     def block_keys(self) -> list[bytes]:
         """The keys of every sealed block, sorted."""

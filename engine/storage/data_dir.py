@@ -16,7 +16,12 @@ import lmdb
 import lmdb.verify
 
 from engine.errors import DataDirError
-from engine.storage.base import FORMAT_VERSION, LEGACY_FORMAT_VERSION, PREVIOUS_FORMAT_VERSION
+from engine.storage.base import (
+    DEDUP_FORMAT_VERSION,
+    FORMAT_VERSION,
+    LEGACY_FORMAT_VERSION,
+    PREVIOUS_FORMAT_VERSION,
+)
 
 log = logging.getLogger("engine.storage.lmdb_store")  # one logger for the store's messages
 
@@ -30,7 +35,8 @@ FULL_VERIFY_MAX_BYTES = 128 << 20
 
 
 def check_format(lmdb_dir: Path, version: bytes | None) -> None:
-    if version in (FORMAT_VERSION, PREVIOUS_FORMAT_VERSION, LEGACY_FORMAT_VERSION):
+    if version in (FORMAT_VERSION, DEDUP_FORMAT_VERSION, PREVIOUS_FORMAT_VERSION,
+                   LEGACY_FORMAT_VERSION):
         return
     if version is None or not version.startswith(FORMAT_PREFIX):
         raise DataDirError(
@@ -47,7 +53,7 @@ def check_format(lmdb_dir: Path, version: bytes | None) -> None:
     if found > supported:
         raise DataDirError(
             f"{str(lmdb_dir)!r} was written by a newer metering-engine (data format "
-            f"{found}); this version reads format {supported} only. Run a newer engine "
+            f"{found}); this version reads formats 1 to {supported} only. Run a newer engine "
             "version on it; this one will not touch it."
         )
     raise DataDirError(

@@ -66,6 +66,7 @@ import msgspec
 from engine.errors import DataDirError, InvalidRequest, StorageError, StorageFull
 from engine.faults import fault_point
 from engine.storage.base import (
+    DEDUP_FORMAT_VERSION,
     FORMAT_VERSION,
     ID_VALUE,
     LEGACY_FORMAT_VERSION,
@@ -86,7 +87,7 @@ LMDB_BUILDING_DIR = "lmdb.creating"
 OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
 # The named databases of a new store. A new database is added here (and opened in
 # ``_open_databases``); MAX_DBS leaves room for two more before it must grow.
-DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks")
+DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks", b"head")
 MAX_DBS = len(DB_NAMES) + 2
 # WAL records deleted per checkpoint at most when trimming past the raw-event retention:
 # bounds the checkpoint's transaction; the rest goes at the next checkpoint.
@@ -216,6 +217,11 @@ class LmdbStore:
             self.alerts_db = self.env.open_db(b"alerts", txn=txn)
             # Sealed history (absent from stores written before it existed: created here).
             self.blocks_db = self.env.open_db(b"blocks", txn=txn)
+            # The head's hour chunks (format 4; created in older stores).
+            self.head_db = self.env.open_db(b"head", txn=txn)
+            if version == DEDUP_FORMAT_VERSION:  # format 3 -> 4: nothing to convert
+                txn.put(b"format", FORMAT_VERSION, db=self.meta_db)
+                version = FORMAT_VERSION
             self._format = version
             try:
                 self.ids_db: lmdb._Database | None = self.env.open_db(
@@ -224,7 +230,7 @@ class LmdbStore:
                 self.ids_db = None  # an older store: recovery builds it (build_id_index)
             if self.ids_db is None and version == FORMAT_VERSION:
                 raise DataDirError(
-                    f"{str(lmdb_dir)!r} is marked data format 3 but has no dedup index "
+                    f"{str(lmdb_dir)!r} is marked data format 3 or 4 but has no dedup index "
                     "('ids' database): the data directory was damaged. Restore it from a "
                     "backup; the engine will not start over it."
                 )
@@ -326,15 +332,24 @@ class LmdbStore:
             txn.put(key, self._seal(value), db=self.meta_db)
 
     def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
-                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = (),
+                       drop_head: Sequence[bytes] = (), reset_head: bool = False) -> None:
         size_bytes = (sum(len(part) for part in snapshot.parts) + len(snapshot.engine_state)
-                      + sum(len(raw) for _, raw in blocks))
+                      + sum(len(raw) for _, raw in blocks)
+                      + sum(len(raw) for _, raw in snapshot.head))
         self._write(size_bytes, self._snapshot_txn, snapshot, blocks, trim_wal_through,
-                    drop_blocks)
+                    drop_blocks, drop_head, reset_head)
 
     def _snapshot_txn(self, txn: lmdb.Transaction[bytes], snapshot: StoredSnapshot,
                       blocks: Sequence[tuple[bytes, bytes]], trim_wal_through: int,
-                      drop_blocks: Sequence[bytes]) -> None:
+                      drop_blocks: Sequence[bytes], drop_head: Sequence[bytes],
+                      reset_head: bool) -> None:
+        if reset_head:
+            txn.drop(self.head_db, delete=False)
+        for key in drop_head:
+            txn.delete(key, db=self.head_db)
+        for key, raw in snapshot.head:
+            txn.put(key, self._seal(raw), db=self.head_db)
         txn.drop(self.snapshot_db, delete=False)
         for index, part in enumerate(snapshot.parts):
             txn.put(b"part" + PART_INDEX.pack(index), self._seal(part), db=self.snapshot_db)
@@ -511,7 +526,9 @@ class LmdbStore:
             sealed_engine = txn.get(b"engine")
             engine_state = b"" if sealed_engine is None else self._unseal(
                 sealed_engine, "snapshot engine state")
-        return StoredSnapshot(lsn, shard_count, parts, engine_state)
+            head = [(key, self._unseal(value, f"head chunk {key!r}"))
+                    for key, value in txn.cursor(db=self.head_db)]
+        return StoredSnapshot(lsn, shard_count, parts, engine_state, head)
 
     def read_ids(self, keys: list[bytes]) -> list[int | None]:
         if self.ids_db is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from engine.errors import InvalidRequest, StorageError
 from engine.storage.base import ID_VALUE, ExpirySlice, StoredBackup, StoredSnapshot
@@ -19,6 +20,7 @@ class MemoryStore:
         self.snapshot: StoredSnapshot | None = None
         self.alerts: dict[int, bytes] = {}
         self.blocks: dict[bytes, bytes] = {}
+        self.head: dict[bytes, bytes] = {}  # the head's hour chunks
         self.ids: dict[bytes, bytes] = {}  # the dedup index: key -> ID_VALUE
         self._last_lsn = 0
         self.commits = 0
@@ -87,7 +89,13 @@ class MemoryStore:
         return sorted((k, v) for k, v in self.meta.items() if k.startswith(prefix))
 
     def write_snapshot(self, snapshot: StoredSnapshot, blocks: Sequence[tuple[bytes, bytes]] = (),
-                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = ()) -> None:
+                       trim_wal_through: int = 0, drop_blocks: Sequence[bytes] = (),
+                       drop_head: Sequence[bytes] = (), reset_head: bool = False) -> None:
+        if reset_head:
+            self.head.clear()
+        for key in drop_head:
+            self.head.pop(key, None)
+        self.head.update(snapshot.head)
         self.snapshot = snapshot
         for key in drop_blocks:
             self.blocks.pop(key, None)
@@ -106,7 +114,9 @@ class MemoryStore:
         return min(self.wal, default=0)
 
     def load_snapshot(self) -> StoredSnapshot | None:
-        return self.snapshot
+        if self.snapshot is None:
+            return None
+        return replace(self.snapshot, head=sorted(self.head.items()))
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         seqs = sorted(seq for seq in self.alerts if seq >= from_seq)[:max_count]
