@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test soak bench bench-quick bench-growth bench-peers demo lint clean
+.PHONY: run test soak bench bench-quick bench-growth bench-peers demo lint clean browser screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ demo: $(STAMP)
 	$(PY) -m engine demo --data-dir ./data-demo
 
 ## The whole fast suite (slow soaks are excluded; see `make soak`).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow"
+
+## Debian's Chromium for the explorer's browser tests (Playwright drives /usr/bin/chromium;
+## it never downloads a browser of its own). Installed only when missing; without root the
+## browser tests skip and say why, except under CI=true, where they fail.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "/usr/bin/chromium is missing and this is not root: the explorer's browser tests will skip"; \
+	  fi; \
+	fi
+
+## The explorer's screenshots in docs/explorer/ (README.md and docs/explorer.md show them),
+## taken by Chromium from a live server with known events.
+screenshots: $(STAMP) browser
+	$(PY) -m tests.explorer_screenshots docs/explorer
 
 ## Long, bounded soak and stress tests.
 soak: $(STAMP)

@@ -23,6 +23,7 @@ from engine.http.amberflo import (
 )
 from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
+from engine.http.explorer import openapi_paths as explorer_paths
 from engine.http.limits import AlertPage, CustomerLimits, LimitIn
 from engine.http.native import (
     DIMENSIONS_MAX_KEYS,
@@ -36,7 +37,7 @@ from engine.http.native import (
 from engine.http.openmeter import BATCH, PLAIN, SINGLE, CloudEventDoc
 from engine.http.streams import StatsEvent, StreamToken
 from engine.http.webhooks import FailedPage, Redelivered, RedeliverIn
-from engine.schema import Limit
+from engine.schema import Limit, Meter
 
 REF = "#/components/schemas/{name}"
 # {}: no key is needed when the server has none configured.
@@ -119,7 +120,7 @@ def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
              NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
-             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered)
+             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -228,6 +229,7 @@ def build_document() -> dict[str, Any]:
         "/metrics": {"get": _operation("Prometheus text format", text, ok_type="text/plain")},
         "/openapi.json": {"get": _operation("This document", {"type": "object"},
                                             secured=False)},
+        **explorer_paths(),
     }
     return {
         "openapi": "3.1.0",

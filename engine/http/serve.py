@@ -38,7 +38,16 @@ from hypercorn.trio import serve
 
 from engine import Engine
 from engine.auth import KeyRing
-from engine.http import amberflo, customers, limits, native, openmeter, streams, webhooks
+from engine.http import (
+    amberflo,
+    customers,
+    explorer,
+    limits,
+    native,
+    openmeter,
+    streams,
+    webhooks,
+)
 from engine.http.app import HttpApp, HttpLimits, Router
 from engine.http.metrics import HttpMetrics
 from engine.server import ByteBudget, MeterServer, check_bind
@@ -77,6 +86,7 @@ def build_router() -> Router:
     native.add_routes(router)
     openmeter.add_routes(router)
     webhooks.add_routes(router)
+    explorer.add_routes(router)
     return router
 
 
