@@ -37,12 +37,14 @@ from engine.domain.batch import Columns, ShardRouter, ShardSlice
 from engine.domain.blocks import (
     DAY_MS,
     BlockReader,
+    BlockRollup,
     NoBlocks,
     add_rollups,
     build_block,
     cut_sealed,
     encode_block,
     merge_buckets,
+    unpack_distinct,
 )
 from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
@@ -175,10 +177,18 @@ class ShardState:
         delta = self.deltas.get(name)
         if delta is not None and delta.series:
             _merge_all(out, kind, collect_partials(delta, plan))
-        first_day = plan.cuts_ms[0] // DAY_MS
-        last_day = (plan.cuts_ms[-1] - 1) // DAY_MS
+        cuts_ms = plan.cuts_ms
+        first_day = cuts_ms[0] // DAY_MS
+        last_day = (cuts_ms[-1] - 1) // DAY_MS
         days = self.blocks.days(name)
         for day in days[bisect_left(days, first_day):bisect_right(days, last_day)]:
+            span = whole_day_span(cuts_ms, day)
+            if span >= 0:
+                # The day lies wholly inside one span: its rollups, no minute column.
+                rollup = self.blocks.load_rollup(plan.meter, day)
+                if rollup is not None:
+                    collect_rollup_partials(out, rollup, plan, span)
+                continue
             block = self.blocks.load(plan.meter, day)
             if block is not None:
                 _merge_all(out, kind, collect_partials(block, plan))
@@ -198,6 +208,18 @@ class ShardState:
             days = self.blocks.days(meter.name)
             wanted = days[bisect_left(days, first // 1440):bisect_right(days, (last - 1) // 1440)]
             for day in wanted:
+                if first <= day * 1440 and (day + 1) * 1440 <= last:
+                    # A whole day: its rollups (one partial per series-day).
+                    rollup = self.blocks.load_rollup(meter, day)
+                    for _, dims, partial in (rollup.by_customer.get(customer, ())
+                                             if rollup is not None else ()):
+                        if dim_filters and not dims_match(dims, dim_filters):
+                            continue
+                        if kind == UNIQUE:
+                            partial = set(unpack_distinct(partial))
+                        merged = partial if merged is None else merge_partial(kind, merged,
+                                                                              partial)
+                    continue
                 block = self.blocks.load(meter, day)
                 if block is not None:
                     sources.append(block)
@@ -681,6 +703,67 @@ def collect_partials(
             if lo < hi:
                 span = bisect_right(cut_minutes, minutes[lo], span, span_count) - 1
     return out
+
+
+def whole_day_span(cuts_ms: list[int], day: int) -> int:
+    """The span that holds UTC ``day`` whole, or -1 if a cut falls inside the day or the
+    range does not cover all of it (then the day's minute buckets decide)."""
+    day_start_ms = day * DAY_MS
+    day_end_ms = day_start_ms + DAY_MS
+    if cuts_ms[0] > day_start_ms or cuts_ms[-1] < day_end_ms:
+        return -1
+    span = bisect_right(cuts_ms, day_start_ms) - 1
+    return span if cuts_ms[span + 1] >= day_end_ms else -1
+
+
+def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup: BlockRollup,
+                            plan: QueryPlan, span: int) -> None:
+    """Merge a block's whole-day partials into ``out``, all in ``span`` (the caller
+    checked that the day lies inside it): one merge per series-day, no bisect, and
+    unique_count values unpacked in C and united with ``set.update``."""
+    kind = rollup.meter.kind
+    if plan.customers is not None:
+        entries: list[tuple[str, Any, Any]] = []
+        for customer in plan.customers:
+            entries.extend(rollup.by_customer.get(customer, ()))
+    else:
+        entries = rollup.series
+    group_by = plan.group_by
+    customer_at = group_by.index("customer_id") if "customer_id" in group_by else -1
+    by_dims = bool(plan.dim_filters) or any(key != "customer_id" for key in group_by)
+    dims_groups: dict[int, Any] = {}
+    unique = kind == UNIQUE
+    counter = kind == SUM or kind == COUNT
+    out_get = out.get
+    key: tuple[int, tuple[Any, ...]] = (span, ())
+    for customer, dims, partial in entries:
+        if by_dims:
+            dims_group = dims_groups.get(id(dims))
+            if dims_group is None:
+                dims_group = dims_groups[id(dims)] = _dims_group(dims, plan)
+            if dims_group is _FILTERED:
+                continue
+            group = dims_group
+            if customer_at >= 0:
+                group = (*group[:customer_at], customer, *group[customer_at + 1:])
+            key = (span, group)
+        elif customer_at >= 0:
+            key = (span, (customer,))
+        existing = out_get(key)
+        if unique:
+            values = unpack_distinct(partial)
+            if existing is None:
+                out[key] = set(values)
+            elif type(existing) is frozenset:
+                out[key] = existing.union(values)
+            else:
+                existing.update(values)
+        elif existing is None:
+            out[key] = partial
+        elif counter:
+            out[key] = existing + partial
+        else:
+            out[key] = merge_partial(kind, existing, partial)
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
