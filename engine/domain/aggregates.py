@@ -59,8 +59,13 @@ def slice_partial(kind: int, series: BucketColumns, lo: int, hi: int) -> Any:
         best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
         return (times[best], seqs[best], series.values[best])
     # A unique_count bucket is its one distinct value (a str) or a set of two or more.
+    buckets = series.values[lo:hi]
+    try:
+        return set(buckets)  # in C, when every bucket holds one value (the usual case)
+    except TypeError:  # a bucket holds a set (unhashable): unite them one by one
+        pass
     distinct: set[str] = set()
-    for values in series.values[lo:hi]:
+    for values in buckets:
         if type(values) is str:
             distinct.add(values)
         else:

@@ -1,8 +1,8 @@
 """Sealed history: a day of one meter's buckets in one shard, as an immutable block.
 
-Pure domain layer: standard library, msgspec (through ``records``) and the
-domain modules ``aggregates``, ``batch``, ``meters``, ``records``, ``series`` and
-``values``; ``shard`` imports this module, never the reverse.
+Pure domain layer: standard library, msgspec and the domain modules
+``aggregates``, ``batch``, ``meters``, ``records``, ``series`` and ``values``;
+``shard`` imports this module, never the reverse.
 
 The head of a shard holds minute buckets for recent event time only. At a
 checkpoint, every UTC day that left the hot window is cut out of the head
@@ -14,15 +14,24 @@ next checkpoint *compacts* it: the day's block is decoded, the delta's buckets
 merged in (``merge_buckets``), and a new version written in the checkpoint's
 transaction. So every answer stays exact, minute windows included.
 
-A decoded block is a ``MeterShard`` whose series carry a ``rollup``: the partial
-of the whole series-day, so a query whose window holds the whole day (day,
-week, month and whole-range queries in UTC) merges one partial per series-day
-instead of walking 1,440 minute buckets; unique_count rollups are frozensets.
+Two decoded forms. The full block is a ``MeterShard`` (the minute columns; its
+sum-like series carry ``rollup``, the partial of the whole series-day). The
+*rollups* (``BlockRollup``) are each series-day's partial alone: a query whose
+span holds the whole UTC day (day, week, month and whole-range queries in UTC)
+merges one partial per series-day from them and never decodes a minute column;
+unique_count rollups are the day's distinct values, sorted and NUL-joined into one
+str (``pack_distinct``: about a byte per character, where a frozenset costs 216
+bytes plus ~60 per value), split in C when a query unites them.
 
-Encoding: msgpack (``records.BlockRecord`` of ``SeriesRecord``; int64 columns as
-raw bytes), then zlib. Minutes are sorted per series and ascend by one, edges
-and values repeat: zlib does well on both (docs/architecture.md has the
-measured bytes per event).
+Stored format 2 (``encode_block``): ``MAGIC``, the rollup section's length,
+the rollup section (``RollupRecord``, msgpack, zlib) and the minute section
+(``records.BlockRecord`` of ``SeriesRecord``: int64 columns as raw bytes,
+msgpack, zlib). Format 1, written before the rollup section existed, is the
+minute section alone (a zlib stream, first byte 0x78, never ``MAGIC``); it
+still decodes, its rollups computed from the minutes, and its next compaction
+writes format 2. Minutes are sorted per series and ascend by one, edges and
+values repeat: zlib does well on both (docs/architecture.md has the measured
+bytes per event).
 """
 
 from __future__ import annotations

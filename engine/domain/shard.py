@@ -169,9 +169,11 @@ class ShardState:
     def query(self, plan: QueryPlan) -> dict[tuple[int, tuple[Any, ...]], Any]:
         """Partial aggregates per (span index, group key) for ``plan``."""
         name = plan.meter.name
+        if not plan.cuts_ms:
+            return {}  # an empty range has no span
         meter_shard = self.meters.get(name)
         out = {} if meter_shard is None else collect_partials(meter_shard, plan)
-        if not plan.cuts_ms or plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
+        if plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
             return out
         kind = plan.meter.kind
         delta = self.deltas.get(name)
@@ -181,17 +183,22 @@ class ShardState:
         first_day = cuts_ms[0] // DAY_MS
         last_day = (cuts_ms[-1] - 1) // DAY_MS
         days = self.blocks.days(name)
+        # unique_count rollups of whole days, packed, gathered per group over every day
+        # and unpacked once per group at the end (one join, split and set in C).
+        packed: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
         for day in days[bisect_left(days, first_day):bisect_right(days, last_day)]:
             span = whole_day_span(cuts_ms, day)
             if span >= 0:
                 # The day lies wholly inside one span: its rollups, no minute column.
                 rollup = self.blocks.load_rollup(plan.meter, day)
                 if rollup is not None:
-                    collect_rollup_partials(out, rollup, plan, span)
+                    collect_rollup_partials(out, rollup, plan, span, packed)
                 continue
             block = self.blocks.load(plan.meter, day)
             if block is not None:
                 _merge_all(out, kind, collect_partials(block, plan))
+        if packed:
+            unpack_into(out, packed)
         return out
 
     def usage_partial(self, meter: MeterDef, customer: str,
@@ -717,10 +724,12 @@ def whole_day_span(cuts_ms: list[int], day: int) -> int:
 
 
 def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup: BlockRollup,
-                            plan: QueryPlan, span: int) -> None:
+                            plan: QueryPlan, span: int,
+                            packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
     """Merge a block's whole-day partials into ``out``, all in ``span`` (the caller
-    checked that the day lies inside it): one merge per series-day, no bisect, and
-    unique_count values unpacked in C and united with ``set.update``."""
+    checked that the day lies inside it): one merge per series-day, no bisect. The
+    packed values of unique_count rollups are gathered in ``packed`` per group instead,
+    for ``unpack_into``."""
     kind = rollup.meter.kind
     if plan.customers is not None:
         entries: list[tuple[str, Any, Any]] = []
@@ -749,21 +758,41 @@ def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup:
             key = (span, group)
         elif customer_at >= 0:
             key = (span, (customer,))
-        existing = out_get(key)
         if unique:
-            values = unpack_distinct(partial)
-            if existing is None:
-                out[key] = set(values)
-            elif type(existing) is frozenset:
-                out[key] = existing.union(values)
+            pending = packed.get(key)
+            if pending is None:
+                packed[key] = [partial]
             else:
-                existing.update(values)
-        elif existing is None:
+                pending.append(partial)
+            continue
+        existing = out_get(key)
+        if existing is None:
             out[key] = partial
         elif counter:
             out[key] = existing + partial
         else:
             out[key] = merge_partial(kind, existing, partial)
+
+
+def unpack_into(out: dict[tuple[int, tuple[Any, ...]], Any],
+                packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+    """Unite each group's packed unique_count rollups into its set in ``out``: the
+    NUL-joined strs are joined and split once (C), so each value costs one split and
+    one set insert however many days it spans."""
+    for key, parts in packed.items():
+        texts = [part for part in parts if type(part) is str]
+        values: list[str] = "\x00".join(texts).split("\x00") if texts else []
+        if len(texts) < len(parts):  # values holding a NUL: stored as tuples
+            for part in parts:
+                if type(part) is not str:
+                    values.extend(part)
+        existing = out.get(key)
+        if existing is None:
+            out[key] = set(values)
+        elif type(existing) is frozenset:
+            out[key] = existing.union(values)
+        else:
+            existing.update(values)
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
