@@ -87,6 +87,40 @@ def unique_union(left: str | set[str] | frozenset[str], right: str | set[str] | 
     return next(iter(merged)) if len(merged) == 1 else merged
 
 
+class PackedDistinct:
+    """A unique_count partial not yet united: sealed days' packed rollups (NUL-joined
+    sorted strs, or tuples of values that hold a NUL: ``blocks.pack_distinct``) and
+    sets. Shards hand these on so that a group's values from every shard and day are
+    united once, when counted (``distinct_values``), not once per shard and again
+    when the shards' partials merge."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedDistinct):
+            return distinct_values(self) == distinct_values(other)
+        return isinstance(other, (set, frozenset)) and distinct_values(self) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def distinct_values(partial: Any) -> set[str] | frozenset[str]:
+    """The values of a unique_count partial: a set, or a ``PackedDistinct`` united (one
+    join, split and set in C for its packed strs)."""
+    if type(partial) is not PackedDistinct:
+        return partial  # type: ignore[no-any-return]
+    texts = [part for part in partial.parts if type(part) is str]
+    values = set("\x00".join(texts).split("\x00")) if texts else set()
+    if len(texts) < len(partial.parts):
+        for part in partial.parts:
+            if type(part) is not str:
+                values.update(part)
+    return values
+
+
 def merge_partial(kind: int, left: Any, right: Any) -> Any:
     """Merge two partials; may reuse ``left`` (see ``copy_partial``)."""
     if kind == SUM or kind == COUNT:
@@ -99,6 +133,14 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
         return [left[0] + right[0], left[1] + right[1]]
     if kind == LATEST:
         return right if right[:2] > left[:2] else left
+    if type(left) is PackedDistinct:
+        if type(right) is PackedDistinct:
+            left.parts.extend(right.parts)
+        else:
+            left.parts.append(right)
+        return left
+    if type(right) is PackedDistinct:
+        return PackedDistinct([left, *right.parts])
     left |= right
     return left
 
@@ -107,6 +149,8 @@ def copy_partial(kind: int, partial: Any) -> Any:
     """A partial safe to merge into while ``partial`` is still needed: unique_count
     partials are sets, merged in place."""
     if kind == UNIQUE:
+        if type(partial) is PackedDistinct:
+            return PackedDistinct(list(partial.parts))
         return set(partial)
     return partial
 
@@ -120,4 +164,4 @@ def finalize(kind: int, partial: Any) -> Any:
         return average(partial[0], partial[1])
     if kind == LATEST:
         return partial[2]
-    return len(partial)
+    return len(distinct_values(partial))

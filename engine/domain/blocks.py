@@ -21,7 +21,9 @@ span holds the whole UTC day (day, week, month and whole-range queries in UTC)
 merges one partial per series-day from them and never decodes a minute column;
 unique_count rollups are the day's distinct values, sorted and NUL-joined into one
 str (``pack_distinct``: about a byte per character, where a frozenset costs 216
-bytes plus ~60 per value), split in C when a query unites them.
+bytes plus ~60 per value), split in C when a query unites them. Several days'
+rollups merge into one per series (``merge_rollups``: the runtime caches such
+summaries for spans that hold many whole days).
 
 Stored format 2 (``encode_block``): ``MAGIC``, the rollup section's length,
 the rollup section (``RollupRecord``, msgpack, zlib) and the minute section
@@ -54,6 +56,9 @@ from engine.domain.aggregates import (
     MIN,
     SUM,
     UNIQUE,
+    PackedDistinct,
+    distinct_values,
+    merge_partial,
     slice_partial,
     unique_union,
 )
@@ -85,6 +90,10 @@ class BlockReader(Protocol):
     def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
         """The block's whole-day partials (shared, read-only), or None."""
 
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
+        """The rollups of these days (each with a block) merged per series
+        (``merge_rollups``; shared, read-only), or None."""
+
 
 class NoBlocks:
     """The reader of a shard with no sealed history (tests, the in-memory store)."""
@@ -99,6 +108,9 @@ class NoBlocks:
         return None
 
     def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
+        return None
+
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
         return None
 
 
@@ -410,6 +422,36 @@ def rollup_of(block: MeterShard, day: int) -> BlockRollup:
             partial = packed if type(packed) is str else tuple(packed)
         _add_rollup(rollup, series.customer_id, series.dims, partial)
     return rollup
+
+
+def merge_rollups(meter: MeterDef, rollups: list[BlockRollup]) -> BlockRollup:
+    """The rollups of several days merged per series: one partial per series over all
+    of them (what a span holding every one of those days whole reads). unique_count
+    values are united once and packed again (unsorted: nothing orders them here)."""
+    kind = meter.kind
+    merged: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+    for rollup in rollups:
+        for customer, dims, partial in rollup.series:
+            key = (customer, dims)
+            existing = merged.get(key)
+            if kind == UNIQUE:
+                if existing is None:
+                    merged[key] = [partial]
+                else:
+                    existing.append(partial)
+            else:
+                merged[key] = partial if existing is None else merge_partial(kind, existing,
+                                                                            partial)
+    summary = BlockRollup(meter, rollups[0].day if rollups else 0)
+    dims_by_value: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    for (customer, dims), partial in merged.items():
+        dims = dims_by_value.setdefault(dims, dims)
+        if kind == UNIQUE:
+            values = distinct_values(PackedDistinct(partial))
+            packed = "\x00".join(values)
+            partial = packed if packed.count("\x00") == len(values) - 1 else tuple(values)
+        _add_rollup(summary, customer, dims, partial)
+    return summary
 
 
 def _add_rollup(rollup: BlockRollup, customer_id: str, dims: tuple[tuple[str, str], ...],

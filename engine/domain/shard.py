@@ -30,6 +30,7 @@ from engine.domain.aggregates import (
     MIN,
     SUM,
     UNIQUE,
+    PackedDistinct,
     merge_partial,
     slice_partial,
 )
@@ -186,7 +187,17 @@ class ShardState:
         # unique_count rollups of whole days, packed, gathered per group over every day
         # and unpacked once per group at the end (one join, split and set in C).
         packed: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
-        for day in days[bisect_left(days, first_day):bisect_right(days, last_day)]:
+        wanted = days[bisect_left(days, first_day):bisect_right(days, last_day)]
+        spans = [whole_day_span(cuts_ms, day) for day in wanted]
+        whole = [day for day, span in zip(wanted, spans, strict=True) if span >= 0]
+        if len(whole) > 1 and len({span for span in spans if span >= 0}) == 1:
+            # Every whole day in one span (a whole-range query, a long window): the
+            # days' rollups merged per series, kept by the cache until a block changes.
+            summary = self.blocks.load_summary(plan.meter, whole)
+            if summary is not None:
+                collect_rollup_partials(out, summary, plan, max(spans), packed)
+                wanted = [day for day, span in zip(wanted, spans, strict=True) if span < 0]
+        for day in wanted:
             span = whole_day_span(cuts_ms, day)
             if span >= 0:
                 # The day lies wholly inside one span: its rollups, no minute column.
@@ -776,23 +787,15 @@ def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup:
 
 def unpack_into(out: dict[tuple[int, tuple[Any, ...]], Any],
                 packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
-    """Unite each group's packed unique_count rollups into its set in ``out``: the
-    NUL-joined strs are joined and split once (C), so each value costs one split and
-    one set insert however many days it spans."""
+    """Hand each group's packed unique_count rollups on in ``out``: a group with head
+    or delta values too gets one ``PackedDistinct`` of both, united when counted
+    (``aggregates.distinct_values``: each value one split and one set insert, however
+    many days and shards it spans)."""
     for key, parts in packed.items():
-        texts = [part for part in parts if type(part) is str]
-        values: list[str] = "\x00".join(texts).split("\x00") if texts else []
-        if len(texts) < len(parts):  # values holding a NUL: stored as tuples
-            for part in parts:
-                if type(part) is not str:
-                    values.extend(part)
         existing = out.get(key)
-        if existing is None:
-            out[key] = set(values)
-        elif type(existing) is frozenset:
-            out[key] = existing.union(values)
-        else:
-            existing.update(values)
+        if existing is not None:
+            parts.append(existing)
+        out[key] = PackedDistinct(parts)
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)

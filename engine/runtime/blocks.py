@@ -17,7 +17,10 @@ file:
    budget: its rollups (``BlockRollup``, whole-day partials: what day, week, month
    and whole-range queries in UTC read; a few hundred bytes per series-day, the
    packed distinct values for unique_count) and the full block with its minute
-   columns (other windows, limits, compaction), decoded only when asked for.
+   columns (other windows, limits, compaction), decoded only when asked for. A
+   *summary* (several days' rollups merged per series, for a span that holds all
+   of them) is cached the same way and dropped whenever a block of its meter and
+   shard is added, so it never outlives the blocks it was merged from.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from engine.domain.blocks import (
     block_key,
     decode_block,
     decode_rollups,
+    merge_rollups,
     parse_block_key,
     rollup_of,
 )
@@ -41,7 +45,7 @@ from engine.domain.series import MeterShard
 from engine.storage import Store
 
 DEFAULT_BLOCK_CACHE_BYTES = 64 << 20
-_FULL, _ROLLUP = 0, 1  # the two decoded forms of a block
+_FULL, _ROLLUP, _SUMMARY = 0, 1, 2  # the decoded forms of a block; merged rollups
 
 
 class BlockCache:
@@ -56,6 +60,9 @@ class BlockCache:
         self._decoded: OrderedDict[tuple[bytes, int], tuple[Any, int]] = OrderedDict()
         # block key -> [decoded block, stored bytes, its rollups once asked for]
         self._unwritten: dict[bytes, list[Any]] = {}
+        # (meter, part) -> the cache keys of its summaries (merged rollups of several
+        # days), all dropped when a block of that meter and part is added
+        self._summaries: dict[tuple[str, int], list[tuple[bytes, int]]] = {}
         self.cached_bytes = 0
         self.hits = self.misses = 0
         self.block_count = 0
@@ -84,6 +91,8 @@ class BlockCache:
             self.block_count += 1
         self._drop_decoded(key)
         self._unwritten[key] = [block, raw, None]
+        for summary_key in self._summaries.pop((meter, part), ()):
+            self._drop_entry(summary_key)
 
     def unwritten(self) -> list[tuple[bytes, bytes]]:
         """Every block not yet in the store, for the next checkpoint's transaction."""
@@ -144,6 +153,31 @@ class BlockCache:
             self._keep(key, _ROLLUP, rollup, rollup.nbytes)
         return rollup
 
+    def load_summary(self, meter: MeterDef, days: list[int], part: int) -> BlockRollup | None:
+        """The rollups of ``days`` merged per series, cached (dropped when a block of
+        this meter and part is added: blocks change only so)."""
+        if not self.budget_bytes:
+            return None  # nothing to keep it in: the days' rollups one by one are cheaper
+        key = (block_key(meter.name, days[0], part) + b"".join(
+            day.to_bytes(4, "big") for day in days[1:]), _SUMMARY)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            self.hits += 1
+            self._decoded.move_to_end(key)
+            return cached[0]  # type: ignore[no-any-return]
+        rollups = []
+        for day in days:
+            rollup = self.load_rollup(meter, day, part)
+            if rollup is None:
+                return None
+            rollups.append(rollup)
+        summary = merge_rollups(meter, rollups)
+        self._keep(key[0], _SUMMARY, summary, summary.nbytes)
+        keys = self._summaries.setdefault((meter.name, part), [])
+        keys[:] = [known for known in keys if known in self._decoded]
+        keys.append(key)
+        return summary
+
     def load_copy(self, meter: MeterDef, day: int, part: int) -> MeterShard | None:
         key = block_key(meter.name, day, part)
         pinned = self._unwritten.get(key)
@@ -167,9 +201,12 @@ class BlockCache:
 
     def _drop_decoded(self, key: bytes) -> None:
         for form in (_FULL, _ROLLUP):
-            entry = self._decoded.pop((key, form), None)
-            if entry is not None:
-                self.cached_bytes -= entry[1]
+            self._drop_entry((key, form))
+
+    def _drop_entry(self, entry_key: tuple[bytes, int]) -> None:
+        entry = self._decoded.pop(entry_key, None)
+        if entry is not None:
+            self.cached_bytes -= entry[1]
 
     @staticmethod
     def _known(days: list[int], day: int) -> bool:
@@ -197,3 +234,6 @@ class ShardBlocks:
 
     def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
         return self._cache.load_rollup(meter, day, self._part)
+
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
+        return self._cache.load_summary(meter, days, self._part)
