@@ -164,4 +164,9 @@ def finalize(kind: int, partial: Any) -> Any:
         return average(partial[0], partial[1])
     if kind == LATEST:
         return partial[2]
+    if type(partial) is PackedDistinct and len(partial.parts) == 1:
+        # One series-day or summary alone (one customer by day): its values are distinct
+        # already, so count them without building a set.
+        only = partial.parts[0]
+        return only.count("\x00") + 1 if type(only) is str else len(only)
     return len(distinct_values(partial))
