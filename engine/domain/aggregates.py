@@ -59,8 +59,13 @@ def slice_partial(kind: int, series: BucketColumns, lo: int, hi: int) -> Any:
         best = max(range(lo, hi), key=lambda i: (times[i], seqs[i]))
         return (times[best], seqs[best], series.values[best])
     # A unique_count bucket is its one distinct value (a str) or a set of two or more.
+    buckets = series.values[lo:hi]
+    try:
+        return set(buckets)  # in C, when every bucket holds one value (the usual case)
+    except TypeError:  # a bucket holds a set (unhashable): unite them one by one
+        pass
     distinct: set[str] = set()
-    for values in series.values[lo:hi]:
+    for values in buckets:
         if type(values) is str:
             distinct.add(values)
         else:
@@ -82,6 +87,40 @@ def unique_union(left: str | set[str] | frozenset[str], right: str | set[str] | 
     return next(iter(merged)) if len(merged) == 1 else merged
 
 
+class PackedDistinct:
+    """A unique_count partial not yet united: sealed days' packed rollups (NUL-joined
+    sorted strs, or tuples of values that hold a NUL: ``blocks.pack_distinct``) and
+    sets. Shards hand these on so that a group's values from every shard and day are
+    united once, when counted (``distinct_values``), not once per shard and again
+    when the shards' partials merge."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedDistinct):
+            return distinct_values(self) == distinct_values(other)
+        return isinstance(other, (set, frozenset)) and distinct_values(self) == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def distinct_values(partial: Any) -> set[str] | frozenset[str]:
+    """The values of a unique_count partial: a set, or a ``PackedDistinct`` united (one
+    join, split and set in C for its packed strs)."""
+    if type(partial) is not PackedDistinct:
+        return partial  # type: ignore[no-any-return]
+    texts = [part for part in partial.parts if type(part) is str]
+    values = set("\x00".join(texts).split("\x00")) if texts else set()
+    if len(texts) < len(partial.parts):
+        for part in partial.parts:
+            if type(part) is not str:
+                values.update(part)
+    return values
+
+
 def merge_partial(kind: int, left: Any, right: Any) -> Any:
     """Merge two partials; may reuse ``left`` (see ``copy_partial``)."""
     if kind == SUM or kind == COUNT:
@@ -94,6 +133,14 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
         return [left[0] + right[0], left[1] + right[1]]
     if kind == LATEST:
         return right if right[:2] > left[:2] else left
+    if type(left) is PackedDistinct:
+        if type(right) is PackedDistinct:
+            left.parts.extend(right.parts)
+        else:
+            left.parts.append(right)
+        return left
+    if type(right) is PackedDistinct:
+        return PackedDistinct([left, *right.parts])
     left |= right
     return left
 
@@ -102,6 +149,8 @@ def copy_partial(kind: int, partial: Any) -> Any:
     """A partial safe to merge into while ``partial`` is still needed: unique_count
     partials are sets, merged in place."""
     if kind == UNIQUE:
+        if type(partial) is PackedDistinct:
+            return PackedDistinct(list(partial.parts))
         return set(partial)
     return partial
 
@@ -115,4 +164,9 @@ def finalize(kind: int, partial: Any) -> Any:
         return average(partial[0], partial[1])
     if kind == LATEST:
         return partial[2]
-    return len(partial)
+    if type(partial) is PackedDistinct and len(partial.parts) == 1:
+        # One series-day or summary alone (one customer by day): its values are distinct
+        # already, so count them without building a set.
+        only = partial.parts[0]
+        return only.count("\x00") + 1 if type(only) is str else len(only)
+    return len(distinct_values(partial))

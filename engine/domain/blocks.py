@@ -1,8 +1,8 @@
 """Sealed history: a day of one meter's buckets in one shard, as an immutable block.
 
-Pure domain layer: standard library, msgspec (through ``records``) and the
-domain modules ``aggregates``, ``batch``, ``meters``, ``records``, ``series`` and
-``values``; ``shard`` imports this module, never the reverse.
+Pure domain layer: standard library, msgspec and the domain modules
+``aggregates``, ``batch``, ``meters``, ``records``, ``series`` and ``values``;
+``shard`` imports this module, never the reverse.
 
 The head of a shard holds minute buckets for recent event time only. At a
 checkpoint, every UTC day that left the hot window is cut out of the head
@@ -14,24 +14,38 @@ next checkpoint *compacts* it: the day's block is decoded, the delta's buckets
 merged in (``merge_buckets``), and a new version written in the checkpoint's
 transaction. So every answer stays exact, minute windows included.
 
-A decoded block is a ``MeterShard`` whose series carry a ``rollup``: the partial
-of the whole series-day, so a query whose window holds the whole day (day,
-week, month and whole-range queries in UTC) merges one partial per series-day
-instead of walking 1,440 minute buckets; unique_count rollups are frozensets.
+Two decoded forms. The full block is a ``MeterShard`` (the minute columns; its
+sum-like series carry ``rollup``, the partial of the whole series-day). The
+*rollups* (``BlockRollup``) are each series-day's partial alone: a query whose
+span holds the whole UTC day (day, week, month and whole-range queries in UTC)
+merges one partial per series-day from them and never decodes a minute column;
+unique_count rollups are the day's distinct values, sorted and NUL-joined into one
+str (``pack_distinct``: about a byte per character, where a frozenset costs 216
+bytes plus ~60 per value), split in C when a query unites them. Several days'
+rollups merge into one per series (``merge_rollups``: the runtime caches such
+summaries for spans that hold many whole days).
 
-Encoding: msgpack (``records.BlockRecord`` of ``SeriesRecord``; int64 columns as
-raw bytes), then zlib. Minutes are sorted per series and ascend by one, edges
-and values repeat: zlib does well on both (docs/architecture.md has the
-measured bytes per event).
+Stored format 2 (``encode_block``): ``MAGIC``, the rollup section's length,
+the rollup section (``RollupRecord``, msgpack, zlib) and the minute section
+(``records.BlockRecord`` of ``SeriesRecord``: int64 columns as raw bytes,
+msgpack, zlib). Format 1, written before the rollup section existed, is the
+minute section alone (a zlib stream, first byte 0x78, never ``MAGIC``); it
+still decodes, its rollups computed from the minutes, and its next compaction
+writes format 2. Minutes are sorted per series and ascend by one, edges and
+values repeat: zlib does well on both (docs/architecture.md has the measured
+bytes per event).
 """
 
 from __future__ import annotations
 
+import sys
 import zlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
+
+import msgspec
 
 from engine.domain import records
 from engine.domain.aggregates import (
@@ -42,15 +56,22 @@ from engine.domain.aggregates import (
     MIN,
     SUM,
     UNIQUE,
+    PackedDistinct,
+    distinct_values,
+    merge_partial,
     slice_partial,
     unique_union,
 )
 from engine.domain.meters import MeterDef
+from engine.domain.records import decimal_or_int
 from engine.domain.series import MeterShard, Series, load_series, series_record
+from engine.domain.values import fits_int64
 
 DAY_MINUTES = 1440
 DAY_MS = 86_400_000
 BLOCK_COMPRESSION_LEVEL = 1  # zlib: level 1 is within a few % of 6 on these columns, 3x faster
+# A format-2 block starts with these bytes (a format-1 block is a zlib stream: 0x78).
+MAGIC = b"MB\x02\x00"
 _COLUMNS = ("minutes", "edges", "values", "counts", "times", "seqs")
 
 
@@ -66,6 +87,13 @@ class BlockReader(Protocol):
     def load_copy(self, meter: MeterDef, day: int) -> MeterShard | None:
         """A decoded block this caller may change (compaction)."""
 
+    def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
+        """The block's whole-day partials (shared, read-only), or None."""
+
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
+        """The rollups of these days (each with a block) merged per series
+        (``merge_rollups``; shared, read-only), or None."""
+
 
 class NoBlocks:
     """The reader of a shard with no sealed history (tests, the in-memory store)."""
@@ -77,6 +105,12 @@ class NoBlocks:
         return None
 
     def load_copy(self, meter: MeterDef, day: int) -> MeterShard | None:
+        return None
+
+    def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
+        return None
+
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
         return None
 
 
@@ -220,17 +254,42 @@ def build_block(meter: MeterDef, pieces: Iterable[tuple[str, Series]],
 
 def encode_block(block: MeterShard, day: int, shard_count: int, part: int,
                  cover_lsn: int) -> bytes:
-    """The stored bytes of a block: canonical (series in key order), compressed."""
+    """The stored bytes of a block (format 2): canonical (series in key order).
+
+    ``MAGIC``, the rollup section's length (4 bytes big-endian), the rollup section
+    (``RollupRecord``, zlib) and the minute section (``records.BlockRecord``, zlib:
+    exactly the bytes of a format-1 block), so a query of whole days reads and
+    decompresses the rollups alone.
+    """
+    keys = sorted(block.series)
     record = records.BlockRecord(
         block.meter.name, day, shard_count, part, cover_lsn,
-        [series_record(block.series[key]) for key in sorted(block.series)],
+        [series_record(block.series[key]) for key in keys],
     )
-    return zlib.compress(records.encode(record), BLOCK_COMPRESSION_LEVEL)
+    kind = block.meter.kind
+    rollups = RollupRecord(block.meter.name, day, [
+        RollupSeriesRecord(series.customer_id, [list(pair) for pair in series.dims],
+                           _encode_partial(kind, slice_partial(kind, series, 0,
+                                                               len(series.minutes))))
+        for series in (block.series[key] for key in keys) if series.minutes
+    ])
+    rollup_section = zlib.compress(_rollup_encoder.encode(rollups), BLOCK_COMPRESSION_LEVEL)
+    return b"".join((MAGIC, len(rollup_section).to_bytes(4, "big"), rollup_section,
+                     zlib.compress(records.encode(record), BLOCK_COMPRESSION_LEVEL)))
+
+
+def _minute_section(raw: bytes) -> bytes:
+    """The minute section's zlib bytes of a stored block of either format."""
+    if raw[:len(MAGIC)] != MAGIC:
+        return raw  # format 1: the whole value is the minute section
+    start = len(MAGIC) + 4 + int.from_bytes(raw[len(MAGIC):len(MAGIC) + 4], "big")
+    return raw[start:]
 
 
 def decode_block(meter: MeterDef, raw: bytes) -> tuple[records.BlockRecord, MeterShard]:
-    """A block's record and its series as a ``MeterShard`` with rollups."""
-    record = records.decode_block(zlib.decompress(raw))
+    """A block's record and its series as a ``MeterShard`` (with rollups but for
+    unique_count, whose whole-day partials ``decode_rollups`` gives compactly)."""
+    record = records.decode_block(zlib.decompress(_minute_section(raw)))
     block = MeterShard(meter)
     for series_rec in record.series:
         load_series(block, series_rec)
@@ -239,12 +298,177 @@ def decode_block(meter: MeterDef, raw: bytes) -> tuple[records.BlockRecord, Mete
 
 
 def add_rollups(block: MeterShard) -> None:
-    """Give every series of a block the partial of all its buckets."""
+    """Give every series of a block the partial of all its buckets (not unique_count:
+    a frozenset per series-day costs 216 + ~60 bytes per value; whole days of
+    unique_count are read from the rollup section instead)."""
     kind = block.meter.kind
+    if kind == UNIQUE:
+        return
     for series in block.series.values():
         if series.minutes:
-            partial = slice_partial(kind, series, 0, len(series.minutes))
-            series.rollup = frozenset(partial) if kind == UNIQUE else partial
+            series.rollup = slice_partial(kind, series, 0, len(series.minutes))
+
+
+# ------------------------------------------------------------------ rollups
+
+
+class RollupSeriesRecord(msgspec.Struct, array_like=True):
+    """The partial of one series-day (``_encode_partial``)."""
+
+    customer_id: str
+    dims: list[list[str]]
+    partial: Any
+
+
+class RollupRecord(msgspec.Struct, array_like=True):
+    """The rollup section of a format-2 block: each series-day's partial, key order."""
+
+    meter: str
+    day: int
+    series: list[RollupSeriesRecord]
+
+
+_rollup_encoder = msgspec.msgpack.Encoder()
+_rollup_decoder = msgspec.msgpack.Decoder(RollupRecord)
+
+
+def _encode_number(value: Any) -> int | str:
+    return value if type(value) is int and fits_int64(value) else str(value)
+
+
+def _encode_partial(kind: int, partial: Any) -> Any:
+    """A partial in msgpack terms: numbers as int64 or decimal strings (as snapshots),
+    avg ``[sum, count]``, latest ``[ts, seq, value]``, unique_count the sorted values
+    joined by NUL (a list when a value holds a NUL itself)."""
+    if kind == UNIQUE:
+        return pack_distinct(partial)
+    if kind == AVG:
+        return [_encode_number(partial[0]), _encode_number(partial[1])]
+    if kind == LATEST:
+        return [partial[0], partial[1], _encode_number(partial[2])]
+    return _encode_number(partial)
+
+
+def _decode_partial(kind: int, encoded: Any) -> Any:
+    if kind == UNIQUE:
+        return encoded if type(encoded) is str else tuple(encoded)
+    if kind == AVG:
+        return [decimal_or_int(encoded[0]), decimal_or_int(encoded[1])]
+    if kind == LATEST:
+        return (encoded[0], encoded[1], decimal_or_int(encoded[2]))
+    return decimal_or_int(encoded)
+
+
+def pack_distinct(values: Iterable[str]) -> str | list[str]:
+    """Distinct values, sorted, as one NUL-joined str (one object instead of one per
+    value: about 1 byte per character), or a list when a value holds a NUL."""
+    ordered = sorted(values)
+    packed = "\x00".join(ordered)
+    return packed if packed.count("\x00") == len(ordered) - 1 else ordered
+
+
+def unpack_distinct(packed: str | tuple[str, ...]) -> list[str] | tuple[str, ...]:
+    """The values of a ``pack_distinct`` partial (a str splits in C)."""
+    if isinstance(packed, str):
+        return packed.split("\x00")
+    return packed
+
+
+class BlockRollup:
+    """A block's rollup section as queries read it: per series-day, (customer, dims,
+    partial), unique_count partials packed (``pack_distinct``). Shared, read-only."""
+
+    __slots__ = ("by_customer", "day", "meter", "nbytes", "series")
+
+    def __init__(self, meter: MeterDef, day: int) -> None:
+        self.meter = meter
+        self.day = day
+        self.series: list[tuple[str, tuple[tuple[str, str], ...], Any]] = []
+        self.by_customer: dict[str, list[tuple[str, tuple[tuple[str, str], ...], Any]]] = {}
+        self.nbytes = 0
+
+
+def decode_rollups(meter: MeterDef, raw: bytes) -> BlockRollup:
+    """The whole-day partials of a stored block: the rollup section alone (format 2),
+    or computed from the minute columns (format 1, which has no rollup section)."""
+    kind = meter.kind
+    if raw[:len(MAGIC)] != MAGIC:
+        record, block = decode_block(meter, raw)
+        return rollup_of(block, record.day)
+    length = int.from_bytes(raw[len(MAGIC):len(MAGIC) + 4], "big")
+    section = zlib.decompress(raw[len(MAGIC) + 4:len(MAGIC) + 4 + length])
+    rollups = _rollup_decoder.decode(section)
+    rollup = BlockRollup(meter, rollups.day)
+    dims_by_key: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    for series_rec in rollups.series:
+        dims = tuple((pair[0], pair[1]) for pair in series_rec.dims)
+        dims = dims_by_key.setdefault(dims, dims)  # shared: queries memoise by identity
+        _add_rollup(rollup, series_rec.customer_id, dims,
+                    _decode_partial(kind, series_rec.partial))
+    return rollup
+
+
+def rollup_of(block: MeterShard, day: int) -> BlockRollup:
+    """The ``BlockRollup`` of a decoded block (format-1 blocks, blocks not yet written)."""
+    kind = block.meter.kind
+    rollup = BlockRollup(block.meter, day)
+    for key in sorted(block.series):
+        series = block.series[key]
+        if not series.minutes:
+            continue
+        partial = slice_partial(kind, series, 0, len(series.minutes))
+        if kind == UNIQUE:
+            packed = pack_distinct(partial)
+            partial = packed if type(packed) is str else tuple(packed)
+        _add_rollup(rollup, series.customer_id, series.dims, partial)
+    return rollup
+
+
+def merge_rollups(meter: MeterDef, rollups: list[BlockRollup]) -> BlockRollup:
+    """The rollups of several days merged per series: one partial per series over all
+    of them (what a span holding every one of those days whole reads). unique_count
+    values are united once and packed again (unsorted: nothing orders them here)."""
+    kind = meter.kind
+    merged: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+    for rollup in rollups:
+        for customer, dims, partial in rollup.series:
+            key = (customer, dims)
+            existing = merged.get(key)
+            if kind == UNIQUE:
+                if existing is None:
+                    merged[key] = [partial]
+                else:
+                    existing.append(partial)
+            else:
+                merged[key] = partial if existing is None else merge_partial(kind, existing,
+                                                                            partial)
+    summary = BlockRollup(meter, rollups[0].day if rollups else 0)
+    dims_by_value: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    for (customer, dims), partial in merged.items():
+        dims = dims_by_value.setdefault(dims, dims)
+        if kind == UNIQUE:
+            values = distinct_values(PackedDistinct(partial))
+            packed = "\x00".join(values)
+            partial = packed if packed.count("\x00") == len(values) - 1 else tuple(values)
+        _add_rollup(summary, customer, dims, partial)
+    return summary
+
+
+def _add_rollup(rollup: BlockRollup, customer_id: str, dims: tuple[tuple[str, str], ...],
+                partial: Any) -> None:
+    entry = (customer_id, dims, partial)
+    rollup.series.append(entry)
+    rollup.by_customer.setdefault(customer_id, []).append(entry)
+    # Honest sizes: the entry tuple, its slots in two lists, a dict slot per customer,
+    # and the partial itself (a packed str: getsizeof; numbers and small tuples ~100 B).
+    size = 64 + 16 + 8 + 24
+    if type(partial) is str:
+        size += sys.getsizeof(partial)
+    elif type(partial) is tuple and rollup.meter.kind == UNIQUE:
+        size += sys.getsizeof(partial) + sum(sys.getsizeof(value) for value in partial)
+    else:
+        size += 100
+    rollup.nbytes += size
 
 
 def block_bytes_estimate(block: MeterShard) -> int:
@@ -265,8 +489,6 @@ def block_bytes_estimate(block: MeterShard) -> int:
                                  for values in column)
                 else:
                     total += 32 * len(column)
-        if block.meter.kind == UNIQUE and series.rollup is not None:
-            total += 216 + 60 * len(series.rollup)
     return total
 
 

@@ -31,6 +31,7 @@ from engine.domain.aggregates import (
     MIN,
     SUM,
     UNIQUE,
+    PackedDistinct,
     merge_partial,
     slice_partial,
 )
@@ -38,12 +39,14 @@ from engine.domain.batch import Columns, ShardRouter, ShardSlice
 from engine.domain.blocks import (
     DAY_MS,
     BlockReader,
+    BlockRollup,
     NoBlocks,
     add_rollups,
     build_block,
     cut_sealed,
     encode_block,
     merge_buckets,
+    unpack_distinct,
 )
 from engine.domain.head import HeadLog, head_hours, hour_chunks, load_chunk
 from engine.domain.limits import Crossing, LimitDef, ShardLimits
@@ -174,21 +177,46 @@ class ShardState:
     def query(self, plan: QueryPlan) -> dict[tuple[int, tuple[Any, ...]], Any]:
         """Partial aggregates per (span index, group key) for ``plan``."""
         name = plan.meter.name
+        if not plan.cuts_ms:
+            return {}  # an empty range has no span
         meter_shard = self.meters.get(name)
         out = {} if meter_shard is None else collect_partials(meter_shard, plan)
-        if not plan.cuts_ms or plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
+        if plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
             return out
         kind = plan.meter.kind
         delta = self.deltas.get(name)
         if delta is not None and delta.series:
             _merge_all(out, kind, collect_partials(delta, plan))
-        first_day = plan.cuts_ms[0] // DAY_MS
-        last_day = (plan.cuts_ms[-1] - 1) // DAY_MS
+        cuts_ms = plan.cuts_ms
+        first_day = cuts_ms[0] // DAY_MS
+        last_day = (cuts_ms[-1] - 1) // DAY_MS
         days = self.blocks.days(name)
-        for day in days[bisect_left(days, first_day):bisect_right(days, last_day)]:
+        # unique_count rollups of whole days, packed, gathered per group over every day
+        # and unpacked once per group at the end (one join, split and set in C).
+        packed: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
+        wanted = days[bisect_left(days, first_day):bisect_right(days, last_day)]
+        spans = [whole_day_span(cuts_ms, day) for day in wanted]
+        whole = [day for day, span in zip(wanted, spans, strict=True) if span >= 0]
+        if len(whole) > 1 and len({span for span in spans if span >= 0}) == 1:
+            # Every whole day in one span (a whole-range query, a long window): the
+            # days' rollups merged per series, kept by the cache until a block changes.
+            summary = self.blocks.load_summary(plan.meter, whole)
+            if summary is not None:
+                collect_rollup_partials(out, summary, plan, max(spans), packed)
+                wanted = [day for day, span in zip(wanted, spans, strict=True) if span < 0]
+        for day in wanted:
+            span = whole_day_span(cuts_ms, day)
+            if span >= 0:
+                # The day lies wholly inside one span: its rollups, no minute column.
+                rollup = self.blocks.load_rollup(plan.meter, day)
+                if rollup is not None:
+                    collect_rollup_partials(out, rollup, plan, span, packed)
+                continue
             block = self.blocks.load(plan.meter, day)
             if block is not None:
                 _merge_all(out, kind, collect_partials(block, plan))
+        if packed:
+            unpack_into(out, packed)
         return out
 
     def usage_partial(self, meter: MeterDef, customer: str,
@@ -205,6 +233,18 @@ class ShardState:
             days = self.blocks.days(meter.name)
             wanted = days[bisect_left(days, first // 1440):bisect_right(days, (last - 1) // 1440)]
             for day in wanted:
+                if first <= day * 1440 and (day + 1) * 1440 <= last:
+                    # A whole day: its rollups (one partial per series-day).
+                    rollup = self.blocks.load_rollup(meter, day)
+                    for _, dims, partial in (rollup.by_customer.get(customer, ())
+                                             if rollup is not None else ()):
+                        if dim_filters and not dims_match(dims, dim_filters):
+                            continue
+                        if kind == UNIQUE:
+                            partial = set(unpack_distinct(partial))
+                        merged = partial if merged is None else merge_partial(kind, merged,
+                                                                              partial)
+                    continue
                 block = self.blocks.load(meter, day)
                 if block is not None:
                     sources.append(block)
@@ -767,6 +807,81 @@ def collect_partials(
             if lo < hi:
                 span = bisect_right(cut_minutes, minutes[lo], span, span_count) - 1
     return out
+
+
+def whole_day_span(cuts_ms: list[int], day: int) -> int:
+    """The span that holds UTC ``day`` whole, or -1 if a cut falls inside the day or the
+    range does not cover all of it (then the day's minute buckets decide)."""
+    day_start_ms = day * DAY_MS
+    day_end_ms = day_start_ms + DAY_MS
+    if cuts_ms[0] > day_start_ms or cuts_ms[-1] < day_end_ms:
+        return -1
+    span = bisect_right(cuts_ms, day_start_ms) - 1
+    return span if cuts_ms[span + 1] >= day_end_ms else -1
+
+
+def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup: BlockRollup,
+                            plan: QueryPlan, span: int,
+                            packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+    """Merge a block's whole-day partials into ``out``, all in ``span`` (the caller
+    checked that the day lies inside it): one merge per series-day, no bisect. The
+    packed values of unique_count rollups are gathered in ``packed`` per group instead,
+    for ``unpack_into``."""
+    kind = rollup.meter.kind
+    if plan.customers is not None:
+        entries: list[tuple[str, Any, Any]] = []
+        for customer in plan.customers:
+            entries.extend(rollup.by_customer.get(customer, ()))
+    else:
+        entries = rollup.series
+    group_by = plan.group_by
+    customer_at = group_by.index("customer_id") if "customer_id" in group_by else -1
+    by_dims = bool(plan.dim_filters) or any(key != "customer_id" for key in group_by)
+    dims_groups: dict[int, Any] = {}
+    unique = kind == UNIQUE
+    counter = kind == SUM or kind == COUNT
+    out_get = out.get
+    key: tuple[int, tuple[Any, ...]] = (span, ())
+    for customer, dims, partial in entries:
+        if by_dims:
+            dims_group = dims_groups.get(id(dims))
+            if dims_group is None:
+                dims_group = dims_groups[id(dims)] = _dims_group(dims, plan)
+            if dims_group is _FILTERED:
+                continue
+            group = dims_group
+            if customer_at >= 0:
+                group = (*group[:customer_at], customer, *group[customer_at + 1:])
+            key = (span, group)
+        elif customer_at >= 0:
+            key = (span, (customer,))
+        if unique:
+            pending = packed.get(key)
+            if pending is None:
+                packed[key] = [partial]
+            else:
+                pending.append(partial)
+            continue
+        existing = out_get(key)
+        if existing is None:
+            out[key] = partial
+        elif counter:
+            out[key] = existing + partial
+        else:
+            out[key] = merge_partial(kind, existing, partial)
+
+
+def unpack_into(out: dict[tuple[int, tuple[Any, ...]], Any],
+                packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+    """Hand each group's packed unique_count rollups on in ``out``: a group with head
+    or delta values too gets one ``PackedDistinct`` of both, united when counted
+    (``aggregates.distinct_values``: each value one split and one set insert, however
+    many days and shards it spans)."""
+    for key, parts in packed.items():
+        existing = out.get(key)
+        if existing is not None:
+            parts.append(existing)
+        out[key] = PackedDistinct(parts)
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)

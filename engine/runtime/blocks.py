@@ -13,20 +13,39 @@ file:
    for a full disk loses nothing.
 3. Written blocks are decoded on demand and kept, most recently used last, until
    their estimated size passes ``budget_bytes``; eviction only drops the decoded
-   copy, never data.
+   copy, never data. A block has two decoded forms, cached apart under the one
+   budget: its rollups (``BlockRollup``, whole-day partials: what day, week, month
+   and whole-range queries in UTC read; a few hundred bytes per series-day, the
+   packed distinct values for unique_count) and the full block with its minute
+   columns (other windows, limits, compaction), decoded only when asked for. A
+   *summary* (several days' rollups merged per series, for a span that holds all
+   of them) is cached the same way and dropped whenever a block of its meter and
+   shard is added, so it never outlives the blocks it was merged from.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import OrderedDict
+from typing import Any
 
-from engine.domain.blocks import block_bytes_estimate, block_key, decode_block, parse_block_key
+from engine.domain.aggregates import UNIQUE
+from engine.domain.blocks import (
+    BlockRollup,
+    block_bytes_estimate,
+    block_key,
+    decode_block,
+    decode_rollups,
+    merge_rollups,
+    parse_block_key,
+    rollup_of,
+)
 from engine.domain.meters import MeterDef
 from engine.domain.series import MeterShard
 from engine.storage import Store
 
 DEFAULT_BLOCK_CACHE_BYTES = 64 << 20
+_FULL, _ROLLUP, _SUMMARY = 0, 1, 2  # the decoded forms of a block; merged rollups
 
 
 class BlockCache:
@@ -37,8 +56,13 @@ class BlockCache:
         self._store = store
         self.budget_bytes = budget_bytes
         self._days: dict[tuple[str, int], list[int]] = {}  # (meter, part) -> sorted days
-        self._decoded: OrderedDict[bytes, tuple[MeterShard, int]] = OrderedDict()
-        self._unwritten: dict[bytes, tuple[MeterShard, bytes]] = {}
+        # (block key, _FULL or _ROLLUP) -> (decoded form, its estimated bytes)
+        self._decoded: OrderedDict[tuple[bytes, int], tuple[Any, int]] = OrderedDict()
+        # block key -> [decoded block, stored bytes, its rollups once asked for]
+        self._unwritten: dict[bytes, list[Any]] = {}
+        # (meter, part) -> the cache keys of its summaries (merged rollups of several
+        # days), all dropped when a block of that meter and part is added
+        self._summaries: dict[tuple[str, int], list[tuple[bytes, int]]] = {}
         self.cached_bytes = 0
         self.hits = self.misses = 0
         self.block_count = 0
@@ -66,18 +90,26 @@ class BlockCache:
             insort(days, day)
             self.block_count += 1
         self._drop_decoded(key)
-        self._unwritten[key] = (block, raw)
+        self._unwritten[key] = [block, raw, None]
+        for summary_key in self._summaries.pop((meter, part), ()):
+            self._drop_entry(summary_key)
 
     def unwritten(self) -> list[tuple[bytes, bytes]]:
         """Every block not yet in the store, for the next checkpoint's transaction."""
-        return [(key, raw) for key, (_, raw) in sorted(self._unwritten.items())]
+        return [(key, entry[1]) for key, entry in sorted(self._unwritten.items())]
 
     def written(self, keys: list[bytes]) -> None:
-        """These blocks are durable: unpin them (their decoded copy stays cached)."""
+        """These blocks are durable: unpin them. Their rollups stay cached if a query
+        computed them, and so does the full block but for unique_count, whose minute
+        buckets cost about a megabyte per block and that queries of whole days never
+        read (the rollup section is read from the store when first asked for)."""
         for key in keys:
             entry = self._unwritten.pop(key, None)
             if entry is not None and self.budget_bytes:
-                self._keep(key, entry[0])
+                if entry[2] is not None:
+                    self._keep(key, _ROLLUP, entry[2], entry[2].nbytes)
+                if entry[0].meter.kind != UNIQUE:
+                    self._keep(key, _FULL, entry[0], block_bytes_estimate(entry[0]))
 
     # ------------------------------------------------------------ reading
 
@@ -85,20 +117,66 @@ class BlockCache:
         key = block_key(meter.name, day, part)
         pinned = self._unwritten.get(key)
         if pinned is not None:
-            return pinned[0]
-        cached = self._decoded.get(key)
+            return pinned[0]  # type: ignore[no-any-return]
+        cached = self._decoded.get((key, _FULL))
         if cached is not None:
             self.hits += 1
-            self._decoded.move_to_end(key)
-            return cached[0]
+            self._decoded.move_to_end((key, _FULL))
+            return cached[0]  # type: ignore[no-any-return]
         self.misses += 1
         raw = self._store.read_block(key)
         if raw is None:
             return None
         _, block = decode_block(meter, raw)
         if self.budget_bytes:
-            self._keep(key, block)
+            self._keep(key, _FULL, block, block_bytes_estimate(block))
         return block
+
+    def load_rollup(self, meter: MeterDef, day: int, part: int) -> BlockRollup | None:
+        key = block_key(meter.name, day, part)
+        pinned = self._unwritten.get(key)
+        if pinned is not None:
+            if pinned[2] is None:
+                pinned[2] = rollup_of(pinned[0], day)
+            return pinned[2]  # type: ignore[no-any-return]
+        cached = self._decoded.get((key, _ROLLUP))
+        if cached is not None:
+            self.hits += 1
+            self._decoded.move_to_end((key, _ROLLUP))
+            return cached[0]  # type: ignore[no-any-return]
+        self.misses += 1
+        raw = self._store.read_block(key)
+        if raw is None:
+            return None
+        rollup = decode_rollups(meter, raw)
+        if self.budget_bytes:
+            self._keep(key, _ROLLUP, rollup, rollup.nbytes)
+        return rollup
+
+    def load_summary(self, meter: MeterDef, days: list[int], part: int) -> BlockRollup | None:
+        """The rollups of ``days`` merged per series, cached (dropped when a block of
+        this meter and part is added: blocks change only so)."""
+        if not self.budget_bytes:
+            return None  # nothing to keep it in: the days' rollups one by one are cheaper
+        key = (block_key(meter.name, days[0], part) + b"".join(
+            day.to_bytes(4, "big") for day in days[1:]), _SUMMARY)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            self.hits += 1
+            self._decoded.move_to_end(key)
+            return cached[0]  # type: ignore[no-any-return]
+        rollups = []
+        for day in days:
+            rollup = self.load_rollup(meter, day, part)
+            if rollup is None:
+                return None
+            rollups.append(rollup)
+        summary = merge_rollups(meter, rollups)
+        self._keep(key[0], _SUMMARY, summary, summary.nbytes)
+        keys = self._summaries.setdefault((meter.name, part), [])
+        keys[:] = [known for known in keys if known in self._decoded]
+        keys.append(key)
+        return summary
 
     def load_copy(self, meter: MeterDef, day: int, part: int) -> MeterShard | None:
         key = block_key(meter.name, day, part)
@@ -111,17 +189,22 @@ class BlockCache:
 
     # ------------------------------------------------------------ budget
 
-    def _keep(self, key: bytes, block: MeterShard) -> None:
-        self._drop_decoded(key)
-        size = block_bytes_estimate(block)
-        self._decoded[key] = (block, size)
+    def _keep(self, key: bytes, form: int, decoded: Any, size: int) -> None:
+        entry = self._decoded.pop((key, form), None)
+        if entry is not None:
+            self.cached_bytes -= entry[1]
+        self._decoded[(key, form)] = (decoded, size)
         self.cached_bytes += size
         while self.cached_bytes > self.budget_bytes and self._decoded:
             _, (_, evicted) = self._decoded.popitem(last=False)
             self.cached_bytes -= evicted
 
     def _drop_decoded(self, key: bytes) -> None:
-        entry = self._decoded.pop(key, None)
+        for form in (_FULL, _ROLLUP):
+            self._drop_entry((key, form))
+
+    def _drop_entry(self, entry_key: tuple[bytes, int]) -> None:
+        entry = self._decoded.pop(entry_key, None)
         if entry is not None:
             self.cached_bytes -= entry[1]
 
@@ -148,3 +231,9 @@ class ShardBlocks:
 
     def load_copy(self, meter: MeterDef, day: int) -> MeterShard | None:
         return self._cache.load_copy(meter, day, self._part)
+
+    def load_rollup(self, meter: MeterDef, day: int) -> BlockRollup | None:
+        return self._cache.load_rollup(meter, day, self._part)
+
+    def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
+        return self._cache.load_summary(meter, days, self._part)
