@@ -613,6 +613,9 @@ class Worker:
             **self.disk_figures(),
             "series_count": stats.series_count, "bucket_count": stats.bucket_count,
             "snapshots_total": stats.snapshots, "alerts_total": stats.alerts,
+            "last_checkpoint": {"bytes": stats.checkpoint_bytes, "ms": stats.checkpoint_ms,
+                                "head_chunks": stats.checkpoint_head_chunks,
+                                "head_chunks_dropped": stats.checkpoint_head_chunks_dropped},
             "wal_bytes_since_snapshot": stats.wal_bytes_since_snapshot,
             "queries": figures,
             "probe_query": msgspec.json.encode(
