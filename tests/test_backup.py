@@ -363,3 +363,21 @@ async def test_meter_backup_against_a_server_and_serving_the_copy(tmp_path: Path
                 open_client(HOST, copy.port) as client:
             assert copy.recovered_lsn == lsn
             assert (await client.query(query)).rows == expected
+
+
+async def test_a_backup_carries_the_webhook_progress(tmp_path: Path) -> None:
+    """The HTTP server keeps its webhook delivery progress in the data directory; a
+    backup copies it (before the store), so a restored server skips no alert."""
+    progress = {"version": 1, "urls": {"http://127.0.0.1:9/hook": 7}}
+    async with open_engine(tmp_path / "data", shards=2, clock_ms=fixed_clock) as eng:
+        await define_meters(eng)
+        await eng.ingest(batch(0))
+        (tmp_path / "data" / "webhooks.json").write_text(json.dumps(progress))
+        await eng.backup(tmp_path / "backup")
+    assert json.loads((tmp_path / "backup" / "webhooks.json").read_text()) == progress
+    (tmp_path / "data" / "webhooks.json").unlink()
+    async with open_engine(tmp_path / "data", shards=2, clock_ms=fixed_clock) as eng:
+        await eng.backup(tmp_path / "backup-3")  # no progress file: none in the copy
+    assert not (tmp_path / "backup-3" / "webhooks.json").exists()
+    async with open_engine(tmp_path / "backup", shards=2, clock_ms=fixed_clock):
+        pass  # the copy opens as a data directory, the progress file beside the store

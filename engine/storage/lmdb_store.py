@@ -85,6 +85,11 @@ PART_INDEX = struct.Struct(">I")
 LMDB_DIR = "lmdb"
 LMDB_BUILDING_DIR = "lmdb.creating"
 OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
+# Files others keep in the data directory that a backup copies too: the HTTP server's
+# webhook delivery progress (engine.http). Copied before the store, so a restored
+# server resumes its deliveries at or before the store's alerts: it may send an alert
+# again, never skip one.
+BACKUP_EXTRA_FILES = ("webhooks.json",)
 # The named databases of a new store. A new database is added here (and opened in
 # ``_open_databases``); MAX_DBS leaves room for two more before it must grow.
 DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks", b"head")
@@ -631,6 +636,12 @@ class LmdbStore:
         except OSError as exc:
             raise StorageError(f"cannot back up to {str(dest_path)!r}: {exc}") from None
         try:
+            for name in BACKUP_EXTRA_FILES:
+                try:
+                    shutil.copyfile(self.path / name, building / name)
+                except FileNotFoundError:
+                    continue
+                _fsync_file(building / name)
             lmdb_copy = building / LMDB_DIR
             lmdb_copy.mkdir()
             with _copy_guard(self._resize_lock):
