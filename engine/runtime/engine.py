@@ -300,20 +300,7 @@ class Engine:
         if meter is None:
             raise UnknownMeter(f"unknown meter {query.meter_api_name!r}")
         plan = plan_query(query, meter)
-        if not plan.cuts_ms:
-            shards = []  # empty range
-        elif plan.customers is not None:
-            shards = sorted({self._route(customer) for customer in plan.customers})
-        else:
-            shards = list(range(self.shard_count))
-        ticket: messages.GatherTicket[messages.Partials] = messages.GatherTicket(len(shards))
-        if shards:
-            with self._lifecycle.waiting(ticket):
-                with closed_channel_is_closed_engine():
-                    for shard in shards:
-                        await self._mailboxes[shard][0].send(messages.RunQuery(plan, ticket))
-                await ticket.wait()
-        return finish_query(plan, ticket.results)
+        return finish_query(plan, await self._gather_partials(plan))
 
     # ------------------------------------------------ customers (runtime/customers.py)
 
