@@ -76,8 +76,6 @@ T = TypeVar("T")
 
 MAX_GROUP_REQUESTS = 64
 MAX_GROUP_BYTES = 8 << 20
-# After a snapshot failed for lack of space, the next automatic try waits this long,
-# doubling per failure up to the maximum.
 # A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
 # this many times what the last one wrote (blocks aside).
 CHECKPOINT_SHARE_OF_WAL = 2
@@ -86,6 +84,8 @@ SEAL_SHARDS_PER_CHECKPOINT = 2
 # Late events for sealed days are merged into their blocks at most this often (in WAL
 # bytes), at sealing checkpoints and at requested ones.
 COMPACT_EVERY_BYTES = 256 << 20
+# After a snapshot failed for lack of space, the next automatic try waits this long,
+# doubling per failure up to the maximum.
 SNAPSHOT_RETRY_MIN_S = 1.0
 SNAPSHOT_RETRY_MAX_S = 60.0
 # Dedup index expiry: entries looked at per slice (a few ms of LMDB work), the least
