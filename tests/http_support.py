@@ -17,12 +17,14 @@ NOW = 1_790_000_000_000  # the engine clock of tests/conftest.py
 
 
 @asynccontextmanager
-async def open_http(engine: Engine | None, **config: Any) -> AsyncIterator[HttpServer]:
-    """An ``HttpServer`` on 127.0.0.1, port 0; ``server.port`` is the bound port."""
+async def open_http(engine: Engine | None, timeout_s: float = 30,
+                    **config: Any) -> AsyncIterator[HttpServer]:
+    """An ``HttpServer`` on 127.0.0.1, port 0; ``server.port`` is the bound port. The
+    whole use of it is bounded by ``timeout_s``."""
     config.setdefault("drain_timeout_s", 2.0)
     config.setdefault("clock_ms", lambda: NOW)
     server = HttpServer(engine, HttpConfig(host="127.0.0.1", port=0, **config))
-    with trio.fail_after(30):
+    with trio.fail_after(timeout_s):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             try:

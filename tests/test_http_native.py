@@ -99,11 +99,13 @@ async def test_openapi_document_and_schemathesis_against_the_live_server(
 
 @pytest.mark.slow
 async def test_schemathesis_soak(loaded: Engine) -> None:
-    await _openapi_and_schemathesis(loaded, SOAK_EXAMPLES)
+    # SOAK_EXAMPLES per route over every route: bounded in count, longer than 30 s.
+    await _openapi_and_schemathesis(loaded, SOAK_EXAMPLES, timeout_s=900)
 
 
-async def _openapi_and_schemathesis(loaded: Engine, examples: int) -> None:
-    async with open_http(loaded, max_body_bytes=256 * 1024) as server:
+async def _openapi_and_schemathesis(loaded: Engine, examples: int,
+                                    timeout_s: float = 30) -> None:
+    async with open_http(loaded, timeout_s, max_body_bytes=256 * 1024) as server:
         response = await http("GET", url(server, "/openapi.json"))
         assert response.status_code == 200
         document = response.json()
