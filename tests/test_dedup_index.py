@@ -27,7 +27,7 @@ from engine.runtime.dedup import MAX_KEY_BYTES, id_key
 from engine.storage import LmdbStore, MemoryStore
 from engine.storage.base import ID_VALUE
 from tests.helpers.events import DAY, MINUTE, NOW, event, total
-from tests.helpers.internals import recovered_of, store_of, writer_of
+from tests.helpers.internals import format_of, recovered_of, store_of, writer_of
 from tests.helpers.serve import child_env
 
 OLD_STORES = Path(__file__).parent / "fixtures" / "old_stores"
@@ -235,15 +235,6 @@ async def test_after_the_horizon_an_id_is_forgotten_in_slices(tmp_path: Path) ->
 
 
 # ------------------------------------------------------------ stores from before the index
-
-
-def format_of(path: Path) -> bytes:
-    env = lmdb.open(str(path / "lmdb"), readonly=True, lock=False, max_dbs=8)
-    try:
-        with env.begin() as txn:
-            return bytes(txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False)))
-    finally:
-        env.close()
 
 
 @pytest.mark.parametrize("version", [2, 1])

@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import pytest
 import trio.testing
 
 from engine import Event, Meter, Query, open_engine
 from engine.errors import StorageFull
 from engine.storage.lmdb_store import LmdbStore
+from tests.helpers.internals import format_of
 
 DAY = 86_400_000
 HOUR = 3_600_000
@@ -177,15 +177,6 @@ async def test_after_a_failed_checkpoint_the_next_writes_every_chunk(
     async with open_at(tmp_path, now) as eng:
         assert eng.statistics().recovered_wal_records == 0
         assert await answers(eng) == before
-
-
-def format_of(path: Path) -> bytes:
-    env = lmdb.open(str(path / "lmdb"), readonly=True, lock=False, max_dbs=10)
-    try:
-        with env.begin() as txn:
-            return bytes(txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False)))
-    finally:
-        env.close()
 
 
 async def test_a_format_3_store_opens_and_moves_its_head_into_chunks(

@@ -293,13 +293,7 @@ class Engine:
 
     async def query(self, query: Query) -> QueryResult:
         """Answer ``query`` from the shards that can hold matching customers."""
-        self._lifecycle.check_open()
-        if type(query) is not Query:
-            raise InvalidRequest(f"expected a Query, got {type(query).__name__}")
-        meter = self._catalog.meter_defs.get(query.meter_api_name)
-        if meter is None:
-            raise UnknownMeter(f"unknown meter {query.meter_api_name!r}")
-        plan = plan_query(query, meter)
+        plan = self._plan(query)
         return finish_query(plan, await self._gather_partials(plan))
 
     # ------------------------------------------------ customers (runtime/customers.py)

@@ -19,7 +19,10 @@ the runtime's internals move, only this module changes. Wanted public hooks:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import lmdb
 
 from engine import Engine
 
@@ -60,3 +63,14 @@ def writer_of(eng: Engine) -> Any:
     """The WAL writer: its dedup index expiry knobs (``expiry_slice_keys``,
     ``expiry_gap_s``) and counters (``expiry_slices``, ``ids_expired``)."""
     return eng._writer  # type: ignore[attr-defined]
+
+
+def format_of(path: Path) -> bytes:
+    """The data format marker of the store in data directory ``path`` (read directly
+    from LMDB, the engine closed): what a migration wrote."""
+    env = lmdb.open(str(path / "lmdb"), readonly=True, lock=False, max_dbs=16)
+    try:
+        with env.begin() as txn:
+            return bytes(txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False)))
+    finally:
+        env.close()
