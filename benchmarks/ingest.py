@@ -334,7 +334,7 @@ def _floor_loop(
 
 class _RecordlessStore(MemoryStore):
     """The in-memory store, minus the record bytes: only engine state is left to measure,
-    and the dedup index, which this fake keeps in a dict (``LmdbStore`` in its file)."""
+    and the dedup index (its memtable; runs written at checkpoints are kept in lists)."""
 
     def commit(
         self,
@@ -342,8 +342,9 @@ class _RecordlessStore(MemoryStore):
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
+        decisions: list[tuple[int, bytes]] | None = None,
     ) -> list[bool]:
-        return super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts, ids)
+        return super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts, ids, decisions)
 
 
 async def _memory_run(workload: Workload, shards: int, top: int) -> dict[str, Any]:

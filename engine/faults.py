@@ -20,6 +20,7 @@ POINTS = (
     "checkpoint.exported",  # every shard answered; nothing written yet
     "checkpoint.in_txn",  # inside the checkpoint's write transaction, blocks put
     "checkpoint.written",  # the checkpoint's transaction committed
+    "dedup.run_slice",  # inside a slice of a dedup index run being written (flush or merge)
 )
 
 _passes: dict[str, int] = {}

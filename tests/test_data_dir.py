@@ -256,10 +256,10 @@ def set_format(path: Path, version: bytes) -> None:
 async def test_a_newer_or_unknown_format_is_refused(tmp_path: Path) -> None:
     await make_store(tmp_path / "good")
     shutil.copytree(tmp_path / "good", tmp_path / "newer")
-    set_format(tmp_path / "newer", b"metering-engine/5")
+    set_format(tmp_path / "newer", b"metering-engine/6")
     text = await refused(tmp_path / "newer")
-    assert "was written by a newer metering-engine (data format 5)" in text
-    assert "this version reads formats 1 to 4 only" in text
+    assert "was written by a newer metering-engine (data format 6)" in text
+    assert "this version reads formats 1 to 5 only" in text
     shutil.copytree(tmp_path / "good", tmp_path / "other")
     set_format(tmp_path / "other", b"another-program/9")
     assert "without a metering-engine format marker (b'another-program/9')" in await refused(
@@ -269,7 +269,7 @@ async def test_a_newer_or_unknown_format_is_refused(tmp_path: Path) -> None:
 async def test_a_format_1_store_without_checksums_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert FORMAT_VERSION == b"metering-engine/4"
+    assert FORMAT_VERSION == b"metering-engine/5"
     with monkeypatch.context() as patch:
         patch.setattr(lmdb_store, "FORMAT_VERSION", LEGACY_FORMAT_VERSION)
         before = await make_store(tmp_path)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -24,6 +25,7 @@ import trio
 
 from engine import BatchRejected, DataDirError, Event, Meter, Query, StorageError, open_engine
 from engine.runtime.dedup import MAX_KEY_BYTES, id_key
+from engine.runtime.idindex import BITS_PER_KEY
 from engine.storage import LmdbStore, MemoryStore
 from engine.storage.base import ID_VALUE
 from tests.helpers.events import DAY, MINUTE, NOW, event, total
@@ -99,7 +101,8 @@ async def test_duplicates_in_a_batch_a_group_and_a_later_batch(tmp_path: Path) -
         assert await total(eng) == 7 + 4 + 1
         stats = eng.statistics()
         assert stats.dedup_index_entries == 5 + 2 + 4 + 1
-        assert stats.dedup_index_bytes >= 4096
+        # No checkpoint yet: every id is in the memtable, none in a run on disk.
+        assert (stats.dedup_memtable_ids, stats.dedup_runs) == (12, 0)
         assert (stats.events_accepted, stats.events_duplicate) == (12, 16)
 
 
@@ -192,38 +195,47 @@ async def test_sigkill_keeps_every_acknowledged_id(tmp_path: Path) -> None:
 # ------------------------------------------------------------ horizon and expiry
 
 
-async def test_after_the_horizon_an_id_is_forgotten_in_slices(tmp_path: Path) -> None:
+async def test_after_the_horizon_an_id_is_forgotten_with_its_run(tmp_path: Path) -> None:
+    """Ids move from the memtable to a run per arrival day, written in slices; a run
+    wholly past the horizon is dropped (its entries deleted in slices)."""
     clock = [NOW]
     with pytest.raises(ValueError, match="at least the late-event limit"):
         async with open_engine(tmp_path, clock_ms=lambda: clock[0],
                                dedup_horizon_ms=30 * DAY):
             pass
     # hot_window_ms=None: no checkpoint when a day leaves the hot window, so this test
-    # decides when a snapshot covers the old ids.
+    # decides when checkpoints happen.
     async with open_engine(tmp_path, shards=2, clock_ms=lambda: clock[0],
                            dedup_horizon_ms=36 * DAY, hot_window_ms=None) as eng:
         writer = writer_of(eng)
-        writer.expiry_slice_keys, writer.expiry_gap_s = 16, 0.0
         await eng.define_meter(Meter(name="calls"))
         old = ids("old", 100, ts=NOW - MINUTE)
         assert (await eng.ingest(old)).accepted == 100
+        assert eng.statistics().dedup_memtable_ids == 100
         clock[0] = NOW + 10 * DAY
         recent = ids("recent", 10, ts=clock[0])
+        # A new arrival day: the old day's memtable is frozen and written as a run.
         assert (await eng.ingest(recent)).accepted == 10
-        assert eng.statistics().dedup_index_entries == 110
-        # Past the horizon of the old ids (plus the future tolerance, to the next day)...
+        with trio.fail_after(10):
+            while eng.statistics().dedup_runs < 1:
+                await trio.sleep(0.01)
+        stats = eng.statistics()
+        assert (stats.dedup_runs, stats.dedup_memtable_ids, stats.dedup_index_entries) == (
+            1, 10, 110)
+        assert stats.dedup_filter_bytes >= 100 * BITS_PER_KEY // 8
+        # From the run (through its filter), also with another timestamp.
+        ack = await eng.ingest([event(unique_id="old7", meter_time_in_millis=NOW)])
+        assert (ack.accepted, ack.duplicates) == (0, 1)
+        # Past the horizon of the old ids (plus the future tolerance, to the next day),
+        # the next checkpoint drops their run.
         clock[0] = NOW + 37 * DAY + 10 * MINUTE
-        await eng.ingest([event(meter_time_in_millis=clock[0])])  # the writer's loop turns
-        await trio.sleep(0.3)
-        # ... but the WAL tail still needs them: kept until a snapshot covers them.
-        assert eng.statistics().dedup_index_entries == 110
-        slices = writer.expiry_slices
+        slices = writer.index_slices
         await eng.snapshot()
         with trio.fail_after(10):
-            while writer.ids_expired < 100:  # counted once the slice's commit returned
+            while eng.statistics().dedup_runs > 1 or writer.index.pending():
                 await trio.sleep(0.01)
-        assert writer.expiry_slices - slices >= 110 // 16  # a slice at a time, never all
-        assert writer.ids_expired == 100
+        assert writer.index_slices > slices
+        assert run_numbers(writer) == [1]  # the recent day's run: the old one is deleted
         assert eng.statistics().dedup_index_entries == 10
         # A retry of a forgotten id: with its timestamp it is late; with a new one, counted.
         with pytest.raises(BatchRejected, match="older than the oldest accepted"):
@@ -232,6 +244,10 @@ async def test_after_the_horizon_an_id_is_forgotten_in_slices(tmp_path: Path) ->
         assert (ack.accepted, ack.duplicates) == (1, 0)
         ack = await eng.ingest(ids("recent", 10, ts=clock[0]))  # within the horizon: kept
         assert (ack.accepted, ack.duplicates) == (0, 10)
+
+
+def run_numbers(writer: Any) -> list[int]:
+    return list(writer._store.run_numbers())
 
 
 # ------------------------------------------------------------ stores from before the index
@@ -263,7 +279,7 @@ async def test_a_store_from_before_the_index_opens_and_keeps_its_ids(
         for batch in batches:  # snapshot ids and tail ids alike: all known
             ack = await eng.ingest(batch)
             assert ack.accepted == sum(1 for e in batch if e.unique_id is None)
-    assert format_of(path) == (b"metering-engine/4" if version == 2 else b"metering-engine/1")
+    assert format_of(path) == (b"metering-engine/5" if version == 2 else b"metering-engine/1")
     async with open_engine(path, shards=3, clock_ms=lambda: NOW) as eng:
         assert recovered_of(eng).migrated_ids == -1  # built once
         ack = await eng.ingest(batches[7])
@@ -291,7 +307,7 @@ async def test_a_migration_that_fails_leaves_the_store_as_it_was(
     async with open_engine(path, shards=3, clock_ms=lambda: NOW) as eng:
         assert recovered_of(eng).migrated_ids > 10
         assert isinstance(store_of(eng), LmdbStore)
-    assert format_of(path) == b"metering-engine/4"
+    assert format_of(path) == b"metering-engine/5"
 
 
 async def test_a_format_3_store_without_its_index_is_damage(tmp_path: Path) -> None:

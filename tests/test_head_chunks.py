@@ -208,7 +208,7 @@ async def test_a_format_3_store_opens_and_moves_its_head_into_chunks(
         await eng.snapshot()
         put, _, reset = writes.calls[-1]
         assert reset and put > 0
-    assert format_of(path) == b"metering-engine/4"
+    assert format_of(path) == b"metering-engine/5"
     async with open_at(path, now) as eng:
         assert eng.statistics().recovered_wal_records == 0
         assert await old_answers(eng) == expected["answers"]

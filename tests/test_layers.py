@@ -36,7 +36,7 @@ STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage", "engine.faults",
                   "engine.domain.records", "engine.domain.values"}
 # The runtime may use every inner layer and engine.auth, never the shells around it
 # (server, client, cli, the public engine package); and LMDB only through engine.storage.
-RUNTIME = PURE | {"trio", "engine.schema", "engine.errors", "engine.domain", "engine.auth",
+RUNTIME = PURE | {"trio", "numpy", "engine.schema", "engine.errors", "engine.domain", "engine.auth",
                   "engine.protocol", "engine.storage", "engine.runtime", "engine.faults"}
 
 HTTP = PURE | {"trio", "hypercorn", "h11", "prometheus_client", "=engine", "engine.schema",
@@ -69,7 +69,7 @@ STORAGE_USERS = frozenset({"writer.py", "recovery.py", "engine.py", "alerts.py",
 NEVER_STORAGE = frozenset({"shards.py", "acks.py"})
 
 # Everything engine/ may import from outside the standard library: its dependencies.
-THIRD_PARTY = frozenset({"trio", "msgspec", "lmdb", "sortedcontainers", "hypercorn",
+THIRD_PARTY = frozenset({"trio", "numpy", "msgspec", "lmdb", "sortedcontainers", "hypercorn",
                          "prometheus_client", "h11"})
 
 

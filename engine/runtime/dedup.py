@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 
+import msgspec
+
 from engine.domain.batch import Columns, ShardSlice
 from engine.domain.records import MeterPart, WalBatch
 
@@ -94,6 +96,30 @@ def batch_keys(slices: Iterable[ShardSlice | None]) -> list[bytes]:
                        if unique_id is not None]
         keys.extend(natural)
     return keys
+
+
+def key_events(slices: Iterable[ShardSlice | None]) -> list[int]:
+    """The batch's event index of each key of ``batch_keys``, same order: the logged
+    decisions name events by it, which does not depend on the shard count."""
+    events: list[int] = []
+    for _, columns in _columns_with_ids(slices):
+        events.extend(index for index, unique_id in zip(columns.indices, columns.unique_ids,
+                                                        strict=True)
+                      if unique_id is not None)
+    return events
+
+
+def encode_decisions(duplicate_events: list[int]) -> bytes:
+    """A batch's logged dedup decisions: the indices of its events that were duplicates."""
+    return msgspec.msgpack.encode(duplicate_events)
+
+
+def logged_duplicates(raw: bytes | None, events: list[int]) -> list[bool]:
+    """The duplicate flag of each key (``events``: ``key_events``) from logged decisions."""
+    if raw is None:
+        return [False] * len(events)
+    duplicate = set(msgspec.msgpack.decode(raw, type=list[int]))
+    return [event in duplicate for event in events]
 
 
 def drop_duplicates(slices: Iterable[ShardSlice | None], duplicates: list[bool],

@@ -141,6 +141,8 @@ class Engine:
             dedup_horizon_ms=dedup_horizon_ms,
             future_ms=ingest_rules.future_ms,
             snapshot_lsn=self._recovered.snapshot_lsn,
+            index=self._recovered.index,
+            decided_from=self._recovered.decided_from,
         )
         self._customers = CustomerRegistry(
             self._catalog, self._route, ingest_rules, [send for send, _ in self._mailboxes],
@@ -369,8 +371,12 @@ class Engine:
             block_cache_bytes=self._blocks.cached_bytes,
             block_cache_hits=self._blocks.hits,
             block_cache_misses=self._blocks.misses,
-            dedup_index_entries=index_entries,
+            dedup_index_entries=(index_entries + writer.index.run_entries()
+                                 + writer.index.memory_keys()),
             dedup_index_bytes=index_bytes,
+            dedup_memtable_ids=writer.index.memory_keys(),
+            dedup_runs=len(writer.index.runs),
+            dedup_filter_bytes=writer.index.filter_bytes(),
             checkpoint_bytes=writer.checkpoint_bytes,
             checkpoint_head_chunks=writer.checkpoint_head_chunks,
             checkpoint_head_chunks_dropped=writer.checkpoint_head_chunks_dropped,

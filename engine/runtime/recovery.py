@@ -6,9 +6,12 @@ it owns everything it touches while it runs). Order: meter definitions, then the
 latest snapshot (shard states, limits, fired thresholds, next alert seq), then
 the WAL tail replayed in lsn order through the same ``apply_work`` the shard
 actors use, so replay makes exactly the decisions the live engine made. Dedup
-decisions are recomputed from the store's dedup index (``engine.runtime.dedup``);
-a store from before the index gets it first (``_build_id_index``), in one write
-transaction, from its snapshot's remembered ids and its WAL tail.
+decisions are read as the writer logged them (batches from ``ids_decided_from`` on),
+or, for batches logged before that, recomputed from the legacy dedup tree
+(``engine.runtime.dedup``); a store from before the index gets the tree first
+(``_build_id_index``), in one write transaction, from its snapshot's remembered ids
+and its WAL tail. The dedup index's memtable is rebuilt from the WAL after its last
+flushed run (``engine.runtime.idindex``), which may begin before the snapshot.
 
 Anything unreadable stops the start with ``DataDirError``: the engine never
 starts over a state it cannot trust.
@@ -21,7 +24,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import localcontext
 
 import msgspec
@@ -50,8 +53,21 @@ from engine.runtime.dedup import (
     batch_keys,
     drop_duplicates,
     first_occurrences,
+    id_key,
+    key_events,
+    logged_duplicates,
     remembered_keys,
     replay_duplicates,
+)
+from engine.runtime.idindex import (
+    BLOOM_PREFIX,
+    DECIDED_FROM_KEY,
+    FLUSHED_LSN_KEY,
+    LSN,
+    RUN_META_PREFIX,
+    IdIndex,
+    load_index,
+    run_key,
 )
 from engine.runtime.messages import ApplySlice, DropLimit, InstallLimit, LoggedTicket, ShardWork
 from engine.runtime.shards import apply_work, shard_part
@@ -74,6 +90,8 @@ class Recovered:
     wal_records: int
     wal_bytes: int
     wal_marks: list[list[int]]
+    index: IdIndex = field(default_factory=lambda: IdIndex([], [], 0, 0, 0))  # memtable rebuilt
+    decided_from: int | None = None  # the first lsn with logged dedup decisions
     snapshot_lsn: int = 0  # the lsn the loaded snapshot covers (0: none)
     migrated_ids: int = -1  # entries put into a dedup index built at this start (-1: none)
     # The replayed batches' events: accepted, and dropped as duplicates.
@@ -129,12 +147,26 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
                     _reshard_blocks(store, snapshot, states, catalog, route)
         with damaged_if("a stored alert is unreadable", msgspec.DecodeError, ValueError):
             hub.restore(next_alert_seq)
-        for lsn, raw in store.read_wal(applied):
-            if lsn != applied + 1:
+        with damaged_if("the dedup index is unreadable", msgspec.DecodeError, KeyError,
+                        ValueError):
+            index, decided_from = _load_index(store)
+        # The memtable holds the ids of batches after the last flushed run (logged
+        # decisions only: the ones before are in the legacy tree).
+        rebuild_after = (None if decided_from is None
+                         else max(index.flushed_lsn, decided_from - 1))
+        start = applied if rebuild_after is None else min(applied, rebuild_after)
+        expected = start + 1
+        for lsn, raw in store.read_wal(start):
+            if lsn != expected:
                 raise DataDirError(
-                    f"write-ahead log has a gap: expected lsn {applied + 1}, found {lsn}; {DAMAGED}"
+                    f"write-ahead log has a gap: expected lsn {expected}, found {lsn}; {DAMAGED}"
                 )
-            _replay(lsn, raw, states, rules, route, catalog, hub, store, replayed)
+            expected += 1
+            if lsn <= applied:
+                _remember_ids(lsn, raw, index)
+                continue
+            _replay(lsn, raw, states, rules, route, catalog, hub, store, replayed, decided_from,
+                    index if rebuild_after is not None and lsn > rebuild_after else None)
             applied = lsn
             wal_records += 1
             wal_bytes += len(raw)
@@ -145,8 +177,29 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
     log.info("recovered to lsn %d in %d ms (replayed %d WAL records, %d bytes)",
              last_lsn, recovery_ms, wal_records, wal_bytes)
     return Recovered(states, last_lsn, wal_bytes_since_snapshot, recovery_ms, wal_records,
-                     wal_bytes, wal_marks, 0 if snapshot is None else snapshot.lsn,
-                     migrated_ids, *replayed)
+                     wal_bytes, wal_marks, index, decided_from,
+                     0 if snapshot is None else snapshot.lsn, migrated_ids, *replayed)
+
+
+def _load_index(store: Store) -> tuple[IdIndex, int | None]:
+    meta = dict(store.meta_items(RUN_META_PREFIX))
+    meta.update(store.meta_items(BLOOM_PREFIX))
+    meta.update(store.meta_items(FLUSHED_LSN_KEY))
+    decided = dict(store.meta_items(DECIDED_FROM_KEY)).get(DECIDED_FROM_KEY)
+    index = load_index(meta, store.run_numbers(), store.id_index_statistics()[0])
+    return index, None if decided is None else LSN.unpack(decided)[0]
+
+
+def _remember_ids(lsn: int, raw: bytes, index: IdIndex) -> None:
+    """Put the ids of batch ``lsn`` (covered by the snapshot, after the last flushed run)
+    into the memtable. Its duplicates' ids are in the index already: putting them too
+    changes nothing."""
+    with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
+        record = records.decode_record(raw)
+    if isinstance(record, records.WalBatch):
+        day = record.received_ms // ARRIVAL_DAY_MS
+        index.accept({run_key(id_key(event.meter_api_name, event.customer_id, event.unique_id)):
+                      day for event in record.events if event.unique_id is not None})
 
 
 def _build_id_index(store: Store, snapshot: StoredSnapshot | None, now_ms: int) -> int:
@@ -241,7 +294,7 @@ def _reshard_blocks(store: Store, snapshot: StoredSnapshot, states: list[ShardSt
 
 def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
             route: ShardRouter, catalog: Catalog, hub: AlertHub, store: Store,
-            replayed: list[int]) -> None:
+            replayed: list[int], decided_from: int | None, id_index: IdIndex | None) -> None:
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
         record = records.decode_record(raw)
     with damaged_if(f"write-ahead log record {lsn} cannot be replayed",
@@ -252,8 +305,17 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
     slices = [item.slice if isinstance(item, ApplySlice) else None for item in work]
     keys = batch_keys(slices)
     if keys:
-        with damaged_if(f"write-ahead log record {lsn} cannot be replayed", IndexDamaged):
-            duplicates = replay_duplicates(keys, store.read_ids(keys), lsn)
+        if decided_from is not None and lsn >= decided_from:
+            with damaged_if(f"the dedup decisions of batch {lsn} are unreadable",
+                            msgspec.DecodeError, ValueError):
+                duplicates = logged_duplicates(store.read_decisions(lsn), key_events(slices))
+            if id_index is not None:
+                day = record.received_ms // ARRIVAL_DAY_MS
+                id_index.accept({run_key(key): day
+                              for key, dup in zip(keys, duplicates, strict=True) if not dup})
+        else:
+            with damaged_if(f"write-ahead log record {lsn} cannot be replayed", IndexDamaged):
+                duplicates = replay_duplicates(keys, store.read_ids(keys), lsn)
         ticket.duplicates = drop_duplicates(slices, duplicates)
     try:
         for index, (state, item) in enumerate(zip(states, work, strict=True)):

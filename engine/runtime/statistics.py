@@ -41,10 +41,15 @@ class EngineStatistics:
     block_cache_bytes: int = 0
     block_cache_hits: int = 0
     block_cache_misses: int = 0
-    # The store's dedup index: ids remembered, and the bytes of its pages (on disk,
-    # mapped from the file: not in the Python heap).
+    # The dedup index (engine.runtime.idindex): ids remembered (memtable, runs and the
+    # legacy tree of older stores), the bytes of the legacy tree's pages (on disk, mapped
+    # from the file: not in the Python heap); the ids in memory, the sorted runs on disk
+    # and the bytes of their Bloom filters (in memory).
     dedup_index_entries: int = 0
     dedup_index_bytes: int = 0
+    dedup_memtable_ids: int = 0
+    dedup_runs: int = 0
+    dedup_filter_bytes: int = 0
     # The last checkpoint: the bytes it wrote (parts, head chunks, blocks), the head's hour
     # chunks it wrote and deleted (only the hours that changed), and its duration.
     checkpoint_bytes: int = 0

@@ -13,12 +13,14 @@ Rules of this file:
    group in one message. So nothing is applied or acknowledged before it is durable.
 4. Fail-stop: a full disk refuses the group and keeps serving; any other store
    error stops the engine, and the next start recovers what was committed.
-5. Dedup is decided here, in the group's own commit: every unique id of the group's
-   batches is put into the store's dedup index without overwriting, in lsn order; a
-   put that finds its key marks a duplicate, which is then dropped from its shard's
-   columns before any shard sees the group (``engine.runtime.dedup``).
-6. Between group commits it expires dedup index entries older than the horizon, in
-   bounded slices (``_expire_slice``), never all at once.
+5. Dedup is decided here, for the group's own commit: every unique id of the group's
+   batches is looked up in the dedup index (``engine.runtime.idindex``: memtable, sorted
+   runs behind Bloom filters, the legacy tree), in lsn order; the batches' duplicates
+   are logged in the same commit, dropped from their shards' columns before any shard
+   sees the group, and the new ids join the memtable once the commit is durable.
+6. Between group commits it runs the index's background work (writing the frozen
+   memtable as a run, merging runs, dropping expired ones) and expires legacy index
+   entries older than the horizon, in bounded slices, never all at once.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
-from engine.runtime.dedup import batch_keys, drop_duplicates
+from engine.runtime.dedup import batch_keys, drop_duplicates, encode_decisions, key_events
 from engine.runtime.history import HistoryPolicy
+from engine.runtime.idindex import DECIDED_FROM_KEY, LSN, MEMTABLE_MAX_KEYS, IdIndex
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
@@ -69,7 +72,7 @@ from engine.runtime.messages import (
 )
 from engine.schema import Customer
 from engine.storage import Store, StoredSnapshot
-from engine.storage.base import ARRIVAL_DAY_MS, ID_VALUE
+from engine.storage.base import ARRIVAL_DAY_MS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,6 +97,9 @@ SNAPSHOT_RETRY_MAX_S = 60.0
 EXPIRY_SLICE_KEYS = 2048
 EXPIRY_SLICE_GAP_S = 0.05
 EXPIRY_FULL_RETRY_S = 60.0
+# The dedup index's background slices (``IdIndex.run_slice``, a few ms each): the least
+# time between two.
+INDEX_SLICE_GAP_S = 0.005
 
 
 class WalWriter:
@@ -116,6 +122,8 @@ class WalWriter:
         blocks: BlockCache,
         wal_marks: list[list[int]],
         sealed_before_minutes: list[int],
+        index: IdIndex,
+        decided_from: int | None,
         head_rewrite: bool = False,
     ) -> None:
         self._store = store
@@ -142,6 +150,12 @@ class WalWriter:
         self._expiry_pass: tuple[int, int] | None = None  # (cutoff day, snapshot lsn) of it
         self._expiry_done: tuple[int, int] | None = None  # ... of the last finished pass
         self._next_slice_at = -math.inf  # trio time
+        self.index = index
+        # The first lsn whose dedup decisions are logged (None: none yet; the first group
+        # commit stores its own first lsn).
+        self._decided_from = decided_from
+        self._next_index_slice_at = -math.inf  # trio time
+        self.index_slices = 0
         self.expiry_slices = 0
         self.ids_expired = 0
         self._history = history  # the engine's clock, hot window and raw-event retention
@@ -197,13 +211,39 @@ class WalWriter:
         (after the group before, or while no request comes)."""
         while True:
             self._start_expiry_pass()
-            if self._expiry_key is None:
+            due = [at for at, pending in ((self._next_index_slice_at, self.index.pending()),
+                                          (self._next_slice_at, self._expiry_key is not None))
+                   if pending]
+            if not due:
                 return await requests.receive()
-            if trio.current_time() >= self._next_slice_at:
-                await self._expire_slice()
+            if trio.current_time() >= min(due):
+                if self.index.pending() and trio.current_time() >= self._next_index_slice_at:
+                    await self._index_slice()
+                else:
+                    await self._expire_slice()
                 continue
-            with trio.move_on_at(self._next_slice_at):
+            with trio.move_on_at(min(due)):
                 return await requests.receive()
+
+    async def _index_slice(self) -> None:
+        """One bounded slice of the dedup index's background work."""
+        try:
+            with trio.CancelScope(shield=True):
+                await call_store(self.index.run_slice, self._store)
+        except StorageFull as exc:
+            log.warning("dedup index upkeep found no room, retrying in %.0f s: %s",
+                        EXPIRY_FULL_RETRY_S, exc)
+            self._next_index_slice_at = trio.current_time() + EXPIRY_FULL_RETRY_S
+            return
+        except DataDirError as exc:
+            self._lifecycle.stop(exc)
+            raise
+        except Exception as exc:
+            error = storage_stopped(exc)
+            self._lifecycle.stop(error)
+            raise error from exc
+        self.index_slices += 1
+        self._next_index_slice_at = trio.current_time() + INDEX_SLICE_GAP_S
 
     def _start_expiry_pass(self) -> None:
         """Start a pass over the index when the cutoff day or the snapshot moved since
@@ -239,6 +279,7 @@ class WalWriter:
             raise error from exc
         self.expiry_slices += 1
         self.ids_expired += done.deleted
+        self.index.legacy_entries = max(0, self.index.legacy_entries - done.deleted)
         self._next_slice_at = trio.current_time() + self.expiry_gap_s
         self._expiry_key = done.next_key
         if done.next_key is None:
@@ -247,9 +288,10 @@ class WalWriter:
     async def _commit_group(self, group: list[WriteRequest]) -> None:
         wal: list[tuple[int, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
-        ids: list[tuple[bytes, bytes]] = []
-        # The batches that carry unique ids, with how many keys each put.
-        deduped: list[tuple[LogBatch, int]] = []
+        keys: list[bytes] = []
+        days: list[int] = []
+        # The batches that carry unique ids, with their keys' event indices.
+        deduped: list[tuple[LogBatch, list[int]]] = []
         lsn = self.last_lsn
         group = self._settle(group)
         for request in group:
@@ -258,19 +300,31 @@ class WalWriter:
                     lsn += 1
                     ticket.lsn = lsn
                     wal.append((lsn, record))
-                    keys = batch_keys(item.slice if item else None for item in work)
-                    if keys:
-                        value = ID_VALUE.pack(lsn, ticket.received_ms // ARRIVAL_DAY_MS)
-                        ids.extend([(key, value) for key in keys])
-                        deduped.append((request, len(keys)))
+                    slices = [item.slice if item else None for item in work]
+                    batch_ids = batch_keys(slices)
+                    if batch_ids:
+                        keys.extend(batch_ids)
+                        days.extend([ticket.received_ms // ARRIVAL_DAY_MS] * len(batch_ids))
+                        deduped.append((request, key_events(slices)))
                 case LogLimitChange(ticket, record) | LogCustomerChange(ticket, record):
                     lsn += 1
                     ticket.lsn = lsn
                     wal.append((lsn, record))
                 case DefineMeter(_, _, key, value):
                     meta.append((key, value))
+        if self._decided_from is None and wal:
+            meta.append((DECIDED_FROM_KEY, LSN.pack(self.last_lsn + 1)))
         try:
-            duplicates = await self._commit(wal, meta, ids)
+            duplicates, new = self.index.decide(self._store, keys, days) if keys else ([], {})
+            decisions: list[tuple[int, bytes]] = []
+            flag = 0
+            for batch, events in deduped:
+                flags = duplicates[flag:flag + len(events)]
+                flag += len(events)
+                if True in flags:
+                    decisions.append((batch.ticket.lsn, encode_decisions(
+                        [event for event, dup in zip(events, flags, strict=True) if dup])))
+            await self._commit(wal, meta, decisions)
         except StorageFull as exc:
             # Nothing of the group was written: refuse it, keep serving.
             for request in group:
@@ -282,12 +336,19 @@ class WalWriter:
             for request in group:
                 request.ticket.fail(error)
             raise error from exc
+        if self.index.new_day(new):
+            self.index.freeze(self.last_lsn)
         self.last_lsn = lsn
+        if self._decided_from is None and wal:
+            self._decided_from = wal[0][0]
+        self.index.accept(new)
+        if len(self.index.memtable) >= MEMTABLE_MAX_KEYS:
+            self.index.freeze(lsn)
         flag = 0
-        for batch, key_count in deduped:
+        for batch, events in deduped:
             batch.ticket.duplicates = drop_duplicates(
                 (item.slice if item else None for item in batch.work), duplicates, flag)
-            flag += key_count
+            flag += len(events)
         per_shard: list[list[Apply]] = [[] for _ in self._mailboxes]
         for request in group:
             match request:
@@ -326,20 +387,19 @@ class WalWriter:
                 await self._mailboxes[shard].send(ApplyGroup(shard_items))
 
     async def _commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]],
-                      ids: list[tuple[bytes, bytes]] | None = None) -> list[bool]:
-        """One durable transaction: these records and dedup keys, plus every alert not yet
-        stored. Returns the duplicate flag of each key."""
+                      decisions: list[tuple[int, bytes]] | None = None) -> None:
+        """One durable transaction: these records and logged dedup decisions, plus every
+        alert not yet stored."""
         alerts = self._hub.take_unpersisted()
         if not (wal or meta or alerts):
-            return []
+            return
         try:
-            duplicates = await call_store(self._store.commit, wal, meta, alerts, ids)
+            await call_store(self._store.commit, wal, meta, alerts, None, decisions)
         except MeteringError:
             self._hub.give_back(alerts)
             raise
         self._hub.stored()
         self.group_commits += 1
-        return duplicates
 
     def _settle(self, group: list[WriteRequest]) -> list[WriteRequest]:
         """Decide definitions here, in commit order, against the catalog and the requests
@@ -451,6 +511,8 @@ class WalWriter:
         shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
                                                             now_ms)
+        # The memtable's log is the WAL after the last flushed run: keep it.
+        trim_through = min(trim_through, self.index.flushed_lsn)
         engine_state = self._catalog.engine_state(self._hub.next_seq)
         engine_state.wal_marks = marks
         snapshot = StoredSnapshot(self.last_lsn, len(self._mailboxes),
@@ -463,7 +525,9 @@ class WalWriter:
         # until a checkpoint is written, the next one rewrites every chunk.
         self._head_rewrite = True
         try:
-            await self._commit([], [])  # stores pending alerts with the state that made them
+            # Stores pending alerts with the state that made them; with an empty memtable,
+            # also that the WAL so far holds no id the runs lack.
+            await self._commit([], self.index.flushed_meta(self.last_lsn))
             await call_store(self._store.write_snapshot, snapshot, blocks, trim_through, (),
                              drop_head, full)
         except StorageFull as exc:
@@ -501,6 +565,10 @@ class WalWriter:
         self.snapshot_lsn = snapshot.lsn
         self.wal_bytes_since_snapshot = 0
         self.snapshots += 1
+        # The memtable so far becomes a run (written in slices between group commits),
+        # so a restart rebuilds the memtable from about one checkpoint's WAL tail.
+        self.index.freeze(self.last_lsn)
+        self.index.expire((now_ms - self._expiry_keep_ms) // ARRIVAL_DAY_MS)
         if requester is not None:
             requester.lsn = snapshot.lsn
             requester.finish()

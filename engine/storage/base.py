@@ -14,6 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# Format 5: format 4 with the dedup index as sorted runs (``idruns``) and the logged
+# dedup decisions (``dups``; ``engine.runtime.idindex``); a format-3 or format-4 store is
+# marked format 5 when it is opened (its ``ids`` tree is still read until it expires).
 # Format 4: format 3 with the head's checkpoint in hour chunks (the ``head`` database;
 # ``engine.domain.head``). Format 3: format 2 plus the dedup index (the ``ids``
 # database). Format 2: every stored value starts with the CRC-32 of the rest. A format-3
@@ -22,7 +25,8 @@ from typing import Protocol
 # it is opened (``build_id_index``); format 1 (no checksums) is still read, gets the
 # index the same way, and keeps being written as format 1. A format-3 engine refuses a
 # format-4 store (it would not see the head's chunks).
-FORMAT_VERSION = b"metering-engine/4"
+FORMAT_VERSION = b"metering-engine/5"
+HEAD_FORMAT_VERSION = b"metering-engine/4"
 DEDUP_FORMAT_VERSION = b"metering-engine/3"
 PREVIOUS_FORMAT_VERSION = b"metering-engine/2"
 LEGACY_FORMAT_VERSION = b"metering-engine/1"
@@ -61,10 +65,12 @@ class Store(Protocol):
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
+        decisions: list[tuple[int, bytes]] | None = None,
     ) -> list[bool]:
-        """Durably append WAL records (in lsn order), put meta entries, alerts and dedup
-        index entries, atomically; return one flag per ``ids`` entry: True if its key
-        was already in the index (a duplicate), which then keeps its old value.
+        """Durably append WAL records (in lsn order), put meta entries, alerts, logged
+        dedup ``decisions`` (lsn, encoded) and legacy dedup index entries, atomically;
+        return one flag per ``ids`` entry: True if its key was already in the legacy
+        tree (a duplicate), which then keeps its old value.
 
         ``ids`` are (key, ``ID_VALUE``) pairs, put in order without overwriting, so a
         key repeated within ``ids`` is a duplicate from its second occurrence on.
@@ -73,7 +79,28 @@ class Store(Protocol):
         """
 
     def read_ids(self, keys: list[bytes]) -> list[int | None]:
-        """The stored lsn of each dedup key (``None``: not in the index)."""
+        """The stored lsn of each dedup key in the legacy tree (``None``: not in it)."""
+
+    def read_decisions(self, lsn: int) -> bytes | None:
+        """The dedup decisions ``commit`` logged for batch ``lsn`` (``None``: no event
+        of it was a duplicate)."""
+
+    def runs_contain(self, pairs: list[tuple[int, bytes]]) -> list[bool]:
+        """For each (run, key): is the key in that sorted run of the dedup index."""
+
+    def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]:
+        """Up to ``max_keys`` keys of a run, in order, after ``after`` (None: from the start)."""
+
+    def write_run_slice(self, run: int, keys: list[bytes],
+                        meta: list[tuple[bytes, bytes]], drop_meta: list[bytes]) -> None:
+        """In one durable write transaction: append ``keys`` (sorted, each greater than
+        the run's last) to ``run``, put the catalogue entries ``meta``, delete ``drop_meta``."""
+
+    def delete_run_slice(self, run: int, max_keys: int) -> bool:
+        """Delete up to ``max_keys`` entries of ``run``; True when none remain."""
+
+    def run_numbers(self) -> list[int]:
+        """Every run that has entries, in order."""
 
     def expire_ids(self, start_key: bytes, before_day: int, max_lsn: int,
                    max_keys: int) -> ExpirySlice:
@@ -82,7 +109,7 @@ class Store(Protocol):
         arrival day is < ``before_day`` and whose lsn is <= ``max_lsn``."""
 
     def id_index_statistics(self) -> tuple[int, int]:
-        """(entries, bytes of the pages holding them) of the dedup index."""
+        """(entries of the legacy tree, bytes of the pages of the tree and the runs)."""
 
     def needs_id_index(self) -> bool:
         """True if the store predates the dedup index (format 1 or 2 without ``ids``)."""

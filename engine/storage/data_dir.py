@@ -19,6 +19,7 @@ from engine.errors import DataDirError
 from engine.storage.base import (
     DEDUP_FORMAT_VERSION,
     FORMAT_VERSION,
+    HEAD_FORMAT_VERSION,
     LEGACY_FORMAT_VERSION,
     PREVIOUS_FORMAT_VERSION,
 )
@@ -35,8 +36,8 @@ FULL_VERIFY_MAX_BYTES = 128 << 20
 
 
 def check_format(lmdb_dir: Path, version: bytes | None) -> None:
-    if version in (FORMAT_VERSION, DEDUP_FORMAT_VERSION, PREVIOUS_FORMAT_VERSION,
-                   LEGACY_FORMAT_VERSION):
+    if version in (FORMAT_VERSION, HEAD_FORMAT_VERSION, DEDUP_FORMAT_VERSION,
+                   PREVIOUS_FORMAT_VERSION, LEGACY_FORMAT_VERSION):
         return
     if version is None or not version.startswith(FORMAT_PREFIX):
         raise DataDirError(

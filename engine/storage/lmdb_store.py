@@ -18,10 +18,16 @@ renamed. Layout of ``lmdb/`` (named databases):
 - ``snapshot``: ``header`` → encoded (lsn, shard count, part count);
   ``part`` + 4-byte index → one shard's encoded state; ``engine`` → engine-wide state.
 - ``alerts``: 8-byte big-endian seq → one encoded alert.
-- ``ids`` (format 3): the dedup index, one entry per (meter, customer, unique id)
-  remembered; key as ``engine.runtime.dedup.id_key`` builds it, value
+- ``ids`` (format 3 and 4): the legacy dedup tree, one entry per (meter, customer,
+  unique id); key as ``engine.runtime.dedup.id_key`` builds it, value
   ``base.ID_VALUE`` (lsn of the first batch that carried it, its arrival day). Put
-  with ``overwrite=False`` in the batch's own commit; deleted only by ``expire_ids``.
+  with ``overwrite=False`` in a batch's commit by format-3/4 engines (and by
+  ``build_id_index``); from format 5 on only read, and deleted by ``expire_ids``.
+- ``idruns`` (format 5): the dedup index's sorted runs (``engine.runtime.idindex``):
+  ``run(4) key`` → an empty value, appended in key order by ``write_run_slice``;
+  each run's metadata and Bloom filter are ``meta`` entries (``idrun:``, ``idbloom:``).
+- ``dups`` (format 5): 8-byte lsn → the logged dedup decisions of a batch that had
+  duplicates, put in the batch's own commit.
 - ``blocks``: sealed history, ``meter NUL day(4) part(2)`` → one compressed
   ``BlockRecord`` (``engine.domain.blocks``); written only with a snapshot, in its
   transaction, so blocks and the checkpoint that refers to them are one state.
@@ -68,6 +74,7 @@ from engine.faults import fault_point
 from engine.storage.base import (
     DEDUP_FORMAT_VERSION,
     FORMAT_VERSION,
+    HEAD_FORMAT_VERSION,
     ID_VALUE,
     LEGACY_FORMAT_VERSION,
     PREVIOUS_FORMAT_VERSION,
@@ -80,6 +87,7 @@ from engine.storage.data_dir import check_data_file, check_format
 log = logging.getLogger(__name__)
 
 LSN = struct.Struct(">Q")
+RUN = struct.Struct(">I")  # the dedup index's run number, the first bytes of its keys
 CHECKSUM = struct.Struct(">I")
 PART_INDEX = struct.Struct(">I")
 LMDB_DIR = "lmdb"
@@ -92,7 +100,8 @@ OUR_ENTRIES = {LMDB_DIR, LMDB_BUILDING_DIR, "LOCK"}
 BACKUP_EXTRA_FILES = ("webhooks.json",)
 # The named databases of a new store. A new database is added here (and opened in
 # ``_open_databases``); MAX_DBS leaves room for two more before it must grow.
-DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks", b"head")
+DB_NAMES = (b"wal", b"meta", b"snapshot", b"alerts", b"ids", b"blocks", b"head", b"idruns",
+            b"dups")
 MAX_DBS = len(DB_NAMES) + 2
 # WAL records deleted per checkpoint at most when trimming past the raw-event retention:
 # bounds the checkpoint's transaction; the rest goes at the next checkpoint.
@@ -224,7 +233,12 @@ class LmdbStore:
             self.blocks_db = self.env.open_db(b"blocks", txn=txn)
             # The head's hour chunks (format 4; created in older stores).
             self.head_db = self.env.open_db(b"head", txn=txn)
-            if version == DEDUP_FORMAT_VERSION:  # format 3 -> 4: nothing to convert
+            # The dedup index's sorted runs and logged decisions (format 5; created in
+            # older stores).
+            self.runs_db = self.env.open_db(b"idruns", txn=txn)
+            self.dups_db = self.env.open_db(b"dups", txn=txn)
+            if version in (DEDUP_FORMAT_VERSION, HEAD_FORMAT_VERSION):
+                # Format 3 or 4 -> 5: nothing to convert (the ``ids`` tree is read as it is).
                 txn.put(b"format", FORMAT_VERSION, db=self.meta_db)
                 version = FORMAT_VERSION
             self._format = version
@@ -235,7 +249,7 @@ class LmdbStore:
                 self.ids_db = None  # an older store: recovery builds it (build_id_index)
             if self.ids_db is None and version == FORMAT_VERSION:
                 raise DataDirError(
-                    f"{str(lmdb_dir)!r} is marked data format 3 or 4 but has no dedup index "
+                    f"{str(lmdb_dir)!r} is marked data format 3 or later but has no dedup index "
                     "('ids' database): the data directory was damaged. Restore it from a "
                     "backup; the engine will not start over it."
                 )
@@ -289,13 +303,16 @@ class LmdbStore:
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
+        decisions: list[tuple[int, bytes]] | None = None,
     ) -> list[bool]:
         alerts = alerts or []
         ids = ids or []
+        decisions = decisions or []
         size_bytes = (sum(len(record) for _, record in wal) + sum(len(v) for _, v in meta)
-                      + sum(len(alert) for _, alert in alerts) + 32 * len(ids))
+                      + sum(len(alert) for _, alert in alerts) + 32 * len(ids)
+                      + sum(len(d) for _, d in decisions))
         duplicates: list[bool] = []
-        self._write(size_bytes, self._commit_txn, wal, meta, alerts, ids, duplicates)
+        self._write(size_bytes, self._commit_txn, wal, meta, alerts, ids, decisions, duplicates)
         return duplicates
 
     def _commit_txn(
@@ -305,9 +322,12 @@ class LmdbStore:
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]],
         ids: list[tuple[bytes, bytes]],
+        decisions: list[tuple[int, bytes]],
         duplicates: list[bool],
     ) -> None:
         duplicates.clear()  # a retry after growing the map starts over
+        for lsn, decided in decisions:
+            txn.put(LSN.pack(lsn), self._seal(decided), db=self.dups_db)
         if ids:
             if self.ids_db is None:
                 raise StorageError("the dedup index was not built (build_id_index)")
@@ -552,11 +572,85 @@ class LmdbStore:
             return 0, 0
         with self._reading("the dedup index"), self.env.begin() as txn:
             stat = txn.stat(self.ids_db)
-        pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+            runs = txn.stat(self.runs_db)
+        pages = sum(part["branch_pages"] + part["leaf_pages"] + part["overflow_pages"]
+                    for part in (stat, runs))
         return int(stat["entries"]), int(pages * stat["psize"])
 
     def needs_id_index(self) -> bool:
         return self.ids_db is None
+
+    def read_decisions(self, lsn: int) -> bytes | None:
+        with self._reading("the dedup decisions"), self.env.begin(db=self.dups_db) as txn:
+            raw = txn.get(LSN.pack(lsn))
+        return None if raw is None else self._unseal(raw, f"dedup decisions of batch {lsn}")
+
+    def runs_contain(self, pairs: list[tuple[int, bytes]]) -> list[bool]:
+        with self._reading("the dedup index"), self.env.begin(db=self.runs_db) as txn:
+            get, pack = txn.get, RUN.pack
+            return [get(pack(run) + key) is not None for run, key in pairs]
+
+    def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]:
+        prefix = RUN.pack(run)
+        keys: list[bytes] = []
+        with self._reading("the dedup index"), self.env.begin(db=self.runs_db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix + (after or b"")):
+                return keys
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix) or len(keys) >= max_keys:
+                    break
+                if after is not None and key == prefix + after:
+                    continue
+                keys.append(key[len(prefix):])
+        return keys
+
+    def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
+                        drop_meta: list[bytes]) -> None:
+        size_bytes = sum(len(key) + 8 for key in keys) + sum(len(v) for _, v in meta)
+        self._write(size_bytes, self._run_slice_txn, run, keys, meta, drop_meta)
+
+    def _run_slice_txn(self, txn: lmdb.Transaction[bytes], run: int, keys: list[bytes],
+                       meta: list[tuple[bytes, bytes]], drop_meta: list[bytes]) -> None:
+        prefix, empty = RUN.pack(run), self._seal(b"")
+        cursor = txn.cursor(db=self.runs_db)
+        for key in keys:
+            if not cursor.put(prefix + key, empty, append=True):
+                raise StorageError(f"dedup index run {run} appended out of order")
+        fault_point("dedup.run_slice")
+        for key, value in meta:
+            txn.put(key, self._seal(value), db=self.meta_db)
+        for key in drop_meta:
+            txn.delete(key, db=self.meta_db)
+
+    def delete_run_slice(self, run: int, max_keys: int) -> bool:
+        remaining: list[bool] = []
+        self._write(0, self._delete_run_txn, run, max_keys, remaining)
+        return not remaining[-1]
+
+    def _delete_run_txn(self, txn: lmdb.Transaction[bytes], run: int, max_keys: int,
+                        remaining: list[bool]) -> None:
+        prefix = RUN.pack(run)
+        cursor = txn.cursor(db=self.runs_db)
+        deleted = 0
+        positioned = cursor.set_range(prefix)
+        while positioned and cursor.key().startswith(prefix) and deleted < max_keys:
+            cursor.delete()
+            deleted += 1
+            positioned = cursor.key() != b""
+        remaining.append(positioned and cursor.key().startswith(prefix))
+
+    def run_numbers(self) -> list[int]:
+        numbers: list[int] = []
+        with self._reading("the dedup index"), self.env.begin(db=self.runs_db) as txn:
+            cursor = txn.cursor()
+            positioned = cursor.first()
+            while positioned:
+                number = RUN.unpack(cursor.key()[:RUN.size])[0]
+                numbers.append(number)
+                positioned = cursor.set_range(RUN.pack(number + 1)) if number < 0xFFFFFFFF \
+                    else False
+        return numbers
 
     def read_alerts(self, from_seq: int, max_count: int) -> list[bytes]:
         alerts: list[bytes] = []

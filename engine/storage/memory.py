@@ -21,7 +21,9 @@ class MemoryStore:
         self.alerts: dict[int, bytes] = {}
         self.blocks: dict[bytes, bytes] = {}
         self.head: dict[bytes, bytes] = {}  # the head's hour chunks
-        self.ids: dict[bytes, bytes] = {}  # the dedup index: key -> ID_VALUE
+        self.ids: dict[bytes, bytes] = {}  # the legacy dedup tree: key -> ID_VALUE
+        self.runs: dict[int, list[bytes]] = {}  # the dedup index's sorted runs
+        self.decisions: dict[int, bytes] = {}  # lsn -> logged dedup decisions
         self._last_lsn = 0
         self.commits = 0
         self.closed = False
@@ -32,6 +34,7 @@ class MemoryStore:
         meta: list[tuple[bytes, bytes]],
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
+        decisions: list[tuple[int, bytes]] | None = None,
     ) -> list[bool]:
         for lsn, _ in wal:
             if lsn <= self._last_lsn:
@@ -48,8 +51,42 @@ class MemoryStore:
             self._last_lsn = lsn
         self.meta.update(meta)
         self.alerts.update(alerts or [])
+        self.decisions.update(decisions or [])
         self.commits += 1
         return duplicates
+
+    def read_decisions(self, lsn: int) -> bytes | None:
+        return self.decisions.get(lsn)
+
+    def runs_contain(self, pairs: list[tuple[int, bytes]]) -> list[bool]:
+        # A linear search per key: fine for a test fake, never for a real store.
+        return [key in self.runs.get(run, ()) for run, key in pairs]
+
+    def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]:
+        keys = self.runs.get(run, [])
+        return [key for key in keys if after is None or key > after][:max_keys]
+
+    def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
+                        drop_meta: list[bytes]) -> None:
+        stored = self.runs.setdefault(run, [])
+        if keys and ((stored and keys[0] <= stored[-1]) or keys != sorted(set(keys))):
+            raise StorageError(f"dedup index run {run} appended out of order")
+        stored.extend(keys)
+        if not stored:
+            del self.runs[run]
+        self.meta.update(meta)
+        for key in drop_meta:
+            self.meta.pop(key, None)
+
+    def delete_run_slice(self, run: int, max_keys: int) -> bool:
+        keys = self.runs.get(run, [])
+        del keys[:max_keys]
+        if not keys:
+            self.runs.pop(run, None)
+        return not keys
+
+    def run_numbers(self) -> list[int]:
+        return sorted(self.runs)
 
     def read_ids(self, keys: list[bytes]) -> list[int | None]:
         values = [self.ids.get(key) for key in keys]
@@ -69,7 +106,8 @@ class MemoryStore:
         return ExpirySlice(next_key, min(len(keys), max_keys), deleted)
 
     def id_index_statistics(self) -> tuple[int, int]:
-        return len(self.ids), sum(len(k) + len(v) for k, v in self.ids.items())
+        return len(self.ids), (sum(len(k) + len(v) for k, v in self.ids.items())
+                               + sum(len(k) for run in self.runs.values() for k in run))
 
     def needs_id_index(self) -> bool:
         return False
