@@ -320,3 +320,18 @@ async def test_a_format_3_store_without_its_index_is_damage(tmp_path: Path) -> N
     with pytest.raises(DataDirError, match="has no dedup index"):
         async with open_engine(tmp_path, clock_ms=lambda: NOW):
             pass
+
+
+async def test_a_clean_close_writes_out_the_memtable(tmp_path: Path) -> None:
+    """The close's checkpoint freezes the memtable and the writer finishes writing it, so
+    the next start rebuilds nothing from before the checkpoint."""
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: NOW) as eng:
+        await eng.define_meter(Meter(name="calls"))
+        assert (await eng.ingest(ids("a", 50))).accepted == 50
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: NOW) as eng:
+        stats = eng.statistics()
+        assert (stats.dedup_memtable_ids, stats.dedup_runs, stats.dedup_index_entries) == (
+            0, 1, 50)
+        assert recovered_of(eng).wal_records == 0
+        ack = await eng.ingest(ids("a", 50))
+        assert (ack.accepted, ack.duplicates) == (0, 50)

@@ -308,6 +308,10 @@ class IdIndex:
                 return True
         return False
 
+    def flushing(self) -> bool:
+        """Whether a frozen memtable is still being written (its job first in line)."""
+        return bool(self.frozen) and (isinstance(self.job, Flush) or self.job is None)
+
     def pending(self) -> bool:
         if self.job is None and not self.jobs:
             self._plan_merge()

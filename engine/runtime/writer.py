@@ -204,6 +204,17 @@ class WalWriter:
                            or self._seal_due())
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
+            with trio.CancelScope(shield=True):
+                await self._finish_flush()
+
+    async def _finish_flush(self) -> None:
+        """On close, write out the run being flushed (the close's checkpoint froze the
+        memtable), so the next start rebuilds no memtable from before that checkpoint.
+        Bounded by ``MEMTABLE_MAX_KEYS``; merges and drops wait for the next run."""
+        while self._lifecycle.failure is None and self.index.flushing():
+            await self._index_slice()
+            if self._next_index_slice_at > trio.current_time() + INDEX_SLICE_GAP_S:
+                return  # no room: the next start rebuilds the memtable from the WAL
 
     async def _next_request(self, requests: trio.MemoryReceiveChannel[WriteRequest]
                             ) -> WriteRequest:
