@@ -44,6 +44,7 @@ step = st.one_of(
     st.tuples(st.just("slice"), st.integers(1, 6)),
     st.tuples(st.just("slice"), st.integers(1, 6)),
     st.tuples(st.just("day"), st.none()),
+    st.tuples(st.just("plan"), st.none()),  # the writer asks, then a group comes first
     st.tuples(st.just("expire"), st.integers(1, 6)),
     st.tuples(st.just("restart"), st.none()),
 )
@@ -100,6 +101,8 @@ def test_the_index_decides_as_a_set_does(store_kind: str, tmp_path_factory: Any,
                         index.run_slice(store)
             elif kind == "day":
                 day += 1
+            elif kind == "plan":
+                index.pending()
             elif kind == "expire":
                 expired_before = max(expired_before, day - arg)
                 index.expire(expired_before)

@@ -153,27 +153,28 @@ class Run:
 
 @dataclass(slots=True)
 class Flush:
-    """Writing the frozen memtable as run ``number``."""
+    """Writing the frozen memtable as run ``number`` (given when the job starts: runs are
+    written in number order, so every run's keys are appended after all others)."""
 
-    number: int
     lsn: int  # every batch up to it is in the frozen memtable, a run or the legacy tree
     keys: Iterator[bytes]
     days: tuple[int, int]
     prints: list[np.ndarray] = field(default_factory=list)
     written: int = 0
+    number: int = -1
 
 
 @dataclass(slots=True)
 class Merge:
-    """Merging ``sources`` (neighbouring runs) into run ``number``."""
+    """Merging ``sources`` (neighbouring runs) into run ``number`` (given when it starts)."""
 
-    number: int
     sources: list[Run]
     after: list[bytes | None]  # per source: the last key taken (None: none yet)
     done: list[bool]
     prints: list[np.ndarray] = field(default_factory=list)
     written: int = 0
     last: bytes | None = None
+    number: int = -1
 
 
 @dataclass(slots=True)
@@ -279,9 +280,7 @@ class IdIndex:
         self.frozen, self.memtable = self.memtable, {}
         stack, self._sorted = self._sorted, []
         days, self._memtable_days = self._memtable_days, None
-        job = Flush(self.next_run, lsn, heapq.merge(*stack), days)
-        self.next_run += 1
-        self.jobs.insert(0, job)
+        self.jobs.insert(0, Flush(lsn, heapq.merge(*stack), days))
         return True
 
     def flushed_meta(self, lsn: int) -> list[tuple[bytes, bytes]]:
@@ -329,14 +328,17 @@ class IdIndex:
             if best is None or sum(r.meta.count for r in group) < sum(r.meta.count for r in best):
                 best = group
         if best is not None:
-            self.jobs.append(Merge(self.next_run, best, [None] * len(best),
-                                   [False] * len(best)))
-            self.next_run += 1
+            self.jobs.append(Merge(best, [None] * len(best), [False] * len(best)))
 
     def run_slice(self, store: RunStore) -> None:
         """One bounded slice of the current background job (one write transaction)."""
         if self.job is None:
             self.job = self.jobs.pop(0)
+            if isinstance(self.job, Flush | Merge):
+                # LMDB appends only after the database's last key: the run written now
+                # gets the highest number yet.
+                self.job.number = self.next_run
+                self.next_run += 1
         job = self.job
         if isinstance(job, Flush):
             self._flush_slice(store, job)

@@ -69,7 +69,9 @@ class MemoryStore:
     def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
                         drop_meta: list[bytes]) -> None:
         stored = self.runs.setdefault(run, [])
-        if keys and ((stored and keys[0] <= stored[-1]) or keys != sorted(set(keys))):
+        # As LMDB's append: after the last key of every run, so no later run may have any.
+        if keys and ((stored and keys[0] <= stored[-1]) or keys != sorted(set(keys))
+                     or any(other > run for other in self.runs)):
             raise StorageError(f"dedup index run {run} appended out of order")
         stored.extend(keys)
         if not stored:
