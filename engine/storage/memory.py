@@ -5,6 +5,7 @@ Storage layer: standard library and ``engine.errors`` only. Not durable, by desi
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ class MemoryStore:
         self.head: dict[bytes, bytes] = {}  # the head's hour chunks
         self.ids: dict[bytes, bytes] = {}  # the legacy dedup tree: key -> ID_VALUE
         self.runs: dict[int, list[bytes]] = {}  # the dedup index's sorted runs
+        self._run_sets: dict[int, set[bytes]] = {}  # ... as sets, for lookups
         self.decisions: dict[int, bytes] = {}  # lsn -> logged dedup decisions
         self._last_lsn = 0
         self.commits = 0
@@ -59,12 +61,12 @@ class MemoryStore:
         return self.decisions.get(lsn)
 
     def runs_contain(self, pairs: list[tuple[int, bytes]]) -> list[bool]:
-        # A linear search per key: fine for a test fake, never for a real store.
-        return [key in self.runs.get(run, ()) for run, key in pairs]
+        return [key in self._run_sets.get(run, ()) for run, key in pairs]
 
     def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]:
         keys = self.runs.get(run, [])
-        return [key for key in keys if after is None or key > after][:max_keys]
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        return keys[start:start + max_keys]
 
     def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
                         drop_meta: list[bytes]) -> None:
@@ -74,17 +76,21 @@ class MemoryStore:
                      or any(other > run for other in self.runs)):
             raise StorageError(f"dedup index run {run} appended out of order")
         stored.extend(keys)
+        self._run_sets.setdefault(run, set()).update(keys)
         if not stored:
             del self.runs[run]
+            del self._run_sets[run]
         self.meta.update(meta)
         for key in drop_meta:
             self.meta.pop(key, None)
 
     def delete_run_slice(self, run: int, max_keys: int) -> bool:
         keys = self.runs.get(run, [])
+        self._run_sets.get(run, set()).difference_update(keys[:max_keys])
         del keys[:max_keys]
         if not keys:
             self.runs.pop(run, None)
+            self._run_sets.pop(run, None)
         return not keys
 
     def run_numbers(self) -> list[int]:
