@@ -59,6 +59,7 @@ from benchmarks.common import BenchmarkFailure, machine_facts, percentile
 from benchmarks.workload import AGGREGATIONS_MIXED, DAY_MS, Workload, generate
 from engine import Event, open_engine
 from engine.storage import MemoryStore
+from engine.storage.base import RunSlice
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LSN_KEY = struct.Struct(">Q")
@@ -343,8 +344,10 @@ class _RecordlessStore(MemoryStore):
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
         decisions: list[tuple[int, bytes]] | None = None,
+        run_slice: RunSlice | None = None,
     ) -> list[bool]:
-        return super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts, ids, decisions)
+        return super().commit([(lsn, b"") for lsn, _ in wal], meta, alerts, ids, decisions,
+                              run_slice)
 
 
 async def _memory_run(workload: Workload, shards: int, top: int) -> dict[str, Any]:

@@ -45,6 +45,7 @@ step = st.one_of(
     st.tuples(st.just("slice"), st.integers(1, 6)),
     st.tuples(st.just("day"), st.none()),
     st.tuples(st.just("plan"), st.none()),  # the writer asks, then a group comes first
+    st.tuples(st.just("carry"), st.booleans()),  # a slice in a group commit that may fail
     st.tuples(st.just("expire"), st.integers(1, 6)),
     st.tuples(st.just("restart"), st.none()),
 )
@@ -103,6 +104,13 @@ def test_the_index_decides_as_a_set_does(store_kind: str, tmp_path_factory: Any,
                 day += 1
             elif kind == "plan":
                 index.pending()
+            elif kind == "carry" and index.pending():
+                work = index.prepare(store)
+                if arg:  # the group's commit failed: nothing of it was written
+                    index.aborted()
+                else:
+                    store.commit([], [], run_slice=work)
+                    index.committed()
             elif kind == "expire":
                 expired_before = max(expired_before, day - arg)
                 index.expire(expired_before)

@@ -40,13 +40,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol
 
 import msgspec
 import numpy as np
+from xxhash import xxh3_128_digest
+
+from engine.storage.base import RunSlice
 
 RUN = struct.Struct(">I")
 LSN = struct.Struct(">Q")
@@ -59,7 +62,8 @@ MAX_RUN_KEY_BYTES = 511 - RUN.size
 BITS_PER_KEY = 10
 HASHES = 7
 MEMTABLE_MAX_KEYS = 1 << 20
-SLICE_KEYS = 8192  # keys written, merged or deleted per slice (one short transaction)
+SORTED_MERGE_MAX = 1 << 16
+SLICE_KEYS = 4096  # keys written, merged or deleted per slice (a few ms)
 MAX_RUNS = 12
 MERGE_FANIN = 4
 MAX_RUN_SPAN_DAYS = 7
@@ -72,10 +76,7 @@ class RunStore(Protocol):
 
     def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]: ...
 
-    def write_run_slice(self, run: int, keys: list[bytes],
-                        meta: list[tuple[bytes, bytes]], drop_meta: list[bytes]) -> None: ...
-
-    def delete_run_slice(self, run: int, max_keys: int) -> bool: ...
+    def write_run(self, work: RunSlice) -> None: ...
 
     def run_numbers(self) -> list[int]: ...
 
@@ -101,8 +102,10 @@ def run_key(key: bytes) -> bytes:
 
 
 def fingerprints(keys: Iterable[bytes]) -> np.ndarray:
-    """Two 64-bit hashes per key (blake2b), shape (n, 2): the filter's double hashing."""
-    raw = b"".join(hashlib.blake2b(key, digest_size=16).digest() for key in keys)
+    """Two 64-bit hashes per key, shape (n, 2): the filter's double hashing. XXH3-128,
+    whose output is fixed by its specification (stored filters depend on it); about a
+    fifth of blake2b's cost per short key."""
+    raw = b"".join(map(xxh3_128_digest, keys))
     return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
 
 
@@ -116,32 +119,40 @@ def _positions(prints: np.ndarray, bit_count: int) -> np.ndarray:
 
 @dataclass(slots=True)
 class Bloom:
-    words: np.ndarray  # uint64, the bits
+    bits: np.ndarray  # uint8, bit i is bit (i & 7) of byte i >> 3
+
+    @classmethod
+    def empty(cls, count: int) -> Bloom:
+        """A filter sized for ``count`` keys (filled slice by slice while a run is written)."""
+        return cls(np.zeros(max(8, -(-count * BITS_PER_KEY // 64) * 8), dtype=np.uint8))
 
     @classmethod
     def build(cls, prints: np.ndarray) -> Bloom:
-        bit_count = max(64, -(-len(prints) * BITS_PER_KEY // 64) * 64)
-        words = np.zeros(bit_count // 64, dtype=np.uint64)
-        positions = _positions(prints, bit_count).ravel()
-        np.bitwise_or.at(words, positions >> np.uint64(6),
-                         np.left_shift(np.uint64(1), positions & np.uint64(63)))
-        return cls(words)
+        bloom = cls.empty(len(prints))
+        bloom.add(prints)
+        return bloom
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Bloom:
-        return cls(np.frombuffer(raw, dtype=np.uint64).copy())
+        return cls(np.frombuffer(raw, dtype=np.uint8).copy())
 
     def to_bytes(self) -> bytes:
-        return self.words.tobytes()
+        return self.bits.tobytes()
+
+    def add(self, prints: np.ndarray) -> None:
+        positions = _positions(prints, len(self.bits) * 8).ravel()
+        np.bitwise_or.at(self.bits, positions >> np.uint64(3),
+                         np.left_shift(np.uint8(1), (positions & np.uint64(7)).astype(np.uint8)))
 
     def may_contain(self, prints: np.ndarray) -> np.ndarray:
-        positions = _positions(prints, len(self.words) * 64)
-        bits = (self.words[positions >> np.uint64(6)] >> (positions & np.uint64(63))) & np.uint64(1)
+        positions = _positions(prints, len(self.bits) * 8)
+        bits = (self.bits[positions >> np.uint64(3)]
+                >> (positions & np.uint64(7)).astype(np.uint8)) & np.uint8(1)
         return np.asarray(bits.all(axis=1))
 
     @property
     def nbytes(self) -> int:
-        return int(self.words.nbytes)
+        return int(self.bits.nbytes)
 
 
 @dataclass(slots=True)
@@ -159,9 +170,10 @@ class Flush:
     lsn: int  # every batch up to it is in the frozen memtable, a run or the legacy tree
     keys: Iterator[bytes]
     days: tuple[int, int]
-    prints: list[np.ndarray] = field(default_factory=list)
+    bloom: Bloom
     written: int = 0
     number: int = -1
+    pending: list[bytes] | None = None  # the keys of the slice prepared, not yet durable
 
 
 @dataclass(slots=True)
@@ -171,7 +183,7 @@ class Merge:
     sources: list[Run]
     after: list[bytes | None]  # per source: the last key taken (None: none yet)
     done: list[bool]
-    prints: list[np.ndarray] = field(default_factory=list)
+    bloom: Bloom
     written: int = 0
     last: bytes | None = None
     number: int = -1
@@ -202,6 +214,7 @@ class IdIndex:
         self.legacy_entries = legacy_entries  # > 0: the legacy tree is read too
         self.jobs: list[Job] = [Drop(number) for number in orphans]
         self.job: Job | None = None
+        self._apply: Callable[[], None] | None = None  # what the prepared slice changes
         self.filter_hits = 0  # run reads a filter asked for
         self.filter_false = 0  # ... that found nothing
 
@@ -260,9 +273,13 @@ class IdIndex:
         self._memtable_days = (low, high)
         stack = self._sorted
         stack.append(sorted(new))
-        while len(stack) > 1 and len(stack[-2]) <= 2 * len(stack[-1]):
+        # Timsort merges two sorted runs in one pass, in C; lists past SORTED_MERGE_MAX
+        # keys stay apart (a merge of them would hold the event loop), so the lazy
+        # k-way merge at freezing has a few of them plus a binary counter's worth.
+        while (len(stack) > 1 and len(stack[-2]) <= 2 * len(stack[-1])
+               and len(stack[-2]) + len(stack[-1]) <= SORTED_MERGE_MAX):
             top = stack.pop()
-            stack[-1] = list(heapq.merge(stack[-1], top))
+            stack[-1] = sorted(stack[-1] + top)
 
     # ------------------------------------------------------------ background work
 
@@ -280,7 +297,7 @@ class IdIndex:
         self.frozen, self.memtable = self.memtable, {}
         stack, self._sorted = self._sorted, []
         days, self._memtable_days = self._memtable_days, None
-        self.jobs.insert(0, Flush(lsn, heapq.merge(*stack), days))
+        self.jobs.insert(0, Flush(lsn, heapq.merge(*stack), days, Bloom.empty(len(self.frozen))))
         return True
 
     def flushed_meta(self, lsn: int) -> list[tuple[bytes, bytes]]:
@@ -328,10 +345,21 @@ class IdIndex:
             if best is None or sum(r.meta.count for r in group) < sum(r.meta.count for r in best):
                 best = group
         if best is not None:
-            self.jobs.append(Merge(best, [None] * len(best), [False] * len(best)))
+            self.jobs.append(Merge(best, [None] * len(best), [False] * len(best),
+                                   Bloom.empty(sum(run.meta.count for run in best))))
 
     def run_slice(self, store: RunStore) -> None:
-        """One bounded slice of the current background job (one write transaction)."""
+        """One bounded slice of the background work in a write transaction of its own
+        (while no group commit comes to carry it)."""
+        work = self.prepare(store)
+        if work is not None:
+            store.write_run(work)
+        self.committed()
+
+    def prepare(self, store: RunStore) -> RunSlice | None:
+        """The next slice of the current background job, for a write transaction (a group
+        commit's or its own); ``committed`` once it is durable, ``aborted`` if not. None:
+        nothing to write this time (``committed`` still applies what was decided)."""
         if self.job is None:
             self.job = self.jobs.pop(0)
             if isinstance(self.job, Flush | Merge):
@@ -341,38 +369,53 @@ class IdIndex:
                 self.next_run += 1
         job = self.job
         if isinstance(job, Flush):
-            self._flush_slice(store, job)
-        elif isinstance(job, Merge):
-            self._merge_slice(store, job)
-        else:
-            self._drop_slice(store, job)
+            return self._flush_slice(job)
+        if isinstance(job, Merge):
+            return self._merge_slice(store, job)
+        return self._drop_slice(store, job)
 
-    def _flush_slice(self, store: RunStore, job: Flush) -> None:
-        keys = list(islice(job.keys, SLICE_KEYS))
-        job.prints.append(fingerprints(keys))
-        job.written += len(keys)
-        if len(keys) == SLICE_KEYS:
-            store.write_run_slice(job.number, keys, [], [])
-            return
-        run = self._finish(job.number, job.written, job.days, job.prints)
-        store.write_run_slice(job.number, keys, [
-            *_run_entries(run), (FLUSHED_LSN_KEY, LSN.pack(job.lsn))], [])
-        self.runs.append(run)
-        self.runs.sort(key=lambda r: r.number)
-        self.flushed_lsn = job.lsn
-        self.frozen = {}
-        self.job = None
+    def committed(self) -> None:
+        apply, self._apply = self._apply, None
+        if apply is not None:
+            apply()
 
-    def _merge_slice(self, store: RunStore, job: Merge) -> None:
+    def aborted(self) -> None:
+        self._apply = None
+
+    def _flush_slice(self, job: Flush) -> RunSlice:
+        if job.pending is None:  # (else the slice of an aborted transaction, again)
+            job.pending = list(islice(job.keys, SLICE_KEYS))
+            job.bloom.add(fingerprints(job.pending))
+        keys = job.pending
+        last = len(keys) < SLICE_KEYS
+
+        def apply() -> None:
+            job.pending = None
+            job.written += len(keys)
+            if last:
+                self.runs = sorted([*self.runs, run], key=lambda r: r.number)
+                self.flushed_lsn = job.lsn
+                self.frozen = {}
+                self.job = None
+
+        self._apply = apply
+        if not last:
+            return RunSlice(job.number, keys)
+        run = Run(job.number, RunMeta(job.written + len(keys), *job.days), job.bloom)
+        return RunSlice(job.number, keys,
+                        [*_run_entries(run), (FLUSHED_LSN_KEY, LSN.pack(job.lsn))])
+
+    def _merge_slice(self, store: RunStore, job: Merge) -> RunSlice:
         chunks: list[list[bytes]] = []
+        after, done = list(job.after), list(job.done)
         bound: bytes | None = None  # keys up to it are complete in this slice's reads
         for index, run in enumerate(job.sources):
-            if job.done[index]:
+            if done[index]:
                 chunks.append([])
                 continue
-            chunk = store.read_run(run.number, job.after[index], SLICE_KEYS // MERGE_FANIN)
+            chunk = store.read_run(run.number, after[index], SLICE_KEYS // MERGE_FANIN)
             if len(chunk) < SLICE_KEYS // MERGE_FANIN:
-                job.done[index] = True
+                done[index] = True
             elif bound is None or chunk[-1] < bound:
                 bound = chunk[-1]
             chunks.append(chunk)
@@ -380,44 +423,53 @@ class IdIndex:
         for index, chunk in enumerate(chunks):
             taken = chunk if bound is None else [key for key in chunk if key <= bound]
             if taken:
-                job.after[index] = taken[-1]
+                after[index] = taken[-1]
             if len(taken) < len(chunk):
-                job.done[index] = False  # the rest is read again by the next slice
+                done[index] = False  # the rest is read again by the next slice
             out.extend(taken)
         out.sort()
         unique: list[bytes] = []
         for key in out:  # a key lives in one run; equal keys are dropped all the same
             if key != job.last and (not unique or key != unique[-1]):
                 unique.append(key)
-        if unique:
-            job.last = unique[-1]
-        job.prints.append(fingerprints(unique))
-        job.written += len(unique)
-        if not all(job.done):
-            store.write_run_slice(job.number, unique, [], [])
-            return
-        days = (min(r.meta.min_day for r in job.sources), max(r.meta.max_day for r in job.sources))
-        run = self._finish(job.number, job.written, days, job.prints)
+        job.bloom.add(fingerprints(unique))  # (bits set twice by a retry change nothing)
+        last = all(done)
         numbers = {r.number for r in job.sources}
-        store.write_run_slice(job.number, unique, _run_entries(run),
-                              [k for n in numbers for k in _meta_keys(n)])
-        self.runs = sorted([r for r in self.runs if r.number not in numbers] + [run],
-                           key=lambda r: r.number)
-        self.jobs.extend(Drop(number) for number in sorted(numbers))
-        self.job = None
 
-    def _drop_slice(self, store: RunStore, job: Drop) -> None:
+        def apply() -> None:
+            job.after, job.done = after, done
+            job.written += len(unique)
+            if unique:
+                job.last = unique[-1]
+            if last:
+                self.runs = sorted([r for r in self.runs if r.number not in numbers] + [run],
+                                   key=lambda r: r.number)
+                self.jobs.extend(Drop(number) for number in sorted(numbers))
+                self.job = None
+
+        self._apply = apply
+        if not last:
+            return RunSlice(job.number, unique)
+        days = (min(r.meta.min_day for r in job.sources), max(r.meta.max_day for r in job.sources))
+        run = Run(job.number, RunMeta(job.written + len(unique), *days), job.bloom)
+        return RunSlice(job.number, unique, _run_entries(run),
+                        [k for n in sorted(numbers) for k in _meta_keys(n)])
+
+    def _drop_slice(self, store: RunStore, job: Drop) -> RunSlice | None:
         if any(run.number == job.number for run in self.runs):
-            store.write_run_slice(job.number, [], [], _meta_keys(job.number))
-            self.runs = [run for run in self.runs if run.number != job.number]
-            return
-        if store.delete_run_slice(job.number, SLICE_KEYS):
-            self.job = None
+            def unlist() -> None:
+                self.runs = [run for run in self.runs if run.number != job.number]
 
-    @staticmethod
-    def _finish(number: int, count: int, days: tuple[int, int], prints: list[np.ndarray]) -> Run:
-        joined = np.concatenate(prints) if prints else np.zeros((0, 2), dtype=np.uint64)
-        return Run(number, RunMeta(count, *days), Bloom.build(joined))
+            self._apply = unlist
+            return RunSlice(job.number, drop_meta=_meta_keys(job.number))
+        if not store.read_run(job.number, None, 1):
+            def finish() -> None:
+                self.job = None
+
+            self._apply = finish
+            return None
+        self._apply = None
+        return RunSlice(job.number, delete=SLICE_KEYS)
 
     # ------------------------------------------------------------ figures
 

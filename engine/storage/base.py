@@ -48,6 +48,20 @@ class ExpirySlice:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSlice:
+    """One slice of the dedup index's background work (``engine.runtime.idindex``):
+    append ``keys`` (sorted, after every key of every run) to run ``run``, put the
+    catalogue entries ``meta``, delete ``drop_meta``, and delete up to ``delete``
+    entries of the run."""
+
+    run: int
+    keys: Sequence[bytes] = ()
+    meta: Sequence[tuple[bytes, bytes]] = ()
+    drop_meta: Sequence[bytes] = ()
+    delete: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StoredSnapshot:
     lsn: int  # the snapshot reflects every WAL record up to and including this lsn
     shard_count: int
@@ -66,9 +80,11 @@ class Store(Protocol):
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
         decisions: list[tuple[int, bytes]] | None = None,
+        run_slice: RunSlice | None = None,
     ) -> list[bool]:
         """Durably append WAL records (in lsn order), put meta entries, alerts, logged
-        dedup ``decisions`` (lsn, encoded) and legacy dedup index entries, atomically;
+        dedup ``decisions`` (lsn, encoded), a slice of dedup index work and legacy
+        dedup index entries, atomically;
         return one flag per ``ids`` entry: True if its key was already in the legacy
         tree (a duplicate), which then keeps its old value.
 
@@ -91,13 +107,9 @@ class Store(Protocol):
     def read_run(self, run: int, after: bytes | None, max_keys: int) -> list[bytes]:
         """Up to ``max_keys`` keys of a run, in order, after ``after`` (None: from the start)."""
 
-    def write_run_slice(self, run: int, keys: list[bytes],
-                        meta: list[tuple[bytes, bytes]], drop_meta: list[bytes]) -> None:
-        """In one durable write transaction: append ``keys`` (sorted, each greater than
-        the run's last) to ``run``, put the catalogue entries ``meta``, delete ``drop_meta``."""
-
-    def delete_run_slice(self, run: int, max_keys: int) -> bool:
-        """Delete up to ``max_keys`` entries of ``run``; True when none remain."""
+    def write_run(self, work: RunSlice) -> None:
+        """One slice of dedup index work in a durable write transaction of its own (what
+        ``commit(..., run_slice=...)`` does within a group's)."""
 
     def run_numbers(self) -> list[int]:
         """Every run that has entries, in order."""

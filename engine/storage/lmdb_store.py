@@ -24,7 +24,7 @@ renamed. Layout of ``lmdb/`` (named databases):
   with ``overwrite=False`` in a batch's commit by format-3/4 engines (and by
   ``build_id_index``); from format 5 on only read, and deleted by ``expire_ids``.
 - ``idruns`` (format 5): the dedup index's sorted runs (``engine.runtime.idindex``):
-  ``run(4) key`` → an empty value, appended in key order by ``write_run_slice``;
+  ``run(4) key`` → an empty value, appended in key order by ``write_run`` or within a group commit;
   each run's metadata and Bloom filter are ``meta`` entries (``idrun:``, ``idbloom:``).
 - ``dups`` (format 5): 8-byte lsn → the logged dedup decisions of a batch that had
   duplicates, put in the batch's own commit.
@@ -79,6 +79,7 @@ from engine.storage.base import (
     LEGACY_FORMAT_VERSION,
     PREVIOUS_FORMAT_VERSION,
     ExpirySlice,
+    RunSlice,
     StoredBackup,
     StoredSnapshot,
 )
@@ -304,15 +305,18 @@ class LmdbStore:
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
         decisions: list[tuple[int, bytes]] | None = None,
+        run_slice: RunSlice | None = None,
     ) -> list[bool]:
         alerts = alerts or []
         ids = ids or []
         decisions = decisions or []
         size_bytes = (sum(len(record) for _, record in wal) + sum(len(v) for _, v in meta)
                       + sum(len(alert) for _, alert in alerts) + 32 * len(ids)
-                      + sum(len(d) for _, d in decisions))
+                      + sum(len(d) for _, d in decisions)
+                      + (sum(len(key) + 8 for key in run_slice.keys) if run_slice else 0))
         duplicates: list[bool] = []
-        self._write(size_bytes, self._commit_txn, wal, meta, alerts, ids, decisions, duplicates)
+        self._write(size_bytes, self._commit_txn, wal, meta, alerts, ids, decisions, run_slice,
+                    duplicates)
         return duplicates
 
     def _commit_txn(
@@ -323,9 +327,12 @@ class LmdbStore:
         alerts: list[tuple[int, bytes]],
         ids: list[tuple[bytes, bytes]],
         decisions: list[tuple[int, bytes]],
+        run_slice: RunSlice | None,
         duplicates: list[bool],
     ) -> None:
         duplicates.clear()  # a retry after growing the map starts over
+        if run_slice is not None:
+            self._run_slice_txn(txn, run_slice)
         for lsn, decided in decisions:
             txn.put(LSN.pack(lsn), self._seal(decided), db=self.dups_db)
         if ids:
@@ -605,40 +612,31 @@ class LmdbStore:
                 keys.append(key[len(prefix):])
         return keys
 
-    def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
-                        drop_meta: list[bytes]) -> None:
-        size_bytes = sum(len(key) + 8 for key in keys) + sum(len(v) for _, v in meta)
-        self._write(size_bytes, self._run_slice_txn, run, keys, meta, drop_meta)
+    def write_run(self, work: RunSlice) -> None:
+        size_bytes = sum(len(key) + 8 for key in work.keys) + sum(len(v) for _, v in work.meta)
+        self._write(size_bytes, self._run_slice_txn, work)
 
-    def _run_slice_txn(self, txn: lmdb.Transaction[bytes], run: int, keys: list[bytes],
-                       meta: list[tuple[bytes, bytes]], drop_meta: list[bytes]) -> None:
-        prefix, empty = RUN.pack(run), self._seal(b"")
-        cursor = txn.cursor(db=self.runs_db)
-        for key in keys:
-            if not cursor.put(prefix + key, empty, append=True):
-                raise StorageError(f"dedup index run {run} appended out of order")
+    def _run_slice_txn(self, txn: lmdb.Transaction[bytes], work: RunSlice) -> None:
+        prefix = RUN.pack(work.run)
+        if work.keys:
+            empty = self._seal(b"")
+            cursor = txn.cursor(db=self.runs_db)
+            for key in work.keys:
+                if not cursor.put(prefix + key, empty, append=True):
+                    raise StorageError(f"dedup index run {work.run} appended out of order")
+        if work.delete:
+            cursor = txn.cursor(db=self.runs_db)
+            deleted = 0
+            positioned = cursor.set_range(prefix)
+            while positioned and cursor.key().startswith(prefix) and deleted < work.delete:
+                cursor.delete()
+                deleted += 1
+                positioned = cursor.key() != b""
         fault_point("dedup.run_slice")
-        for key, value in meta:
+        for key, value in work.meta:
             txn.put(key, self._seal(value), db=self.meta_db)
-        for key in drop_meta:
+        for key in work.drop_meta:
             txn.delete(key, db=self.meta_db)
-
-    def delete_run_slice(self, run: int, max_keys: int) -> bool:
-        remaining: list[bool] = []
-        self._write(0, self._delete_run_txn, run, max_keys, remaining)
-        return not remaining[-1]
-
-    def _delete_run_txn(self, txn: lmdb.Transaction[bytes], run: int, max_keys: int,
-                        remaining: list[bool]) -> None:
-        prefix = RUN.pack(run)
-        cursor = txn.cursor(db=self.runs_db)
-        deleted = 0
-        positioned = cursor.set_range(prefix)
-        while positioned and cursor.key().startswith(prefix) and deleted < max_keys:
-            cursor.delete()
-            deleted += 1
-            positioned = cursor.key() != b""
-        remaining.append(positioned and cursor.key().startswith(prefix))
 
     def run_numbers(self) -> list[int]:
         numbers: list[int] = []

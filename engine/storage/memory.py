@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from engine.errors import InvalidRequest, StorageError
-from engine.storage.base import ID_VALUE, ExpirySlice, StoredBackup, StoredSnapshot
+from engine.storage.base import ID_VALUE, ExpirySlice, RunSlice, StoredBackup, StoredSnapshot
 
 
 class MemoryStore:
@@ -37,10 +37,13 @@ class MemoryStore:
         alerts: list[tuple[int, bytes]] | None = None,
         ids: list[tuple[bytes, bytes]] | None = None,
         decisions: list[tuple[int, bytes]] | None = None,
+        run_slice: RunSlice | None = None,
     ) -> list[bool]:
         for lsn, _ in wal:
             if lsn <= self._last_lsn:
                 raise StorageError(f"WAL append out of order at lsn {lsn}")
+        if run_slice is not None:  # (checked before it changes anything)
+            self.write_run(run_slice)
         known = self.ids
         duplicates = []
         for key, value in ids or []:
@@ -68,30 +71,25 @@ class MemoryStore:
         start = 0 if after is None else bisect.bisect_right(keys, after)
         return keys[start:start + max_keys]
 
-    def write_run_slice(self, run: int, keys: list[bytes], meta: list[tuple[bytes, bytes]],
-                        drop_meta: list[bytes]) -> None:
+    def write_run(self, work: RunSlice) -> None:
+        run, keys = work.run, list(work.keys)
         stored = self.runs.setdefault(run, [])
         # As LMDB's append: after the last key of every run, so no later run may have any.
         if keys and ((stored and keys[0] <= stored[-1]) or keys != sorted(set(keys))
                      or any(other > run for other in self.runs)):
             raise StorageError(f"dedup index run {run} appended out of order")
         stored.extend(keys)
-        self._run_sets.setdefault(run, set()).update(keys)
+        members = self._run_sets.setdefault(run, set())
+        members.update(keys)
+        if work.delete:
+            members.difference_update(stored[:work.delete])
+            del stored[:work.delete]
         if not stored:
             del self.runs[run]
             del self._run_sets[run]
-        self.meta.update(meta)
-        for key in drop_meta:
+        self.meta.update(work.meta)
+        for key in work.drop_meta:
             self.meta.pop(key, None)
-
-    def delete_run_slice(self, run: int, max_keys: int) -> bool:
-        keys = self.runs.get(run, [])
-        self._run_sets.get(run, set()).difference_update(keys[:max_keys])
-        del keys[:max_keys]
-        if not keys:
-            self.runs.pop(run, None)
-            self._run_sets.pop(run, None)
-        return not keys
 
     def run_numbers(self) -> list[int]:
         return sorted(self.runs)
