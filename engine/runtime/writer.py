@@ -100,6 +100,9 @@ EXPIRY_FULL_RETRY_S = 60.0
 # The dedup index's background slices (``IdIndex.run_slice``, a few ms each): the least
 # time between two.
 INDEX_SLICE_GAP_S = 0.005
+# ... and how long the writer waits for a request to carry a slice before it writes the
+# slice in a transaction of its own.
+INDEX_IDLE_S = 0.05
 
 
 class WalWriter:
@@ -229,11 +232,11 @@ class WalWriter:
                 return await requests.receive()
             if trio.current_time() >= min(due):
                 if self.index.pending() and trio.current_time() >= self._next_index_slice_at:
-                    # A waiting request first: its group commit carries the slice.
-                    try:
-                        return requests.receive_nowait()
-                    except trio.WouldBlock:
-                        await self._index_slice()
+                    # A request first, if one comes soon: its group commit carries the
+                    # slice; a transaction of its own (an fsync more) only when idle.
+                    with trio.move_on_after(INDEX_IDLE_S):
+                        return await requests.receive()
+                    await self._index_slice()
                 else:
                     await self._expire_slice()
                 continue
