@@ -45,7 +45,8 @@ step = st.one_of(
     st.tuples(st.just("slice"), st.integers(1, 6)),
     st.tuples(st.just("day"), st.none()),
     st.tuples(st.just("plan"), st.none()),  # the writer asks, then a group comes first
-    st.tuples(st.just("carry"), st.booleans()),  # a slice in a group commit that may fail
+    # A slice in a group commit (which may fail), as large as the group's ids.
+    st.tuples(st.just("carry"), st.tuples(st.booleans(), st.integers(0, 12))),
     st.tuples(st.just("expire"), st.integers(1, 6)),
     st.tuples(st.just("restart"), st.none()),
 )
@@ -105,8 +106,9 @@ def test_the_index_decides_as_a_set_does(store_kind: str, tmp_path_factory: Any,
             elif kind == "plan":
                 index.pending()
             elif kind == "carry" and index.pending():
-                work = index.prepare(store)
-                if arg:  # the group's commit failed: nothing of it was written
+                failed, group_ids = arg
+                work = index.prepare(store, group_ids)
+                if failed:  # the group's commit failed: nothing of it was written
                     index.aborted()
                 else:
                     store.commit([], [], run_slice=work)

@@ -174,6 +174,7 @@ class Flush:
     written: int = 0
     number: int = -1
     pending: list[bytes] | None = None  # the keys of the slice prepared, not yet durable
+    pending_last: bool = False  # ... and whether they are the run's last
 
 
 @dataclass(slots=True)
@@ -356,10 +357,13 @@ class IdIndex:
             store.write_run(work)
         self.committed()
 
-    def prepare(self, store: RunStore) -> RunSlice | None:
+    def prepare(self, store: RunStore, budget: int = 0) -> RunSlice | None:
         """The next slice of the current background job, for a write transaction (a group
         commit's or its own); ``committed`` once it is durable, ``aborted`` if not. None:
-        nothing to write this time (``committed`` still applies what was decided)."""
+        nothing to write this time (``committed`` still applies what was decided).
+        ``budget``: keys to write or delete at most (at least ``SLICE_KEYS``); a group
+        commit passes its own id count, so the index keeps up with any ingest rate."""
+        budget = max(budget, SLICE_KEYS)
         if self.job is None:
             self.job = self.jobs.pop(0)
             if isinstance(self.job, Flush | Merge):
@@ -369,10 +373,10 @@ class IdIndex:
                 self.next_run += 1
         job = self.job
         if isinstance(job, Flush):
-            return self._flush_slice(job)
+            return self._flush_slice(job, budget)
         if isinstance(job, Merge):
-            return self._merge_slice(store, job)
-        return self._drop_slice(store, job)
+            return self._merge_slice(store, job, budget)
+        return self._drop_slice(store, job, budget)
 
     def committed(self) -> None:
         apply, self._apply = self._apply, None
@@ -382,12 +386,13 @@ class IdIndex:
     def aborted(self) -> None:
         self._apply = None
 
-    def _flush_slice(self, job: Flush) -> RunSlice:
+    def _flush_slice(self, job: Flush, budget: int) -> RunSlice:
         if job.pending is None:  # (else the slice of an aborted transaction, again)
-            job.pending = list(islice(job.keys, SLICE_KEYS))
+            job.pending = list(islice(job.keys, budget))
             job.bloom.add(fingerprints(job.pending))
+            job.pending_last = len(job.pending) < budget
         keys = job.pending
-        last = len(keys) < SLICE_KEYS
+        last = job.pending_last
 
         def apply() -> None:
             job.pending = None
@@ -405,7 +410,7 @@ class IdIndex:
         return RunSlice(job.number, keys,
                         [*_run_entries(run), (FLUSHED_LSN_KEY, LSN.pack(job.lsn))])
 
-    def _merge_slice(self, store: RunStore, job: Merge) -> RunSlice:
+    def _merge_slice(self, store: RunStore, job: Merge, budget: int) -> RunSlice:
         chunks: list[list[bytes]] = []
         after, done = list(job.after), list(job.done)
         bound: bytes | None = None  # keys up to it are complete in this slice's reads
@@ -413,8 +418,8 @@ class IdIndex:
             if done[index]:
                 chunks.append([])
                 continue
-            chunk = store.read_run(run.number, after[index], SLICE_KEYS // MERGE_FANIN)
-            if len(chunk) < SLICE_KEYS // MERGE_FANIN:
+            chunk = store.read_run(run.number, after[index], budget // MERGE_FANIN)
+            if len(chunk) < budget // MERGE_FANIN:
                 done[index] = True
             elif bound is None or chunk[-1] < bound:
                 bound = chunk[-1]
@@ -455,7 +460,7 @@ class IdIndex:
         return RunSlice(job.number, unique, _run_entries(run),
                         [k for n in sorted(numbers) for k in _meta_keys(n)])
 
-    def _drop_slice(self, store: RunStore, job: Drop) -> RunSlice | None:
+    def _drop_slice(self, store: RunStore, job: Drop, budget: int) -> RunSlice | None:
         if any(run.number == job.number for run in self.runs):
             def unlist() -> None:
                 self.runs = [run for run in self.runs if run.number != job.number]
@@ -469,7 +474,7 @@ class IdIndex:
             self._apply = finish
             return None
         self._apply = None
-        return RunSlice(job.number, delete=SLICE_KEYS)
+        return RunSlice(job.number, delete=budget)
 
     # ------------------------------------------------------------ figures
 

@@ -101,8 +101,8 @@ EXPIRY_FULL_RETRY_S = 60.0
 # time between two.
 INDEX_SLICE_GAP_S = 0.005
 # ... and how long the writer waits for a request to carry a slice before it writes the
-# slice in a transaction of its own.
-INDEX_IDLE_S = 0.05
+# slice in a transaction of its own (an fsync more, and a long one on a busy disk).
+INDEX_IDLE_S = 0.5
 
 
 class WalWriter:
@@ -344,7 +344,7 @@ class WalWriter:
                         [event for event, dup in zip(events, flags, strict=True) if dup])))
             # A slice of the index's background work rides along, so it costs no fsync
             # of its own under load.
-            run_slice = (self.index.prepare(self._store)
+            run_slice = (self.index.prepare(self._store, len(keys))
                          if self.index.pending()
                          and trio.current_time() >= self._next_index_slice_at else None)
             await self._commit(wal, meta, decisions, run_slice)
