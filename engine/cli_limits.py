@@ -84,7 +84,9 @@ def add_parsers(commands: Any) -> None:
     watch.add_argument("--json", action="store_true", help="one JSON object per alert")
     watch.add_argument("--count", type=int, metavar="N", help="exit after N alerts")
     watch.add_argument("--no-follow", action="store_true",
-                       help="print the alerts stored so far, then exit")
+                       help="print the alerts stored so far, then exit (with a key bound to "
+                            "a customer: at that customer's first later alert, since the "
+                            "server does not say when it skipped the others)")
     add_connection_options(watch)
 
 
@@ -195,6 +197,8 @@ async def _print_alerts(client: Client, from_seq: int, args: argparse.Namespace,
                 if args.no_follow and alerts.next_seq >= stored_until:
                     break
                 alert = await alerts.__anext__()
+                if args.no_follow and alert.seq >= stored_until:
+                    break  # a customer-bound key's seqs have gaps: this one is live
                 line = msgspec.json.encode(alert).decode() if args.json else alert_line(alert)
                 print(line, file=out, flush=True)
                 printed += 1

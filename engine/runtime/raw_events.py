@@ -23,8 +23,8 @@ A cursor whose record was trimmed between two pages is refused too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 from datetime import UTC, datetime
+from typing import Protocol
 
 from engine.domain import records
 from engine.errors import InvalidRequest
