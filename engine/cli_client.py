@@ -27,7 +27,14 @@ from typing import Any, TextIO
 import msgspec
 import trio
 
-from engine.cli_common import UsageError, add_command, add_connection_options, connect, filters
+from engine.cli_common import (
+    UsageError,
+    add_command,
+    add_connection_options,
+    connect,
+    filters,
+    print_one,
+)
 from engine.client import Client
 from engine.domain.windows import WindowError, resolve_timezone
 from engine.errors import BatchRejected
@@ -328,10 +335,8 @@ async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
 async def run_backup(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(args, "meter backup") as client:
         backup = await client.backup(args.dest)
-    if args.json:
-        out.write(msgspec.json.encode(backup).decode() + "\n")
-    else:
-        print(f"backup written to {backup.path}: the write-ahead log up to lsn {backup.lsn}, "
-              f"{backup.size_bytes / 2**20:,.1f} MiB ({backup.size_bytes:,} bytes)", file=out)
-    return 0
+    return print_one(args, out, backup,
+                     f"backup written to {backup.path}: the write-ahead log up to lsn "
+                     f"{backup.lsn}, {backup.size_bytes / 2**20:,.1f} MiB "
+                     f"({backup.size_bytes:,} bytes)")
 

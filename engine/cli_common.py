@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
+
+import msgspec
 
 from engine.client import Client, open_client
 from engine.server import DEFAULT_HOST, DEFAULT_PORT
@@ -117,15 +119,34 @@ def filters(items: list[str], option: str = "--filter") -> dict[str, list[str]]:
 
 
 def exact_number(text: str) -> int | Decimal:
-    """A threshold or value as typed: an int, else an exact decimal."""
+    """A threshold or value as typed: an int, else an exact decimal (the engine refuses
+    what is out of range or not finite)."""
     try:
         return int(text)
     except ValueError:
         pass
     try:
-        value = Decimal(text)
+        return Decimal(text)
     except InvalidOperation:
         raise UsageError(f"{text!r} is not a number") from None
-    if not value.is_finite():
-        raise UsageError(f"{text!r} is not a finite number")
-    return value
+
+
+def print_one(args: argparse.Namespace, out: TextIO, item: Any, line: str) -> int:
+    """``item`` as JSON with ``--json``, else ``line``; exit status 0."""
+    if args.json:
+        out.write(msgspec.json.encode(item).decode() + "\n")
+    else:
+        print(line, file=out)
+    return 0
+
+
+def print_list(args: argparse.Namespace, out: TextIO, items: Sequence[Any],
+               describe: Callable[[Any], str], noun: str) -> int:
+    """``items`` as one JSON array with ``--json``, else a line each and their count."""
+    if args.json:
+        out.write(msgspec.json.encode(items).decode() + "\n")
+        return 0
+    for item in items:
+        print(describe(item), file=out)
+    print(f"({len(items)} {noun})", file=out)
+    return 0

@@ -13,7 +13,15 @@ from typing import Any, TextIO
 
 import msgspec
 
-from engine.cli_common import add_command, add_connection_options, add_group, connect, key_values
+from engine.cli_common import (
+    add_command,
+    add_connection_options,
+    add_group,
+    connect,
+    key_values,
+    print_list,
+    print_one,
+)
 from engine.schema import Customer
 
 
@@ -72,23 +80,13 @@ async def run_add(args: argparse.Namespace, out: TextIO) -> int:
                         traits=key_values(args.trait, "--trait"), enabled=not args.disabled)
     async with connect(args, "meter customers add") as client:
         stored = await client.add_customer(customer)
-    if args.json:
-        out.write(msgspec.json.encode(stored).decode() + "\n")
-    else:
-        print(f"added {summary(stored)}", file=out)
-    return 0
+    return print_one(args, out, stored, f"added {summary(stored)}")
 
 
 async def run_list(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(args, "meter customers list") as client:
         customers = await client.list_customers()
-    if args.json:
-        out.write(msgspec.json.encode(customers).decode() + "\n")
-        return 0
-    for customer in customers:
-        print(summary(customer), file=out)
-    print(f"({len(customers)} customers)", file=out)
-    return 0
+    return print_list(args, out, customers, summary, "customers")
 
 
 async def run_show(args: argparse.Namespace, out: TextIO) -> int:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TextIO
 
 import msgspec
@@ -28,6 +29,8 @@ from engine.cli_common import (
     connect,
     exact_number,
     filters,
+    print_list,
+    print_one,
 )
 from engine.client import Client
 from engine.errors import ConnectionLost
@@ -93,7 +96,7 @@ def add_parsers(commands: Any) -> None:
 # ------------------------------------------------------------------- limits
 
 
-def _thresholds(texts: list[str]) -> list[int | float | Any]:
+def _thresholds(texts: list[str]) -> list[int | float | Decimal]:
     return [exact_number(part.strip()) for text in texts for part in text.split(",")
             if part.strip()]
 
@@ -113,23 +116,13 @@ async def run_add(args: argparse.Namespace, out: TextIO) -> int:
                   filter=filters(args.filter), webhook_url=args.webhook_url)
     async with connect(args, "meter limits add") as client:
         stored = await client.add_limit(limit)
-    if args.json:
-        out.write(msgspec.json.encode(stored).decode() + "\n")
-    else:
-        print(f"added {describe(stored)}", file=out)
-    return 0
+    return print_one(args, out, stored, f"added {describe(stored)}")
 
 
 async def run_list(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(args, "meter limits list") as client:
         limits = await client.list_limits()
-    if args.json:
-        out.write(msgspec.json.encode(limits).decode() + "\n")
-        return 0
-    for limit in limits:
-        print(describe(limit), file=out)
-    print(f"({len(limits)} limits)", file=out)
-    return 0
+    return print_list(args, out, limits, describe, "limits")
 
 
 async def run_remove(args: argparse.Namespace, out: TextIO) -> int:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 from typing import Any, TextIO
 
-import msgspec
-
-from engine.cli_common import add_command, add_connection_options, add_group, connect
+from engine.cli_common import (
+    add_command,
+    add_connection_options,
+    add_group,
+    connect,
+    print_list,
+    print_one,
+)
 from engine.schema import Meter
 
 AGGREGATIONS = ["sum", "count", "max", "min", "avg", "latest", "unique_count"]
@@ -52,20 +57,10 @@ async def run_define(args: argparse.Namespace, out: TextIO) -> int:
                   unique_dimension=args.unique_dimension, description=args.description)
     async with connect(args, "meter meters define") as client:
         stored = await client.define_meter(meter)
-    if args.json:
-        out.write(msgspec.json.encode(stored).decode() + "\n")
-    else:
-        print(f"defined {describe(stored)}", file=out)
-    return 0
+    return print_one(args, out, stored, f"defined {describe(stored)}")
 
 
 async def run_list(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(args, "meter meters list") as client:
         meters = await client.list_meters()
-    if args.json:
-        out.write(msgspec.json.encode(meters).decode() + "\n")
-        return 0
-    for meter in meters:
-        print(describe(meter), file=out)
-    print(f"({len(meters)} meters)", file=out)
-    return 0
+    return print_list(args, out, meters, describe, "meters")
