@@ -324,11 +324,9 @@ class Client:
         """A page of the raw events retained with event time in ``[start_ms, end_ms)``
         (``Engine.raw_events``): page on with ``from_lsn=page.next_lsn,
         from_index=page.next_index`` until ``page.done``."""
-        fields: dict[str, Any] = {
-            "start_ms": start_ms, "end_ms": end_ms, "meter_api_name": meter_api_name,
-            "customer_id": customer_id, "from_lsn": from_lsn, "from_index": from_index,
-            "limit": limit}
-        reply: EventsReply = await self._call(ReadEvents, **fields)
+        reply: EventsReply = await self._call(
+            ReadEvents, start_ms=start_ms, end_ms=end_ms, meter_api_name=meter_api_name,
+            customer_id=customer_id, from_lsn=from_lsn, from_index=from_index, limit=limit)
         return RawEventPage(events=reply.events, next_lsn=reply.next_lsn,
                             next_index=reply.next_index, done=reply.done)
 
