@@ -19,30 +19,18 @@ reason``, to stderr: status 1 for a failure, 2 for a bad argument.
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, TextIO
 
 import trio
 
-from engine import (
-    Event,
-    Meter,
-    MeteringError,
-    Query,
-    Take,
-    cli_client,
-    cli_customers,
-    cli_export,
-    cli_limits,
-    cli_meters,
-    cli_serve,
-    open_engine,
-)
+from engine import Event, Meter, MeteringError, Query, Take, open_engine
 from engine.auth import AuthConfigError
 from engine.cli_common import UsageError, add_command
 from engine.runtime.engine import wall_clock_ms
@@ -162,15 +150,15 @@ def add_parsers(commands: Any) -> None:
 
 # The command modules, in the order ``meter --help`` lists them: each has
 # ``add_parsers(commands)`` (engine.cli_common). A new command module is one line here.
-COMMAND_MODULES: list[Callable[[Any], None]] = [
-    cli_serve.add_parsers,
-    cli_client.add_parsers,
-    cli_meters.add_parsers,
-    cli_limits.add_parsers,
-    cli_customers.add_parsers,
-    cli_export.add_parsers,
-    add_parsers,
-]
+COMMAND_MODULES = (
+    "engine.cli_serve",
+    "engine.cli_client",
+    "engine.cli_meters",
+    "engine.cli_limits",
+    "engine.cli_customers",
+    "engine.cli_export",
+    "engine.cli",  # demo
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  meter ingest events.ndjson\n  meter query api_calls --group-by customer_id",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{command}")
-    for add in COMMAND_MODULES:
-        add(commands)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parsers(commands)
     return parser
 
 
