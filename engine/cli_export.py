@@ -33,8 +33,9 @@ def add_parsers(commands: Any) -> None:
                 "meter export api_calls --events --start 2026-11-01 --end 2026-12-01 "
                 "> november.ndjson")
     add_query_options(export, meter_required=False)
-    export.add_argument("--format", choices=["csv", "json"], default="csv",
-                        help="of a query (default csv); raw events are always NDJSON")
+    export.add_argument("--format", choices=["csv", "json", "ndjson"],
+                        help="a query: csv (default) or json; raw events: ndjson (the only "
+                             "one)")
     export.add_argument("--events", action="store_true",
                         help="the raw events with event time in [--start, --end) instead of "
                              "a query (METER optional: every meter)")
@@ -57,6 +58,8 @@ async def run_export(args: argparse.Namespace, out: TextIO) -> int:
         return await _export_events(args, out)
     if args.meter is None:
         raise UsageError("a query export needs a METER (or --events for raw events)")
+    if args.format == "ndjson":
+        raise UsageError("--format ndjson is for --events; a query is csv or json")
     if args.customer is not None:
         raise UsageError("--customer goes with --events; filter a query with "
                          "--filter customer_id=ID")
@@ -64,7 +67,7 @@ async def run_export(args: argparse.Namespace, out: TextIO) -> int:
     async with connect(args, "meter export") as client:
         result = await client.query(query)
     with _output(args, out) as target:
-        if args.format == "json":
+        if args.format == "json":  # (else csv, the default)
             target.write(msgspec.json.encode(result).decode() + "\n")
             return 0
         headers, rows = result_rows(query, result)
@@ -76,9 +79,10 @@ async def run_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _export_events(args: argparse.Namespace, out: TextIO) -> int:
-    refused = [flag for flag, value in (("--window", args.window), ("--group-by", args.group_by),
-                                        ("--filter", args.filter), ("--take", args.take))
-               if value]
+    shaping = (("--window", args.window), ("--group-by", args.group_by),
+               ("--filter", args.filter), ("--take", args.take),
+               (f"--format {args.format}", args.format not in (None, "ndjson")))
+    refused = [flag for flag, value in shaping if value]
     if refused:
         raise UsageError(f"{', '.join(refused)} shape a query, not --events")
     start_ms, end_ms = time_range(args, time.time_ns() // 1_000_000)

@@ -281,6 +281,9 @@ def test_export_raw_events_round_trips_through_ingest(server: ServerProcess,
     assert "read 2 events: accepted 1, duplicates 1, rejected 0" in again
     code, _, err = cli(server, "export", "raw", "--events", "--group-by", "region", *span)
     assert code == 2 and err == "meter export: --group-by shape a query, not --events\n"
+    code, _, err = cli(server, "export", "raw", "--events", "--format", "csv", *span)
+    assert code == 2 and err == "meter export: --format csv shape a query, not --events\n"
+    assert ok(server, "export", "raw", "--events", "--format", "ndjson", *span) != ""
 
 
 def test_failures_are_one_line_without_a_traceback(server: ServerProcess) -> None:
