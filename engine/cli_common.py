@@ -19,6 +19,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
@@ -129,6 +130,11 @@ def exact_number(text: str) -> int | Decimal:
         return Decimal(text)
     except InvalidOperation:
         raise UsageError(f"{text!r} is not a number") from None
+
+
+def utc_iso(ms: int) -> str:
+    """An epoch-milliseconds time in ISO 8601, UTC, to the second."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 def print_one(args: argparse.Namespace, out: TextIO, item: Any, line: str) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
@@ -21,6 +20,7 @@ from engine.cli_common import (
     key_values,
     print_list,
     print_one,
+    utc_iso,
 )
 from engine.schema import Customer
 
@@ -70,8 +70,7 @@ def _details(customer: Customer) -> list[tuple[str, str]]:
              for key, value in sorted(customer.extra.items())]
     for label, ms in (("created", customer.created_ms), ("updated", customer.updated_ms)):
         if ms:
-            rows.append((label, datetime.fromtimestamp(ms / 1000, UTC).isoformat(
-                timespec="seconds")))
+            rows.append((label, utc_iso(ms)))
     return rows
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
@@ -31,6 +30,7 @@ from engine.cli_common import (
     filters,
     print_list,
     print_one,
+    utc_iso,
 )
 from engine.client import Client
 from engine.errors import ConnectionLost
@@ -138,13 +138,9 @@ async def run_remove(args: argparse.Namespace, out: TextIO) -> int:
 # -------------------------------------------------------------------- watch
 
 
-def _utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
-
-
 def alert_line(alert: Alert) -> str:
-    period = "all time" if alert.period_start_ms == 0 else f"from {_utc(alert.period_start_ms)}"
-    return (f"#{alert.seq}  {_utc(alert.crossed_at_ms)}  {alert.customer_id}  "
+    period = "all time" if alert.period_start_ms == 0 else f"from {utc_iso(alert.period_start_ms)}"
+    return (f"#{alert.seq}  {utc_iso(alert.crossed_at_ms)}  {alert.customer_id}  "
             f"{alert.limit_id}: {alert.meter_api_name} reached {alert.threshold} "
             f"(usage {alert.value}, period {period})")
 
