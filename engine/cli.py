@@ -1,33 +1,38 @@
 """The ``meter`` command line.
 
 Shell layer: argparse, the terminal, the runtime, the server and the client.
-Commands:
+Commands (docs/cli.md is the reference):
 
 - ``meter serve``: run the TCP server on a data directory (``make run``).
 - ``meter ingest FILE|-``: send NDJSON or CSV events in Amberflo's shape.
 - ``meter query``: query usage; a table, or ``--json``.
+- ``meter meters define|list``, ``meter limits add|list|remove``, ``meter watch``,
+  ``meter customers add|list|show``, ``meter export`` (their own modules).
 - ``meter stats``: server and engine statistics.
 - ``meter backup DEST``: have a running server copy its data directory to DEST.
 - ``meter demo``: embed the engine, ingest synthetic traffic, print a usage table.
+
+Every command exits 0 on success and otherwise prints one line, ``meter COMMAND:
+reason``, to stderr: status 1 for a failure, 2 for a bad argument.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 
 from engine import Event, Meter, MeteringError, Query, Take, open_engine
 from engine.auth import AuthConfigError
-from engine.cli_client import CLIENT_COMMANDS, add_client_parsers
-from engine.cli_serve import add_serve_parser, run_serve
+from engine.cli_common import UsageError, add_command
 from engine.runtime.engine import wall_clock_ms
 
 DEMO_METERS = [
@@ -131,30 +136,82 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meter", description="metering-engine command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(commands)
-    add_client_parsers(commands)
-    demo = commands.add_parser("demo", help="embed the engine, ingest synthetic traffic, "
-                                             "print usage")
+def add_parsers(commands: Any) -> None:
+    demo = add_command(commands, "demo", run=run_demo,
+                       help="embed the engine, ingest synthetic traffic, print usage",
+                       example="meter demo --data-dir ./data-demo --events 100000")
     demo.add_argument("--data-dir", default="./data", help="data directory (default ./data)")
     demo.add_argument("--shards", type=int, default=8)
     demo.add_argument("--events", type=int, default=500_000)
     demo.add_argument("--batch-size", type=int, default=2_000)
     demo.add_argument("--customers", type=int, default=10_000)
     demo.add_argument("--seed", type=int, default=1)
+
+
+# The command modules, in the order ``meter --help`` lists them: each has
+# ``add_parsers(commands)`` (engine.cli_common). A new command module is one line here.
+COMMAND_MODULES = (
+    "engine.cli_serve",
+    "engine.cli_client",
+    "engine.cli_meters",
+    "engine.cli_limits",
+    "engine.cli_customers",
+    "engine.cli_export",
+    "engine.cli",  # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meter", description="metering-engine command line (docs/cli.md)",
+        epilog="example:\n  meter serve &\n  meter meters define api_calls --aggregation sum\n"
+               "  meter ingest events.ndjson\n  meter query api_calls --group-by customer_id",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{command}")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parsers(commands)
     return parser
+
+
+# What a command may fail with and report in one line: the engine's and the server's
+# errors, the key file's, the network's and the filesystem's, and bad arguments.
+REPORTED = (MeteringError, AuthConfigError, OSError, ValueError, trio.TooSlowError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = " ".join(part for part in (args.command, *_subcommands(args)) if part)
     try:
-        if args.command == "demo":
-            return trio.run(run_demo, args, sys.stdout)
-        if args.command == "serve":
-            return trio.run(run_serve, args, sys.stdout)
-        return trio.run(CLIENT_COMMANDS[args.command], args, sys.stdout)
-    except (MeteringError, AuthConfigError, OSError) as exc:
-        print(f"meter {args.command}: {exc}", file=sys.stderr)
-        return 1
+        code: int = trio.run(args.run, args, sys.stdout)
+        return code
+    except KeyboardInterrupt:
+        print(f"meter {name}: interrupted", file=sys.stderr)
+        return 130
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if not all(isinstance(leaf, REPORTED) for leaf in leaves):
+            raise
+        return _report(name, leaves[0])
+    except REPORTED as exc:
+        return _report(name, exc)
+
+
+def _subcommands(args: argparse.Namespace) -> list[str]:
+    return [value for key, value in vars(args).items()
+            if key.endswith("_command") and isinstance(value, str)]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
+def _report(name: str, exc: BaseException) -> int:
+    if isinstance(exc, trio.TooSlowError):
+        reason = "timed out (is the server running, and at that address?)"
+    else:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"meter {name}: {reason}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1

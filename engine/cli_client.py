@@ -17,8 +17,6 @@ import argparse
 import csv
 import io
 import json
-import os
-import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -29,63 +27,50 @@ from typing import Any, TextIO
 import msgspec
 import trio
 
-from engine.client import Client, open_client
+from engine.cli_common import (
+    UsageError,
+    add_command,
+    add_connection_options,
+    connect,
+    filters,
+    print_one,
+)
+from engine.client import Client
 from engine.domain.windows import WindowError, resolve_timezone
 from engine.errors import BatchRejected
-from engine.schema import Event, Query, Take
-from engine.server import DEFAULT_HOST, DEFAULT_PORT
+from engine.schema import Event, Query, QueryResult, Take
 
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 
 
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--api-key", default=os.environ.get("METER_API_KEY"),
-                        help="API key (default $METER_API_KEY)")
-    parser.add_argument("--tls", action="store_true",
-                        help="connect over TLS, trusting the system's certificate authorities")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="connect over TLS, trusting the CA certificates in this PEM file")
-
-
-def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The client TLS context ``--tls``/``--tls-ca`` ask for, else ``None`` (plain TCP)."""
-    if args.tls_ca is not None:
-        return ssl.create_default_context(cafile=args.tls_ca)
-    return ssl.create_default_context() if args.tls else None
-
-
-def add_client_parsers(commands: Any) -> None:
-    ingest = commands.add_parser("ingest", help="send events from an NDJSON or CSV file")
+def add_parsers(commands: Any) -> None:
+    ingest = add_command(
+        commands, "ingest", help="send events from an NDJSON or CSV file", run=run_ingest,
+        example="meter ingest events.ndjson\n"
+                "meter export api_calls --events --start 2026-12-01 | meter ingest -")
     ingest.add_argument("file", help="path, or - for standard input")
     ingest.add_argument("--format", choices=["auto", "ndjson", "csv"], default="auto")
     ingest.add_argument("--batch-size", type=int, default=2000)
     ingest.add_argument("--in-flight", type=int, default=4, help="batches in flight at once")
-    _add_connection_options(ingest)
+    add_connection_options(ingest)
 
-    query = commands.add_parser("query", help="query usage")
-    query.add_argument("meter", help="meter name")
-    query.add_argument("--start", help="ms since epoch or ISO 8601 (default: 24 h before --end)")
-    query.add_argument("--end", help="ms since epoch or ISO 8601 (default: now, next minute)")
-    query.add_argument("--window", choices=["minute", "hour", "day", "week", "month"])
-    query.add_argument("--timezone", default="UTC")
-    query.add_argument("--group-by", default="",
-                       help="comma-separated keys, e.g. customer_id,region")
-    query.add_argument("--filter", action="append", default=[],
-                       help="KEY=V1,V2 (repeatable), e.g. customer_id=acme")
-    query.add_argument("--take", type=int, help="top N groups by value")
-    query.add_argument("--ascending", action="store_true", help="with --take: bottom N")
+    query = add_command(
+        commands, "query", help="query usage", run=run_query,
+        example="meter query api_calls --window day --group-by customer_id --take 10")
+    add_query_options(query)
     query.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_connection_options(query)
+    add_connection_options(query)
 
-    stats = commands.add_parser("stats", help="server and engine statistics")
+    stats = add_command(commands, "stats", help="server and engine statistics", run=run_stats,
+                        example="meter stats --json")
     stats.add_argument("--json", action="store_true")
-    _add_connection_options(stats)
+    add_connection_options(stats)
 
-    backup = commands.add_parser(
-        "backup", help="have a running server copy its data directory to DEST, while serving",
+    backup = add_command(
+        commands, "backup", run=run_backup,
+        help="have a running server copy its data directory to DEST, while serving",
+        example="meter backup /var/backups/meter-2026-12-02",
         description="Ask a running server (--host/--port) to write a consistent copy of its "
                     "data directory to DEST. DEST is a path on the server's machine, written "
                     "by the server process (a relative one is relative to the server's "
@@ -94,7 +79,22 @@ def add_client_parsers(commands: Any) -> None:
                     "Restore: start `meter serve --data-dir DEST`.")
     backup.add_argument("dest", help="the new data directory, on the server's machine")
     backup.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_connection_options(backup)
+    add_connection_options(backup)
+
+
+def add_query_options(parser: argparse.ArgumentParser, meter_required: bool = True) -> None:
+    """The options of a usage query (``meter query``, ``meter export``)."""
+    parser.add_argument("meter", help="meter name", nargs=None if meter_required else "?")
+    parser.add_argument("--start", help="ms since epoch or ISO 8601 (default: 24 h before --end)")
+    parser.add_argument("--end", help="ms since epoch or ISO 8601 (default: now, next minute)")
+    parser.add_argument("--window", choices=["minute", "hour", "day", "week", "month"])
+    parser.add_argument("--timezone", default="UTC")
+    parser.add_argument("--group-by", default="",
+                        help="comma-separated keys, e.g. customer_id,region")
+    parser.add_argument("--filter", action="append", default=[],
+                        help="KEY=V1,V2 (repeatable), e.g. customer_id=acme")
+    parser.add_argument("--take", type=int, help="top N groups by value")
+    parser.add_argument("--ascending", action="store_true", help="with --take: bottom N")
 
 
 # -------------------------------------------------------------------- ingest
@@ -193,9 +193,7 @@ async def run_ingest(args: argparse.Namespace, out: TextIO) -> int:
     started = time.perf_counter()
     source: TextIO = sys.stdin if args.file == "-" else open(args.file, newline="")
     try:
-        async with open_client(args.host, args.port, args.api_key,
-                               ssl_context=_ssl_context(args),
-                               client_name="meter ingest") as client:
+        async with connect(args, "meter ingest") as client:
             slots = trio.Semaphore(max(1, args.in_flight))
 
             async def send(batch: list[tuple[int, Event]]) -> None:
@@ -257,40 +255,37 @@ def parse_time_ms(text: str, timezone: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is neither milliseconds nor an ISO 8601 time") from None
+        raise UsageError(f"{text!r} is neither milliseconds nor an ISO 8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=resolve_timezone(timezone))
     return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
 
 
-def build_query(args: argparse.Namespace, now_ms: int) -> Query:
+def time_range(args: argparse.Namespace, now_ms: int) -> tuple[int, int]:
+    """``[--start, --end)`` in ms: the end defaults to the next minute, the start to 24 h
+    before the end."""
     try:
         end_ms = (parse_time_ms(args.end, args.timezone) if args.end
                   else (now_ms // MINUTE_MS + 1) * MINUTE_MS)
         start_ms = parse_time_ms(args.start, args.timezone) if args.start else end_ms - DAY_MS
     except WindowError as exc:
-        raise ValueError(str(exc)) from None
-    filters: dict[str, list[str]] = {}
-    for item in args.filter:
-        key, _, values = item.partition("=")
-        if not key or not values:
-            raise ValueError(f"--filter {item!r}: use KEY=V1,V2")
-        filters.setdefault(key, []).extend(values.split(","))
+        raise UsageError(str(exc)) from None
+    return start_ms, end_ms
+
+
+def build_query(args: argparse.Namespace, now_ms: int) -> Query:
+    start_ms, end_ms = time_range(args, now_ms)
     return Query(
         meter_api_name=args.meter, start_ms=start_ms, end_ms=end_ms, window=args.window,
         timezone=args.timezone, group_by=[k for k in args.group_by.split(",") if k],
-        filter=filters, take=Take(limit=args.take, ascending=args.ascending) if args.take else None,
+        filter=filters(args.filter),
+        take=Take(limit=args.take, ascending=args.ascending) if args.take else None,
     )
 
 
-async def run_query(args: argparse.Namespace, out: TextIO) -> int:
-    query = build_query(args, time.time_ns() // 1_000_000)
-    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
-                           client_name="meter query") as client:
-        result = await client.query(query)
-    if args.json:
-        out.write(msgspec.json.encode(result).decode() + "\n")
-        return 0
+def result_rows(query: Query, result: QueryResult) -> tuple[list[str], list[list[str]]]:
+    """A result as text cells: the header (window start, the group keys, value), then
+    one list per row (the window start in ISO 8601, in the query's time zone)."""
     tz = resolve_timezone(query.timezone)
     headers = ["window_start", *query.group_by, "value"]
     rows = [
@@ -299,6 +294,17 @@ async def run_query(args: argparse.Namespace, out: TextIO) -> int:
          str(row.value)]
         for row in result.rows
     ]
+    return headers, rows
+
+
+async def run_query(args: argparse.Namespace, out: TextIO) -> int:
+    query = build_query(args, time.time_ns() // 1_000_000)
+    async with connect(args, "meter query") as client:
+        result = await client.query(query)
+    if args.json:
+        out.write(msgspec.json.encode(result).decode() + "\n")
+        return 0
+    headers, rows = result_rows(query, result)
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=out)
     for row in rows:
@@ -312,8 +318,7 @@ async def run_query(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
-    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
-                           client_name="meter stats") as client:
+    async with connect(args, "meter stats") as client:
         stats = await client.stats()
     if args.json:
         out.write(json.dumps(stats, sort_keys=True) + "\n")
@@ -328,16 +333,10 @@ async def run_stats(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def run_backup(args: argparse.Namespace, out: TextIO) -> int:
-    async with open_client(args.host, args.port, args.api_key, ssl_context=_ssl_context(args),
-                           client_name="meter backup") as client:
+    async with connect(args, "meter backup") as client:
         backup = await client.backup(args.dest)
-    if args.json:
-        out.write(msgspec.json.encode(backup).decode() + "\n")
-    else:
-        print(f"backup written to {backup.path}: the write-ahead log up to lsn {backup.lsn}, "
-              f"{backup.size_bytes / 2**20:,.1f} MiB ({backup.size_bytes:,} bytes)", file=out)
-    return 0
+    return print_one(args, out, backup,
+                     f"backup written to {backup.path}: the write-ahead log up to lsn "
+                     f"{backup.lsn}, {backup.size_bytes / 2**20:,.1f} MiB "
+                     f"({backup.size_bytes:,} bytes)")
 
-
-CLIENT_COMMANDS = {"ingest": run_ingest, "query": run_query, "stats": run_stats,
-                   "backup": run_backup}

@@ -28,6 +28,7 @@ import trio
 from engine import open_engine
 from engine.auth import load_keys
 from engine.budget import ByteBudget
+from engine.cli_common import add_command, env_port
 from engine.domain.limits import LimitError, check_webhook_url
 from engine.http import HttpConfig, HttpServer
 from engine.http.webhooks import DEFAULT_RETRY_FOR_S, WebhookDispatcher, WebhookSettings
@@ -60,12 +61,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_serve_parser(commands: Any) -> None:
-    serve = commands.add_parser("serve", help="run the TCP server (and the HTTP server)")
+def add_parsers(commands: Any) -> None:
+    serve = add_command(commands, "serve", help="run the TCP server (and the HTTP server)",
+                        run=run_serve,
+                        example="meter serve --data-dir ./data --http-port 7434")
     serve.add_argument("--data-dir", default="./data", help="data directory (default ./data)")
-    serve.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"TCP port, default {DEFAULT_PORT}")
+    serve.add_argument("--host", default=os.environ.get("METER_HOST") or DEFAULT_HOST,
+                       help=f"default $METER_HOST, else {DEFAULT_HOST}")
+    serve.add_argument("--port", type=int, default=None,
+                       help=f"TCP port, default $METER_PORT, else {DEFAULT_PORT} (0: a free "
+                            "port, printed)")
     serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
                        help="also serve HTTP (docs/http.md) on --host:PORT; 0 picks a free "
                             "port (default: no HTTP)")
@@ -131,6 +136,8 @@ def raise_open_files_limit(max_connections: int) -> int:
 
 
 async def run_serve(args: argparse.Namespace, out: TextIO) -> int:
+    if args.port is None:
+        args.port = env_port()
     keys = load_keys(args.keys)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("meter serve: --tls-cert and --tls-key go together", file=sys.stderr)

@@ -62,6 +62,7 @@ from engine.protocol.messages import (
     DefineMeter,
     DeleteCustomer,
     ErrorReply,
+    EventsReply,
     GetCustomer,
     Hello,
     Ingest,
@@ -77,6 +78,7 @@ from engine.protocol.messages import (
     Ping,
     QueryReply,
     QueryRequest,
+    ReadEvents,
     RemovedReply,
     RemoveLimit,
     Stats,
@@ -97,6 +99,7 @@ from engine.schema import (
     Meter,
     Query,
     QueryResult,
+    RawEventPage,
 )
 
 UNSUBSCRIBE_SEND_TIMEOUT_S = 5.0  # leaving a subscription never waits longer than this
@@ -314,6 +317,35 @@ class Client:
         reply: BackupReply = await self._call(BackupRequest, path=path)
         return Backup(path=reply.path, lsn=reply.lsn, size_bytes=reply.size_bytes)
 
+    async def raw_events(self, start_ms: int, end_ms: int, *,
+                         meter_api_name: str | None = None, customer_id: str | None = None,
+                         from_lsn: int = 0, from_index: int = 0,
+                         limit: int = 10_000) -> RawEventPage:
+        """A page of the raw events retained with event time in ``[start_ms, end_ms)``
+        (``Engine.raw_events``): page on with ``from_lsn=page.next_lsn,
+        from_index=page.next_index`` until ``page.done``."""
+        reply: EventsReply = await self._call(
+            ReadEvents, start_ms=start_ms, end_ms=end_ms, meter_api_name=meter_api_name,
+            customer_id=customer_id, from_lsn=from_lsn, from_index=from_index, limit=limit)
+        return RawEventPage(events=reply.events, next_lsn=reply.next_lsn,
+                            next_index=reply.next_index, done=reply.done)
+
+    async def iter_raw_events(self, start_ms: int, end_ms: int, *,
+                              meter_api_name: str | None = None,
+                              customer_id: str | None = None,
+                              page_events: int = 10_000) -> AsyncIterator[list[Event]]:
+        """Every page's events of ``raw_events`` over the range, until the last page."""
+        from_lsn = from_index = 0
+        while True:
+            page = await self.raw_events(start_ms, end_ms, meter_api_name=meter_api_name,
+                                         customer_id=customer_id, from_lsn=from_lsn,
+                                         from_index=from_index, limit=page_events)
+            if page.events:
+                yield page.events
+            if page.done:
+                return
+            from_lsn, from_index = page.next_lsn, page.next_index
+
     @asynccontextmanager
     async def subscribe(self, from_seq: int = 0) -> AsyncIterator[ClientSubscription]:
         """Alerts with seq >= ``from_seq``, pushed by the server: stored ones, then live ones.
@@ -362,6 +394,9 @@ class ClientSubscription:
     def __init__(self, client: Client, from_seq: int) -> None:
         self._client = client
         self.next_seq = from_seq
+        # The server's next alert seq when it opened the subscription (``subscribed``):
+        # the alerts before it are stored ones being replayed, later ones are live.
+        self.server_next_seq = 0
         self.lagged = 0
         self.server_lag_notices = 0
         self._id: int | None = None
@@ -378,10 +413,12 @@ class ClientSubscription:
         # protocol routes them from the moment the Subscribe is sent).
         self._client._subscriptions[request_id] = self
         try:
-            await self._client._call_with_id(request_id, Subscribe, from_seq=self.next_seq)
+            reply = await self._client._call_with_id(request_id, Subscribe,
+                                                     from_seq=self.next_seq)
         except BaseException:
             self._client._subscriptions.pop(request_id, None)
             raise
+        self.server_next_seq = reply.next_seq
 
     async def _close(self) -> None:
         subscription_id, self._id = self._id, None

@@ -205,6 +205,20 @@ class QueryPage(msgspec.Struct, frozen=True, rename="camel"):
     offset: int = 0
 
 
+class RawEventPage(msgspec.Struct, frozen=True, rename="camel"):
+    """A page of the raw events retained in the write-ahead log (``Engine.raw_events``).
+
+    ``events`` are accepted events (duplicates left out) in the order they were
+    logged; the next page starts at ``next_lsn`` / ``next_index`` (pass them back as
+    ``from_lsn`` / ``from_index``); ``done``: there is no next page.
+    """
+
+    events: list[Event]
+    next_lsn: int
+    next_index: int
+    done: bool
+
+
 class DimensionValue(msgspec.Struct, frozen=True, rename="camel"):
     """One value of a dimension key and the meter's usage over the events holding it."""
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import msgspec
 import trio
 
-from engine import server_customers
+from engine import server_customers, server_events
 from engine.access import restrict_query, visible_limits
 from engine.auth import Principal
 from engine.errors import (
@@ -68,6 +68,7 @@ from engine.protocol.messages import (
     Pong,
     QueryReply,
     QueryRequest,
+    ReadEvents,
     RemovedReply,
     RemoveLimit,
     Stats,
@@ -436,6 +437,7 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
     DeleteCustomer: RequestHandler("admin", server_customers.delete_customer),
     # Writes on the server's filesystem, wherever the server may: administrators only.
     BackupRequest: RequestHandler("admin", ServerSideConnection._backup),
+    ReadEvents: RequestHandler("query", server_events.read_events),
 }
 # The scope each request needs (kept for code that read the former table).
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {

@@ -1,9 +1,11 @@
-"""The meter command line against a real server on loopback: ingest, query, stats."""
+"""The meter command line against a real server on loopback: ingest, query, stats, and
+what ``meter watch`` says when its server goes away."""
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -11,9 +13,10 @@ from typing import Any
 
 import trio
 
-from engine import Meter, open_engine
+from engine import Engine, Event, Limit, Meter, open_engine
 from engine.cli import main
 from engine.server import MeterServer, ServerConfig
+from tests.helpers.events import NOW as HELPER_NOW
 
 NOW = time.time_ns() // 1_000_000
 MINUTE = 60_000
@@ -100,3 +103,47 @@ async def test_ingest_csv_with_dimension_columns(tmp_path: Path) -> None:
 def test_query_needs_a_running_server() -> None:
     code, _ = run_cli(["stats", "--port", "1"])
     assert code == 1
+
+
+class _Signalling(io.StringIO):
+    """A stdout that tells another thread once a line holding ``marker`` was written."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.seen = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if self.marker in self.getvalue():
+            self.seen.set()
+        return written
+
+
+async def test_watch_names_the_seq_to_resume_from_when_the_server_goes(
+        engine: Engine, serving: Any) -> None:
+    await engine.define_meter(Meter(name="gb", aggregation="sum"))
+    await engine.add_limit(Limit(id="gb-total", meter_api_name="gb", thresholds=[5],
+                                 period="total"))
+    await engine.ingest([Event(meter_api_name="gb", customer_id="acme", meter_value=7,
+                               meter_time_in_millis=HELPER_NOW, unique_id="g-1")])
+    out, err = _Signalling("#0 "), io.StringIO()
+
+    def watch(port: int) -> int:
+        with redirect_stdout(out), redirect_stderr(err):
+            return main(["watch", "--from-seq", "0", "--port", str(port)])
+
+    async with serving(engine) as server, trio.open_nursery() as nursery:
+        codes: list[int] = []
+
+        async def run_watch() -> None:
+            codes.append(await trio.to_thread.run_sync(watch, server.port))
+
+        nursery.start_soon(run_watch)
+        with trio.fail_after(30):  # a hang guard
+            await trio.to_thread.run_sync(out.seen.wait)
+        server.shutdown()  # the watch is past alert 0 and waiting for more
+    assert codes == [1]
+    assert out.getvalue().startswith("#0  ") and out.getvalue().count("\n") == 1
+    assert err.getvalue().endswith("; resume with --from-seq 1\n")
+    assert err.getvalue().startswith("meter watch: ") and err.getvalue().count("\n") == 1

@@ -126,11 +126,25 @@ class BackupRequest(msgspec.Struct, tag="backup", **_BASE):
     path: str
 
 
+class ReadEvents(msgspec.Struct, tag="read_events", **_BASE):
+    """A page of the raw events retained with event time in ``[start_ms, end_ms)``,
+    duplicates left out; resume at ``from_lsn`` / ``from_index`` (a reply's ``next_*``)."""
+
+    id: RequestId
+    start_ms: int
+    end_ms: int
+    meter_api_name: str | None = None
+    customer_id: str | None = None
+    from_lsn: Annotated[int, msgspec.Meta(ge=0)] = 0
+    from_index: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+
+
 ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
     | AddCustomer | UpdateCustomer | GetCustomer | ListCustomers | DeleteCustomer
-    | BackupRequest
+    | BackupRequest | ReadEvents
 )
 
 
@@ -240,6 +254,17 @@ class BackupReply(msgspec.Struct, tag="backup_done", **_BASE):
     size_bytes: int
 
 
+class EventsReply(msgspec.Struct, tag="events", **_BASE):
+    """A page of raw events; the next starts at ``next_lsn`` / ``next_index``, unless
+    ``done``."""
+
+    id: RequestId
+    events: list[Event]
+    next_lsn: int
+    next_index: int
+    done: bool = False
+
+
 class ErrorReply(msgspec.Struct, tag="error", **_BASE):
     """A refused request (``id`` set) or a connection-level error (``id`` absent).
 
@@ -255,7 +280,7 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
-    | CustomerReply | CustomersReply | BackupReply
+    | CustomerReply | CustomersReply | BackupReply | EventsReply
 )
 
 _client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)
@@ -308,7 +333,7 @@ def encode_message(message: msgspec.Struct) -> bytes:
             wide = [msgspec.structs.replace(r, value=_signed64(r.value)) for r in rows]
             result = msgspec.structs.replace(message.result, rows=wide)
             message = msgspec.structs.replace(message, result=result)
-    elif isinstance(message, Ingest):
+    elif isinstance(message, Ingest | EventsReply):
         events = message.events
         if any(type(e.meter_value) is int and not INT64_MIN <= e.meter_value <= INT64_MAX
                for e in events):

@@ -53,6 +53,8 @@ from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
+from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest
+from engine.runtime.raw_events import read_page as raw_event_page
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
 from engine.runtime.statistics import EngineStatistics, series_and_buckets
@@ -68,6 +70,7 @@ from engine.schema import (
     Query,
     QueryPage,
     QueryResult,
+    RawEventPage,
 )
 from engine.storage import LmdbStore, Store
 from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
@@ -151,6 +154,8 @@ class Engine:
         self._events_accepted = self._events_duplicate = self._batches = 0
         # Held by a running backup: one at a time, and closing the store waits for it.
         self._backup_lock = trio.Lock()
+        # Held while a page of raw events is read on a worker thread (one page at a time).
+        self._raw_read_lock = trio.Lock()
 
     # --------------------------------------------------------------- tasks
 
@@ -189,6 +194,8 @@ class Engine:
         for send, _ in self._mailboxes:
             await send.aclose()
         async with self._backup_lock:  # the store is closed next: no copy may still read it
+            pass
+        async with self._raw_read_lock:  # nor a page of raw events
             pass
 
     # ---------------------------------------------------------- public API
@@ -338,6 +345,32 @@ class Engine:
             self._lifecycle.check_open()
             stored = await trio.to_thread.run_sync(self._store.backup, path)
         return Backup(path=stored.path, lsn=stored.lsn, size_bytes=stored.size_bytes)
+
+    async def raw_events(self, start_ms: int, end_ms: int, *,
+                         meter_api_name: str | None = None, customer_id: str | None = None,
+                         from_lsn: int = 0, from_index: int = 0,
+                         limit: int = DEFAULT_PAGE_EVENTS) -> RawEventPage:
+        """A page of the accepted events with event time in ``[start_ms, end_ms)``, as
+        retained in the raw-event log (the write-ahead log, ``raw_retention_ms``), of
+        ``meter_api_name`` and ``customer_id`` if given, in the order they were logged,
+        duplicates left out; at most ``limit`` (1 to 100,000) events.
+
+        Read-only, on a worker thread, while ingest goes on. Page on with
+        ``from_lsn=page.next_lsn, from_index=page.next_index`` until ``page.done``.
+        A range that starts before what the log still holds completely is refused
+        with ``InvalidRequest`` naming the oldest time it can read
+        (``engine.runtime.raw_events``).
+        """
+        self._lifecycle.check_open()
+        if meter_api_name is not None and meter_api_name not in self._catalog.meter_defs:
+            raise UnknownMeter(f"unknown meter {meter_api_name!r}")
+        request = RawEventRequest(start_ms, end_ms, meter_api_name, customer_id, from_lsn,
+                                  from_index, limit)
+        request.check()
+        async with self._raw_read_lock:
+            self._lifecycle.check_open()
+            return await trio.to_thread.run_sync(raw_event_page, self._store, request,
+                                                 self._clock_ms(), self.ingest_rules.future_ms)
 
     async def snapshot(self) -> int:
         """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""

@@ -136,6 +136,10 @@ class Store(Protocol):
     def read_wal(self, after_lsn: int) -> Iterator[tuple[int, bytes]]:
         """WAL records with lsn > ``after_lsn``, in order."""
 
+    def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]:
+        """Up to ``max_records`` WAL records with lsn >= ``from_lsn``, in order; safe while
+        the engine writes (the raw-event log's readers)."""
+
     def last_lsn(self) -> int:
         """The largest lsn ever committed (kept even after truncation)."""
 

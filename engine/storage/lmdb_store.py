@@ -523,6 +523,22 @@ class LmdbStore:
                 lsn = LSN.unpack(key)[0]
                 yield lsn, self._unseal(value, f"write-ahead log record {lsn}")
 
+    def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]:
+        """Up to ``max_records`` WAL records from ``from_lsn`` on, in one read transaction
+        that a map resize waits for (``read_wal`` is for recovery, before any write)."""
+        records: list[tuple[int, bytes]] = []
+        with (self._reading("the write-ahead log"), self._resize_lock,
+              self.env.begin(db=self.wal_db) as txn):
+            cursor = txn.cursor()
+            if not cursor.set_range(LSN.pack(from_lsn)):
+                return records
+            for key, value in cursor:
+                lsn = LSN.unpack(key)[0]
+                records.append((lsn, self._unseal(value, f"write-ahead log record {lsn}")))
+                if len(records) >= max_records:
+                    break
+        return records
+
     def last_lsn(self) -> int:
         with self._reading("the catalogue"), self.env.begin() as txn:
             raw = txn.get(b"last_lsn", db=self.meta_db)

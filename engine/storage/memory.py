@@ -126,6 +126,10 @@ class MemoryStore:
             if lsn > after_lsn:
                 yield lsn, self.wal[lsn]
 
+    def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]:
+        lsns = sorted(lsn for lsn in self.wal if lsn >= from_lsn)[:max_records]
+        return [(lsn, self.wal[lsn]) for lsn in lsns]
+
     def last_lsn(self) -> int:
         return self._last_lsn
 
