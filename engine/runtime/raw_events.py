@@ -7,12 +7,14 @@ The raw-event log is the write-ahead log (docs/architecture.md, "History"): batc
 exactly as they were logged, duplicates included, kept for ``raw_retention_ms``. A page
 walks the log from a cursor (lsn, event index within that record), keeps the events in
 ``[start_ms, end_ms)`` of event time that match the meter and customer asked for, and
-leaves out duplicates by the rule the writer decided them by
-(``engine.runtime.dedup``): an event with a unique id is a duplicate when the dedup
-index remembers its key from an earlier lsn, or when the same key came earlier in the
-same batch. (An id the index has already expired is taken as accepted: the horizon is
-at least the late limit, so only a retry sent after it could be miscounted, and the
-writer accepted such a retry too.)
+leaves out duplicates as the writer decided them: a batch from ``ids_decided_from`` on
+carries its decisions in the store (``read_decisions``: the indices of its events that
+were duplicates; ``engine.runtime.idindex``); for a batch logged before that (by a
+format-3 or 4 engine) the rule is recomputed (``engine.runtime.dedup``): an event with
+a unique id is a duplicate when the legacy dedup tree remembers its key from an earlier
+lsn, or when the same key came earlier in the same batch. (An id the tree has already
+expired is taken as accepted: the horizon is at least the late limit, so only a retry
+sent after it could be miscounted, and the writer accepted such a retry too.)
 
 Completeness: once the log was trimmed, an event time before the first retained
 record's arrival plus the future limit may have lost events, so a range starting
@@ -26,9 +28,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+import msgspec
+
 from engine.domain import records
 from engine.errors import InvalidRequest
 from engine.runtime.dedup import id_key
+from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
 from engine.schema import Event, RawEventPage
 
 MAX_PAGE_EVENTS = 100_000
@@ -50,6 +55,10 @@ class Store(Protocol):
     def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]: ...
 
     def read_ids(self, keys: list[bytes]) -> list[int | None]: ...
+
+    def read_decisions(self, lsn: int) -> bytes | None: ...
+
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,8 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
                 f"the raw events at lsn {request.from_lsn} were trimmed while they were "
                 "being read (the raw-event retention passed them): start again from a "
                 "later time")
+    decided = dict(store.meta_items(DECIDED_FROM_KEY)).get(DECIDED_FROM_KEY)
+    decided_from = LSN.unpack(decided)[0] if decided else None
     lsn, index = max(request.from_lsn, 1), request.from_index
     found: list[Event] = []
     examined = 0
@@ -124,7 +135,8 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
             lsn = record_lsn
             record = records.decode_record(raw)
             if isinstance(record, records.WalBatch):
-                stopped = _take_events(store, request, record, lsn, index, found)
+                logged = decided_from is not None and lsn >= decided_from
+                stopped = _take_events(store, request, record, lsn, index, found, logged)
                 examined += stopped - index
                 if stopped < len(record.events):
                     return RawEventPage(found, lsn, stopped, False)
@@ -135,10 +147,13 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
 
 
 def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch, lsn: int,
-                 index: int, found: list[Event]) -> int:
+                 index: int, found: list[Event], logged: bool) -> int:
     """Append the wanted, accepted events of ``batch`` from ``index`` on to ``found``,
-    until the page is full; returns the index of the first event not looked at."""
+    until the page is full; returns the index of the first event not looked at.
+    ``logged``: the batch's dedup decisions are in the store."""
     events = batch.events
+    if logged:
+        return _take_logged(store, request, batch, lsn, index, found)
     seen: set[bytes] = set()  # unique-id keys met earlier in this batch
     for event in events[:index]:
         if event.unique_id is not None and request.wants(event):
@@ -167,4 +182,19 @@ def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch
             if first_lsn is not None and first_lsn < lsn:
                 continue  # the id was accepted by an earlier batch: a duplicate
         found.append(event)
+    return position
+
+
+def _take_logged(store: Store, request: RawEventRequest, batch: records.WalBatch, lsn: int,
+                 index: int, found: list[Event]) -> int:
+    raw = store.read_decisions(lsn)
+    duplicates = set(msgspec.msgpack.decode(raw, type=list[int])) if raw else set()
+    events = batch.events
+    position = index
+    while position < len(events) and len(found) < request.limit:
+        event = events[position]
+        if (position not in duplicates and request.wants(event)
+                and request.start_ms <= event.meter_time_in_millis < request.end_ms):
+            found.append(event)
+        position += 1
     return position
