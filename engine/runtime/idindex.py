@@ -349,13 +349,18 @@ class IdIndex:
             self.jobs.append(Merge(best, [None] * len(best), [False] * len(best),
                                    Bloom.empty(sum(run.meta.count for run in best))))
 
-    def run_slice(self, store: RunStore) -> None:
+    def run_slice(self, store: RunStore) -> bool:
         """One bounded slice of the background work in a write transaction of its own
-        (while no group commit comes to carry it)."""
+        (while no group commit comes to carry it). True once it is durable."""
         work = self.prepare(store)
         if work is not None:
-            store.write_run(work)
+            try:
+                store.write_run(work)
+            except BaseException:
+                self.aborted()
+                raise
         self.committed()
+        return True
 
     def prepare(self, store: RunStore, budget: int = 0) -> RunSlice | None:
         """The next slice of the current background job, for a write transaction (a group

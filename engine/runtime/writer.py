@@ -245,23 +245,29 @@ class WalWriter:
 
     async def _index_slice(self) -> None:
         """One bounded slice of the dedup index's background work."""
-        try:
-            with trio.CancelScope(shield=True):
-                await call_store(self.index.run_slice, self._store)
-        except StorageFull as exc:
-            log.warning("dedup index upkeep found no room, retrying in %.0f s: %s",
-                        EXPIRY_FULL_RETRY_S, exc)
+        if not await self._upkeep("dedup index upkeep", self.index.run_slice, self._store):
             self._next_index_slice_at = trio.current_time() + EXPIRY_FULL_RETRY_S
             return
-        except DataDirError as exc:
+        self.index_slices += 1
+        self._next_index_slice_at = trio.current_time() + INDEX_SLICE_GAP_S
+
+    async def _upkeep(self, what: str, function: Callable[..., Any], *args: Any) -> Any:
+        """One background store call between group commits; None (logged) when it found
+        no room, to be tried again later. Damage or any other failure stops the engine."""
+        try:
+            with trio.CancelScope(shield=True):
+                return await call_store(function, *args)
+        except StorageFull as exc:
+            log.warning("%s found no room, retrying in %.0f s: %s", what, EXPIRY_FULL_RETRY_S,
+                        exc)
+            return None
+        except DataDirError as exc:  # a damaged entry: stop, saying so (not a write error)
             self._lifecycle.stop(exc)
             raise
         except Exception as exc:
             error = storage_stopped(exc)
             self._lifecycle.stop(error)
             raise error from exc
-        self.index_slices += 1
-        self._next_index_slice_at = trio.current_time() + INDEX_SLICE_GAP_S
 
     def _start_expiry_pass(self) -> None:
         """Start a pass over the index when the cutoff day or the snapshot moved since
@@ -279,22 +285,12 @@ class WalWriter:
         """One bounded slice of the running expiry pass: one short write transaction."""
         assert self._expiry_key is not None and self._expiry_pass is not None
         cutoff_day, snapshot_lsn = self._expiry_pass
-        try:
-            with trio.CancelScope(shield=True):
-                done = await call_store(self._store.expire_ids, self._expiry_key, cutoff_day,
-                                        snapshot_lsn, self.expiry_slice_keys)
-        except StorageFull as exc:
-            log.warning("dedup index expiry found no room, retrying in %.0f s: %s",
-                        EXPIRY_FULL_RETRY_S, exc)
+        done = await self._upkeep("dedup index expiry", self._store.expire_ids,
+                                  self._expiry_key, cutoff_day, snapshot_lsn,
+                                  self.expiry_slice_keys)
+        if done is None:
             self._next_slice_at = trio.current_time() + EXPIRY_FULL_RETRY_S
             return
-        except DataDirError as exc:  # a damaged entry: stop, saying so (not a write error)
-            self._lifecycle.stop(exc)
-            raise
-        except Exception as exc:
-            error = storage_stopped(exc)
-            self._lifecycle.stop(error)
-            raise error from exc
         self.expiry_slices += 1
         self.ids_expired += done.deleted
         self.index.legacy_entries = max(0, self.index.legacy_entries - done.deleted)
