@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.runtime.idindex import Bloom, IdIndex, Run, RunMeta, fingerprints  # noqa: E402
-from engine.storage import LmdbStore  # noqa: E402
-from engine.storage.base import ID_VALUE, RunSlice  # noqa: E402
+from engine.runtime.idindex import Bloom, IdIndex, Run, RunMeta, fingerprints
+from engine.storage import LmdbStore
+from engine.storage.base import ID_VALUE, RunSlice
 
 BUILD_CHUNK = 200_000
 
@@ -84,8 +84,10 @@ def run_btree(path: Path, base: list[bytes], args: argparse.Namespace,
             value = ID_VALUE.pack(group + 2, 1)
             ids = [(key, value) for key in random_keys(rnd, args.batch)]
             started = time.perf_counter()
-            store.commit([(store.last_lsn() + 1, record)], [], ids=ids)
+            duplicates = store.commit([(store.last_lsn() + 1, record)], [], ids=ids)
             times.append(time.perf_counter() - started)
+            if True in duplicates:  # 128 random bits per id: a duplicate is a bug
+                raise AssertionError("the B-tree called a new id a duplicate")
         return {**figures(times), "filter_bytes": 0}
     finally:
         store.close()
@@ -108,15 +110,20 @@ def run_lsm(path: Path, base: list[bytes], args: argparse.Namespace,
             index.committed()
             index.accept(new)
             times.append(time.perf_counter() - started)
+            if True in flags:
+                raise AssertionError("the index called a new id a duplicate")
             if (group + 1) % args.flush_every == 0:
                 index.freeze(lsn)
+        again = base[:: max(1, len(base) // 1000)]  # and it still knows the old ones
+        if False in index.decide(store, again, [1] * len(again))[0]:
+            raise AssertionError("the index forgot a remembered id")
         return {**figures(times), "filter_bytes": index.filter_bytes(),
                 "runs": len(index.runs)}
     finally:
         store.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ids", default="1000000,4000000",
                         help="remembered ids before the timed groups, comma separated")
@@ -127,7 +134,7 @@ def main() -> int:
     parser.add_argument("--record-bytes", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--tmpdir", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print("| remembered ids | layout | commit p50 ms | p99 ms | max ms | filter MiB |")
     print("|---:|---|---:|---:|---:|---:|")
     for size in [int(part) for part in args.ids.split(",")]:

@@ -183,6 +183,20 @@ def test_limit_history_benchmark_runs_end_to_end() -> None:
         assert run["last_over_first"] > 0
 
 
+def test_dedup_index_benchmark_runs_both_layouts(capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "dedup_index_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "dedup_index.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--ids", "3000", "--groups", "6", "--batch", "100", "--runs", "3",
+                        "--flush-every", "2", "--record-bytes", "100",
+                        "--tmpdir", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000")]
+    assert [row.split("|")[2].strip() for row in rows] == ["btree (format 3-4)", "lsm (format 5)"]
+
+
 def test_workload_stream_yields_what_generate_collects() -> None:
     kwargs = {"customers": 50, "meters": 6, "events": 1_050, "batch_size": 100,
               "aggregations": workload.AGGREGATIONS_MIXED}
