@@ -56,10 +56,10 @@ from engine.schema import (
 __all__ = [
     "Alert",
     "Backup",
-    "Charge",
     "BadFrame",
     "BadMessage",
     "BatchRejected",
+    "Charge",
     "ConnectionLost",
     "Customer",
     "CustomerExists",

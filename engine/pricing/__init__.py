@@ -7,6 +7,14 @@ metering's extension seam and reads usage through the query API and the
 per-batch usage feed. docs/pricing.md describes the models and rules.
 """
 
-from engine.pricing.model import Charge, Invoice, InvoiceLine, Plan, PlanAssignment, Tier, TierAmount
+from engine.pricing.model import (
+    Charge,
+    Invoice,
+    InvoiceLine,
+    Plan,
+    PlanAssignment,
+    Tier,
+    TierAmount,
+)
 
 __all__ = ["Charge", "Invoice", "InvoiceLine", "Plan", "PlanAssignment", "Tier", "TierAmount"]

@@ -44,6 +44,8 @@ from engine.pricing.model import (
     Plan,
     PlanAssignment,
     exact_amount,
+)
+from engine.pricing.model import (
     with_version as _with_version,
 )
 from engine.pricing.rating import (
@@ -69,7 +71,8 @@ class PricedEngine(Engine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pricing = PricingExtension()
-        super().__init__(*args, extension=self._pricing, **kwargs)
+        kwargs["extension"] = self._pricing
+        super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------- plans
 

@@ -81,8 +81,10 @@ def encode_action(action: Action) -> bytes:
         return records.encode(records.WalLimit(action.limit, action.received_ms))
     if isinstance(action, RemoveCostLimit):
         raise ValueError("encode a removal with its received time: encode_removal")
-    return records.encode(records.WalExtension(
-        type(action).__struct_config__.tag, _encoder.encode(action), _received_ms(action)))
+    tag = type(action).__struct_config__.tag
+    assert isinstance(tag, str)
+    return records.encode(records.WalExtension(tag, _encoder.encode(action),
+                                               _received_ms(action)))
 
 
 def encode_removal(limit_id: str, received_ms: int) -> bytes:

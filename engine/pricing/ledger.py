@@ -82,7 +82,7 @@ class Ledger:
             return None
         latest = self.latest(assignment.plan_id)
         assert latest is not None
-        start, end = billing_period(at_ms, latest.timezone)
+        end = billing_period(at_ms, latest.timezone)[1]
         return self.version_at(assignment.plan_id, end)
 
     def starts_ms(self, customer_id: str, plan: Plan, effective_from_ms: int) -> int:
@@ -106,10 +106,11 @@ class Ledger:
                 self.defined_ms.setdefault(plan.id, []).append(defined_ms)
                 return plan
             case AssignPlan(customer_id, plan_id, effective_from_ms):
-                plan = self.latest(plan_id)
-                assert plan is not None
+                assigned = self.latest(plan_id)
+                assert assigned is not None
                 assignment = PlanAssignment(customer_id, plan_id, effective_from_ms,
-                                            self.starts_ms(customer_id, plan, effective_from_ms))
+                                            self.starts_ms(customer_id, assigned,
+                                                           effective_from_ms))
                 kept = [a for a in self.assignments.get(customer_id, ())
                         if a.starts_ms != assignment.starts_ms]
                 kept.append(assignment)

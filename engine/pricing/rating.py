@@ -144,7 +144,9 @@ def rate_charge(charge: Charge, quantity: Decimal) -> tuple[Decimal, list[TierAm
         if model == "per_unit":
             return billable * charge.unit_price, []
         if model == "package":
-            packages = -((-billable) // charge.package_size)  # started packages
+            # Started packages (Decimal // truncates toward zero: both are >= 0 here).
+            whole, rest = divmod(billable, charge.package_size)
+            packages = whole + (1 if rest else 0)
             return packages * charge.package_price, []
         if model == "graduated":
             return _graduated(charge, billable)

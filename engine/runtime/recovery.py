@@ -20,10 +20,10 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator
-from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import localcontext
+from typing import Any
 
 import msgspec
 
@@ -46,7 +46,6 @@ from engine.errors import DataDirError, InvalidRequest
 from engine.runtime.acks import number_alerts
 from engine.runtime.alerts import AlertHub
 from engine.runtime.catalog import Catalog
-from engine.runtime.extensions import acknowledge
 from engine.runtime.dedup import (
     IndexDamaged,
     batch_keys,
@@ -55,6 +54,7 @@ from engine.runtime.dedup import (
     remembered_keys,
     replay_duplicates,
 )
+from engine.runtime.extensions import acknowledge
 from engine.runtime.messages import ApplySlice, DropLimit, InstallLimit, LoggedTicket, ShardWork
 from engine.runtime.shards import apply_work, shard_part
 from engine.storage import Store, StoredSnapshot
