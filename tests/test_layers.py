@@ -28,8 +28,9 @@ PURE = frozenset({STDLIB, "msgspec"})
 DOMAIN = PURE | {"engine.schema", "engine.errors", "engine.domain"}
 # messages.py widens integers beyond int64 with domain.records.wide_ints_as_decimals;
 # domain.values (wide_as_decimal, fits_int64) is the leaf meant for that.
+# engine.pricing.model: pricing's public structs (plans, invoices), pure like schema.py.
 PROTOCOL = PURE | {"engine.schema", "engine.errors", "engine.protocol",
-                   "engine.domain.values", "engine.domain.records"}
+                   "engine.domain.values", "engine.domain.records", "engine.pricing.model"}
 # Storage stores bytes; the record shapes and value bounds are the most it may know.
 # engine.faults: the crash tests' kill points (standard library only).
 STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage", "engine.faults",
@@ -180,7 +181,7 @@ def test_only_the_store_owners_in_the_runtime_import_storage(path: Path) -> None
         )
 
 
-METERING = ("domain/", "protocol/", "storage/", "runtime/", "schema.py", "errors.py")
+METERING = ("domain/", "storage/", "runtime/", "schema.py", "errors.py")
 
 
 @pytest.mark.parametrize("path", [p for p in ENGINE_FILES

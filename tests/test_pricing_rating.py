@@ -169,7 +169,8 @@ def test_per_unit_is_price_times_usage_above_free_units(price: Decimal, free: De
 def test_huge_quantities_stay_exact() -> None:
     quantity = D("1" + "0" * 30 + ".000000000000000001")  # beyond the default precision
     charge = Charge(meter_api_name="m", unit_price="0.000001")
-    assert rate_charge(charge, quantity)[0] == D("1000000000000000000000000.000000000000000000000001")
+    expected = D("1" + "0" * 24 + "." + "0" * 23 + "1")
+    assert rate_charge(charge, quantity)[0] == expected
     tiers = [Tier(up_to=10**29, unit_price="0.01"), Tier(unit_price="0.001")]
     graduated = Charge(meter_api_name="m", model="graduated", tiers=tiers)
     assert rate_charge(graduated, quantity)[0] == graduated_by_edges(tiers, quantity)
