@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 
@@ -40,13 +40,14 @@ class LimitIn(msgspec.Struct, rename="camel"):
     """The engine's ``Limit`` as JSON; thresholds are exact numbers (``0.1`` is 0.1)."""
 
     id: str
-    meter_api_name: str
+    meter_api_name: str | None  # None: a cost limit on the whole invoice
     thresholds: list[int | Decimal]
     customer_id: str | None = None
     period: str = "day"
     timezone: str = "UTC"
     filter: dict[str, list[str]] = {}
     webhook_url: str | None = None
+    measure: Literal["usage", "cost"] = "usage"
 
 
 class AlertPage(msgspec.Struct, rename="camel"):
@@ -76,7 +77,8 @@ def to_limit(body: LimitIn) -> Limit:
     return Limit(id=body.id, meter_api_name=body.meter_api_name,
                  thresholds=cast(list[int | float | Decimal], body.thresholds),
                  customer_id=body.customer_id, period=cast(Any, period),
-                 timezone=body.timezone, filter=body.filter, webhook_url=body.webhook_url)
+                 timezone=body.timezone, filter=body.filter, webhook_url=body.webhook_url,
+                 measure=body.measure)
 
 
 async def list_limits(request: Request) -> Response:
