@@ -27,6 +27,7 @@ import trio
 from engine import Event, Meter, MeteringError, Query, Take, open_engine
 from engine.auth import AuthConfigError
 from engine.cli_client import CLIENT_COMMANDS, add_client_parsers
+from engine.cli_pricing import PRICING_COMMANDS, add_pricing_parsers
 from engine.cli_serve import add_serve_parser, run_serve
 from engine.runtime.engine import wall_clock_ms
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
     add_client_parsers(commands)
+    add_pricing_parsers(commands)
     demo = commands.add_parser("demo", help="embed the engine, ingest synthetic traffic, "
                                              "print usage")
     demo.add_argument("--data-dir", default="./data", help="data directory (default ./data)")
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(run_demo, args, sys.stdout)
         if args.command == "serve":
             return trio.run(run_serve, args, sys.stdout)
-        return trio.run(CLIENT_COMMANDS[args.command], args, sys.stdout)
+        return trio.run({**CLIENT_COMMANDS, **PRICING_COMMANDS}[args.command], args, sys.stdout)
     except (MeteringError, AuthConfigError, OSError) as exc:
         print(f"meter {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from engine import Invoice, Plan, PlanAssignment
 from engine.http.amberflo import (
     AmberfloMeter,
     AmberfloMeterIn,
@@ -38,7 +39,6 @@ from engine.http.openmeter import BATCH, PLAIN, SINGLE, CloudEventDoc
 from engine.http.pricing import AssignIn
 from engine.http.streams import StatsEvent, StreamToken
 from engine.http.webhooks import FailedPage, Redelivered, RedeliverIn
-from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.schema import Limit, Meter
 
 REF = "#/components/schemas/{name}"

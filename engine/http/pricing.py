@@ -17,19 +17,13 @@ calls), ``engine.errors`` and ``engine.http``. Money is an exact JSON number
 
 from __future__ import annotations
 
-import csv
-import io
-
 import msgspec
 
-from engine import Invoice, Plan, PlanAssignment
+from engine import Plan, PlanAssignment
 from engine.errors import Forbidden
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json
 from engine.http.errors import HttpError, bad_request
-
-CSV_COLUMNS = ("kind", "charge_id", "meter_api_name", "quantity", "amount", "exact_amount",
-               "adjusts_period_start_ms", "description")
 
 
 class AssignIn(msgspec.Struct, rename="camel"):
@@ -108,24 +102,10 @@ async def invoice(request: Request) -> Response:
         customer_id, request.app.clock_ms() if at_ms is None else at_ms)
     fmt = (request.param("format") or "json").lower()
     if fmt == "csv":
-        return Response(200, invoice_csv(found), content_type=b"text/csv; charset=utf-8")
+        return Response(200, found.csv().encode(), content_type=b"text/csv; charset=utf-8")
     if fmt != "json":
         raise bad_request(f"format must be json or csv, got {fmt!r}")
     return json_response(found)
-
-
-def invoice_csv(found: Invoice) -> bytes:
-    """One row per line, then a total row; exact decimals as text."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for line in found.lines:
-        writer.writerow([line.kind, line.charge_id or "", line.meter_api_name or "",
-                         line.quantity, line.amount, line.exact_amount,
-                         "" if line.adjusts_period_start_ms is None
-                         else line.adjusts_period_start_ms, line.description])
-    writer.writerow(["total", "", "", "", found.total, found.total, "", found.currency])
-    return out.getvalue().encode()
 
 
 def add_routes(router: Router) -> None:

@@ -12,6 +12,8 @@ meant. Whether a plan makes sense as a whole is checked by
 
 from __future__ import annotations
 
+import csv
+import io
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -182,3 +184,21 @@ class Invoice(msgspec.Struct, frozen=True, rename="camel"):
     lines: list[InvoiceLine]
     total: Decimal
     as_of_ms: int
+
+    def csv(self) -> str:
+        """The lines as CSV (one row each, then the total), exact decimals as text: the
+        export ``meter invoice --csv`` and ``GET /invoices/{customer}?format=csv`` answer."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for line in self.lines:
+            writer.writerow([line.kind, line.charge_id or "", line.meter_api_name or "",
+                             line.quantity, line.amount, line.exact_amount,
+                             "" if line.adjusts_period_start_ms is None
+                             else line.adjusts_period_start_ms, line.description])
+        writer.writerow(["total", "", "", "", self.total, self.total, "", self.currency])
+        return out.getvalue()
+
+
+CSV_COLUMNS = ("kind", "charge_id", "meter_api_name", "quantity", "amount", "exact_amount",
+               "adjusts_period_start_ms", "description")
