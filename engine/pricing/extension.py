@@ -46,7 +46,7 @@ from engine.pricing.ledger import (
     restore_ledger,
 )
 from engine.pricing.model import Charge, Plan
-from engine.pricing.rating import EXACT, billing_period, plan_lines
+from engine.pricing.rating import EXACT, billing_period, charge_amount, period_total
 from engine.runtime.messages import DropLimit, InstallLimit, ShardWork
 from engine.schema import Limit
 
@@ -114,6 +114,12 @@ class PricingExtension:
         self._every_customer: list[Limit] = []
         self._thresholds: dict[str, tuple[Decimal, ...]] = {}
         self._forgotten_at_ms = 0
+        # Derived, rebuilt on demand (never exported): the plan of (customer, period
+        # start), each plan version's charge feeds, and each (customer, period)'s rounded
+        # usage amounts per charge with the plan they were rated on.
+        self._plans: dict[tuple[str, int], Plan | None] = {}
+        self._feeds_of: dict[tuple[str, int], list[str]] = {}
+        self._amounts: dict[tuple[str, int], tuple[Plan, list[Decimal]]] = {}
 
     # ----------------------------------------------------- Extension protocol
 
@@ -144,7 +150,8 @@ class PricingExtension:
     def acknowledge(self, actions: list[Any], feed: list[UsageChange],
                     received_ms: int) -> list[Crossing]:
         crossings: list[Crossing] = []
-        dirty: set[tuple[str, int]] = set()
+        dirty: set[tuple[str, int]] = set()  # rated whole
+        changed: dict[tuple[str, int], set[str]] = {}  # rated for these feeds only
         for action in actions:
             self.acked.apply(action)
             if isinstance(action, AddCostLimit | RemoveCostLimit):
@@ -156,17 +163,24 @@ class PricingExtension:
                     dirty.update(self._current_keys(action.limit, received_ms))
                 if not self.acked.cost_limits:
                     self.usage.clear()
+                    self._amounts.clear()
             elif isinstance(action, DefinePlan | AssignPlan):
-                # A price or plan change: re-rate the current periods that have limits.
+                # A price or plan change: re-rate the periods that have limits.
+                self._plans.clear()
                 dirty.update(key for key in self.usage if self._has_limits(key[0]))
         for fid, customer, start, value in feed:
-            entry = self.usage.get((customer, start))
+            key = (customer, start)
+            entry = self.usage.get(key)
             if entry is None:
-                entry = self.usage[(customer, start)] = {}
+                entry = self.usage[key] = {}
             entry[fid] = value
-            dirty.add((customer, start))
-        for key in sorted(dirty):
-            self._evaluate(key[0], key[1], crossings)
+            feeds = changed.get(key)
+            if feeds is None:
+                changed[key] = {fid}
+            else:
+                feeds.add(fid)
+        for key in sorted(dirty | changed.keys()):
+            self._evaluate(key[0], key[1], None if key in dirty else changed[key], crossings)
         self._forget(received_ms)
         return crossings
 
@@ -229,29 +243,61 @@ class PricingExtension:
             return [(limit.customer_id, start)]
         return [key for key in self.usage if key[1] == start]
 
-    def _evaluate(self, customer: str, start: int, crossings: list[Crossing]) -> None:
+    def _plan_at(self, customer: str, start: int) -> Plan | None:
+        """The plan billing ``customer`` for the period starting at ``start``, if ``start``
+        is a period start of its zone (remembered until a plan or assignment changes)."""
+        key = (customer, start)
+        if key in self._plans:
+            return self._plans[key]
+        plan = self.acked.plan_for(customer, start)
+        if plan is not None and billing_period(start, plan.timezone)[0] != start:
+            plan = None
+        self._plans[key] = plan
+        return plan
+
+    def _charge_feeds(self, plan: Plan) -> list[str]:
+        """The feed id of each charge of ``plan``, in order (remembered per version)."""
+        key = (plan.id, plan.version)
+        found = self._feeds_of.get(key)
+        if found is None:
+            found = self._feeds_of[key] = [feed_id(c, plan.timezone) for c in plan.charges]
+        return found
+
+    def _evaluate(self, customer: str, start: int, changed: set[str] | None,
+                  crossings: list[Crossing]) -> None:
+        """Rate (customer, period) and check its cost limits. Only the charges whose feed
+        is in ``changed`` are rated again (all of them with None or a new plan)."""
         limits = self._by_customer.get(customer)
         every = self._every_customer
         if not limits and not every:
             return
-        plan = self.acked.plan_for(customer, start)
-        if plan is None or billing_period(start, plan.timezone)[0] != start:
+        plan = self._plan_at(customer, start)
+        if plan is None:
             return
-        usage = self.usage.get((customer, start), {})
-        quantities = {}
-        for charge in plan.charges:
-            value = usage.get(feed_id(charge, plan.timezone), 0)
-            quantities[charge.charge_id] = value if type(value) is Decimal else Decimal(value)
-        lines = plan_lines(plan, quantities)
+        key = (customer, start)
+        usage = self.usage.get(key, {})
+        known = self._amounts.get(key)
+        feeds = self._charge_feeds(plan)
+        if known is None or known[0] is not plan:
+            amounts = [Decimal(0)] * len(feeds)
+            changed = None
+        else:
+            amounts = known[1]
+        for index, (charge, fid) in enumerate(zip(plan.charges, feeds, strict=True)):
+            if changed is None or fid in changed:
+                value = usage.get(fid, 0)
+                amounts[index] = charge_amount(
+                    charge, value if type(value) is Decimal else Decimal(value), plan.currency)
+        self._amounts[key] = (plan, amounts)
         for limit in (limits or []) + every:
             if limit.timezone != plan.timezone:
                 continue  # refused when the limit is added for a customer's known plan
-            with decimal.localcontext(EXACT):
-                if limit.meter_api_name is None:
-                    amount = sum((line.amount for line in lines), Decimal(0))
-                else:
-                    amount = sum((line.amount for line in lines
-                                  if line.meter_api_name == limit.meter_api_name), Decimal(0))
+            if limit.meter_api_name is None:
+                amount = period_total(plan, amounts)
+            else:
+                with decimal.localcontext(EXACT):
+                    amount = sum((a for a, c in zip(amounts, plan.charges, strict=True)
+                                  if c.meter_api_name == limit.meter_api_name), Decimal(0))
             self._check(limit, plan, customer, start, amount, crossings)
 
     def _check(self, limit: Limit, plan: Plan, customer: str, start: int, amount: Decimal,
@@ -279,6 +325,8 @@ class PricingExtension:
         horizon = received_ms - KEEP_PERIODS_MS
         for key in [key for key in self.usage if key[1] < horizon]:
             del self.usage[key]
+            self._amounts.pop(key, None)
+            self._plans.pop(key, None)
         for masks in self.fired.values():
             for key in [key for key in masks if key[1] < horizon]:
                 del masks[key]

@@ -138,6 +138,8 @@ def _check_charge(charge: Charge, meter_names: Sequence[str] | None) -> None:
 def rate_charge(charge: Charge, quantity: Decimal) -> tuple[Decimal, list[TierAmount]]:
     """The exact amount of ``quantity`` units under ``charge`` (before min/max), and the
     tiers it used (graduated and volume charges)."""
+    if charge.model == "per_unit" and not charge.free_units:  # the common case, inline
+        return EXACT.multiply(quantity if quantity > 0 else ZERO, charge.unit_price), []
     with decimal.localcontext(EXACT):
         billable = max(quantity - charge.free_units, ZERO)
         model = charge.model
@@ -190,15 +192,33 @@ def clamp(charge: Charge, amount: Decimal) -> Decimal:
     return amount
 
 
+# Rounding half-up to a minor unit: exact precision, so only the quantize rounds.
+_ROUNDING = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX,
+                            Emin=decimal.MIN_EMIN, rounding=ROUND_HALF_UP,
+                            traps=[decimal.InvalidOperation, decimal.Overflow])
+_MINOR_STEPS = {currency: Decimal(1).scaleb(-places) for currency, places in MINOR_UNITS.items()}
+
+
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """Half-up to the currency's minor unit (the one rounding of a line)."""
-    with decimal.localcontext(EXACT) as context:
-        context.traps[decimal.Inexact] = False
-        context.rounding = ROUND_HALF_UP
-        return amount.quantize(Decimal(1).scaleb(-MINOR_UNITS[currency]))
+    return _ROUNDING.quantize(amount, _MINOR_STEPS[currency])
 
 
 # --------------------------------------------------------------- invoices
+
+
+def charge_amount(charge: Charge, quantity: Decimal, currency: str) -> Decimal:
+    """A usage line's amount alone: clamped, rounded (what cost limits compare)."""
+    return round_money(clamp(charge, rate_charge(charge, quantity)[0]), currency)
+
+
+def period_total(plan: Plan, usage_amounts: Sequence[Decimal]) -> Decimal:
+    """The total of ``plan_lines`` without adjustments, from the rounded usage amounts."""
+    with decimal.localcontext(EXACT):
+        subtotal = round_money(plan.fixed_fee, plan.currency) + sum(usage_amounts, ZERO)
+        if plan.minimum is not None and subtotal < plan.minimum:
+            subtotal += round_money(plan.minimum - subtotal, plan.currency)
+        return subtotal
 
 
 def usage_line(charge: Charge, quantity: Decimal, currency: str) -> InvoiceLine:
