@@ -132,14 +132,15 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     measure: Literal["usage", "cost"] = "usage"
 
 
-class Alert(msgspec.Struct, frozen=True, rename="camel"):
+class Alert(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """A customer's usage crossed a threshold of a limit within a period.
 
     ``seq`` is gap-free and increasing across all alerts; ``crossed_at_ms`` is
     when the engine received the batch that crossed it. A cost limit's alert has
     ``measure="cost"``, its ``currency``, and amounts as ``threshold`` and ``value``
     (``meter_api_name`` None for an invoice-total limit). Older peers and stored
-    alerts without these fields decode with the defaults.
+    alerts without these fields decode with the defaults, and a usage limit's alert
+    is encoded without them (``omit_defaults``): the same bytes as before pricing.
     """
 
     seq: int
