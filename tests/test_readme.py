@@ -45,3 +45,12 @@ def test_limits_doc_examples_run(tmp_path: Path) -> None:
     lines = run_example(blocks[0], tmp_path, "limits")
     assert lines[0] == "[(100, 250), (200, 250)]"
     assert lines[1:] == ["0 daily-gb acme 100", "1 daily-gb acme 200"]
+
+
+def test_pricing_doc_examples_run_and_print_what_the_doc_says(tmp_path: Path) -> None:
+    text = (ROOT / "docs/pricing.md").read_text()
+    blocks = python_blocks("docs/pricing.md")
+    printed = re.findall(r"prints\n\n```\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == len(printed) == 2
+    for number, (block, expected) in enumerate(zip(blocks, printed, strict=True)):
+        assert run_example(block, tmp_path, f"pricing_{number}") == expected.splitlines()
