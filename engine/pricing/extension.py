@@ -153,9 +153,15 @@ class PricingExtension:
         dirty: set[tuple[str, int]] = set()  # rated whole
         changed: dict[tuple[str, int], set[str]] = {}  # rated for these feeds only
         for action in actions:
+            if isinstance(action, AddCostLimit | RemoveCostLimit):
+                limit_id = action.limit.id if isinstance(action, AddCostLimit) else action.limit_id
+                replaced = self.acked.cost_limits.get(limit_id)
+                if replaced is not None:
+                    self._unindex(replaced)
             self.acked.apply(action)
             if isinstance(action, AddCostLimit | RemoveCostLimit):
-                self._index_limits()
+                if isinstance(action, AddCostLimit):
+                    self._index(action.limit)
                 limit_id = action.limit.id if isinstance(action, AddCostLimit) else action.limit_id
                 self.fired.pop(limit_id, None)
                 if isinstance(action, AddCostLimit):
@@ -222,16 +228,30 @@ class PricingExtension:
                           {k: list(v) for k, v in charge.dimensions.items()})
 
     def _index_limits(self) -> None:
+        """Rebuild the index of cost limits by customer (after a restore)."""
         self._by_customer = {}
         self._every_customer = []
         self._thresholds = {}
         for limit in self.acked.cost_limits.values():
-            if limit.customer_id is None:
-                self._every_customer.append(limit)
-            else:
-                self._by_customer.setdefault(limit.customer_id, []).append(limit)
-            with decimal.localcontext(EXACT):
-                self._thresholds[limit.id] = tuple(sorted({Decimal(t) for t in limit.thresholds}))
+            self._index(limit)
+
+    def _index(self, limit: Limit) -> None:
+        if limit.customer_id is None:
+            self._every_customer.append(limit)
+        else:
+            self._by_customer.setdefault(limit.customer_id, []).append(limit)
+        with decimal.localcontext(EXACT):
+            self._thresholds[limit.id] = tuple(sorted({Decimal(t) for t in limit.thresholds}))
+
+    def _unindex(self, limit: Limit) -> None:
+        if limit.customer_id is None:
+            self._every_customer.remove(limit)
+        else:
+            found = self._by_customer[limit.customer_id]
+            found.remove(limit)
+            if not found:
+                del self._by_customer[limit.customer_id]
+        del self._thresholds[limit.id]
 
     def _has_limits(self, customer: str) -> bool:
         return bool(self._every_customer) or customer in self._by_customer
