@@ -968,6 +968,7 @@
     renderLimits(limits);
     renderCustomerAlerts(alerts);
     window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts };
+    document.dispatchEvent(new CustomEvent("explorer:customer", { detail: { customer } }));  // explorer-pricing.js
     finished(cards.length ? "ready" : "empty");
   }
 
@@ -1243,7 +1244,7 @@
     $("tz-list").replaceChildren(...["UTC", ...zones].map((z) => el("option", { value: z })));
   }
 
-  window.explorer = { get state() { return state; }, chart: null, view: null, customer: null,
+  window.explorer = { get state() { return state; }, chart: null, view: null, customer: null, api,
     csv: () => (lastView ? viewCsv(lastView) : ""), json: () => (lastView ? viewJson(lastView) : "") };
   wireControls();
   if (!validZone(state.tz)) state.tz = "UTC";
