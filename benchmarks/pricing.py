@@ -31,12 +31,13 @@ from typing import Any
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: the repository's root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_facts, percentile  # noqa: E402
-from benchmarks.workload import Workload, generate  # noqa: E402
-from engine import Charge, Engine, Limit, Plan, Tier, open_engine  # noqa: E402
-from engine.storage import MemoryStore  # noqa: E402
+from benchmarks.common import machine_facts, percentile
+from benchmarks.workload import Workload, generate
+from engine import Charge, Engine, Limit, Plan, Tier, open_engine
+from engine.storage import MemoryStore
 
 
 def ten_charges(meters: list[str]) -> Plan:
