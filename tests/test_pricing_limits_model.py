@@ -25,6 +25,7 @@ from engine.storage import MemoryStore
 from tests.helpers.events import DAY, HOUR
 from tests.helpers.strategies import ANCHORS_MS
 from tests.model import Model, ModelEvent, aggregate
+from tests.test_limits_model import as_keys
 
 METERS = [Meter(name="calls", aggregation="sum"), Meter(name="seats", aggregation="count"),
           Meter(name="peak", aggregation="max")]
@@ -126,11 +127,6 @@ class CostModel:
                 if self.applies(limit, customer):
                     out += self.evaluate(limit, customer, start)
         return out
-
-
-def as_keys(alerts: list[Any]) -> Counter:
-    return Counter((a.limit_id, a.customer_id, Decimal(a.threshold), Decimal(a.value),
-                    a.period_start_ms) for a in alerts)
 
 
 @settings(max_examples=40, deadline=None,
