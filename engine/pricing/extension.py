@@ -63,15 +63,16 @@ def feed_id(charge: Charge, timezone: str) -> str:
 
 
 def wanted_feeds(ledger: Ledger) -> dict[str, tuple[Charge, str]]:
-    """Feed id -> (a charge it serves, the zone): every charge of every plan's latest
-    version, while any cost limit exists."""
+    """Feed id -> (a charge it serves, the zone): every charge of every plan version
+    (a late event rates its period on the version of that period), while any cost
+    limit exists."""
     if not ledger.cost_limits:
         return {}
     feeds: dict[str, tuple[Charge, str]] = {}
     for versions in ledger.plans.values():
-        plan = versions[-1]
-        for charge in plan.charges:
-            feeds.setdefault(feed_id(charge, plan.timezone), (charge, plan.timezone))
+        for plan in versions:
+            for charge in plan.charges:
+                feeds.setdefault(feed_id(charge, plan.timezone), (charge, plan.timezone))
     return feeds
 
 

@@ -14,6 +14,7 @@ currency's minor unit (``MINOR_UNITS``). The total is the sum of rounded lines.
 from __future__ import annotations
 
 import decimal
+import functools
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -274,8 +275,10 @@ def adjustment_line(stored: Invoice, recomputed: Sequence[InvoiceLine]) -> Invoi
                        adjusts_period_start_ms=stored.period_start_ms)
 
 
+@functools.lru_cache(maxsize=65536)
 def billing_period(at_ms: int, timezone: str) -> tuple[int, int]:
-    """[start, end) of the calendar month in ``timezone`` containing ``at_ms``."""
+    """[start, end) of the calendar month in ``timezone`` containing ``at_ms``
+    (remembered: cost limits ask for the same few months for every customer)."""
     zone = resolve_timezone(timezone)
     start = window_floor(at_ms, "month", zone)
     return start, window_spans(start, start + MONTH_REACH_MS, "month", zone)[0][2]
