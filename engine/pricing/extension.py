@@ -119,8 +119,9 @@ class PricingExtension:
         # start), each plan version's charge feeds, and each (customer, period)'s rounded
         # usage amounts per charge with the plan they were rated on.
         self._plans: dict[tuple[str, int], Plan | None] = {}
-        self._feeds_of: dict[tuple[str, int], list[str]] = {}
-        self._amounts: dict[tuple[str, int], tuple[Plan, list[Decimal]]] = {}
+        self._ratings: dict[tuple[str, int], _PlanRating] = {}
+        # [rating, rounded amount per charge, their sum]
+        self._amounts: dict[tuple[str, int], list[Any]] = {}
 
     # ----------------------------------------------------- Extension protocol
 
@@ -276,18 +277,19 @@ class PricingExtension:
         self._plans[key] = plan
         return plan
 
-    def _charge_feeds(self, plan: Plan) -> list[str]:
-        """The feed id of each charge of ``plan``, in order (remembered per version)."""
+    def _rating_of(self, plan: Plan) -> _PlanRating:
+        """What rating ``plan`` per feed change needs (remembered per version)."""
         key = (plan.id, plan.version)
-        found = self._feeds_of.get(key)
+        found = self._ratings.get(key)
         if found is None:
-            found = self._feeds_of[key] = [feed_id(c, plan.timezone) for c in plan.charges]
+            found = self._ratings[key] = _PlanRating(plan)
         return found
 
     def _evaluate(self, customer: str, start: int, changed: set[str] | None,
                   crossings: list[Crossing]) -> None:
         """Rate (customer, period) and check its cost limits. Only the charges whose feed
-        is in ``changed`` are rated again (all of them with None or a new plan)."""
+        is in ``changed`` are rated again (every charge with usage, with None or a new
+        plan); the others keep their rounded amounts."""
         limits = self._by_customer.get(customer)
         every = self._every_customer
         if not limits and not every:
@@ -297,28 +299,32 @@ class PricingExtension:
             return
         key = (customer, start)
         usage = self.usage.get(key, {})
+        rating = self._rating_of(plan)
         known = self._amounts.get(key)
-        feeds = self._charge_feeds(plan)
-        if known is None or known[0] is not plan:
-            amounts = [Decimal(0)] * len(feeds)
-            changed = None
-        else:
-            amounts = known[1]
-        for index, (charge, fid) in enumerate(zip(plan.charges, feeds, strict=True)):
-            if changed is None or fid in changed:
+        if known is None or known[0] is not rating:
+            known = [rating, list(rating.zero_amounts), rating.zero_subtotal]
+            self._amounts[key] = known
+            changed = set(usage)
+        amounts: list[Decimal] = known[1]
+        subtotal: Decimal = known[2]
+        charges = plan.charges
+        for fid in changed or ():
+            for index in rating.charges_of_feed.get(fid, ()):
                 value = usage.get(fid, 0)
-                amounts[index] = charge_amount(
-                    charge, value if type(value) is Decimal else Decimal(value), plan.currency)
-        self._amounts[key] = (plan, amounts)
+                amount = charge_amount(charges[index], value if type(value) is Decimal
+                                       else Decimal(value), plan.currency)
+                subtotal = EXACT.add(EXACT.subtract(subtotal, amounts[index]), amount)
+                amounts[index] = amount
+        known[2] = subtotal
         for limit in (limits or []) + every:
             if limit.timezone != plan.timezone:
                 continue  # refused when the limit is added for a customer's known plan
             if limit.meter_api_name is None:
-                amount = period_total(plan, amounts)
+                amount = rating.total(subtotal)
             else:
-                with decimal.localcontext(EXACT):
-                    amount = sum((a for a, c in zip(amounts, plan.charges, strict=True)
-                                  if c.meter_api_name == limit.meter_api_name), Decimal(0))
+                amount = EXACT.add(Decimal(0), sum(
+                    (amounts[i] for i in rating.charges_of_meter.get(limit.meter_api_name, ())),
+                    Decimal(0)))
             self._check(limit, plan, customer, start, amount, crossings)
 
     def _check(self, limit: Limit, plan: Plan, customer: str, start: int, amount: Decimal,
@@ -351,6 +357,26 @@ class PricingExtension:
         for masks in self.fired.values():
             for key in [key for key in masks if key[1] < horizon]:
                 del masks[key]
+
+
+class _PlanRating:
+    """One plan version prepared for rating feed changes: which charges each feed and
+    each meter has, every charge's amount at zero usage, and the total's rule."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.charges_of_feed: dict[str, list[int]] = {}
+        self.charges_of_meter: dict[str, list[int]] = {}
+        for index, charge in enumerate(plan.charges):
+            self.charges_of_feed.setdefault(feed_id(charge, plan.timezone), []).append(index)
+            self.charges_of_meter.setdefault(charge.meter_api_name, []).append(index)
+        self.zero_amounts = [charge_amount(c, Decimal(0), plan.currency) for c in plan.charges]
+        with decimal.localcontext(EXACT):
+            self.zero_subtotal = sum(self.zero_amounts, Decimal(0))
+
+    def total(self, usage_subtotal: Decimal) -> Decimal:
+        """The invoice total (``plan_lines`` without adjustments) from the usage lines' sum."""
+        return period_total(self.plan, [usage_subtotal])
 
 
 def _number(value: Any) -> int | str:
