@@ -62,8 +62,8 @@ from engine.pricing.rating import (
     total_of,
 )
 from engine.runtime.engine import Engine
-from engine.runtime.groups import unwrap_single
 from engine.runtime.engine import open_engine as open_metering_engine
+from engine.runtime.groups import unwrap_single
 from engine.schema import Limit, Query
 
 # Final invoices of this many periods before an open one are checked for corrections.
