@@ -129,7 +129,7 @@ class CostModel:
         return out
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(anchor=st.sampled_from(ANCHORS_MS), data=st.data())
 async def test_cost_alerts_match_model_across_restarts(anchor: int, data: Any) -> None:
