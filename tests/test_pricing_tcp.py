@@ -6,11 +6,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import trio
 
 from engine import Charge, Engine, Event, Limit, Meter, Plan
 from engine.auth import parse_keys
 from engine.client import open_client
 from engine.errors import Forbidden, UnknownCustomer
+from engine.sync_client import SyncClient
 from tests.helpers.events import NOW
 from tests.helpers.serve import HOST
 
@@ -52,3 +54,19 @@ async def test_tcp_plans_assignments_invoices_and_cost_alerts(engine: Engine,
                 await acme.define_plan(PLAN)
             with pytest.raises(UnknownCustomer):
                 await admin.invoice("globex", NOW)
+
+
+async def test_the_sync_client_has_the_pricing_verbs(engine: Engine, serving: Any) -> None:
+    await engine.define_meter(Meter(name="tokens"))
+    await engine.ingest([Event("tokens", "acme", 500, NOW)])
+    async with serving(engine) as server:
+        def use() -> tuple[Any, ...]:
+            with SyncClient(HOST, server.port) as client:
+                stored = client.define_plan(PLAN)
+                client.assign_plan("acme", "pro", effective_from_ms=NOW)
+                return (stored, client.plans(), client.get_plan("pro"),
+                        client.invoice("acme", NOW))
+
+        stored, plans, got, invoice = await trio.to_thread.run_sync(use)
+    assert plans == [stored] == [got]
+    assert invoice.total == Decimal("21.00") == (await engine.invoice("acme", NOW)).total
