@@ -10,7 +10,10 @@ Two figures (docs/benchmarks.md, "Pricing"):
    limit; one cost limit with ``customer_id=None``; one cost limit per customer
    (``--customers``, 10,000 by default). Each is reported as events/s and as a ratio
    to the first (goal: within 10 %). Each engine has its own LMDB data directory
-   in a temporary folder (fsync on, as served), 8 shards.
+   in a temporary folder (fsync on, as served), 8 shards; ``--store memory`` runs
+   them on the in-memory store instead, with the events' unique ids dropped (the
+   fake's dedup index is not made for millions of ids), to compare the engines'
+   own work without disk.
 
     .venv/bin/python benchmarks/pricing.py            # the figures in docs/benchmarks.md
     .venv/bin/python benchmarks/pricing.py --quick    # a smoke run (seconds)
@@ -19,6 +22,7 @@ Two figures (docs/benchmarks.md, "Pricing"):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,6 +34,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 if __package__ in (None, ""):  # run as a script: the repository's root on the path
@@ -38,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: the repository's root on the p
 from benchmarks.common import machine_facts, percentile
 from benchmarks.workload import Workload, generate
 from engine import Charge, Engine, Limit, Plan, Tier, open_engine
+from engine.storage import MemoryStore
 
 
 def ten_charges(meters: list[str]) -> Plan:
@@ -62,12 +68,16 @@ def ten_charges(meters: list[str]) -> Plan:
 
 
 async def prepared(stack: AsyncExitStack, workload: Workload, customers: list[str],
-                   limits: str, clock: Callable[[], int]) -> Engine:
+                   limits: str, clock: Callable[[], int], store: str = "lmdb") -> Engine:
     """An open engine with the plan, every customer on it and the cost limits ``limits``
     names: "none", "global" or "per-customer"."""
-    data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"pricing-{limits}-"))
-    eng = await stack.enter_async_context(open_engine(data_dir, shards=8, clock_ms=clock,
-                                                      snapshot_on_close=False))
+    if store == "memory":
+        eng = await stack.enter_async_context(open_engine(store=MemoryStore(), shards=8,
+                                                          clock_ms=clock))
+    else:
+        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"pricing-{limits}-"))
+        eng = await stack.enter_async_context(open_engine(data_dir, shards=8, clock_ms=clock,
+                                                          snapshot_on_close=False))
     for meter in workload.meters:
         await eng.define_meter(meter)
     await eng.define_plan(ten_charges([m.name for m in workload.meters]))
@@ -88,11 +98,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     workload = generate(args.seed, customers=args.customers, meters=5, events=args.events,
                         batch_size=args.batch_size, duplicate_fraction=0.0,
                         late_fraction=0.0)
+    if args.store == "memory":
+        workload = dataclasses.replace(workload, batches=[
+            [msgspec.structs.replace(e, unique_id=None) for e in batch]
+            for batch in workload.batches])
     clock = lambda: workload.now_ms  # noqa: E731 - the workload's own now
     scenarios = ["none", "global", "per-customer"]
     async with AsyncExitStack() as stack:
         started = time.perf_counter()
-        engines = {name: await prepared(stack, workload, workload.customer_ids, name, clock)
+        engines = {name: await prepared(stack, workload, workload.customer_ids, name, clock,
+                                        args.store)
                    for name in scenarios}
         setup_s = time.perf_counter() - started
         return await _run(args, workload, engines, setup_s)
@@ -137,7 +152,7 @@ async def _run(args: argparse.Namespace, workload: Workload, engines: dict[str, 
         "machine": machine_facts(),
         "parameters": {"events": total_events, "customers": args.customers,
                        "batch_size": args.batch_size, "rounds": rounds,
-                       "charges": 10, "previews": args.previews, "store": "lmdb",
+                       "charges": 10, "previews": args.previews, "store": args.store,
                        "shards": 8},
         "setup_s": round(setup_s, 1),
         "ingest_events_per_s": {name: round(total_events / sum(seconds[name]))
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches-per-round", type=int, default=25)
     parser.add_argument("--previews", type=int, default=400)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--store", choices=["lmdb", "memory"], default="lmdb")
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
