@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 
 from engine import (
     Alert,
@@ -285,3 +286,25 @@ def test_old_records_and_peers_decode_with_the_defaults() -> None:
     assert msgspec.msgpack.decode(records.encode_alert(new), type=OldAlert).value == 6
     usage_limit = Limit(id="l", meter_api_name="calls", thresholds=[5])
     assert b"measure" not in msgspec.json.encode(usage_limit)  # the same bytes as before
+
+
+async def test_a_limit_for_every_customer_rates_usage_that_changed_while_none_applied() -> None:
+    # acme's amounts were rated under a first limit, then its usage changed while only
+    # globex had one: a limit for every customer must rate acme's usage as it is now.
+    plan = Plan(id="p", currency="USD", fixed_fee="5",
+                charges=[Charge(meter_api_name="calls", unit_price="0.5")])
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=Clock(MID_NOV)) as eng:
+        await eng.define_meter(Meter(name="calls"))
+        await eng.define_plan(plan)
+        for customer in ("acme", "globex"):
+            await eng.assign_plan(customer, "p", effective_from_ms=NOV)
+        for customer in ("acme", "globex"):  # the second replaces the first
+            await eng.add_limit(Limit(id="c1", meter_api_name=None, customer_id=customer,
+                                      thresholds=[6], period="month", measure="cost"))
+        await eng.ingest([Event("calls", "acme", 2, MID_NOV)])
+        async with eng.subscribe(from_seq=0) as alerts:
+            await eng.add_limit(Limit(id="c1", meter_api_name=None, thresholds=[6],
+                                      period="month", measure="cost"))
+            with trio.fail_after(10):
+                alert = await alerts.__anext__()
+    assert (alert.customer_id, alert.value) == ("acme", Decimal("6.00"))

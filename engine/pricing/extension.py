@@ -304,6 +304,10 @@ class PricingExtension:
         if known is None or known[0] is not rating:
             known = [rating, list(rating.zero_amounts), rating.zero_subtotal]
             self._amounts[key] = known
+            changed = None
+        if changed is None:
+            # Rated whole: every feed with usage (the amounts may be stale, as feed
+            # changes of a customer without limits are stored but not rated).
             changed = set(usage)
         amounts: list[Decimal] = known[1]
         subtotal: Decimal = known[2]
