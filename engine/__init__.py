@@ -35,7 +35,9 @@ from engine.errors import (
     UnknownMeter,
     UnsupportedVersion,
 )
-from engine.runtime.engine import Engine, open_engine
+from engine.pricing import Charge, Invoice, InvoiceLine, Plan, PlanAssignment, Tier, TierAmount
+from engine.pricing.engine import PricedEngine as Engine
+from engine.pricing.engine import open_engine
 from engine.runtime.statistics import EngineStatistics
 from engine.schema import (
     Alert,
@@ -57,6 +59,7 @@ __all__ = [
     "BadFrame",
     "BadMessage",
     "BatchRejected",
+    "Charge",
     "ConnectionLost",
     "Customer",
     "CustomerExists",
@@ -73,10 +76,14 @@ __all__ = [
     "InsecureBind",
     "InvalidQuery",
     "InvalidRequest",
+    "Invoice",
+    "InvoiceLine",
     "Limit",
     "Meter",
     "MeterConflict",
     "MeteringError",
+    "Plan",
+    "PlanAssignment",
     "ProtocolError",
     "ProtocolTimeout",
     "Query",
@@ -87,6 +94,8 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "Take",
+    "Tier",
+    "TierAmount",
     "Unauthorized",
     "UnknownCustomer",
     "UnknownMeter",

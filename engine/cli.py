@@ -157,6 +157,7 @@ COMMAND_MODULES = (
     "engine.cli_limits",
     "engine.cli_customers",
     "engine.cli_export",
+    "engine.cli_pricing",
     "engine.cli",  # demo
 )
 

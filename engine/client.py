@@ -43,6 +43,7 @@ import trio
 
 from engine.client_statistics import RemoteStatistics, SubscriptionStatistics
 from engine.errors import ConnectionLost, MeteringError, map_exceptions
+from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.protocol.connection import (
     MAX_REPLY_BYTES,
     NEED_DATA,
@@ -55,27 +56,36 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    AssignmentReply,
+    AssignPlan,
     BackupReply,
     BackupRequest,
     CustomerReply,
     CustomersReply,
     DefineMeter,
+    DefinePlan,
     DeleteCustomer,
     ErrorReply,
     EventsReply,
     GetCustomer,
+    GetInvoice,
+    GetPlan,
     Hello,
     Ingest,
     IngestReply,
+    InvoiceReply,
     Lagged,
     LimitReply,
     LimitsReply,
     ListCustomers,
     ListLimits,
     ListMeters,
+    ListPlans,
     MeterReply,
     MetersReply,
     Ping,
+    PlanReply,
+    PlansReply,
     QueryReply,
     QueryRequest,
     ReadEvents,
@@ -287,6 +297,32 @@ class Client:
     async def list_limits(self) -> list[Limit]:
         reply: LimitsReply = await self._call(ListLimits)
         return reply.limits
+
+    # ------------------------------------------------------------- pricing
+
+    async def define_plan(self, plan: Plan) -> Plan:
+        reply: PlanReply = await self._call(DefinePlan, plan=plan)
+        assert reply.plan is not None
+        return reply.plan
+
+    async def get_plan(self, plan_id: str, version: int | None = None) -> Plan | None:
+        reply: PlanReply = await self._call(GetPlan, plan_id=plan_id, version=version)
+        return reply.plan
+
+    async def plans(self) -> list[Plan]:
+        reply: PlansReply = await self._call(ListPlans)
+        return reply.plans
+
+    async def assign_plan(self, customer_id: str, plan_id: str, *,
+                          effective_from_ms: int) -> PlanAssignment:
+        reply: AssignmentReply = await self._call(AssignPlan, customer_id=customer_id,
+                                                  plan_id=plan_id,
+                                                  effective_from_ms=effective_from_ms)
+        return reply.assignment
+
+    async def invoice(self, customer_id: str, at_ms: int) -> Invoice:
+        reply: InvoiceReply = await self._call(GetInvoice, customer_id=customer_id, at_ms=at_ms)
+        return reply.invoice
 
     async def add_customer(self, customer: Customer) -> Customer:
         reply: CustomerReply = await self._call(AddCustomer, customer=customer)

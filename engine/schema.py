@@ -112,10 +112,16 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     ``filter`` restricts the usage counted, like ``Query.filter``.
     ``webhook_url`` (an http or https URL) receives each of its alerts as a
     signed POST when the server delivers webhooks.
+
+    ``measure="cost"`` (docs/pricing.md) compares the customer's invoice amount in
+    the plan's currency instead of usage: ``meter_api_name=None`` means the whole
+    invoice total, a meter's name that meter's usage lines; the period must be the
+    plan's billing month (``"month"`` in the plan's time zone). A usage limit needs
+    a meter. Pricing evaluates cost limits; metering only publishes usage to it.
     """
 
     id: str
-    meter_api_name: str
+    meter_api_name: str | None
     thresholds: list[int | float | Decimal]
     customer_id: str | None = None
     period: PeriodName = "day"
@@ -123,23 +129,30 @@ class Limit(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     filter: dict[str, list[str]] = {}
     # Where ``meter serve`` POSTs this limit's alerts (docs/http.md, "Webhooks").
     webhook_url: str | None = None
+    measure: Literal["usage", "cost"] = "usage"
 
 
-class Alert(msgspec.Struct, frozen=True, rename="camel"):
+class Alert(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """A customer's usage crossed a threshold of a limit within a period.
 
     ``seq`` is gap-free and increasing across all alerts; ``crossed_at_ms`` is
-    when the engine received the batch that crossed it.
+    when the engine received the batch that crossed it. A cost limit's alert has
+    ``measure="cost"``, its ``currency``, and amounts as ``threshold`` and ``value``
+    (``meter_api_name`` None for an invoice-total limit). Older peers and stored
+    alerts without these fields decode with the defaults, and a usage limit's alert
+    is encoded without them (``omit_defaults``): the same bytes as before pricing.
     """
 
     seq: int
     limit_id: str
     customer_id: str
-    meter_api_name: str
+    meter_api_name: str | None
     threshold: int | Decimal
     value: int | Decimal
     period_start_ms: int
     crossed_at_ms: int
+    measure: Literal["usage", "cost"] = "usage"
+    currency: str | None = None
 
 
 class IngestAck(msgspec.Struct, frozen=True, rename="camel"):

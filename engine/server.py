@@ -55,9 +55,9 @@ import trio
 from engine.auth import KeyRing
 from engine.budget import ByteBudget
 from engine.errors import InsecureBind, MeteringError, ServerBusy
+from engine.pricing.engine import PricedEngine as Engine
 from engine.protocol.connection import MAX_HELLO_BYTES, encode_message_frame, error_reply
 from engine.protocol.framing import MAX_FRAME_BYTES
-from engine.runtime.engine import Engine
 from engine.server_connection import (
     LAG_NOTICE,
     MAX_SUBSCRIPTIONS,

@@ -49,22 +49,31 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    AssignmentReply,
+    AssignPlan,
     BackupReply,
     BackupRequest,
     DefineMeter,
+    DefinePlan,
     DeleteCustomer,
     GetCustomer,
+    GetInvoice,
+    GetPlan,
     Ingest,
     IngestReply,
+    InvoiceReply,
     Lagged,
     LimitReply,
     LimitsReply,
     ListCustomers,
     ListLimits,
     ListMeters,
+    ListPlans,
     MeterReply,
     MetersReply,
     Ping,
+    PlanReply,
+    PlansReply,
     Pong,
     QueryReply,
     QueryRequest,
@@ -349,6 +358,29 @@ class ServerSideConnection:
             limits = visible_limits(limits, principal.customer_id)
         return LimitsReply(id=message.id, limits=limits)
 
+    # ------------------------------------------------------------- pricing
+
+    async def _define_plan(self, principal: Principal, message: DefinePlan) -> msgspec.Struct:
+        return PlanReply(id=message.id, plan=await self.server.engine.define_plan(message.plan))
+
+    async def _get_plan(self, principal: Principal, message: GetPlan) -> msgspec.Struct:
+        return PlanReply(id=message.id,
+                         plan=self.server.engine.get_plan(message.plan_id, message.version))
+
+    async def _list_plans(self, principal: Principal, message: ListPlans) -> msgspec.Struct:
+        return PlansReply(id=message.id, plans=self.server.engine.plans())
+
+    async def _assign_plan(self, principal: Principal, message: AssignPlan) -> msgspec.Struct:
+        assignment = await self.server.engine.assign_plan(
+            message.customer_id, message.plan_id, effective_from_ms=message.effective_from_ms)
+        return AssignmentReply(id=message.id, assignment=assignment)
+
+    async def _invoice(self, principal: Principal, message: GetInvoice) -> msgspec.Struct:
+        if principal.customer_id not in (None, message.customer_id):
+            raise Forbidden("this API key may only see its own customer's invoices")
+        invoice = await self.server.engine.invoice(message.customer_id, message.at_ms)
+        return InvoiceReply(id=message.id, invoice=invoice)
+
     async def _stats(self, principal: Principal, message: Stats) -> msgspec.Struct:
         return StatsReply(id=message.id, stats=self.server_statistics())
 
@@ -438,6 +470,11 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
     # Writes on the server's filesystem, wherever the server may: administrators only.
     BackupRequest: RequestHandler("admin", ServerSideConnection._backup),
     ReadEvents: RequestHandler("query", server_events.read_events),
+    DefinePlan: RequestHandler("admin", ServerSideConnection._define_plan),
+    GetPlan: RequestHandler("query", ServerSideConnection._get_plan),
+    ListPlans: RequestHandler("query", ServerSideConnection._list_plans),
+    AssignPlan: RequestHandler("admin", ServerSideConnection._assign_plan),
+    GetInvoice: RequestHandler("query", ServerSideConnection._invoice),
 }
 # The scope each request needs (kept for code that read the former table).
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {

@@ -16,6 +16,7 @@ import trio
 
 from engine.client import Client, RemoteStatistics, open_client
 from engine.errors import ConnectionLost
+from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.schema import Backup, Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
 
 __all__ = ["SyncClient"]
@@ -121,6 +122,25 @@ class SyncClient:
 
     def delete_customer(self, customer_id: str) -> Customer | None:
         return self._call(Client.delete_customer, customer_id)
+
+    def define_plan(self, plan: Plan) -> Plan:
+        return self._call(Client.define_plan, plan)
+
+    def get_plan(self, plan_id: str, version: int | None = None) -> Plan | None:
+        return self._call(Client.get_plan, plan_id, version)
+
+    def plans(self) -> list[Plan]:
+        return self._call(Client.plans)
+
+    def assign_plan(self, customer_id: str, plan_id: str, *,
+                    effective_from_ms: int) -> PlanAssignment:
+        async def assign(client: Client) -> PlanAssignment:
+            return await client.assign_plan(customer_id, plan_id,
+                                            effective_from_ms=effective_from_ms)
+        return self._call(assign)
+
+    def invoice(self, customer_id: str, at_ms: int) -> Invoice:
+        return self._call(Client.invoice, customer_id, at_ms)
 
     def backup(self, path: str) -> Backup:
         return self._call(Client.backup, path)

@@ -28,8 +28,9 @@ PURE = frozenset({STDLIB, "msgspec"})
 DOMAIN = PURE | {"engine.schema", "engine.errors", "engine.domain"}
 # messages.py widens integers beyond int64 with domain.records.wide_ints_as_decimals;
 # domain.values (wide_as_decimal, fits_int64) is the leaf meant for that.
+# engine.pricing.model: pricing's public structs (plans, invoices), pure like schema.py.
 PROTOCOL = PURE | {"engine.schema", "engine.errors", "engine.protocol",
-                   "engine.domain.values", "engine.domain.records"}
+                   "engine.domain.values", "engine.domain.records", "engine.pricing.model"}
 # Storage stores bytes; the record shapes and value bounds are the most it may know.
 # engine.faults: the crash tests' kill points (standard library only).
 STORAGE = PURE | {"lmdb", "engine.errors", "engine.storage", "engine.faults",
@@ -45,7 +46,19 @@ HTTP = PURE | {"trio", "hypercorn", "h11", "prometheus_client", "=engine", "engi
                "engine.errors", "engine.auth", "engine.access", "engine.server",
                "engine.budget", "engine.http"}
 
+# Pricing's pure part rates what it is given: no trio, storage or runtime; of metering's
+# domain only the calendar windows and exact values (the billing month is a query window).
+PRICING_PURE = PURE | {"engine.schema", "engine.errors", "engine.domain.windows",
+                       "engine.domain.values", "engine.pricing.model", "engine.pricing.rating",
+                       "engine.pricing.ledger"}
+# Its runtime part plugs into metering's extension seam: the runtime's layer plus pricing.
+PRICING_RUNTIME = RUNTIME | {"engine.pricing"}
+
 RULES: dict[str, frozenset[str]] = {
+    "pricing/model.py": PRICING_PURE,
+    "pricing/rating.py": PRICING_PURE,
+    "pricing/ledger.py": PRICING_PURE,
+    "pricing/": PRICING_RUNTIME,
     "domain/": DOMAIN,
     "protocol/": PROTOCOL,
     "storage/": STORAGE,
@@ -172,6 +185,17 @@ def test_only_the_store_owners_in_the_runtime_import_storage(path: Path) -> None
         )
 
 
+METERING = ("domain/", "storage/", "runtime/", "schema.py", "errors.py")
+
+
+@pytest.mark.parametrize("path", [p for p in ENGINE_FILES
+                                  if path_id(p).startswith(METERING)], ids=path_id)
+def test_metering_never_imports_pricing(path: Path) -> None:
+    """Pricing rides on metering (the usage feed, the extension seam), never the reverse."""
+    bad = sorted(name for name in imports_of_file(path) if allowed(name, {"engine.pricing"}))
+    assert not bad, f"{path_id(path)} imports {bad}: metering must not depend on pricing"
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` as a path that starts and ends at the same node, or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -235,6 +259,6 @@ def test_a_cycle_is_found_and_a_tree_is_not() -> None:
 
 
 def test_every_layer_has_files_to_check() -> None:
-    for prefix in ("domain/", "protocol/", "storage/", "runtime/"):
+    for prefix in ("domain/", "protocol/", "storage/", "runtime/", "pricing/"):
         assert sum(path_id(p).startswith(prefix) for p in RULED_FILES) >= 2, prefix
     assert {"auth.py", "errors.py", "schema.py"} <= {path_id(p) for p in RULED_FILES}

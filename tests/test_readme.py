@@ -97,3 +97,12 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         server.kill()
         server.wait()
         server.stdout.close()  # type: ignore[union-attr]
+
+
+def test_pricing_doc_examples_run_and_print_what_the_doc_says(tmp_path: Path) -> None:
+    text = (ROOT / "docs/pricing.md").read_text()
+    blocks = python_blocks("docs/pricing.md")
+    printed = re.findall(r"prints\n\n```\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == len(printed) == 2
+    for number, (block, expected) in enumerate(zip(blocks, printed, strict=True)):
+        assert run_example(block, tmp_path, f"pricing_{number}") == expected.splitlines()

@@ -17,6 +17,13 @@ Usage equals what a query over the period returns for that customer under the
 limit's filters, with one documented exception kept from before: a period with
 a bound inside a minute (``period_of_bucket``).
 
+A *usage feed* is a limit without thresholds (``usage_feed``): its changed
+values are published, not compared. After each slice (and when it is
+installed) every (customer, period) whose usage it tracks changed is appended
+to ``ShardLimits.feed`` as ``(feed id, customer, period start, usage)``; the
+runtime hands the feed of each applied batch to whoever installed it (pricing,
+for cost limits), so metering never knows what the usage is priced at.
+
 Everything here is a deterministic function of the write-ahead-log order:
 replay produces the same crossings, in the same order, and the same states.
 """
@@ -83,6 +90,11 @@ def check_limit(limit: Limit, meters: dict[str, MeterDef]) -> LimitDef:
         raise LimitError(f"expected a Limit, got {type(limit).__name__}")
     if type(limit.id) is not str or not limit.id or len(limit.id) > 256:
         raise LimitError("limit id must be a non-empty string of at most 256 characters")
+    if limit.measure != "usage":
+        raise LimitError(f"measure {limit.measure!r}: metering evaluates usage limits only "
+                         "(cost limits are pricing's)")
+    if limit.meter_api_name is None:
+        raise LimitError("a usage limit needs a meter_api_name")
     meter = meters.get(limit.meter_api_name)
     if meter is None:
         raise LimitError(f"unknown meter {limit.meter_api_name!r}")
@@ -120,6 +132,21 @@ def check_limit(limit: Limit, meters: dict[str, MeterDef]) -> LimitDef:
     return LimitDef(limit, meter, thresholds, customers, tuple(dim_filters))
 
 
+def usage_feed(feed_id: str, meter: MeterDef, period: str, timezone: str,
+               dim_filters: dict[str, list[str]]) -> LimitDef:
+    """A limit without thresholds that publishes every change of each customer's
+    usage of ``meter`` per ``period`` in ``timezone`` under ``dim_filters`` (what
+    ``Query.filter`` means), instead of firing (``ShardLimits.feed``)."""
+    limit = Limit(id=feed_id, meter_api_name=meter.name, thresholds=[], period=period,  # type: ignore[arg-type]
+                  timezone=timezone, filter=dim_filters)
+    return LimitDef(limit, meter, (), None,
+                    tuple((key, frozenset(values)) for key, values in sorted(dim_filters.items())))
+
+
+# A feed entry: (feed id, customer, period start ms, the period's usage now)
+UsageChange = tuple[str, str, int, Number]
+
+
 MAX_URL_CHARS = 2048
 
 
@@ -147,8 +174,10 @@ def period_bounds(ts_ms: int, limit: Limit) -> tuple[int, int]:
 
 
 # A crossing before it gets its sequence number:
-# (limit id, customer, meter, threshold, value, period start ms)
-Crossing = tuple[str, str, str, Number, Number, int]
+# (limit id, customer, meter, threshold, value, period start ms), and for a cost
+# limit (evaluated by pricing) also (..., measure, currency), meter None for a total.
+Crossing = (tuple[str, str, str | None, Number, Number, int]
+            | tuple[str, str, str | None, Number, Number, int, str, str])
 
 
 RECENT_PERIODS = 4  # periods remembered per limit
@@ -219,6 +248,12 @@ class ShardLimits:
         self._periods: dict[str, list[tuple[int, int]]] = {}  # limit id -> recent periods
         # Ends before this were forgotten; not exported: forgetting again is a no-op.
         self._forgotten_before_ms = -1
+        # Usage feeds' changes since the runtime last took them (``take_feed``).
+        self.feed: list[UsageChange] = []
+
+    def take_feed(self) -> list[UsageChange]:
+        feed, self.feed = self.feed, []
+        return feed
 
     def add(self, limit: LimitDef, now_ms: int) -> list[Crossing]:
         """Install (or replace) a limit and evaluate it at once for the current period."""
@@ -385,6 +420,9 @@ class ShardLimits:
     def _check(self, limit: LimitDef, customer: str, start: int, value: Number,
                crossings: list[Crossing]) -> None:
         """Record and report the thresholds ``value`` reaches that had not fired."""
+        if not limit.thresholds:  # a usage feed: publish, never fire
+            self.feed.append((limit.id, customer, start, value))
+            return
         fired_for_limit = self.fired[limit.id]
         fired = fired_for_limit.get((customer, start), 0)
         newly = fired

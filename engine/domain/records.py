@@ -53,7 +53,18 @@ class WalHideCustomer(msgspec.Struct, tag="hide_customer", array_like=True):
     received_ms: int
 
 
-WalRecord = WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
+class WalExtension(msgspec.Struct, tag="ext", array_like=True):
+    """A record metering stores but does not read: an extension's change (pricing's
+    plans, assignments and final invoices), ``body`` encoded by the extension. The
+    runtime hands it back to the extension in commit order and on replay."""
+
+    kind: str
+    body: bytes
+    received_ms: int
+
+
+WalRecord = (WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
+             | WalExtension)
 
 
 # ------------------------------------------------------------------ snapshot
@@ -134,6 +145,7 @@ class EngineState(msgspec.Struct, array_like=True):
     # [lsn, engine clock ms] of each checkpoint still inside the raw-event retention:
     # the write-ahead log up to a mark older than the retention may be trimmed.
     wal_marks: list[list[int]] = []
+    extension: bytes = b""  # the extension's own state (pricing's), encoded by it
 
 
 def decimal_or_int(value: int | str) -> int | Decimal:

@@ -34,6 +34,7 @@ HTML = b"text/html; charset=utf-8"
 # Every asset by the one name it is served under, with its file (under static/) and type.
 ASSETS: dict[str, tuple[str, bytes]] = {
     "explorer.js": ("explorer.js", b"text/javascript; charset=utf-8"),
+    "explorer-pricing.js": ("explorer-pricing.js", b"text/javascript; charset=utf-8"),
     "explorer.css": ("explorer.css", b"text/css; charset=utf-8"),
     "favicon.svg": ("favicon.svg", b"image/svg+xml"),
     "uPlot.iife.min.js": ("vendor/uplot/uPlot.iife.min.js", b"text/javascript; charset=utf-8"),

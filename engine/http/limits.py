@@ -18,13 +18,13 @@ Invariants:
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 
-from engine import Alert, Limit, Query
+from engine import Alert, Engine, Limit, Query
 from engine.access import visible_limits
-from engine.errors import Forbidden, InvalidRequest
+from engine.errors import Forbidden, InvalidRequest, UnknownCustomer
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json
 from engine.http.errors import HttpError, bad_request
@@ -40,13 +40,14 @@ class LimitIn(msgspec.Struct, rename="camel"):
     """The engine's ``Limit`` as JSON; thresholds are exact numbers (``0.1`` is 0.1)."""
 
     id: str
-    meter_api_name: str
+    meter_api_name: str | None  # None: a cost limit on the whole invoice
     thresholds: list[int | Decimal]
     customer_id: str | None = None
     period: str = "day"
     timezone: str = "UTC"
     filter: dict[str, list[str]] = {}
     webhook_url: str | None = None
+    measure: Literal["usage", "cost"] = "usage"
 
 
 class AlertPage(msgspec.Struct, rename="camel"):
@@ -76,7 +77,8 @@ def to_limit(body: LimitIn) -> Limit:
     return Limit(id=body.id, meter_api_name=body.meter_api_name,
                  thresholds=cast(list[int | float | Decimal], body.thresholds),
                  customer_id=body.customer_id, period=cast(Any, period),
-                 timezone=body.timezone, filter=body.filter, webhook_url=body.webhook_url)
+                 timezone=body.timezone, filter=body.filter, webhook_url=body.webhook_url,
+                 measure=body.measure)
 
 
 async def list_limits(request: Request) -> Response:
@@ -150,15 +152,30 @@ async def customer_limits(request: Request) -> Response:
             start_ms, end_ms = engine.limit_period(limit, now_ms)
         except (ValueError, KeyError) as exc:  # pragma: no cover - the engine checked it
             raise InvalidRequest(f"limit {limit.id!r}: {exc}") from None
-        result = await engine.query(Query(
-            meter_api_name=limit.meter_api_name, start_ms=start_ms, end_ms=end_ms,
-            timezone=limit.timezone, filter={**limit.filter, "customer_id": [customer_id]}))
-        usage: Value = result.rows[0].value if result.rows else 0
+        usage: Value
+        if limit.meter_api_name is None or limit.measure == "cost":
+            usage = await cost_to_date(engine, limit, customer_id, now_ms)
+        else:
+            result = await engine.query(Query(
+                meter_api_name=limit.meter_api_name, start_ms=start_ms, end_ms=end_ms,
+                timezone=limit.timezone, filter={**limit.filter, "customer_id": [customer_id]}))
+            usage = result.rows[0].value if result.rows else 0
         thresholds = sorted({Decimal(str(t)) if isinstance(t, float) else t
                              for t in limit.thresholds})
         statuses.append(LimitStatus(limit, start_ms, end_ms, usage, thresholds,
                                     [t for t in thresholds if usage >= t]))
     return json_response(CustomerLimits(customer_id, now_ms, statuses))
+
+
+async def cost_to_date(engine: Engine, limit: Limit, customer_id: str, now_ms: int) -> Value:
+    """A cost limit's amount now: the open invoice's total, or its meter's lines."""
+    try:
+        invoice = await engine.invoice(customer_id, now_ms)
+    except UnknownCustomer:
+        return 0
+    return sum((line.amount for line in invoice.lines if line.kind != "adjustment" and (
+        limit.meter_api_name is None or line.meter_api_name == limit.meter_api_name)),
+        Decimal(0))
 
 
 def add_routes(router: Router) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from engine import Invoice, Plan, PlanAssignment
 from engine.http.amberflo import (
     AmberfloMeter,
     AmberfloMeterIn,
@@ -35,6 +36,7 @@ from engine.http.native import (
     Ready,
 )
 from engine.http.openmeter import BATCH, PLAIN, SINGLE, CloudEventDoc
+from engine.http.pricing import AssignIn
 from engine.http.streams import StatsEvent, StreamToken
 from engine.http.webhooks import FailedPage, Redelivered, RedeliverIn
 from engine.schema import Limit, Meter
@@ -116,11 +118,50 @@ def _numbers_for_decimals(node: Any) -> Any:
     return node
 
 
+def _pricing_paths() -> dict[str, Any]:
+    """Plans, assignments and invoices (engine.http.pricing)."""
+    plans = {"type": "array", "items": _ref("Plan")}
+    version = _query_param("version", {"type": "integer", "minimum": 1})
+    return {
+        "/api/plans": {
+            "get": _operation("The latest version of every plan", plans),
+            "post": _operation("Define a plan: a new version if it changed; answers it as "
+                               "stored", _ref("Plan"), _ref("Plan")),
+        },
+        "/api/plans/{id}": {
+            "get": _operation("A plan (its latest version, or ?version=); 404 if unknown",
+                              _ref("Plan"), parameters=[_path_param("id"), version]),
+            "put": _operation("Define the plan of this id (the body's id must match)",
+                              _ref("Plan"), _ref("Plan"), parameters=[_path_param("id")]),
+        },
+        "/api/plans/{id}/versions": {"get": _operation(
+            "Every version of a plan, oldest first; 404 if unknown", plans,
+            parameters=[_path_param("id")])},
+        "/api/customers/{id}/plan": {
+            "get": _operation("The customer's plan assignments, by start",
+                              {"type": "array", "items": _ref("PlanAssignment")},
+                              parameters=[_path_param("id")]),
+            "post": _operation("Assign a plan from the first period start at or after "
+                               "effectiveFromMs (a first plan: from its period's start)",
+                               _ref("PlanAssignment"), _ref("AssignIn"),
+                               parameters=[_path_param("id")]),
+        },
+        "/invoices/{customer}": {"get": {**_operation(
+            "The invoice of the billing period holding atMs (default: now); format=csv "
+            "answers its lines as CSV", _ref("Invoice"), parameters=[
+                _path_param("customer"),
+                _query_param("atMs", {"type": "integer", "minimum": 0,
+                                      "maximum": 253_402_300_799_999}),
+                _query_param("format", {"type": "string", "enum": ["json", "csv"]})])}},
+    }
+
+
 def build_document() -> dict[str, Any]:
     types = (IngestRecord, UsageQuery, UsageReport, AmberfloMeterIn, AmberfloMeter, QueryIn,
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
              NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
-             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter)
+             StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter, Plan,
+             PlanAssignment, Invoice, AssignIn)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -222,6 +263,7 @@ def build_document() -> dict[str, Any]:
                                      "maximum": DIMENSIONS_MAX_TOP}),
                 _query_param("maxKeys", {"type": "integer", "minimum": 1,
                                          "maximum": DIMENSIONS_MAX_KEYS})])},
+        **_pricing_paths(),
         "/api/v1/events": {"post": _cloudevents()},
         "/healthz": {"get": _operation("The process is up", _ref("Health"), secured=False)},
         "/readyz": {"get": _operation("Recovery has ended; requests are served",

@@ -45,6 +45,7 @@ from engine.http import (
     limits,
     native,
     openmeter,
+    pricing,
     streams,
     webhooks,
 )
@@ -85,6 +86,7 @@ def build_router() -> Router:
     streams.add_routes(router)
     native.add_routes(router)
     openmeter.add_routes(router)
+    pricing.add_routes(router)
     webhooks.add_routes(router)
     explorer.add_routes(router)
     return router

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 
 from engine.domain.records import wide_ints_as_decimals
+from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.schema import Alert, Customer, Event, Limit, Meter, Query, QueryResult
 
 PROTOCOL_VERSION = 1
@@ -140,11 +141,42 @@ class ReadEvents(msgspec.Struct, tag="read_events", **_BASE):
     limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
 
 
+# Pricing (docs/pricing.md): plans, assignments and invoices.
+
+
+class DefinePlan(msgspec.Struct, tag="define_plan", **_BASE):
+    id: RequestId
+    plan: Plan
+
+
+class GetPlan(msgspec.Struct, tag="get_plan", **_BASE):
+    id: RequestId
+    plan_id: str
+    version: int | None = None
+
+
+class ListPlans(msgspec.Struct, tag="list_plans", **_BASE):
+    id: RequestId
+
+
+class AssignPlan(msgspec.Struct, tag="assign_plan", **_BASE):
+    id: RequestId
+    customer_id: str
+    plan_id: str
+    effective_from_ms: int
+
+
+class GetInvoice(msgspec.Struct, tag="invoice", **_BASE):
+    id: RequestId
+    customer_id: str
+    at_ms: int
+
+
 ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
     | AddCustomer | UpdateCustomer | GetCustomer | ListCustomers | DeleteCustomer
-    | BackupRequest | ReadEvents
+    | BackupRequest | ReadEvents | DefinePlan | GetPlan | ListPlans | AssignPlan | GetInvoice
 )
 
 
@@ -277,10 +309,31 @@ class ErrorReply(msgspec.Struct, tag="error", **_BASE):
     problems: list[tuple[int, str]] | None = None
 
 
+class PlanReply(msgspec.Struct, tag="plan", **_BASE):
+    id: RequestId
+    plan: Plan | None = None  # None: no such plan (version)
+
+
+class PlansReply(msgspec.Struct, tag="plans", **_BASE):
+    id: RequestId
+    plans: list[Plan]
+
+
+class AssignmentReply(msgspec.Struct, tag="assignment", **_BASE):
+    id: RequestId
+    assignment: PlanAssignment
+
+
+class InvoiceReply(msgspec.Struct, tag="invoice", **_BASE):
+    id: RequestId
+    invoice: Invoice
+
+
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
-    | CustomerReply | CustomersReply | BackupReply | EventsReply
+    | CustomerReply | CustomersReply | BackupReply | EventsReply | PlanReply | PlansReply
+    | AssignmentReply | InvoiceReply
 )
 
 _client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)

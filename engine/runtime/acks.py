@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from engine.domain.limits import Crossing
 from engine.runtime.alerts import AlertHub, alert_from_crossing
+from engine.runtime.extensions import Extension, acknowledge
 from engine.runtime.messages import LoggedTicket
 from engine.schema import Alert
 
@@ -33,8 +34,9 @@ def number_alerts(crossings: list[tuple[int, list[Crossing]]], first_seq: int,
 
 
 class AckSequencer:
-    def __init__(self, hub: AlertHub, next_lsn: int) -> None:
+    def __init__(self, hub: AlertHub, next_lsn: int, extension: Extension | None = None) -> None:
         self._hub = hub
+        self._extension = extension
         self._next_lsn = next_lsn
         self._finished: dict[int, LoggedTicket] = {}
 
@@ -44,6 +46,7 @@ class AckSequencer:
         while self._next_lsn in self._finished:
             done = self._finished.pop(self._next_lsn)
             self._next_lsn += 1
+            acknowledge(self._extension, done)
             done.alerts = number_alerts(done.crossings, self._hub.next_seq, done.received_ms)
             self._hub.append(done.alerts)
             done.finish()

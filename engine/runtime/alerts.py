@@ -144,7 +144,11 @@ class AlertSubscription:
 
 
 def alert_from_crossing(seq: int, crossing: tuple[Any, ...], crossed_at_ms: int) -> Alert:
-    limit_id, customer, meter, threshold, value, period_start = crossing
+    limit_id, customer, meter, threshold, value, period_start = crossing[:6]
+    if len(crossing) == 8:  # a cost limit's (pricing's): measure and currency
+        return Alert(seq=seq, limit_id=limit_id, customer_id=customer, meter_api_name=meter,
+                     threshold=threshold, value=value, period_start_ms=period_start,
+                     crossed_at_ms=crossed_at_ms, measure=crossing[6], currency=crossing[7])
     return Alert(seq=seq, limit_id=limit_id, customer_id=customer, meter_api_name=meter,
                  threshold=threshold, value=value, period_start_ms=period_start,
                  crossed_at_ms=crossed_at_ms)

@@ -9,10 +9,15 @@ commit order, where a concurrent definition may have won.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from engine.domain import records
 from engine.domain.limits import LimitDef
 from engine.domain.meters import MeterDef
 from engine.schema import Customer, Limit, Meter
+
+if TYPE_CHECKING:
+    from engine.runtime.extensions import Extension
 
 
 class Catalog:
@@ -23,6 +28,8 @@ class Catalog:
         # Customers known only by their usage have no record here (the shards know them).
         self.customers: dict[str, Customer] = {}
         self.hidden_customers: set[str] = set()
+        # Set once, before recovery: pricing, or None (engine.runtime.extensions).
+        self.extension: Extension | None = None
 
     # ------------------------------------------------------------- reading
 
@@ -30,7 +37,8 @@ class Catalog:
         return [self.meter_defs[name].meter for name in sorted(self.meter_defs)]
 
     def limits(self) -> list[Limit]:
-        return [limit.limit for limit in self.limit_defs.values()]
+        usage = [limit.limit for limit in self.limit_defs.values()]
+        return usage + (self.extension.limits() if self.extension is not None else [])
 
     def stored_limits(self) -> list[Limit]:
         """Limits as a snapshot stores them (wide integers as decimals), in added order."""
@@ -42,6 +50,7 @@ class Catalog:
             limits=self.stored_limits(), next_alert_seq=next_alert_seq,
             customers=[self.customers[cid] for cid in sorted(self.customers)],
             hidden_customers=sorted(self.hidden_customers),
+            extension=self.extension.export() if self.extension is not None else b"",
         )
 
     def customer_record(self, customer_id: str) -> Customer | None:

@@ -49,6 +49,7 @@ from engine.runtime.alerts import AlertHub, AlertSubscription
 from engine.runtime.blocks import DEFAULT_BLOCK_CACHE_BYTES, BlockCache
 from engine.runtime.catalog import Catalog
 from engine.runtime.customers import CustomerRegistry
+from engine.runtime.extensions import Extension
 from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
@@ -94,7 +95,8 @@ class Engine:
                  clock_ms: Callable[[], int], snapshot_every_bytes: int,
                  history: HistoryPolicy | None = None,
                  block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
-                 dedup_horizon_ms: int | None = None) -> None:
+                 dedup_horizon_ms: int | None = None,
+                 extension: Extension | None = None) -> None:
         if type(shard_count) is not int or not 1 <= shard_count <= 4096:
             raise ValueError(f"shards must be an integer from 1 to 4096, got {shard_count!r}")
         if dedup_horizon_ms is None:
@@ -112,6 +114,7 @@ class Engine:
         self._clock_ms = clock_ms
         self._route = ShardRouter(shard_count)
         self._catalog = Catalog()
+        self._catalog.extension = extension  # pricing, if any (engine.runtime.extensions)
         self._hub = AlertHub(store)
         self._lifecycle = Lifecycle()
         self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
@@ -121,7 +124,7 @@ class Engine:
         self._blocks.load_index()
         for index, state in enumerate(self._recovered.states):
             state.blocks = self._blocks.reader(index)
-        self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1)
+        self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1, extension)
         self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
                                    shard_count)
                         for index, state in enumerate(self._recovered.states)]
@@ -250,6 +253,8 @@ class Engine:
         at or over a threshold get an alert immediately.
         """
         self._lifecycle.check_open()
+        if type(limit) is Limit and limit.measure != "usage":
+            return await self._add_extension_limit(limit)
         try:
             check_limit(limit, self._catalog.meter_defs)
         except LimitError as exc:
@@ -268,6 +273,8 @@ class Engine:
         """Remove a limit; False if there was none with that id."""
         self._lifecycle.check_open()
         if limit_id not in self._catalog.limit_defs:
+            if any(limit.id == limit_id for limit in self._catalog.limits()):
+                return await self._remove_extension_limit(limit_id)
             return False
         now_ms = self._clock_ms()
         ticket = messages.LoggedTicket(now_ms)
@@ -491,7 +498,31 @@ class Engine:
     def get_limit(self, limit_id: str) -> Limit | None:
         """The limit ``limit_id`` as it is now, or None (sync, like ``limits()``)."""
         limit_def = self._catalog.limit_defs.get(limit_id)
-        return None if limit_def is None else limit_def.limit
+        if limit_def is None:
+            return next((limit for limit in self._catalog.limits() if limit.id == limit_id),
+                        None)
+        return limit_def.limit
+
+    # ------------------------------------------- the extension's (engine.runtime.extensions)
+
+    async def _add_extension_limit(self, limit: Limit) -> Limit:
+        """A limit metering does not evaluate (``measure="cost"``): pricing's engine
+        (``engine.pricing.engine``) overrides this."""
+        raise InvalidRequest(f"limit {limit.id!r}: measure {limit.measure!r} needs pricing "
+                             "(open the engine with engine.open_engine)")
+
+    async def _remove_extension_limit(self, limit_id: str) -> bool:
+        return False
+
+    async def _log_extension(self, record: bytes, action: object) -> messages.LoggedTicket:
+        """Log an extension's record; its ``commit`` runs in commit order, its
+        ``acknowledge`` before this returns. Durable when this returns."""
+        ticket = messages.LoggedTicket(self._clock_ms())
+        await self._submit(messages.LogExtension(ticket, record, action))
+        return ticket
+
+    def _now_ms(self) -> int:
+        return self._clock_ms()
 
     def writes_in_flight(self) -> int:
         """Write requests (ingest batches, limit, meter and customer changes) queued for
@@ -546,6 +577,7 @@ async def open_engine(
     raw_retention_ms: int = DEFAULT_RAW_RETENTION_MS,
     block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
     dedup_horizon_ms: int | None = None,
+    engine_type: type[Engine] | None = None,
 ) -> AsyncIterator[Engine]:
     """Open (or create) the engine whose state lives in ``data_dir``.
 
@@ -564,6 +596,9 @@ async def open_engine(
     ``dedup_horizon_ms`` is how long a unique id is remembered after the batch that
     carried it arrived (default: the late-event limit, ``ingest_rules.late_ms``, 35
     days); a shorter one than the late-event limit is refused with ``ValueError``.
+
+    ``engine_type``: a subclass of ``Engine`` to open (``engine.open_engine`` opens
+    pricing's, ``engine.pricing.engine.PricedEngine``).
     """
     if ingest_rules is not None and limits is not None:
         raise ValueError("pass ingest_rules or its older name limits, not both")
@@ -576,7 +611,7 @@ async def open_engine(
         store = LmdbStore(data_dir, map_bytes=map_bytes or min(DEFAULT_MAP_BYTES, max_map_bytes),
                           max_map_bytes=max_map_bytes)
     try:
-        engine = Engine(store, shards, ingest_rules or limits or IngestRules(),
+        engine = (engine_type or Engine)(store, shards, ingest_rules or limits or IngestRules(),
                         clock_ms or wall_clock_ms, snapshot_every_bytes, history,
                         block_cache_bytes, dedup_horizon_ms)
         with tuned_gc(tune_gc), unwrap_single():

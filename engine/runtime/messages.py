@@ -21,7 +21,7 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar
 import trio
 
 from engine.domain.batch import ShardSlice
-from engine.domain.limits import Crossing, LimitDef
+from engine.domain.limits import Crossing, LimitDef, UsageChange
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
 from engine.schema import Alert, Customer
@@ -64,8 +64,8 @@ class LoggedTicket(Ticket):
     alerts and finishes tickets strictly in lsn order.
     """
 
-    __slots__ = ("accepted", "alerts", "crossings", "duplicates", "lsn", "pending",
-                 "received_ms", "removed")
+    __slots__ = ("accepted", "alerts", "crossings", "duplicates", "extension", "feed", "lsn",
+                 "pending", "received_ms", "removed")
 
     def __init__(self, received_ms: int) -> None:
         super().__init__()
@@ -77,6 +77,10 @@ class LoggedTicket(Ticket):
         self.crossings: list[tuple[int, list[Crossing]]] = []  # (shard, its crossings)
         self.alerts: list[Alert] = []
         self.removed = False  # a limit removal: whether the limit existed, in log order
+        # For the extension (engine.runtime.extensions): the record's own actions, and
+        # the usage feed the shards published while applying it.
+        self.extension: list[Any] = []
+        self.feed: list[UsageChange] = []
 
 
 class GatherTicket(Ticket, Generic[T]):
@@ -267,8 +271,19 @@ class LogCustomerChange:
 
 
 @dataclass(slots=True, eq=False)
+class LogExtension:
+    """Log an extension's record (``engine.runtime.extensions``); the extension applies
+    ``action`` in commit order and may answer shard work for every shard."""
+
+    ticket: LoggedTicket
+    record: bytes
+    action: Any
+
+
+@dataclass(slots=True, eq=False)
 class TakeSnapshot:
     ticket: SnapshotTicket
 
 
-WriteRequest = LogBatch | LogLimitChange | LogCustomerChange | DefineMeter | TakeSnapshot
+WriteRequest = (LogBatch | LogLimitChange | LogCustomerChange | LogExtension | DefineMeter
+                | TakeSnapshot)

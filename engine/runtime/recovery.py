@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import localcontext
+from typing import Any
 
 import msgspec
 
@@ -59,6 +60,7 @@ from engine.runtime.dedup import (
     remembered_keys,
     replay_duplicates,
 )
+from engine.runtime.extensions import acknowledge
 from engine.runtime.idindex import (
     BLOOM_PREFIX,
     DECIDED_FROM_KEY,
@@ -250,6 +252,9 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRo
     fired = [entry for part in parts for entry in part.fired]
     limit_states = [entry for part in parts for entry in part.limit_states]
     limit_defs = list(catalog.limit_defs.values())
+    if catalog.extension is not None:
+        catalog.extension.restore(engine_state.extension)
+        limit_defs += catalog.extension.feed_defs(catalog.meter_defs)
     for index, state in enumerate(states):
         state.alert_limits.load(limit_defs, fired, route, index, limit_states)
     return states, engine_state.next_alert_seq, engine_state.wal_marks
@@ -297,11 +302,15 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
             replayed: list[int], decided_from: int | None, id_index: IdIndex | None) -> None:
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
         record = records.decode_record(raw)
+    ticket = LoggedTicket(record.received_ms)
+    ticket.lsn = lsn
+    action = catalog.extension.decode(record) if catalog.extension is not None else None
+    if action is not None:
+        _replay_extension(catalog, action, states, ticket, hub)
+        return
     with damaged_if(f"write-ahead log record {lsn} cannot be replayed",
                     InvalidRequest, LimitError):
         work = _work_for(record, len(states), rules, route, catalog)
-    ticket = LoggedTicket(record.received_ms)
-    ticket.lsn = lsn
     slices = [item.slice if isinstance(item, ApplySlice) else None for item in work]
     keys = batch_keys(slices)
     if keys:
@@ -325,9 +334,23 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
         raise DataDirError(
             f"write-ahead log record {lsn} could not be applied: {exc!r}; {DAMAGED}"
         ) from exc
+    acknowledge(catalog.extension, ticket)
     hub.append(number_alerts(ticket.crossings, hub.next_seq, ticket.received_ms))
     replayed[0] += ticket.accepted
     replayed[1] += ticket.duplicates
+
+
+def _replay_extension(catalog: Catalog, action: Any, states: list[ShardState],
+                      ticket: LoggedTicket, hub: AlertHub) -> None:
+    """An extension's record: as the writer and the ack sequencer handle it live."""
+    extension = catalog.extension
+    assert extension is not None
+    for work in extension.commit(action, ticket.received_ms, catalog.meter_defs):
+        for index, state in enumerate(states):
+            apply_work(state, index, ticket.lsn, work, ticket)
+    ticket.extension.append(action)
+    acknowledge(extension, ticket)
+    hub.append(number_alerts(ticket.crossings, hub.next_seq, ticket.received_ms))
 
 
 def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,
@@ -342,6 +365,9 @@ def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,
     if isinstance(record, records.WalHideCustomer):
         catalog.hide_customer(record.customer_id)
         return [None] * shard_count
+    if isinstance(record, records.WalExtension) or (
+            isinstance(record, records.WalLimit) and record.limit.measure != "usage"):
+        return [None] * shard_count  # an extension's record, opened without the extension
     change: ShardWork
     if isinstance(record, records.WalLimit):
         limit = check_limit(record.limit, catalog.meter_defs)

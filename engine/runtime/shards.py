@@ -66,6 +66,8 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
             crossings = []
     if crossings:
         ticket.crossings.append((index, crossings))
+    if state.alert_limits.feed:
+        ticket.feed.extend(state.alert_limits.take_feed())
 
 
 def shard_part(state: ShardState, canonical: bool = True,

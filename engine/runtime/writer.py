@@ -62,6 +62,8 @@ from engine.runtime.messages import (
     InstallLimit,
     LogBatch,
     LogCustomerChange,
+    LogExtension,
+    LoggedTicket,
     LogLimitChange,
     PutCustomer,
     ShardCheckpoint,
@@ -320,7 +322,8 @@ class WalWriter:
                         keys.extend(batch_ids)
                         days.extend([ticket.received_ms // ARRIVAL_DAY_MS] * len(batch_ids))
                         deduped.append((request, key_events(slices)))
-                case LogLimitChange(ticket, record) | LogCustomerChange(ticket, record):
+                case (LogLimitChange(ticket, record) | LogCustomerChange(ticket, record)
+                      | LogExtension(ticket, record)):
                     lsn += 1
                     ticket.lsn = lsn
                     wal.append((lsn, record))
@@ -406,10 +409,27 @@ class WalWriter:
                 case DefineMeter(meter=meter):
                     self._catalog.put_meter(meter)
                     request.ticket.finish()
+                case LogExtension(ticket, record, action):
+                    self.wal_bytes_since_snapshot += len(record)
+                    self._commit_extension(ticket, action, per_shard)
         # Every count is final before any shard can run: send only now.
         for shard, shard_items in enumerate(per_shard):
             if shard_items:
                 await self._mailboxes[shard].send(ApplyGroup(shard_items))
+
+    def _commit_extension(self, ticket: LoggedTicket, action: Any,
+                          per_shard: list[list[Apply]]) -> None:
+        """The extension applies its record in commit order; every shard gets its work."""
+        extension = self._catalog.extension
+        assert extension is not None
+        work = extension.commit(action, ticket.received_ms, self._catalog.meter_defs)
+        ticket.extension.append(action)
+        if not work:
+            self._acks.finish(ticket)
+            return
+        ticket.pending = len(per_shard) * len(work)
+        for items in per_shard:
+            items.extend(Apply(ticket.lsn, item, ticket) for item in work)
 
     async def _commit(self, wal: list[tuple[int, bytes]], meta: list[tuple[bytes, bytes]],
                       decisions: list[tuple[int, bytes]] | None = None,

@@ -968,6 +968,7 @@
     renderLimits(limits);
     renderCustomerAlerts(alerts);
     window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts };
+    document.dispatchEvent(new CustomEvent("explorer:customer", { detail: { customer } }));  // explorer-pricing.js
     finished(cards.length ? "ready" : "empty");
   }
 
@@ -988,7 +989,7 @@
       const period = periodName === "total" ? "all time"
         : `${periodName}: ${formatRange(status.periodStartMs, status.periodEndMs, status.limit.timezone || "UTC")}`;
       return el("div", { class: "limit" + (over ? " over" : ""), "data-limit": status.limit.id, "data-usage": status.usage },
-        el("div", {}, el("strong", { text: status.limit.id }), el("div", { class: "muted", text: `${status.limit.meterApiName} · ${period}` })),
+        el("div", {}, el("strong", { text: status.limit.id }), el("div", { class: "muted", text: `${status.limit.meterApiName ?? "invoice total"} · ${period}` })),
         el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": String(top), "aria-valuenow": String(Number(status.usage)),
           "aria-label": `${status.limit.id}: ${status.usage} used` },
           el("div", { class: "fill", style: `width:${percent(status.usage)}%` }),
@@ -1018,7 +1019,7 @@
     return el("li", { "data-seq": String(alert.seq) },
       el("span", { class: "when", text: formatInstant(alert.crossedAtMs, state.tz) }),
       el("strong", { text: alert.customerId }), ` crossed ${formatExact(alert.threshold)} on `,
-      el("strong", { text: alert.meterApiName }), ` (limit ${alert.limitId}, value ${formatExact(alert.value)})`);
+      el("strong", { text: alert.meterApiName ?? "invoice total" }), ` (limit ${alert.limitId}, value ${formatExact(alert.value)})`);
   }
   function renderCustomerAlerts(alerts) {
     const box = $("customer-alerts");
@@ -1243,7 +1244,7 @@
     $("tz-list").replaceChildren(...["UTC", ...zones].map((z) => el("option", { value: z })));
   }
 
-  window.explorer = { get state() { return state; }, chart: null, view: null, customer: null,
+  window.explorer = { get state() { return state; }, chart: null, view: null, customer: null, api,
     csv: () => (lastView ? viewCsv(lastView) : ""), json: () => (lastView ? viewJson(lastView) : "") };
   wireControls();
   if (!validZone(state.tz)) state.tz = "UTC";
