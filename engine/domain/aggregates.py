@@ -92,12 +92,17 @@ class PackedDistinct:
     sorted strs, or tuples of values that hold a NUL: ``blocks.pack_distinct``) and
     sets. Shards hand these on so that a group's values from every shard and day are
     united once, when counted (``distinct_values``), not once per shard and again
-    when the shards' partials merge."""
+    when the shards' partials merge.
 
-    __slots__ = ("parts",)
+    ``count``, when not None, is the number of distinct values of ``parts``, already
+    worked out by the shard that built it (``blocks.count_over_summary``); merging
+    anything into the partial forgets it."""
 
-    def __init__(self, parts: list[Any]) -> None:
+    __slots__ = ("count", "parts")
+
+    def __init__(self, parts: list[Any], count: int | None = None) -> None:
         self.parts = parts
+        self.count = count
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PackedDistinct):
@@ -138,6 +143,7 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
             left.parts.extend(right.parts)
         else:
             left.parts.append(right)
+        left.count = None
         return left
     if type(right) is PackedDistinct:
         return PackedDistinct([left, *right.parts])
@@ -150,7 +156,7 @@ def copy_partial(kind: int, partial: Any) -> Any:
     partials are sets, merged in place."""
     if kind == UNIQUE:
         if type(partial) is PackedDistinct:
-            return PackedDistinct(list(partial.parts))
+            return PackedDistinct(list(partial.parts), partial.count)
         return set(partial)
     return partial
 
@@ -164,6 +170,8 @@ def finalize(kind: int, partial: Any) -> Any:
         return average(partial[0], partial[1])
     if kind == LATEST:
         return partial[2]
+    if type(partial) is PackedDistinct and partial.count is not None:
+        return partial.count
     if type(partial) is PackedDistinct and len(partial.parts) == 1:
         # One series-day or summary alone (one customer by day): its values are distinct
         # already, so count them without building a set.

@@ -43,6 +43,7 @@ from engine.domain.blocks import (
     NoBlocks,
     add_rollups,
     build_block,
+    count_over_summary,
     cut_sealed,
     encode_block,
     merge_buckets,
@@ -180,7 +181,7 @@ class ShardState:
         if not plan.cuts_ms:
             return {}  # an empty range has no span
         meter_shard = self.meters.get(name)
-        out = {} if meter_shard is None else collect_partials(meter_shard, plan)
+        out = {} if meter_shard is None else collect_partials(meter_shard, plan, remember=True)
         if plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
             return out
         kind = plan.meter.kind
@@ -194,6 +195,8 @@ class ShardState:
         # unique_count rollups of whole days, packed, gathered per group over every day
         # and unpacked once per group at the end (one join, split and set in C).
         packed: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
+        summary: BlockRollup | None = None
+        from_summary: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
         wanted = days[bisect_left(days, first_day):bisect_right(days, last_day)]
         spans = [whole_day_span(cuts_ms, day) for day in wanted]
         whole = [day for day, span in zip(wanted, spans, strict=True) if span >= 0]
@@ -202,7 +205,8 @@ class ShardState:
             # days' rollups merged per series, kept by the cache until a block changes.
             summary = self.blocks.load_summary(plan.meter, whole)
             if summary is not None:
-                collect_rollup_partials(out, summary, plan, max(spans), packed)
+                collect_rollup_partials(out, summary, plan, max(spans),
+                                        from_summary if kind == UNIQUE else packed)
                 wanted = [day for day, span in zip(wanted, spans, strict=True) if span < 0]
         for day in wanted:
             span = whole_day_span(cuts_ms, day)
@@ -215,6 +219,8 @@ class ShardState:
             block = self.blocks.load(plan.meter, day)
             if block is not None:
                 _merge_all(out, kind, collect_partials(block, plan))
+        if from_summary and summary is not None:
+            count_summary_groups(out, summary, from_summary, packed)
         if packed:
             unpack_into(out, packed)
         return out
@@ -595,6 +601,7 @@ def _apply_general(
                 _set_value(series, slot, value)
         else:
             # One distinct value is kept as the str itself, two or more as a set.
+            series.distinct_cache = None
             current = series.values[slot]
             if current is None:
                 series.values[slot] = unique_value
@@ -703,15 +710,18 @@ def _cut_minute(series: Series, cut_ms: int) -> int:
 
 
 def collect_partials(
-    meter_shard: MeterShard, plan: QueryPlan
+    meter_shard: MeterShard, plan: QueryPlan, remember: bool = False
 ) -> dict[tuple[int, tuple[Any, ...]], Any]:
     """Partial aggregates per (span index, group key) of the series matching ``plan``.
 
     The cost is per series, so the loop avoids per-series work where it can:
     a dimension set's filter verdict and group values are worked out once per
     shared ``dims`` tuple, and sum/count meters add their columns inline.
+    ``remember`` (the head): unique_count slices are kept on their series until a
+    bucket of it changes (``distinct_slice``).
     """
     kind = meter_shard.meter.kind
+    slice_of: Any = distinct_slice if remember and kind == UNIQUE else slice_partial
     cuts_ms = plan.cuts_ms
     aligned_cuts = [cut // MINUTE_MS for cut in cuts_ms]
     unaligned = [k for k, cut in enumerate(cuts_ms) if cut % MINUTE_MS]
@@ -795,18 +805,42 @@ def collect_partials(
             out[key] = total if existing is None else existing + total
             continue
         if span_count == 1:
-            _merge_into(out, (0, group), kind, slice_partial(kind, series, lo, hi))
+            _merge_into(out, (0, group), kind, slice_of(kind, series, lo, hi))
             continue
         span = bisect_right(cut_minutes, minutes[lo], 0, span_count) - 1
         while lo < hi:
             span_end = cut_minutes[span + 1]
             stop = bisect_left(minutes, span_end, lo, hi)
             if stop > lo:
-                _merge_into(out, (span, group), kind, slice_partial(kind, series, lo, stop))
+                _merge_into(out, (span, group), kind, slice_of(kind, series, lo, stop))
                 lo = stop
             if lo < hi:
                 span = bisect_right(cut_minutes, minutes[lo], span, span_count) - 1
     return out
+
+
+# A head series keeps the distinct values of at most this many bucket ranges, each of
+# at least this many buckets (shorter ones are cheap to unite again).
+DISTINCT_CACHE_RANGES = 4
+DISTINCT_CACHE_MIN_BUCKETS = 128
+
+
+def distinct_slice(kind: int, series: Series, lo: int, hi: int) -> Any:
+    """``slice_partial`` of a unique_count head series, remembered: a frozenset (shared:
+    partials that meet it merge into a new set) kept in ``series.distinct_cache``
+    until a bucket of the series changes (apply, sealing and merges reset it), so a
+    query repeated over the head unites its minute buckets once, not per run."""
+    if hi - lo < DISTINCT_CACHE_MIN_BUCKETS:
+        return slice_partial(kind, series, lo, hi)
+    cache = series.distinct_cache
+    if cache is None:
+        cache = series.distinct_cache = {}
+    found = cache.get((lo, hi))
+    if found is None:
+        if len(cache) >= DISTINCT_CACHE_RANGES:
+            cache.clear()
+        found = cache[(lo, hi)] = frozenset(slice_partial(kind, series, lo, hi))
+    return found
 
 
 def whole_day_span(cuts_ms: list[int], day: int) -> int:
@@ -879,9 +913,31 @@ def unpack_into(out: dict[tuple[int, tuple[Any, ...]], Any],
     many days and shards it spans)."""
     for key, parts in packed.items():
         existing = out.get(key)
-        if existing is not None:
+        if type(existing) is PackedDistinct:
+            parts.extend(existing.parts)
+        elif existing is not None:
             parts.append(existing)
         out[key] = PackedDistinct(parts)
+
+
+def count_summary_groups(out: dict[tuple[int, tuple[Any, ...]], Any], summary: BlockRollup,
+                         from_summary: dict[tuple[int, tuple[Any, ...]], list[Any]],
+                         packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+    """unique_count groups whose sealed values all come from one summary: counted here,
+    against the summary's memory of earlier lookups (``blocks.count_over_summary``), so
+    a repeated whole-range query costs per head value, not per sealed value. The
+    partial keeps its parts (a merge with another shard's forgets the count and unites
+    them); a group with other sealed days too is left to ``unpack_into``."""
+    for key, parts in from_summary.items():
+        more = packed.get(key)
+        if more is not None:
+            more[:0] = parts
+            continue
+        loose = out.get(key)
+        loose_parts = ([] if loose is None else
+                       loose.parts if type(loose) is PackedDistinct else [loose])
+        count = count_over_summary(summary, tuple(parts), loose_parts)
+        out[key] = PackedDistinct([*parts, *loose_parts], count)
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
@@ -898,10 +954,12 @@ def _dims_group(dims: tuple[tuple[str, str], ...], plan: QueryPlan) -> Any:
 def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
     existing = out.get(key)
     if existing is None:
-        # A block's unique_count rollup is a shared frozenset: merge into a copy.
-        out[key] = set(partial) if type(partial) is frozenset else partial
+        # A shared unique_count partial is a frozenset (a head series' remembered slice):
+        # kept as it is; another partial for its group joins it in a PackedDistinct,
+        # united when counted, so the frozenset is neither copied nor changed.
+        out[key] = partial
     elif type(existing) is frozenset:
-        out[key] = existing | partial
+        out[key] = PackedDistinct([existing, partial])
     else:
         out[key] = merge_partial(kind, existing, partial)
 
