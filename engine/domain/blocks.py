@@ -38,6 +38,7 @@ bytes per event).
 
 from __future__ import annotations
 
+import itertools
 import sys
 import zlib
 from array import array
@@ -57,6 +58,7 @@ from engine.domain.aggregates import (
     SUM,
     UNIQUE,
     PackedDistinct,
+    RememberedSlice,
     distinct_values,
     merge_partial,
     slice_partial,
@@ -376,13 +378,19 @@ def unpack_distinct(packed: str | tuple[str, ...]) -> list[str] | tuple[str, ...
     return packed
 
 
+_rollup_serials = itertools.count(1)
+
+
 class BlockRollup:
     """A block's rollup section as queries read it: per series-day, (customer, dims,
     partial), unique_count partials packed (``pack_distinct``). Shared, read-only."""
 
-    __slots__ = ("by_customer", "checks", "day", "meter", "nbytes", "series")
+    __slots__ = ("by_customer", "checks", "day", "meter", "nbytes", "serial", "series")
 
     def __init__(self, meter: MeterDef, day: int) -> None:
+        # Never reused in a process: with a part's id, names that part for
+        # ``aggregates.DistinctCounts`` (a rollup never changes once built).
+        self.serial = next(_rollup_serials)
         self.meter = meter
         self.day = day
         self.series: list[tuple[str, tuple[tuple[str, str], ...], Any]] = []
@@ -462,9 +470,9 @@ def merge_rollups(meter: MeterDef, rollups: list[BlockRollup]) -> BlockRollup:
 class DistinctCheck:
     """What a summary remembers of one group's packed values (``count_over_summary``):
     how many there are, which values from outside them (the head, deltas) were looked
-    up among them, which of those were not found, and the last answer with the
-    frozenset it was for (a head slice a query remembered: the same object until a
-    bucket of the series changes)."""
+    up among them, which of those were not found, and the last answer with the serial
+    of the ``RememberedSlice`` it was for (a head slice, the same until a bucket of its
+    series changes)."""
 
     __slots__ = ("checked", "count", "last", "new")
 
@@ -472,7 +480,7 @@ class DistinctCheck:
         self.count = count
         self.checked: set[str] = set()
         self.new: set[str] = set()
-        self.last: tuple[frozenset[str], int] | None = None
+        self.last: tuple[int, int] | None = None
 
 
 # Up to this many values are looked up by substring search of the packed strs (in C,
@@ -494,8 +502,8 @@ def count_over_summary(summary: BlockRollup, packed: tuple[Any, ...],
     so a query repeated over the same sealed days costs per loose value (set
     operations in C), not per sealed value; only values not seen before are looked up,
     a few by substring search, many by splitting the packed strs once. A first loose
-    part that is a frozenset (a head slice a query remembered, the same object until
-    a bucket of its series changes) has its answer remembered too. The memory is
+    part that is a ``RememberedSlice`` (a head slice, the same until a bucket of its
+    series changes) has its answer remembered too. The memory is
     counted in ``summary.nbytes`` and dies with the summary (dropped when one of its
     blocks changes)."""
     check = summary.checks.get(packed)
@@ -509,15 +517,15 @@ def count_over_summary(summary: BlockRollup, packed: tuple[Any, ...],
     if not loose:
         return check.count
     answer = check.count
-    frozen = loose[0] if type(loose[0]) is frozenset else None
+    frozen = loose[0] if type(loose[0]) is RememberedSlice else None
     rest = loose[1:] if frozen is not None else loose
     if frozen is not None:
         last = check.last
-        if last is not None and last[0] is frozen:
+        if last is not None and last[0] == frozen.serial:
             answer = last[1]
         else:
             answer += _count_new(summary, check, packed, frozen)
-            check.last = (frozen, answer)
+            check.last = (frozen.serial, answer)
     if rest:
         extra = set().union(*rest)
         if frozen is not None:

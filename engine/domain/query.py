@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
 
-from engine.domain.aggregates import copy_partial, finalize, merge_partial
+from engine.domain.aggregates import DistinctCounts, copy_partial, finalize, merge_partial
 from engine.domain.meters import MeterDef
 from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
@@ -102,8 +102,10 @@ def _group_order(group: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple((value is not None, value or "") for value in group)
 
 
-def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> QueryResult:
-    """Merge per-shard partials into the ordered, finalised result rows."""
+def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]],
+                 counts: DistinctCounts | None = None) -> QueryResult:
+    """Merge per-shard partials into the ordered, finalised result rows (unique_count
+    counts remembered in ``counts``, when given: ``aggregates.DistinctCounts``)."""
     kind = plan.meter.kind
     merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
     single_span = len(plan.labels_ms) == 1
@@ -120,12 +122,12 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                         partial if existing is None else merge_partial(kind, existing, partial)
                     )
         take = plan.query.take
-        rank = None if take is None else _rank_groups(kind, merged, take, single_span)
+        rank = None if take is None else _rank_groups(kind, merged, take, single_span, counts)
         rows = []
         for (span, group), partial in merged.items():
             if rank is not None and group not in rank:
                 continue
-            rows.append((span, group, finalize(kind, partial)))
+            rows.append((span, group, finalize(kind, partial, counts)))
     if rank is not None:
         rows.sort(key=lambda r: (r[0], rank[r[1]]))
     else:
@@ -147,7 +149,8 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
 
 
 def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take: Take,
-                 single_span: bool) -> dict[tuple[Any, ...], int]:
+                 single_span: bool, counts: DistinctCounts | None = None
+                 ) -> dict[tuple[Any, ...], int]:
     """The ``take.limit`` best groups by their total over all spans, with their rank."""
     totals: dict[tuple[Any, ...], Any] = {}
     if single_span:  # one partial per group already
@@ -160,7 +163,7 @@ def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take
                 if existing is None
                 else merge_partial(kind, existing, partial)
             )
-    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
     candidates: Any = finals
     if len(finals) > take.limit:
         # Only groups at least as good as the limit-th value can make the cut:
@@ -192,20 +195,21 @@ def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
 
 
 def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
-                    ascending: bool) -> list[tuple[Any, ...]]:
+                    ascending: bool, counts: DistinctCounts | None = None
+                    ) -> list[tuple[Any, ...]]:
     """Every group, best first by its total over all spans (ties by group order)."""
     totals: dict[tuple[Any, ...], Any] = {}
     for (_, group), partial in merged.items():
         existing = totals.get(group)
         totals[group] = (copy_partial(kind, partial) if existing is None
                          else merge_partial(kind, existing, partial))
-    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
     sign = 1 if ascending else -1
     return sorted(finals, key=lambda g: (sign * finals[g], _group_order(g)))
 
 
 def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: int,
-                with_other: bool) -> QueryPage:
+                with_other: bool, counts: DistinctCounts | None = None) -> QueryPage:
     """Like ``finish_query``, with paging and the exact aggregate of the rest.
 
     With ``take``, the groups ranked ``offset`` to ``offset + take.limit - 1`` (from
@@ -229,19 +233,19 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
             rank = {group: index for index, group in
                     enumerate(sorted(groups, key=_group_order))}
         else:
-            ranked = rank_all_groups(kind, merged, take.ascending)
+            ranked = rank_all_groups(kind, merged, take.ascending, counts)
             rank = {group: index for index, group in
                     enumerate(ranked[offset:offset + take.limit])}
         rows = []
         rest: dict[int, Any] = {}
         for (span, group), partial in merged.items():
             if group in rank:
-                rows.append((span, rank[group], group, finalize(kind, partial)))
+                rows.append((span, rank[group], group, finalize(kind, partial, counts)))
             elif with_other:
                 existing = rest.get(span)
                 rest[span] = (copy_partial(kind, partial) if existing is None
                               else merge_partial(kind, existing, partial))
-        other = [Row(plan.labels_ms[span], {}, finalize(kind, rest[span]))
+        other = [Row(plan.labels_ms[span], {}, finalize(kind, rest[span], counts))
                  for span in sorted(rest)]
     rows.sort(key=lambda r: (r[0], r[1]))
     query = plan.query
@@ -259,8 +263,8 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
                      group_count=len(groups), offset=offset)
 
 
-def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top: int
-                     ) -> Dimension:
+def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top: int,
+                     counts: DistinctCounts | None = None) -> Dimension:
     """The ``top`` values of the one key ``plan`` groups by, by usage over its range.
 
     Usage is the meter's own aggregation over the events holding that value; ties
@@ -273,14 +277,14 @@ def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top:
         merged = {group_key: partial for group_key, partial in
                   merge_shard_partials(plan, shard_partials).items()
                   if group_key[1][0] is not None}
-        ranked = rank_all_groups(kind, merged, ascending=False)
+        ranked = rank_all_groups(kind, merged, ascending=False, counts=counts)
         totals = {group: partial for (_, group), partial in merged.items()}  # one span
-        values = [DimensionValue(group[0], finalize(kind, totals[group]))
+        values = [DimensionValue(group[0], finalize(kind, totals[group], counts))
                   for group in ranked[:top]]
         rest: Any = None
         for group in ranked[top:]:
             partial = totals[group]
             rest = copy_partial(kind, partial) if rest is None else merge_partial(
                 kind, rest, partial)
-        other = None if rest is None else finalize(kind, rest)
+        other = None if rest is None else finalize(kind, rest, counts)
     return Dimension(key=key, value_count=len(ranked), values=values, other=other)

@@ -57,7 +57,7 @@ class Series:
         # None in the head, whose buckets change.
         self.rollup: Any = None
         # A unique_count head series: the distinct values of a few long bucket ranges a
-        # query asked for, (lo, hi) -> frozenset; None again whenever a bucket changes
+        # query asked for, (lo, hi) -> RememberedSlice; None again whenever a bucket changes
         # (engine.domain.shard.distinct_slice).
         self.distinct_cache: dict[tuple[int, int], frozenset[str]] | None = None
         if kind in (SUM, MAX, MIN, AVG, LATEST):
