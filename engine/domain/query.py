@@ -195,17 +195,28 @@ def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
 
 
 def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
-                    ascending: bool, counts: DistinctCounts | None = None
-                    ) -> list[tuple[Any, ...]]:
-    """Every group, best first by its total over all spans (ties by group order)."""
+                    ascending: bool, counts: DistinctCounts | None = None,
+                    limit: int | None = None) -> list[tuple[Any, ...]]:
+    """Every group, best first by its total over all spans (ties by group order); with
+    ``limit``, only the first ``limit`` of them (the rest are not ordered: a page of 50
+    among 100,000 customers orders the few that can make it, as ``_rank_groups``)."""
     totals: dict[tuple[Any, ...], Any] = {}
     for (_, group), partial in merged.items():
         existing = totals.get(group)
         totals[group] = (copy_partial(kind, partial) if existing is None
                          else merge_partial(kind, existing, partial))
     finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
+    candidates: Any = finals
+    if limit is not None and len(finals) > limit:
+        if limit <= 0:
+            return []
+        pick = heapq.nsmallest if ascending else heapq.nlargest
+        bound = pick(limit, finals.values())[-1]
+        candidates = [group for group, value in finals.items()
+                      if (value <= bound if ascending else value >= bound)]
     sign = 1 if ascending else -1
-    return sorted(finals, key=lambda g: (sign * finals[g], _group_order(g)))
+    ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
+    return ranked if limit is None else ranked[:limit]
 
 
 def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: int,
@@ -233,7 +244,8 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
             rank = {group: index for index, group in
                     enumerate(sorted(groups, key=_group_order))}
         else:
-            ranked = rank_all_groups(kind, merged, take.ascending, counts)
+            ranked = rank_all_groups(kind, merged, take.ascending, counts,
+                                     limit=offset + take.limit)
             rank = {group: index for index, group in
                     enumerate(ranked[offset:offset + take.limit])}
         rows = []
@@ -277,14 +289,16 @@ def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top:
         merged = {group_key: partial for group_key, partial in
                   merge_shard_partials(plan, shard_partials).items()
                   if group_key[1][0] is not None}
-        ranked = rank_all_groups(kind, merged, ascending=False, counts=counts)
+        ranked = rank_all_groups(kind, merged, ascending=False, counts=counts, limit=top)
         totals = {group: partial for (_, group), partial in merged.items()}  # one span
         values = [DimensionValue(group[0], finalize(kind, totals[group], counts))
-                  for group in ranked[:top]]
+                  for group in ranked]
+        shown = set(ranked)
         rest: Any = None
-        for group in ranked[top:]:
-            partial = totals[group]
+        for group, partial in totals.items():
+            if group in shown:
+                continue
             rest = copy_partial(kind, partial) if rest is None else merge_partial(
                 kind, rest, partial)
         other = None if rest is None else finalize(kind, rest, counts)
-    return Dimension(key=key, value_count=len(ranked), values=values, other=other)
+    return Dimension(key=key, value_count=len(totals), values=values, other=other)
