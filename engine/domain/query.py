@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
 
-from engine.domain.aggregates import DistinctCounts, copy_partial, finalize, merge_partial
+from engine.domain.aggregates import (
+    COUNT,
+    SUM,
+    DistinctCounts,
+    copy_partial,
+    finalize,
+    merge_partial,
+)
 from engine.domain.meters import MeterDef
 from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
@@ -187,6 +194,11 @@ def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
     """Every shard's partials merged per (span index, group); call inside ``EXACT``."""
     kind = plan.meter.kind
     merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    if "customer_id" in plan.group_by:
+        # A customer lives on one shard, so no group comes from two shards.
+        for partials in shard_partials:
+            merged.update(partials)
+        return merged
     for partials in shard_partials:
         for key, partial in partials.items():
             existing = merged.get(key)
@@ -201,11 +213,17 @@ def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
     ``limit``, only the first ``limit`` of them (the rest are not ordered: a page of 50
     among 100,000 customers orders the few that can make it, as ``_rank_groups``)."""
     totals: dict[tuple[Any, ...], Any] = {}
-    for (_, group), partial in merged.items():
-        existing = totals.get(group)
-        totals[group] = (copy_partial(kind, partial) if existing is None
-                         else merge_partial(kind, existing, partial))
-    finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
+    if kind == SUM or kind == COUNT:  # plain numbers: added inline, final already
+        totals_get = totals.get
+        for (_, group), partial in merged.items():
+            totals[group] = totals_get(group, 0) + partial
+        finals = totals
+    else:
+        for (_, group), partial in merged.items():
+            existing = totals.get(group)
+            totals[group] = (copy_partial(kind, partial) if existing is None
+                             else merge_partial(kind, existing, partial))
+        finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
     candidates: Any = finals
     if limit is not None and len(finals) > limit:
         if limit <= 0:
@@ -250,10 +268,15 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
                     enumerate(ranked[offset:offset + take.limit])}
         rows = []
         rest: dict[int, Any] = {}
+        counter = kind == SUM or kind == COUNT
         for (span, group), partial in merged.items():
             if group in rank:
                 rows.append((span, rank[group], group, finalize(kind, partial, counts)))
-            elif with_other:
+            elif not with_other:
+                continue
+            elif counter:
+                rest[span] = rest.get(span, 0) + partial
+            else:
                 existing = rest.get(span)
                 rest[span] = (copy_partial(kind, partial) if existing is None
                               else merge_partial(kind, existing, partial))
