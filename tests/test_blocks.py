@@ -15,10 +15,13 @@ from decimal import Decimal, localcontext
 from typing import Any
 from unittest.mock import patch
 
+import msgspec
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.domain import records
+from engine.domain.aggregates import DistinctCounts
 from engine.domain.blocks import (
     MAGIC,
     BlockRollup,
@@ -104,11 +107,12 @@ def events_in(draw: Any, first_ms: int, last_ms: int, count: int) -> list[Event]
     return out
 
 
-def run_query(states: list[ShardState], query: Query) -> Any:
+def run_query(states: list[ShardState], query: Query, counts: DistinctCounts | None = None
+              ) -> Any:
     plan = plan_query(query, METERS[query.meter_api_name])
     with localcontext(EXACT):
         try:
-            result = finish_query(plan, [state.query(plan) for state in states])
+            result = finish_query(plan, [state.query(plan) for state in states], counts)
         except InvalidQuery:  # a cut inside a minute: both sides must refuse alike
             return "refused"
     return [(row.window_start_ms, row.group, row.value) for row in result.rows]
@@ -360,11 +364,14 @@ def test_repeated_whole_range_unique_counts_follow_the_head(data: Any, search_ma
     fixed = [Query("unique_count", D0, D0 + 4 * DAY, group_by=group_by, take=take)
              for group_by in ([], ["customer_id"], ["region"], ["customer_id", "region"])
              for take in (None, Take(limit=2))]
+    counts = DistinctCounts(data.draw(st.sampled_from([0, 2_000, 1 << 20])))
     with (patch("engine.domain.blocks.SEARCH_MAX_VALUES", search_max),
           patch("engine.domain.shard.DISTINCT_CACHE_MIN_BUCKETS", min_buckets)):
-        for _ in range(data.draw(st.integers(1, 5))):
-            for query in fixed:
-                assert run_query(sealed, query) == run_query(head_only, query), query
+        for _ in range(data.draw(st.integers(2, 6))):
+            drawn = [msgspec.structs.replace(data.draw(queries()), meter_api_name="unique_count")
+                     for _ in range(2)]
+            for query in fixed + drawn:
+                assert run_query(sealed, query, counts) == run_query(head_only, query), query
             lsn += 1
             more = batch(0, 4)
             assert apply(head_only, route_a, more, lsn) == apply(sealed, route_b, more, lsn)
