@@ -16,7 +16,6 @@ from typing import Any
 from unittest.mock import patch
 
 import msgspec
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
