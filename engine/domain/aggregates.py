@@ -116,8 +116,9 @@ class PackedDistinct:
     worked out by the shard that built it (``blocks.count_over_summary``); merging
     anything into the partial forgets it. ``keys``, when not None, names every part
     for ``DistinctCounts``: a sealed rollup's part as (the rollup's serial, the id of
-    the part it holds; serials start at 1), a ``RememberedSlice`` as (0, its serial);
-    a part without a name (a set) makes it None."""
+    the part it holds; serials start at 1), a ``RememberedSlice`` as (0, its serial),
+    a small set (``NAMED_BY_VALUES_MAX``) by its values (a frozenset of them); a part
+    without a name (a larger set) makes it None."""
 
     __slots__ = ("count", "keys", "parts")
 
@@ -140,10 +141,7 @@ class PackedDistinct:
             return
         self.parts.append(part)
         if self.keys is not None:
-            if type(part) is RememberedSlice:
-                self.keys.append((0, part.serial))
-            else:
-                self.keys = None
+            self.keys = _named(self.keys, part)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PackedDistinct):
@@ -153,13 +151,30 @@ class PackedDistinct:
     __hash__ = None  # type: ignore[assignment]
 
 
+# A set part of at most this many values is named by its values (a frozenset of them):
+# cheaper than remembering it (late events into a sealed day are a few per series).
+NAMED_BY_VALUES_MAX = 16
+
+
+def _named(keys: list[Any], part: Any) -> list[Any] | None:
+    """``keys`` with the name of one more set part, or None if it has none."""
+    if type(part) is RememberedSlice:
+        keys.append((0, part.serial))
+    elif type(part) in (set, frozenset) and len(part) <= NAMED_BY_VALUES_MAX:
+        keys.append(frozenset(part))
+    else:
+        return None
+    return keys
+
+
 class DistinctCounts:
     """Counts of unique_count partials whose parts all have names (``PackedDistinct.keys``),
     remembered within a byte budget, least recently used dropped first: a query
     repeated over the same sealed days and unchanged head slices unites each group's
     values once, not per run. Exact: a name stands for one immutable part, never
     reused (serials are never reused, and a rollup part's id is unique while its
-    rollup lives; a rollup never changes). Nothing is kept alive by a name.
+    rollup lives; a rollup never changes), or the values themselves (a small set).
+    Nothing but those values is kept alive by a name.
 
     Owned by the engine's query path (``engine.runtime.engine``), one per engine."""
 
@@ -178,7 +193,8 @@ class DistinctCounts:
             self._counts.move_to_end(name)
             return found[0]
         count = len(distinct_values(partial))
-        size = 200 + 80 * len(keys)  # the entry, its frozenset of names and the names
+        # The entry, its frozenset of names and the names (a small set's: its values).
+        size = 200 + sum(80 if type(key) is tuple else 100 + 60 * len(key) for key in keys)
         self._counts[name] = (count, size)
         self.cached_bytes += size
         while self.cached_bytes > self.budget_bytes and self._counts:
@@ -217,8 +233,7 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
         left.add(right)
         return left
     if type(right) is PackedDistinct:
-        merged = PackedDistinct([left], keys=[(0, left.serial)] if type(left) is RememberedSlice
-                                else None)
+        merged = PackedDistinct([left], keys=_named([], left))
         merged.add(right)
         return merged
     left |= right

@@ -189,7 +189,8 @@ class ShardState:
         kind = plan.meter.kind
         delta = self.deltas.get(name)
         if delta is not None and delta.series:
-            _merge_all(out, kind, collect_partials(delta, plan, remember=1))
+            _merge_all(out, kind, collect_partials(delta, plan,
+                                                   remember=DISTINCT_CACHE_MIN_BUCKETS))
         cuts_ms = plan.cuts_ms
         first_day = cuts_ms[0] // DAY_MS
         last_day = (cuts_ms[-1] - 1) // DAY_MS
@@ -721,7 +722,8 @@ def collect_partials(
     shared ``dims`` tuple, and sum/count meters add their columns inline.
     ``remember`` (the head and the deltas, never a shared block): unique_count slices
     of at least that many buckets are kept on their series until a bucket of it
-    changes (``distinct_slice``).
+    changes (``distinct_slice``); shorter ones are named by their values
+    (``aggregates.NAMED_BY_VALUES_MAX``) or recomputed.
     """
     kind = meter_shard.meter.kind
     slice_of: Any = slice_partial
