@@ -232,7 +232,8 @@ def merge_partial(kind: int, left: Any, right: Any) -> Any:
     if type(left) is PackedDistinct:
         left.add(right)
         return left
-    if type(right) is PackedDistinct:
+    if type(right) is PackedDistinct or type(left) is RememberedSlice:
+        # Not united here: a remembered slice stays named, and is never changed.
         merged = PackedDistinct([left], keys=_named([], left))
         merged.add(right)
         return merged

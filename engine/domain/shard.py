@@ -970,12 +970,9 @@ def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
     existing = out.get(key)
     if existing is None:
         # A shared unique_count partial (a RememberedSlice) is kept as it is; another
-        # partial for its group joins it in a PackedDistinct, united when counted, so
-        # the slice is neither copied nor changed.
+        # partial for its group joins it in a PackedDistinct (merge_partial), united
+        # when counted, so the slice is neither copied nor changed.
         out[key] = partial
-    elif type(existing) is RememberedSlice:
-        out[key] = merge_partial(kind, PackedDistinct(
-            [existing], keys=[(0, existing.serial)]), partial)
     else:
         out[key] = merge_partial(kind, existing, partial)
 
