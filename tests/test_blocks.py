@@ -13,11 +13,14 @@ from __future__ import annotations
 import zlib
 from decimal import Decimal, localcontext
 from typing import Any
+from unittest.mock import patch
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.domain import records
+from engine.domain.aggregates import DistinctCounts
 from engine.domain.blocks import (
     MAGIC,
     BlockRollup,
@@ -36,7 +39,7 @@ from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import InvalidQuery
 from engine.runtime.blocks import BlockCache
-from engine.schema import AGGREGATIONS, Event, Query
+from engine.schema import AGGREGATIONS, Event, Query, Take
 from tests.test_shard import METERS, Router, apply
 
 DAY = 86_400_000
@@ -103,11 +106,12 @@ def events_in(draw: Any, first_ms: int, last_ms: int, count: int) -> list[Event]
     return out
 
 
-def run_query(states: list[ShardState], query: Query) -> Any:
+def run_query(states: list[ShardState], query: Query, counts: DistinctCounts | None = None
+              ) -> Any:
     plan = plan_query(query, METERS[query.meter_api_name])
     with localcontext(EXACT):
         try:
-            result = finish_query(plan, [state.query(plan) for state in states])
+            result = finish_query(plan, [state.query(plan) for state in states], counts)
         except InvalidQuery:  # a cut inside a minute: both sides must refuse alike
             return "refused"
     return [(row.window_start_ms, row.group, row.value) for row in result.rows]
@@ -313,3 +317,60 @@ async def test_a_store_of_format_1_blocks_opens_answers_and_compacts_to_format_2
     async with open_engine(store=store, shards=2, clock_ms=lambda: now[0],
                            hot_window_ms=DAY) as eng:
         await check(eng)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), search_max=st.sampled_from([0, 32]),
+       min_buckets=st.sampled_from([1, 4]))
+def test_repeated_whole_range_unique_counts_follow_the_head(data: Any, search_max: int,
+                                                            min_buckets: int) -> None:
+    """Whole-range unique_count queries over a cached summary and the head, repeated as
+    events arrive in between (head, and late ones into the deltas): the summary's
+    memory of earlier lookups and the head's remembered slices must never answer
+    otherwise than a head that holds every bucket."""
+    shard_count = 2
+    head_only = [ShardState() for _ in range(shard_count)]
+    sealed = [ShardState() for _ in range(shard_count)]
+    store = CacheStore()
+    cache = BlockCache(store, 1 << 26)  # type: ignore[arg-type]
+    for part, state in enumerate(sealed):
+        state.blocks = cache.reader(part)
+    route_a, route_b = Router(shard_count), Router(shard_count)
+    users = st.sampled_from([f"u{k}" for k in range(12)])
+
+    def batch(first_day: int, last_day: int) -> list[Event]:
+        count = data.draw(st.integers(1, 20))
+        return [Event("unique_count", data.draw(st.sampled_from(["acme", "globex", "initech"])),
+                      1, data.draw(st.one_of(
+                          st.integers(D0 + first_day * DAY, D0 + last_day * DAY - 1),
+                          # a few minutes again and again: values join existing buckets
+                          st.sampled_from([D0 + day * DAY + 5 * MINUTE + 7 for day in
+                                           range(first_day, last_day)]))),
+                      {"user": data.draw(users),
+                       **data.draw(st.sampled_from([{}, {"region": "eu"}]))}, None)
+                for _ in range(count)]
+
+    lsn = 1
+    first = batch(0, 3) + [Event("unique_count", "acme", 1, D0 + k * MINUTE, {"user": f"s{k % 7}"},
+                                 None) for k in range(0, 3 * 1440, 97)]
+    assert apply(head_only, route_a, first, lsn) == apply(sealed, route_b, first, lsn)
+    for part, state in enumerate(sealed):
+        for name, day, block, raw in state.seal((D0 + 2 * DAY) // MINUTE, lsn, shard_count, part):
+            cache.add(name, day, part, block, raw)
+        written = cache.unwritten()
+        store.blocks.update(written)
+        cache.written([key for key, _ in written])
+    fixed = [Query("unique_count", D0, D0 + 4 * DAY, group_by=group_by, take=take)
+             for group_by in ([], ["customer_id"], ["region"], ["customer_id", "region"])
+             for take in (None, Take(limit=2))]
+    counts = DistinctCounts(data.draw(st.sampled_from([0, 2_000, 1 << 20])))
+    with (patch("engine.domain.blocks.SEARCH_MAX_VALUES", search_max),
+          patch("engine.domain.shard.DISTINCT_CACHE_MIN_BUCKETS", min_buckets)):
+        for _ in range(data.draw(st.integers(2, 6))):
+            drawn = [msgspec.structs.replace(data.draw(queries()), meter_api_name="unique_count")
+                     for _ in range(2)]
+            for query in fixed + drawn:
+                assert run_query(sealed, query, counts) == run_query(head_only, query), query
+            lsn += 1
+            more = batch(0, 4)
+            assert apply(head_only, route_a, more, lsn) == apply(sealed, route_b, more, lsn)

@@ -26,7 +26,7 @@ from engine.domain.aggregates import (
     slice_partial,
 )
 from engine.domain.meters import IngestRules, check_meter
-from engine.domain.query import finish_query, plan_query
+from engine.domain.query import finish_query, plan_query, rank_all_groups
 from engine.errors import InvalidQuery
 from engine.schema import Meter, Query, Row, Take
 
@@ -135,3 +135,16 @@ def test_finalize_divides_avg_and_counts_unique_values() -> None:
     assert finalize(AVG, [7, 2]) == Decimal("3.5")
     assert finalize(UNIQUE, {"u1", "u2", "u3"}) == 3
     assert finalize(LATEST, (10, 3, "value")) == "value"
+
+
+@given(totals=st.dictionaries(st.sampled_from([f"c{k}" for k in range(12)]),
+                              st.integers(0, 4), max_size=12),
+       spans=st.integers(1, 2), limit=st.integers(1, 14), ascending=st.booleans())
+def test_the_first_groups_ranked_alone_are_the_first_of_all(totals: dict[str, int], spans: int,
+                                                            limit: int, ascending: bool) -> None:
+    """A page or a dimension's top orders only the groups that can make it (ties by group
+    order): the same groups, in the same order, as ranking every group."""
+    merged = {(span, (customer,)): value for customer, value in totals.items()
+              for span in range(spans)}
+    assert rank_all_groups(SUM, merged, ascending, limit=limit) == rank_all_groups(
+        SUM, merged, ascending)[:limit]

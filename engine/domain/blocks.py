@@ -38,6 +38,7 @@ bytes per event).
 
 from __future__ import annotations
 
+import itertools
 import sys
 import zlib
 from array import array
@@ -57,6 +58,7 @@ from engine.domain.aggregates import (
     SUM,
     UNIQUE,
     PackedDistinct,
+    RememberedSlice,
     distinct_values,
     merge_partial,
     slice_partial,
@@ -147,6 +149,7 @@ def cut_sealed(meter_shard: MeterShard,
                     setattr(piece, name, column[lo:hi])
             pieces.setdefault(day, []).append((key[1], piece))
             lo = hi
+        series.distinct_cache = None
         if cut == len(minutes):
             emptied.append(key)
         else:
@@ -186,6 +189,7 @@ def merge_buckets(block: MeterShard, dims_key: str, piece: Series) -> None:
             target.edges.insert(slot, edge)
             _insert(kind, target, slot, piece, index)
     target.rollup = None
+    target.distinct_cache = None
 
 
 def _combine(kind: int, target: Series, slot: int, piece: Series, index: int) -> None:
@@ -374,18 +378,27 @@ def unpack_distinct(packed: str | tuple[str, ...]) -> list[str] | tuple[str, ...
     return packed
 
 
+_rollup_serials = itertools.count(1)
+
+
 class BlockRollup:
     """A block's rollup section as queries read it: per series-day, (customer, dims,
     partial), unique_count partials packed (``pack_distinct``). Shared, read-only."""
 
-    __slots__ = ("by_customer", "day", "meter", "nbytes", "series")
+    __slots__ = ("by_customer", "checks", "day", "meter", "nbytes", "serial", "series")
 
     def __init__(self, meter: MeterDef, day: int) -> None:
+        # Never reused in a process: with a part's id, names that part for
+        # ``aggregates.DistinctCounts`` (a rollup never changes once built).
+        self.serial = next(_rollup_serials)
         self.meter = meter
         self.day = day
         self.series: list[tuple[str, tuple[tuple[str, str], ...], Any]] = []
         self.by_customer: dict[str, list[tuple[str, tuple[tuple[str, str], ...], Any]]] = {}
         self.nbytes = 0
+        # unique_count summaries: per group's packed parts, their count and the values
+        # from outside them already looked up (``count_over_summary``).
+        self.checks: dict[tuple[Any, ...], DistinctCheck] = {}
 
 
 def decode_rollups(meter: MeterDef, raw: bytes) -> BlockRollup:
@@ -452,6 +465,103 @@ def merge_rollups(meter: MeterDef, rollups: list[BlockRollup]) -> BlockRollup:
             partial = packed if packed.count("\x00") == len(values) - 1 else tuple(values)
         _add_rollup(summary, customer, dims, partial)
     return summary
+
+
+class DistinctCheck:
+    """What a summary remembers of one group's packed values (``count_over_summary``):
+    how many there are, which values from outside them (the head, deltas) were looked
+    up among them, which of those were not found, and the last answer with the serial
+    of the ``RememberedSlice`` it was for (a head slice, the same until a bucket of its
+    series changes)."""
+
+    __slots__ = ("checked", "count", "last", "new")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.checked: set[str] = set()
+        self.new: set[str] = set()
+        self.last: tuple[int, int] | None = None
+
+
+# Up to this many values are looked up by substring search of the packed strs (in C,
+# a scan of each str per value); more make one split of the strs into a set cheaper.
+SEARCH_MAX_VALUES = 32
+# What a remembered value costs the summary's size: a slot in ``checked`` (and maybe
+# in ``new``), not the str, which the head holds too.
+_CHECKED_VALUE_BYTES = 48
+
+
+def count_over_summary(summary: BlockRollup, packed: tuple[Any, ...],
+                       loose: list[Any]) -> int:
+    """The number of distinct values in ``packed`` (a group's parts of ``summary``:
+    packed strs, tuples of values holding a NUL) and ``loose`` (sets of values from
+    elsewhere: the head, deltas) together, exactly.
+
+    |packed | loose| = |packed| + |loose - packed|. The summary remembers, per
+    ``packed``, its count and every loose value it has looked up (``DistinctCheck``),
+    so a query repeated over the same sealed days costs per loose value (set
+    operations in C), not per sealed value; only values not seen before are looked up,
+    a few by substring search, many by splitting the packed strs once. A first loose
+    part that is a ``RememberedSlice`` (a head slice, the same until a bucket of its
+    series changes) has its answer remembered too. The memory is
+    counted in ``summary.nbytes`` and dies with the summary (dropped when one of its
+    blocks changes)."""
+    check = summary.checks.get(packed)
+    if check is None:
+        if len(packed) == 1 and type(packed[0]) is str:
+            count = packed[0].count("\x00") + 1  # one packed str: distinct already
+        else:
+            count = len(distinct_values(PackedDistinct(list(packed))))
+        check = summary.checks[packed] = DistinctCheck(count)
+        summary.nbytes += 200
+    if not loose:
+        return check.count
+    answer = check.count
+    frozen = loose[0] if type(loose[0]) is RememberedSlice else None
+    rest = loose[1:] if frozen is not None else loose
+    if frozen is not None:
+        last = check.last
+        if last is not None and last[0] == frozen.serial:
+            answer = last[1]
+        else:
+            answer += _count_new(summary, check, packed, frozen)
+            check.last = (frozen.serial, answer)
+    if rest:
+        extra = set().union(*rest)
+        if frozen is not None:
+            extra -= frozen
+        if extra:
+            answer += _count_new(summary, check, packed, extra)
+    return answer
+
+
+def _count_new(summary: BlockRollup, check: DistinctCheck, packed: tuple[Any, ...],
+               values: set[str] | frozenset[str]) -> int:
+    """How many of ``values`` are not in ``packed``; every one of them is in
+    ``check.checked`` afterwards, those not found in ``check.new``."""
+    unchecked = values - check.checked
+    if unchecked:
+        fresh: set[str] | frozenset[str]
+        if len(unchecked) <= SEARCH_MAX_VALUES and not any("\x00" in v for v in unchecked):
+            fresh = {value for value in unchecked if not _in_packed(value, packed)}
+        else:
+            fresh = unchecked - distinct_values(PackedDistinct(list(packed)))
+        check.checked |= unchecked
+        check.new |= fresh
+        summary.nbytes += _CHECKED_VALUE_BYTES * (len(unchecked) + len(fresh))
+    return len(check.new & values) if check.new else 0
+
+
+def _in_packed(value: str, packed: tuple[Any, ...]) -> bool:
+    """Whether ``value`` (holding no NUL) is one of the values of ``packed``."""
+    for part in packed:
+        if type(part) is not str:
+            if value in part:
+                return True
+        elif (part == value or part.startswith(value + "\x00") or part.endswith("\x00" + value)
+              or "\x00" + value + "\x00" in part):
+            return True
+    return False
 
 
 def _add_rollup(rollup: BlockRollup, customer_id: str, dims: tuple[tuple[str, str], ...],

@@ -132,6 +132,7 @@ def append_series(target: Series, piece: Series) -> None:
     if type(target.values) is not type(piece.values):  # one of them was widened
         target.widen_values()
         piece.widen_values()
+    target.distinct_cache = None
     for name in _COLUMNS:
         column = getattr(target, name)
         if column is not None:

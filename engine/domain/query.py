@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from decimal import localcontext
 from typing import Any
 
-from engine.domain.aggregates import copy_partial, finalize, merge_partial
+from engine.domain.aggregates import (
+    COUNT,
+    SUM,
+    DistinctCounts,
+    copy_partial,
+    finalize,
+    merge_partial,
+)
 from engine.domain.meters import MeterDef
 from engine.domain.values import EXACT
 from engine.domain.windows import WindowError, resolve_timezone, window_spans
@@ -102,8 +109,10 @@ def _group_order(group: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple((value is not None, value or "") for value in group)
 
 
-def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> QueryResult:
-    """Merge per-shard partials into the ordered, finalised result rows."""
+def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]],
+                 counts: DistinctCounts | None = None) -> QueryResult:
+    """Merge per-shard partials into the ordered, finalised result rows (unique_count
+    counts remembered in ``counts``, when given: ``aggregates.DistinctCounts``)."""
     kind = plan.meter.kind
     merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
     single_span = len(plan.labels_ms) == 1
@@ -120,12 +129,12 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
                         partial if existing is None else merge_partial(kind, existing, partial)
                     )
         take = plan.query.take
-        rank = None if take is None else _rank_groups(kind, merged, take, single_span)
+        rank = None if take is None else _rank_groups(kind, merged, take, single_span, counts)
         rows = []
         for (span, group), partial in merged.items():
             if rank is not None and group not in rank:
                 continue
-            rows.append((span, group, finalize(kind, partial)))
+            rows.append((span, group, finalize(kind, partial, counts)))
     if rank is not None:
         rows.sort(key=lambda r: (r[0], rank[r[1]]))
     else:
@@ -147,7 +156,8 @@ def finish_query(plan: QueryPlan, shard_partials: list[dict[Any, Any]]) -> Query
 
 
 def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take: Take,
-                 single_span: bool) -> dict[tuple[Any, ...], int]:
+                 single_span: bool, counts: DistinctCounts | None = None
+                 ) -> dict[tuple[Any, ...], int]:
     """The ``take.limit`` best groups by their total over all spans, with their rank."""
     totals: dict[tuple[Any, ...], Any] = {}
     if single_span:  # one partial per group already
@@ -160,7 +170,7 @@ def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take
                 if existing is None
                 else merge_partial(kind, existing, partial)
             )
-    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
     candidates: Any = finals
     if len(finals) > take.limit:
         # Only groups at least as good as the limit-th value can make the cut:
@@ -184,6 +194,11 @@ def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
     """Every shard's partials merged per (span index, group); call inside ``EXACT``."""
     kind = plan.meter.kind
     merged: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    if "customer_id" in plan.group_by:
+        # A customer lives on one shard, so no group comes from two shards.
+        for partials in shard_partials:
+            merged.update(partials)
+        return merged
     for partials in shard_partials:
         for key, partial in partials.items():
             existing = merged.get(key)
@@ -192,20 +207,38 @@ def merge_shard_partials(plan: QueryPlan, shard_partials: list[dict[Any, Any]]
 
 
 def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
-                    ascending: bool) -> list[tuple[Any, ...]]:
-    """Every group, best first by its total over all spans (ties by group order)."""
+                    ascending: bool, counts: DistinctCounts | None = None,
+                    limit: int | None = None) -> list[tuple[Any, ...]]:
+    """Every group, best first by its total over all spans (ties by group order); with
+    ``limit``, only the first ``limit`` of them (the rest are not ordered: a page of 50
+    among 100,000 customers orders the few that can make it, as ``_rank_groups``)."""
     totals: dict[tuple[Any, ...], Any] = {}
-    for (_, group), partial in merged.items():
-        existing = totals.get(group)
-        totals[group] = (copy_partial(kind, partial) if existing is None
-                         else merge_partial(kind, existing, partial))
-    finals = {group: finalize(kind, partial) for group, partial in totals.items()}
+    if kind == SUM or kind == COUNT:  # plain numbers: added inline, final already
+        totals_get = totals.get
+        for (_, group), partial in merged.items():
+            totals[group] = totals_get(group, 0) + partial
+        finals = totals
+    else:
+        for (_, group), partial in merged.items():
+            existing = totals.get(group)
+            totals[group] = (copy_partial(kind, partial) if existing is None
+                             else merge_partial(kind, existing, partial))
+        finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
+    candidates: Any = finals
+    if limit is not None and len(finals) > limit:
+        if limit <= 0:
+            return []
+        pick = heapq.nsmallest if ascending else heapq.nlargest
+        bound = pick(limit, finals.values())[-1]
+        candidates = [group for group, value in finals.items()
+                      if (value <= bound if ascending else value >= bound)]
     sign = 1 if ascending else -1
-    return sorted(finals, key=lambda g: (sign * finals[g], _group_order(g)))
+    ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
+    return ranked if limit is None else ranked[:limit]
 
 
 def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: int,
-                with_other: bool) -> QueryPage:
+                with_other: bool, counts: DistinctCounts | None = None) -> QueryPage:
     """Like ``finish_query``, with paging and the exact aggregate of the rest.
 
     With ``take``, the groups ranked ``offset`` to ``offset + take.limit - 1`` (from
@@ -229,19 +262,25 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
             rank = {group: index for index, group in
                     enumerate(sorted(groups, key=_group_order))}
         else:
-            ranked = rank_all_groups(kind, merged, take.ascending)
+            ranked = rank_all_groups(kind, merged, take.ascending, counts,
+                                     limit=offset + take.limit)
             rank = {group: index for index, group in
                     enumerate(ranked[offset:offset + take.limit])}
         rows = []
         rest: dict[int, Any] = {}
+        counter = kind == SUM or kind == COUNT
         for (span, group), partial in merged.items():
             if group in rank:
-                rows.append((span, rank[group], group, finalize(kind, partial)))
-            elif with_other:
+                rows.append((span, rank[group], group, finalize(kind, partial, counts)))
+            elif not with_other:
+                continue
+            elif counter:
+                rest[span] = rest.get(span, 0) + partial
+            else:
                 existing = rest.get(span)
                 rest[span] = (copy_partial(kind, partial) if existing is None
                               else merge_partial(kind, existing, partial))
-        other = [Row(plan.labels_ms[span], {}, finalize(kind, rest[span]))
+        other = [Row(plan.labels_ms[span], {}, finalize(kind, rest[span], counts))
                  for span in sorted(rest)]
     rows.sort(key=lambda r: (r[0], r[1]))
     query = plan.query
@@ -259,8 +298,8 @@ def finish_page(plan: QueryPlan, shard_partials: list[dict[Any, Any]], offset: i
                      group_count=len(groups), offset=offset)
 
 
-def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top: int
-                     ) -> Dimension:
+def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top: int,
+                     counts: DistinctCounts | None = None) -> Dimension:
     """The ``top`` values of the one key ``plan`` groups by, by usage over its range.
 
     Usage is the meter's own aggregation over the events holding that value; ties
@@ -273,14 +312,16 @@ def finish_dimension(plan: QueryPlan, shard_partials: list[dict[Any, Any]], top:
         merged = {group_key: partial for group_key, partial in
                   merge_shard_partials(plan, shard_partials).items()
                   if group_key[1][0] is not None}
-        ranked = rank_all_groups(kind, merged, ascending=False)
+        ranked = rank_all_groups(kind, merged, ascending=False, counts=counts, limit=top)
         totals = {group: partial for (_, group), partial in merged.items()}  # one span
-        values = [DimensionValue(group[0], finalize(kind, totals[group]))
-                  for group in ranked[:top]]
+        values = [DimensionValue(group[0], finalize(kind, totals[group], counts))
+                  for group in ranked]
+        shown = set(ranked)
         rest: Any = None
-        for group in ranked[top:]:
-            partial = totals[group]
+        for group, partial in totals.items():
+            if group in shown:
+                continue
             rest = copy_partial(kind, partial) if rest is None else merge_partial(
                 kind, rest, partial)
-        other = None if rest is None else finalize(kind, rest)
-    return Dimension(key=key, value_count=len(ranked), values=values, other=other)
+        other = None if rest is None else finalize(kind, rest, counts)
+    return Dimension(key=key, value_count=len(totals), values=values, other=other)

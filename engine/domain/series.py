@@ -39,8 +39,8 @@ from engine.domain.values import fits_int64
 class Series:
     """One (meter, customer, dimensions) series with its minute buckets."""
 
-    __slots__ = ("counts", "customer_id", "dims", "edges", "minutes", "rollup", "seqs", "times",
-                 "values")
+    __slots__ = ("counts", "customer_id", "dims", "distinct_cache", "edges", "minutes", "rollup",
+                 "seqs", "times", "values")
 
     def __init__(
         self, customer_id: str, dims: tuple[tuple[str, str], ...], kind: int
@@ -56,6 +56,10 @@ class Series:
         # A sealed block's series: the partial of all its buckets (engine.domain.blocks);
         # None in the head, whose buckets change.
         self.rollup: Any = None
+        # A unique_count head series: the distinct values of a few long bucket ranges a
+        # query asked for, (lo, hi) -> RememberedSlice; None again whenever a bucket changes
+        # (engine.domain.shard.distinct_slice).
+        self.distinct_cache: dict[tuple[int, int], frozenset[str]] | None = None
         if kind in (SUM, MAX, MIN, AVG, LATEST):
             self.values = array("q")
         if kind in (COUNT, AVG):

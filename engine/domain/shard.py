@@ -32,6 +32,7 @@ from engine.domain.aggregates import (
     SUM,
     UNIQUE,
     PackedDistinct,
+    RememberedSlice,
     merge_partial,
     slice_partial,
 )
@@ -43,6 +44,7 @@ from engine.domain.blocks import (
     NoBlocks,
     add_rollups,
     build_block,
+    count_over_summary,
     cut_sealed,
     encode_block,
     merge_buckets,
@@ -180,20 +182,24 @@ class ShardState:
         if not plan.cuts_ms:
             return {}  # an empty range has no span
         meter_shard = self.meters.get(name)
-        out = {} if meter_shard is None else collect_partials(meter_shard, plan)
+        out = {} if meter_shard is None else collect_partials(
+            meter_shard, plan, remember=DISTINCT_CACHE_MIN_BUCKETS)
         if plan.cuts_ms[0] >= self.sealed_before_minute * MINUTE_MS:
             return out
         kind = plan.meter.kind
         delta = self.deltas.get(name)
         if delta is not None and delta.series:
-            _merge_all(out, kind, collect_partials(delta, plan))
+            _merge_all(out, kind, collect_partials(delta, plan,
+                                                   remember=DISTINCT_CACHE_MIN_BUCKETS))
         cuts_ms = plan.cuts_ms
         first_day = cuts_ms[0] // DAY_MS
         last_day = (cuts_ms[-1] - 1) // DAY_MS
         days = self.blocks.days(name)
         # unique_count rollups of whole days, packed, gathered per group over every day
         # and unpacked once per group at the end (one join, split and set in C).
-        packed: dict[tuple[int, tuple[Any, ...]], list[Any]] = {}
+        packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct] = {}
+        summary: BlockRollup | None = None
+        from_summary: dict[tuple[int, tuple[Any, ...]], PackedDistinct] = {}
         wanted = days[bisect_left(days, first_day):bisect_right(days, last_day)]
         spans = [whole_day_span(cuts_ms, day) for day in wanted]
         whole = [day for day, span in zip(wanted, spans, strict=True) if span >= 0]
@@ -202,7 +208,8 @@ class ShardState:
             # days' rollups merged per series, kept by the cache until a block changes.
             summary = self.blocks.load_summary(plan.meter, whole)
             if summary is not None:
-                collect_rollup_partials(out, summary, plan, max(spans), packed)
+                collect_rollup_partials(out, summary, plan, max(spans),
+                                        from_summary if kind == UNIQUE else packed)
                 wanted = [day for day, span in zip(wanted, spans, strict=True) if span < 0]
         for day in wanted:
             span = whole_day_span(cuts_ms, day)
@@ -215,6 +222,8 @@ class ShardState:
             block = self.blocks.load(plan.meter, day)
             if block is not None:
                 _merge_all(out, kind, collect_partials(block, plan))
+        if from_summary and summary is not None:
+            count_summary_groups(out, summary, from_summary, packed)
         if packed:
             unpack_into(out, packed)
         return out
@@ -595,6 +604,7 @@ def _apply_general(
                 _set_value(series, slot, value)
         else:
             # One distinct value is kept as the str itself, two or more as a set.
+            series.distinct_cache = None
             current = series.values[slot]
             if current is None:
                 series.values[slot] = unique_value
@@ -703,15 +713,23 @@ def _cut_minute(series: Series, cut_ms: int) -> int:
 
 
 def collect_partials(
-    meter_shard: MeterShard, plan: QueryPlan
+    meter_shard: MeterShard, plan: QueryPlan, remember: int = 0
 ) -> dict[tuple[int, tuple[Any, ...]], Any]:
     """Partial aggregates per (span index, group key) of the series matching ``plan``.
 
     The cost is per series, so the loop avoids per-series work where it can:
     a dimension set's filter verdict and group values are worked out once per
     shared ``dims`` tuple, and sum/count meters add their columns inline.
+    ``remember`` (the head and the deltas, never a shared block): unique_count slices
+    of at least that many buckets are kept on their series until a bucket of it
+    changes (``distinct_slice``); shorter ones are named by their values
+    (``aggregates.NAMED_BY_VALUES_MAX``) or recomputed.
     """
     kind = meter_shard.meter.kind
+    slice_of: Any = slice_partial
+    if remember and kind == UNIQUE:
+        def slice_of(kind: int, series: Series, lo: int, hi: int) -> Any:
+            return distinct_slice(kind, series, lo, hi, remember)
     cuts_ms = plan.cuts_ms
     aligned_cuts = [cut // MINUTE_MS for cut in cuts_ms]
     unaligned = [k for k, cut in enumerate(cuts_ms) if cut % MINUTE_MS]
@@ -795,18 +813,44 @@ def collect_partials(
             out[key] = total if existing is None else existing + total
             continue
         if span_count == 1:
-            _merge_into(out, (0, group), kind, slice_partial(kind, series, lo, hi))
+            _merge_into(out, (0, group), kind, slice_of(kind, series, lo, hi))
             continue
         span = bisect_right(cut_minutes, minutes[lo], 0, span_count) - 1
         while lo < hi:
             span_end = cut_minutes[span + 1]
             stop = bisect_left(minutes, span_end, lo, hi)
             if stop > lo:
-                _merge_into(out, (span, group), kind, slice_partial(kind, series, lo, stop))
+                _merge_into(out, (span, group), kind, slice_of(kind, series, lo, stop))
                 lo = stop
             if lo < hi:
                 span = bisect_right(cut_minutes, minutes[lo], span, span_count) - 1
     return out
+
+
+# A head series keeps the distinct values of at most this many bucket ranges, each of
+# at least this many buckets (shorter ones are cheap to unite again).
+DISTINCT_CACHE_RANGES = 4
+DISTINCT_CACHE_MIN_BUCKETS = 128
+
+
+def distinct_slice(kind: int, series: Series, lo: int, hi: int,
+                   min_buckets: int = DISTINCT_CACHE_MIN_BUCKETS) -> Any:
+    """``slice_partial`` of a unique_count head or delta series, remembered when it
+    spans at least ``min_buckets``: a ``RememberedSlice`` (shared: partials that meet
+    it merge into a new set) kept in ``series.distinct_cache`` until a bucket of the
+    series changes (apply, sealing and merges reset it), so a query repeated over the
+    head unites its minute buckets once, not per run."""
+    if hi - lo < min_buckets:
+        return slice_partial(kind, series, lo, hi)
+    cache = series.distinct_cache
+    if cache is None:
+        cache = series.distinct_cache = {}
+    found = cache.get((lo, hi))
+    if found is None:
+        if len(cache) >= DISTINCT_CACHE_RANGES:
+            cache.clear()
+        found = cache[(lo, hi)] = RememberedSlice(slice_partial(kind, series, lo, hi))
+    return found
 
 
 def whole_day_span(cuts_ms: list[int], day: int) -> int:
@@ -822,11 +866,13 @@ def whole_day_span(cuts_ms: list[int], day: int) -> int:
 
 def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup: BlockRollup,
                             plan: QueryPlan, span: int,
-                            packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+                            packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct]) -> None:
     """Merge a block's whole-day partials into ``out``, all in ``span`` (the caller
     checked that the day lies inside it): one merge per series-day, no bisect. The
-    packed values of unique_count rollups are gathered in ``packed`` per group instead,
-    for ``unpack_into``."""
+    packed values of unique_count rollups are gathered in ``packed`` per group instead
+    (each part named by the rollup's serial and its id, ``PackedDistinct.keys``), for
+    ``unpack_into``."""
+    serial = rollup.serial
     kind = rollup.meter.kind
     if plan.customers is not None:
         entries: list[tuple[str, Any, Any]] = []
@@ -858,9 +904,10 @@ def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup:
         if unique:
             pending = packed.get(key)
             if pending is None:
-                packed[key] = [partial]
+                packed[key] = PackedDistinct([partial], keys=[(serial, id(partial))])
             else:
-                pending.append(partial)
+                pending.parts.append(partial)
+                pending.keys.append((serial, id(partial)))  # type: ignore[union-attr]
             continue
         existing = out_get(key)
         if existing is None:
@@ -872,16 +919,40 @@ def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup:
 
 
 def unpack_into(out: dict[tuple[int, tuple[Any, ...]], Any],
-                packed: dict[tuple[int, tuple[Any, ...]], list[Any]]) -> None:
+                packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct]) -> None:
     """Hand each group's packed unique_count rollups on in ``out``: a group with head
     or delta values too gets one ``PackedDistinct`` of both, united when counted
     (``aggregates.distinct_values``: each value one split and one set insert, however
-    many days and shards it spans)."""
-    for key, parts in packed.items():
+    many days and shards it spans; remembered by ``aggregates.DistinctCounts`` while
+    every part has a name)."""
+    for key, pending in packed.items():
         existing = out.get(key)
         if existing is not None:
-            parts.append(existing)
-        out[key] = PackedDistinct(parts)
+            pending.add(existing)
+        out[key] = pending
+
+
+def count_summary_groups(out: dict[tuple[int, tuple[Any, ...]], Any], summary: BlockRollup,
+                         from_summary: dict[tuple[int, tuple[Any, ...]], PackedDistinct],
+                         packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct]) -> None:
+    """unique_count groups whose sealed values all come from one summary: counted here,
+    against the summary's memory of earlier lookups (``blocks.count_over_summary``), so
+    a repeated whole-range query costs per head value, not per sealed value. The
+    partial keeps its parts (a merge with another shard's forgets the count and unites
+    them); a group with other sealed days too is left to ``unpack_into``."""
+    for key, pending in from_summary.items():
+        more = packed.get(key)
+        if more is not None:
+            more.add(pending)
+            continue
+        loose = out.get(key)
+        loose_parts = ([] if loose is None else
+                       loose.parts if type(loose) is PackedDistinct else [loose])
+        count = count_over_summary(summary, tuple(pending.parts), loose_parts)
+        if loose is not None:
+            pending.add(loose)
+        pending.count = count
+        out[key] = pending
 
 
 _FILTERED: Any = ("filtered out",)  # a sentinel no real group equals (identity checked)
@@ -898,10 +969,10 @@ def _dims_group(dims: tuple[tuple[str, str], ...], plan: QueryPlan) -> Any:
 def _merge_into(out: dict[Any, Any], key: Any, kind: int, partial: Any) -> None:
     existing = out.get(key)
     if existing is None:
-        # A block's unique_count rollup is a shared frozenset: merge into a copy.
-        out[key] = set(partial) if type(partial) is frozenset else partial
-    elif type(existing) is frozenset:
-        out[key] = existing | partial
+        # A shared unique_count partial (a RememberedSlice) is kept as it is; another
+        # partial for its group joins it in a PackedDistinct (merge_partial), united
+        # when counted, so the slice is neither copied nor changed.
+        out[key] = partial
     else:
         out[key] = merge_partial(kind, existing, partial)
 

@@ -20,7 +20,9 @@ file:
    columns (other windows, limits, compaction), decoded only when asked for. A
    *summary* (several days' rollups merged per series, for a span that holds all
    of them) is cached the same way and dropped whenever a block of its meter and
-   shard is added, so it never outlives the blocks it was merged from.
+   shard is added, so it never outlives the blocks it was merged from; what a
+   unique_count summary remembers of its lookups (``blocks.count_over_summary``)
+   grows its size, counted again when it is next asked for.
 """
 
 from __future__ import annotations
@@ -163,8 +165,13 @@ class BlockCache:
         cached = self._decoded.get(key)
         if cached is not None:
             self.hits += 1
-            self._decoded.move_to_end(key)
-            return cached[0]  # type: ignore[no-any-return]
+            summary: BlockRollup = cached[0]
+            if summary.nbytes != cached[1]:
+                # It grew since it was counted (unique_count lookups it remembers).
+                self._keep(key[0], _SUMMARY, summary, summary.nbytes)
+            else:
+                self._decoded.move_to_end(key)
+            return summary
         rollups = []
         for day in days:
             rollup = self.load_rollup(meter, day, part)

@@ -32,6 +32,7 @@ import msgspec
 import trio
 
 from engine.domain import records
+from engine.domain.aggregates import DistinctCounts
 from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.limits import LimitError, check_limit, period_bounds
 from engine.domain.meters import IngestRules, check_meter, merge_meter
@@ -78,6 +79,9 @@ from engine.storage.lmdb_store import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
 
 WRITE_QUEUE = 64
 MAILBOX_SIZE = 64
+# The remembered unique_count counts may hold this share of block_cache_bytes on top of
+# it (an eighth: 8 MiB at the default 64 MiB).
+DISTINCT_COUNTS_SHARE = 8
 # A checkpoint writes only the head's hours that changed (engine.domain.head), so it is
 # cheap to take often; the WAL a restart replays after it is bounded by this (16 MiB is
 # about 150,000 events of the growth benchmark's shape: about 0.7 s of replay).
@@ -122,6 +126,9 @@ class Engine:
         self._history = history or HistoryPolicy(clock_ms=clock_ms)
         self._blocks = BlockCache(store, block_cache_bytes)
         self._blocks.load_index()
+        # Counts of unique_count groups over named parts (sealed rollups, remembered head
+        # slices), for the queries' finishing step, which runs in the caller's task.
+        self._distinct_counts = DistinctCounts(block_cache_bytes // DISTINCT_COUNTS_SHARE)
         for index, state in enumerate(self._recovered.states):
             state.blocks = self._blocks.reader(index)
         self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1, extension)
@@ -310,7 +317,7 @@ class Engine:
     async def query(self, query: Query) -> QueryResult:
         """Answer ``query`` from the shards that can hold matching customers."""
         plan = self._plan(query)
-        return finish_query(plan, await self._gather_partials(plan))
+        return finish_query(plan, await self._gather_partials(plan), self._distinct_counts)
 
     # ------------------------------------------------ customers (runtime/customers.py)
 
@@ -445,7 +452,8 @@ class Engine:
         and, with ``other=True``, the exact aggregate of every other group per window
         (``engine.domain.query.finish_page``)."""
         plan = self._plan(query)
-        return finish_page(plan, await self._gather_partials(plan), offset, other)
+        return finish_page(plan, await self._gather_partials(plan), offset, other,
+                           self._distinct_counts)
 
     async def dimensions(self, meter_api_name: str, start_ms: int, end_ms: int, *,
                          top: int = 10, customer_id: str | None = None,
@@ -466,7 +474,7 @@ class Engine:
         for key in keys:
             key_plan = self._plan(msgspec.structs.replace(base, group_by=[key]))
             found.append(finish_dimension(key_plan, await self._gather_partials(key_plan),
-                                          top))
+                                          top, self._distinct_counts))
         return found
 
     async def dimension_keys(self, meter_api_name: str, start_ms: int, end_ms: int, *,
