@@ -1,13 +1,13 @@
 """The dedup index as a log-structured merge tree: recent ids in memory, older ones in
 immutable sorted runs on disk, each with a Bloom filter in memory.
 
-Runtime layer: the standard library, numpy (the filters) and the storage contract's
-answers (the WAL writer and recovery pass a ``Store`` in; this module never awaits).
+Runtime layer: the standard library, numpy and xxhash (the filters) and the storage
+contract's answers (the WAL writer and recovery pass a ``Store`` in; this module never awaits).
 
 Why: the index was one LMDB B-tree keyed by (meter, customer, unique id). Unique ids
 are random, so every id put in a group commit dirtied a page of its own once the tree
 outgrew the group: about 16 MB written and fsynced for a group of 4,000 ids, on the
-ack path. Now a group commit writes no index page at all:
+ack path. Now a group commit writes no page of the index at random:
 
 - **Memtable.** The ids accepted since the last flush, in a dict (key -> arrival day).
   Its log is the WAL itself: every batch carries its ids, and recovery rebuilds the
@@ -16,10 +16,12 @@ ack path. Now a group commit writes no index page at all:
   of a batch were duplicates (``dups`` database: lsn -> event indices), so replay
   never recomputes a decision from an index whose runs may have been merged or dropped
   since: the decision stays atomic with the durable write, and replay is exact.
-- **Runs.** At a checkpoint (or when the memtable holds ``MEMTABLE_MAX_KEYS``) the
-  memtable is frozen and written as one sorted run, in bounded slices between group
-  commits, keys appended in order (``run(4) + key``: sequential pages). The frozen
-  memtable answers lookups until the run's last slice commits its metadata and filter.
+- **Runs.** At a checkpoint, when the arrival day changes, or when the memtable holds
+  ``MEMTABLE_MAX_KEYS``, the memtable is frozen and written as one sorted run, keys
+  appended in order (``run(4) + key``: sequential pages), in bounded slices, each
+  carried by a group commit's transaction (``prepare`` / ``committed``; alone only
+  while the engine is idle). The frozen memtable answers lookups until the run's last
+  slice commits its metadata and filter.
 - **Filters.** Each run has a Bloom filter of ``BITS_PER_KEY`` bits per id (1.25 bytes,
   about 1 % false positives), loaded at start; a lookup reads a run only on a filter
   hit. The memory per remembered id after the memtable is that filter.
