@@ -594,6 +594,12 @@ class Worker:
                 "disk_bytes_per_event": info.st_size / max(1, self.accepted)}
 
     async def checkpoint(self, eng: Any, day: int, baseline_anon: int) -> dict[str, Any]:
+        # The parent copies the data directory for the restart measurement while this
+        # engine waits: let the dedup index finish its background writes first (a copy
+        # of a file being written is torn; a SIGKILL never tears LMDB).
+        with trio.fail_after(self.args.timeout_s):
+            while eng.statistics().dedup_jobs_pending:
+                await trio.sleep(0.05)
         # Memory of the state, before the queries: whole-history queries build large
         # transient results (a month of distinct values per customer) whose pages the
         # allocator keeps afterwards; that figure is reported beside it.

@@ -424,6 +424,7 @@ class Engine:
             dedup_memtable_ids=writer.index.memory_keys(),
             dedup_runs=len(writer.index.runs),
             dedup_filter_bytes=writer.index.filter_bytes(),
+            dedup_jobs_pending=writer.index.jobs_pending(),
             checkpoint_bytes=writer.checkpoint_bytes,
             checkpoint_head_chunks=writer.checkpoint_head_chunks,
             checkpoint_head_chunks_dropped=writer.checkpoint_head_chunks_dropped,

@@ -485,6 +485,10 @@ class IdIndex:
 
     # ------------------------------------------------------------ figures
 
+    def jobs_pending(self) -> int:
+        self.pending()  # (plans a merge that is due, as the writer's next turn would)
+        return len(self.jobs) + (self.job is not None)
+
     def memory_keys(self) -> int:
         return len(self.memtable) + len(self.frozen)
 

@@ -50,6 +50,9 @@ class EngineStatistics:
     dedup_memtable_ids: int = 0
     dedup_runs: int = 0
     dedup_filter_bytes: int = 0
+    # Background work of the index not yet done (runs to write, merge or delete): while
+    # it is not 0 the engine writes its store even with no request coming.
+    dedup_jobs_pending: int = 0
     # The last checkpoint: the bytes it wrote (parts, head chunks, blocks), the head's hour
     # chunks it wrote and deleted (only the hours that changed), and its duration.
     checkpoint_bytes: int = 0
