@@ -114,11 +114,14 @@ def encode_decisions(duplicate_events: list[int]) -> bytes:
     return msgspec.msgpack.encode(duplicate_events)
 
 
+def decode_decisions(raw: bytes | None) -> set[int]:
+    """The event indices a batch's logged decisions name as duplicates (None: none)."""
+    return set(msgspec.msgpack.decode(raw, type=list[int])) if raw else set()
+
+
 def logged_duplicates(raw: bytes | None, events: list[int]) -> list[bool]:
     """The duplicate flag of each key (``events``: ``key_events``) from logged decisions."""
-    if raw is None:
-        return [False] * len(events)
-    duplicate = set(msgspec.msgpack.decode(raw, type=list[int]))
+    duplicate = decode_decisions(raw)
     return [event in duplicate for event in events]
 
 

@@ -218,8 +218,6 @@ class IdIndex:
         self.jobs: list[Job] = [Drop(number) for number in orphans]
         self.job: Job | None = None
         self._apply: Callable[[], None] | None = None  # what the prepared slice changes
-        self.filter_hits = 0  # run reads a filter asked for
-        self.filter_false = 0  # ... that found nothing
 
     # ------------------------------------------------------------ deciding
 
@@ -254,8 +252,6 @@ class IdIndex:
                     pairs.append((run.number, rkeys[index]))
             if pairs:
                 hits = store.runs_contain(pairs)
-                self.filter_hits += len(pairs)
-                self.filter_false += hits.count(False)
                 found.update(rkey for (_, rkey), hit in zip(pairs, hits, strict=True) if hit)
         if self.legacy_entries:
             rest = [rkey for rkey in rkeys if rkey not in found]

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-import msgspec
-
 from engine.domain import records
 from engine.errors import InvalidRequest
-from engine.runtime.dedup import id_key
+from engine.runtime.dedup import decode_decisions, id_key
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
 from engine.schema import Event, RawEventPage
 
@@ -187,8 +185,7 @@ def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch
 
 def _take_logged(store: Store, request: RawEventRequest, batch: records.WalBatch, lsn: int,
                  index: int, found: list[Event]) -> int:
-    raw = store.read_decisions(lsn)
-    duplicates = set(msgspec.msgpack.decode(raw, type=list[int])) if raw else set()
+    duplicates = decode_decisions(store.read_decisions(lsn))
     events = batch.events
     position = index
     while position < len(events) and len(found) < request.limit:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import trio
 
 from engine.domain import records
+from engine.domain.batch import ShardSlice
 from engine.domain.meters import MeterDef, merge_meter
 from engine.errors import (
     CustomerExists,
@@ -306,8 +307,8 @@ class WalWriter:
         meta: list[tuple[bytes, bytes]] = []
         keys: list[bytes] = []
         days: list[int] = []
-        # The batches that carry unique ids, with their keys' event indices.
-        deduped: list[tuple[LogBatch, list[int]]] = []
+        # The batches that carry unique ids, with their slices and how many keys each has.
+        deduped: list[tuple[LogBatch, list[ShardSlice | None], int]] = []
         lsn = self.last_lsn
         group = self._settle(group)
         for request in group:
@@ -321,7 +322,7 @@ class WalWriter:
                     if batch_ids:
                         keys.extend(batch_ids)
                         days.extend([ticket.received_ms // ARRIVAL_DAY_MS] * len(batch_ids))
-                        deduped.append((request, key_events(slices)))
+                        deduped.append((request, slices, len(batch_ids)))
                 case (LogLimitChange(ticket, record) | LogCustomerChange(ticket, record)
                       | LogExtension(ticket, record)):
                     lsn += 1
@@ -335,12 +336,13 @@ class WalWriter:
             duplicates, new = self.index.decide(self._store, keys, days) if keys else ([], {})
             decisions: list[tuple[int, bytes]] = []
             flag = 0
-            for batch, events in deduped:
-                flags = duplicates[flag:flag + len(events)]
-                flag += len(events)
-                if True in flags:
+            for batch, slices, count in deduped:
+                flags = duplicates[flag:flag + count]
+                flag += count
+                if True in flags:  # (rare: only then the keys' event indices are needed)
                     decisions.append((batch.ticket.lsn, encode_decisions(
-                        [event for event, dup in zip(events, flags, strict=True) if dup])))
+                        [event for event, dup in zip(key_events(slices), flags, strict=True)
+                         if dup])))
             # A slice of the index's background work rides along, so it costs no fsync
             # of its own under load.
             run_slice = (self.index.prepare(self._store, len(keys))
@@ -373,10 +375,9 @@ class WalWriter:
         if len(self.index.memtable) >= MEMTABLE_MAX_KEYS:
             self.index.freeze(lsn)
         flag = 0
-        for batch, events in deduped:
-            batch.ticket.duplicates = drop_duplicates(
-                (item.slice if item else None for item in batch.work), duplicates, flag)
-            flag += len(events)
+        for batch, slices, count in deduped:
+            batch.ticket.duplicates = drop_duplicates(slices, duplicates, flag)
+            flag += count
         per_shard: list[list[Apply]] = [[] for _ in self._mailboxes]
         for request in group:
             match request:
