@@ -42,13 +42,15 @@ def event(**fields: Any) -> Event:
 
 
 def as_rows(slices: list[Any]) -> list[tuple[Any, ...]]:
-    """(shard, meter, index, customer, dims key, ts, value, unique id) per prepared event."""
+    """(shard, meter, index, customer, dims key, ts, value, unique id, counted value) per
+    prepared event; the counted value (a unique_count meter's dimension) is None elsewhere."""
     return sorted(
-        (shard, meter.name, index, customer, dims, ts, value, unique_id)
+        (shard, meter.name, index, customer, dims, ts, value, unique_id, counted)
         for shard, groups in enumerate(slices)
         for meter, c in groups
-        for customer, dims, ts, value, unique_id, index in zip(
-            c.customers, c.dims_keys, c.times, c.values, c.unique_ids, c.indices, strict=True)
+        for customer, dims, ts, value, unique_id, index, counted in zip(
+            c.customers, c.dims_keys, c.times, c.values, c.unique_ids, c.indices,
+            c.unique_values if meter.unique_dimension else [None] * len(c), strict=True)
     )
 
 
@@ -152,7 +154,8 @@ def model_rows(events: list[Event], meters: dict[str, MeterDef], shards: int) ->
         dims = {k: v for k, v in e.dimensions.items() if k != meter.unique_dimension}
         rows.append((shard_of(e.customer_id, shards), meter.name, index, e.customer_id,
                      dims_key_of(dims), e.meter_time_in_millis, exact_value(e.meter_value),
-                     e.unique_id))
+                     e.unique_id, e.dimensions.get(meter.unique_dimension or "")
+                     if meter.unique_dimension else None))
     return sorted(rows)
 
 
@@ -167,3 +170,23 @@ def test_fast_and_full_checks_prepare_the_same_events(events: list[Event]) -> No
     # Again with the dimension memo warm, and as trusted replay (its own memo).
     assert as_rows(prepare_batch(valid, METERS, route, RULES, NOW)) == expected
     assert as_rows(prepare_batch(valid, METERS, route, RULES, None)) == expected
+
+
+@pytest.mark.parametrize(("dimensions", "reason"), [
+    ({"user": "a\x00b"}, "contains a NUL character"),
+    ({"user": "u" * 300}, "value is longer than"),
+    ({"user": "u1", "region": "e\x00u"}, "contains a NUL character"),
+    ({"user": "u1", "a": "1", "b": "2", "c": "3"}, "4 dimensions, at most 3"),
+    ({"region": "eu"}, "has no such dimension"),
+])
+def test_a_unique_count_event_is_checked_in_full(dimensions: dict[str, str],
+                                                 reason: str) -> None:
+    """The fast path takes unique_count events too; what it cannot vouch for is refused
+    with the reason the full check gives."""
+    rules = IngestRules(max_value_chars=256, max_dimensions=3)
+    meters = {"users": check_meter(Meter("users", "unique_count", unique_dimension="user"),
+                                   rules)}
+    with pytest.raises(BatchRejected) as caught:
+        prepare_batch([event(meter_api_name="users", dimensions=dimensions)], meters,
+                      ShardRouter(1), rules, NOW)
+    assert reason in caught.value.problems[0].reason

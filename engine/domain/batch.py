@@ -57,6 +57,9 @@ class Columns:
         return len(self.times)
 
 
+# The dimensions of an event whose only dimension is its meter's unique one.
+NO_DIMENSIONS: dict[str, str] = {}
+
 # What one shard gets of a batch: its events grouped by meter, in order of first appearance.
 ShardSlice = list[tuple[MeterDef, Columns]]
 
@@ -233,7 +236,6 @@ def prepare_batch(
             unique_id = event.unique_id
             fast = (
                 meter is not None
-                and meter.unique_dimension is None
                 and type(customer) is str
                 and 0 < len(customer) <= max_chars
                 and type(value) is int
@@ -245,7 +247,22 @@ def prepare_batch(
             )
             if fast and type(dims) is not dict:
                 fast = False  # None, a list, a dict subclass...: _prepare_one says why
-            elif fast and dims:
+            unique_value = None
+            unique_key = meter.unique_dimension if fast and meter is not None else None
+            if unique_key is not None and type(dims) is dict:
+                # A unique_count meter: its dimension's value is what the event counts and
+                # is not part of the series key. Checked here as _check_dimensions would.
+                unique_value = dims.get(unique_key)
+                if (type(unique_value) is not str or len(unique_value) > max_chars
+                        or "\x00" in unique_value or len(dims) > max_dimensions
+                        or unique_key == "customer_id" or len(unique_key) > max_key_chars
+                        or "\x00" in unique_key):
+                    fast = False
+                elif len(dims) == 1:
+                    dims = NO_DIMENSIONS
+                else:
+                    dims = {k: v for k, v in dims.items() if k != unique_key}
+            if fast and dims:
                 items = tuple(dims.items())
                 try:
                     known = checked_dims.get(items)
@@ -294,7 +311,6 @@ def prepare_batch(
                 continue
         else:
             assert meter is not None  # the fast path was taken only for a known meter
-            unique_value = None
         shard = shard_cache.get(customer)
         if shard is None:
             shard = shard_cache[customer] = shard_of(customer, shard_count)
