@@ -77,6 +77,7 @@ one seals on every shard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import itertools
 import json
@@ -623,6 +624,7 @@ class Worker:
                                 "head_chunks": stats.checkpoint_head_chunks,
                                 "head_chunks_dropped": stats.checkpoint_head_chunks_dropped},
             "wal_bytes_since_snapshot": stats.wal_bytes_since_snapshot,
+            "statistics": dataclasses.asdict(stats),
             "queries": figures,
             "probe_query": msgspec.json.encode(
                 self.queries()[self.traffic.meters[0].name]["customer_by_day"]).decode(),
@@ -721,7 +723,9 @@ async def probe_main(args: argparse.Namespace) -> None:
     async with open_engine(args.data_dir, shards=args.shards,
                            clock_ms=lambda: args.probe_now_ms) as eng:
         result = await eng.query(query)
-        emit("answer", {"rows": rows_json(result), "recovery_ms": eng.statistics().recovery_ms})
+        stats = eng.statistics()
+        emit("answer", {"rows": rows_json(result), "recovery_ms": stats.recovery_ms,
+                        "recovered_wal_bytes": stats.recovered_wal_bytes})
         await wait_for_parent("exit")
 
 
@@ -805,7 +809,8 @@ def copy_data_dir(source: str, target: str) -> None:
 
 def measure_restart(args: argparse.Namespace, data_dir: str, tmp: Path,
                     checkpoint: dict[str, Any]) -> dict[str, Any]:
-    copy = tmp / f"restart-day-{checkpoint['day']}"
+    keep = args.keep_restart_copies
+    copy = (Path(keep) if keep else tmp) / f"restart-day-{checkpoint['day']}"
     copy_started = time.perf_counter()
     copy_data_dir(data_dir, str(copy))
     copy_s = time.perf_counter() - copy_started
@@ -819,11 +824,13 @@ def measure_restart(args: argparse.Namespace, data_dir: str, tmp: Path,
         memory = proc_status(probe.pid)
     finally:
         probe.kill()
-        shutil.rmtree(copy, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(copy, ignore_errors=True)
     if answer["rows"] != checkpoint["probe_answer"]:
         raise BenchmarkFailure(f"day {checkpoint['day']}: the restarted engine answers "
                                "otherwise than the live one")
     return {"restart_s": restart_s, "restart_recovery_ms": answer["recovery_ms"],
+            "restart_wal_tail_bytes": answer["recovered_wal_bytes"],
             "restart_rss_peak_bytes": memory["rss_peak_bytes"],
             "restart_rss_anon_bytes": memory["rss_anon_bytes"], "copy_s": copy_s}
 
@@ -912,7 +919,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mib(value: float) -> str:
-    return f"{value / 2**20:,.0f}"
+    return "-" if math.isnan(value) else f"{value / 2**20:,.0f}"
 
 
 def _ms(value: float) -> str:
@@ -924,13 +931,15 @@ def format_tables(report: dict[str, Any]) -> str:
     lines = ["| day | events accepted | RSS MiB | RssAnon MiB | peak MiB | RAM B/event "
              "| since prev B/event | RssAnon after queries MiB | ingest ev/s "
              "| ack p50 / p99 / max ms | snapshots "
-             "| ack max in snapshot ms | loop stall max ms | disk B/event | restart s "
-             "| restart peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| ack max in snapshot ms | loop stall max ms | disk B/event | block cache MiB "
+             "| restart s | restart WAL tail MiB | restart peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|"]
     for c in report["checkpoints"]:
         ingest = c["ingest"]
-        restart = (f"{c['restart_s']:.2f}", _mib(c["restart_rss_peak_bytes"])) \
-            if "restart_s" in c else ("", "")
+        restart = (f"{c['restart_s']:.2f}", _mib(c.get("restart_wal_tail_bytes", math.nan)),
+                   _mib(c["restart_rss_peak_bytes"])) if "restart_s" in c else ("", "", "")
+        cache = c.get("statistics", {}).get("block_cache_bytes", math.nan)
         lines.append(
             f"| {c['day']} | {c['events_accepted']:,} | {_mib(c['rss_bytes'])} "
             f"| {_mib(c['rss_anon_bytes'])} | {_mib(c['rss_peak_bytes'])} "
@@ -939,7 +948,8 @@ def format_tables(report: dict[str, Any]) -> str:
             f"| {ingest['events_per_s']:,.0f} | {ingest['ack_p50_ms']:.1f} / "
             f"{ingest['ack_p99_ms']:.1f} / {ingest['ack_max_ms']:,.0f} | {ingest['snapshots']} "
             f"| {_ms(ingest['ack_during_snapshot_max_ms'])} | {ingest['loop_stall_max_ms']:,.0f} "
-            f"| {c['disk_bytes_per_event']:.0f} | {restart[0]} | {restart[1]} |")
+            f"| {c['disk_bytes_per_event']:.0f} | {_mib(cache)} | {restart[0]} | {restart[1]} "
+            f"| {restart[2]} |")
     lines += ["", "| day | meter | query | cold ms | warm p50 ms | warm p99 ms | warm runs |",
               "|---:|---|---|---:|---:|---:|---:|"]
     for c in report["checkpoints"]:
@@ -1021,6 +1031,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, dest="timeout_s",
                         help="budget of the whole run (full 4 h, quick 15 min)")
     parser.add_argument("--tmpdir", help="where the temporary data directories go")
+    parser.add_argument("--keep-restart-copies", metavar="DIR",
+                        help="keep each restart's copy of the data directory here "
+                             "(restart-day-N), to profile a restart on it afterwards")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON report here")
     parser.add_argument("--report-answers", action="store_true", dest="report_answers",
                         help="include every query answer in the JSON (for tests)")
