@@ -159,8 +159,25 @@ def decimal_or_int(value: int | str) -> int | Decimal:
     return Decimal(text)
 
 
+class EventIds(msgspec.Struct, rename="camel", gc=False):
+    """What the dedup index needs of a logged event: the other fields are skipped, not
+    built (``Event``'s wire names, so it reads the same bytes)."""
+
+    meter_api_name: str
+    customer_id: str
+    unique_id: str | None = None
+
+
+class BatchIds(msgspec.Struct, tag="batch", array_like=True):
+    """A ``WalBatch`` read for its ids only."""
+
+    events: list[EventIds]
+    received_ms: int = 0
+
+
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder: msgspec.msgpack.Decoder[WalRecord] = msgspec.msgpack.Decoder(WalRecord)
+_batch_ids_decoder = msgspec.msgpack.Decoder(BatchIds)
 _part_decoder = msgspec.msgpack.Decoder(ShardPart)
 _meter_part_decoder = msgspec.msgpack.Decoder(MeterPart)
 _block_decoder = msgspec.msgpack.Decoder(BlockRecord)
@@ -219,6 +236,17 @@ def encode_alert(alert: Alert) -> bytes:
 
 def decode_record(raw: bytes) -> WalRecord:
     return _record_decoder.decode(raw)
+
+
+def decode_batch_ids(raw: bytes) -> BatchIds | None:
+    """A batch record's ids, about four times faster than ``decode_record`` (no
+    dimensions, values or Event objects built); None for any other record. Raises
+    ``msgspec.DecodeError`` if the record is corrupt, as ``decode_record`` does."""
+    try:
+        return _batch_ids_decoder.decode(raw)
+    except msgspec.ValidationError:
+        decode_record(raw)  # another kind of record, or a corrupt one: which it is says
+        return None
 
 
 def decode_part(raw: bytes) -> ShardPart:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 import msgspec
 
 from engine.domain.batch import Columns, ShardSlice
-from engine.domain.records import MeterPart, WalBatch
+from engine.domain.records import EventIds, MeterPart, WalBatch
 
 # LMDB's default maximum key size.
 MAX_KEY_BYTES = 511
@@ -96,6 +96,18 @@ def batch_keys(slices: Iterable[ShardSlice | None]) -> list[bytes]:
                        if unique_id is not None]
         keys.extend(natural)
     return keys
+
+
+def logged_keys(events: list[EventIds]) -> list[bytes]:
+    """The index keys of a logged batch's events that carry a unique id (``batch_keys``
+    for a record read with ``decode_batch_ids``: what a restart puts in the memtable)."""
+    natural = [f"{e.meter_api_name}\0{e.customer_id}\0{e.unique_id}".encode()
+               for e in events if e.unique_id is not None]
+    if natural and (max(map(len, natural)) > MAX_KEY_BYTES
+                    or b"".join(natural).count(0) != 2 * len(natural)):
+        return [id_key(e.meter_api_name, e.customer_id, e.unique_id)
+                for e in events if e.unique_id is not None]
+    return natural
 
 
 def key_events(slices: Iterable[ShardSlice | None]) -> list[int]:

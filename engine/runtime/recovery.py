@@ -54,9 +54,9 @@ from engine.runtime.dedup import (
     batch_keys,
     drop_duplicates,
     first_occurrences,
-    id_key,
     key_events,
     logged_duplicates,
+    logged_keys,
     remembered_keys,
     replay_duplicates,
 )
@@ -66,6 +66,7 @@ from engine.runtime.idindex import (
     DECIDED_FROM_KEY,
     FLUSHED_LSN_KEY,
     LSN,
+    MAX_RUN_KEY_BYTES,
     RUN_META_PREFIX,
     IdIndex,
     load_index,
@@ -195,13 +196,15 @@ def _load_index(store: Store) -> tuple[IdIndex, int | None]:
 def _remember_ids(lsn: int, raw: bytes, index: IdIndex) -> None:
     """Put the ids of batch ``lsn`` (covered by the snapshot, after the last flushed run)
     into the memtable. Its duplicates' ids are in the index already: putting them too
-    changes nothing."""
+    changes nothing. Only the ids are decoded: a restart may read a few hundred
+    thousand of them."""
     with damaged_if(f"write-ahead log record {lsn} is corrupt", msgspec.DecodeError):
-        record = records.decode_record(raw)
-    if isinstance(record, records.WalBatch):
-        day = record.received_ms // ARRIVAL_DAY_MS
-        index.accept({run_key(id_key(event.meter_api_name, event.customer_id, event.unique_id)):
-                      day for event in record.events if event.unique_id is not None})
+        batch = records.decode_batch_ids(raw)
+    if batch is not None:
+        keys = logged_keys(batch.events)
+        if keys and max(map(len, keys)) > MAX_RUN_KEY_BYTES:
+            keys = [run_key(key) for key in keys]
+        index.accept(dict.fromkeys(keys, batch.received_ms // ARRIVAL_DAY_MS))
 
 
 def _build_id_index(store: Store, snapshot: StoredSnapshot | None, now_ms: int) -> int:
@@ -317,7 +320,10 @@ def _replay(lsn: int, raw: bytes, states: list[ShardState], rules: IngestRules,
         if decided_from is not None and lsn >= decided_from:
             with damaged_if(f"the dedup decisions of batch {lsn} are unreadable",
                             msgspec.DecodeError, ValueError):
-                duplicates = logged_duplicates(store.read_decisions(lsn), key_events(slices))
+                logged = store.read_decisions(lsn)
+                # Most batches have no duplicate: no decisions, nothing to map or drop.
+                duplicates = (logged_duplicates(logged, key_events(slices)) if logged
+                              else [False] * len(keys))
             if id_index is not None:
                 day = record.received_ms // ARRIVAL_DAY_MS
                 id_index.accept({run_key(key): day
