@@ -170,3 +170,53 @@ def test_a_long_key_is_stored_shortened_and_still_found(tmp_path: Path) -> None:
         assert again.decide(store, long_keys, [2, 2, 2])[0] == [True] * 3
     finally:
         store.close()
+
+
+def _sustained_ingest(pace: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, IdIndex]:
+    """Groups of ids committed as the writer commits them, each carrying a slice of the
+    background work, a freeze every checkpoint and a new arrival day now and then;
+    returns the most ids held in memory at once, and the index."""
+    monkeypatch.setattr(idindex, "SLICE_KEYS", 8)
+    monkeypatch.setattr(idindex, "MEMTABLE_MAX_KEYS", 4096)
+    monkeypatch.setattr(idindex, "BACKGROUND_KEYS_PER_ID", pace)
+    store = MemoryStore()
+    index = reload(store)
+    lsn, day, most_in_memory = 0, 100, 0
+    for number in range(800):
+        if number and number % GROUPS_PER_DAY == 0:
+            day += 1
+            index.expire(day - 6)
+        keys = [f"calls\0c{lsn % 7}\0id-{lsn}-{i}".encode() for i in range(GROUP_IDS)]
+        flags, new = index.decide(store, keys, [day] * GROUP_IDS)
+        assert not any(flags)
+        work = (index.prepare(store, index.carried_budget(GROUP_IDS))
+                if index.pending() else None)
+        store.commit([], [], run_slice=work)
+        index.committed()
+        lsn += 1
+        if index.new_day(new):
+            index.freeze(lsn - 1)
+        index.accept(new)
+        if len(index.memtable) >= idindex.MEMTABLE_MAX_KEYS:
+            index.freeze(lsn)
+        if lsn % GROUPS_PER_CHECKPOINT == 0:
+            index.freeze(lsn)
+        most_in_memory = max(most_in_memory, index.memory_keys())
+    return most_in_memory, index
+
+
+GROUP_IDS, GROUPS_PER_CHECKPOINT, GROUPS_PER_DAY = 64, 8, 40
+
+
+def test_background_work_keeps_up_with_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flushes, merges, drops and expiry keep up with sustained ingest, so the memtable
+    (what a restart rebuilds from the WAL) stays one checkpoint's ids and a few groups: a
+    frozen memtable goes before a merge under way, and slices carry a few keys of work
+    per id of their group. With slices only as large as the group (pace 1) the work
+    falls behind and the memtable grows to its bound."""
+    bound = GROUP_IDS * (GROUPS_PER_CHECKPOINT + 4)
+    most, index = _sustained_ingest(idindex.BACKGROUND_KEYS_PER_ID, monkeypatch)
+    assert most <= bound
+    assert len(index.jobs) <= 8  # (the work left over is a few jobs, not a backlog)
+    behind, _ = _sustained_ingest(1, monkeypatch)
+    assert behind > 4 * bound

@@ -69,6 +69,13 @@ SLICE_KEYS = 4096  # keys written, merged or deleted per slice (a few ms)
 MAX_RUNS = 12
 MERGE_FANIN = 4
 MAX_RUN_SPAN_DAYS = 7
+# The background work an accepted id causes over its life: its flush writes it once,
+# merges write it again and delete it from their sources (about twice each), expiry
+# deletes it. A slice carried by a group commit does this many keys of work per id of
+# the group, so the work keeps up with any ingest rate instead of falling behind (a
+# merge holds the next flush back, and the memtable grows meanwhile); four times as
+# many while the memtable is over its bound, to catch up.
+BACKGROUND_KEYS_PER_ID = 4
 
 
 class RunStore(Protocol):
@@ -190,6 +197,9 @@ class Merge:
     written: int = 0
     last: bytes | None = None
     number: int = -1
+    # False once a flush went first: a later run then has keys, so this one's are put
+    # in place rather than appended.
+    appending: bool = True
 
 
 @dataclass(slots=True)
@@ -367,9 +377,18 @@ class IdIndex:
         ``budget``: keys to write or delete at most (at least ``SLICE_KEYS``); a group
         commit passes its own id count, so the index keeps up with any ingest rate."""
         budget = max(budget, SLICE_KEYS)
+        if (isinstance(self.job, Merge | Drop) and self.jobs
+                and isinstance(self.jobs[0], Flush)):
+            # A frozen memtable waits: it goes first, and the merge or drop resumes after
+            # it. A merge takes as long as its sources hold keys, and the memtable (what
+            # a restart rebuilds from the WAL) would grow by as much meanwhile.
+            if isinstance(self.job, Merge):
+                self.job.appending = False
+            self.jobs.insert(1, self.job)
+            self.job = None
         if self.job is None:
             self.job = self.jobs.pop(0)
-            if isinstance(self.job, Flush | Merge):
+            if isinstance(self.job, Flush | Merge) and self.job.number < 0:
                 # LMDB appends only after the database's last key: the run written now
                 # gets the highest number yet.
                 self.job.number = self.next_run
@@ -457,11 +476,12 @@ class IdIndex:
 
         self._apply = apply
         if not last:
-            return RunSlice(job.number, unique)
+            return RunSlice(job.number, unique, append=job.appending)
         days = (min(r.meta.min_day for r in job.sources), max(r.meta.max_day for r in job.sources))
         run = Run(job.number, RunMeta(job.written + len(unique), *days), job.bloom)
         return RunSlice(job.number, unique, _run_entries(run),
-                        [k for n in sorted(numbers) for k in _meta_keys(n)])
+                        [k for n in sorted(numbers) for k in _meta_keys(n)],
+                        append=job.appending)
 
     def _drop_slice(self, store: RunStore, job: Drop, budget: int) -> RunSlice | None:
         if any(run.number == job.number for run in self.runs):
@@ -480,6 +500,11 @@ class IdIndex:
         return RunSlice(job.number, delete=budget)
 
     # ------------------------------------------------------------ figures
+
+    def carried_budget(self, ids: int) -> int:
+        """The keys of background work a group commit of ``ids`` ids carries."""
+        pace = BACKGROUND_KEYS_PER_ID * (4 if self.memory_keys() > MEMTABLE_MAX_KEYS else 1)
+        return max(SLICE_KEYS, ids * pace)
 
     def jobs_pending(self) -> int:
         self.pending()  # (plans a merge that is due, as the writer's next turn would)

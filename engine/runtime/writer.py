@@ -345,7 +345,7 @@ class WalWriter:
                          if dup])))
             # A slice of the index's background work rides along, so it costs no fsync
             # of its own under load.
-            run_slice = (self.index.prepare(self._store, len(keys))
+            run_slice = (self.index.prepare(self._store, self.index.carried_budget(len(keys)))
                          if self.index.pending()
                          and trio.current_time() >= self._next_index_slice_at else None)
             await self._commit(wal, meta, decisions, run_slice)

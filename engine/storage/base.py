@@ -50,7 +50,8 @@ class ExpirySlice:
 @dataclass(frozen=True, slots=True)
 class RunSlice:
     """One slice of the dedup index's background work (``engine.runtime.idindex``):
-    append ``keys`` (sorted, after every key of every run) to run ``run``, put the
+    append ``keys`` (sorted, after every key of every run; with ``append=False`` only
+    after the run's own keys: a later run has some) to run ``run``, put the
     catalogue entries ``meta``, delete ``drop_meta``, and delete up to ``delete``
     entries of the run."""
 
@@ -59,6 +60,7 @@ class RunSlice:
     meta: Sequence[tuple[bytes, bytes]] = ()
     drop_meta: Sequence[bytes] = ()
     delete: int = 0
+    append: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -637,8 +637,9 @@ class LmdbStore:
         if work.keys:
             empty = self._seal(b"")
             cursor = txn.cursor(db=self.runs_db)
+            append = work.append
             for key in work.keys:
-                if not cursor.put(prefix + key, empty, append=True):
+                if not cursor.put(prefix + key, empty, append=append):
                     raise StorageError(f"dedup index run {work.run} appended out of order")
         if work.delete:
             cursor = txn.cursor(db=self.runs_db)

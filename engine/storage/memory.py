@@ -76,7 +76,7 @@ class MemoryStore:
         stored = self.runs.setdefault(run, [])
         # As LMDB's append: after the last key of every run, so no later run may have any.
         if keys and ((stored and keys[0] <= stored[-1]) or keys != sorted(set(keys))
-                     or any(other > run for other in self.runs)):
+                     or (work.append and any(other > run for other in self.runs))):
             raise StorageError(f"dedup index run {run} appended out of order")
         stored.extend(keys)
         members = self._run_sets.setdefault(run, set())
