@@ -10,6 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import msgspec
+import pytest
 
 from engine.domain import records
 from engine.domain.values import INT64_MAX, UINT64_MAX, exact_value
@@ -58,3 +59,18 @@ def test_snapshot_values_decode_from_their_strings() -> None:
     assert records.decimal_or_int(str(2**70)) == 2**70
     assert records.decimal_or_int("-12") == -12
     assert records.decimal_or_int("0.25") == Decimal("0.25")
+
+
+def test_a_batch_read_for_its_ids_names_the_same_events() -> None:
+    """What a restart reads of the batches its snapshot covers: the ids, as logged."""
+    events = [Event("calls", "acme", 1, NOW, {"region": "eu"}, "e-1"),
+              Event("calls", "globex", Decimal("2.5"), NOW, unique_id=None),
+              Event("users", "acme", UINT64_MAX, NOW, {"user": "u"}, "e-2")]
+    batch = records.decode_batch_ids(records.encode_batch(events, NOW))
+    assert batch is not None and batch.received_ms == NOW
+    assert [(e.meter_api_name, e.customer_id, e.unique_id) for e in batch.events] == [
+        ("calls", "acme", "e-1"), ("calls", "globex", None), ("users", "acme", "e-2")]
+    limit = records.encode(records.WalRemoveLimit("l1", NOW))
+    assert records.decode_batch_ids(limit) is None  # another kind of record
+    with pytest.raises(msgspec.DecodeError):
+        records.decode_batch_ids(b"\x92\xa5batch\x91\x81")  # corrupt: says so
