@@ -153,7 +153,7 @@ async def test_records_logged_with_customer_keys_still_replay(
             # customer.plan is the trait, never the old dimension.
             assert rows(await eng.query(over(group_by=["customer.plan"]))) == [
                 ({"customer.plan": None}, 2), ({"customer.plan": "pro"}, 1)]
-            with pytest.raises(BatchRejected, match="customer.plan"):
+            with pytest.raises(BatchRejected, match=r"customer\.plan"):
                 await eng.ingest([usage("acme", **{"customer.plan": "new"})])
 
 
@@ -166,7 +166,7 @@ async def test_over_tcp_traits_query_and_the_refusal(engine: Engine, serving: An
             ({"customer.plan": "free", "region": "eu"}, 4),
             ({"customer.plan": "pro", "region": "eu"}, 1),
             ({"customer.plan": "pro", "region": "us"}, 18)]
-        with pytest.raises(BatchRejected, match="'customer.x' starts with 'customer.'"):
+        with pytest.raises(BatchRejected, match=r"'customer\.x' starts with 'customer\.'"):
             await client.ingest([usage("acme", **{"customer.x": "1"})])
 
 
