@@ -122,3 +122,11 @@ async def test_the_sync_client_reads_raw_events_like_the_async_one(
     assert own == [e for e in events if e.customer_id == "acme"]
     expected = await engine.raw_events(start_ms, END_MS, limit=5)
     assert (first.next_lsn, first.next_index) == (expected.next_lsn, expected.next_index)
+
+
+def test_the_route_pages_by_the_engine_limits() -> None:
+    from engine.http import events as route
+    from engine.runtime import raw_events
+
+    assert (route.DEFAULT_PAGE_EVENTS, route.MAX_PAGE_EVENTS) == (
+        raw_events.DEFAULT_PAGE_EVENTS, raw_events.MAX_PAGE_EVENTS)

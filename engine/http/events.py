@@ -21,9 +21,12 @@ import msgspec
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.errors import HttpError, bad_request
 from engine.http.native import _int_param
-from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, MAX_PAGE_EVENTS
 from engine.schema import Event
 
+# The engine's page sizes (engine.runtime.raw_events, which the shell may not import;
+# tests/test_http_events.py checks they agree): Engine.raw_events checks them again.
+DEFAULT_PAGE_EVENTS = 10_000
+MAX_PAGE_EVENTS = 100_000
 MAX_EVENT_MS = 253_402_300_800_000  # 10000-01-01: past every accepted event time
 MAX_LSN = (1 << 63) - 1
 
