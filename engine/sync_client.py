@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar, TypeVarTuple
 
 import trio
@@ -17,7 +17,17 @@ import trio
 from engine.client import Client, RemoteStatistics, open_client
 from engine.errors import ConnectionLost
 from engine.pricing.model import Invoice, Plan, PlanAssignment
-from engine.schema import Backup, Customer, Event, IngestAck, Limit, Meter, Query, QueryResult
+from engine.schema import (
+    Backup,
+    Customer,
+    Event,
+    IngestAck,
+    Limit,
+    Meter,
+    Query,
+    QueryResult,
+    RawEventPage,
+)
 
 __all__ = ["SyncClient"]
 
@@ -144,6 +154,34 @@ class SyncClient:
 
     def backup(self, path: str) -> Backup:
         return self._call(Client.backup, path)
+
+    def raw_events(self, start_ms: int, end_ms: int, *, meter_api_name: str | None = None,
+                   customer_id: str | None = None, from_lsn: int = 0, from_index: int = 0,
+                   limit: int = 10_000) -> RawEventPage:
+        """A page of the raw events retained with event time in ``[start_ms, end_ms)``
+        (``Client.raw_events``): page on with ``from_lsn=page.next_lsn,
+        from_index=page.next_index`` until ``page.done``."""
+        async def read(client: Client) -> RawEventPage:
+            return await client.raw_events(
+                start_ms, end_ms, meter_api_name=meter_api_name, customer_id=customer_id,
+                from_lsn=from_lsn, from_index=from_index, limit=limit)
+        return self._call(read)
+
+    def iter_raw_events(self, start_ms: int, end_ms: int, *,
+                        meter_api_name: str | None = None, customer_id: str | None = None,
+                        page_events: int = 10_000) -> Iterator[list[Event]]:
+        """Every page's events of ``raw_events`` over the range, until the last page
+        (one request per page, made as the iteration reaches it)."""
+        from_lsn = from_index = 0
+        while True:
+            page = self.raw_events(start_ms, end_ms, meter_api_name=meter_api_name,
+                                   customer_id=customer_id, from_lsn=from_lsn,
+                                   from_index=from_index, limit=page_events)
+            if page.events:
+                yield page.events
+            if page.done:
+                return
+            from_lsn, from_index = page.next_lsn, page.next_index
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

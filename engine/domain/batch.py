@@ -114,7 +114,13 @@ class _Bad(Exception):
     """One event's problem, raised and caught inside ``prepare_batch``."""
 
 
-def _check_dimensions(dims: object, rules: IngestRules) -> None:
+# Query keys that name customer traits (engine.domain.traits): refused as dimension keys
+# on ingest so that ``customer.plan`` is never ambiguous; records logged before the
+# refusal still replay (the check is not made on trusted replay).
+RESERVED_DIMENSION_PREFIX = "customer."
+
+
+def _check_dimensions(dims: object, rules: IngestRules, live: bool = True) -> None:
     if type(dims) is not dict:
         raise _Bad(f"dimensions must be a mapping of strings to strings, got {type(dims).__name__}")
     if len(dims) > rules.max_dimensions:
@@ -130,6 +136,9 @@ def _check_dimensions(dims: object, rules: IngestRules) -> None:
             raise _Bad(f"dimension {key!r} value is longer than {rules.max_value_chars} chars")
         if key == "customer_id":
             raise _Bad("'customer_id' is reserved and cannot be a dimension key")
+        if live and key.startswith(RESERVED_DIMENSION_PREFIX):
+            raise _Bad(f"dimension key {key[:60]!r} starts with {RESERVED_DIMENSION_PREFIX!r}, "
+                       "which queries use for customer traits; rename the dimension")
         if "\x00" in key or "\x00" in value:
             raise _Bad(f"dimension {key!r} contains a NUL character")
 
@@ -140,6 +149,7 @@ def _prepare_one(
     rules: IngestRules,
     oldest_ms: int,
     newest_ms: int,
+    live: bool = True,
 ) -> tuple[MeterDef, str, str, int, Any, str | None, str | None]:
     """Check one event in full and normalise it; raises ``_Bad`` with the reason."""
     if type(event) is not Event:
@@ -162,7 +172,7 @@ def _prepare_one(
     if type(ts) is not int or not oldest_ms <= ts <= newest_ms:
         raise _Bad(_timestamp_problem(ts, oldest_ms, newest_ms))
     dims = event.dimensions
-    _check_dimensions(dims, rules)
+    _check_dimensions(dims, rules, live)
     unique_value = None
     if meter.unique_dimension is not None:
         unique_value = dims.get(meter.unique_dimension)
@@ -215,6 +225,7 @@ def prepare_batch(
     max_key_chars = rules.max_key_chars
     max_dimensions = rules.max_dimensions
     checked_dims = route.replay_dims_keys if now_ms is None else route.dims_keys
+    live = now_ms is not None
     if len(checked_dims) > DIMS_MEMO_MAX:
         checked_dims.clear()
     get_meter = meters.get
@@ -282,7 +293,8 @@ def prepare_batch(
                     for key, text in dims.items():
                         if (type(key) is not str or type(text) is not str
                                 or not 0 < len(key) <= max_key_chars
-                                or len(text) > max_chars):
+                                or len(text) > max_chars
+                                or (live and key.startswith(RESERVED_DIMENSION_PREFIX))):
                             fast = False
                             break
                     else:
@@ -304,7 +316,7 @@ def prepare_batch(
         if not fast:
             try:
                 meter, customer, dims_key, ts, value, unique_id, unique_value = _prepare_one(
-                    event, meters, rules, oldest_ms, newest_ms
+                    event, meters, rules, oldest_ms, newest_ms, live
                 )
             except _Bad as exc:
                 problems.append(EventProblem(index, str(exc)))

@@ -4,7 +4,8 @@
 Shell layer: the engine's public API, ``engine.http``. ``/api/query`` speaks the
 engine's own ``Query`` and ``QueryResult`` in camelCase JSON (every window
 including ``minute``, any IANA zone); group and filter keys are the engine's
-(``customer_id`` and dimension keys), since they are data, not field names.
+(``customer_id``, dimension keys and ``customer.NAME`` traits), since they are data,
+not field names.
 ``take.offset`` pages through the ranked groups and ``other: true`` adds the
 exact aggregate of every group outside the page (``Engine.query_page``).
 ``/api/meters/{name}/dimensions`` lists the dimension keys seen on a meter's

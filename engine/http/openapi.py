@@ -24,6 +24,8 @@ from engine.http.amberflo import (
 )
 from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
+from engine.http.events import EventPage
+from engine.http.events import openapi_paths as events_paths
 from engine.http.explorer import openapi_paths as explorer_paths
 from engine.http.limits import AlertPage, CustomerLimits, LimitIn
 from engine.http.native import (
@@ -161,7 +163,7 @@ def build_document() -> dict[str, Any]:
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
              NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
              StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter, Plan,
-             PlanAssignment, Invoice, AssignIn)
+             PlanAssignment, Invoice, AssignIn, EventPage)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -272,6 +274,7 @@ def build_document() -> dict[str, Any]:
         "/openapi.json": {"get": _operation("This document", {"type": "object"},
                                             secured=False)},
         **explorer_paths(),
+        **events_paths(),
     }
     return {
         "openapi": "3.1.0",

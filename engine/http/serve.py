@@ -41,6 +41,7 @@ from engine.auth import KeyRing
 from engine.http import (
     amberflo,
     customers,
+    events,
     explorer,
     limits,
     native,
@@ -89,6 +90,7 @@ def build_router() -> Router:
     pricing.add_routes(router)
     webhooks.add_routes(router)
     explorer.add_routes(router)
+    events.add_routes(router)
     return router
 
 

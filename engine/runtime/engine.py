@@ -43,6 +43,7 @@ from engine.domain.query import (
     finish_query,
     plan_query,
 )
+from engine.domain.traits import plan_traits
 from engine.errors import InvalidQuery, InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
@@ -552,6 +553,9 @@ class Engine:
 
     async def _gather_partials(self, plan: QueryPlan) -> list[messages.Partials]:
         """Every owning shard's partials for ``plan`` (as ``query`` gathers them)."""
+        traits = plan_traits(plan, self._catalog.customers, self._catalog.hidden_customers)
+        if traits is not None:  # customer.* keys: resolved now (engine.domain.traits)
+            return [traits.regroup(await self._gather_partials(traits.shard_plan))]
         if not plan.cuts_ms:
             return []
         if plan.customers is not None:

@@ -916,6 +916,7 @@
       $("customer-meters").replaceChildren();
       $("customer-limits").replaceChildren();
       $("customer-alerts").replaceChildren();
+      $("customer-traits").replaceChildren();
       $("customer-title").textContent = "Customer";
       finished("empty");
       return;
@@ -931,7 +932,7 @@
     $("customer-title").textContent = `Customer ${customer}`;
     $("customer-note").textContent = `${formatRange(startMs, endMs, s.tz)} · by ${s.window} · ${s.tz}`;
     const filter = { customer_id: [customer] };
-    const [usages, limits, alerts] = await Promise.all([
+    const [usages, limits, alerts, record] = await Promise.all([
       Promise.all(all.map(async (m) => {
         const body = { meterApiName: m.name, startMs, endMs, timezone: s.tz, groupBy: [], filter };
         const [series, whole] = await Promise.all([query({ ...body, window: s.window }), query({ ...body, window: null })]);
@@ -939,6 +940,8 @@
       })),
       api("GET", `/api/customers/${encodeURIComponent(customer)}/limits`).then((a) => a.data),
       customerAlerts(customer),
+      // The registry record (Amberflo's shape; {} when only usage knows the customer).
+      api("GET", `/customers/${encodeURIComponent(customer)}`).then((a) => a.data, () => null),
     ]);
     if (!current()) return;
     clearStatus();
@@ -965,6 +968,7 @@
       const kind = ADDITIVE.has(usage.meter.aggregation) ? "bars" : "lines";
       makeChart(holder, windows, [{ label: usage.meter.name, values, colour: PALETTE[0] }], kind, s.window, s.tz, 140, false);
     }
+    renderTraits(record);
     renderLimits(limits);
     renderCustomerAlerts(alerts);
     window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts };
@@ -998,6 +1002,19 @@
           el("span", { class: "muted", text: ` of ${formatExact(thresholds[thresholds.length - 1])}` })),
         el("div", { class: "marks-legend", text: "thresholds: " + thresholds.map((t) => (reached.has(t) ? "✔ " : "") + formatExact(t)).join(" · ") }));
     }));
+  }
+
+  // The customer's name and traits, which queries group and filter by as customer.NAME.
+  function renderTraits(record) {
+    const box = $("customer-traits");
+    const traits = Object.entries((record && record.traits) || {}).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    const parts = [];
+    if (record && record.customerName) parts.push(el("strong", { class: "customer-name", text: record.customerName }));
+    for (const [key, value] of traits) {
+      parts.push(el("span", { class: "trait", "data-trait": key, "data-value": value, title: `customer.${key}`, text: `${key}: ${value}` }));
+    }
+    if (!traits.length) parts.push(el("span", { class: "muted", text: "No traits." }));
+    box.replaceChildren(...parts);
   }
 
   // The alerts this customer received: /alerts pages from seq 0 (a customer-bound key
