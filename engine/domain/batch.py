@@ -267,7 +267,8 @@ def prepare_batch(
                 if (type(unique_value) is not str or len(unique_value) > max_chars
                         or "\x00" in unique_value or len(dims) > max_dimensions
                         or unique_key == "customer_id" or len(unique_key) > max_key_chars
-                        or "\x00" in unique_key):
+                        or "\x00" in unique_key
+                        or (live and unique_key.startswith(RESERVED_DIMENSION_PREFIX))):
                     fast = False
                 elif len(dims) == 1:
                     dims = NO_DIMENSIONS
