@@ -380,7 +380,9 @@ class Engine:
         """A page of the accepted events with event time in ``[start_ms, end_ms)``, as
         retained in the raw-event log (the write-ahead log, ``raw_retention_ms``), of
         ``meter_api_name`` and ``customer_id`` if given, in the order they were logged,
-        duplicates left out; at most ``limit`` (1 to 100,000) events.
+        duplicates and events a correction cancelled left out (an amend's corrected
+        event is not a raw event: ``corrections()`` lists it); at most ``limit`` (1 to
+        100,000) events.
 
         Read-only, on a worker thread, while ingest goes on. Page on with
         ``from_lsn=page.next_lsn, from_index=page.next_index`` until ``page.done``.
@@ -397,7 +399,8 @@ class Engine:
         async with self._raw_read_lock:
             self._lifecycle.check_open()
             return await trio.to_thread.run_sync(raw_event_page, self._store, request,
-                                                 self._clock_ms(), self.ingest_rules.future_ms)
+                                                 self._clock_ms(), self.ingest_rules.future_ms,
+                                                 self._writer.corrections.positions)
 
     # ------------------------------------------------------------ corrections
 
