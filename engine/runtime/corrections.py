@@ -225,6 +225,14 @@ class PendingCorrection:
             self._fold(store, positions, set(), self.scan_lsn + 1, to_lsn)
             self.scan_lsn = to_lsn
 
+    def finish(self, store: Store, positions: set[tuple[int, int]], last_lsn: int,
+               sealed_before_minute: int, route: ShardRouter,
+               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
+                          dict[bytes, int]]:
+        """``catch_up`` to ``last_lsn``, then ``build`` the record for the lsn after it."""
+        self.catch_up(store, positions, last_lsn)
+        return self.build(last_lsn + 1, sealed_before_minute, route)
+
     def build(self, lsn: int, sealed_before_minute: int, route: ShardRouter,
               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
                          dict[bytes, int]]:

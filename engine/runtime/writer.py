@@ -463,10 +463,9 @@ class WalWriter:
         ticket, pending = request.ticket, request.pending
         lsn = self.last_lsn + 1
         try:
-            await trio.to_thread.run_sync(pending.catch_up, self._store,
-                                          self.corrections.positions, self.last_lsn)
-            record, per_shard_changes, meta, readmit = pending.build(
-                lsn, max(self._shard_sealed, default=0), self._route)
+            record, per_shard_changes, meta, readmit = await trio.to_thread.run_sync(
+                pending.finish, self._store, self.corrections.positions, self.last_lsn,
+                max(self._shard_sealed, default=0), self._route)
         except MeteringError as exc:
             ticket.fail(exc)
             return
