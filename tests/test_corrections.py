@@ -140,3 +140,22 @@ async def test_ingest_concurrent_with_a_cancel_where_is_neither_lost_nor_doubled
         # What the cancel did not take of acme's concurrent events is still counted.
         assert await total(eng, "calls", "acme") == 10 * (20 - (cancelled[0] - 3000))
         assert await total(eng, "calls", "globex") == 3000 + 200
+
+
+async def test_amberflo_cancel_previous_resource_event_replaces_the_earlier_event() -> None:
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[1])
+        await eng.ingest([event("peak", "acme", 90, START_MS - MINUTE, "r-1"),
+                          event("peak", "acme", 20, START_MS - 2 * MINUTE, "r-2")])
+        resent = Event(meter_api_name="peak", customer_id="acme", meter_value=5,
+                       meter_time_in_millis=START_MS - MINUTE, unique_id="r-1",
+                       dimensions={"region": "eu",
+                                   "aflo.cancel_previous_resource_event": "true"})
+        ack = await eng.ingest([resent])
+        assert (ack.accepted, ack.duplicates) == (1, 0)
+        assert await total(eng, "peak") == 20
+        page = await eng.raw_events(START_MS - DAY, START_MS + DAY)
+        assert sorted((e.unique_id, e.meter_value, tuple(e.dimensions)) for e in page.events) == [
+            ("r-1", 5, ("region",)), ("r-2", 20, ("region",))]
+        assert [c.by for c in await eng.corrections()] == ["aflo.cancel_previous_resource_event"]

@@ -253,6 +253,8 @@ class Engine:
         self._lifecycle.check_open()
         if not isinstance(events, list):
             events = list(events)
+        if any(CANCEL_PREVIOUS in event.dimensions for event in events):
+            events = await self._cancel_previous(events)
         now_ms = self._clock_ms()
         slices = prepare_batch(events, self._catalog.meter_defs, self._route, self.ingest_rules,
                                now_ms)
@@ -265,6 +267,32 @@ class Engine:
         self._batches += 1
         return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn,
                          alerts=ticket.alerts if report_alerts else [])
+
+    async def _cancel_previous(self, events: list[Event]) -> list[Event]:
+        """Amberflo's convention: an event with the dimension
+        ``aflo.cancel_previous_resource_event: "true"`` cancels the earlier event with its
+        unique id (before dedup, so it is then accepted in its place); the dimension is
+        never stored. Cancels are made first (one correction per meter and customer),
+        then the batch is ingested as usual (not one atomic record)."""
+        targets: dict[tuple[str, str], list[str]] = {}
+        kept: list[Event] = []
+        for event in events:
+            if CANCEL_PREVIOUS not in event.dimensions:
+                kept.append(event)
+                continue
+            flag = event.dimensions[CANCEL_PREVIOUS]
+            dims = {k: v for k, v in event.dimensions.items() if k != CANCEL_PREVIOUS}
+            kept.append(msgspec.structs.replace(event, dimensions=dims))
+            if flag == "true" and event.unique_id is not None:
+                targets.setdefault((event.meter_api_name, event.customer_id), []).append(
+                    event.unique_id)
+        # Validate the whole batch before cancelling anything.
+        prepare_batch(kept, self._catalog.meter_defs, self._route, self.ingest_rules,
+                      self._clock_ms())
+        for (meter_api_name, customer_id), unique_ids in sorted(targets.items()):
+            await self.cancel(meter_api_name, customer_id, unique_ids=unique_ids,
+                              by=CANCEL_PREVIOUS)
+        return kept
 
     async def add_limit(self, limit: Limit) -> Limit:
         """Add (or replace, by id) a limit; durable when this returns.
@@ -686,6 +714,10 @@ class Engine:
                         await self._mailboxes[shard][0].send(messages.RunQuery(plan, ticket))
                 await ticket.wait()
         return ticket.results
+
+
+# Amberflo's ingest dimension that cancels the earlier event with the same unique id.
+CANCEL_PREVIOUS = "aflo.cancel_previous_resource_event"
 
 
 def _customer(customer_id: object) -> str:
