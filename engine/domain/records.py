@@ -106,6 +106,21 @@ class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
     amended: Event | None = None
 
 
+class Correction(msgspec.Struct, kw_only=True, rename="camel"):
+    """One correction as ``Engine.corrections`` lists it: who, when, what (stored in the
+    catalogue beside its ``WalCorrection``; the wire carries it as it is)."""
+
+    lsn: int
+    kind: str  # "cancel" | "cancel_where" | "amend"
+    meter_api_name: str
+    customer_id: str | None
+    by: str
+    received_ms: int
+    description: str
+    cancelled: int
+    amended: Event | None = None
+
+
 WalRecord = (WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
              | WalExtension | WalCorrection)
 

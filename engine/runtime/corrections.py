@@ -54,21 +54,7 @@ CORRECTION_LSN = struct.Struct(">Q")
 RECORDS_PER_READ = 256
 
 
-class Correction(msgspec.Struct, kw_only=True):
-    """One correction as ``Engine.corrections`` lists it: who, when, what."""
-
-    lsn: int
-    kind: str  # "cancel" | "cancel_where" | "amend"
-    meter_api_name: str
-    customer_id: str | None
-    by: str
-    received_ms: int
-    description: str
-    cancelled: int
-    amended: Event | None = None
-
-
-_correction_decoder = msgspec.msgpack.Decoder(Correction)
+_correction_decoder = msgspec.msgpack.Decoder(records.Correction)
 
 
 class Store(Protocol):
@@ -102,7 +88,7 @@ class CorrectionBook:
 
 
 def list_corrections(store: Store, meter_api_name: str | None,
-                     customer_id: str | None) -> list[Correction]:
+                     customer_id: str | None) -> list[records.Correction]:
     found = []
     for _, raw in store.meta_items(RECORD_PREFIX):
         correction = _correction_decoder.decode(raw)
@@ -271,7 +257,7 @@ class PendingCorrection:
                 if event.unique_id is not None:
                     readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
         meta.extend((READMIT_PREFIX + key, marker) for key in readmit)
-        meta.append((RECORD_PREFIX + marker, records.encode(Correction(
+        meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
             description=self.description, cancelled=len(self.targets),

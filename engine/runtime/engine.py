@@ -44,6 +44,7 @@ from engine.domain.query import (
     finish_query,
     plan_query,
 )
+from engine.domain.records import Correction
 from engine.errors import InvalidQuery, InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
@@ -51,7 +52,6 @@ from engine.runtime.alerts import AlertHub, AlertSubscription
 from engine.runtime.blocks import DEFAULT_BLOCK_CACHE_BYTES, BlockCache
 from engine.runtime.catalog import Catalog
 from engine.runtime.corrections import (
-    Correction,
     CorrectionBook,
     PendingCorrection,
     Target,
