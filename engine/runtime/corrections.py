@@ -20,10 +20,13 @@ How a correction is made (see docs/architecture.md "Corrections"):
 3. Each shard replaces those minutes in its head (``ShardState.correct``). Replay
    applies the record the same way, without reading the log.
 
-Catalogue entries (the store's meta, written with the record):
-``corr/p/<lsn><index>`` every cancelled position (later scans and ``raw_events``
-skip it), ``corr/k/<id key>`` a cancelled unique id the dedup decision re-admits
-once (value empty once used), ``corr/r/<lsn>`` the audit record (``Correction``).
+Catalogue entries (the store's meta, written with the record; a few per correction,
+however many events it cancels): ``corr/p/<lsn>`` its cancelled positions packed
+(later scans and ``raw_events`` skip them), ``corr/k/<lsn>`` the unique-id keys it
+cancelled (msgpack list), which the dedup decision re-admits once each;
+``corr/u/<id key>`` the lsn of the correction whose re-admission of the key was used
+(written by the commit that used it); ``corr/r/<lsn>`` the audit record
+(``records.Correction``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from engine.schema import Event
 POSITION_PREFIX = b"corr/p/"
 READMIT_PREFIX = b"corr/k/"
 RECORD_PREFIX = b"corr/r/"
+USED_PREFIX = b"corr/u/"
 POSITION = struct.Struct(">QI")
 CORRECTION_LSN = struct.Struct(">Q")
 RECORDS_PER_READ = 256
@@ -79,11 +83,16 @@ class CorrectionBook:
     @classmethod
     def load(cls, store: Store) -> CorrectionBook:
         book = cls()
-        for key, _ in store.meta_items(POSITION_PREFIX):
-            book.positions.add(POSITION.unpack(key[len(POSITION_PREFIX):]))
-        for key, value in store.meta_items(READMIT_PREFIX):
-            if value:
-                book.readmit[key[len(READMIT_PREFIX):]] = CORRECTION_LSN.unpack(value)[0]
+        for _, packed in store.meta_items(POSITION_PREFIX):
+            book.positions.update(POSITION.iter_unpack(packed))
+        for key, packed in store.meta_items(READMIT_PREFIX):  # in lsn order
+            lsn = CORRECTION_LSN.unpack(key[len(READMIT_PREFIX):])[0]
+            for id_key_bytes in msgspec.msgpack.decode(packed, type=list[bytes]):
+                book.readmit[id_key_bytes] = lsn
+        for key, value in store.meta_items(USED_PREFIX):
+            id_key_bytes = key[len(USED_PREFIX):]
+            if book.readmit.get(id_key_bytes) == CORRECTION_LSN.unpack(value)[0]:
+                del book.readmit[id_key_bytes]
         return book
 
 
@@ -249,14 +258,16 @@ class PendingCorrection:
             self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
             self.description, flat, all_changes, self.amended))
         marker = CORRECTION_LSN.pack(lsn)
-        meta = [(POSITION_PREFIX + POSITION.pack(target_lsn, index), marker)
-                for target_lsn, index, _ in self.targets]
+        pack = POSITION.pack
+        meta = [(POSITION_PREFIX + marker,
+                 b"".join([pack(target_lsn, index) for target_lsn, index, _ in self.targets]))]
         readmit: dict[bytes, int] = {}
         if self.kind != "amend":
             for _, _, event in self.targets:
                 if event.unique_id is not None:
                     readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
-        meta.extend((READMIT_PREFIX + key, marker) for key in readmit)
+            if readmit:
+                meta.append((READMIT_PREFIX + marker, records.encode(list(readmit))))
         meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,

@@ -49,7 +49,7 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
-from engine.runtime.corrections import READMIT_PREFIX, CorrectionBook
+from engine.runtime.corrections import CORRECTION_LSN, USED_PREFIX, CorrectionBook
 from engine.runtime.dedup import batch_keys, drop_duplicates, encode_decisions, key_events
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN, MEMTABLE_MAX_KEYS, IdIndex
@@ -449,8 +449,9 @@ class WalWriter:
         for position, key in enumerate(keys):
             if duplicates[position] and key in readmit:
                 duplicates[position] = False
-                used.append((key, readmit.pop(key)))
-                meta.append((READMIT_PREFIX + key, b""))
+                correction_lsn = readmit.pop(key)
+                used.append((key, correction_lsn))
+                meta.append((USED_PREFIX + key, CORRECTION_LSN.pack(correction_lsn)))
         return used
 
     def _give_back(self, used: list[tuple[bytes, int]]) -> None:
