@@ -253,7 +253,8 @@ class Engine:
         self._lifecycle.check_open()
         if not isinstance(events, list):
             events = list(events)
-        if any(CANCEL_PREVIOUS in event.dimensions for event in events):
+        if any(type(event.dimensions) is dict and CANCEL_PREVIOUS in event.dimensions
+               for event in events):
             events = await self._cancel_previous(events)
         now_ms = self._clock_ms()
         slices = prepare_batch(events, self._catalog.meter_defs, self._route, self.ingest_rules,
@@ -277,7 +278,7 @@ class Engine:
         targets: dict[tuple[str, str], list[str]] = {}
         kept: list[Event] = []
         for event in events:
-            if CANCEL_PREVIOUS not in event.dimensions:
+            if type(event.dimensions) is not dict or CANCEL_PREVIOUS not in event.dimensions:
                 kept.append(event)
                 continue
             flag = event.dimensions[CANCEL_PREVIOUS]
