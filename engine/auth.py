@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-SCOPES = frozenset({"ingest", "query", "admin"})
+SCOPES = frozenset({"ingest", "query", "admin", "correct"})
 EMPTY_KEY_DIGEST = hashlib.sha256(b"").digest()
 ENV_VAR = "METER_API_KEYS"
 

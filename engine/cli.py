@@ -158,6 +158,7 @@ COMMAND_MODULES = (
     "engine.cli_customers",
     "engine.cli_export",
     "engine.cli_pricing",
+    "engine.cli_corrections",
     "engine.cli",  # demo
 )
 

@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from engine.client_statistics import RemoteStatistics, SubscriptionStatistics
+from engine.domain.records import Correction
 from engine.errors import ConnectionLost, MeteringError, map_exceptions
 from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.protocol.connection import (
@@ -56,10 +57,15 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    Amend,
     AssignmentReply,
     AssignPlan,
     BackupReply,
     BackupRequest,
+    Cancel,
+    CancelledReply,
+    CancelWhere,
+    CorrectionsReply,
     CustomerReply,
     CustomersReply,
     DefineMeter,
@@ -77,6 +83,7 @@ from engine.protocol.messages import (
     Lagged,
     LimitReply,
     LimitsReply,
+    ListCorrections,
     ListCustomers,
     ListLimits,
     ListMeters,
@@ -293,6 +300,42 @@ class Client:
     async def remove_limit(self, limit_id: str) -> bool:
         reply: RemovedReply = await self._call(RemoveLimit, limit_id=limit_id)
         return reply.removed
+
+    async def cancel(self, meter_api_name: str, customer_id: str, *,
+                     unique_ids: Sequence[str]) -> int:
+        """``Engine.cancel`` over the wire (needs the ``correct`` scope; the key's name
+        is the audit record's ``by``)."""
+        reply: CancelledReply = await self._call(Cancel, meter_api_name=meter_api_name,
+                                                 customer_id=customer_id,
+                                                 unique_ids=list(unique_ids))
+        return reply.cancelled
+
+    async def cancel_where(self, meter_api_name: str, *, customer_id: str | None,
+                           start_ms: int, end_ms: int,
+                           dimensions: dict[str, list[str]] | None = None,
+                           received_start_ms: int | None = None,
+                           received_end_ms: int | None = None) -> int:
+        """``Engine.cancel_where`` over the wire (the ``correct`` scope)."""
+        reply: CancelledReply = await self._call(
+            CancelWhere, meter_api_name=meter_api_name, customer_id=customer_id,
+            start_ms=start_ms, end_ms=end_ms, dimensions=dimensions or {},
+            received_start_ms=received_start_ms, received_end_ms=received_end_ms)
+        return reply.cancelled
+
+    async def amend(self, meter_api_name: str, customer_id: str, unique_id: str,
+                    event: Event) -> IngestAck:
+        """``Engine.amend`` over the wire (the ``correct`` scope)."""
+        reply: IngestReply = await self._call(Amend, meter_api_name=meter_api_name,
+                                              customer_id=customer_id, unique_id=unique_id,
+                                              event=event)
+        return IngestAck(accepted=reply.accepted, duplicates=reply.duplicates, lsn=reply.lsn)
+
+    async def corrections(self, meter_api_name: str | None = None,
+                          customer_id: str | None = None) -> list[Correction]:
+        reply: CorrectionsReply = await self._call(ListCorrections,
+                                                   meter_api_name=meter_api_name,
+                                                   customer_id=customer_id)
+        return reply.corrections
 
     async def list_limits(self) -> list[Limit]:
         reply: LimitsReply = await self._call(ListLimits)

@@ -49,10 +49,15 @@ from engine.protocol.messages import (
     AddCustomer,
     AddLimit,
     AlertsPush,
+    Amend,
     AssignmentReply,
     AssignPlan,
     BackupReply,
     BackupRequest,
+    Cancel,
+    CancelledReply,
+    CancelWhere,
+    CorrectionsReply,
     DefineMeter,
     DefinePlan,
     DeleteCustomer,
@@ -65,6 +70,7 @@ from engine.protocol.messages import (
     Lagged,
     LimitReply,
     LimitsReply,
+    ListCorrections,
     ListCustomers,
     ListLimits,
     ListMeters,
@@ -352,6 +358,43 @@ class ServerSideConnection:
         removed = await self.server.engine.remove_limit(message.limit_id)
         return RemovedReply(id=message.id, removed=removed)
 
+    async def _cancel(self, principal: Principal, message: Cancel) -> msgspec.Struct:
+        _own_customer(principal, message.customer_id)
+        cancelled = await self.server.engine.cancel(
+            message.meter_api_name, message.customer_id, unique_ids=message.unique_ids,
+            by=principal.name)
+        return CancelledReply(id=message.id, cancelled=cancelled)
+
+    async def _cancel_where(self, principal: Principal, message: CancelWhere) -> msgspec.Struct:
+        customer = message.customer_id
+        if principal.customer_id is not None:
+            customer = customer or principal.customer_id
+            _own_customer(principal, customer)
+        cancelled = await self.server.engine.cancel_where(
+            message.meter_api_name, customer_id=customer, start_ms=message.start_ms,
+            end_ms=message.end_ms, dimensions=message.dimensions,
+            received_start_ms=message.received_start_ms,
+            received_end_ms=message.received_end_ms, by=principal.name)
+        return CancelledReply(id=message.id, cancelled=cancelled)
+
+    async def _amend(self, principal: Principal, message: Amend) -> msgspec.Struct:
+        _own_customer(principal, message.customer_id)
+        ack = await self.server.engine.amend(message.meter_api_name, message.customer_id,
+                                             message.unique_id, message.event, by=principal.name)
+        return IngestReply(id=message.id, accepted=ack.accepted, duplicates=ack.duplicates,
+                           lsn=ack.lsn)
+
+    async def _list_corrections(self, principal: Principal,
+                                message: ListCorrections) -> msgspec.Struct:
+        customer = message.customer_id
+        if principal.customer_id is not None:
+            customer = customer or principal.customer_id
+            _own_customer(principal, customer)
+        corrections = await self.server.engine.corrections(message.meter_api_name, customer)
+        if principal.customer_id is not None:
+            corrections = [c for c in corrections if c.customer_id == principal.customer_id]
+        return CorrectionsReply(id=message.id, corrections=corrections)
+
     async def _list_limits(self, principal: Principal, message: ListLimits) -> msgspec.Struct:
         limits = await self.server.engine.list_limits()
         if principal.customer_id is not None:
@@ -439,6 +482,12 @@ class ServerSideConnection:
         return stats
 
 
+def _own_customer(principal: Principal, customer_id: str) -> None:
+    """A customer-bound key corrects only its own customer's events."""
+    if principal.customer_id is not None and customer_id != principal.customer_id:
+        raise Forbidden("this API key may only correct its own customer's events")
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHandler:
     """How the server answers one request type: the scope a key needs (``None``: any
@@ -475,6 +524,10 @@ REQUEST_HANDLERS: dict[type[msgspec.Struct], RequestHandler] = {
     ListPlans: RequestHandler("query", ServerSideConnection._list_plans),
     AssignPlan: RequestHandler("admin", ServerSideConnection._assign_plan),
     GetInvoice: RequestHandler("query", ServerSideConnection._invoice),
+    Cancel: RequestHandler("correct", ServerSideConnection._cancel),
+    CancelWhere: RequestHandler("correct", ServerSideConnection._cancel_where),
+    Amend: RequestHandler("correct", ServerSideConnection._amend),
+    ListCorrections: RequestHandler("query", ServerSideConnection._list_corrections),
 }
 # The scope each request needs (kept for code that read the former table).
 REQUIRED_SCOPE: dict[type[msgspec.Struct], str | None] = {

@@ -89,7 +89,7 @@ def test_parse_keys_and_authenticate() -> None:
     ring = parse_keys(KEYS)
     assert ring.enabled and len(ring.entries) == 5
     admin = ring.authenticate("admin-key")
-    assert admin == Principal(SCOPES, None, "ops")
+    assert admin == Principal(SCOPES - {"correct"}, None, "ops")
     assert ring.authenticate("acme-key") == Principal(frozenset({"ingest", "query"}), "acme",
                                                       "key 3")
     assert ring.authenticate("hashed-key") == Principal(frozenset({"query"}), None, "key 4")

@@ -383,6 +383,46 @@ class ShardLimits:
                         self._check(limit, key[0], key[1], finalize(kind, state), crossings)
         return crossings
 
+    def after_correction(self, meter_name: str, customers: set[str]) -> list[Crossing]:
+        """A correction rebuilt some of ``customers``' buckets of ``meter_name``: every
+        period state of theirs is read again from the source; a threshold the period's
+        usage is now below re-arms (its fired bit is cleared, the alert stays a fact),
+        one it reaches and had not fired is reported as a crossing (a new alert)."""
+        crossings: list[Crossing] = []
+        for limit in self.by_meter.get(meter_name, ()):
+            periods = self.states.get(limit.id, {})
+            fired_for_limit = self.fired.get(limit.id, {})
+            starts = {start for start, period in periods.items()
+                      if customers.intersection(period.partials)}
+            starts.update(start for customer, start in fired_for_limit if customer in customers)
+            for start in sorted(starts):
+                period = periods.get(start)
+                end = period.end_ms if period is not None else period_bounds(start, limit.limit)[1]
+                for customer in sorted(customers):
+                    known = period is not None and customer in period.partials
+                    if not known and (customer, start) not in fired_for_limit:
+                        continue
+                    state = self._source.limit_partial(limit, customer, start, end)
+                    if period is not None:
+                        if state is None:
+                            period.partials.pop(customer, None)
+                        else:
+                            period.partials[customer] = state
+                    value = None if state is None else finalize(limit.meter.kind, state)
+                    mask = fired_for_limit.get((customer, start), 0)
+                    for index, threshold in enumerate(limit.thresholds):
+                        if mask & (1 << index) and (value is None or value < threshold):
+                            mask &= ~(1 << index)
+                    if mask:
+                        fired_for_limit[(customer, start)] = mask
+                    else:
+                        fired_for_limit.pop((customer, start), None)
+                    if value is not None and limit.thresholds:
+                        self._check(limit, customer, start, value, crossings)
+                if period is not None and not period.partials:
+                    del periods[start]
+        return crossings
+
     def _state(self, limit: LimitDef, periods: dict[int, _Period], key: tuple[str, int],
                end: int, partial: Any | None, fresh: set[tuple[str, int]]) -> Any | None:
         """The state of (customer, period start) ``key`` with this slice's ``partial``

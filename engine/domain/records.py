@@ -63,8 +63,66 @@ class WalExtension(msgspec.Struct, tag="ext", array_like=True):
     received_ms: int
 
 
+class CorrectedBucket(msgspec.Struct, array_like=True, gc=False):
+    """One head bucket as it is after a correction (``engine.domain.corrections``).
+
+    ``value``: the bucket's value column entry (an int, or a decimal string for a value
+    beyond msgpack or a Decimal; unique_count: its distinct values, sorted); ``count``,
+    ``time`` and ``seq`` the other columns where the kind has them (else 0)."""
+
+    dims_key: str
+    minute: int
+    edge: int
+    value: Any
+    count: int = 0
+    time: int = 0
+    seq: int = 0
+
+
+class CorrectedMinutes(msgspec.Struct, array_like=True, gc=False):
+    """A customer's minutes a correction rebuilt: every bucket of the customer's series
+    in ``minutes`` is replaced by ``buckets`` (none: the minute is empty now)."""
+
+    customer_id: str
+    minutes: list[int]
+    buckets: list[CorrectedBucket]
+
+
+class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
+    """A correction (``Engine.cancel``, ``cancel_where``, ``amend``): the events it
+    cancelled, resolved when it was made (``positions``: flattened ``lsn, index`` pairs,
+    index 0 of a correction record is the event it amended in), and the head buckets
+    recomputed from the events that remain (``minutes``), so replay applies it without
+    reading the log. ``amended``: the corrected event ``amend`` logs in the same record."""
+
+    kind: str  # "cancel" | "cancel_where" | "amend"
+    meter: str
+    customer_id: str | None
+    by: str
+    received_ms: int
+    description: str
+    positions: list[int]
+    minutes: list[CorrectedMinutes]
+    amended: Event | None = None
+
+
+class Correction(msgspec.Struct, kw_only=True, rename="camel"):
+    """One correction as ``Engine.corrections`` lists it: who, when, what (stored in the
+    catalogue beside its ``WalCorrection``; the wire carries it as it is)."""
+
+    lsn: int
+    kind: str  # "cancel" | "cancel_where" | "amend"
+    meter_api_name: str
+    customer_id: str | None
+    by: str
+    received_ms: int
+    description: str
+    cancelled: int
+    amended: Event | None = None
+
+
 WalRecord = (WalBatch | WalLimit | WalRemoveLimit | WalPutCustomer | WalHideCustomer
-             | WalExtension)
+             | WalExtension | WalCorrection)
 
 
 # ------------------------------------------------------------------ snapshot

@@ -50,11 +50,12 @@ from engine.domain.blocks import (
     merge_buckets,
     unpack_distinct,
 )
+from engine.domain.corrections import replace_minutes
 from engine.domain.head import HeadLog, head_hours, hour_chunks, load_chunk
 from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
-from engine.domain.records import MeterPart, ShardPart
+from engine.domain.records import CorrectedMinutes, MeterPart, ShardPart
 from engine.domain.series import MeterShard, Series, dims_match, load_series, series_record
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidQuery
@@ -160,6 +161,19 @@ class ShardState:
                     crossings.extend(limits.after_apply(meter_shard, items, positions,
                                                         seq_base))
         return accepted, duplicates, crossings
+
+    def correct(self, meter: MeterDef, changes: list[CorrectedMinutes]) -> list[Crossing]:
+        """Apply a correction's rebuilt head minutes (``engine.domain.corrections``), then
+        re-read the affected customers' limit states (re-arming thresholds usage is now
+        below). Returns the limit crossings."""
+        meter_shard = self.meter_shard(meter)
+        for change in changes:
+            replace_minutes(meter_shard, change)
+            self.head_log.touch(meter.name, [minute * MINUTE_MS for minute in change.minutes])
+        if not self.alert_limits.by_meter.get(meter.name):
+            return []
+        return self.alert_limits.after_correction(
+            meter.name, {change.customer_id for change in changes})
 
     # ------------------------------------------------ limit states (LimitSource)
 

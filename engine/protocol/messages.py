@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.domain.records import wide_ints_as_decimals
+from engine.domain.records import Correction, wide_ints_as_decimals
 from engine.pricing.model import Invoice, Plan, PlanAssignment
 from engine.schema import Alert, Customer, Event, Limit, Meter, Query, QueryResult
 
@@ -172,11 +172,44 @@ class GetInvoice(msgspec.Struct, tag="invoice", **_BASE):
     at_ms: int
 
 
+class Cancel(msgspec.Struct, tag="cancel", **_BASE):
+    id: RequestId
+    meter_api_name: str
+    customer_id: str
+    unique_ids: list[str]
+
+
+class CancelWhere(msgspec.Struct, tag="cancel_where", **_BASE):
+    id: RequestId
+    meter_api_name: str
+    customer_id: str | None
+    start_ms: int
+    end_ms: int
+    dimensions: dict[str, list[str]] = {}
+    received_start_ms: int | None = None
+    received_end_ms: int | None = None
+
+
+class Amend(msgspec.Struct, tag="amend", **_BASE):
+    id: RequestId
+    meter_api_name: str
+    customer_id: str
+    unique_id: str
+    event: Event
+
+
+class ListCorrections(msgspec.Struct, tag="list_corrections", **_BASE):
+    id: RequestId
+    meter_api_name: str | None = None
+    customer_id: str | None = None
+
+
 ClientMessage = (
     Hello | Ping | DefineMeter | ListMeters | Ingest | QueryRequest | Stats
     | AddLimit | RemoveLimit | ListLimits | Subscribe | Unsubscribe
     | AddCustomer | UpdateCustomer | GetCustomer | ListCustomers | DeleteCustomer
     | BackupRequest | ReadEvents | DefinePlan | GetPlan | ListPlans | AssignPlan | GetInvoice
+    | Cancel | CancelWhere | Amend | ListCorrections
 )
 
 
@@ -329,11 +362,21 @@ class InvoiceReply(msgspec.Struct, tag="invoice", **_BASE):
     invoice: Invoice
 
 
+class CancelledReply(msgspec.Struct, tag="cancelled", **_BASE):
+    id: RequestId
+    cancelled: int
+
+
+class CorrectionsReply(msgspec.Struct, tag="corrections", **_BASE):
+    id: RequestId
+    corrections: list[Correction]
+
+
 ServerMessage = (
     Welcome | Pong | MeterReply | MetersReply | IngestReply | QueryReply | StatsReply | ErrorReply
     | LimitReply | RemovedReply | LimitsReply | Subscribed | AlertsPush | Lagged | Unsubscribed
     | CustomerReply | CustomersReply | BackupReply | EventsReply | PlanReply | PlansReply
-    | AssignmentReply | InvoiceReply
+    | AssignmentReply | InvoiceReply | CancelledReply | CorrectionsReply
 )
 
 _client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)

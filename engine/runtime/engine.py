@@ -23,6 +23,7 @@ crash recomputes them from the index (``engine.runtime.dedup``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -43,6 +44,7 @@ from engine.domain.query import (
     finish_query,
     plan_query,
 )
+from engine.domain.records import Correction
 from engine.domain.traits import plan_traits
 from engine.errors import InvalidQuery, InvalidRequest, UnknownMeter
 from engine.runtime import messages
@@ -50,13 +52,20 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub, AlertSubscription
 from engine.runtime.blocks import DEFAULT_BLOCK_CACHE_BYTES, BlockCache
 from engine.runtime.catalog import Catalog
+from engine.runtime.corrections import (
+    CorrectionBook,
+    PendingCorrection,
+    Target,
+    describe,
+    list_corrections,
+)
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.extensions import Extension
 from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
-from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest
+from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest, oldest_complete_ms
 from engine.runtime.raw_events import read_page as raw_event_page
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
@@ -167,6 +176,10 @@ class Engine:
         self._backup_lock = trio.Lock()
         # Held while a page of raw events is read on a worker thread (one page at a time).
         self._raw_read_lock = trio.Lock()
+        self._writer.corrections = CorrectionBook.load(store)
+        # Held while a correction scans and commits: one at a time (engine.runtime.corrections).
+        self._correction_lock = trio.Lock()
+        self._last_correction_lsn = 0
 
     # --------------------------------------------------------------- tasks
 
@@ -241,6 +254,9 @@ class Engine:
         self._lifecycle.check_open()
         if not isinstance(events, list):
             events = list(events)
+        if any(type(event.dimensions) is dict and CANCEL_PREVIOUS in event.dimensions
+               for event in events):
+            events = await self._cancel_previous(events)
         now_ms = self._clock_ms()
         slices = prepare_batch(events, self._catalog.meter_defs, self._route, self.ingest_rules,
                                now_ms)
@@ -253,6 +269,32 @@ class Engine:
         self._batches += 1
         return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn,
                          alerts=ticket.alerts if report_alerts else [])
+
+    async def _cancel_previous(self, events: list[Event]) -> list[Event]:
+        """Amberflo's convention: an event with the dimension
+        ``aflo.cancel_previous_resource_event: "true"`` cancels the earlier event with its
+        unique id (before dedup, so it is then accepted in its place); the dimension is
+        never stored. Cancels are made first (one correction per meter and customer),
+        then the batch is ingested as usual (not one atomic record)."""
+        targets: dict[tuple[str, str], list[str]] = {}
+        kept: list[Event] = []
+        for event in events:
+            if type(event.dimensions) is not dict or CANCEL_PREVIOUS not in event.dimensions:
+                kept.append(event)
+                continue
+            flag = event.dimensions[CANCEL_PREVIOUS]
+            dims = {k: v for k, v in event.dimensions.items() if k != CANCEL_PREVIOUS}
+            kept.append(msgspec.structs.replace(event, dimensions=dims))
+            if flag == "true" and event.unique_id is not None:
+                targets.setdefault((event.meter_api_name, event.customer_id), []).append(
+                    event.unique_id)
+        # Validate the whole batch before cancelling anything.
+        prepare_batch(kept, self._catalog.meter_defs, self._route, self.ingest_rules,
+                      self._clock_ms())
+        for (meter_api_name, customer_id), unique_ids in sorted(targets.items()):
+            await self.cancel(meter_api_name, customer_id, unique_ids=unique_ids,
+                              by=CANCEL_PREVIOUS)
+        return kept
 
     async def add_limit(self, limit: Limit) -> Limit:
         """Add (or replace, by id) a limit; durable when this returns.
@@ -368,7 +410,9 @@ class Engine:
         """A page of the accepted events with event time in ``[start_ms, end_ms)``, as
         retained in the raw-event log (the write-ahead log, ``raw_retention_ms``), of
         ``meter_api_name`` and ``customer_id`` if given, in the order they were logged,
-        duplicates left out; at most ``limit`` (1 to 100,000) events.
+        duplicates and events a correction cancelled left out (an amend's corrected
+        event is not a raw event: ``corrections()`` lists it); at most ``limit`` (1 to
+        100,000) events.
 
         Read-only, on a worker thread, while ingest goes on. Page on with
         ``from_lsn=page.next_lsn, from_index=page.next_index`` until ``page.done``.
@@ -385,7 +429,112 @@ class Engine:
         async with self._raw_read_lock:
             self._lifecycle.check_open()
             return await trio.to_thread.run_sync(raw_event_page, self._store, request,
-                                                 self._clock_ms(), self.ingest_rules.future_ms)
+                                                 self._clock_ms(), self.ingest_rules.future_ms,
+                                                 self._writer.corrections.positions)
+
+    # ------------------------------------------------------------ corrections
+
+    async def cancel(self, meter_api_name: str, customer_id: str, *,
+                     unique_ids: Sequence[str], by: str = "") -> int:
+        """Cancel ``customer_id``'s live events of a meter with these unique ids, durably
+        (one WAL record); returns how many were cancelled. Every aggregation follows at
+        once; an event with a cancelled id is accepted again when re-sent. ``by`` names
+        who made the correction, for ``corrections()``."""
+        if isinstance(unique_ids, str) or not all(type(u) is str for u in unique_ids):
+            raise InvalidRequest("unique_ids must be a list of strings")
+        target = Target(meter_api_name, _customer(customer_id), unique_ids=frozenset(unique_ids))
+        return await self._correct("cancel", target, by, None)
+
+    async def cancel_where(self, meter_api_name: str, *, customer_id: str | None,
+                           start_ms: int, end_ms: int,
+                           dimensions: dict[str, list[str]] | None = None,
+                           received_start_ms: int | None = None,
+                           received_end_ms: int | None = None, by: str = "") -> int:
+        """Cancel every live event of a meter (of ``customer_id``, or of all customers with
+        None) with event time in ``[start_ms, end_ms)``, received (engine clock) in
+        ``[received_start_ms, received_end_ms)`` if given, passing ``dimensions`` as
+        ``Query.filter`` does; returns how many were cancelled. A range that starts
+        before the raw-event retention is refused whole (``InvalidRequest`` names the
+        oldest time it can correct)."""
+        for name, value in (("start_ms", start_ms), ("end_ms", end_ms),
+                            ("received_start_ms", received_start_ms),
+                            ("received_end_ms", received_end_ms)):
+            if value is not None and type(value) is not int:
+                raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+        if start_ms > end_ms:
+            raise InvalidRequest(f"start_ms {start_ms} is after end_ms {end_ms}")
+        filters = tuple(sorted((key, frozenset(values))
+                               for key, values in (dimensions or {}).items()))
+        target = Target(meter_api_name, None if customer_id is None else _customer(customer_id),
+                        start_ms=start_ms, end_ms=end_ms, received_start_ms=received_start_ms,
+                        received_end_ms=received_end_ms, dim_filters=filters,
+                        unique_dimension=self._unique_dimension(meter_api_name))
+        await self._check_retention(start_ms)
+        return await self._correct("cancel_where", target, by, None)
+
+    async def amend(self, meter_api_name: str, customer_id: str, unique_id: str,
+                    event: Event, *, by: str = "") -> IngestAck:
+        """Replace the live event with this unique id by ``event`` in one WAL record
+        (cancel and re-ingest at once). Bypasses the late-event limit, not the
+        raw-event retention; ``event`` must be of the same meter and customer and carry
+        the same unique id (or none: it is given this one)."""
+        if event.unique_id is None:
+            event = msgspec.structs.replace(event, unique_id=unique_id)
+        if (event.meter_api_name, event.customer_id, event.unique_id) != (
+                meter_api_name, customer_id, unique_id):
+            raise InvalidRequest("an amended event must keep its meter, customer and unique id")
+        now_ms = self._clock_ms()
+        prepare_batch([event], self._catalog.meter_defs, self._route,
+                      dataclasses.replace(self.ingest_rules, late_ms=now_ms), now_ms)
+        await self._check_retention(event.meter_time_in_millis)
+        target = Target(meter_api_name, _customer(customer_id), unique_ids=frozenset([unique_id]))
+        await self._correct("amend", target, by, event)
+        return IngestAck(accepted=1, duplicates=0, lsn=self._last_correction_lsn)
+
+    async def corrections(self, meter_api_name: str | None = None,
+                          customer_id: str | None = None) -> list[Correction]:
+        """The corrections made, oldest first (of a meter and customer if given; a
+        ``cancel_where`` over all customers is listed for every customer)."""
+        self._lifecycle.check_open()
+        return await trio.to_thread.run_sync(list_corrections, self._store, meter_api_name,
+                                             customer_id)
+
+    def _unique_dimension(self, meter_api_name: str) -> str | None:
+        meter = self._catalog.meter_defs.get(meter_api_name)
+        return None if meter is None else meter.meter.unique_dimension
+
+    async def _check_retention(self, start_ms: int) -> None:
+        oldest = await trio.to_thread.run_sync(oldest_complete_ms, self._store,
+                                               self._clock_ms(), self.ingest_rules.future_ms)
+        if oldest is not None and start_ms < oldest:
+            raise InvalidRequest(
+                f"events before {oldest} ms are past the raw-event retention and cannot be "
+                f"corrected: the oldest time a correction can reach is {oldest} ms")
+
+    async def _correct(self, kind: str, target: Target, by: str, amended: Event | None) -> int:
+        self._lifecycle.check_open()
+        meter = self._catalog.meter_defs.get(target.meter)
+        if meter is None:
+            raise UnknownMeter(f"unknown meter {target.meter!r}")
+        if type(by) is not str:
+            raise InvalidRequest("by must be a string")
+        pending = PendingCorrection(kind, target, meter, by, self._clock_ms(), describe(target),
+                                    amended)
+        async with self._correction_lock:
+            self._lifecycle.check_open()
+            await trio.to_thread.run_sync(pending.resolve, self._store,
+                                          self._writer.corrections.positions,
+                                          self._writer.last_lsn)
+            if amended is not None and not pending.targets:
+                raise InvalidRequest(
+                    f"no live event of customer {target.customer_id!r} with unique id "
+                    f"{sorted(target.unique_ids or ())!r} to amend")
+            if not pending.targets:
+                return 0
+            ticket = messages.LoggedTicket(pending.received_ms)
+            await self._submit(messages.LogCorrection(ticket, pending))
+            self._last_correction_lsn = ticket.lsn
+        return len(pending.targets)
 
     async def snapshot(self) -> int:
         """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""
@@ -570,6 +719,16 @@ class Engine:
                         await self._mailboxes[shard][0].send(messages.RunQuery(plan, ticket))
                 await ticket.wait()
         return ticket.results
+
+
+# Amberflo's ingest dimension that cancels the earlier event with the same unique id.
+CANCEL_PREVIOUS = "aflo.cancel_previous_resource_event"
+
+
+def _customer(customer_id: object) -> str:
+    if type(customer_id) is not str or not customer_id:
+        raise InvalidRequest(f"customer_id must be a non-empty string, got {customer_id!r}")
+    return customer_id
 
 
 @asynccontextmanager

@@ -24,6 +24,7 @@ from engine.domain.batch import ShardSlice
 from engine.domain.limits import Crossing, LimitDef, UsageChange
 from engine.domain.meters import MeterDef
 from engine.domain.query import QueryPlan
+from engine.domain.records import CorrectedMinutes
 from engine.schema import Alert, Customer
 
 T = TypeVar("T")
@@ -134,7 +135,15 @@ class DropLimit:
     limit_id: str
 
 
-ShardWork = ApplySlice | InstallLimit | DropLimit
+@dataclass(slots=True, eq=False)
+class ApplyCorrection:
+    """A correction's rebuilt head minutes of one meter for one shard's customers."""
+
+    meter: MeterDef
+    changes: list[CorrectedMinutes]
+
+
+ShardWork = ApplySlice | InstallLimit | DropLimit | ApplyCorrection
 
 
 class Apply(NamedTuple):
@@ -285,5 +294,15 @@ class TakeSnapshot:
     ticket: SnapshotTicket
 
 
+@dataclass(slots=True, eq=False)
+class LogCorrection:
+    """Log a correction (``engine.runtime.corrections``). The writer commits it in a group
+    of its own: it first brings ``pending`` up to the last committed lsn (the events
+    logged since its scan), on a worker thread, then logs the record it builds."""
+
+    ticket: LoggedTicket
+    pending: Any  # engine.runtime.corrections.PendingCorrection
+
+
 WriteRequest = (LogBatch | LogLimitChange | LogCustomerChange | LogExtension | DefineMeter
-                | TakeSnapshot)
+                | TakeSnapshot | LogCorrection)

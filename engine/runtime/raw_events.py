@@ -24,6 +24,7 @@ A cursor whose record was trimmed between two pages is refused too.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -101,7 +102,8 @@ def oldest_complete_ms(store: Store, now_ms: int, future_ms: int) -> int | None:
 
 
 def read_page(store: Store, request: RawEventRequest, now_ms: int,
-              future_ms: int) -> RawEventPage:
+              future_ms: int, cancelled: Container[tuple[int, int]] = frozenset()
+              ) -> RawEventPage:
     """One page of ``request`` (see the module docstring)."""
     if request.from_lsn == 0:
         oldest = oldest_complete_ms(store, now_ms, future_ms)
@@ -134,7 +136,8 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
             record = records.decode_record(raw)
             if isinstance(record, records.WalBatch):
                 logged = decided_from is not None and lsn >= decided_from
-                stopped = _take_events(store, request, record, lsn, index, found, logged)
+                stopped = _take_events(store, request, record, lsn, index, found, logged,
+                                       cancelled)
                 examined += stopped - index
                 if stopped < len(record.events):
                     return RawEventPage(found, lsn, stopped, False)
@@ -145,13 +148,15 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
 
 
 def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch, lsn: int,
-                 index: int, found: list[Event], logged: bool) -> int:
+                 index: int, found: list[Event], logged: bool,
+                 cancelled: Container[tuple[int, int]] = frozenset()) -> int:
     """Append the wanted, accepted events of ``batch`` from ``index`` on to ``found``,
     until the page is full; returns the index of the first event not looked at.
-    ``logged``: the batch's dedup decisions are in the store."""
+    ``logged``: the batch's dedup decisions are in the store. ``cancelled``: positions
+    a correction cancelled (``engine.runtime.corrections``), left out."""
     events = batch.events
     if logged:
-        return _take_logged(store, request, batch, lsn, index, found)
+        return _take_logged(store, request, batch, lsn, index, found, cancelled)
     seen: set[bytes] = set()  # unique-id keys met earlier in this batch
     for event in events[:index]:
         if event.unique_id is not None and request.wants(event):
@@ -170,7 +175,8 @@ def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch
             if key in seen:
                 continue  # a retry inside the batch: the first occurrence counted
             seen.add(key)
-        if request.start_ms <= event.meter_time_in_millis < request.end_ms:
+        if (request.start_ms <= event.meter_time_in_millis < request.end_ms
+                and (lsn, position - 1) not in cancelled):
             candidates.append((event, key))
     keys = [key for _, key in candidates if key is not None]
     stored = iter(store.read_ids(keys)) if keys else iter(())
@@ -184,14 +190,16 @@ def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch
 
 
 def _take_logged(store: Store, request: RawEventRequest, batch: records.WalBatch, lsn: int,
-                 index: int, found: list[Event]) -> int:
+                 index: int, found: list[Event],
+                 cancelled: Container[tuple[int, int]] = frozenset()) -> int:
     duplicates = decode_decisions(store.read_decisions(lsn))
     events = batch.events
     position = index
     while position < len(events) and len(found) < request.limit:
         event = events[position]
         if (position not in duplicates and request.wants(event)
-                and request.start_ms <= event.meter_time_in_millis < request.end_ms):
+                and request.start_ms <= event.meter_time_in_millis < request.end_ms
+                and (lsn, position) not in cancelled):
             found.append(event)
         position += 1
     return position

@@ -72,7 +72,14 @@ from engine.runtime.idindex import (
     load_index,
     run_key,
 )
-from engine.runtime.messages import ApplySlice, DropLimit, InstallLimit, LoggedTicket, ShardWork
+from engine.runtime.messages import (
+    ApplyCorrection,
+    ApplySlice,
+    DropLimit,
+    InstallLimit,
+    LoggedTicket,
+    ShardWork,
+)
 from engine.runtime.shards import apply_work, shard_part
 from engine.storage import Store, StoredSnapshot
 from engine.storage.base import ARRIVAL_DAY_MS, ID_VALUE
@@ -365,6 +372,12 @@ def _work_for(record: records.WalRecord, shard_count: int, rules: IngestRules,
     if isinstance(record, records.WalBatch):
         slices = prepare_batch(record.events, catalog.meter_defs, route, rules, None)
         return [ApplySlice(s) if s else None for s in slices]
+    if isinstance(record, records.WalCorrection):
+        meter = catalog.meter_defs[record.meter]
+        per_shard: list[list[records.CorrectedMinutes]] = [[] for _ in range(shard_count)]
+        for minutes in record.minutes:
+            per_shard[route(minutes.customer_id)].append(minutes)
+        return [ApplyCorrection(meter, changes) for changes in per_shard]
     if isinstance(record, records.WalPutCustomer):
         catalog.put_customer(record.customer)
         return [None] * shard_count

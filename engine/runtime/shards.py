@@ -30,6 +30,7 @@ from engine.runtime.blocks import BlockCache
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
+    ApplyCorrection,
     ApplyGroup,
     ApplySlice,
     DropLimit,
@@ -64,6 +65,8 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
         case DropLimit(limit_id):
             state.alert_limits.remove(limit_id)
             crossings = []
+        case ApplyCorrection(meter, changes):
+            crossings = state.correct(meter, changes)
     if crossings:
         ticket.crossings.append((index, crossings))
     if state.alert_limits.feed:

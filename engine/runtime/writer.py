@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import trio
 
 from engine.domain import records
-from engine.domain.batch import ShardSlice
+from engine.domain.batch import ShardRouter, ShardSlice
 from engine.domain.meters import MeterDef, merge_meter
 from engine.errors import (
     CustomerExists,
@@ -49,12 +49,14 @@ from engine.runtime.acks import AckSequencer
 from engine.runtime.alerts import AlertHub
 from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
+from engine.runtime.corrections import CORRECTION_LSN, USED_PREFIX, CorrectionBook
 from engine.runtime.dedup import batch_keys, drop_duplicates, encode_decisions, key_events
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN, MEMTABLE_MAX_KEYS, IdIndex
 from engine.runtime.lifecycle import Lifecycle
 from engine.runtime.messages import (
     Apply,
+    ApplyCorrection,
     ApplyGroup,
     DefineMeter,
     ExportState,
@@ -62,6 +64,7 @@ from engine.runtime.messages import (
     HideCustomer,
     InstallLimit,
     LogBatch,
+    LogCorrection,
     LogCustomerChange,
     LogExtension,
     LoggedTicket,
@@ -181,23 +184,35 @@ class WalWriter:
         self.checkpoint_head_chunks = 0
         self.checkpoint_head_chunks_dropped = 0
         self.checkpoint_ms = 0.0
+        # Cancelled positions and re-admissible unique ids (engine.runtime.corrections).
+        self.corrections = CorrectionBook()
+        self._route = ShardRouter(len(mailboxes))
+        self._held: WriteRequest | None = None  # a correction that ended the group before
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
         async with requests:
             while True:
-                try:
-                    first = await self._next_request(requests)
-                except trio.EndOfChannel:
-                    break
+                if self._held is not None:
+                    first, self._held = self._held, None
+                else:
+                    try:
+                        first = await self._next_request(requests)
+                    except trio.EndOfChannel:
+                        break
                 group = [first]
                 size = _record_bytes(first)
-                # A snapshot request ends a group: it covers everything before it.
-                while not isinstance(group[-1], TakeSnapshot) and (
+                # A snapshot request ends a group: it covers everything before it. A
+                # correction is a group of its own (it reads the log up to the lsn
+                # before it).
+                while not isinstance(group[-1], TakeSnapshot | LogCorrection) and (
                     len(group) < MAX_GROUP_REQUESTS and size < MAX_GROUP_BYTES
                 ):
                     try:
                         request = requests.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if isinstance(request, LogCorrection):
+                        self._held = request
                         break
                     group.append(request)
                     size += _record_bytes(request)
@@ -303,6 +318,9 @@ class WalWriter:
             self._expiry_done = self._expiry_pass
 
     async def _commit_group(self, group: list[WriteRequest]) -> None:
+        if isinstance(group[0], LogCorrection):
+            await self._commit_correction(group[0])
+            return
         wal: list[tuple[int, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
         keys: list[bytes] = []
@@ -332,8 +350,10 @@ class WalWriter:
                     meta.append((key, value))
         if self._decided_from is None and wal:
             meta.append((DECIDED_FROM_KEY, LSN.pack(self.last_lsn + 1)))
+        readmitted: list[tuple[bytes, int]] = []
         try:
             duplicates, new = self.index.decide(self._store, keys, days) if keys else ([], {})
+            readmitted = self._readmit(keys, duplicates, meta) if self.corrections.readmit else []
             decisions: list[tuple[int, bytes]] = []
             flag = 0
             for batch, slices, count in deduped:
@@ -354,6 +374,7 @@ class WalWriter:
                 self._next_index_slice_at = trio.current_time() + INDEX_SLICE_GAP_S
         except StorageFull as exc:
             self.index.aborted()
+            self._give_back(readmitted)
             # Nothing of the group was written: refuse it, keep serving.
             for request in group:
                 request.ticket.fail(exc)
@@ -417,6 +438,60 @@ class WalWriter:
         for shard, shard_items in enumerate(per_shard):
             if shard_items:
                 await self._mailboxes[shard].send(ApplyGroup(shard_items))
+
+    def _readmit(self, keys: list[bytes], duplicates: list[bool],
+                 meta: list[tuple[bytes, bytes]]) -> list[tuple[bytes, int]]:
+        """A unique id a correction cancelled is accepted once more (its first re-send
+        after the cancel): its duplicate flag is cleared and the re-admission used up, in
+        this commit's catalogue entries."""
+        readmit = self.corrections.readmit
+        used: list[tuple[bytes, int]] = []
+        for position, key in enumerate(keys):
+            if duplicates[position] and key in readmit:
+                duplicates[position] = False
+                correction_lsn = readmit.pop(key)
+                used.append((key, correction_lsn))
+                meta.append((USED_PREFIX + key, CORRECTION_LSN.pack(correction_lsn)))
+        return used
+
+    def _give_back(self, used: list[tuple[bytes, int]]) -> None:
+        self.corrections.readmit.update(used)
+
+    async def _commit_correction(self, request: LogCorrection) -> None:
+        """Log a correction alone: catch its scan up to the last committed lsn (a worker
+        thread; nothing else is in flight), build its record for the next lsn, commit it
+        with its catalogue entries, then hand each shard its rebuilt minutes."""
+        ticket, pending = request.ticket, request.pending
+        lsn = self.last_lsn + 1
+        try:
+            record, per_shard_changes, meta, readmit = await trio.to_thread.run_sync(
+                pending.finish, self._store, self.corrections.positions, self.last_lsn,
+                max(self._shard_sealed, default=0), self._route)
+        except MeteringError as exc:
+            ticket.fail(exc)
+            return
+        ticket.lsn = lsn
+        try:
+            await self._commit([(lsn, record)], meta)
+        except StorageFull as exc:
+            ticket.fail(exc)
+            return
+        except Exception as exc:
+            error = storage_stopped(exc)
+            self._lifecycle.stop(error)
+            ticket.fail(error)
+            raise error from exc
+        self.last_lsn = lsn
+        self.wal_bytes_since_snapshot += len(record)
+        positions = self.corrections.positions
+        for target_lsn, index, _ in pending.targets:
+            positions.add((target_lsn, index))
+        self.corrections.readmit.update(readmit)
+        ticket.accepted = len(pending.targets)
+        ticket.pending = len(self._mailboxes)
+        for shard, changes in enumerate(per_shard_changes):
+            await self._mailboxes[shard].send(ApplyGroup([Apply(
+                lsn, ApplyCorrection(pending.meter, changes), ticket)]))
 
     def _commit_extension(self, ticket: LoggedTicket, action: Any,
                           per_shard: list[list[Apply]]) -> None:

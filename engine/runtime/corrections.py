@@ -1,0 +1,317 @@
+"""Corrections: cancel events by unique id or by filter, amend one, list them.
+
+Runtime layer: the domain, the storage protocol (read-only here: ``read_wal_page``,
+``read_decisions``, ``meta_items``) and ``engine.runtime.dedup``'s key function.
+Everything in this module runs on a worker thread or in the writer; it never
+writes the store (the writer commits what ``PendingCorrection.build`` returns).
+
+How a correction is made (see docs/architecture.md "Corrections"):
+
+1. ``resolve`` (a worker thread, read transactions, no lock held by ingest): scan
+   the retained log up to the last committed lsn for the live events the target
+   names (accepted, not a duplicate, not cancelled before): the *targets*. Their
+   (customer, minute)s are the affected minutes; a second pass applies every other
+   live event of those minutes to a scratch ``ShardState``.
+2. The writer, in a group of its own, brings the scratch state up to its last
+   committed lsn (``catch_up``: only the events logged since step 1), adds the
+   amended event at the record's own lsn, and logs a ``WalCorrection`` carrying the
+   targets' positions and the rebuilt buckets of the affected minutes, together
+   with the catalogue entries below in the same transaction.
+3. Each shard replaces those minutes in its head (``ShardState.correct``). Replay
+   applies the record the same way, without reading the log.
+
+Catalogue entries (the store's meta, written with the record; a few per correction,
+however many events it cancels): ``corr/p/<lsn>`` its cancelled positions packed
+(later scans and ``raw_events`` skip them), ``corr/k/<lsn>`` the unique-id keys it
+cancelled (msgpack list), which the dedup decision re-admits once each;
+``corr/u/<id key>`` the lsn of the correction whose re-admission of the key was used
+(written by the commit that used it); ``corr/r/<lsn>`` the audit record
+(``records.Correction``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from engine.domain import records
+from engine.domain.batch import ShardRouter, prepare_batch
+from engine.domain.corrections import minute_buckets
+from engine.domain.meters import REPLAY_RULES, MeterDef
+from engine.domain.shard import ShardState
+from engine.domain.windows import MINUTE_MS
+from engine.errors import InvalidRequest
+from engine.runtime.dedup import decode_decisions, id_key
+from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
+from engine.schema import Event
+
+POSITION_PREFIX = b"corr/p/"
+READMIT_PREFIX = b"corr/k/"
+RECORD_PREFIX = b"corr/r/"
+USED_PREFIX = b"corr/u/"
+POSITION = struct.Struct(">QI")
+CORRECTION_LSN = struct.Struct(">Q")
+RECORDS_PER_READ = 256
+
+
+_correction_decoder = msgspec.msgpack.Decoder(records.Correction)
+
+
+class Store(Protocol):
+    def first_lsn(self) -> int: ...
+
+    def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]: ...
+
+    def read_decisions(self, lsn: int) -> bytes | None: ...
+
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]: ...
+
+
+class CorrectionBook:
+    """What earlier corrections decided, as later ones and ingest need it: the cancelled
+    positions and the cancelled unique ids not yet re-admitted. Changed only by the
+    writer after a commit; read by scans on worker threads (membership tests only)."""
+
+    def __init__(self) -> None:
+        self.positions: set[tuple[int, int]] = set()
+        self.readmit: dict[bytes, int] = {}
+
+    @classmethod
+    def load(cls, store: Store) -> CorrectionBook:
+        book = cls()
+        for _, packed in store.meta_items(POSITION_PREFIX):
+            book.positions.update(POSITION.iter_unpack(packed))
+        for key, packed in store.meta_items(READMIT_PREFIX):  # in lsn order
+            lsn = CORRECTION_LSN.unpack(key[len(READMIT_PREFIX):])[0]
+            for id_key_bytes in msgspec.msgpack.decode(packed, type=list[bytes]):
+                book.readmit[id_key_bytes] = lsn
+        for key, value in store.meta_items(USED_PREFIX):
+            id_key_bytes = key[len(USED_PREFIX):]
+            if book.readmit.get(id_key_bytes) == CORRECTION_LSN.unpack(value)[0]:
+                del book.readmit[id_key_bytes]
+        return book
+
+
+def list_corrections(store: Store, meter_api_name: str | None,
+                     customer_id: str | None) -> list[records.Correction]:
+    found = []
+    for _, raw in store.meta_items(RECORD_PREFIX):
+        correction = _correction_decoder.decode(raw)
+        if meter_api_name is not None and correction.meter_api_name != meter_api_name:
+            continue
+        if customer_id is not None and correction.customer_id not in (customer_id, None):
+            continue
+        found.append(correction)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Which live events a correction cancels: of ``meter``, of ``customer_id`` (None:
+    every customer), with one of ``unique_ids``, or else in the event-time range, the
+    received-time range and the dimension filters (``Query.filter``'s meaning)."""
+
+    meter: str
+    customer_id: str | None
+    unique_ids: frozenset[str] | None = None
+    start_ms: int | None = None
+    end_ms: int | None = None
+    received_start_ms: int | None = None
+    received_end_ms: int | None = None
+    dim_filters: tuple[tuple[str, frozenset[str]], ...] = ()
+    unique_dimension: str | None = None  # the meter's: not a dimension a filter sees
+
+    def matches(self, event: Event, received_ms: int) -> bool:
+        if event.meter_api_name != self.meter:
+            return False
+        if self.customer_id is not None and event.customer_id != self.customer_id:
+            return False
+        if self.unique_ids is not None:
+            return event.unique_id in self.unique_ids
+        ts = event.meter_time_in_millis
+        if self.start_ms is not None and ts < self.start_ms:
+            return False
+        if self.end_ms is not None and ts >= self.end_ms:
+            return False
+        if self.received_start_ms is not None and received_ms < self.received_start_ms:
+            return False
+        if self.received_end_ms is not None and received_ms >= self.received_end_ms:
+            return False
+        dims = event.dimensions
+        for key, allowed in self.dim_filters:
+            value = (event.customer_id if key == "customer_id"
+                     else None if key == self.unique_dimension else dims.get(key))
+            if value not in allowed:
+                return False
+        return True
+
+
+def live_events(store: Store, positions: set[tuple[int, int]], from_lsn: int,
+                to_lsn: int) -> Iterator[tuple[int, int, list[tuple[int, Event]]]]:
+    """(lsn, received_ms, [(index, event)]) of every record in ``[from_lsn, to_lsn]``
+    that holds counted events: a batch's accepted events (logged dedup decisions
+    applied) and an amend's corrected event (index 0), less the cancelled positions.
+    Batches logged before the dedup decisions were (stores from before the index) are
+    taken whole."""
+    decided = dict(store.meta_items(DECIDED_FROM_KEY)).get(DECIDED_FROM_KEY)
+    decided_from = LSN.unpack(decided)[0] if decided else None
+    lsn = max(from_lsn, store.first_lsn(), 1)
+    while lsn <= to_lsn:
+        page = store.read_wal_page(lsn, RECORDS_PER_READ)
+        if not page:
+            return
+        for record_lsn, raw in page:
+            if record_lsn > to_lsn:
+                return
+            lsn = record_lsn + 1
+            record = records.decode_record(raw)
+            if isinstance(record, records.WalBatch):
+                duplicates = (decode_decisions(store.read_decisions(record_lsn))
+                              if decided_from is not None and record_lsn >= decided_from
+                              else set())
+                found = [(index, event) for index, event in enumerate(record.events)
+                         if index not in duplicates and (record_lsn, index) not in positions]
+                yield record_lsn, record.received_ms, found
+            elif isinstance(record, records.WalCorrection) and record.amended is not None:
+                if (record_lsn, 0) not in positions:
+                    yield record_lsn, record.received_ms, [(0, record.amended)]
+
+
+@dataclass(slots=True, eq=False)
+class PendingCorrection:
+    """A correction between its scan and its commit (see the module docstring)."""
+
+    kind: str
+    target: Target
+    meter: MeterDef
+    by: str
+    received_ms: int
+    description: str
+    amended: Event | None = None
+    targets: list[tuple[int, int, Event]] = field(default_factory=list)
+    affected: dict[str, set[int]] = field(default_factory=dict)
+    scratch: ShardState = field(default_factory=ShardState)
+    scan_lsn: int = 0
+
+    # ------------------------------------------------------------ worker thread
+
+    def resolve(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
+        """Find the targets and rebuild their minutes from the other live events, up to
+        ``to_lsn`` (a committed lsn)."""
+        for lsn, received_ms, events in live_events(store, positions, 0, to_lsn):
+            for index, event in events:
+                if self.target.matches(event, received_ms):
+                    self.targets.append((lsn, index, event))
+                    self._affect(event)
+        if self.amended is not None:
+            self._affect(self.amended)
+        skip = {(lsn, index) for lsn, index, _ in self.targets}
+        self._fold(store, positions, skip, 0, to_lsn)
+        self.scan_lsn = to_lsn
+
+    def catch_up(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
+        """Fold in the events logged after the scan (the writer calls this with nothing
+        else in flight): they are kept, even where they match the target."""
+        if to_lsn > self.scan_lsn:
+            self._fold(store, positions, set(), self.scan_lsn + 1, to_lsn)
+            self.scan_lsn = to_lsn
+
+    def finish(self, store: Store, positions: set[tuple[int, int]], last_lsn: int,
+               sealed_before_minute: int, route: ShardRouter,
+               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
+                          dict[bytes, int]]:
+        """``catch_up`` to ``last_lsn``, then ``build`` the record for the lsn after it."""
+        self.catch_up(store, positions, last_lsn)
+        return self.build(last_lsn + 1, sealed_before_minute, route)
+
+    def build(self, lsn: int, sealed_before_minute: int, route: ShardRouter,
+              ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
+                         dict[bytes, int]]:
+        """The record for lsn ``lsn``, each shard's share of it, its catalogue entries and
+        the unique-id keys it makes re-admissible."""
+        if self.affected and min(min(minutes) for minutes in self.affected.values()
+                                 ) < sealed_before_minute:
+            raise InvalidRequest(
+                f"this correction reaches sealed history (before "
+                f"{sealed_before_minute * MINUTE_MS} ms), which corrections cannot change "
+                f"yet: the oldest event time it can correct is "
+                f"{sealed_before_minute * MINUTE_MS} ms")
+        if self.amended is not None:
+            self._apply(lsn, [(0, self.amended)])
+        meter_shard = self.scratch.meter_shard(self.meter)
+        per_shard: list[list[records.CorrectedMinutes]] = [[] for _ in range(route.shard_count)]
+        all_changes = []
+        for customer in sorted(self.affected):
+            minutes = self.affected[customer]
+            change = records.CorrectedMinutes(
+                customer, sorted(minutes), minute_buckets(meter_shard, customer, minutes))
+            per_shard[route(customer)].append(change)
+            all_changes.append(change)
+        flat: list[int] = []
+        for target_lsn, index, _ in self.targets:
+            flat.extend((target_lsn, index))
+        record = records.encode(records.WalCorrection(
+            self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
+            self.description, flat, all_changes, self.amended))
+        marker = CORRECTION_LSN.pack(lsn)
+        pack = POSITION.pack
+        meta = [(POSITION_PREFIX + marker,
+                 b"".join([pack(target_lsn, index) for target_lsn, index, _ in self.targets]))]
+        readmit: dict[bytes, int] = {}
+        if self.kind != "amend":
+            for _, _, event in self.targets:
+                if event.unique_id is not None:
+                    readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
+            if readmit:
+                meta.append((READMIT_PREFIX + marker, records.encode(list(readmit))))
+        meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
+            lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
+            customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
+            description=self.description, cancelled=len(self.targets),
+            amended=self.amended))))
+        return record, per_shard, meta, readmit
+
+    # ------------------------------------------------------------------ helpers
+
+    def _affect(self, event: Event) -> None:
+        self.affected.setdefault(event.customer_id, set()).add(
+            event.meter_time_in_millis // MINUTE_MS)
+
+    def _fold(self, store: Store, positions: set[tuple[int, int]],
+              skip: set[tuple[int, int]], from_lsn: int, to_lsn: int) -> None:
+        affected, meter = self.affected, self.meter.name
+        for lsn, _, events in live_events(store, positions, from_lsn, to_lsn):
+            kept = [(index, event) for index, event in events
+                    if event.meter_api_name == meter
+                    and event.meter_time_in_millis // MINUTE_MS
+                    in affected.get(event.customer_id, ())
+                    and (lsn, index) not in skip]
+            if kept:
+                self._apply(lsn, kept)
+
+    def _apply(self, lsn: int, events: list[tuple[int, Event]]) -> None:
+        """Apply events to the scratch state as their shard did (same seq for latest)."""
+        slices = prepare_batch([event for _, event in events], {self.meter.name: self.meter},
+                               ShardRouter(1), REPLAY_RULES, None)
+        indices = [index for index, _ in events]
+        for _, columns in slices[0]:
+            columns.indices = [indices[i] for i in columns.indices]
+        self.scratch.apply(lsn, slices[0], 0)
+
+
+def describe(target: Target) -> str:
+    """A one-line account of a target for the audit record."""
+    parts: list[str] = []
+    if target.unique_ids is not None:
+        parts.append("unique_ids=" + ",".join(sorted(target.unique_ids)))
+    for name in ("start_ms", "end_ms", "received_start_ms", "received_end_ms"):
+        value = getattr(target, name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    for key, allowed in target.dim_filters:
+        parts.append(f"{key} in {sorted(allowed)}")
+    return " ".join(parts)

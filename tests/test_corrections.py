@@ -1,0 +1,161 @@
+"""Corrections on the real store: durability, the audit list, re-admission after a
+restart, limits re-arming, refusals, and ingest running concurrently with a cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from engine import Event, InvalidRequest, Limit, Meter, Query, open_engine
+from engine.storage import MemoryStore
+from tests.helpers.events import DAY, HOUR, MINUTE
+
+START_MS = 1_760_000_000_000 // DAY * DAY + 5 * DAY
+METERS = [Meter(name="calls", aggregation="sum"), Meter(name="peak", aggregation="max")]
+
+
+def event(meter: str, customer: str, value: int, ts: int, uid: str | None = None,
+          region: str = "eu") -> Event:
+    return Event(meter_api_name=meter, customer_id=customer, meter_value=value,
+                 meter_time_in_millis=ts, dimensions={"region": region}, unique_id=uid)
+
+
+async def total(eng: Any, meter: str, customer: str | None = None) -> Any:
+    query = Query(meter_api_name=meter, start_ms=START_MS - 10 * DAY, end_ms=START_MS + DAY,
+                  filter={"customer_id": [customer]} if customer else {})
+    rows = (await eng.query(query)).rows
+    return rows[0].value if rows else None
+
+
+async def test_cancel_is_durable_and_listed_and_readmits_after_restart(tmp_path: Path) -> None:
+    now = [START_MS]
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: now[0],
+                           snapshot_on_close=False) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        await eng.ingest([event(m.name, "acme", v, START_MS - v * MINUTE, f"e-{v}")
+                          for m in METERS for v in (1, 5, 9)])
+        assert await eng.cancel("peak", "acme", unique_ids=["e-9", "nope"], by="ops") == 1
+        assert await eng.cancel_where("calls", customer_id="acme", start_ms=START_MS - 6 * MINUTE,
+                                      end_ms=START_MS, dimensions={"region": ["eu"]},
+                                      by="ops") == 2
+        assert (await total(eng, "peak"), await total(eng, "calls")) == (5, 9)
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: now[0]) as eng:  # replay
+        assert (await total(eng, "peak"), await total(eng, "calls")) == (5, 9)
+        listed = await eng.corrections()
+        assert [(c.kind, c.meter_api_name, c.by, c.cancelled) for c in listed] == [
+            ("cancel", "peak", "ops", 1), ("cancel_where", "calls", "ops", 2)]
+        assert await eng.corrections("peak") == listed[:1]
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: now[0]) as eng:  # snapshot
+        assert (await total(eng, "peak"), await total(eng, "calls")) == (5, 9)
+        # The cancelled ids are accepted once more, then are duplicates again.
+        ack = await eng.ingest([event("peak", "acme", 9, START_MS - 9 * MINUTE, "e-9"),
+                                event("calls", "acme", 5, START_MS - 5 * MINUTE, "e-5"),
+                                event("calls", "acme", 9, START_MS - 9 * MINUTE, "e-9")])
+        assert (ack.accepted, ack.duplicates) == (2, 1)
+        ack = await eng.ingest([event("peak", "acme", 9, START_MS - 9 * MINUTE, "e-9")])
+        assert (ack.accepted, ack.duplicates) == (0, 1)
+        assert (await total(eng, "peak"), await total(eng, "calls")) == (9, 14)
+        page = await eng.raw_events(START_MS - DAY, START_MS + DAY, meter_api_name="calls")
+        assert sorted(e.unique_id or "" for e in page.events) == ["e-5", "e-9"]
+
+
+async def test_amend_replaces_one_event_atomically_and_bypasses_the_late_limit() -> None:
+    now = [START_MS]
+    store = MemoryStore()
+    async with open_engine(store=store, shards=3, clock_ms=lambda: now[0]) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        await eng.ingest([event("peak", "acme", 50, START_MS - 2 * HOUR, "e-1"),
+                          event("peak", "acme", 7, START_MS - HOUR, "e-2")])
+        now[0] += 40 * DAY  # past the 35-day late limit, within the 60-day retention
+        ack = await eng.amend("peak", "acme", "e-1",
+                              event("peak", "acme", 3, START_MS - 2 * HOUR), by="me")
+        assert ack.accepted == 1
+        assert await total(eng, "peak") == 7
+        with pytest.raises(InvalidRequest):
+            await eng.amend("peak", "acme", "missing", event("peak", "acme", 3, START_MS))
+        with pytest.raises(InvalidRequest):
+            await eng.amend("peak", "acme", "e-2", event("peak", "globex", 3, START_MS))
+        listed = await eng.corrections(customer_id="acme")
+        assert [(c.kind, c.by, c.amended is not None) for c in listed] == [("amend", "me", True)]
+
+
+async def test_a_threshold_re_arms_after_a_correction_and_fires_again_with_a_new_seq() -> None:
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.add_limit(Limit(id="cap", meter_api_name="calls", thresholds=[10],
+                                  period="day"))
+        ack = await eng.ingest([event("calls", "acme", 12, START_MS + MINUTE, "a")],
+                               report_alerts=True)
+        assert [a.seq for a in ack.alerts] == [0]
+        assert await eng.cancel("calls", "acme", unique_ids=["a"]) == 1
+        ack = await eng.ingest([event("calls", "acme", 4, START_MS + 2 * MINUTE, "b")],
+                               report_alerts=True)
+        assert ack.alerts == []  # 4 < 10: re-armed, not crossed
+        ack = await eng.ingest([event("calls", "acme", 8, START_MS + 3 * MINUTE, "c")],
+                               report_alerts=True)
+        assert [(a.seq, a.value) for a in ack.alerts] == [(1, 12)]
+
+
+async def test_sealed_history_is_refused_naming_the_oldest_time() -> None:
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.ingest([event("calls", "acme", 1, START_MS - 3 * DAY, "old"),
+                          event("calls", "acme", 2, START_MS, "new")])
+        await eng.snapshot()
+        assert eng.statistics().sealed_before_ms > START_MS - 3 * DAY
+        with pytest.raises(InvalidRequest, match="oldest event time"):
+            await eng.cancel("calls", "acme", unique_ids=["old"])
+        assert await total(eng, "calls") == 3  # refused whole
+        assert await eng.cancel("calls", "acme", unique_ids=["new"]) == 1
+        assert await total(eng, "calls") == 1
+
+
+async def test_ingest_concurrent_with_a_cancel_where_is_neither_lost_nor_doubled() -> None:
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.ingest([event("calls", customer, 1, START_MS - i * 1000, f"{customer}-{i}")
+                          for customer in ("acme", "globex") for i in range(3000)])
+        cancelled: list[int] = []
+
+        async def cancel() -> None:
+            cancelled.append(await eng.cancel_where(
+                "calls", customer_id="acme", start_ms=START_MS - DAY, end_ms=START_MS + 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel)
+            for batch in range(20):  # the same minutes, for both customers
+                await eng.ingest([event("calls", customer, 10, START_MS - batch * 1000)
+                                  for customer in ("acme", "globex")])
+                await trio.sleep(0)
+        assert cancelled[0] >= 3000
+        # What the cancel did not take of acme's concurrent events is still counted.
+        assert await total(eng, "calls", "acme") == 10 * (20 - (cancelled[0] - 3000))
+        assert await total(eng, "calls", "globex") == 3000 + 200
+
+
+async def test_amberflo_cancel_previous_resource_event_replaces_the_earlier_event() -> None:
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[1])
+        await eng.ingest([event("peak", "acme", 90, START_MS - MINUTE, "r-1"),
+                          event("peak", "acme", 20, START_MS - 2 * MINUTE, "r-2")])
+        resent = Event(meter_api_name="peak", customer_id="acme", meter_value=5,
+                       meter_time_in_millis=START_MS - MINUTE, unique_id="r-1",
+                       dimensions={"region": "eu",
+                                   "aflo.cancel_previous_resource_event": "true"})
+        ack = await eng.ingest([resent])
+        assert (ack.accepted, ack.duplicates) == (1, 0)
+        assert await total(eng, "peak") == 20
+        page = await eng.raw_events(START_MS - DAY, START_MS + DAY)
+        assert sorted((e.unique_id, e.meter_value, tuple(e.dimensions)) for e in page.events) == [
+            ("r-1", 5, ("region",)), ("r-2", 20, ("region",))]
+        assert [c.by for c in await eng.corrections()] == ["aflo.cancel_previous_resource_event"]
