@@ -204,18 +204,21 @@ class PricingExtension:
                 changed[key] = {fid}
             else:
                 feeds.add(fid)
-        rooms = self._rooms
-        for key in sorted(dirty | changed.keys()):
-            if key in dirty:
-                self._evaluate(key[0], key[1], None, crossings)
+        # Each (customer, period) is rated or absorbed on its own, so the ones to rate
+        # are found first and rated in key order (the feed's order varies by shard).
+        rooms, usage = self._rooms, self.usage
+        rate: dict[tuple[str, int], set[str] | None] = dict.fromkeys(dirty)
+        for key, feeds in changed.items():
+            if key in rate:
                 continue
-            feeds = changed[key]
             room = rooms.get(key)
             if room is not None:
-                if room.absorbs(self.usage[key], feeds):
+                if room.absorbs(usage[key], feeds):
                     continue
                 feeds |= room.pending
-            self._evaluate(key[0], key[1], feeds, crossings)
+            rate[key] = feeds
+        for key in sorted(rate):
+            self._evaluate(key[0], key[1], rate[key], crossings)
         self._forget(received_ms)
         return crossings
 
