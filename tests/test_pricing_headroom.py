@@ -59,13 +59,15 @@ def charges(draw: Any, meter: str) -> Charge:
     else:
         args["tiers"] = draw(tiers)
     return Charge(meter_api_name=meter, model=model, id=f"{meter}-{model}-{draw(st.integers())}",
+                  dimensions=draw(st.sampled_from([{}, {"region": ["eu"]}, {"region": ["us"]}])),
                   min_amount=draw(st.sampled_from([None, "1"])),
                   max_amount=draw(st.sampled_from([None, "60"])), **args)
 
 
 @st.composite
 def scenarios(draw: Any) -> tuple[Plan, list[Limit], list[list[tuple[str, str, Any]]]]:
-    plan_charges = [draw(charges("calls")), draw(charges("seats"))]
+    plan_charges = [draw(charges(meter)) for meter in draw(st.lists(
+        st.sampled_from(["calls", "seats"]), min_size=1, max_size=5))]
     plan = Plan(id="pro", currency=draw(st.sampled_from(["USD", "JPY"])),
                 fixed_fee=draw(st.sampled_from(["0", "5"])),
                 minimum=draw(st.sampled_from([None, "30.005"])), charges=plan_charges)
@@ -78,7 +80,7 @@ def scenarios(draw: Any) -> tuple[Plan, list[Limit], list[list[tuple[str, str, A
     fids = [feed_id(c, plan.timezone) for c in plan_charges]
     usage = st.one_of(st.integers(0, 40), st.decimals("0", "40", places=2))
     batches = draw(st.lists(st.lists(st.tuples(st.sampled_from(fids), st.sampled_from(CUSTOMERS),
-                                               usage), max_size=4), max_size=25))
+                                               usage), max_size=6), max_size=25))
     return plan, limits, batches
 
 

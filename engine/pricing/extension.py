@@ -438,6 +438,8 @@ class _PlanRating:
 
 _CEILING = decimal.Context(prec=28, rounding=decimal.ROUND_CEILING,
                            traps=[decimal.InvalidOperation, decimal.Overflow])
+_FLOOR = decimal.Context(prec=28, rounding=decimal.ROUND_FLOOR,
+                         traps=[decimal.InvalidOperation, decimal.Overflow])
 
 
 def _rise_bound(charge: Charge, currency: str) -> tuple[Decimal, Decimal]:
@@ -479,54 +481,63 @@ class _Room:
     (``slack``; None: every threshold has fired), and the feeds changed since
     (``pending``), to rate when it no longer absorbs a change.
 
-    A change is absorbed when no feed's usage fell below its base (which could re-arm
-    a threshold), no volume charge left its tier (where its amount can fall), and the
-    sum of the feeds' rise bounds (``_rise_bound``) stays below ``slack``. Every
-    amount a limit compares (a line's, or the total with fixed fee and minimum) rises
-    by at most that sum, so no threshold can be reached: the crossings are exactly
-    those of rating on every change."""
+    The slack is shared out equally among the plan's feeds: each feed gets a usage
+    ``cap`` below which its charges' rise bound (``_rise_bound``) stays under its share.
+    A change is absorbed when every changed feed's usage is at its base or above it
+    and below its cap, and no volume charge left its tier (where its amount can fall).
+    A fall is never absorbed (it could re-arm a threshold). Every amount a limit
+    compares (a line's, or the total with fixed fee and minimum) then rises by less
+    than the slack, so no threshold is reached: the crossings are exactly those of
+    rating every change. Absorbing costs a few comparisons per feed, no arithmetic.
+    """
 
-    __slots__ = ("base", "edges", "pending", "rating", "slack", "spent", "spent_total")
+    __slots__ = ("base", "caps", "pending", "rating", "share")
 
     def __init__(self, rating: _PlanRating, base: dict[str, Any], slack: Decimal | None) -> None:
         self.rating = rating
         self.base = base
-        self.slack = slack
+        self.share = None if slack is None else _FLOOR.divide(slack, len(rating.bounds) or 1)
         self.pending: set[str] = set()
-        self.spent: dict[str, Decimal] = {}
-        self.spent_total = Decimal(0)
-        self.edges: dict[str, Any | None] = {}
+        # feed id -> (base, cap: usage below it is absorbed (None: no cap), volume edge)
+        self.caps: dict[str, tuple[Any, Any | None, Any | None]] = {}
 
     def absorbs(self, usage: dict[str, Any], feeds: set[str]) -> bool:
-        bounds = self.rating.bounds
-        total = self.spent_total
-        spent = self.spent
+        caps = self.caps
         for fid in feeds:
-            found = bounds.get(fid)
+            found = caps.get(fid)
             if found is None:
-                continue  # a feed of another plan's charge: no amount of this one
+                bounds = self.rating.bounds.get(fid)
+                if bounds is None:
+                    continue  # a feed of another plan's charge: no amount of this one
+                found = caps[fid] = self._cap(fid, bounds)
             value = usage.get(fid, 0)
-            base = self.base.get(fid, 0)
-            if value < base:
+            base, cap, edge = found
+            if value == base:
+                continue
+            if value < base or (cap is not None and value >= cap) or (
+                    edge is not None and value > edge):
                 return False
-            rate, jump, volume = found
-            if volume:
-                edge = self.edges.get(fid, False)
-                if edge is False:
-                    edge = self.edges[fid] = min(
-                        (e for e in (_volume_edge(c, base) for c in volume) if e is not None),
-                        default=None)
-                if edge is not None and value > edge:
-                    return False
-            rise = (EXACT.add(EXACT.multiply(rate, EXACT.subtract(value, base)), jump)
-                    if value != base else Decimal(0))
-            total = EXACT.add(EXACT.subtract(total, spent.get(fid, Decimal(0))), rise)
-            spent[fid] = rise
-        if self.slack is not None and total >= self.slack:
-            return False
-        self.spent_total = total
         self.pending |= feeds
         return True
+
+    def _cap(self, fid: str, bounds: tuple[Decimal, Decimal, list[Charge]]) -> tuple[
+            Any, Any | None, Any | None]:
+        base = self.base.get(fid, 0)
+        rate, jump, volume = bounds
+        share = self.share
+        cap: Any | None
+        if share is None:
+            cap = None
+        elif jump >= share:
+            cap = base  # any rise may reach the share
+        elif not rate:
+            cap = None
+        else:
+            # rate * (value - base) + jump < share  <=>  value < base + (share - jump) / rate
+            cap = EXACT.add(base, _FLOOR.divide(EXACT.subtract(share, jump), rate))
+        edge = min((e for e in (_volume_edge(c, base) for c in volume) if e is not None),
+                   default=None)
+        return base, cap, edge
 
 
 def _number(value: Any) -> int | str:
