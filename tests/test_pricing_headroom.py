@@ -84,7 +84,7 @@ def scenarios(draw: Any) -> tuple[Plan, list[Limit], list[list[tuple[str, str, A
     return plan, limits, batches
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(scenarios())
 def test_skipping_absorbed_changes_keeps_every_crossing(
         scenario: tuple[Plan, list[Limit], list[list[tuple[str, str, Any]]]]) -> None:
