@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: the repository's root on the p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_facts, percentile
-from benchmarks.workload import Workload, generate
+from benchmarks.workload import AGGREGATIONS_MIXED, Workload, WorkloadStream, generate
 from engine import Charge, Engine, Limit, Plan, Tier, open_engine
 from engine.storage import MemoryStore
 
@@ -169,6 +169,61 @@ async def _run(args: argparse.Namespace, workload: Workload, engines: dict[str, 
     }
 
 
+async def preview_at_state(args: argparse.Namespace) -> dict[str, Any]:
+    """Invoice previews on one engine holding ``--preview-events`` events of the suite's
+    recovery workload (``--preview-customers`` customers, ``--preview-meters`` meters of
+    mixed aggregations: the 10M-event suite state by default), streamed in with
+    ``--in-flight`` batches at a time. Every customer is on the plan of 10 charges."""
+    stream = WorkloadStream(args.seed, customers=args.preview_customers,
+                            meters=args.preview_meters, events=args.preview_events,
+                            batch_size=args.batch_size, aggregations=AGGREGATIONS_MIXED)
+    clock = lambda: stream.now_ms  # noqa: E731 - the workload's own now
+    async with AsyncExitStack() as stack:
+        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pricing-state-"))
+        eng = await stack.enter_async_context(open_engine(data_dir, shards=8, clock_ms=clock,
+                                                          snapshot_on_close=False))
+        for meter in stream.meters:
+            await eng.define_meter(meter)
+        await eng.define_plan(ten_charges([m.name for m in stream.meters]))
+
+        async def assign(customers: list[str]) -> None:
+            for customer in customers:
+                await eng.assign_plan(customer, "bench", effective_from_ms=stream.now_ms)
+
+        async with trio.open_nursery() as nursery:  # 64 at a time: shared group commits
+            for lane in range(64):
+                nursery.start_soon(assign, stream.customer_ids[lane::64])
+        began = time.perf_counter()
+        slots = trio.Semaphore(args.in_flight)
+
+        async def one(batch: list[Any]) -> None:
+            try:
+                await eng.ingest(batch)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for batch in stream.batches():
+                await slots.acquire()
+                nursery.start_soon(one, batch)
+        ingest_s = time.perf_counter() - began
+        customers = [stream.customer_ids[0], stream.customer_ids[len(stream.customer_ids) // 2]]
+        preview_ms: list[float] = []
+        for index in range(args.previews):
+            began = time.perf_counter()
+            await eng.invoice(customers[index % 2], stream.now_ms)
+            preview_ms.append((time.perf_counter() - began) * 1000)
+        preview_ms.sort()
+        return {"machine": machine_facts(),
+                "parameters": {"events": stream.produced, "customers": args.preview_customers,
+                               "meters": args.preview_meters, "batch_size": args.batch_size,
+                               "in_flight": args.in_flight, "charges": 10,
+                               "previews": args.previews, "store": "lmdb", "shards": 8},
+                "ingest_s": round(ingest_s, 1),
+                "invoice_preview_ms": {"median": round(statistics.median(preview_ms), 3),
+                                       "p99": round(percentile(preview_ms, 0.99), 3)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -180,7 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=["lmdb", "memory"], default="lmdb")
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--preview-events", type=int, default=0,
+                        help="only the invoice preview, at this many events of the suite's "
+                             "recovery workload (10000000: the 10M-event suite state)")
+    parser.add_argument("--preview-customers", type=int, default=100_000)
+    parser.add_argument("--preview-meters", type=int, default=10)
+    parser.add_argument("--in-flight", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.preview_events:
+        found = trio.run(preview_at_state, args)
+        print(json.dumps(found, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2) + "\n")
+        return 0
     if args.quick:
         args.events, args.customers, args.previews = 20_000, 300, 20
         args.batch_size, args.batches_per_round = 1_000, 5

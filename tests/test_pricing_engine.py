@@ -308,3 +308,34 @@ async def test_a_limit_for_every_customer_rates_usage_that_changed_while_none_ap
             with trio.fail_after(10):
                 alert = await alerts.__anext__()
     assert (alert.customer_id, alert.value) == ("acme", Decimal("6.00"))
+
+
+async def test_concurrent_first_reads_of_a_final_invoice_store_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(MID_NOV)
+    async with open_engine(tmp_path, shards=2, clock_ms=clock,
+                           ingest_rules=IngestRules(late_ms=2 * DAY)) as eng:
+        await setup(eng)
+        await eng.ingest([Event("api_calls", "acme", 100, MID_NOV)])
+        clock.now_ms = DEC + 2 * DAY
+        logged: list[object] = []
+        log_extension = eng._log_extension
+
+        async def counting(record: bytes, action: object):  # type: ignore[no-untyped-def]
+            logged.append(action)
+            return await log_extension(record, action)
+
+        monkeypatch.setattr(eng, "_log_extension", counting)
+        read: list[object] = []
+
+        async def read_invoice() -> None:
+            read.append(await eng.invoice("acme", MID_NOV))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(read_invoice)
+        assert len(logged) == 1  # one StoreFinalInvoice record for five first reads
+        assert all(invoice == read[0] for invoice in read)
+        assert read[0].status == "final"  # type: ignore[attr-defined]
+        assert await eng.invoice("acme", MID_NOV) == read[0]
+        assert len(logged) == 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import io
 from decimal import Decimal
+from pathlib import Path
 
-from engine import Engine, Event, Meter
+from engine import Charge, Engine, Event, IngestRules, Meter, Plan, open_engine
 from engine.auth import parse_keys
-from tests.helpers.events import NOW
+from tests.helpers.events import DAY, NOW
 from tests.http_support import http, open_http, url
 
 PLAN = {"id": "pro", "currency": "USD", "fixedFee": 20, "charges": [
@@ -69,3 +70,30 @@ async def test_plans_assignments_and_invoices_over_http(engine: Engine) -> None:
         (spend,) = status.json()["limits"]
         assert Decimal(str(spend["usage"])) == Decimal("187.50")
         assert spend["reached"] == [30]
+
+
+async def test_a_query_key_reads_a_final_invoice_the_first_time(tmp_path: Path) -> None:
+    """Reading a final period stores its invoice (a WAL record); a key with only the
+    query scope may read it, and the stored invoice is what later reads return."""
+    now = [NOW - 40 * DAY]
+    keys = parse_keys({"keys": [{"key": "reader", "scopes": ["query"]}]})
+    async with open_engine(tmp_path / "data", shards=2, clock_ms=lambda: now[0],
+                           ingest_rules=IngestRules(late_ms=2 * DAY)) as eng:
+        await eng.define_meter(Meter(name="api_calls"))
+        await eng.define_plan(Plan(id="flat", currency="USD", charges=[
+            Charge(meter_api_name="api_calls", unit_price="0.5")]))
+        await eng.assign_plan("acme", "flat", effective_from_ms=now[0])
+        await eng.ingest([Event("api_calls", "acme", 10, now[0])])
+        past = now[0]
+        now[0] = NOW
+        async with open_http(eng, keys=keys) as server:
+            answer = await http("GET", url(server, f"/invoices/acme?atMs={past}"),
+                                headers={"X-API-KEY": "reader"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "final"
+            assert Decimal(str(answer.json()["total"])) == Decimal("5.00")
+            stored = await eng.invoice("acme", past)
+            assert stored.status == "final" and stored.as_of_ms == NOW
+            again = await http("GET", url(server, f"/invoices/acme?atMs={past}"),
+                               headers={"X-API-KEY": "reader"})
+            assert again.json() == answer.json()

@@ -250,6 +250,9 @@ class ShardLimits:
         self._forgotten_before_ms = -1
         # Usage feeds' changes since the runtime last took them (``take_feed``).
         self.feed: list[UsageChange] = []
+        # limit id -> dimension set key -> whether it passes the limit's dimension filters
+        # (a dimension set key names one set of dimensions, whatever the customer).
+        self._matches: dict[str, dict[str, bool]] = {}
 
     def take_feed(self) -> list[UsageChange]:
         feed, self.feed = self.feed, []
@@ -287,6 +290,7 @@ class ShardLimits:
         self.fired.pop(limit_id, None)
         self.states.pop(limit_id, None)
         self._periods.pop(limit_id, None)
+        self._matches.pop(limit_id, None)
         return True
 
     def after_apply(
@@ -317,13 +321,19 @@ class ShardLimits:
             period = (0, -1)
             customer_filter = limit.customers
             dim_filters = limit.dim_filters
+            matches = self._matches.setdefault(limit.id, {}) if dim_filters else {}
             for position in accepted:
                 customer = customers[position]
                 if customer_filter is not None and customer not in customer_filter:
                     continue
-                if dim_filters and not dims_match(dims_by_key[dims_keys[position]],
-                                                  dim_filters):
-                    continue
+                if dim_filters:
+                    dims_key = dims_keys[position]
+                    match = matches.get(dims_key)
+                    if match is None:
+                        match = matches[dims_key] = dims_match(dims_by_key[dims_key],
+                                                               dim_filters)
+                    if not match:
+                        continue
                 ts = times[position]
                 if not period[0] <= ts < period[1]:
                     period = self._period_of(limit, ts)

@@ -44,6 +44,7 @@ from engine.pricing.model import (
     Charge,
     Invoice,
     InvoiceLine,
+    InvoiceStatus,
     Plan,
     PlanAssignment,
     exact_amount,
@@ -77,6 +78,9 @@ class PricedEngine(Engine):
         self._pricing = PricingExtension()
         kwargs["extension"] = self._pricing
         super().__init__(*args, **kwargs)
+        # (customer, period start) -> set when the final invoice being stored is stored
+        # (or its write failed): concurrent first reads store it once.
+        self._storing: dict[tuple[str, int], trio.Event] = {}
 
     # ------------------------------------------------------------- plans
 
@@ -159,22 +163,35 @@ class PricedEngine(Engine):
         if plan is None:
             raise UnknownCustomer(f"no plan bills customer {customer_id!r} at {at_ms} ms")
         start, end = billing_period(at_ms, plan.timezone)
+        while (storing := self._storing.get((customer_id, start))) is not None:
+            await storing.wait()  # another read is storing this period's final invoice
         stored = ledger.finals.get(customer_id, {}).get(start)
         if stored is not None:
             return stored
         now_ms = self._now_ms()
         final = now_ms >= end + self.ingest_rules.late_ms
+        if not final:
+            return await self._rated_invoice(customer_id, plan, start, end, "open", now_ms)
+        # The first read of a final period stores it (a WAL record, whatever the caller
+        # may otherwise write: reading it is what fixes its amounts); reads meanwhile
+        # wait for it rather than rating and storing it again.
+        storing = self._storing[(customer_id, start)] = trio.Event()
+        try:
+            invoice = await self._rated_invoice(customer_id, plan, start, end, "final", now_ms)
+            action = StoreFinalInvoice(invoice)
+            await self._log_extension(encode_action(action), action)
+        finally:
+            del self._storing[(customer_id, start)]
+            storing.set()
+        return self._pricing.committed.finals[customer_id][start]
+
+    async def _rated_invoice(self, customer_id: str, plan: Plan, start: int, end: int,
+                             status: InvoiceStatus, now_ms: int) -> Invoice:
         lines = await self._period_lines(customer_id, plan, start, end)
         lines += await self._adjustments(customer_id, start)
-        invoice = Invoice(customer_id=customer_id, plan_id=plan.id, plan_version=plan.version,
-                          currency=plan.currency, period_start_ms=start, period_end_ms=end,
-                          status="final" if final else "open", lines=lines,
-                          total=total_of(lines), as_of_ms=now_ms)
-        if not final:
-            return invoice
-        action = StoreFinalInvoice(invoice)
-        await self._log_extension(encode_action(action), action)
-        return self._pricing.committed.finals[customer_id][start]
+        return Invoice(customer_id=customer_id, plan_id=plan.id, plan_version=plan.version,
+                       currency=plan.currency, period_start_ms=start, period_end_ms=end,
+                       status=status, lines=lines, total=total_of(lines), as_of_ms=now_ms)
 
     async def _period_lines(self, customer_id: str, plan: Plan, start: int,
                             end: int) -> list[InvoiceLine]:

@@ -46,7 +46,13 @@ from engine.pricing.ledger import (
     restore_ledger,
 )
 from engine.pricing.model import Charge, Plan
-from engine.pricing.rating import EXACT, billing_period, charge_amount, period_total
+from engine.pricing.rating import (
+    EXACT,
+    MINOR_UNITS,
+    billing_period,
+    charge_amount,
+    period_total,
+)
 from engine.runtime.messages import DropLimit, InstallLimit, ShardWork
 from engine.schema import Limit
 
@@ -122,6 +128,10 @@ class PricingExtension:
         self._ratings: dict[tuple[str, int], _PlanRating] = {}
         # [rating, rounded amount per charge, their sum]
         self._amounts: dict[tuple[str, int], list[Any]] = {}
+        # (customer, period start) -> its headroom since it was last rated (``_Room``):
+        # while no change can reach a threshold, a feed change is stored, not rated.
+        self._rooms: dict[tuple[str, int], _Room] = {}
+        self.skip_unreachable = True  # off only to check that skipping changes nothing
 
     # ----------------------------------------------------- Extension protocol
 
@@ -155,6 +165,12 @@ class PricingExtension:
         dirty: set[tuple[str, int]] = set()  # rated whole
         changed: dict[tuple[str, int], set[str]] = {}  # rated for these feeds only
         for action in actions:
+            if self._rooms and isinstance(action, AddCostLimit | RemoveCostLimit | DefinePlan
+                                          | AssignPlan):
+                # Headroom was computed for the old limits and plans; the amounts of the
+                # changes it absorbed are rated again with the rest (whole, once).
+                self._rooms.clear()
+                self._amounts.clear()
             if isinstance(action, AddCostLimit | RemoveCostLimit):
                 limit_id = action.limit.id if isinstance(action, AddCostLimit) else action.limit_id
                 replaced = self.acked.cost_limits.get(limit_id)
@@ -172,6 +188,7 @@ class PricingExtension:
                 if not self.acked.cost_limits:
                     self.usage.clear()
                     self._amounts.clear()
+                    self._rooms.clear()
             elif isinstance(action, DefinePlan | AssignPlan):
                 # A price or plan change: re-rate the periods that have limits.
                 self._plans.clear()
@@ -187,8 +204,21 @@ class PricingExtension:
                 changed[key] = {fid}
             else:
                 feeds.add(fid)
-        for key in sorted(dirty | changed.keys()):
-            self._evaluate(key[0], key[1], None if key in dirty else changed[key], crossings)
+        # Each (customer, period) is rated or absorbed on its own, so the ones to rate
+        # are found first and rated in key order (the feed's order varies by shard).
+        rooms, usage = self._rooms, self.usage
+        rate: dict[tuple[str, int], set[str] | None] = dict.fromkeys(dirty)
+        for key, feeds in changed.items():
+            if key in rate:
+                continue
+            room = rooms.get(key)
+            if room is not None:
+                if room.absorbs(usage[key], feeds):
+                    continue
+                feeds |= room.pending
+            rate[key] = feeds
+        for key in sorted(rate):
+            self._evaluate(key[0], key[1], rate[key], crossings)
         self._forget(received_ms)
         return crossings
 
@@ -298,6 +328,7 @@ class PricingExtension:
         if plan is None:
             return
         key = (customer, start)
+        self._rooms.pop(key, None)
         usage = self.usage.get(key, {})
         rating = self._rating_of(plan)
         known = self._amounts.get(key)
@@ -320,6 +351,7 @@ class PricingExtension:
                 subtotal = EXACT.add(EXACT.subtract(subtotal, amounts[index]), amount)
                 amounts[index] = amount
         known[2] = subtotal
+        slack: Decimal | None = None  # the least rise of an amount that reaches a threshold
         for limit in (limits or []) + every:
             if limit.timezone != plan.timezone:
                 continue  # refused when the limit is added for a customer's known plan
@@ -330,6 +362,14 @@ class PricingExtension:
                     (amounts[i] for i in rating.charges_of_meter.get(limit.meter_api_name, ())),
                     Decimal(0)))
             self._check(limit, plan, customer, start, amount, crossings)
+            for threshold in self._thresholds[limit.id]:
+                if amount < threshold:
+                    rise = EXACT.subtract(threshold, amount)
+                    if slack is None or rise < slack:
+                        slack = rise
+                    break
+        if self.skip_unreachable:
+            self._rooms[key] = _Room(rating, dict(usage), slack)
 
     def _check(self, limit: Limit, plan: Plan, customer: str, start: int, amount: Decimal,
                crossings: list[Crossing]) -> None:
@@ -357,6 +397,7 @@ class PricingExtension:
         for key in [key for key in self.usage if key[1] < horizon]:
             del self.usage[key]
             self._amounts.pop(key, None)
+            self._rooms.pop(key, None)
             self._plans.pop(key, None)
         for masks in self.fired.values():
             for key in [key for key in masks if key[1] < horizon]:
@@ -374,6 +415,18 @@ class _PlanRating:
         for index, charge in enumerate(plan.charges):
             self.charges_of_feed.setdefault(feed_id(charge, plan.timezone), []).append(index)
             self.charges_of_meter.setdefault(charge.meter_api_name, []).append(index)
+        # Per feed: (rate, jump, volume charges): a rise of its usage by d raises the sum
+        # of its charges' rounded amounts by at most rate * d + jump, as long as each
+        # volume charge stays in the tier it was in (``_Room``).
+        self.bounds: dict[str, tuple[Decimal, Decimal, list[Charge]]] = {}
+        for fid, indexes in self.charges_of_feed.items():
+            rate, jump, volume = Decimal(0), Decimal(0), []
+            for index in indexes:
+                charge_rate, charge_jump = _rise_bound(plan.charges[index], plan.currency)
+                rate, jump = EXACT.add(rate, charge_rate), EXACT.add(jump, charge_jump)
+                if plan.charges[index].model == "volume":
+                    volume.append(plan.charges[index])
+            self.bounds[fid] = (rate, jump, volume)
         self.zero_amounts = [charge_amount(c, Decimal(0), plan.currency) for c in plan.charges]
         with decimal.localcontext(EXACT):
             self.zero_subtotal = sum(self.zero_amounts, Decimal(0))
@@ -381,6 +434,110 @@ class _PlanRating:
     def total(self, usage_subtotal: Decimal) -> Decimal:
         """The invoice total (``plan_lines`` without adjustments) from the usage lines' sum."""
         return period_total(self.plan, [usage_subtotal])
+
+
+_CEILING = decimal.Context(prec=28, rounding=decimal.ROUND_CEILING,
+                           traps=[decimal.InvalidOperation, decimal.Overflow])
+_FLOOR = decimal.Context(prec=28, rounding=decimal.ROUND_FLOOR,
+                         traps=[decimal.InvalidOperation, decimal.Overflow])
+
+
+def _rise_bound(charge: Charge, currency: str) -> tuple[Decimal, Decimal]:
+    """(rate, jump): a rise of ``charge``'s usage by d, from u to u + d, raises its rounded
+    amount by at most rate * d + jump, and never lowers it, for every model but volume;
+    for volume, while u and u + d fall in the same tier. Every model is non-decreasing
+    there (prices and fees are non-negative), the min/max clamp and the half-up
+    rounding keep that, and rounding adds less than one minor unit."""
+    minor = Decimal(1).scaleb(-MINOR_UNITS[currency])
+    if charge.model == "per_unit":
+        return charge.unit_price, minor
+    if charge.model == "package":
+        # ceil((b + d) / size) - ceil(b / size) <= d / size + 1 packages
+        rate = _CEILING.divide(charge.package_price, charge.package_size)
+        return rate, EXACT.add(charge.package_price, minor)
+    # graduated: each unit at most the dearest tier's price, plus at most every flat fee;
+    # volume inside one tier: that tier's price, plus its flat fee when leaving zero
+    rate = max(tier.unit_price for tier in charge.tiers)
+    jump = minor
+    for tier in charge.tiers:
+        jump = EXACT.add(jump, tier.flat_fee)
+    return rate, jump
+
+
+def _volume_edge(charge: Charge, quantity: Any) -> Any | None:
+    """The largest usage in the volume tier that ``quantity`` is rated in (None: no end)."""
+    billable = quantity - charge.free_units if quantity > charge.free_units else 0
+    for tier in charge.tiers:
+        if tier.up_to is None:
+            return None
+        if billable <= tier.up_to:
+            return EXACT.add(tier.up_to, charge.free_units)
+    return None
+
+
+class _Room:
+    """A (customer, period)'s headroom since it was last rated: the usage it was rated
+    at (``base``), the least rise of a limit's amount that reaches an unfired threshold
+    (``slack``; None: every threshold has fired), and the feeds changed since
+    (``pending``), to rate when it no longer absorbs a change.
+
+    The slack is shared out equally among the plan's feeds: each feed gets a usage
+    ``cap`` below which its charges' rise bound (``_rise_bound``) stays under its share.
+    A change is absorbed when every changed feed's usage is at its base or above it
+    and below its cap, and no volume charge left its tier (where its amount can fall).
+    A fall is never absorbed (it could re-arm a threshold). Every amount a limit
+    compares (a line's, or the total with fixed fee and minimum) then rises by less
+    than the slack, so no threshold is reached: the crossings are exactly those of
+    rating every change. Absorbing costs a few comparisons per feed, no arithmetic.
+    """
+
+    __slots__ = ("base", "caps", "pending", "rating", "share")
+
+    def __init__(self, rating: _PlanRating, base: dict[str, Any], slack: Decimal | None) -> None:
+        self.rating = rating
+        self.base = base
+        self.share = None if slack is None else _FLOOR.divide(slack, len(rating.bounds) or 1)
+        self.pending: set[str] = set()
+        # feed id -> (base, cap: usage below it is absorbed (None: no cap), volume edge)
+        self.caps: dict[str, tuple[Any, Any | None, Any | None]] = {}
+
+    def absorbs(self, usage: dict[str, Any], feeds: set[str]) -> bool:
+        caps = self.caps
+        for fid in feeds:
+            found = caps.get(fid)
+            if found is None:
+                bounds = self.rating.bounds.get(fid)
+                if bounds is None:
+                    continue  # a feed of another plan's charge: no amount of this one
+                found = caps[fid] = self._cap(fid, bounds)
+            value = usage.get(fid, 0)
+            base, cap, edge = found
+            if value == base:
+                continue
+            if value < base or (cap is not None and value >= cap) or (
+                    edge is not None and value > edge):
+                return False
+        self.pending |= feeds
+        return True
+
+    def _cap(self, fid: str, bounds: tuple[Decimal, Decimal, list[Charge]]) -> tuple[
+            Any, Any | None, Any | None]:
+        base = self.base.get(fid, 0)
+        rate, jump, volume = bounds
+        share = self.share
+        cap: Any | None
+        if share is None:
+            cap = None
+        elif jump >= share:
+            cap = base  # any rise may reach the share
+        elif not rate:
+            cap = None
+        else:
+            # rate * (value - base) + jump < share  <=>  value < base + (share - jump) / rate
+            cap = EXACT.add(base, _FLOOR.divide(EXACT.subtract(share, jump), rate))
+        edge = min((e for e in (_volume_edge(c, base) for c in volume) if e is not None),
+                   default=None)
+        return base, cap, edge
 
 
 def _number(value: Any) -> int | str:
