@@ -70,6 +70,7 @@ from engine.runtime.messages import (
     LoggedTicket,
     LogLimitChange,
     PutCustomer,
+    SealDays,
     ShardCheckpoint,
     ShardMessage,
     SnapshotTicket,
@@ -88,10 +89,8 @@ MAX_GROUP_BYTES = 8 << 20
 # A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
 # this many times what the last one wrote (blocks aside).
 CHECKPOINT_SHARE_OF_WAL = 2
-# Shards that seal a day that left the hot window per automatic checkpoint.
-SEAL_SHARDS_PER_CHECKPOINT = 2
 # Late events for sealed days are merged into their blocks at most this often (in WAL
-# bytes), at sealing checkpoints and at requested ones.
+# bytes), shard by shard between group commits, and at requested checkpoints.
 COMPACT_EVERY_BYTES = 256 << 20
 # After a snapshot failed for lack of space, the next automatic try waits this long,
 # doubling per failure up to the maximum.
@@ -171,10 +170,13 @@ class WalWriter:
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
         self._wal_marks = wal_marks
-        # Where each shard's sealed history ends: automatic checkpoints seal a day on
-        # SEAL_SHARDS_PER_CHECKPOINT shards at a time (see ``_snapshot``).
+        # Where each shard's sealed history ends, as far as the messages sent to it go:
+        # days that left the hot window are sealed one shard at a time between group
+        # commits (``_seal_in_background``), and by requested checkpoints.
         self._shard_sealed = list(sealed_before_minutes)
+        self._sealing: trio.Event | None = None  # set when the shard sealing now is done
         self._wal_bytes_since_compaction = 0
+        self._compaction_owed: set[int] = set()  # shards to merge their deltas next
         # The next checkpoint writes every head chunk anew (engine.domain.head): after a
         # restore that cannot reuse the stored chunks, and after a checkpoint failed.
         self._head_rewrite = head_rewrite
@@ -221,10 +223,10 @@ class WalWriter:
                     last = group[-1]
                     if isinstance(last, TakeSnapshot):
                         await self._snapshot(last.ticket)
-                    elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
-                           or self._seal_due())
+                    elif (self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
                           and trio.current_time() >= self._snapshot_not_before):
                         await self._snapshot(None)
+                    await self._seal_in_background()
             with trio.CancelScope(shield=True):
                 await self._finish_flush()
 
@@ -586,34 +588,49 @@ class WalWriter:
         """Event time before this minute is sealed on every shard."""
         return min(self._shard_sealed)
 
-    def _seal_due(self) -> bool:
-        """Whether a day left the hot window and some shard has not sealed it yet."""
-        return (self._history.seal_before_minute(self._history.clock_ms())
-                > self.sealed_before_minute)
+    async def _seal_in_background(self) -> None:
+        """After a group commit: if no shard is sealing, have the shard furthest behind
+        seal the days that left the hot window (or one that owes a compaction merge its
+        deltas), in its own mailbox turn, without waiting for it. One shard's day at a
+        time, so an ack waits behind at most one shard's sealing, never a checkpoint's
+        worth of them. Its blocks are written by the next checkpoint."""
+        if self._sealing is not None and not self._sealing.is_set():
+            return
+        self._sealing = None
+        target = self._history.seal_before_minute(self._history.clock_ms())
+        behind = min((sealed, index) for index, sealed in enumerate(self._shard_sealed))
+        if behind[0] < target:
+            index = behind[1]
+        elif self._compaction_owed:
+            index = min(self._compaction_owed)
+        else:
+            return
+        compact = index in self._compaction_owed or behind[0] < target
+        self._compaction_owed.discard(index)
+        self._sealing = trio.Event()
+        self._shard_sealed[index] = max(target, self._shard_sealed[index])
+        await self._mailboxes[index].send(SealDays(self._sealing, self._shard_sealed[index],
+                                                   self.last_lsn, compact))
 
     async def _snapshot(self, requester: SnapshotTicket | None) -> None:
-        """Checkpoint: every shard seals what left the hot window and encodes its head at
-        the current lsn; the parts, the new blocks and the trimming of the WAL past the
-        raw-event retention are one transaction."""
+        """Checkpoint: every shard encodes its head at the current lsn (a requested one
+        seals what left the hot window and merges the deltas first); the parts, the
+        blocks sealed since the last one and the trimming of the WAL past the raw-event
+        retention are one transaction."""
         started = trio.current_time()
         now_ms = self._history.clock_ms()
         target = max(self._history.seal_before_minute(now_ms), *self._shard_sealed)
-        # Sealing a day is most of a checkpoint's work (cutting, encoding and compressing
-        # the day's blocks): an automatic checkpoint does it on a few shards, the ones
-        # behind the longest first, and the next group commit's checkpoint goes on
-        # (``_seal_due``); a requested one (``snapshot()``, close) on every shard.
-        behind = sorted((sealed, index) for index, sealed in enumerate(self._shard_sealed)
-                        if sealed < target)
-        if requester is None:
-            behind = behind[:SEAL_SHARDS_PER_CHECKPOINT]
-        chosen = {index for _, index in behind}
-        # Compaction decodes and re-encodes a block per (meter, day) with late events:
-        # at most every COMPACT_EVERY_BYTES of WAL (checkpoints come far more often, and
-        # late events waiting longer are merged in fewer rewrites), when sealing, and
+        # Sealing a day is most of the work (cutting, encoding and compressing the day's
+        # blocks): automatic checkpoints leave it to ``_seal_in_background``, a shard at
+        # a time between group commits; a requested one (``snapshot()``, close) seals
+        # every shard. Compaction decodes and re-encodes a block per (meter, day) with
+        # late events: at most every COMPACT_EVERY_BYTES of WAL (late events waiting
+        # longer are merged in fewer rewrites), shard by shard in the background, and
         # when asked.
-        compact = (requester is not None or bool(chosen)
-                   or (self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot
-                       >= COMPACT_EVERY_BYTES))
+        chosen = (set(range(len(self._mailboxes))) if requester is not None else set())
+        compact = requester is not None
+        compaction_due = (self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot
+                          >= COMPACT_EVERY_BYTES)
         full = self._head_rewrite
         ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
         for index, mailbox in enumerate(self._mailboxes):
@@ -627,8 +644,13 @@ class WalWriter:
             return
         for share in ticket.results:
             self._shard_sealed[share.index] = share.sealed_before_minute
+        if compact:
+            self._compaction_owed.clear()
+        elif compaction_due:
+            self._compaction_owed = set(range(len(self._mailboxes)))
         self._wal_bytes_since_compaction = (
-            0 if compact else self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot)
+            0 if compact or compaction_due
+            else self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot)
         fault_point("checkpoint.exported")
         shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
