@@ -319,12 +319,12 @@ async def test_shards_seal_a_day_one_at_a_time_between_group_commits(
         await eng.ingest(day_events(3, "a"))
         await eng.snapshot()
         expected = await totals(eng)
-    now[0] = START + 2 * DAY + HOUR  # day 0 left the hot window
     writes = Writes(monkeypatch)
     # Group commits large enough that each is followed by a checkpoint, then by one
     # shard's sealing.
     async with open_engine(tmp_path, shards=8, clock_ms=lambda: now[0],
                            snapshot_on_close=False, snapshot_every_bytes=1) as eng:
+        now[0] = START + 2 * DAY + HOUR  # day 0 left the hot window
         blocks = []
         for step in range(3):
             await eng.ingest(day_events(49, f"b{step}"))
