@@ -94,9 +94,7 @@ def test_the_customer_page_lists_its_corrections(live: LiveServer, page: Any) ->
     if SHOT:
         page.locator("#customer-corrections").scroll_into_view_if_needed()
         page.screenshot(path=SHOT, full_page=True)
-
-
-def test_a_customer_without_corrections_of_its_own(live: LiveServer, page: Any) -> None:  # noqa: F811
+    # A customer with no correction of its own lists the correction of every customer.
     open_page(page, live.url("/?view=customer&customer=cust-03"))
     shown = rows(page)
     assert [(row["kind"], row["cells"][3]) for row in shown] == [

@@ -13,7 +13,7 @@ import hypothesis
 import trio
 from hypothesis import strategies as st
 
-from engine import Engine, Event, Meter, open_engine
+from engine import Customer, Engine, Event, Meter, open_engine
 from engine.auth import parse_keys
 from engine.storage import MemoryStore
 from tests.helpers.events import DAY, HOUR, MINUTE
@@ -310,3 +310,52 @@ async def test_scopes_bound_keys_and_refusals_name_what_is_wrong() -> None:
                 **where, "endMs": clock[0] + 1})
             assert status == 400 and "oldest time a correction can reach" in error, error
             assert await totals(server, "calls") == {"beta": 8, "gamma": 1}
+
+
+async def test_a_trait_filter_is_refused_not_silently_matched_against_nothing() -> None:
+    """A query's ``customer.NAME`` filter resolves the customer registry; the embedded
+    ``cancel_where`` does not (it would cancel nothing), so the route refuses it."""
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: NOW) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.add_customer(Customer(id="acme", traits={"plan": "pro"}))
+        await eng.ingest([Event(meter_api_name="calls", customer_id=customer, meter_value=1,
+                                meter_time_in_millis=NOW - MINUTE) for customer in CUSTOMERS])
+        async with open_http(eng, keys=KEYS) as server:
+            query = await post(server, "/api/query", {
+                "meterApiName": "calls", **RANGE, "filter": {"customer.plan": ["pro"]}})
+            assert [row["value"] for row in query.json()["rows"]] == [1]  # acme's
+            response = await post(server, "/api/corrections/cancel-where", {
+                "meterApiName": "calls", "customerId": None, **RANGE,
+                "dimensions": {"customer.plan": ["pro"], "region": ["eu"]}})
+            assert response.status_code == 400
+            assert "customer.plan" in response.json()["error"]
+            assert await totals(server, "calls") == dict.fromkeys(CUSTOMERS, 1)
+
+
+async def test_the_openapi_examples_of_the_correction_routes_do_what_they_say(
+        engine: Engine) -> None:
+    """The OpenAPI document's request examples of the correction routes (schemathesis
+    sends them among its cases in tests/test_http_native.py, which runs every route of the
+    document against a live server) do what they say."""
+    # The examples name these events.
+    await engine.define_meter(Meter(name="api_calls"))
+    await engine.ingest([Event(meter_api_name="api_calls", customer_id=customer, meter_value=1,
+                               meter_time_in_millis=NOW - MINUTE * (1 + n),
+                               dimensions={"region": "eu"}, unique_id=f"e-{n}")
+                         for n, customer in enumerate(["acme"] * 4 + ["beta"])])
+    async with open_http(engine) as server:
+        document = (await http("GET", url(server, "/openapi.json"))).json()
+        document["paths"] = {path: item for path, item in document["paths"].items()
+                             if path.startswith("/api/corrections")}
+        assert len(document["paths"]) == 4
+        answers = {}
+        for path, item in document["paths"].items():
+            if "post" in item:
+                example = item["post"]["requestBody"]["content"]["application/json"]["example"]
+                response = await post(server, path, example, key=None)
+                assert response.status_code == 200, (path, response.text)
+                answers[path.rpartition("/")[2]] = response.json()
+        assert answers["cancel"] == {"cancelled": 2}  # e-1 and e-2
+        assert answers["amend"]["accepted"] == 1  # e-3
+        assert answers["cancel-where"] == {"cancelled": 1}  # beta's e-4
+        assert await totals(server, "api_calls") == {"acme": Decimal("3.5")}  # e-0 + 2.5

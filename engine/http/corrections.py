@@ -17,7 +17,9 @@ corrects only its own customer (another is a 403, as is ``customerId: null``, ev
 customer) and lists only the corrections made for it. The audit record names the key
 (``Principal.name``). Every check the embedded call makes (unknown meter, a range
 past the raw-event retention, an event that changes its meter) answers its own
-message: the shell adds only what JSON needs (types, the received range's order).
+message: the shell adds only what JSON needs (types, the received range's order), and
+refuses a ``customer.NAME`` trait key in ``dimensions``, which the embedded call does
+not resolve as a query would (it would match no event).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from engine import Event
 from engine.http.app import Request, Response, Router, json_response
 from engine.http.codecs import decode_json
 from engine.http.errors import HttpError, bad_request
+
+TRAIT_PREFIX = "customer."  # a query's filter key on a customer trait (docs/api.md)
 
 
 class CancelIn(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -136,6 +140,13 @@ async def cancel(request: Request) -> Response:
 async def cancel_where(request: Request) -> Response:
     body = decode_json(await request.body(), CancelWhereIn, "cancel-where")
     _own_customer(request, body.customer_id)
+    traits = sorted(key for key in body.dimensions if key.startswith(TRAIT_PREFIX))
+    if traits:
+        # A query resolves these against the customer registry; the engine's cancel_where
+        # matches them as event dimensions, which never hold them (ingest refuses the
+        # prefix), so it would cancel nothing: refused until it resolves them as a query.
+        raise bad_request(f"dimensions cannot filter on customer traits yet ({', '.join(traits)})"
+                          ": name the customers with customerId or the customer_id key")
     if (body.received_start_ms is not None and body.received_end_ms is not None
             and body.received_start_ms > body.received_end_ms):
         raise bad_request(f"receivedStartMs {body.received_start_ms} is after receivedEndMs "
@@ -190,27 +201,39 @@ def openapi_paths() -> dict[str, Any]:
     """This module's routes for ``/openapi.json`` (``engine.http.openapi`` merges them)."""
     from engine.http.openapi import _operation, _query_param, _ref
 
+    def with_example(operation: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+        operation["requestBody"]["content"]["application/json"]["example"] = example
+        return operation
+
     text = {"type": "string"}
+    day_ms = 86_400_000
     return {
         "/api/corrections": {"get": _operation(
             "The corrections made, oldest first (of a meter and customer if given; a "
             "cancel-where of every customer is listed for each); a customer-bound key lists "
             "its own customer's", _ref("CorrectionList"), parameters=[
                 _query_param("meterApiName", text), _query_param("customerId", text)])},
-        "/api/corrections/cancel": {"post": _operation(
+        "/api/corrections/cancel": {"post": with_example(_operation(
             "Cancel the customer's live events of a meter with these unique ids, durably; "
             "answers how many were cancelled (needs the correct scope)", _ref("Cancelled"),
-            _ref("CancelIn"))},
-        "/api/corrections/cancel-where": {"post": _operation(
+            _ref("CancelIn")), {"meterApiName": "api_calls", "customerId": "acme",
+                                "uniqueIds": ["e-1", "e-2"]})},
+        "/api/corrections/amend": {"post": with_example(_operation(
+            "Replace the live event with this unique id by event, in one log record; "
+            "bypasses the late-event limit, not the retention (needs the correct scope)",
+            _ref("Amended"), _ref("AmendIn")), {
+                "meterApiName": "api_calls", "customerId": "acme", "uniqueId": "e-3",
+                "event": {"meterValue": 2.5, "meterTimeInMillis": 1_790_000_000_000 - 60_000,
+                          "dimensions": {"region": "eu"}}})},
+        "/api/corrections/cancel-where": {"post": with_example(_operation(
             "Cancel every live event of a meter in [startMs, endMs) (and received in "
             "[receivedStartMs, receivedEndMs) if given) matching dimensions as a query's "
             "filter; customerId null is every customer; a range past the raw-event "
             "retention is refused whole (needs the correct scope)", _ref("Cancelled"),
-            _ref("CancelWhereIn"))},
-        "/api/corrections/amend": {"post": _operation(
-            "Replace the live event with this unique id by event, in one log record; "
-            "bypasses the late-event limit, not the retention (needs the correct scope)",
-            _ref("Amended"), _ref("AmendIn"))},
+            _ref("CancelWhereIn")), {"meterApiName": "api_calls", "customerId": "beta",
+                                     "startMs": 1_790_000_000_000 - day_ms,
+                                     "endMs": 1_790_000_000_000, "dimensions": {"region": ["eu"]},
+                                     "receivedStartMs": 1_790_000_000_000 - day_ms})},
     }
 
 
