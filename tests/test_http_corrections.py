@@ -1,5 +1,5 @@
 """Corrections over HTTP (``/api/corrections*``) against live servers: cancel by ids and by
-filter checked against a Decimal model of the live events (Hypothesis), amend, the audit
+filter, and amend, checked against a Decimal model of the live events (Hypothesis), the audit
 list, the ``correct`` scope and customer-bound keys, and the refusals' statuses and
 messages (the embedded call's)."""
 
@@ -96,16 +96,19 @@ def ordered(where: dict[str, Any], low: str, high: str) -> dict[str, Any]:
     return where
 
 
-bound_strategy = st.integers(0, SPAN_MINUTES + 1).map(lambda minutes: NOW - minutes * MINUTE)
+# Bounds near the span's ends are likelier, so ranges are often wide (and hold events).
+bound_strategy = st.one_of(st.integers(0, SPAN_MINUTES + 1), st.integers(0, 60),
+                           st.integers(SPAN_MINUTES - 60, SPAN_MINUTES + 1)).map(
+    lambda minutes: NOW - minutes * MINUTE)
 where_strategy = st.fixed_dictionaries(
     {"meterApiName": st.sampled_from([m.name for m in METERS]),
      "customerId": st.none() | st.sampled_from(CUSTOMERS),
-     "startMs": bound_strategy, "endMs": bound_strategy},
-    optional={"dimensions": st.dictionaries(
-                  st.sampled_from(["region", "customer_id"]),
-                  st.lists(st.sampled_from(REGIONS + CUSTOMERS), min_size=1, max_size=3),
-                  max_size=2),
-              "receivedStartMs": st.integers(0, ROUNDS).map(lambda r: NOW + r * HOUR),
+     "startMs": bound_strategy, "endMs": bound_strategy,
+     "dimensions": st.fixed_dictionaries({}, optional={
+         "region": st.lists(st.sampled_from(REGIONS), min_size=1, max_size=2, unique=True),
+         "customer_id": st.lists(st.sampled_from(CUSTOMERS), min_size=1, max_size=2,
+                                 unique=True)})},
+    optional={"receivedStartMs": st.integers(0, ROUNDS).map(lambda r: NOW + r * HOUR),
               "receivedEndMs": st.integers(0, ROUNDS).map(lambda r: NOW + r * HOUR)},
 ).map(lambda where: ordered(ordered(where, "startMs", "endMs"), "receivedStartMs",
                                  "receivedEndMs"))
@@ -113,14 +116,18 @@ where_strategy = st.fixed_dictionaries(
 
 # Each example starts an engine and a server: few examples, and no shrinking (which would
 # take minutes; the failing example is printed as generated).
-@hypothesis.settings(max_examples=8, deadline=None, database=None,
+@hypothesis.settings(max_examples=10, deadline=None, database=None,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow],
                      phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
 @hypothesis.given(
-    raw_events=st.lists(event_strategy, min_size=1, max_size=60),
-    steps=st.lists(st.one_of(where_strategy, st.tuples(st.sampled_from(CUSTOMERS),
-                                                       st.sets(st.integers(0, 59)))),
-                   min_size=1, max_size=4))
+    raw_events=st.lists(event_strategy, min_size=30, max_size=120),
+    steps=st.lists(st.one_of(
+        where_strategy, where_strategy,  # twice as likely as each other step
+        st.tuples(st.integers(0, 59), st.sets(st.integers(0, 59))),  # cancel by these ids
+        # amend e-N: its new value and event time (minutes before NOW)
+        st.tuples(st.just("amend"), st.integers(0, 59), st.integers(1, 1000),
+                  st.integers(0, SPAN_MINUTES))),
+        min_size=1, max_size=5))
 def test_cancels_over_http_leave_the_models_live_events(
         raw_events: list[tuple[Any, ...]], steps: list[Any]) -> None:
     trio.run(_cancels_against_the_model, raw_events, steps)
@@ -151,10 +158,51 @@ async def _cancels_against_the_model(raw_events: list[tuple[Any, ...]],
                     response = await post(server, "/api/corrections/cancel-where", step)
                     gone = [pair for pair in live if matches(*pair, step)]
                     meter = step["meterApiName"]
+                    if gone and step["dimensions"]:
+                        unfiltered = {**step, "dimensions": {}}
+                        hypothesis.event("a filter left some events of the range" if any(
+                            matches(*pair, unfiltered) and pair not in gone for pair in live)
+                            else "a filter took all of the range")
+                elif step[0] == "amend":
+                    _, number, value, minutes = step
+                    number %= len(raw_events)  # an event ingested, maybe cancelled since
+                    found = [(event, received) for event, received in live
+                             if event.unique_id == f"e-{number}"]
+                    original = found[0][0] if found else Event(
+                        meter_api_name="calls", customer_id="acme", meter_value=1,
+                        meter_time_in_millis=NOW, unique_id=f"e-{number}")
+                    meter = original.meter_api_name
+                    response = await post(server, "/api/corrections/amend", {
+                        "meterApiName": meter, "customerId": original.customer_id,
+                        "uniqueId": original.unique_id, "event": {
+                            "meterValue": value, "meterTimeInMillis": NOW - minutes * MINUTE,
+                            "dimensions": {"region": "ap"}}})
+                    if not found:  # never ingested, or cancelled before
+                        assert response.status_code == 400, response.text
+                        assert "no live event" in response.json()["error"]
+                        cancelled_counts.append(0)
+                        continue
+                    assert response.status_code == 200, (step, response.text)
+                    assert response.json()["accepted"] == 1
+                    amended = Event(meter_api_name=meter, customer_id=original.customer_id,
+                                    meter_value=value, meter_time_in_millis=NOW - minutes * MINUTE,
+                                    dimensions={"region": "ap"}, unique_id=original.unique_id)
+                    # The corrected event is received when the amend is made.
+                    live = [pair for pair in live if pair not in found] + [(amended, clock[0])]
+                    cancelled_counts.append(1)
+                    hypothesis.event("an amend applied")
+                    for each in METERS:
+                        assert await totals(server, each.name) == model_totals(live, each), (
+                            step, each.name)
+                    continue
                 else:
-                    customer, numbers = step
-                    ids = sorted(f"e-{n}" for n in numbers)
-                    meter = "calls"
+                    first, numbers = step
+                    # The meter and customer of an event ingested; ids mostly ingested (of
+                    # this customer and meter or others), some never.
+                    first %= len(raw_events)
+                    meter, customer = raw_events[first][:2]
+                    ids = sorted({f"e-{first}"} | {f"e-{n % (len(raw_events) + 3)}"
+                                                   for n in numbers})
                     response = await post(server, "/api/corrections/cancel", {
                         "meterApiName": meter, "customerId": customer, "uniqueIds": ids})
                     gone = [(event, received) for event, received in live
@@ -162,6 +210,7 @@ async def _cancels_against_the_model(raw_events: list[tuple[Any, ...]],
                             and event.unique_id in ids]
                 assert response.status_code == 200, (step, response.text)
                 assert response.json() == {"cancelled": len(gone)}, step
+                hypothesis.event("a cancel took events" if gone else "a cancel took none")
                 live = [pair for pair in live if pair not in gone]
                 cancelled_counts.append(len(gone))
                 for each in METERS:
@@ -359,3 +408,29 @@ async def test_the_openapi_examples_of_the_correction_routes_do_what_they_say(
         assert answers["amend"]["accepted"] == 1  # e-3
         assert answers["cancel-where"] == {"cancelled": 1}  # beta's e-4
         assert await totals(server, "api_calls") == {"acme": Decimal("3.5")}  # e-0 + 2.5
+
+
+async def test_the_received_range_picks_a_bugs_window_in_ingest_time() -> None:
+    """Events of the same event times, received before, during and after a bug: a
+    cancel-where by received time takes only those received during it."""
+    clock = [NOW]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: clock[0]) as eng:
+        await eng.define_meter(METERS[0])
+        for hour, value in enumerate((1, 10, 100)):
+            clock[0] = NOW + hour * HOUR
+            await eng.ingest([Event(meter_api_name="calls", customer_id=customer,
+                                    meter_value=value, meter_time_in_millis=NOW - MINUTE,
+                                    unique_id=f"{customer}-{hour}")
+                              for customer in ("acme", "beta")])
+        async with open_http(eng, keys=KEYS, clock_ms=lambda: clock[0]) as server:
+            response = await post(server, "/api/corrections/cancel-where", {
+                "meterApiName": "calls", "customerId": None, "startMs": NOW - HOUR,
+                "endMs": NOW, "receivedStartMs": NOW + HOUR, "receivedEndMs": NOW + 2 * HOUR})
+            assert response.json() == {"cancelled": 2}
+            assert await totals(server, "calls") == {"acme": 101, "beta": 101}
+            # Only a start: everything received from then on (what is left of it).
+            response = await post(server, "/api/corrections/cancel-where", {
+                "meterApiName": "calls", "customerId": "beta", "startMs": NOW - HOUR,
+                "endMs": NOW, "receivedStartMs": NOW + HOUR})
+            assert response.json() == {"cancelled": 1}
+            assert await totals(server, "calls") == {"acme": 101, "beta": 1}
