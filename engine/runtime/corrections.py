@@ -45,6 +45,7 @@ from engine.domain.meters import REPLAY_RULES, MeterDef
 from engine.domain.shard import ShardState
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidRequest
+from engine.faults import fault_point
 from engine.runtime.dedup import decode_decisions, id_key
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
 from engine.schema import Event
@@ -212,6 +213,7 @@ class PendingCorrection:
         skip = {(lsn, index) for lsn, index, _ in self.targets}
         self._fold(store, positions, skip, 0, to_lsn)
         self.scan_lsn = to_lsn
+        fault_point("correction.scanned")
 
     def catch_up(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
         """Fold in the events logged after the scan (the writer calls this with nothing
@@ -273,6 +275,7 @@ class PendingCorrection:
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
             description=self.description, cancelled=len(self.targets),
             amended=self.amended))))
+        fault_point("correction.built")
         return record, per_shard, meta, readmit
 
     # ------------------------------------------------------------------ helpers
