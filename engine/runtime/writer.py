@@ -685,7 +685,8 @@ class WalWriter:
         self._compaction_owed.discard(index)
         self._requested_compact.discard(index)
         self._sealing = trio.Event()
-        self._sealed_since_checkpoint = True
+        if self._shard_sealed[index] < target:  # (not for a compaction alone)
+            self._sealed_since_checkpoint = True
         self._shard_sealed[index] = max(target, self._shard_sealed[index])
         await self._mailboxes[index].send(SealDays(self._sealing, self._shard_sealed[index],
                                                    self.last_lsn, compact))
