@@ -349,3 +349,33 @@ async def test_shards_seal_a_day_one_at_a_time_between_group_commits(
         if row[0] == START:
             index = customers.index(row[1])
             assert row[2] == str(int(day0[row[1]][2]) + index + 1)
+
+
+async def test_a_requested_checkpoint_lets_ingest_go_on_while_the_shards_seal(
+    tmp_path: Path,
+) -> None:
+    """``snapshot()`` seals and compacts every shard first, one shard at a time between
+    group commits: a batch sent while it waits is committed (and covered by the
+    checkpoint that answers it), not held until the sealing is done."""
+    now = [START + 20 * HOUR]
+    customers = [f"c{i}" for i in range(40)]
+    async with open_at(tmp_path, now, shards=8) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.ingest([Event(meter_api_name="calls", customer_id=c, meter_value=1,
+                                meter_time_in_millis=START + HOUR + i)
+                          for i, c in enumerate(customers)])
+        now[0] = START + 2 * DAY + HOUR  # day 0 left the hot window: 8 shards to seal
+        answered: list[int] = []
+
+        async def snapshot() -> None:
+            answered.append(await eng.snapshot())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(snapshot)
+            await trio.testing.wait_all_tasks_blocked()  # the first shard sealed
+            assert not answered and eng.statistics().block_count < 8
+            ack = await eng.ingest([Event(meter_api_name="calls", customer_id="c0",
+                                          meter_value=5, meter_time_in_millis=now[0])])
+        assert answered and ack.lsn <= answered[0]  # committed before the checkpoint
+        assert eng.statistics().block_count == 8
+        assert eng.statistics().sealed_before_ms == START + DAY
