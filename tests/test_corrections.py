@@ -102,20 +102,41 @@ async def test_a_threshold_re_arms_after_a_correction_and_fires_again_with_a_new
         assert [(a.seq, a.value) for a in ack.alerts] == [(1, 12)]
 
 
-async def test_sealed_history_is_refused_naming_the_oldest_time() -> None:
+@pytest.mark.parametrize("restart", ["checkpoint", "replay"])
+async def test_a_cancel_reaches_sealed_history_and_survives_a_restart(
+        tmp_path: Path, restart: str) -> None:
+    """A cancel of an event in a sealed day rewrites that day's block (pinned until the
+    next checkpoint writes it); a late event into the same minute, logged before the
+    cancel, stays counted; one logged after it adds on top."""
     now = [START_MS]
-    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0],
-                           hot_window_ms=DAY) as eng:
-        await eng.define_meter(METERS[0])
-        await eng.ingest([event("calls", "acme", 1, START_MS - 3 * DAY, "old"),
-                          event("calls", "acme", 2, START_MS, "new")])
+    old = START_MS - 3 * DAY
+
+    def opened() -> Any:
+        return open_engine(tmp_path, shards=1, clock_ms=lambda: now[0], hot_window_ms=DAY,
+                           snapshot_on_close=restart == "checkpoint")
+
+    async with opened() as eng:
+        await eng.define_meter(METERS[1])  # max: a cancel cannot be subtracted
+        await eng.ingest([event("peak", "acme", 9, old, "old"),
+                          event("peak", "acme", 2, START_MS, "new")])
         await eng.snapshot()
-        assert eng.statistics().sealed_before_ms > START_MS - 3 * DAY
-        with pytest.raises(InvalidRequest, match="oldest event time"):
-            await eng.cancel("calls", "acme", unique_ids=["old"])
-        assert await total(eng, "calls") == 3  # refused whole
-        assert await eng.cancel("calls", "acme", unique_ids=["new"]) == 1
-        assert await total(eng, "calls") == 1
+        assert eng.statistics().sealed_before_ms > old
+        await eng.ingest([event("peak", "acme", 4, old + 1000, "late")])  # into the delta
+        assert await total(eng, "peak") == 9
+        assert await eng.cancel("peak", "acme", unique_ids=["old"]) == 1
+        assert await total(eng, "peak") == 4
+        await eng.ingest([event("peak", "acme", 3, old + 2000, "later")])
+        assert await total(eng, "peak") == 4
+    async with opened() as eng:
+        assert await total(eng, "peak") == 4
+        assert await eng.cancel("peak", "acme", unique_ids=["late"]) == 1
+        assert await total(eng, "peak") == 3
+        minute = Query(meter_api_name="peak", start_ms=old, end_ms=old + MINUTE,
+                       window="minute")
+        assert [r.value for r in (await eng.query(minute)).rows] == [3]
+        await eng.snapshot()  # writes the corrected block
+    async with opened() as eng:
+        assert await total(eng, "peak") == 3
 
 
 async def test_ingest_concurrent_with_a_cancel_where_is_neither_lost_nor_doubled() -> None:

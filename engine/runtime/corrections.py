@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 import msgspec
@@ -47,6 +48,7 @@ from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidRequest
 from engine.runtime.dedup import decode_decisions, id_key
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
+from engine.runtime.raw_events import oldest_complete_ms
 from engine.schema import Event
 
 POSITION_PREFIX = b"corr/p/"
@@ -63,6 +65,10 @@ _correction_decoder = msgspec.msgpack.Decoder(records.Correction)
 
 class Store(Protocol):
     def first_lsn(self) -> int: ...
+
+    def last_lsn(self) -> int: ...
+
+    def read_ids(self, keys: list[bytes]) -> list[int | None]: ...
 
     def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]: ...
 
@@ -213,6 +219,16 @@ class PendingCorrection:
         self._fold(store, positions, skip, 0, to_lsn)
         self.scan_lsn = to_lsn
 
+    def resolve_within_retention(self, store: Store, positions: set[tuple[int, int]],
+                                 to_lsn: int, now_ms: int, future_ms: int) -> None:
+        """``resolve``, then refuse the whole correction (``InvalidRequest``) if a minute it
+        rebuilds begins before ``oldest_correctable_ms``: some of that minute's events may
+        be gone from the log, so the minute cannot be rebuilt exactly."""
+        self.resolve(store, positions, to_lsn)
+        first = self.first_minute()
+        if first is not None and self.targets:
+            check_retention(first * MINUTE_MS, oldest_correctable_ms(store, now_ms, future_ms))
+
     def catch_up(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
         """Fold in the events logged after the scan (the writer calls this with nothing
         else in flight): they are kept, even where they match the target."""
@@ -220,26 +236,26 @@ class PendingCorrection:
             self._fold(store, positions, set(), self.scan_lsn + 1, to_lsn)
             self.scan_lsn = to_lsn
 
+    def first_minute(self) -> int | None:
+        """The earliest minute this correction rebuilds (None: none)."""
+        return min((min(minutes) for minutes in self.affected.values() if minutes),
+                   default=None)
+
     def finish(self, store: Store, positions: set[tuple[int, int]], last_lsn: int,
-               sealed_before_minute: int, route: ShardRouter,
+               route: ShardRouter,
                ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
                           dict[bytes, int]]:
         """``catch_up`` to ``last_lsn``, then ``build`` the record for the lsn after it."""
         self.catch_up(store, positions, last_lsn)
-        return self.build(last_lsn + 1, sealed_before_minute, route)
+        return self.build(last_lsn + 1, route)
 
-    def build(self, lsn: int, sealed_before_minute: int, route: ShardRouter,
+    def build(self, lsn: int, route: ShardRouter,
               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
                          dict[bytes, int]]:
         """The record for lsn ``lsn``, each shard's share of it, its catalogue entries and
-        the unique-id keys it makes re-admissible."""
-        if self.affected and min(min(minutes) for minutes in self.affected.values()
-                                 ) < sealed_before_minute:
-            raise InvalidRequest(
-                f"this correction reaches sealed history (before "
-                f"{sealed_before_minute * MINUTE_MS} ms), which corrections cannot change "
-                f"yet: the oldest event time it can correct is "
-                f"{sealed_before_minute * MINUTE_MS} ms")
+        the unique-id keys it makes re-admissible. Minutes in sealed history are rebuilt
+        like any other: each shard puts them where its boundary says
+        (``ShardState.correct``)."""
         if self.amended is not None:
             self._apply(lsn, [(0, self.amended)])
         meter_shard = self.scratch.meter_shard(self.meter)
@@ -301,6 +317,24 @@ class PendingCorrection:
         for _, columns in slices[0]:
             columns.indices = [indices[i] for i in columns.indices]
         self.scratch.apply(lsn, slices[0], 0)
+
+
+def oldest_correctable_ms(store: Store, now_ms: int, future_ms: int) -> int | None:
+    """The earliest event time a correction can reach (None: any): the first whole
+    minute whose events are all still in the raw-event log (the write-ahead log, trimmed
+    past ``raw_retention_ms``), since a correction rebuilds whole minutes from them."""
+    oldest = oldest_complete_ms(store, now_ms, future_ms)
+    return None if oldest is None else -(-oldest // MINUTE_MS) * MINUTE_MS
+
+
+def check_retention(start_ms: int, oldest_ms: int | None) -> None:
+    """Refuse (``InvalidRequest``, naming the oldest time it can correct) a correction
+    reaching event time ``start_ms`` before ``oldest_ms``."""
+    if oldest_ms is not None and start_ms < oldest_ms:
+        moment = datetime.fromtimestamp(oldest_ms / 1000, UTC).isoformat(timespec="seconds")
+        raise InvalidRequest(
+            f"events before {oldest_ms} ms ({moment}) are past the raw-event retention and "
+            f"cannot be corrected: the oldest time a correction can reach is {oldest_ms} ms")
 
 
 def describe(target: Target) -> str:

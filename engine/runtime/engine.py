@@ -56,8 +56,10 @@ from engine.runtime.corrections import (
     CorrectionBook,
     PendingCorrection,
     Target,
+    check_retention,
     describe,
     list_corrections,
+    oldest_correctable_ms,
 )
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.extensions import Extension
@@ -65,7 +67,7 @@ from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
-from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest, oldest_complete_ms
+from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest
 from engine.runtime.raw_events import read_page as raw_event_page
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
@@ -131,16 +133,14 @@ class Engine:
         self._catalog.extension = extension  # pricing, if any (engine.runtime.extensions)
         self._hub = AlertHub(store)
         self._lifecycle = Lifecycle()
-        self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
-                                  self._hub, clock_ms())
-        self._history = history or HistoryPolicy(clock_ms=clock_ms)
+        # Made before recovery: the replay reads and rewrites sealed blocks through it.
         self._blocks = BlockCache(store, block_cache_bytes)
-        self._blocks.load_index()
+        self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
+                                  self._hub, clock_ms(), self._blocks)
+        self._history = history or HistoryPolicy(clock_ms=clock_ms)
         # Counts of unique_count groups over named parts (sealed rollups, remembered head
         # slices), for the queries' finishing step, which runs in the caller's task.
         self._distinct_counts = DistinctCounts(block_cache_bytes // DISTINCT_COUNTS_SHARE)
-        for index, state in enumerate(self._recovered.states):
-            state.blocks = self._blocks.reader(index)
         self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1, extension)
         self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
                                    shard_count)
@@ -504,12 +504,9 @@ class Engine:
         return None if meter is None else meter.meter.unique_dimension
 
     async def _check_retention(self, start_ms: int) -> None:
-        oldest = await trio.to_thread.run_sync(oldest_complete_ms, self._store,
+        oldest = await trio.to_thread.run_sync(oldest_correctable_ms, self._store,
                                                self._clock_ms(), self.ingest_rules.future_ms)
-        if oldest is not None and start_ms < oldest:
-            raise InvalidRequest(
-                f"events before {oldest} ms are past the raw-event retention and cannot be "
-                f"corrected: the oldest time a correction can reach is {oldest} ms")
+        check_retention(start_ms, oldest)
 
     async def _correct(self, kind: str, target: Target, by: str, amended: Event | None) -> int:
         self._lifecycle.check_open()
@@ -522,9 +519,10 @@ class Engine:
                                     amended)
         async with self._correction_lock:
             self._lifecycle.check_open()
-            await trio.to_thread.run_sync(pending.resolve, self._store,
+            await trio.to_thread.run_sync(pending.resolve_within_retention, self._store,
                                           self._writer.corrections.positions,
-                                          self._writer.last_lsn)
+                                          self._writer.last_lsn, self._clock_ms(),
+                                          self.ingest_rules.future_ms)
             if amended is not None and not pending.targets:
                 raise InvalidRequest(
                     f"no live event of customer {target.customer_id!r} with unique id "
