@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Event, InvalidQuery, InvalidRequest, Query, open_engine
+from engine import Event, InvalidQuery, InvalidRequest, Meter, Query, open_engine
 from engine.storage import MemoryStore
 from tests.helpers.events import DAY, HOUR, MINUTE
 from tests.helpers.strategies import CUSTOMERS, METERS, ZONES, values
@@ -107,6 +107,17 @@ async def test_sealed_corrections_match_model_long(plan: Any, shards: int, data:
     await run_sealed_corrections_against_model(plan, shards, data)
 
 
+def aim(data: Any, model: CorrectionModel) -> tuple[Meter, str, str | None]:
+    """What a correction step targets: mostly a live event's meter, customer and unique
+    id (so most steps change something), else any."""
+    live = [item.event for item in model.events]
+    if live and data.draw(st.integers(0, 3)):
+        event = data.draw(st.sampled_from(live))
+        return model.meters[event.meter_api_name], event.customer_id, event.unique_id
+    return (data.draw(st.sampled_from(METERS)), data.draw(st.sampled_from(CUSTOMERS[:3])),
+            data.draw(st.sampled_from(IDS)))
+
+
 async def run_sealed_corrections_against_model(plan: Any, shards: int, data: Any) -> None:
     store = MemoryStore()
     now = [START_MS + 7 * DAY]
@@ -141,16 +152,16 @@ async def run_sealed_corrections_against_model(plan: Any, shards: int, data: Any
                 ack = await eng.ingest(batch)
                 assert (ack.accepted, ack.duplicates) == model.ingest_at(batch, now[0])
             elif action == "cancel":
-                meter = data.draw(st.sampled_from(METERS))
-                customer = data.draw(st.sampled_from(CUSTOMERS[:3]))
+                meter, customer, uid = aim(data, model)
                 ids = data.draw(st.lists(st.sampled_from(IDS), min_size=1, max_size=amount))
+                ids.append(uid or IDS[0])
                 expected = model.cancel(
                     lambda e, _r, m=meter, c=customer, i=set(ids): e.meter_api_name == m.name
                     and e.customer_id == c and e.unique_id in i)
                 assert await eng.cancel(meter.name, customer, unique_ids=ids, by="t") == expected
             elif action == "cancel_where":
-                meter = data.draw(st.sampled_from(METERS))
-                customer = data.draw(st.sampled_from([None, *CUSTOMERS[:3]]))
+                meter, customer, _ = aim(data, model)
+                customer = data.draw(st.sampled_from([None, customer]))
                 start = now[0] - data.draw(st.integers(0, 6 * 24 * 60)) * MINUTE
                 end = start + data.draw(st.integers(0, 3 * 24 * 60)) * MINUTE
                 dims = [{}, {"region": ["eu"]}, {"region": ["us", "eu"]},
@@ -165,9 +176,8 @@ async def run_sealed_corrections_against_model(plan: Any, shards: int, data: Any
                     received_end_ms=received and received[1], by="t")
                 assert got == expected
             elif action == "amend":
-                meter = data.draw(st.sampled_from(METERS))
-                customer = data.draw(st.sampled_from(CUSTOMERS[:3]))
-                uid = data.draw(st.sampled_from(IDS))
+                meter, customer, uid = aim(data, model)
+                uid = uid or data.draw(st.sampled_from(IDS))
                 fresh = data.draw(old_events(now[0]))
                 dims = dict(fresh.dimensions)
                 if meter.unique_dimension:

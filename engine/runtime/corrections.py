@@ -35,6 +35,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Protocol
 
 import msgspec
@@ -44,6 +45,7 @@ from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.corrections import minute_buckets
 from engine.domain.meters import REPLAY_RULES, MeterDef
 from engine.domain.shard import ShardState
+from engine.domain.values import fits_msgpack_int
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidRequest
 from engine.runtime.dedup import decode_decisions, id_key
@@ -257,6 +259,10 @@ class PendingCorrection:
         like any other: each shard puts them where its boundary says
         (``ShardState.correct``)."""
         if self.amended is not None:
+            value = self.amended.meter_value
+            if type(value) is int and not fits_msgpack_int(value):
+                # As a batch logs it (``records.encode_batch``): msgpack stops at 64 bits.
+                self.amended = msgspec.structs.replace(self.amended, meter_value=Decimal(value))
             self._apply(lsn, [(0, self.amended)])
         meter_shard = self.scratch.meter_shard(self.meter)
         per_shard: list[list[records.CorrectedMinutes]] = [[] for _ in range(route.shard_count)]
