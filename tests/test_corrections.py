@@ -182,3 +182,33 @@ async def test_amberflo_cancel_previous_resource_event_replaces_the_earlier_even
         assert sorted((e.unique_id, e.meter_value, tuple(e.dimensions)) for e in page.events) == [
             ("r-1", 5, ("region",)), ("r-2", 20, ("region",))]
         assert [c.by for c in await eng.corrections()] == ["aflo.cancel_previous_resource_event"]
+
+
+async def test_a_correction_past_the_raw_event_retention_is_refused_whole() -> None:
+    """Once the log was trimmed past ``raw_retention_ms``, a ``cancel_where`` reaching
+    before what it still holds whole is refused, naming the oldest time it can correct
+    (a whole minute); at that time it is accepted. Nothing changes when it is refused."""
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY, raw_retention_ms=DAY) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.ingest([event("calls", "acme", 1, START_MS - HOUR, "old")])
+        await eng.snapshot()
+        for _ in range(3):  # the memtable's runs flushed, the marks past the retention
+            now[0] += DAY
+            await eng.ingest([event("calls", "acme", 10, now[0] - 30 * MINUTE - 7)])
+            await eng.snapshot()
+        now[0] += HOUR
+        await eng.ingest([event("calls", "acme", 100, now[0], "fresh")])
+        query = Query(meter_api_name="calls", start_ms=START_MS - DAY, end_ms=now[0] + DAY)
+        assert (await eng.query(query)).rows[0].value == 131
+        with pytest.raises(InvalidRequest, match="oldest time a correction can reach") as info:
+            await eng.cancel_where("calls", customer_id=None, start_ms=START_MS - DAY,
+                                   end_ms=now[0] + DAY)
+        oldest = int(str(info.value).rsplit("reach is ", 1)[1].split(" ms")[0])
+        assert oldest % MINUTE == 0 and START_MS - HOUR < oldest <= now[0]  # a whole minute
+        assert (await eng.query(query)).rows[0].value == 131  # refused whole
+        assert await eng.cancel("calls", "acme", unique_ids=["old"]) == 0  # trimmed: gone
+        assert await eng.cancel_where("calls", customer_id=None, start_ms=oldest,
+                                      end_ms=now[0] + DAY) == 1
+        assert (await eng.query(query)).rows[0].value == 31
