@@ -3,6 +3,7 @@ restart, limits re-arming, refusals, and ingest running concurrently with a canc
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,94 @@ async def test_a_correction_past_the_raw_event_retention_is_refused_whole() -> N
         assert await eng.cancel_where("calls", customer_id=None, start_ms=oldest,
                                       end_ms=now[0] + DAY) == 1
         assert (await eng.query(query)).rows[0].value == 31
+
+
+def flagged(value: Any, ts: int, uid: str, customer: str = "acme", meter: str = "peak",
+            flag: str = "true") -> Event:
+    return Event(meter_api_name=meter, customer_id=customer, meter_value=value,
+                 meter_time_in_millis=ts, unique_id=uid,
+                 dimensions={"region": "eu", "aflo.cancel_previous_resource_event": flag})
+
+
+async def test_cancel_previous_is_one_record_per_meter_and_customer_and_survives_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each flagged event and the cancel of its predecessor are one WAL record: a crash
+    before the rest of the batch is logged leaves every replacement whole (old event
+    gone, new one counted, after a replay without a checkpoint), and a retry of the
+    batch replaces the same events again and logs the rest, as one ingest would have."""
+    from engine.runtime.engine import Engine
+
+    now = [START_MS]
+
+    def opened() -> Any:
+        return open_engine(tmp_path, shards=2, clock_ms=lambda: now[0],
+                           snapshot_on_close=False)
+
+    batch = [flagged(5, START_MS - MINUTE, "r-1"),  # replaces 90: the max falls to 20
+             flagged(Decimal("7.5"), START_MS - 3 * MINUTE, "g-1", customer="globex"),
+             flagged(1, START_MS - 4 * MINUTE, "new", flag="false"),  # flag stripped only
+             flagged(3, START_MS - 5 * MINUTE, "r-9"),  # nothing to replace: ingested
+             event("peak", "acme", 4, START_MS - 6 * MINUTE, "plain")]
+    async with opened() as eng:
+        await eng.define_meter(METERS[1])
+        await eng.ingest([event("peak", "acme", 90, START_MS - MINUTE, "r-1"),
+                          event("peak", "acme", 20, START_MS - 2 * MINUTE, "r-2"),
+                          event("peak", "globex", 70, START_MS - 3 * MINUTE, "g-1")])
+
+        async def crash(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("crashed before the rest of the batch was logged")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Engine, "_log_batch", crash)
+            with pytest.raises(RuntimeError, match="crashed"):
+                await eng.ingest(batch)
+    async with opened() as eng:  # replayed from the log alone
+        assert (await total(eng, "peak", "acme"), await total(eng, "peak", "globex")) == (
+            20, Decimal("7.5"))
+        page = await eng.raw_events(START_MS - DAY, START_MS + DAY, customer_id="acme")
+        assert sorted((e.unique_id, e.meter_value) for e in page.events) == [
+            ("r-1", 5), ("r-2", 20)]  # the replacement is in, the rest of the batch is not
+        kinds = [(c.kind, c.customer_id, c.cancelled) for c in await eng.corrections()]
+        assert kinds == [("cancel_previous", "acme", 1), ("cancel_previous", "globex", 1)]
+        ack = await eng.ingest(batch)  # the retry
+        assert (ack.accepted, ack.duplicates) == (5, 0)
+        assert (await total(eng, "peak", "acme"), await total(eng, "peak", "globex")) == (
+            20, Decimal("7.5"))
+        page = await eng.raw_events(START_MS - DAY, START_MS + DAY, meter_api_name="peak")
+        assert sorted((e.customer_id, e.unique_id, e.meter_value) for e in page.events) == [
+            ("acme", "new", 1), ("acme", "plain", 4), ("acme", "r-1", 5), ("acme", "r-2", 20),
+            ("acme", "r-9", 3), ("globex", "g-1", Decimal("7.5"))]
+        assert all("aflo.cancel_previous_resource_event" not in e.dimensions
+                   for e in page.events)
+        ack = await eng.ingest([event("peak", "acme", 99, START_MS - MINUTE, "r-1")])
+        assert (ack.accepted, ack.duplicates) == (0, 1)  # the replacement keeps its id live
+
+
+async def test_a_flagged_event_is_found_whatever_the_dimension_memo_holds() -> None:
+    """The flag is found where a dimension set misses the memo: a set seen before without
+    the flag, a unique_count meter's set, and an event only the slow path checks."""
+    now = [START_MS]
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.define_meter(Meter(name="users", aggregation="unique_count",
+                                     unique_dimension="user"))
+        await eng.ingest([event("calls", "acme", 10, START_MS - MINUTE, "a"),
+                          Event(meter_api_name="users", customer_id="acme", meter_value=1,
+                                meter_time_in_millis=START_MS - MINUTE, unique_id="u",
+                                dimensions={"user": "x", "region": "eu"})])
+        for _ in range(2):  # the second time round every set has been met before
+            ack = await eng.ingest([
+                flagged(3, START_MS - MINUTE, "a", meter="calls"),
+                Event(meter_api_name="users", customer_id="acme", meter_value=1,
+                      meter_time_in_millis=START_MS - MINUTE, unique_id="u",
+                      dimensions={"user": "y", "region": "eu",
+                                  "aflo.cancel_previous_resource_event": "true"})])
+            assert (ack.accepted, ack.duplicates) == (2, 0)
+            assert await total(eng, "calls") == 3
+            assert await total(eng, "users") == 1
+        ack = await eng.ingest([flagged(Decimal("2.5"), START_MS - MINUTE, "a", meter="calls")])
+        assert ack.accepted == 1
+        assert await total(eng, "calls") == Decimal("2.5")
+        with pytest.raises(InvalidRequest, match="cannot carry"):
+            await eng.amend("calls", "acme", "a", flagged(1, START_MS - MINUTE, "a",
+                                                          meter="calls"))

@@ -185,8 +185,10 @@ def live_events(store: Store, positions: set[tuple[int, int]], from_lsn: int,
                          if index not in duplicates and (record_lsn, index) not in positions]
                 yield record_lsn, record.received_ms, found
             elif isinstance(record, records.WalCorrection) and record.amended is not None:
-                if (record_lsn, 0) not in positions:
-                    yield record_lsn, record.received_ms, [(0, record.amended)]
+                found = [(index, event) for index, event in enumerate(record.amended_events())
+                         if (record_lsn, index) not in positions]
+                if found:
+                    yield record_lsn, record.received_ms, found
 
 
 @dataclass(slots=True, eq=False)
@@ -199,11 +201,16 @@ class PendingCorrection:
     by: str
     received_ms: int
     description: str
-    amended: Event | None = None
+    # The events the record logs (an amend's one; a cancel_previous's, each replacing
+    # the live event with its unique id). A cancel_previous's events whose id has no
+    # live event are left out once resolved, in ``unmatched``, for a plain ingest.
+    amended: list[Event] = field(default_factory=list)
+    unmatched: list[Event] = field(default_factory=list)
     targets: list[tuple[int, int, Event]] = field(default_factory=list)
     affected: dict[str, set[int]] = field(default_factory=dict)
     scratch: ShardState = field(default_factory=ShardState)
     scan_lsn: int = 0
+    logged_lsn: int = 0  # the record's, once committed
 
     # ------------------------------------------------------------ worker thread
 
@@ -215,8 +222,12 @@ class PendingCorrection:
                 if self.target.matches(event, received_ms):
                     self.targets.append((lsn, index, event))
                     self._affect(event)
-        if self.amended is not None:
-            self._affect(self.amended)
+        if self.kind == "cancel_previous":
+            live = {event.unique_id for _, _, event in self.targets}
+            self.unmatched = [e for e in self.amended if e.unique_id not in live]
+            self.amended = [e for e in self.amended if e.unique_id in live]
+        for event in self.amended:
+            self._affect(event)
         skip = {(lsn, index) for lsn, index, _ in self.targets}
         self._fold(store, positions, skip, 0, to_lsn)
         self.scan_lsn = to_lsn
@@ -258,12 +269,14 @@ class PendingCorrection:
         the unique-id keys it makes re-admissible. Minutes in sealed history are rebuilt
         like any other: each shard puts them where its boundary says
         (``ShardState.correct``)."""
-        if self.amended is not None:
-            value = self.amended.meter_value
-            if type(value) is int and not fits_msgpack_int(value):
-                # As a batch logs it (``records.encode_batch``): msgpack stops at 64 bits.
-                self.amended = msgspec.structs.replace(self.amended, meter_value=Decimal(value))
-            self._apply(lsn, [(0, self.amended)])
+        if self.amended:
+            # As a batch logs them (``records.encode_batch``): msgpack stops at 64 bits.
+            self.amended = [
+                msgspec.structs.replace(event, meter_value=Decimal(event.meter_value))
+                if type(event.meter_value) is int and not fits_msgpack_int(event.meter_value)
+                else event for event in self.amended]
+            self._apply(lsn, list(enumerate(self.amended)))
+        first_amended = self.amended[0] if self.amended else None
         meter_shard = self.scratch.meter_shard(self.meter)
         per_shard: list[list[records.CorrectedMinutes]] = [[] for _ in range(route.shard_count)]
         all_changes = []
@@ -278,13 +291,13 @@ class PendingCorrection:
             flat.extend((target_lsn, index))
         record = records.encode(records.WalCorrection(
             self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
-            self.description, flat, all_changes, self.amended))
+            self.description, flat, all_changes, first_amended, self.amended[1:]))
         marker = CORRECTION_LSN.pack(lsn)
         pack = POSITION.pack
         meta = [(POSITION_PREFIX + marker,
                  b"".join([pack(target_lsn, index) for target_lsn, index, _ in self.targets]))]
         readmit: dict[bytes, int] = {}
-        if self.kind != "amend":
+        if self.kind not in ("amend", "cancel_previous"):  # those keep their ids live
             for _, _, event in self.targets:
                 if event.unique_id is not None:
                     readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
@@ -294,7 +307,7 @@ class PendingCorrection:
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
             description=self.description, cancelled=len(self.targets),
-            amended=self.amended))))
+            amended=first_amended))))
         return record, per_shard, meta, readmit
 
     # ------------------------------------------------------------------ helpers
