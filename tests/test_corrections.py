@@ -301,6 +301,9 @@ async def test_a_flagged_event_is_found_whatever_the_dimension_memo_holds() -> N
         ack = await eng.ingest([flagged(Decimal("2.5"), START_MS - MINUTE, "a", meter="calls")])
         assert ack.accepted == 1
         assert await total(eng, "calls") == Decimal("2.5")
+        ack = await eng.ingest([flagged(10**20, START_MS - MINUTE, "a", meter="calls")])
+        assert ack.accepted == 1  # logged as a decimal, replaced once, not ingested again
+        assert await total(eng, "calls") == 10**20
         with pytest.raises(InvalidRequest, match="cannot carry"):
             await eng.amend("calls", "acme", "a", flagged(1, START_MS - MINUTE, "a",
                                                           meter="calls"))

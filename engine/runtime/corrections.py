@@ -203,9 +203,8 @@ class PendingCorrection:
     description: str
     # The events the record logs (an amend's one; a cancel_previous's, each replacing
     # the live event with its unique id). A cancel_previous's events whose id has no
-    # live event are left out once resolved, in ``unmatched``, for a plain ingest.
+    # live event are left out once resolved (the caller ingests them as usual).
     amended: list[Event] = field(default_factory=list)
-    unmatched: list[Event] = field(default_factory=list)
     targets: list[tuple[int, int, Event]] = field(default_factory=list)
     affected: dict[str, set[int]] = field(default_factory=dict)
     scratch: ShardState = field(default_factory=ShardState)
@@ -224,7 +223,6 @@ class PendingCorrection:
                     self._affect(event)
         if self.kind == "cancel_previous":
             live = {event.unique_id for _, _, event in self.targets}
-            self.unmatched = [e for e in self.amended if e.unique_id not in live]
             self.amended = [e for e in self.amended if e.unique_id in live]
         for event in self.amended:
             self._affect(event)

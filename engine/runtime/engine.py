@@ -311,20 +311,25 @@ class Engine:
                 assert event.unique_id is not None
                 groups.setdefault((event.meter_api_name, event.customer_id), {})[
                     event.unique_id] = event
-        replaced: set[int] = set()  # id() of the events a correction logged
-        superseded = {id(event) for event, flag in zip(stripped, flagged, strict=True)
-                      if flag and groups[(event.meter_api_name, event.customer_id)][
-                          event.unique_id or ""] is not event}
+        # (meter, customer, unique id) of the flagged events a correction logged.
+        replaced: set[tuple[str, str, str | None]] = set()
         lsn = 0
         for (meter_api_name, customer_id), by_id in sorted(groups.items()):
             target = Target(meter_api_name, customer_id, unique_ids=frozenset(by_id))
             pending = await self._correct("cancel_previous", target, CANCEL_PREVIOUS,
                                           list(by_id.values()))
-            replaced.update(id(event) for event in pending.amended)
+            replaced.update((meter_api_name, customer_id, event.unique_id)
+                            for event in pending.amended)
             lsn = max(lsn, pending.logged_lsn)
         self._events_accepted += len(replaced)
-        rest = [event for event in stripped
-                if id(event) not in replaced and id(event) not in superseded]
+        # The flagged events not logged by a correction (nothing to replace) and the
+        # unflagged ones, in batch order; a flagged event a later one of its id
+        # superseded is dropped.
+        rest = [event for event, flag in zip(stripped, flagged, strict=True)
+                if not flag or (
+                    (event.meter_api_name, event.customer_id, event.unique_id) not in replaced
+                    and groups[(event.meter_api_name, event.customer_id)][
+                        event.unique_id or ""] is event)]
         if not rest:
             return IngestAck(accepted=len(replaced), duplicates=0, lsn=lsn, alerts=[])
         now_ms = self._clock_ms()
