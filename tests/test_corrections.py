@@ -307,3 +307,39 @@ async def test_a_flagged_event_is_found_whatever_the_dimension_memo_holds() -> N
         with pytest.raises(InvalidRequest, match="cannot carry"):
             await eng.amend("calls", "acme", "a", flagged(1, START_MS - MINUTE, "a",
                                                           meter="calls"))
+
+
+async def test_a_sealed_correction_after_opening_with_another_shard_count(
+        tmp_path: Path) -> None:
+    """Opened with another shard count (the blocks resharded at open, late events of a
+    sealed day in the deltas of the checkpoint), a cancel_where of that day takes block
+    and delta buckets alike; later events add on top, also after a restart."""
+    now = [START_MS]
+    old = START_MS - 2 * DAY
+    customers = [f"c-{i}" for i in range(6)]
+    async with open_engine(tmp_path, shards=2, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        await eng.ingest([event(m.name, c, 5 + i, old + i * MINUTE, f"{c}-a")
+                          for m in METERS for i, c in enumerate(customers)])
+        await eng.snapshot()
+        await eng.ingest([event(m.name, c, 50, old + i * MINUTE + 1, f"{c}-b")
+                          for m in METERS for i, c in enumerate(customers)])  # deltas
+    async with open_engine(tmp_path, shards=3, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        for customer in customers:
+            assert (await total(eng, "calls", customer), await total(eng, "peak", customer)
+                    ) in {(55 + i, 50) for i in range(6)}
+        for meter in METERS:
+            assert await eng.cancel_where(meter.name, customer_id=None, start_ms=old,
+                                          end_ms=old + DAY, dimensions={"region": ["eu"]},
+                                          received_start_ms=START_MS,
+                                          received_end_ms=START_MS + 1) == 12
+        # Both batches were received at START_MS: everything went.
+        assert await total(eng, "calls") is None and await total(eng, "peak") is None
+        await eng.ingest([event(m.name, "c-0", 3, old, "c-0-c") for m in METERS])
+        assert (await total(eng, "calls"), await total(eng, "peak")) == (3, 3)
+    async with open_engine(tmp_path, shards=3, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        assert (await total(eng, "calls"), await total(eng, "peak")) == (3, 3)
