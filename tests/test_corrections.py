@@ -3,6 +3,7 @@ restart, limits re-arming, refusals, and ingest running concurrently with a canc
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,27 @@ async def test_a_sealed_correction_after_opening_with_another_shard_count(
     async with open_engine(tmp_path, shards=3, clock_ms=lambda: now[0],
                            hot_window_ms=DAY) as eng:
         assert (await total(eng, "calls"), await total(eng, "peak")) == (3, 3)
+
+
+async def test_a_threshold_re_arms_after_a_correction_of_a_sealed_day() -> None:
+    """A month limit crossed by an event of a sealed day: cancelling it re-arms the
+    threshold (the month's usage is read again, sealed blocks included), and usage
+    crossing it again fires a new alert."""
+    month_start = int(datetime(2025, 11, 1, tzinfo=UTC).timestamp() * 1000)
+    now = [month_start + 10 * DAY]
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        await eng.define_meter(METERS[0])
+        await eng.add_limit(Limit(id="cap", meter_api_name="calls", thresholds=[10],
+                                  period="month"))
+        ack = await eng.ingest([event("calls", "acme", 12, month_start + DAY, "a")],
+                               report_alerts=True)
+        assert [a.seq for a in ack.alerts] == [0]
+        await eng.snapshot()
+        assert eng.statistics().sealed_before_ms > month_start + DAY
+        assert await eng.cancel("calls", "acme", unique_ids=["a"]) == 1
+        ack = await eng.ingest([event("calls", "acme", 4, now[0], "b")], report_alerts=True)
+        assert ack.alerts == []  # 4 < 10: re-armed, not crossed
+        ack = await eng.ingest([event("calls", "acme", 8, month_start + 2 * DAY, "c")],
+                               report_alerts=True)  # into a sealed day: the delta
+        assert [(a.seq, a.value) for a in ack.alerts] == [(1, 12)]
