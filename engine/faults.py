@@ -6,7 +6,7 @@ N-th pass through ``fault_point(NAME)`` (counted from 1) kill this process with
 SIGKILL, as a power cut would: no cleanup, no flushing. Unset (always, outside
 tests), ``fault_point`` costs one dict lookup. The named points are listed in
 ``POINTS``; tests/test_history_crash.py kills at each and counts where the kills
-landed.
+landed (``CORRECTION_POINTS``: tests/test_crash_corrections.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ POINTS = (
     "checkpoint.in_txn",  # inside the checkpoint's write transaction, blocks put
     "checkpoint.written",  # the checkpoint's transaction committed
     "dedup.run_slice",  # inside a slice of a dedup index run being written (flush or merge)
+)
+# Passed by corrections only (tests/test_crash_corrections.py kills at each).
+CORRECTION_POINTS = (
+    "correction.scanned",  # a correction's targets found and minutes rebuilt; nothing logged
+    "correction.built",  # its record and catalogue entries built in the writer; not committed
 )
 
 _passes: dict[str, int] = {}

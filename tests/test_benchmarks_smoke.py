@@ -23,6 +23,7 @@ import trio
 from benchmarks import (
     alert_latency,
     backup_latency,
+    corrections,
     ingest,
     limit_history,
     query_latency,
@@ -181,6 +182,15 @@ def test_limit_history_benchmark_runs_end_to_end() -> None:
     for run in runs.values():
         assert set(run["median_batch_ms_by_day"]) == {1, 2}
         assert run["last_over_first"] > 0
+
+
+def test_corrections_benchmark_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    corrections.main(["--events", "20000"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # The benchmark itself checks that every event was cancelled and no usage is left.
+    assert result["events"] == 20_000 and result["cancel_where_s"] > 0
+    assert result["other_acks"] >= 1 and result["other_ack_max_ms"] >= result[
+        "other_ack_median_ms"]
 
 
 def test_dedup_index_benchmark_runs_both_layouts(capsys: pytest.CaptureFixture[str],

@@ -55,6 +55,7 @@ class Writes:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_next: int = 0) -> None:
         self.calls: list[tuple[int, int, bool]] = []  # (chunks put, chunks dropped, reset)
+        self.blocks: list[int] = []  # blocks written, per call
         self.fail_next = fail_next
         original = LmdbStore.write_snapshot
 
@@ -66,6 +67,7 @@ class Writes:
                 raise StorageFull("storage full: refused on purpose by the test")
             original(store, snapshot, *args, **kwargs)
             self.calls.append((len(snapshot.head), len(drop_head), reset))
+            self.blocks.append(len(args[0]) if args else len(kwargs["blocks"]))
 
         monkeypatch.setattr(LmdbStore, "write_snapshot", spy)
 
@@ -119,10 +121,18 @@ async def test_sealing_drops_the_chunks_of_the_days_it_sealed(
         put_day0 = writes.calls[-1][0]
         now[0] = START + 2 * DAY + 2 * HOUR  # day 0 leaves the 48 h hot window
         calls = len(writes.calls)
-        await eng.ingest(events([2 * 24 + 1], "b"))  # a checkpoint follows: a day left
-        await eng.snapshot()
-        assert len(writes.calls) == calls + 2
-        assert [call[1:] for call in writes.calls[calls:]] == [(put_day0, False), (0, False)]
+        blocks = eng.statistics().block_count
+        # A day left: the shards seal it one at a time after group commits, no checkpoint
+        # with them; its blocks wait, pinned, for the next checkpoint.
+        await eng.ingest(events([2 * 24 + 1], "b"))
+        with trio.fail_after(10):
+            while eng.statistics().block_count == blocks:
+                await eng.ingest([])
+                await trio.sleep(0.01)
+        assert len(writes.calls) == calls
+        await eng.snapshot()  # writes the blocks and drops the sealed day's chunks
+        assert len(writes.calls) == calls + 1
+        assert writes.calls[-1][1:] == (put_day0, False)
         assert eng.statistics().sealed_before_ms == START + DAY
         await eng.ingest(events([3], "late"))  # a late event for the sealed day: a delta
         before = await answers(eng)
@@ -215,8 +225,9 @@ async def test_a_format_3_store_opens_and_moves_its_head_into_chunks(
 
 
 async def test_large_checkpoints_are_taken_less_often() -> None:
-    """A total unique_count limit's state is every distinct value: written whole by each
-    checkpoint. The next one is due only after twice its bytes of WAL (and at least
+    """A limit's states are written whole by each checkpoint (unique_count limits' aside:
+    their chunks hold what changed): a total limit over many customers is a large part.
+    The next checkpoint is due only after twice its bytes of WAL (and at least
     ``snapshot_every_bytes``), so checkpoints never rewrite more than half the WAL."""
     from engine import Limit
     from engine.storage import MemoryStore
@@ -224,21 +235,21 @@ async def test_large_checkpoints_are_taken_less_often() -> None:
     now = [START + HOUR]
     async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0],
                            snapshot_every_bytes=1) as eng:
-        await eng.define_meter(METERS[1])
-        await eng.add_limit(Limit(id="all-users", meter_api_name="users", period="total",
+        await eng.define_meter(METERS[0])
+        await eng.add_limit(Limit(id="all-calls", meter_api_name="calls", period="total",
                                   thresholds=[10**9]))
         batch = 0
 
-        async def ingest(users: int) -> None:
+        async def ingest(customers: int) -> None:
             nonlocal batch
             batch += 1
-            await eng.ingest([Event(meter_api_name="users", customer_id="c", meter_value=1,
-                                    meter_time_in_millis=START + i, unique_id=f"{batch}-{i}",
-                                    dimensions={"user": f"user-{batch}-{i}-" + "x" * 40})
-                              for i in range(users)])
+            await eng.ingest([Event(meter_api_name="calls",
+                                    customer_id=f"customer-{i}-" + "x" * 40, meter_value=1,
+                                    meter_time_in_millis=START + i, unique_id=f"{batch}-{i}")
+                              for i in range(customers)])
 
         await ingest(2000)
-        await eng.snapshot()  # a large state
+        await eng.snapshot()  # a large state: 2000 customers' totals
         stats = eng.statistics()
         state_bytes = stats.checkpoint_bytes
         assert state_bytes > 2000 * 40
@@ -251,14 +262,43 @@ async def test_large_checkpoints_are_taken_less_often() -> None:
         assert before < 2 * state_bytes <= before + 20 * 200
 
 
-async def test_automatic_checkpoints_seal_a_day_a_few_shards_at_a_time(
-    tmp_path: Path,
-) -> None:
-    """Sealing is most of a checkpoint's work: after a day leaves the hot window, each
-    automatic checkpoint seals it on two shards, and queries stay exact in between, and
-    across a restart with some shards sealed and others not."""
-    from engine.runtime.writer import SEAL_SHARDS_PER_CHECKPOINT
+async def test_a_unique_count_limit_state_is_not_written_again_by_each_checkpoint() -> None:
+    """A total unique_count limit's state is every distinct value; a checkpoint writes the
+    values added since the last one (engine.domain.limits), not the whole state."""
+    from engine import Limit
+    from engine.storage import MemoryStore
 
+    now = [START + 2 * HOUR]
+    async with open_engine(store=MemoryStore(), shards=1, clock_ms=lambda: now[0]) as eng:
+        await eng.define_meter(METERS[1])
+        await eng.add_limit(Limit(id="all-users", meter_api_name="users", period="total",
+                                  thresholds=[10**9]))
+
+        async def ingest(tag: str, users: int, hour: int) -> None:
+            await eng.ingest([Event(meter_api_name="users", customer_id="c", meter_value=1,
+                                    meter_time_in_millis=START + hour * HOUR + i,
+                                    unique_id=f"{tag}-{i}",
+                                    dimensions={"user": f"user-{tag}-{i}-" + "x" * 40})
+                              for i in range(users)])
+
+        await ingest("a", 2000, 0)
+        await eng.snapshot()
+        large = eng.statistics().checkpoint_bytes
+        assert large > 2000 * 40
+        await ingest("b", 20, 1)  # another hour: its head chunk only, and 20 new values
+        await eng.snapshot()
+        small = eng.statistics().checkpoint_bytes
+        assert small < 20 * 200 < large
+
+
+async def test_shards_seal_a_day_one_at_a_time_between_group_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sealing is most of a checkpoint's work, so checkpoints leave it out: after a day
+    leaves the hot window, each group commit has one more shard seal it in its own turn,
+    and the next checkpoint writes the blocks sealed so far. Queries stay exact in
+    between, and across a restart with some shards' blocks written, one shard's sealed in
+    memory only (lost with the process, sealed again) and the others not sealed."""
     now = [START + 20 * HOUR]
     customers = [f"c{i}" for i in range(40)]
 
@@ -278,14 +318,24 @@ async def test_automatic_checkpoints_seal_a_day_a_few_shards_at_a_time(
         await eng.define_meter(METERS[0])
         await eng.ingest(day_events(3, "a"))
         await eng.snapshot()
+        expected = await totals(eng)
+    writes = Writes(monkeypatch)
+    # Group commits large enough that each is followed by a checkpoint, then by one
+    # shard's sealing.
+    async with open_engine(tmp_path, shards=8, clock_ms=lambda: now[0],
+                           snapshot_on_close=False, snapshot_every_bytes=1) as eng:
         now[0] = START + 2 * DAY + HOUR  # day 0 left the hot window
         blocks = []
-        for step in range(2):
-            await eng.ingest(day_events(49, f"b{step}")[:1])  # a group commit: a checkpoint
+        for step in range(3):
+            await eng.ingest(day_events(49, f"b{step}"))
             await trio.testing.wait_all_tasks_blocked()
             blocks.append(eng.statistics().block_count)
-        # Two shards' blocks per checkpoint (a shard without customers of day 0 has none).
-        assert 0 < blocks[0] < blocks[1] <= 2 * SEAL_SHARDS_PER_CHECKPOINT
+            day2 = [[START + 2 * DAY, c, str((i + 1) * (step + 1))]
+                    for i, c in enumerate(customers)]
+            assert await totals(eng) == sorted([*expected, *day2])
+        assert blocks == [1, 2, 3]  # one shard each (every shard has customers of day 0)
+        # Each checkpoint wrote the blocks sealed before it: shard 0's, then shard 1's.
+        assert writes.blocks == [0, 1, 1]
         assert eng.statistics().sealed_before_ms < START + DAY  # not yet on every shard
         before = await totals(eng)
     async with open_at(tmp_path, now, shards=8) as eng:  # some shards sealed, some not

@@ -295,6 +295,16 @@ def limit_periods(state: bytes) -> list[int]:
                    for start, _, _ in periods})
 
 
+def without_sealing_progress(state: bytes) -> Any:
+    """``Engine.export_state`` bytes, decoded, without each shard's ``sealed_before_minute``:
+    a live engine's shards seal days that left the hot window between checkpoints (here
+    cutting nothing), which a replay from the last checkpoint does again later."""
+    shards, engine_state = msgspec.msgpack.decode(state)
+    for part in shards:
+        part[2] = None
+    return shards, engine_state
+
+
 async def test_the_engine_forgets_limit_periods_beyond_its_late_limit_live_and_in_replay(
     tmp_path: Path,
 ) -> None:
@@ -318,4 +328,4 @@ async def test_the_engine_forgets_limit_periods_beyond_its_late_limit_live_and_i
     assert limit_periods(live) == [TODAY + hour * HOUR for hour in (9, 10, 11)]
     async with open_engine(tmp_path, shards=2, ingest_rules=rules,
                            clock_ms=lambda: clock[0]) as eng:  # replays the whole log
-        assert eng.export_state() == live
+        assert without_sealing_progress(eng.export_state()) == without_sealing_progress(live)

@@ -181,22 +181,41 @@ def state_events(now_ms: int, late_ms: int) -> st.SearchStrategy[list[Event]]:
 
 
 def restart(states: list[ShardState], route: ShardRouter, limit_defs: list[LimitDef],
-            late_ms: int, keep_states: bool) -> list[ShardState]:
-    """Snapshot and restore, as recovery does (the WAL tail replays through apply)."""
+            late_ms: int, mode: str, chunks: dict[tuple[int, str, int], bytes],
+            ) -> list[ShardState]:
+    """Snapshot and restore, as recovery does (the WAL tail replays through apply).
+
+    ``mode``: "states" keeps every state in the parts (as stores from before chunks),
+    "none" keeps none (read from the source on first touch), "chunks" keeps the
+    unique_count limits' states as a checkpoint does: the chunks of what changed since
+    the last one, in ``chunks`` (the store's, kept across restarts)."""
+    canonical = [records.encode(shard_part(state)) for state in states]
     raw = []
-    for state in states:
+    for index, state in enumerate(states):
         part = shard_part(state)
-        if not keep_states:
+        if mode == "chunks":
+            part.limit_states = state.alert_limits.export_states(unique=False)
+            puts, drops = state.alert_limits.unique_chunks()
+            for limit_id, seq in drops:
+                del chunks[(index, limit_id, seq)]
+            for limit_id, seq, payload in puts:
+                chunks[(index, limit_id, seq)] = records.encode(payload)
+        elif mode == "none":
             part.limit_states = []
         raw.append(records.encode(part))
+    if mode != "chunks":
+        chunks.clear()  # a store from before chunks has none
     parts = [records.decode_part(r) for r in raw]
     restored = restore_shards(parts, STATE_METERS, route, late_ms)
     fired = [entry for p in parts for entry in p.fired]
     kept = [entry for p in parts for entry in p.limit_states]
+    stored = [(part, limit_id, seq, records.decode_limit_chunk(payload))
+              for (part, limit_id, seq), payload in chunks.items()]
     for index, state in enumerate(restored):
         state.alert_limits.load(limit_defs, fired, route, index, kept)
-    if keep_states:  # the snapshot is canonical: restoring it changes nothing
-        assert [records.encode(shard_part(s)) for s in restored] == raw
+        state.alert_limits.load_unique_chunks(stored, route, index)
+    if mode != "none":  # restoring the states changes nothing
+        assert [records.encode(shard_part(s)) for s in restored] == canonical
     return restored
 
 
@@ -240,6 +259,7 @@ def test_limit_states_match_model_across_periods_restarts_and_forgetting(
     rules = IngestRules(late_ms=late_ms)
     states = [ShardState(late_ms) for _ in range(shards)]
     limit_defs: dict[str, LimitDef] = {}
+    chunks: dict[tuple[int, str, int], bytes] = {}  # unique_count limits' stored chunks
     now = anchor
     step_count = data.draw(st.integers(1, 14))
     for lsn in range(1, step_count + 1):
@@ -256,7 +276,8 @@ def test_limit_states_match_model_across_periods_restarts_and_forgetting(
             expected = limit_model.add(limit, now)
         elif kind == "restart":
             states = restart(states, route, list(limit_defs.values()), late_ms,
-                             keep_states=data.draw(st.booleans()))
+                             data.draw(st.sampled_from(["chunks", "chunks", "states", "none"])),
+                             chunks)
             continue
         else:
             now += data.draw(st.one_of(st.just(0), st.integers(0, 6 * HOUR),

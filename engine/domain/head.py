@@ -68,6 +68,17 @@ def chunk_key(part: int, meter_name: str, hour: int) -> bytes:
     return _PART.pack(part) + meter_name.encode() + b"\0" + _HOUR.pack(hour)
 
 
+# Chunks of unique_count limits' states (``limits.ShardLimits.unique_chunks``) live
+# beside the head's: their part has this bit set (shard counts stay below it), the name
+# is the limit id and the hour field the chunk number. A store's head chunks of an older
+# version never have it.
+LIMIT_CHUNK_BIT = 0x8000
+
+
+def limit_chunk_key(part: int, limit_id: str, seq: int) -> bytes:
+    return chunk_key(part | LIMIT_CHUNK_BIT, limit_id, seq)
+
+
 def parse_chunk_key(key: bytes) -> tuple[int, str, int]:
     (part,) = _PART.unpack_from(key)
     (hour,) = _HOUR.unpack_from(key, len(key) - _HOUR.size)

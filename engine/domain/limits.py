@@ -26,6 +26,17 @@ for cost limits), so metering never knows what the usage is priced at.
 
 Everything here is a deterministic function of the write-ahead-log order:
 replay produces the same crossings, in the same order, and the same states.
+
+Checkpoints store the states of unique_count limits as a log of *chunks*
+(``unique_chunks``): a month's or the whole history's distinct values per customer
+grow with the period, and encoding them all at every checkpoint stalled every ack
+behind it. A chunk holds, per (period, customer) changed since the checkpoint
+before, the values added, or the whole state when it was read from the source or
+rebuilt by a correction (an empty whole state: gone). A restore applies a limit's
+chunks in order; after ``MAX_UNIQUE_CHUNKS`` of them the next checkpoint writes the
+limit whole, one chunk, and drops the others (one such limit per shard and
+checkpoint). The states of the other kinds (a number or two per customer and
+period) are written whole, in the shard's part.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ MAX_THRESHOLDS = 32
 _PERIOD_REACH_MS = {"hour": 4 * 3_600_000, "day": 3 * 86_400_000, "week": 9 * 86_400_000,
                     "month": 33 * 86_400_000}
 TOTAL_END_MS = 253_402_300_800_000
+# A unique_count limit's chunks on one shard before a checkpoint writes it whole again.
+MAX_UNIQUE_CHUNKS = 16
 
 
 class LimitError(ValueError):
@@ -253,6 +266,15 @@ class ShardLimits:
         # limit id -> dimension set key -> whether it passes the limit's dimension filters
         # (a dimension set key names one set of dimensions, whatever the customer).
         self._matches: dict[str, dict[str, bool]] = {}
+        # unique_count limits' checkpoint log (``unique_chunks``): limit id ->
+        # (period start, customer) -> the values added since the last checkpoint, or None
+        # (write the state whole); the chunk numbers each limit has stored, the next
+        # number per limit, the limits to write whole next time, and chunks to delete.
+        self._unique_log: dict[str, dict[tuple[int, str], set[Any] | None]] = {}
+        self.unique_chunk_seqs: dict[str, list[int]] = {}
+        self._next_chunk: dict[str, int] = {}
+        self._unique_whole: set[str] = set()
+        self._dropped_chunks: list[tuple[str, int]] = []
 
     def take_feed(self) -> list[UsageChange]:
         feed, self.feed = self.feed, []
@@ -265,6 +287,8 @@ class ShardLimits:
         self.by_meter.setdefault(limit.meter.name, []).append(limit)
         self.fired[limit.id] = {}
         periods = self.states[limit.id] = {}
+        if limit.meter.kind == UNIQUE:
+            self._unique_whole.add(limit.id)
         start, end = period_bounds(now_ms, limit.limit)
         crossings: list[Crossing] = []
         kind = limit.meter.kind
@@ -291,6 +315,10 @@ class ShardLimits:
         self.states.pop(limit_id, None)
         self._periods.pop(limit_id, None)
         self._matches.pop(limit_id, None)
+        self._unique_log.pop(limit_id, None)
+        self._unique_whole.discard(limit_id)
+        self._dropped_chunks.extend((limit_id, seq)
+                                    for seq in self.unique_chunk_seqs.pop(limit_id, ()))
         return True
 
     def after_apply(
@@ -413,6 +441,8 @@ class ShardLimits:
                     if not known and (customer, start) not in fired_for_limit:
                         continue
                     state = self._source.limit_partial(limit, customer, start, end)
+                    if limit.meter.kind == UNIQUE:
+                        self._unique_log.setdefault(limit.id, {})[(start, customer)] = None
                     if period is not None:
                         if state is None:
                             period.partials.pop(customer, None)
@@ -443,6 +473,7 @@ class ShardLimits:
         if period is None:
             period = periods[start] = _Period(end)
         known = period.partials.get(customer)
+        kind = limit.meter.kind
         if known is None:
             known = self._source.limit_partial(limit, customer, start, end)
             if known is None:
@@ -450,10 +481,35 @@ class ShardLimits:
                     del periods[start]
                 return None
             fresh.add(key)
+            if kind == UNIQUE:
+                self._unique_log.setdefault(limit.id, {})[(start, customer)] = None
         elif partial is not None and key not in fresh:
-            known = merge_partial(limit.meter.kind, known, partial)
+            if kind == UNIQUE:
+                self._log_added(limit.id, (start, customer), known, partial)
+            known = merge_partial(kind, known, partial)
         period.partials[customer] = known
         return known
+
+    def _log_added(self, limit_id: str, key: tuple[int, str], known: Any,
+                   partial: Any) -> None:
+        """Note for the next checkpoint what ``partial`` adds to the unique_count state
+        ``known`` (before they merge): the new values, or None (write it whole) when
+        either is not a plain set."""
+        log = self._unique_log.get(limit_id)
+        if log is None:
+            log = self._unique_log[limit_id] = {}
+        if type(known) is not set or type(partial) is not set:
+            log[key] = None
+            return
+        added = partial - known
+        if not added:
+            return
+        if key not in log:
+            log[key] = added
+            return
+        noted = log[key]
+        if noted is not None:
+            noted |= added
 
     def _period_of(self, limit: LimitDef, ts_ms: int) -> tuple[int, int]:
         """``period_bounds``, remembering the last few periods of each limit (events of a
@@ -505,7 +561,11 @@ class ShardLimits:
             return
         self._forgotten_before_ms = horizon
         for limit_id, periods in self.states.items():
+            log = (self._unique_log.setdefault(limit_id, {})
+                   if self.by_id[limit_id].meter.kind == UNIQUE else None)
             for start in [s for s, period in periods.items() if period.end_ms <= horizon]:
+                if log is not None:  # gone from the stored chunks too
+                    log.update(((start, customer), None) for customer in periods[start].partials)
                 del periods[start]
             fired = self.fired[limit_id]
             if not fired:
@@ -532,15 +592,18 @@ class ShardLimits:
             for limit_id in sorted(self.fired)
         ]
 
-    def export_states(self, canonical: bool = True) -> list[list[Any]]:
+    def export_states(self, canonical: bool = True,
+                      unique: bool = True) -> list[list[Any]]:
         """[[limit id, [[period start, period end, [[customer, partial], ...]], ...]], ...]
         in canonical order, partials encoded by ``encode_partial``. ``canonical=False``
         leaves unique_count sets unsorted: the same state, in bytes that may differ
-        between equal states; checkpoints use it (sorting a month's distinct values at
-        every checkpoint cost most of its time, measured)."""
+        between equal states. ``unique=False`` leaves unique_count limits out: a
+        checkpoint writes them as chunks (``unique_chunks``)."""
         out = []
         for limit_id in sorted(self.states):
             kind = self.by_id[limit_id].meter.kind
+            if kind == UNIQUE and not unique:
+                continue
             periods = self.states[limit_id]
             out.append([limit_id, [
                 [start, periods[start].end_ms, [
@@ -550,6 +613,97 @@ class ShardLimits:
                 for start in sorted(periods)
             ]])
         return out
+
+    def unique_chunks(self, whole: bool = False
+                      ) -> tuple[list[tuple[str, int, list[Any]]], list[tuple[str, int]]]:
+        """The unique_count limits' chunks this checkpoint writes, as (limit id, chunk
+        number, [[period start, period end, [[customer, whole, values], ...]], ...]),
+        and the (limit id, chunk number) it deletes. ``whole``: every limit whole (the
+        store's chunks were dropped). Takes the log: call once per checkpoint."""
+        puts: list[tuple[str, int, list[Any]]] = []
+        drops, self._dropped_chunks = self._dropped_chunks, []
+        if not whole:
+            # At most one limit per checkpoint is written whole for having many chunks.
+            crowded = max(((len(seqs), limit_id) for limit_id, seqs in
+                           self.unique_chunk_seqs.items() if len(seqs) >= MAX_UNIQUE_CHUNKS),
+                          default=None)
+            if crowded is not None:
+                self._unique_whole.add(crowded[1])
+        for limit_id in sorted(self.states):
+            if self.by_id[limit_id].meter.kind != UNIQUE:
+                continue
+            log = self._unique_log.pop(limit_id, {})
+            seqs = self.unique_chunk_seqs.setdefault(limit_id, [])
+            periods = self.states[limit_id]
+            if whole or limit_id in self._unique_whole:
+                payload = [[start, periods[start].end_ms, [
+                    [customer, True, encode_partial(UNIQUE, partial, False)]
+                    for customer, partial in sorted(periods[start].partials.items())]]
+                    for start in sorted(periods)]
+                drops.extend((limit_id, seq) for seq in seqs)
+                seqs.clear()
+                if not payload:
+                    continue
+            elif log:
+                by_start: dict[int, list[Any]] = {}
+                for (start, customer), added in sorted(log.items()):
+                    period = periods.get(start)
+                    state = period.partials.get(customer) if period is not None else None
+                    if state is None:  # gone (a correction, or a period forgotten)
+                        entry = [customer, True, []]
+                    elif added is None:
+                        entry = [customer, True, encode_partial(UNIQUE, state, False)]
+                    else:
+                        entry = [customer, False, list(added)]
+                    by_start.setdefault(start, []).append(entry)
+                payload = [[start, periods[start].end_ms if start in periods else 0, entries]
+                           for start, entries in sorted(by_start.items())]
+            else:
+                continue
+            seq = self._next_chunk.get(limit_id, 0)
+            self._next_chunk[limit_id] = seq + 1
+            seqs.append(seq)
+            puts.append((limit_id, seq, payload))
+        self._unique_whole.clear()
+        return puts, drops
+
+    def load_unique_chunks(self, chunks: list[tuple[int, str, int, list[Any]]],
+                           route: ShardRouter, shard_index: int) -> None:
+        """Apply stored chunks, as (shard part, limit id, chunk number, payload), to this
+        shard's customers' states, each limit's in chunk order; remember the numbers of
+        this shard's own. Call after ``load``."""
+        for part, limit_id, seq, payload in sorted(chunks, key=lambda c: (c[1], c[0], c[2])):
+            if part == shard_index:
+                self.unique_chunk_seqs.setdefault(limit_id, []).append(seq)
+                self._next_chunk[limit_id] = max(self._next_chunk.get(limit_id, 0), seq + 1)
+            periods = self.states.get(limit_id)
+            if periods is None:  # a limit since removed: its chunks go at the next checkpoint
+                if part == shard_index:
+                    self._dropped_chunks.append((limit_id, seq))
+                continue
+            for start, end, entries in payload:
+                for customer, whole, values in entries:
+                    if route(customer) != shard_index:
+                        continue
+                    period = periods.get(start)
+                    if whole:
+                        if not values:
+                            if period is not None:
+                                period.partials.pop(customer, None)
+                                if not period.partials:
+                                    del periods[start]
+                            continue
+                        if period is None:
+                            period = periods[start] = _Period(end)
+                        period.partials[customer] = set(values)
+                        continue
+                    if period is None:
+                        period = periods[start] = _Period(end)
+                    known = period.partials.get(customer)
+                    if known is None:
+                        period.partials[customer] = set(values)
+                    else:
+                        period.partials[customer] = merge_partial(UNIQUE, known, set(values))
 
     def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
              shard_index: int, states: list[list[Any]] | None = None) -> None:
@@ -575,6 +729,8 @@ class ShardLimits:
                 continue
             kind = limit_def.meter.kind
             periods = self.states[limit_id]
+            if kind == UNIQUE:  # a part from before chunks: the next checkpoint writes them
+                self._unique_whole.add(limit_id)
             for start, end, partials in stored_periods:
                 for customer, encoded in partials:
                     if route(customer) != shard_index:

@@ -319,8 +319,16 @@ def decode_part(raw: bytes) -> ShardPart:
     return _part_decoder.decode(raw)
 
 
+_limit_chunk_decoder = msgspec.msgpack.Decoder(list[Any])
+
+
 def decode_meter_part(raw: bytes) -> MeterPart:
     return _meter_part_decoder.decode(raw)
+
+
+def decode_limit_chunk(raw: bytes) -> list[Any]:
+    """A chunk of a unique_count limit's states (``limits.ShardLimits.unique_chunks``)."""
+    return _limit_chunk_decoder.decode(raw)
 
 
 def decode_block(raw: bytes) -> BlockRecord:

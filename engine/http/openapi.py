@@ -22,6 +22,15 @@ from engine.http.amberflo import (
     UsageQuery,
     UsageReport,
 )
+from engine.http.corrections import (
+    Amended,
+    AmendIn,
+    CancelIn,
+    Cancelled,
+    CancelWhereIn,
+    CorrectionList,
+)
+from engine.http.corrections import openapi_paths as corrections_paths
 from engine.http.customers import CustomerIn, CustomerOut, NoCustomer
 from engine.http.errors import ErrorBody
 from engine.http.events import EventPage
@@ -163,7 +172,8 @@ def build_document() -> dict[str, Any]:
              QueryOut, DimensionsOut, Health, Ready, ErrorBody, CustomerIn, CustomerOut,
              NoCustomer, Limit, LimitIn, CloudEventDoc, AlertPage, CustomerLimits,
              StreamToken, StatsEvent, FailedPage, RedeliverIn, Redelivered, Meter, Plan,
-             PlanAssignment, Invoice, AssignIn, EventPage)
+             PlanAssignment, Invoice, AssignIn, EventPage, CancelIn, CancelWhereIn, AmendIn,
+             Cancelled, Amended, CorrectionList)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     text = {"type": "string"}
     # anyOf, not oneOf: {} (NoCustomer) would also match a customer object.
@@ -275,6 +285,7 @@ def build_document() -> dict[str, Any]:
                                             secured=False)},
         **explorer_paths(),
         **events_paths(),
+        **corrections_paths(),
     }
     return {
         "openapi": "3.1.0",

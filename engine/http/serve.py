@@ -40,6 +40,7 @@ from engine import Engine
 from engine.auth import KeyRing
 from engine.http import (
     amberflo,
+    corrections,
     customers,
     events,
     explorer,
@@ -91,6 +92,7 @@ def build_router() -> Router:
     webhooks.add_routes(router)
     explorer.add_routes(router)
     events.add_routes(router)
+    corrections.add_routes(router)
     return router
 
 

@@ -100,6 +100,9 @@ class BlockCache:
         for summary_key in self._summaries.pop((meter, part), ()):
             self._drop_entry(summary_key)
 
+    def unwritten_count(self) -> int:
+        return len(self._unwritten)
+
     def unwritten(self) -> list[tuple[bytes, bytes]]:
         """Every block not yet in the store, for the next checkpoint's transaction."""
         return [(key, entry[1]) for key, entry in sorted(self._unwritten.items())]

@@ -48,6 +48,7 @@ from engine.domain.shard import ShardState
 from engine.domain.values import fits_msgpack_int
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidRequest
+from engine.faults import fault_point
 from engine.runtime.dedup import decode_decisions, id_key
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
 from engine.runtime.raw_events import oldest_complete_ms
@@ -229,6 +230,7 @@ class PendingCorrection:
         skip = {(lsn, index) for lsn, index, _ in self.targets}
         self._fold(store, positions, skip, 0, to_lsn)
         self.scan_lsn = to_lsn
+        fault_point("correction.scanned")
 
     def resolve_within_retention(self, store: Store, positions: set[tuple[int, int]],
                                  to_lsn: int, now_ms: int, future_ms: int) -> None:
@@ -306,6 +308,7 @@ class PendingCorrection:
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
             description=self.description, cancelled=len(self.targets),
             amended=first_amended))))
+        fault_point("correction.built")
         return record, per_shard, meta, readmit
 
     # ------------------------------------------------------------------ helpers

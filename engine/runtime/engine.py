@@ -196,7 +196,8 @@ class Engine:
                 async with trio.open_nursery() as nursery:
                     for actor, (_, mailbox) in zip(self._actors, self._mailboxes, strict=True):
                         nursery.start_soon(actor.run, mailbox)
-                    nursery.start_soon(self._writer.run, self._write_receive)
+                    # The writer has the shards seal what their clock left behind first.
+                    await nursery.start(self._writer.run, self._write_receive)
                     task_status.started()
         finally:
             # However the tasks ended, nobody may wait forever for an answer.

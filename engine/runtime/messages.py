@@ -188,6 +188,21 @@ class ExportState:
 
 
 @dataclass(slots=True, eq=False)
+class SealDays:
+    """Seal this shard's days before ``seal_before_minute`` into blocks (covering
+    ``lsn``) and, with ``compact``, merge its deltas into their blocks: between
+    checkpoints, one shard at a time, so that no checkpoint (and no ack waiting behind
+    one) carries a day's sealing. The blocks stay pinned in the cache until the next
+    checkpoint writes them with the head that no longer holds their buckets. ``done``
+    is set when the shard has finished (or failed, which stops the engine)."""
+
+    done: trio.Event
+    seal_before_minute: int
+    lsn: int
+    compact: bool
+
+
+@dataclass(slots=True, eq=False)
 class ShardCheckpoint:
     """One shard's share of a checkpoint: its encoded part, the head chunks to put
     (key, encoded), the chunk keys to delete, and where its sealed history ends now."""
@@ -219,7 +234,8 @@ class FindDimensionKeys:
     ticket: GatherTicket[set[str]]
 
 
-ShardMessage = ApplyGroup | RunQuery | ExportState | FindCustomers | FindDimensionKeys
+ShardMessage = (ApplyGroup | RunQuery | ExportState | SealDays | FindCustomers
+                | FindDimensionKeys)
 
 
 # ------------------------------------------------------ requests to the writer

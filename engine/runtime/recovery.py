@@ -39,7 +39,7 @@ from engine.domain.blocks import (
     merge_buckets,
     parse_block_key,
 )
-from engine.domain.head import parse_chunk_key
+from engine.domain.head import LIMIT_CHUNK_BIT, parse_chunk_key
 from engine.domain.limits import LimitError, check_limit
 from engine.domain.meters import IngestRules, check_meter
 from engine.domain.series import MeterShard
@@ -256,9 +256,14 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRo
                       late_ms: int) -> tuple[list[ShardState], int, list[list[int]]]:
     parts = [records.decode_part(raw) for raw in snapshot.parts]
     chunks = []
+    limit_chunks = []
     for key, raw in snapshot.head:
         part, meter, hour = parse_chunk_key(key)
-        if part < len(parts):  # (a checkpoint with fewer parts dropped all chunks)
+        if part & LIMIT_CHUNK_BIT:  # a unique_count limit's states (meter: limit id)
+            if part & ~LIMIT_CHUNK_BIT < len(parts):
+                limit_chunks.append((part & ~LIMIT_CHUNK_BIT, meter, hour,
+                                     records.decode_limit_chunk(raw)))
+        elif part < len(parts):  # (a checkpoint with fewer parts dropped all chunks)
             chunks.append((part, meter, hour, records.decode_meter_part(raw)))
     states = restore_shards(parts, catalog.meter_defs, route, late_ms, chunks)
     engine_state = (records.decode_engine_state(snapshot.engine_state)
@@ -277,6 +282,7 @@ def _restore_snapshot(snapshot: StoredSnapshot, catalog: Catalog, route: ShardRo
         limit_defs += catalog.extension.feed_defs(catalog.meter_defs)
     for index, state in enumerate(states):
         state.alert_limits.load(limit_defs, fired, route, index, limit_states)
+        state.alert_limits.load_unique_chunks(limit_chunks, route, index)
     return states, engine_state.next_alert_seq, engine_state.wal_marks
 
 

@@ -20,7 +20,7 @@ from decimal import setcontext
 import trio
 
 from engine.domain import records
-from engine.domain.head import chunk_key
+from engine.domain.head import chunk_key, limit_chunk_key
 from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
@@ -40,6 +40,7 @@ from engine.runtime.messages import (
     InstallLimit,
     LoggedTicket,
     RunQuery,
+    SealDays,
     ShardCheckpoint,
     ShardMessage,
     ShardWork,
@@ -83,7 +84,8 @@ def shard_part(state: ShardState, canonical: bool = True,
     limits = state.alert_limits
     return records.ShardPart([] if head_chunked else state.export(canonical), limits.export(),
                              state.sealed_before_minute, state.export_deltas(canonical),
-                             state.export_sealed_customers(), limits.export_states(canonical),
+                             state.export_sealed_customers(),
+                             limits.export_states(canonical, unique=not head_chunked),
                              head_chunked)
 
 
@@ -98,6 +100,12 @@ def shard_checkpoint(state: ShardState, index: int, full: bool) -> ShardCheckpoi
             drop_head.append(key)
         else:
             head.append((key, records.encode(chunk)))
+    # unique_count limits' states: what changed since the last checkpoint, as chunks
+    # stored beside the head's (engine.domain.limits).
+    puts, drops = state.alert_limits.unique_chunks(whole=full)
+    head.extend((limit_chunk_key(index, limit_id, seq), records.encode(payload))
+                for limit_id, seq, payload in puts)
+    drop_head.extend(limit_chunk_key(index, limit_id, seq) for limit_id, seq in drops)
     part = records.encode(shard_part(state, canonical=False, head_chunked=True))
     return ShardCheckpoint(index, part, head, drop_head, state.sealed_before_minute)
 
@@ -150,6 +158,14 @@ class ShardActor:
                             ticket.fail(EngineClosed(f"shard {self.index} failed: {exc!r}"))
                             raise
                         ticket.add(shard_checkpoint(self.state, self.index, full))
+                    case SealDays(done, seal_before_minute, lsn, compact):
+                        try:
+                            self._seal(seal_before_minute, lsn, compact)
+                        except BaseException as exc:
+                            self._lifecycle.stop(exc)  # buckets may be half moved
+                            raise
+                        finally:
+                            done.set()
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))
                     case FindDimensionKeys(meter, start_ms, end_ms, customers, ticket):

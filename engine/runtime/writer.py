@@ -70,6 +70,7 @@ from engine.runtime.messages import (
     LoggedTicket,
     LogLimitChange,
     PutCustomer,
+    SealDays,
     ShardCheckpoint,
     ShardMessage,
     SnapshotTicket,
@@ -88,10 +89,8 @@ MAX_GROUP_BYTES = 8 << 20
 # A checkpoint is due once the WAL since the last one reaches ``snapshot_every_bytes`` and
 # this many times what the last one wrote (blocks aside).
 CHECKPOINT_SHARE_OF_WAL = 2
-# Shards that seal a day that left the hot window per automatic checkpoint.
-SEAL_SHARDS_PER_CHECKPOINT = 2
 # Late events for sealed days are merged into their blocks at most this often (in WAL
-# bytes), at sealing checkpoints and at requested ones.
+# bytes), shard by shard between group commits, and at requested checkpoints.
 COMPACT_EVERY_BYTES = 256 << 20
 # After a snapshot failed for lack of space, the next automatic try waits this long,
 # doubling per failure up to the maximum.
@@ -109,6 +108,9 @@ INDEX_SLICE_GAP_S = 0.005
 # ... and how long the writer waits for a request to carry a slice before it writes the
 # slice in a transaction of its own (an fsync more, and a long one on a busy disk).
 INDEX_IDLE_S = 0.5
+# While a requested checkpoint waits for a shard's sealing and no request comes, how
+# often the writer looks again.
+REQUESTED_POLL_S = 0.002
 
 
 class WalWriter:
@@ -171,10 +173,20 @@ class WalWriter:
         self._blocks = blocks
         # [lsn, clock ms] per checkpoint within the raw-event retention (EngineState).
         self._wal_marks = wal_marks
-        # Where each shard's sealed history ends: automatic checkpoints seal a day on
-        # SEAL_SHARDS_PER_CHECKPOINT shards at a time (see ``_snapshot``).
+        # Where each shard's sealed history ends, as far as the messages sent to it go:
+        # days that left the hot window are sealed one shard at a time between group
+        # commits (``_seal_in_background``), and by requested checkpoints.
         self._shard_sealed = list(sealed_before_minutes)
+        self._sealing: trio.Event | None = None  # set when the shard sealing now is done
+        self._sealed_since_checkpoint = False  # a SealDays went out since the last one
         self._wal_bytes_since_compaction = 0
+        self._compaction_owed: set[int] = set()  # shards to merge their deltas next
+        # Requested checkpoints (``snapshot()``, close) waiting for every shard to seal
+        # up to ``_requested_target`` and merge its deltas (``_requested_compact``), one
+        # shard at a time between group commits, as in the background.
+        self._requested: list[SnapshotTicket] = []
+        self._requested_target = 0
+        self._requested_compact: set[int] = set()
         # The next checkpoint writes every head chunk anew (engine.domain.head): after a
         # restore that cannot reuse the stored chunks, and after a checkpoint failed.
         self._head_rewrite = head_rewrite
@@ -189,8 +201,11 @@ class WalWriter:
         self._route = ShardRouter(len(mailboxes))
         self._held: WriteRequest | None = None  # a correction that ended the group before
 
-    async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest]) -> None:
+    async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest],
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with requests:
+            await self._seal_at_open()
+            task_status.started()
             while True:
                 if self._held is not None:
                     first, self._held = self._held, None
@@ -220,11 +235,12 @@ class WalWriter:
                     await self._commit_group(group)
                     last = group[-1]
                     if isinstance(last, TakeSnapshot):
-                        await self._snapshot(last.ticket)
+                        self._want_snapshot(last.ticket)
                     elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
-                           or self._seal_due())
+                           or self._sealed_everywhere())
                           and trio.current_time() >= self._snapshot_not_before):
-                        await self._snapshot(None)
+                        await self._snapshot([])
+                    await self._serve_background()
             with trio.CancelScope(shield=True):
                 await self._finish_flush()
 
@@ -242,6 +258,14 @@ class WalWriter:
         """The next request; while an expiry pass runs, a slice of it whenever one is due
         (after the group before, or while no request comes)."""
         while True:
+            if self._requested:
+                # A requested checkpoint waits for its shards' sealing: take requests as
+                # they come, and move it on between them.
+                with trio.move_on_after(REQUESTED_POLL_S):
+                    return await requests.receive()
+                with trio.CancelScope(shield=True):
+                    await self._serve_background()
+                continue
             self._start_expiry_pass()
             due = [at for at, pending in ((self._next_index_slice_at, self.index.pending()),
                                           (self._next_slice_at, self._expiry_key is not None))
@@ -586,49 +610,121 @@ class WalWriter:
         """Event time before this minute is sealed on every shard."""
         return min(self._shard_sealed)
 
-    def _seal_due(self) -> bool:
-        """Whether a day left the hot window and some shard has not sealed it yet."""
-        return (self._history.seal_before_minute(self._history.clock_ms())
-                > self.sealed_before_minute)
+    async def _seal_at_open(self) -> None:
+        """Before the first request: every shard behind the hot window seals (in its turn,
+        before anything else reaches it), so an engine just opened is sealed as far as
+        its clock says whatever its checkpoint held; a live engine and the same log
+        replayed then agree on where each shard's history is sealed."""
+        target = self._history.seal_before_minute(self._history.clock_ms())
+        sealing = []
+        for index, sealed in enumerate(self._shard_sealed):
+            if sealed < target:
+                self._shard_sealed[index] = target
+                self._sealed_since_checkpoint = True
+                sealing.append(trio.Event())
+                await self._mailboxes[index].send(SealDays(sealing[-1], target,
+                                                           self.last_lsn, False))
+        for done in sealing:
+            await done.wait()
 
-    async def _snapshot(self, requester: SnapshotTicket | None) -> None:
-        """Checkpoint: every shard seals what left the hot window and encodes its head at
-        the current lsn; the parts, the new blocks and the trimming of the WAL past the
-        raw-event retention are one transaction."""
+    def _sealed_everywhere(self) -> bool:
+        """Every shard sealed up to the hot window since the last checkpoint: the next
+        one is due now, so that the blocks waiting in memory and where each shard's
+        sealed history ends are durable (a crash then does not make the next start
+        seal the day again, nor put replayed late events elsewhere than the live
+        engine did)."""
+        return (self._sealed_since_checkpoint
+                and (self._sealing is None or self._sealing.is_set())
+                and min(self._shard_sealed)
+                >= self._history.seal_before_minute(self._history.clock_ms()))
+
+    def _want_snapshot(self, ticket: SnapshotTicket) -> None:
+        """A requested checkpoint: it seals every shard up to the hot window and merges
+        every shard's deltas first, a shard at a time between group commits, then
+        checkpoints (``_serve_background``); the ticket is answered then. Requests
+        arriving meanwhile share that checkpoint, which covers them."""
+        if not self._requested:
+            self._requested_target = self._history.seal_before_minute(
+                self._history.clock_ms())
+            self._requested_compact = set(range(len(self._mailboxes)))
+            self._compaction_owed.clear()
+            self._wal_bytes_since_compaction = 0
+        self._requested.append(ticket)
+
+    async def _serve_background(self) -> None:
+        """After a group commit (or while idle with a checkpoint requested): the next
+        shard's sealing, then the requested checkpoint once its sealing is done."""
+        await self._seal_in_background()
+        if (self._requested and (self._sealing is None or self._sealing.is_set())
+                and not self._requested_compact
+                and min(self._shard_sealed) >= self._requested_target):
+            tickets, self._requested = self._requested, []
+            await self._snapshot(tickets)
+
+    async def _seal_in_background(self) -> None:
+        """After a group commit: if no shard is sealing, have the shard furthest behind
+        seal the days that left the hot window (or one that owes a compaction merge its
+        deltas), in its own mailbox turn, without waiting for it. One shard's day at a
+        time, so an ack waits behind at most one shard's sealing, never a checkpoint's
+        worth of them. Its blocks are written by the next checkpoint."""
+        if self._sealing is not None and not self._sealing.is_set():
+            return
+        self._sealing = None
+        target = self._history.seal_before_minute(self._history.clock_ms())
+        if self._requested:
+            target = max(target, self._requested_target)
+        behind = min((sealed, index) for index, sealed in enumerate(self._shard_sealed))
+        owed = self._compaction_owed | self._requested_compact
+        if behind[0] < target:
+            index = behind[1]
+        elif owed:
+            index = min(owed)
+        else:
+            return
+        compact = index in owed or behind[0] < target
+        self._compaction_owed.discard(index)
+        self._requested_compact.discard(index)
+        self._sealing = trio.Event()
+        self._sealed_since_checkpoint = True
+        self._shard_sealed[index] = max(target, self._shard_sealed[index])
+        await self._mailboxes[index].send(SealDays(self._sealing, self._shard_sealed[index],
+                                                   self.last_lsn, compact))
+
+    async def _snapshot(self, requesters: list[SnapshotTicket]) -> None:
+        """Checkpoint: every shard encodes its head at the current lsn; the parts, the
+        blocks sealed since the last one and the trimming of the WAL past the raw-event
+        retention are one transaction. ``requesters``: the requests it answers (their
+        sealing and compaction were done before, ``_want_snapshot``)."""
         started = trio.current_time()
         now_ms = self._history.clock_ms()
         target = max(self._history.seal_before_minute(now_ms), *self._shard_sealed)
-        # Sealing a day is most of a checkpoint's work (cutting, encoding and compressing
-        # the day's blocks): an automatic checkpoint does it on a few shards, the ones
-        # behind the longest first, and the next group commit's checkpoint goes on
-        # (``_seal_due``); a requested one (``snapshot()``, close) on every shard.
-        behind = sorted((sealed, index) for index, sealed in enumerate(self._shard_sealed)
-                        if sealed < target)
-        if requester is None:
-            behind = behind[:SEAL_SHARDS_PER_CHECKPOINT]
-        chosen = {index for _, index in behind}
-        # Compaction decodes and re-encodes a block per (meter, day) with late events:
-        # at most every COMPACT_EVERY_BYTES of WAL (checkpoints come far more often, and
-        # late events waiting longer are merged in fewer rewrites), when sealing, and
-        # when asked.
-        compact = (requester is not None or bool(chosen)
-                   or (self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot
-                       >= COMPACT_EVERY_BYTES))
+        # Sealing a day is most of the work (cutting, encoding and compressing the day's
+        # blocks): checkpoints leave it to ``_seal_in_background``, a shard at a time
+        # between group commits. Compaction decodes and re-encodes a block per (meter,
+        # day) with late events: at most every COMPACT_EVERY_BYTES of WAL (late events
+        # waiting longer are merged in fewer rewrites), shard by shard in the
+        # background too, and before a requested checkpoint.
+        compaction_due = (self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot
+                          >= COMPACT_EVERY_BYTES)
         full = self._head_rewrite
         ticket: GatherTicket[ShardCheckpoint] = GatherTicket(len(self._mailboxes))
-        for index, mailbox in enumerate(self._mailboxes):
-            # The others seal too if that cuts nothing (their heads begin later).
-            await mailbox.send(ExportState(ticket, target, self.last_lsn, full,
-                                           index in chosen, compact))
+        for mailbox in self._mailboxes:
+            # A shard seals here only if that cuts nothing (its head begins later).
+            await mailbox.send(ExportState(ticket, target, self.last_lsn, full, False, False))
         await ticket.done.wait()
         if ticket.error is not None:  # a shard stopped: there is no consistent state to save
-            if requester is not None:
+            for requester in requesters:
                 requester.fail(ticket.error)
             return
         for share in ticket.results:
             self._shard_sealed[share.index] = share.sealed_before_minute
+        sealed_since = self._sealed_since_checkpoint
+        self._sealed_since_checkpoint = False  # (again True if this one is not written)
+        if compaction_due:
+            self._compaction_owed = set(range(len(self._mailboxes)))
         self._wal_bytes_since_compaction = (
-            0 if compact else self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot)
+            0 if compaction_due
+            else self._wal_bytes_since_compaction + self.wal_bytes_since_snapshot)
         fault_point("checkpoint.exported")
         shares = sorted(ticket.results, key=lambda share: share.index)
         marks, trim_through = self._history.wal_marks_after(self._wal_marks, self.last_lsn,
@@ -662,13 +758,14 @@ class WalWriter:
                 log.error("snapshot at lsn %d failed, retrying in %.1f s at the earliest: %s",
                           snapshot.lsn, self._snapshot_retry_s, exc)
             self._snapshot_retry_s = min(self._snapshot_retry_s * 2, SNAPSHOT_RETRY_MAX_S)
-            if requester is not None:
+            self._sealed_since_checkpoint = sealed_since
+            for requester in requesters:
                 requester.fail(exc)
             return
         except Exception as exc:
             error = storage_stopped(exc)
             self._lifecycle.stop(error)
-            if requester is not None:
+            for requester in requesters:
                 requester.fail(error)
             raise error from exc
         fault_point("checkpoint.written")
@@ -691,7 +788,7 @@ class WalWriter:
         # so a restart rebuilds the memtable from about one checkpoint's WAL tail.
         self.index.freeze(self.last_lsn)
         self.index.expire((now_ms - self._expiry_keep_ms) // ARRIVAL_DAY_MS)
-        if requester is not None:
+        for requester in requesters:
             requester.lsn = snapshot.lsn
             requester.finish()
 

@@ -42,9 +42,9 @@
   // JSON.parse would round them to doubles, so "value" and "threshold" fields keep their
   // source text; they become doubles only where they are drawn.
 
-  const EXACT_KEYS = new Set(["value", "usage", "threshold"]);
-  // Exact: "value", "usage", "threshold" and every number inside an array (thresholds,
-  // reached). JSON.parse hands the reviver each number's source text (context.source).
+  const EXACT_KEYS = new Set(["value", "usage", "threshold", "meterValue"]);
+  // Exact: "value", "usage", "threshold", an amended event's "meterValue" and every number
+  // inside an array (thresholds, reached). JSON.parse hands the reviver each number's source text (context.source).
   function parseExactArrays(text) {
     return JSON.parse(text, function (key, value, context) {
       if (typeof value !== "number") return value;
@@ -916,6 +916,7 @@
       $("customer-meters").replaceChildren();
       $("customer-limits").replaceChildren();
       $("customer-alerts").replaceChildren();
+      $("customer-corrections").replaceChildren();
       $("customer-traits").replaceChildren();
       $("customer-title").textContent = "Customer";
       finished("empty");
@@ -932,7 +933,7 @@
     $("customer-title").textContent = `Customer ${customer}`;
     $("customer-note").textContent = `${formatRange(startMs, endMs, s.tz)} · by ${s.window} · ${s.tz}`;
     const filter = { customer_id: [customer] };
-    const [usages, limits, alerts, record] = await Promise.all([
+    const [usages, limits, alerts, record, corrections] = await Promise.all([
       Promise.all(all.map(async (m) => {
         const body = { meterApiName: m.name, startMs, endMs, timezone: s.tz, groupBy: [], filter };
         const [series, whole] = await Promise.all([query({ ...body, window: s.window }), query({ ...body, window: null })]);
@@ -942,6 +943,9 @@
       customerAlerts(customer),
       // The registry record (Amberflo's shape; {} when only usage knows the customer).
       api("GET", `/customers/${encodeURIComponent(customer)}`).then((a) => a.data, () => null),
+      // Its corrections (and those of every customer), oldest first; null if unreadable.
+      api("GET", `/api/corrections?customerId=${encodeURIComponent(customer)}`)
+        .then((a) => a.data.corrections, () => null),
     ]);
     if (!current()) return;
     clearStatus();
@@ -971,7 +975,8 @@
     renderTraits(record);
     renderLimits(limits);
     renderCustomerAlerts(alerts);
-    window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts };
+    renderCorrections(corrections);
+    window.explorer.customer = { customer, usages: usages.map((u) => ({ meter: u.meter.name, rows: u.rows, total: u.total })), limits, alerts, corrections };
     document.dispatchEvent(new CustomEvent("explorer:customer", { detail: { customer } }));  // explorer-pricing.js
     finished(cards.length ? "ready" : "empty");
   }
@@ -1042,6 +1047,54 @@
     const box = $("customer-alerts");
     if (!alerts.length) { box.replaceChildren(el("p", { class: "muted", text: "No alert so far." })); return; }
     box.replaceChildren(el("ol", { class: "alerts" }, ...alerts.slice(0, 50).map(alertItem)));
+  }
+
+  // The corrections made for this customer (GET /api/corrections), newest first: who, when,
+  // what. The record names its target in one line (``description``: "start_ms=… end_ms=…
+  // region in ['eu']"); the times in it are shown as dates in the page's zone, and the
+  // line itself is the row's tooltip.
+  const CORRECTION_PAGE = 50;
+  function correctionTarget(correction) {
+    const text = correction.description || "";
+    const number = (name) => { const m = new RegExp(`(?:^| )${name}=(\\d+)`).exec(text); return m ? +m[1] : null; };
+    const parts = [];
+    const start = number("start_ms"), end = number("end_ms");
+    if (start !== null && end !== null) parts.push(formatRange(start, end, state.tz));
+    const receivedStart = number("received_start_ms"), receivedEnd = number("received_end_ms");
+    if (receivedStart !== null || receivedEnd !== null) {
+      parts.push("received " + (receivedStart === null ? "…" : formatInstant(receivedStart, state.tz)) +
+        " – " + (receivedEnd === null ? "…" : formatInstant(receivedEnd, state.tz)));
+    }
+    for (const m of text.matchAll(/(\S+) in \[([^\]]*)\]/g)) parts.push(`${m[1]}: ${m[2].replace(/'/g, "")}`);
+    const ids = /(?:^| )unique_ids=(\S+)/.exec(text);
+    if (ids) parts.push(ids[1].split(",").length === 1 ? `id ${ids[1]}` : `ids ${ids[1].split(",").join(", ")}`);
+    return parts.length ? parts.join(" · ") : text;
+  }
+  function correctionWhat(correction) {
+    const events = (n) => `${formatExact(String(n))} event${n === 1 ? "" : "s"}`;
+    if (correction.kind === "amend" && correction.amended) {
+      const a = correction.amended;
+      return `amended ${events(correction.cancelled)}: now ${formatExact(a.meterValue)} at ${formatInstant(a.meterTimeInMillis, state.tz)}`;
+    }
+    return `cancelled ${events(correction.cancelled)}`;
+  }
+  function renderCorrections(corrections) {
+    const box = $("customer-corrections");
+    if (corrections === null) { box.replaceChildren(el("p", { class: "muted", text: "The corrections could not be read." })); return; }
+    if (!corrections.length) { box.replaceChildren(el("p", { class: "muted", text: "No correction so far." })); return; }
+    const newest = corrections.slice().reverse().slice(0, CORRECTION_PAGE);
+    const head = el("tr", {}, ...["When", "Who", "What", "Meter", "Which events"].map((t) => el("th", { text: t })));
+    const rows = newest.map((c) => el("tr", { "data-lsn": String(c.lsn), "data-kind": c.kind, title: c.description },
+      el("td", { class: "when", text: formatInstant(c.receivedMs, state.tz) }),
+      el("td", { text: c.by || "–" }),
+      el("td", { class: "what", text: correctionWhat(c) + (c.customerId === null ? " (all customers)" : "") }),
+      el("td", { text: c.meterApiName }),
+      el("td", { class: "target", text: correctionTarget(c) })));
+    const parts = [el("div", { class: "table-wrap" }, el("table", { class: "data corrections" }, el("thead", {}, head), el("tbody", {}, ...rows)))];
+    if (corrections.length > CORRECTION_PAGE) {
+      parts.push(el("p", { class: "muted", text: `The ${CORRECTION_PAGE} newest of ${corrections.length} corrections.` }));
+    }
+    box.replaceChildren(...parts);
   }
 
   async function fillCustomerList(all, current) {
