@@ -114,6 +114,18 @@ class _Bad(Exception):
     """One event's problem, raised and caught inside ``prepare_batch``."""
 
 
+# Amberflo's convention: an ingested event with this dimension set to "true" cancels the
+# earlier event with its unique id; the dimension is never stored (``Engine.ingest``).
+CANCEL_PREVIOUS = "aflo.cancel_previous_resource_event"
+
+
+class CancelPreviousFlagged(Exception):
+    """Raised by a live ``prepare_batch`` whose batch holds an event with the
+    ``CANCEL_PREVIOUS`` dimension: the caller takes such batches on a path of their own.
+    Found where a dimension set misses the memo (a flagged set is never remembered), so
+    a batch without the flag pays nothing for the check."""
+
+
 # Query keys that name customer traits (engine.domain.traits): refused as dimension keys
 # on ingest so that ``customer.plan`` is never ambiguous; records logged before the
 # refusal still replay (the check is not made on trusted replay).
@@ -288,6 +300,8 @@ def prepare_batch(
                             break
                 elif not fast:
                     pass
+                elif live and CANCEL_PREVIOUS in dims:
+                    raise CancelPreviousFlagged
                 elif len(dims) > max_dimensions or "customer_id" in dims:
                     fast = False
                 else:
@@ -315,6 +329,9 @@ def prepare_batch(
         else:
             fast = False
         if not fast:
+            if (live and type(event) is event_type and type(event.dimensions) is dict
+                    and CANCEL_PREVIOUS in event.dimensions):
+                raise CancelPreviousFlagged
             try:
                 meter, customer, dims_key, ts, value, unique_id, unique_value = _prepare_one(
                     event, meters, rules, oldest_ms, newest_ms, live

@@ -96,6 +96,10 @@ class BlockReader(Protocol):
         """The rollups of these days (each with a block) merged per series
         (``merge_rollups``; shared, read-only), or None."""
 
+    def replace(self, meter: MeterDef, day: int, block: MeterShard, cover_lsn: int) -> None:
+        """A new version of the day's block (a correction rewrote it, ``add_rollups``
+        done): readable from now on, written by the next checkpoint."""
+
 
 class NoBlocks:
     """The reader of a shard with no sealed history (tests, the in-memory store)."""
@@ -114,6 +118,9 @@ class NoBlocks:
 
     def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
         return None
+
+    def replace(self, meter: MeterDef, day: int, block: MeterShard, cover_lsn: int) -> None:
+        raise RuntimeError("a shard without a block reader cannot change sealed history")
 
 
 # ------------------------------------------------------------------ cutting

@@ -1,13 +1,17 @@
-"""Corrections in the head: the buckets a correction rebuilt, read and written.
+"""Corrections: the buckets a correction rebuilt, read and written.
 
 Pure domain layer: standard library and the domain modules ``aggregates``,
-``records``, ``series`` and ``values``. A correction (``records.WalCorrection``)
-carries, per customer, the minutes it touched and every bucket of those minutes
-as recomputed from the events that remain. ``minute_buckets`` reads them from a
-scratch meter shard the runtime built from those events; ``replace_minutes``
-writes them into a shard's head, replacing what the minutes held: exact for
-every aggregation (a max or a latest cannot be "subtracted", so the bucket is
-rebuilt, never adjusted). Deterministic: the same record gives the same state.
+``blocks`` (its constants), ``records``, ``series`` and ``values``. A correction
+(``records.WalCorrection``) carries, per customer, the minutes it touched and
+every bucket of those minutes as recomputed from the events that remain.
+``minute_buckets`` reads them from a scratch meter shard the runtime built from
+those events; ``replace_minutes`` writes them into a meter shard (the head, or a
+copy of a sealed block), replacing what the minutes held: exact for every
+aggregation (a max or a latest cannot be "subtracted", so the bucket is rebuilt,
+never adjusted). ``split_sealed`` divides a change at a shard's sealed boundary:
+the head's minutes, and per sealed UTC day the minutes a new version of that
+day's block takes (``ShardState.correct``). Deterministic: the same record gives
+the same state.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from engine.domain.aggregates import AVG, COUNT, LATEST, MAX, MIN, SUM, UNIQUE
+from engine.domain.blocks import DAY_MINUTES
 from engine.domain.records import CorrectedBucket, CorrectedMinutes, decimal_or_int
 from engine.domain.series import MeterShard, Series
 from engine.domain.values import fits_msgpack_int
@@ -131,6 +136,30 @@ def _drop_series(meter_shard: MeterShard, series: Series) -> None:
         meter_shard.by_customer[series.customer_id] = remaining
     else:
         del meter_shard.by_customer[series.customer_id]
+
+
+def split_sealed(change: CorrectedMinutes, before_minute: int,
+                 ) -> tuple[CorrectedMinutes | None, dict[int, CorrectedMinutes]]:
+    """``change`` divided at ``before_minute`` (a shard's ``sealed_before_minute``): the
+    part at or after it (None if empty), and per UTC day before it that day's part."""
+    if not change.minutes or min(change.minutes) >= before_minute:
+        return change, {}
+    head_minutes = [minute for minute in change.minutes if minute >= before_minute]
+    head = (CorrectedMinutes(change.customer_id, head_minutes,
+                             [b for b in change.buckets if b.minute >= before_minute])
+            if head_minutes else None)
+    days: dict[int, CorrectedMinutes] = {}
+    for minute in change.minutes:
+        if minute < before_minute:
+            day = minute // DAY_MINUTES
+            part = days.get(day)
+            if part is None:
+                part = days[day] = CorrectedMinutes(change.customer_id, [], [])
+            part.minutes.append(minute)
+    for bucket in change.buckets:
+        if bucket.minute < before_minute:
+            days[bucket.minute // DAY_MINUTES].buckets.append(bucket)
+    return head, days
 
 
 def bucket_count(changes: list[CorrectedMinutes]) -> int:

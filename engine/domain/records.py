@@ -93,9 +93,12 @@ class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
     cancelled, resolved when it was made (``positions``: flattened ``lsn, index`` pairs,
     index 0 of a correction record is the event it amended in), and the head buckets
     recomputed from the events that remain (``minutes``), so replay applies it without
-    reading the log. ``amended``: the corrected event ``amend`` logs in the same record."""
+    reading the log. ``amended``: the corrected event ``amend`` logs in the same record;
+    ``amended_more``: the further ones of a ``cancel_previous`` (Amberflo's flag on
+    ingest: each flagged event replaces the live event with its unique id), at indices
+    1, 2, ... of the record."""
 
-    kind: str  # "cancel" | "cancel_where" | "amend"
+    kind: str  # "cancel" | "cancel_where" | "amend" | "cancel_previous"
     meter: str
     customer_id: str | None
     by: str
@@ -104,6 +107,11 @@ class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
     positions: list[int]
     minutes: list[CorrectedMinutes]
     amended: Event | None = None
+    amended_more: list[Event] = msgspec.field(default_factory=list)
+
+    def amended_events(self) -> list[Event]:
+        """Every event this record logs, by its index in the record."""
+        return [] if self.amended is None else [self.amended, *self.amended_more]
 
 
 class Correction(msgspec.Struct, kw_only=True, rename="camel"):
@@ -111,7 +119,7 @@ class Correction(msgspec.Struct, kw_only=True, rename="camel"):
     catalogue beside its ``WalCorrection``; the wire carries it as it is)."""
 
     lsn: int
-    kind: str  # "cancel" | "cancel_where" | "amend"
+    kind: str  # "cancel" | "cancel_where" | "amend" | "cancel_previous"
     meter_api_name: str
     customer_id: str | None
     by: str

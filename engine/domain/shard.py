@@ -50,7 +50,7 @@ from engine.domain.blocks import (
     merge_buckets,
     unpack_distinct,
 )
-from engine.domain.corrections import replace_minutes
+from engine.domain.corrections import replace_minutes, split_sealed
 from engine.domain.head import HeadLog, head_hours, hour_chunks, load_chunk
 from engine.domain.limits import Crossing, LimitDef, ShardLimits
 from engine.domain.meters import MeterDef
@@ -162,14 +162,46 @@ class ShardState:
                                                         seq_base))
         return accepted, duplicates, crossings
 
-    def correct(self, meter: MeterDef, changes: list[CorrectedMinutes]) -> list[Crossing]:
-        """Apply a correction's rebuilt head minutes (``engine.domain.corrections``), then
+    def correct(self, meter: MeterDef, changes: list[CorrectedMinutes],
+                lsn: int = 0) -> list[Crossing]:
+        """Apply a correction's rebuilt minutes (``engine.domain.corrections``), then
         re-read the affected customers' limit states (re-arming thresholds usage is now
-        below). Returns the limit crossings."""
+        below). Returns the limit crossings.
+
+        Minutes of the head are replaced in the head. Minutes before
+        ``sealed_before_minute`` are replaced in a new version of their day's block
+        (``BlockReader.replace``: pinned until the next checkpoint writes it), and leave
+        the delta (and the head, which may still hold days before the boundary after a
+        restore with another shard count): the rebuilt buckets already hold every late
+        event logged before the correction, and later ones land in the delta on top. So
+        the day is one block again, its rollups and summaries rebuilt, read as any
+        other; replay (``lsn``: the record's, the blocks' cover) gives the same state."""
         meter_shard = self.meter_shard(meter)
+        before = self.sealed_before_minute
+        by_day: dict[int, list[CorrectedMinutes]] = {}
         for change in changes:
-            replace_minutes(meter_shard, change)
-            self.head_log.touch(meter.name, [minute * MINUTE_MS for minute in change.minutes])
+            head_change, sealed = split_sealed(change, before)
+            if head_change is not None:
+                replace_minutes(meter_shard, head_change)
+                self.head_log.touch(meter.name,
+                                    [minute * MINUTE_MS for minute in head_change.minutes])
+            for day, part in sealed.items():
+                by_day.setdefault(day, []).append(part)
+                gone = CorrectedMinutes(part.customer_id, part.minutes, [])
+                replace_minutes(meter_shard, gone)
+                delta = self.deltas.get(meter.name)
+                if delta is not None:
+                    replace_minutes(delta, gone)
+        for day in sorted(by_day):
+            block = self.blocks.load_copy(meter, day)
+            if block is None:
+                block = MeterShard(meter)
+            for part in by_day[day]:
+                replace_minutes(block, part)
+                if part.buckets:
+                    self.sealed_customers.setdefault(meter.name, set()).add(part.customer_id)
+            add_rollups(block)
+            self.blocks.replace(meter, day, block, lsn)
         if not self.alert_limits.by_meter.get(meter.name):
             return []
         return self.alert_limits.after_correction(

@@ -5,8 +5,10 @@ Runtime layer: the domain (blocks, series) and the store, read synchronously
 file:
 
 1. One cache per engine, one ``ShardBlocks`` reader per shard. A shard reads only
-   its own part of each (meter, day); it adds blocks only while it seals, inside
-   its own mailbox turn.
+   its own part of each (meter, day); it adds blocks only while it seals or applies
+   a correction that reaches sealed days (a new version of the day's block,
+   ``ShardBlocks.replace``), inside its own mailbox turn (or recovery's replay,
+   before any task runs).
 2. A block a shard built is *unwritten* until the writer's checkpoint transaction
    that holds it committed: until then it is pinned (served from memory, never
    evicted) and every later checkpoint offers it again, so a checkpoint refused
@@ -38,6 +40,7 @@ from engine.domain.blocks import (
     block_key,
     decode_block,
     decode_rollups,
+    encode_block,
     merge_rollups,
     parse_block_key,
     rollup_of,
@@ -78,8 +81,9 @@ class BlockCache:
         for days in self._days.values():
             days.sort()
 
-    def reader(self, part: int) -> ShardBlocks:
-        return ShardBlocks(self, part)
+    def reader(self, part: int, shard_count: int = 1) -> ShardBlocks:
+        """Shard ``part``'s view (``shard_count``: what the blocks it writes record)."""
+        return ShardBlocks(self, part, shard_count)
 
     # ------------------------------------------------------------ sealing
 
@@ -227,11 +231,12 @@ class BlockCache:
 class ShardBlocks:
     """One shard's view of the cache (``engine.domain.blocks.BlockReader``)."""
 
-    __slots__ = ("_cache", "_part")
+    __slots__ = ("_cache", "_part", "_shard_count")
 
-    def __init__(self, cache: BlockCache, part: int) -> None:
+    def __init__(self, cache: BlockCache, part: int, shard_count: int = 1) -> None:
         self._cache = cache
         self._part = part
+        self._shard_count = shard_count
 
     def days(self, meter: str) -> list[int]:
         return self._cache.days(meter, self._part)
@@ -247,3 +252,10 @@ class ShardBlocks:
 
     def load_summary(self, meter: MeterDef, days: list[int]) -> BlockRollup | None:
         return self._cache.load_summary(meter, days, self._part)
+
+    def replace(self, meter: MeterDef, day: int, block: MeterShard, cover_lsn: int) -> None:
+        """A corrected version of a day's block: encoded now, pinned until written; the
+        day's cached forms and the meter's summaries on this shard are dropped
+        (``BlockCache.add``)."""
+        self._cache.add(meter.name, day, self._part, block,
+                        encode_block(block, day, self._shard_count, self._part, cover_lsn))

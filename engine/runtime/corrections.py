@@ -34,6 +34,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Protocol
 
 import msgspec
@@ -43,11 +45,13 @@ from engine.domain.batch import ShardRouter, prepare_batch
 from engine.domain.corrections import minute_buckets
 from engine.domain.meters import REPLAY_RULES, MeterDef
 from engine.domain.shard import ShardState
+from engine.domain.values import fits_msgpack_int
 from engine.domain.windows import MINUTE_MS
 from engine.errors import InvalidRequest
 from engine.faults import fault_point
 from engine.runtime.dedup import decode_decisions, id_key
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
+from engine.runtime.raw_events import oldest_complete_ms
 from engine.schema import Event
 
 POSITION_PREFIX = b"corr/p/"
@@ -64,6 +68,10 @@ _correction_decoder = msgspec.msgpack.Decoder(records.Correction)
 
 class Store(Protocol):
     def first_lsn(self) -> int: ...
+
+    def last_lsn(self) -> int: ...
+
+    def read_ids(self, keys: list[bytes]) -> list[int | None]: ...
 
     def read_wal_page(self, from_lsn: int, max_records: int) -> list[tuple[int, bytes]]: ...
 
@@ -178,8 +186,10 @@ def live_events(store: Store, positions: set[tuple[int, int]], from_lsn: int,
                          if index not in duplicates and (record_lsn, index) not in positions]
                 yield record_lsn, record.received_ms, found
             elif isinstance(record, records.WalCorrection) and record.amended is not None:
-                if (record_lsn, 0) not in positions:
-                    yield record_lsn, record.received_ms, [(0, record.amended)]
+                found = [(index, event) for index, event in enumerate(record.amended_events())
+                         if (record_lsn, index) not in positions]
+                if found:
+                    yield record_lsn, record.received_ms, found
 
 
 @dataclass(slots=True, eq=False)
@@ -192,11 +202,15 @@ class PendingCorrection:
     by: str
     received_ms: int
     description: str
-    amended: Event | None = None
+    # The events the record logs (an amend's one; a cancel_previous's, each replacing
+    # the live event with its unique id). A cancel_previous's events whose id has no
+    # live event are left out once resolved (the caller ingests them as usual).
+    amended: list[Event] = field(default_factory=list)
     targets: list[tuple[int, int, Event]] = field(default_factory=list)
     affected: dict[str, set[int]] = field(default_factory=dict)
     scratch: ShardState = field(default_factory=ShardState)
     scan_lsn: int = 0
+    logged_lsn: int = 0  # the record's, once committed
 
     # ------------------------------------------------------------ worker thread
 
@@ -208,12 +222,25 @@ class PendingCorrection:
                 if self.target.matches(event, received_ms):
                     self.targets.append((lsn, index, event))
                     self._affect(event)
-        if self.amended is not None:
-            self._affect(self.amended)
+        if self.kind == "cancel_previous":
+            live = {event.unique_id for _, _, event in self.targets}
+            self.amended = [e for e in self.amended if e.unique_id in live]
+        for event in self.amended:
+            self._affect(event)
         skip = {(lsn, index) for lsn, index, _ in self.targets}
         self._fold(store, positions, skip, 0, to_lsn)
         self.scan_lsn = to_lsn
         fault_point("correction.scanned")
+
+    def resolve_within_retention(self, store: Store, positions: set[tuple[int, int]],
+                                 to_lsn: int, now_ms: int, future_ms: int) -> None:
+        """``resolve``, then refuse the whole correction (``InvalidRequest``) if a minute it
+        rebuilds begins before ``oldest_correctable_ms``: some of that minute's events may
+        be gone from the log, so the minute cannot be rebuilt exactly."""
+        self.resolve(store, positions, to_lsn)
+        first = self.first_minute()
+        if first is not None and self.targets:
+            check_retention(first * MINUTE_MS, oldest_correctable_ms(store, now_ms, future_ms))
 
     def catch_up(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
         """Fold in the events logged after the scan (the writer calls this with nothing
@@ -222,28 +249,34 @@ class PendingCorrection:
             self._fold(store, positions, set(), self.scan_lsn + 1, to_lsn)
             self.scan_lsn = to_lsn
 
+    def first_minute(self) -> int | None:
+        """The earliest minute this correction rebuilds (None: none)."""
+        return min((min(minutes) for minutes in self.affected.values() if minutes),
+                   default=None)
+
     def finish(self, store: Store, positions: set[tuple[int, int]], last_lsn: int,
-               sealed_before_minute: int, route: ShardRouter,
+               route: ShardRouter,
                ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
                           dict[bytes, int]]:
         """``catch_up`` to ``last_lsn``, then ``build`` the record for the lsn after it."""
         self.catch_up(store, positions, last_lsn)
-        return self.build(last_lsn + 1, sealed_before_minute, route)
+        return self.build(last_lsn + 1, route)
 
-    def build(self, lsn: int, sealed_before_minute: int, route: ShardRouter,
+    def build(self, lsn: int, route: ShardRouter,
               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
                          dict[bytes, int]]:
         """The record for lsn ``lsn``, each shard's share of it, its catalogue entries and
-        the unique-id keys it makes re-admissible."""
-        if self.affected and min(min(minutes) for minutes in self.affected.values()
-                                 ) < sealed_before_minute:
-            raise InvalidRequest(
-                f"this correction reaches sealed history (before "
-                f"{sealed_before_minute * MINUTE_MS} ms), which corrections cannot change "
-                f"yet: the oldest event time it can correct is "
-                f"{sealed_before_minute * MINUTE_MS} ms")
-        if self.amended is not None:
-            self._apply(lsn, [(0, self.amended)])
+        the unique-id keys it makes re-admissible. Minutes in sealed history are rebuilt
+        like any other: each shard puts them where its boundary says
+        (``ShardState.correct``)."""
+        if self.amended:
+            # As a batch logs them (``records.encode_batch``): msgpack stops at 64 bits.
+            self.amended = [
+                msgspec.structs.replace(event, meter_value=Decimal(event.meter_value))
+                if type(event.meter_value) is int and not fits_msgpack_int(event.meter_value)
+                else event for event in self.amended]
+            self._apply(lsn, list(enumerate(self.amended)))
+        first_amended = self.amended[0] if self.amended else None
         meter_shard = self.scratch.meter_shard(self.meter)
         per_shard: list[list[records.CorrectedMinutes]] = [[] for _ in range(route.shard_count)]
         all_changes = []
@@ -258,13 +291,13 @@ class PendingCorrection:
             flat.extend((target_lsn, index))
         record = records.encode(records.WalCorrection(
             self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
-            self.description, flat, all_changes, self.amended))
+            self.description, flat, all_changes, first_amended, self.amended[1:]))
         marker = CORRECTION_LSN.pack(lsn)
         pack = POSITION.pack
         meta = [(POSITION_PREFIX + marker,
                  b"".join([pack(target_lsn, index) for target_lsn, index, _ in self.targets]))]
         readmit: dict[bytes, int] = {}
-        if self.kind != "amend":
+        if self.kind not in ("amend", "cancel_previous"):  # those keep their ids live
             for _, _, event in self.targets:
                 if event.unique_id is not None:
                     readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
@@ -274,7 +307,7 @@ class PendingCorrection:
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
             description=self.description, cancelled=len(self.targets),
-            amended=self.amended))))
+            amended=first_amended))))
         fault_point("correction.built")
         return record, per_shard, meta, readmit
 
@@ -304,6 +337,24 @@ class PendingCorrection:
         for _, columns in slices[0]:
             columns.indices = [indices[i] for i in columns.indices]
         self.scratch.apply(lsn, slices[0], 0)
+
+
+def oldest_correctable_ms(store: Store, now_ms: int, future_ms: int) -> int | None:
+    """The earliest event time a correction can reach (None: any): the first whole
+    minute whose events are all still in the raw-event log (the write-ahead log, trimmed
+    past ``raw_retention_ms``), since a correction rebuilds whole minutes from them."""
+    oldest = oldest_complete_ms(store, now_ms, future_ms)
+    return None if oldest is None else -(-oldest // MINUTE_MS) * MINUTE_MS
+
+
+def check_retention(start_ms: int, oldest_ms: int | None) -> None:
+    """Refuse (``InvalidRequest``, naming the oldest time it can correct) a correction
+    reaching event time ``start_ms`` before ``oldest_ms``."""
+    if oldest_ms is not None and start_ms < oldest_ms:
+        moment = datetime.fromtimestamp(oldest_ms / 1000, UTC).isoformat(timespec="seconds")
+        raise InvalidRequest(
+            f"events before {oldest_ms} ms ({moment}) are past the raw-event retention and "
+            f"cannot be corrected: the oldest time a correction can reach is {oldest_ms} ms")
 
 
 def describe(target: Target) -> str:

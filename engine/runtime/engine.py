@@ -34,7 +34,13 @@ import trio
 
 from engine.domain import records
 from engine.domain.aggregates import DistinctCounts
-from engine.domain.batch import ShardRouter, prepare_batch
+from engine.domain.batch import (
+    CANCEL_PREVIOUS,
+    CancelPreviousFlagged,
+    ShardRouter,
+    ShardSlice,
+    prepare_batch,
+)
 from engine.domain.limits import LimitError, check_limit, period_bounds
 from engine.domain.meters import IngestRules, check_meter, merge_meter
 from engine.domain.query import (
@@ -56,8 +62,10 @@ from engine.runtime.corrections import (
     CorrectionBook,
     PendingCorrection,
     Target,
+    check_retention,
     describe,
     list_corrections,
+    oldest_correctable_ms,
 )
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.extensions import Extension
@@ -65,7 +73,7 @@ from engine.runtime.gc_tuning import tuned_gc
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
-from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest, oldest_complete_ms
+from engine.runtime.raw_events import DEFAULT_PAGE_EVENTS, RawEventRequest
 from engine.runtime.raw_events import read_page as raw_event_page
 from engine.runtime.recovery import recover
 from engine.runtime.shards import ShardActor, shard_part
@@ -131,16 +139,14 @@ class Engine:
         self._catalog.extension = extension  # pricing, if any (engine.runtime.extensions)
         self._hub = AlertHub(store)
         self._lifecycle = Lifecycle()
-        self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
-                                  self._hub, clock_ms())
-        self._history = history or HistoryPolicy(clock_ms=clock_ms)
+        # Made before recovery: the replay reads and rewrites sealed blocks through it.
         self._blocks = BlockCache(store, block_cache_bytes)
-        self._blocks.load_index()
+        self._recovered = recover(store, shard_count, ingest_rules, self._route, self._catalog,
+                                  self._hub, clock_ms(), self._blocks)
+        self._history = history or HistoryPolicy(clock_ms=clock_ms)
         # Counts of unique_count groups over named parts (sealed rollups, remembered head
         # slices), for the queries' finishing step, which runs in the caller's task.
         self._distinct_counts = DistinctCounts(block_cache_bytes // DISTINCT_COUNTS_SHARE)
-        for index, state in enumerate(self._recovered.states):
-            state.blocks = self._blocks.reader(index)
         self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1, extension)
         self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
                                    shard_count)
@@ -179,7 +185,6 @@ class Engine:
         self._writer.corrections = CorrectionBook.load(store)
         # Held while a correction scans and commits: one at a time (engine.runtime.corrections).
         self._correction_lock = trio.Lock()
-        self._last_correction_lsn = 0
 
     # --------------------------------------------------------------- tasks
 
@@ -255,12 +260,16 @@ class Engine:
         self._lifecycle.check_open()
         if not isinstance(events, list):
             events = list(events)
-        if any(type(event.dimensions) is dict and CANCEL_PREVIOUS in event.dimensions
-               for event in events):
-            events = await self._cancel_previous(events)
         now_ms = self._clock_ms()
-        slices = prepare_batch(events, self._catalog.meter_defs, self._route, self.ingest_rules,
-                               now_ms)
+        try:
+            slices = prepare_batch(events, self._catalog.meter_defs, self._route,
+                                   self.ingest_rules, now_ms)
+        except CancelPreviousFlagged:
+            return await self._cancel_previous(events, report_alerts)
+        return await self._log_batch(events, slices, now_ms, report_alerts)
+
+    async def _log_batch(self, events: list[Event], slices: list[ShardSlice], now_ms: int,
+                         report_alerts: bool) -> IngestAck:
         ticket = messages.LoggedTicket(now_ms)
         await self._submit(messages.LogBatch(
             ticket, records.encode_batch(events, now_ms),
@@ -271,31 +280,65 @@ class Engine:
         return IngestAck(accepted=ticket.accepted, duplicates=ticket.duplicates, lsn=ticket.lsn,
                          alerts=ticket.alerts if report_alerts else [])
 
-    async def _cancel_previous(self, events: list[Event]) -> list[Event]:
+    async def _cancel_previous(self, events: list[Event], report_alerts: bool) -> IngestAck:
         """Amberflo's convention: an event with the dimension
-        ``aflo.cancel_previous_resource_event: "true"`` cancels the earlier event with its
-        unique id (before dedup, so it is then accepted in its place); the dimension is
-        never stored. Cancels are made first (one correction per meter and customer),
-        then the batch is ingested as usual (not one atomic record)."""
-        targets: dict[tuple[str, str], list[str]] = {}
-        kept: list[Event] = []
+        ``aflo.cancel_previous_resource_event: "true"`` replaces the live event with its
+        unique id (before dedup); the dimension is never stored. The whole batch is
+        validated first. Per meter and customer, the flagged events whose id has a live
+        event are one correction record (kind ``cancel_previous``): each cancels its
+        predecessor and is logged in the same record, so a crash leaves both or neither
+        (and the id stays live). The rest of the batch (unflagged events, and flagged
+        ones with no live event to replace) is then ingested as usual; a retry of the
+        whole batch after a crash between the two replaces the same events again and
+        logs the rest. Of two flagged events with one id in a batch the later wins."""
+        stripped: list[Event] = []
+        flagged: list[bool] = []
         for event in events:
-            if type(event.dimensions) is not dict or CANCEL_PREVIOUS not in event.dimensions:
-                kept.append(event)
+            dims = event.dimensions if type(event) is Event else None
+            if type(dims) is not dict or CANCEL_PREVIOUS not in dims:
+                stripped.append(event)
+                flagged.append(False)
                 continue
-            flag = event.dimensions[CANCEL_PREVIOUS]
-            dims = {k: v for k, v in event.dimensions.items() if k != CANCEL_PREVIOUS}
-            kept.append(msgspec.structs.replace(event, dimensions=dims))
-            if flag == "true" and event.unique_id is not None:
-                targets.setdefault((event.meter_api_name, event.customer_id), []).append(
-                    event.unique_id)
-        # Validate the whole batch before cancelling anything.
-        prepare_batch(kept, self._catalog.meter_defs, self._route, self.ingest_rules,
+            event = msgspec.structs.replace(
+                event, dimensions={k: v for k, v in dims.items() if k != CANCEL_PREVIOUS})
+            stripped.append(event)
+            flagged.append(dims[CANCEL_PREVIOUS] == "true" and event.unique_id is not None)
+        # Validate the whole batch (indices as sent) before anything is logged.
+        prepare_batch(stripped, self._catalog.meter_defs, self._route, self.ingest_rules,
                       self._clock_ms())
-        for (meter_api_name, customer_id), unique_ids in sorted(targets.items()):
-            await self.cancel(meter_api_name, customer_id, unique_ids=unique_ids,
-                              by=CANCEL_PREVIOUS)
-        return kept
+        groups: dict[tuple[str, str], dict[str, Event]] = {}
+        for event, flag in zip(stripped, flagged, strict=True):
+            if flag:
+                assert event.unique_id is not None
+                groups.setdefault((event.meter_api_name, event.customer_id), {})[
+                    event.unique_id] = event
+        # (meter, customer, unique id) of the flagged events a correction logged.
+        replaced: set[tuple[str, str, str | None]] = set()
+        lsn = 0
+        for (meter_api_name, customer_id), by_id in sorted(groups.items()):
+            target = Target(meter_api_name, customer_id, unique_ids=frozenset(by_id))
+            pending = await self._correct("cancel_previous", target, CANCEL_PREVIOUS,
+                                          list(by_id.values()))
+            replaced.update((meter_api_name, customer_id, event.unique_id)
+                            for event in pending.amended)
+            lsn = max(lsn, pending.logged_lsn)
+        self._events_accepted += len(replaced)
+        # The flagged events not logged by a correction (nothing to replace) and the
+        # unflagged ones, in batch order; a flagged event a later one of its id
+        # superseded is dropped.
+        rest = [event for event, flag in zip(stripped, flagged, strict=True)
+                if not flag or (
+                    (event.meter_api_name, event.customer_id, event.unique_id) not in replaced
+                    and groups[(event.meter_api_name, event.customer_id)][
+                        event.unique_id or ""] is event)]
+        if not rest:
+            return IngestAck(accepted=len(replaced), duplicates=0, lsn=lsn, alerts=[])
+        now_ms = self._clock_ms()
+        ack = await self._log_batch(rest, prepare_batch(
+            rest, self._catalog.meter_defs, self._route, self.ingest_rules, now_ms), now_ms,
+            report_alerts)
+        return IngestAck(accepted=ack.accepted + len(replaced), duplicates=ack.duplicates,
+                         lsn=ack.lsn, alerts=ack.alerts)
 
     async def add_limit(self, limit: Limit) -> Limit:
         """Add (or replace, by id) a limit; durable when this returns.
@@ -444,7 +487,7 @@ class Engine:
         if isinstance(unique_ids, str) or not all(type(u) is str for u in unique_ids):
             raise InvalidRequest("unique_ids must be a list of strings")
         target = Target(meter_api_name, _customer(customer_id), unique_ids=frozenset(unique_ids))
-        return await self._correct("cancel", target, by, None)
+        return len((await self._correct("cancel", target, by)).targets)
 
     async def cancel_where(self, meter_api_name: str, *, customer_id: str | None,
                            start_ms: int, end_ms: int,
@@ -471,7 +514,7 @@ class Engine:
                         received_end_ms=received_end_ms, dim_filters=filters,
                         unique_dimension=self._unique_dimension(meter_api_name))
         await self._check_retention(start_ms)
-        return await self._correct("cancel_where", target, by, None)
+        return len((await self._correct("cancel_where", target, by)).targets)
 
     async def amend(self, meter_api_name: str, customer_id: str, unique_id: str,
                     event: Event, *, by: str = "") -> IngestAck:
@@ -485,12 +528,16 @@ class Engine:
                 meter_api_name, customer_id, unique_id):
             raise InvalidRequest("an amended event must keep its meter, customer and unique id")
         now_ms = self._clock_ms()
-        prepare_batch([event], self._catalog.meter_defs, self._route,
-                      dataclasses.replace(self.ingest_rules, late_ms=now_ms), now_ms)
+        try:
+            prepare_batch([event], self._catalog.meter_defs, self._route,
+                          dataclasses.replace(self.ingest_rules, late_ms=now_ms), now_ms)
+        except CancelPreviousFlagged:
+            raise InvalidRequest(f"an amended event cannot carry the {CANCEL_PREVIOUS!r} "
+                                 "dimension (amend replaces the event already)") from None
         await self._check_retention(event.meter_time_in_millis)
         target = Target(meter_api_name, _customer(customer_id), unique_ids=frozenset([unique_id]))
-        await self._correct("amend", target, by, event)
-        return IngestAck(accepted=1, duplicates=0, lsn=self._last_correction_lsn)
+        pending = await self._correct("amend", target, by, [event])
+        return IngestAck(accepted=1, duplicates=0, lsn=pending.logged_lsn)
 
     async def corrections(self, meter_api_name: str | None = None,
                           customer_id: str | None = None) -> list[Correction]:
@@ -505,14 +552,14 @@ class Engine:
         return None if meter is None else meter.meter.unique_dimension
 
     async def _check_retention(self, start_ms: int) -> None:
-        oldest = await trio.to_thread.run_sync(oldest_complete_ms, self._store,
+        oldest = await trio.to_thread.run_sync(oldest_correctable_ms, self._store,
                                                self._clock_ms(), self.ingest_rules.future_ms)
-        if oldest is not None and start_ms < oldest:
-            raise InvalidRequest(
-                f"events before {oldest} ms are past the raw-event retention and cannot be "
-                f"corrected: the oldest time a correction can reach is {oldest} ms")
+        check_retention(start_ms, oldest)
 
-    async def _correct(self, kind: str, target: Target, by: str, amended: Event | None) -> int:
+    async def _correct(self, kind: str, target: Target, by: str,
+                       amended: list[Event] | None = None) -> PendingCorrection:
+        """Make one correction (scan, then commit through the writer); returns it, with
+        its targets (``len``: how many events it cancelled) and ``logged_lsn``."""
         self._lifecycle.check_open()
         meter = self._catalog.meter_defs.get(target.meter)
         if meter is None:
@@ -520,22 +567,23 @@ class Engine:
         if type(by) is not str:
             raise InvalidRequest("by must be a string")
         pending = PendingCorrection(kind, target, meter, by, self._clock_ms(), describe(target),
-                                    amended)
+                                    list(amended or ()))
         async with self._correction_lock:
             self._lifecycle.check_open()
-            await trio.to_thread.run_sync(pending.resolve, self._store,
+            await trio.to_thread.run_sync(pending.resolve_within_retention, self._store,
                                           self._writer.corrections.positions,
-                                          self._writer.last_lsn)
-            if amended is not None and not pending.targets:
+                                          self._writer.last_lsn, self._clock_ms(),
+                                          self.ingest_rules.future_ms)
+            if kind == "amend" and not pending.targets:
                 raise InvalidRequest(
                     f"no live event of customer {target.customer_id!r} with unique id "
                     f"{sorted(target.unique_ids or ())!r} to amend")
             if not pending.targets:
-                return 0
+                return pending
             ticket = messages.LoggedTicket(pending.received_ms)
             await self._submit(messages.LogCorrection(ticket, pending))
-            self._last_correction_lsn = ticket.lsn
-        return len(pending.targets)
+            pending.logged_lsn = ticket.lsn
+        return pending
 
     async def snapshot(self) -> int:
         """Write a snapshot now and truncate the WAL; returns the snapshot's lsn."""
@@ -723,7 +771,6 @@ class Engine:
 
 
 # Amberflo's ingest dimension that cancels the earlier event with the same unique id.
-CANCEL_PREVIOUS = "aflo.cancel_previous_resource_event"
 
 
 def _customer(customer_id: object) -> str:

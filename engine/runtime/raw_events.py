@@ -141,6 +141,13 @@ def read_page(store: Store, request: RawEventRequest, now_ms: int,
                 examined += stopped - index
                 if stopped < len(record.events):
                     return RawEventPage(found, lsn, stopped, False)
+            elif isinstance(record, records.WalCorrection) and record.kind == "cancel_previous":
+                # Ingested events that replaced earlier ones (Amberflo's flag): raw events.
+                logged = record.amended_events()
+                stopped = _take_listed(request, logged, lsn, index, found, cancelled)
+                examined += stopped - index
+                if stopped < len(logged):
+                    return RawEventPage(found, lsn, stopped, False)
             lsn, index = record_lsn + 1, 0
             if len(found) >= request.limit or examined >= SCAN_EVENTS_PER_PAGE:
                 break
@@ -186,6 +193,19 @@ def _take_events(store: Store, request: RawEventRequest, batch: records.WalBatch
             if first_lsn is not None and first_lsn < lsn:
                 continue  # the id was accepted by an earlier batch: a duplicate
         found.append(event)
+    return position
+
+
+def _take_listed(request: RawEventRequest, events: list[Event], lsn: int, index: int,
+                 found: list[Event], cancelled: Container[tuple[int, int]]) -> int:
+    """``_take_logged`` for a record whose every event was accepted."""
+    position = index
+    while position < len(events) and len(found) < request.limit:
+        event = events[position]
+        if (request.wants(event) and request.start_ms <= event.meter_time_in_millis
+                < request.end_ms and (lsn, position) not in cancelled):
+            found.append(event)
+        position += 1
     return position
 
 

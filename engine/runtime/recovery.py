@@ -1,7 +1,7 @@
 """Recovery: rebuild the engine's state from the store before any task runs.
 
-Runtime layer: the storage layer, the domain, the catalog, the alert hub and the
-shard apply function; synchronous (it runs before the engine's tasks start, so
+Runtime layer: the storage layer, the domain, the catalog, the alert hub, the block
+cache and the shard apply function; synchronous (it runs before the engine's tasks start, so
 it owns everything it touches while it runs). Order: meter definitions, then the
 latest snapshot (shard states, limits, fired thresholds, next alert seq), then
 the WAL tail replayed in lsn order through the same ``apply_work`` the shard
@@ -48,6 +48,7 @@ from engine.domain.values import EXACT
 from engine.errors import DataDirError, InvalidRequest
 from engine.runtime.acks import number_alerts
 from engine.runtime.alerts import AlertHub
+from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
 from engine.runtime.dedup import (
     IndexDamaged,
@@ -124,10 +125,15 @@ def damaged_if(what: str, *errors: type[Exception]) -> Iterator[None]:
 
 
 def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRouter,
-            catalog: Catalog, hub: AlertHub, now_ms: int = 0) -> Recovered:
+            catalog: Catalog, hub: AlertHub, now_ms: int = 0,
+            blocks: BlockCache | None = None) -> Recovered:
     """Fill ``catalog`` and ``hub`` from the store and return the rebuilt shard states.
 
     ``now_ms`` (the engine clock) dates the ids a dedup index built now takes over.
+    ``blocks``: the engine's block cache, whose index is loaded (after any resharding)
+    and through which the shards read their sealed history during the replay, as they
+    do live (a correction reaching a sealed day rewrites its block; limits read sealed
+    usage); the blocks the replay makes stay pinned for the first checkpoint.
     """
     started = time.perf_counter()
     for key, raw in store.meta_items(b"meter:"):
@@ -155,6 +161,10 @@ def recover(store: Store, shard_count: int, rules: IngestRules, route: ShardRout
                 with damaged_if("a sealed block is unreadable", msgspec.DecodeError, KeyError,
                                 ValueError, zlib.error):
                     _reshard_blocks(store, snapshot, states, catalog, route)
+        if blocks is not None:
+            blocks.load_index()
+            for part, state in enumerate(states):
+                state.blocks = blocks.reader(part, shard_count)
         with damaged_if("a stored alert is unreadable", msgspec.DecodeError, ValueError):
             hub.restore(next_alert_seq)
         with damaged_if("the dedup index is unreadable", msgspec.DecodeError, KeyError,

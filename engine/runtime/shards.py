@@ -67,7 +67,7 @@ def apply_work(state: ShardState, index: int, lsn: int, work: ShardWork,
             state.alert_limits.remove(limit_id)
             crossings = []
         case ApplyCorrection(meter, changes):
-            crossings = state.correct(meter, changes)
+            crossings = state.correct(meter, changes, lsn)
     if crossings:
         ticket.crossings.append((index, crossings))
     if state.alert_limits.feed:

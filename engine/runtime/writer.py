@@ -490,7 +490,7 @@ class WalWriter:
         try:
             record, per_shard_changes, meta, readmit = await trio.to_thread.run_sync(
                 pending.finish, self._store, self.corrections.positions, self.last_lsn,
-                max(self._shard_sealed, default=0), self._route)
+                self._route)
         except MeteringError as exc:
             ticket.fail(exc)
             return
