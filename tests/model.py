@@ -42,9 +42,13 @@ class Model:
                     duplicates += 1
                     continue
                 self.seen.add(key)
-            self.events.append(ModelEvent(event, len(self.events)))
+            self.accept(event)
             accepted += 1
         return accepted, duplicates
+
+    def accept(self, event: Event) -> None:
+        """Keep one accepted event (a subclass may note more about it)."""
+        self.events.append(ModelEvent(event, len(self.events)))
 
     def query(self, query: Query) -> list[tuple[int, dict[str, Any], Any]]:
         meter = self.meters[query.meter_api_name]

@@ -33,18 +33,14 @@ class CorrectionModel(Model):
     amended: set[int]  # id(ModelEvent) of the events an amend logged
     next_order: int
 
+    received_now = 0  # the engine clock of the batch ``ingest_at`` is taking
+
     def ingest_at(self, batch: list[Event], received_ms: int) -> tuple[int, int]:
-        accepted = duplicates = 0
-        for event in batch:
-            if event.unique_id is not None:
-                key = (event.meter_api_name, event.customer_id, event.unique_id)
-                if key in self.seen:
-                    duplicates += 1
-                    continue
-                self.seen.add(key)
-            self.add(event, received_ms)
-            accepted += 1
-        return accepted, duplicates
+        self.received_now = received_ms
+        return self.ingest(batch)
+
+    def accept(self, event: Event) -> None:
+        self.add(event, self.received_now)
 
     def cancel(self, matches: Any, forget_ids: bool = True) -> int:
         kept, cancelled = [], []
@@ -146,6 +142,35 @@ def filter_matches(meter: Meter, customer: str | None, start: int, end: int,
     return matches
 
 
+
+async def amend_step(eng: Any, model: CorrectionModel, meter: Meter, customer: str,
+                     uid: str, fresh: Event, now_ms: int) -> None:
+    """Amend ``customer``'s event ``uid`` of ``meter`` to ``fresh``'s value, time and
+    dimensions (the unique dimension kept or dropped as the meter needs), in the
+    engine and the model; an id with no live event is refused."""
+    dims = dict(fresh.dimensions)
+    if meter.unique_dimension:
+        dims.setdefault("user", "u9")
+    else:
+        dims.pop("user", None)
+    corrected = Event(meter_api_name=meter.name, customer_id=customer,
+                      meter_value=fresh.meter_value,
+                      meter_time_in_millis=fresh.meter_time_in_millis,
+                      dimensions=dims, unique_id=uid)
+    live = [item for item in model.events if
+            (item.event.meter_api_name, item.event.customer_id,
+             item.event.unique_id) == (meter.name, customer, uid)]
+    if not live:
+        with pytest.raises(InvalidRequest):
+            await eng.amend(meter.name, customer, uid, corrected)
+        return
+    ack = await eng.amend(meter.name, customer, uid, corrected, by="t")
+    assert ack.accepted == 1
+    assert model.cancel(lambda e, _r, c=corrected: (
+        e.meter_api_name, e.customer_id, e.unique_id) == (
+        c.meter_api_name, c.customer_id, c.unique_id), forget_ids=False) == 1
+    model.amended.add(id(model.add(corrected, now_ms)))
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan=steps, shards=st.integers(1, 3), data=st.data())
@@ -214,29 +239,8 @@ async def run_corrections_against_model(plan: Any, shards: int, data: Any) -> No
                 meter = data.draw(st.sampled_from(METERS))
                 customer = data.draw(st.sampled_from(CUSTOMERS[:3]))
                 uid = data.draw(st.sampled_from(IDS))
-                fresh = data.draw(recent_events(now[0]))
-                dims = dict(fresh.dimensions)
-                if meter.unique_dimension:
-                    dims.setdefault("user", "u9")
-                else:
-                    dims.pop("user", None)
-                corrected = Event(meter_api_name=meter.name, customer_id=customer,
-                                  meter_value=fresh.meter_value,
-                                  meter_time_in_millis=fresh.meter_time_in_millis,
-                                  dimensions=dims, unique_id=uid)
-                live = [item for item in model.events if
-                        (item.event.meter_api_name, item.event.customer_id,
-                         item.event.unique_id) == (meter.name, customer, uid)]
-                if not live:
-                    with pytest.raises(InvalidRequest):
-                        await eng.amend(meter.name, customer, uid, corrected)
-                else:
-                    ack = await eng.amend(meter.name, customer, uid, corrected, by="t")
-                    assert ack.accepted == 1
-                    assert model.cancel(lambda e, _r, c=corrected: (
-                        e.meter_api_name, e.customer_id, e.unique_id) == (
-                        c.meter_api_name, c.customer_id, c.unique_id), forget_ids=False) == 1
-                    model.amended.add(id(model.add(corrected, now[0])))
+                await amend_step(eng, model, meter, customer, uid,
+                                 data.draw(recent_events(now[0])), now[0])
             elif action == "advance":
                 now[0] += amount * MINUTE
             elif action == "checkpoint":

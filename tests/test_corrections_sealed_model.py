@@ -21,11 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Event, InvalidQuery, InvalidRequest, Meter, Query, open_engine
+from engine import Event, Meter, Query, open_engine
 from engine.storage import MemoryStore
 from tests.helpers.events import DAY, HOUR, MINUTE
 from tests.helpers.strategies import CUSTOMERS, METERS, ZONES, values
-from tests.test_corrections_model import CorrectionModel, event_key, filter_matches
+from tests.test_corrections_model import (
+    CorrectionModel,
+    amend_step,
+    event_key,
+    filter_matches,
+)
+from tests.test_history_model import check_queries as check_random_queries
 
 START_MS = 1_760_000_000_000 // DAY * DAY  # a UTC midnight in October 2025
 IDS = [f"s-{i}" for i in range(10)]
@@ -81,15 +87,7 @@ async def check_queries(eng: Any, model: CorrectionModel, data: Any, now_ms: int
                           group_by=["customer_id"])
             got = [(r.window_start_ms, r.group, r.value) for r in (await eng.query(query)).rows]
             assert got == model.query(query), query
-    for _ in range(count):
-        query = queries(data.draw, now_ms)
-        try:
-            result = await eng.query(query)
-        except InvalidQuery as exc:
-            assert "one-minute bucket" in str(exc)
-            continue
-        got = [(r.window_start_ms, r.group, r.value) for r in result.rows]
-        assert got == model.query(query), query
+    await check_random_queries(eng, model, data, now_ms, count, queries)
 
 
 @settings(max_examples=25, deadline=None,
@@ -179,29 +177,8 @@ async def run_sealed_corrections_against_model(plan: Any, shards: int, data: Any
             elif action == "amend":
                 meter, customer, uid = aim(data, model)
                 uid = uid or data.draw(st.sampled_from(IDS))
-                fresh = data.draw(old_events(now[0]))
-                dims = dict(fresh.dimensions)
-                if meter.unique_dimension:
-                    dims.setdefault("user", "u9")
-                else:
-                    dims.pop("user", None)
-                corrected = Event(meter_api_name=meter.name, customer_id=customer,
-                                  meter_value=fresh.meter_value,
-                                  meter_time_in_millis=fresh.meter_time_in_millis,
-                                  dimensions=dims, unique_id=uid)
-                live = [item for item in model.events if
-                        (item.event.meter_api_name, item.event.customer_id,
-                         item.event.unique_id) == (meter.name, customer, uid)]
-                if not live:
-                    with pytest.raises(InvalidRequest):
-                        await eng.amend(meter.name, customer, uid, corrected)
-                else:
-                    ack = await eng.amend(meter.name, customer, uid, corrected, by="t")
-                    assert ack.accepted == 1
-                    assert model.cancel(lambda e, _r, c=corrected: (
-                        e.meter_api_name, e.customer_id, e.unique_id) == (
-                        c.meter_api_name, c.customer_id, c.unique_id), forget_ids=False) == 1
-                    model.amended.add(id(model.add(corrected, now[0])))
+                await amend_step(eng, model, meter, customer, uid,
+                                 data.draw(old_events(now[0])), now[0])
             elif action == "advance":
                 now[0] += amount * HOUR
             elif action == "checkpoint":

@@ -64,9 +64,12 @@ def queries(draw: Any, now_ms: int) -> Query:
                                               {"customer_id": [CUSTOMERS[0]]}])))
 
 
-async def check_queries(eng: Any, model: Model, data: Any, now_ms: int, count: int) -> None:
+async def check_queries(eng: Any, model: Model, data: Any, now_ms: int, count: int,
+                        drawn: Any = None) -> None:
+    """``count`` queries drawn by ``drawn`` (default ``queries``), each answered as the
+    model does (or refused for a zone's sub-minute offset)."""
     for _ in range(count):
-        query = queries(data.draw, now_ms)
+        query = (drawn or queries)(data.draw, now_ms)
         try:
             result = await eng.query(query)
         except InvalidQuery as exc:
