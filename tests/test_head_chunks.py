@@ -14,6 +14,7 @@ import trio.testing
 
 from engine import Event, Meter, Query, open_engine
 from engine.errors import StorageFull
+from engine.runtime.blocks import BlockCache
 from engine.storage.lmdb_store import LmdbStore
 from tests.helpers.internals import format_of
 
@@ -329,6 +330,12 @@ async def test_shards_seal_a_day_one_at_a_time_between_group_commits(
         for step in range(3):
             await eng.ingest(day_events(49, f"b{step}"))
             await trio.testing.wait_all_tasks_blocked()
+            # The shard's block is built; its encoding runs on a worker thread. Done
+            # before the next group commit, the checkpoint after it writes the block
+            # (a checkpoint waits for it a little, then encodes it itself).
+            with trio.fail_after(10):
+                while eng.statistics().blocks_unencoded:
+                    await trio.sleep(0.001)
             blocks.append(eng.statistics().block_count)
             day2 = [[START + 2 * DAY, c, str((i + 1) * (step + 1))]
                     for i, c in enumerate(customers)]
@@ -379,3 +386,36 @@ async def test_a_requested_checkpoint_lets_ingest_go_on_while_the_shards_seal(
         assert answered and ack.lsn <= answered[0]  # committed before the checkpoint
         assert eng.statistics().block_count == 8
         assert eng.statistics().sealed_before_ms == START + DAY
+
+
+async def test_a_checkpoint_encodes_blocks_itself_when_the_encoder_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sealed blocks are encoded on a worker thread; a due checkpoint waits for that only
+    a little (``ENCODE_WAIT_S``). With an encoder that never gets to them, checkpoints
+    and ``snapshot()`` still come, encode the blocks themselves and write them, and a
+    restart answers the same."""
+
+    async def stalled_encoder(cache: BlockCache) -> None:
+        cache._encoder_wake = trio.Event()  # "running", and never encodes anything
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(BlockCache, "encode_in_background", stalled_encoder)
+    now = [START + 20 * HOUR]
+    async with open_at(tmp_path, now) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        await eng.ingest(events(list(range(20)), "a"))
+        now[0] = START + 2 * DAY + 2 * HOUR  # day 0 left the hot window
+        await eng.ingest(events([49], "b"))
+        await trio.testing.wait_all_tasks_blocked()
+        await eng.ingest(events([49], "c"))  # (each shard seals after a group commit)
+        await trio.testing.wait_all_tasks_blocked()
+        assert eng.statistics().blocks_unencoded > 0
+        await eng.snapshot()
+        stats = eng.statistics()
+        assert stats.blocks_unwritten == stats.blocks_unencoded == 0
+        assert stats.sealed_before_ms == START + DAY and stats.block_count >= 2
+        expected = await answers(eng)
+    async with open_at(tmp_path, now) as eng:
+        assert await answers(eng) == expected

@@ -319,16 +319,19 @@ class ShardState:
     # ----------------------------------------------------------------- sealing
 
     def seal(self, before_minute: int, cover_lsn: int, shard_count: int,
-             part: int, compact: bool = True) -> list[tuple[str, int, MeterShard, bytes]]:
+             part: int, compact: bool = True, encode: bool = True,
+             ) -> list[tuple[str, int, MeterShard, bytes | None]]:
         """Cut the days before ``before_minute`` out of the head and merge the deltas
         into their days' blocks; returns the new blocks (meter, day, decoded, encoded),
         which the caller must make readable before this shard answers again.
+        ``encode=False``: the encoded bytes are None, left to the caller
+        (``encode_block`` with the same arguments; the block is not changed after).
 
         ``before_minute`` only moves forward. The blocks cover ``cover_lsn``: every
         event of their day applied so far.
         """
         before_minute = max(before_minute, self.sealed_before_minute)
-        built: list[tuple[str, int, MeterShard, bytes]] = []
+        built: list[tuple[str, int, MeterShard, bytes | None]] = []
         pieces_by_block: dict[tuple[str, int], list[tuple[str, Series]]] = {}
         meters: dict[str, MeterDef] = {}
         # Late events: compact the deltas of the oldest days first (the days least likely
@@ -361,7 +364,8 @@ class ShardState:
             block = build_block(meter, pieces, self.blocks.load_copy(meter, day))
             add_rollups(block)
             built.append((name, day, block,
-                          encode_block(block, day, shard_count, part, cover_lsn)))
+                          encode_block(block, day, shard_count, part, cover_lsn)
+                          if encode else None))
         self.sealed_before_minute = before_minute
         return built
 

@@ -12,7 +12,13 @@ file:
 2. A block a shard built is *unwritten* until the writer's checkpoint transaction
    that holds it committed: until then it is pinned (served from memory, never
    evicted) and every later checkpoint offers it again, so a checkpoint refused
-   for a full disk loses nothing.
+   for a full disk loses nothing. A sealed block is pinned decoded, as the shard
+   built it, and encoded (columns packed, msgpack, zlib: most of sealing's cost)
+   on a worker thread by ``encode_in_background``, off every shard's turn; the
+   block is never changed after it is pinned (a new version is a new object), so
+   the thread reads it while shards answer queries from it. Whoever needs the
+   bytes first (a checkpoint, a compaction's ``load_copy``) encodes them there if
+   the thread has not yet: the same bytes either way.
 3. Written blocks are decoded on demand and kept, most recently used last, until
    their estimated size passes ``budget_bytes``; eviction only drops the decoded
    copy, never data. A block has two decoded forms, cached apart under the one
@@ -30,8 +36,10 @@ file:
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
+
+import trio
 
 from engine.domain.aggregates import UNIQUE
 from engine.domain.blocks import (
@@ -63,8 +71,12 @@ class BlockCache:
         self._days: dict[tuple[str, int], list[int]] = {}  # (meter, part) -> sorted days
         # (block key, _FULL or _ROLLUP) -> (decoded form, its estimated bytes)
         self._decoded: OrderedDict[tuple[bytes, int], tuple[Any, int]] = OrderedDict()
-        # block key -> [decoded block, stored bytes, its rollups once asked for]
+        # block key -> [decoded block, stored bytes (None until encoded), its rollups
+        # once asked for, encode_block's arguments after the block]
         self._unwritten: dict[bytes, list[Any]] = {}
+        self._to_encode: deque[bytes] = deque()  # keys of unwritten blocks, oldest first
+        self._encoder_wake: trio.Event | None = None  # set while the encoder task runs
+        self.encoded_in_background = 0
         # (meter, part) -> the cache keys of its summaries (merged rollups of several
         # days), all dropped when a block of that meter and part is added
         self._summaries: dict[tuple[str, int], list[tuple[bytes, int]]] = {}
@@ -87,16 +99,22 @@ class BlockCache:
 
     # ------------------------------------------------------------ sealing
 
-    def add(self, meter: str, day: int, part: int, block: MeterShard, raw: bytes) -> None:
+    def add(self, meter: str, day: int, part: int, block: MeterShard, raw: bytes | None,
+            shard_count: int = 1, cover_lsn: int = 0) -> None:
         """A block a shard just built (a new day or a new version of one): pinned until
-        written."""
+        written. ``raw`` None: encoded later (module rule 2) with ``shard_count`` and
+        ``cover_lsn`` for ``encode_block``."""
         key = block_key(meter, day, part)
         days = self._days.setdefault((meter, part), [])
         if key not in self._unwritten and not self._known(days, day):
             insort(days, day)
             self.block_count += 1
         self._drop_decoded(key)
-        self._unwritten[key] = [block, raw, None]
+        self._unwritten[key] = [block, raw, None, (day, shard_count, part, cover_lsn)]
+        if raw is None:
+            self._to_encode.append(key)
+            if self._encoder_wake is not None:
+                self._encoder_wake.set()
         for summary_key in self._summaries.pop((meter, part), ()):
             self._drop_entry(summary_key)
 
@@ -105,7 +123,41 @@ class BlockCache:
 
     def unwritten(self) -> list[tuple[bytes, bytes]]:
         """Every block not yet in the store, for the next checkpoint's transaction."""
-        return [(key, entry[1]) for key, entry in sorted(self._unwritten.items())]
+        return [(key, self._raw(entry)) for key, entry in sorted(self._unwritten.items())]
+
+    def unencoded_count(self) -> int:
+        return sum(entry[1] is None for entry in self._unwritten.values())
+
+    def encoding_pending(self) -> bool:
+        """Blocks wait for the encoder task, which runs: a checkpoint now would encode
+        them itself, in the writer's turn (the writer waits a group commit or two)."""
+        return self._encoder_wake is not None and any(
+            entry[1] is None for entry in self._unwritten.values())
+
+    async def encode_in_background(self) -> None:
+        """The encoder task (module rule 2): one block at a time on a worker thread,
+        oldest first, until cancelled."""
+        self._encoder_wake = trio.Event()
+        try:
+            while True:
+                while not self._to_encode:
+                    await self._encoder_wake.wait()
+                    self._encoder_wake = trio.Event()
+                entry = self._unwritten.get(self._to_encode.popleft())
+                if entry is None or entry[1] is not None:
+                    continue  # written, replaced or encoded meanwhile
+                raw = await trio.to_thread.run_sync(encode_block, entry[0], *entry[3])
+                if entry[1] is None:
+                    entry[1] = raw
+                    self.encoded_in_background += 1
+        finally:
+            self._encoder_wake = None
+
+    @staticmethod
+    def _raw(entry: list[Any]) -> bytes:
+        if entry[1] is None:
+            entry[1] = encode_block(entry[0], *entry[3])
+        return entry[1]  # type: ignore[no-any-return]
 
     def written(self, keys: list[bytes]) -> None:
         """These blocks are durable: unpin them. Their rollups stay cached if a query
@@ -195,7 +247,7 @@ class BlockCache:
     def load_copy(self, meter: MeterDef, day: int, part: int) -> MeterShard | None:
         key = block_key(meter.name, day, part)
         pinned = self._unwritten.get(key)
-        raw = pinned[1] if pinned is not None else self._store.read_block(key)
+        raw = self._raw(pinned) if pinned is not None else self._store.read_block(key)
         return None if raw is None else decode_block(meter, raw)[1]
 
     def days(self, meter: str, part: int) -> list[int]:

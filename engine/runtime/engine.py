@@ -614,6 +614,8 @@ class Engine:
             recovered_wal_bytes=recovered.wal_bytes,
             sealed_before_ms=writer.sealed_before_minute * 60_000,
             block_count=self._blocks.block_count,
+            blocks_unwritten=self._blocks.unwritten_count(),
+            blocks_unencoded=self._blocks.unencoded_count(),
             block_cache_bytes=self._blocks.cached_bytes,
             block_cache_hits=self._blocks.hits,
             block_cache_misses=self._blocks.misses,

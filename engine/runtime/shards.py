@@ -179,11 +179,12 @@ class ShardActor:
                         ticket.add(keys)
 
     def _seal(self, seal_before_minute: int, lsn: int, compact: bool) -> None:
-        """Seal and compact, and make the new blocks readable before anything else runs."""
+        """Seal and compact, and make the new blocks readable before anything else runs
+        (encoded later, off this turn: ``BlockCache.encode_in_background``)."""
         built = self.state.seal(seal_before_minute, lsn, self._shard_count, self.index,
-                                compact)
+                                compact, encode=False)
         for meter, day, block, raw in built:
-            self._blocks.add(meter, day, self.index, block, raw)
+            self._blocks.add(meter, day, self.index, block, raw, self._shard_count, lsn)
         if built:  # (a seal that cut nothing, as at every open, is not a point to stop at)
             fault_point("seal.cut")
 

@@ -41,6 +41,10 @@ class EngineStatistics:
     block_cache_bytes: int = 0
     block_cache_hits: int = 0
     block_cache_misses: int = 0
+    # Blocks sealed but not yet written by a checkpoint (held in memory, pinned), and of
+    # them those the encoder thread has not yet encoded (engine.runtime.blocks).
+    blocks_unwritten: int = 0
+    blocks_unencoded: int = 0
     # The dedup index (engine.runtime.idindex): ids remembered (memtable, runs and the
     # legacy tree of older stores), the bytes of the legacy tree's pages (on disk, mapped
     # from the file: not in the Python heap); the ids in memory, the sorted runs on disk

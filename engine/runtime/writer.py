@@ -111,6 +111,9 @@ INDEX_IDLE_S = 0.5
 # While a requested checkpoint waits for a shard's sealing and no request comes, how
 # often the writer looks again.
 REQUESTED_POLL_S = 0.002
+# How long a due checkpoint waits for the encoder thread's blocks before it encodes
+# the rest itself (in its own turn, as every checkpoint did before the encoder).
+ENCODE_WAIT_S = 0.25
 
 
 class WalWriter:
@@ -200,49 +203,60 @@ class WalWriter:
         self.corrections = CorrectionBook()
         self._route = ShardRouter(len(mailboxes))
         self._held: WriteRequest | None = None  # a correction that ended the group before
+        self._index_idle = False  # no request came for INDEX_IDLE_S: slices run back to back
+        self._encoder_wait_since: float | None = None  # a due checkpoint waits for blocks
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest],
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with requests:
+        async with requests, trio.open_nursery() as nursery:
+            # Sealed blocks are encoded on a worker thread, off the shards' turns.
+            nursery.start_soon(self._blocks.encode_in_background)
             await self._seal_at_open()
             task_status.started()
-            while True:
-                if self._held is not None:
-                    first, self._held = self._held, None
-                else:
-                    try:
-                        first = await self._next_request(requests)
-                    except trio.EndOfChannel:
-                        break
-                group = [first]
-                size = _record_bytes(first)
-                # A snapshot request ends a group: it covers everything before it. A
-                # correction is a group of its own (it reads the log up to the lsn
-                # before it).
-                while not isinstance(group[-1], TakeSnapshot | LogCorrection) and (
-                    len(group) < MAX_GROUP_REQUESTS and size < MAX_GROUP_BYTES
-                ):
-                    try:
-                        request = requests.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if isinstance(request, LogCorrection):
-                        self._held = request
-                        break
-                    group.append(request)
-                    size += _record_bytes(request)
-                with trio.CancelScope(shield=True):
-                    await self._commit_group(group)
-                    last = group[-1]
-                    if isinstance(last, TakeSnapshot):
-                        self._want_snapshot(last.ticket)
-                    elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
-                           or self._sealed_everywhere())
-                          and trio.current_time() >= self._snapshot_not_before):
-                        await self._snapshot([])
-                    await self._serve_background()
+            await self._serve_requests(requests)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self, requests: trio.MemoryReceiveChannel[WriteRequest]
+                              ) -> None:
+        while True:
+            if self._held is not None:
+                first, self._held = self._held, None
+            else:
+                try:
+                    first = await self._next_request(requests)
+                except trio.EndOfChannel:
+                    break
+                self._index_idle = False
+            group = [first]
+            size = _record_bytes(first)
+            # A snapshot request ends a group: it covers everything before it. A
+            # correction is a group of its own (it reads the log up to the lsn
+            # before it).
+            while not isinstance(group[-1], TakeSnapshot | LogCorrection) and (
+                len(group) < MAX_GROUP_REQUESTS and size < MAX_GROUP_BYTES
+            ):
+                try:
+                    request = requests.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if isinstance(request, LogCorrection):
+                    self._held = request
+                    break
+                group.append(request)
+                size += _record_bytes(request)
             with trio.CancelScope(shield=True):
-                await self._finish_flush()
+                await self._commit_group(group)
+                last = group[-1]
+                if isinstance(last, TakeSnapshot):
+                    self._want_snapshot(last.ticket)
+                elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
+                       or self._sealed_everywhere())
+                      and trio.current_time() >= self._snapshot_not_before
+                      and not self._waiting_for_encoder()):
+                    await self._snapshot([])
+                await self._serve_background()
+        with trio.CancelScope(shield=True):
+            await self._finish_flush()
 
     async def _finish_flush(self) -> None:
         """On close, write out the run being flushed (the close's checkpoint froze the
@@ -276,8 +290,11 @@ class WalWriter:
                 if self.index.pending() and trio.current_time() >= self._next_index_slice_at:
                     # A request first, if one comes soon: its group commit carries the
                     # slice; a transaction of its own (an fsync more) only when idle.
-                    with trio.move_on_after(INDEX_IDLE_S):
-                        return await requests.receive()
+                    # Once idle, slices follow one another until a request comes.
+                    if not self._index_idle:
+                        with trio.move_on_after(INDEX_IDLE_S):
+                            return await requests.receive()
+                        self._index_idle = True
                     await self._index_slice()
                 else:
                     await self._expire_slice()
@@ -638,6 +655,19 @@ class WalWriter:
                 and min(self._shard_sealed)
                 >= self._history.seal_before_minute(self._history.clock_ms()))
 
+    def _waiting_for_encoder(self) -> bool:
+        """A checkpoint is due: wait a little (a few group commits) for the encoder task
+        to finish the blocks sealed for it (``BlockCache.encode_in_background``), or
+        encode the rest itself after ENCODE_WAIT_S (shards that keep compacting keep
+        the encoder busy: the checkpoint must not wait for it to be idle)."""
+        if not self._blocks.encoding_pending():
+            self._encoder_wait_since = None
+            return False
+        now = trio.current_time()
+        if self._encoder_wait_since is None:
+            self._encoder_wait_since = now
+        return now - self._encoder_wait_since < ENCODE_WAIT_S
+
     def _want_snapshot(self, ticket: SnapshotTicket) -> None:
         """A requested checkpoint: it seals every shard up to the hot window and merges
         every shard's deltas first, a shard at a time between group commits, then
@@ -656,7 +686,7 @@ class WalWriter:
         shard's sealing, then the requested checkpoint once its sealing is done."""
         await self._seal_in_background()
         if (self._requested and (self._sealing is None or self._sealing.is_set())
-                and not self._requested_compact
+                and not self._requested_compact and not self._waiting_for_encoder()
                 and min(self._shard_sealed) >= self._requested_target):
             tickets, self._requested = self._requested, []
             await self._snapshot(tickets)
@@ -697,6 +727,7 @@ class WalWriter:
         retention are one transaction. ``requesters``: the requests it answers (their
         sealing and compaction were done before, ``_want_snapshot``)."""
         started = trio.current_time()
+        self._encoder_wait_since = None
         now_ms = self._history.clock_ms()
         target = max(self._history.seal_before_minute(now_ms), *self._shard_sealed)
         # Sealing a day is most of the work (cutting, encoding and compressing the day's
