@@ -10,6 +10,8 @@ aggregated naively.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -135,3 +137,21 @@ def test_traffic_is_deterministic_and_retries_only_delivered_events() -> None:
     for customer, day, _ in users:
         per_day[(customer, day)] += 1
     assert set(per_day.values()) == {8}
+
+
+def test_the_paced_trace_runs_and_accounts_for_its_acks(tmp_path: Path) -> None:
+    """``benchmarks/paced_trace.py`` (it wraps engine internals: its own process)."""
+    json_path = tmp_path / "trace.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paced_trace.py"
+    subprocess.run([sys.executable, str(script), "--days", "2", "--customers", "5",
+                    "--pace-seconds", "2", "--pace-events-per-s", "2000", "--slow-ms", "0",
+                    "--json", str(json_path)], check=True, capture_output=True, timeout=120)
+    result = json.loads(json_path.read_text())
+    assert result["build"]["events_accepted"] > 2 * 5 * growth.DAY_MINUTES  # both meters
+    assert result["acks"] > 0 and result["acks_over_slow_ms"] == result["acks"]
+    work = result["work"]
+    assert work["writer: group commit"]["count"] >= result["acks"] // 4
+    assert work["shard: apply group"]["count"] > 0
+    slowest = result["slowest_acks"][0]
+    assert slowest["ack_ms"] >= result["paced"]["ack_p50_ms"]
+    assert slowest["overlapping_ms"]  # a slow ack overlapped some traced work
