@@ -51,6 +51,7 @@ from engine.runtime.blocks import BlockCache
 from engine.runtime.catalog import Catalog
 from engine.runtime.corrections import CORRECTION_LSN, USED_PREFIX, CorrectionBook
 from engine.runtime.dedup import batch_keys, drop_duplicates, encode_decisions, key_events
+from engine.runtime.groups import unwrap_single
 from engine.runtime.history import HistoryPolicy
 from engine.runtime.idindex import DECIDED_FROM_KEY, LSN, MEMTABLE_MAX_KEYS, IdIndex
 from engine.runtime.lifecycle import Lifecycle
@@ -208,13 +209,15 @@ class WalWriter:
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest],
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with requests, trio.open_nursery() as nursery:
-            # Sealed blocks are encoded on a worker thread, off the shards' turns.
-            nursery.start_soon(self._blocks.encode_in_background)
-            await self._seal_at_open()
-            task_status.started()
-            await self._serve_requests(requests)
-            nursery.cancel_scope.cancel()
+        # Sealed blocks are encoded on a worker thread, off the shards' turns. The
+        # writer's own failure, not a group around it, is what stops the engine.
+        with unwrap_single():
+            async with requests, trio.open_nursery() as nursery:
+                nursery.start_soon(self._blocks.encode_in_background)
+                await self._seal_at_open()
+                task_status.started()
+                await self._serve_requests(requests)
+                nursery.cancel_scope.cancel()
 
     async def _serve_requests(self, requests: trio.MemoryReceiveChannel[WriteRequest]
                               ) -> None:
