@@ -20,8 +20,11 @@ wrappers cost a little). Run it on a quiet machine::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import io
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -50,9 +53,12 @@ Span = tuple[float, float, str]
 class Tracer:
     """Spans (start, end, what) of the wrapped calls, perf_counter seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: bool = False) -> None:
         self.spans: list[Span] = []
         self.on = False
+        # --profile: cProfile of the shards' sealing turns and checkpoint encoding
+        self.profiles = {"shard: sealing turn": cProfile.Profile(),
+                         "shard: checkpoint encoding": cProfile.Profile()} if profile else {}
 
     def wrap_async(self, owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -72,12 +78,19 @@ class Tracer:
         original = getattr(owner, name)
         spans = self.spans
 
+        profile = self.profiles.get(label)
+
         @functools.wraps(original)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            profiling = profile if self.on else None
+            if profiling is not None:
+                profiling.enable()
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                if profiling is not None:
+                    profiling.disable()
                 if self.on:
                     spans.append((started, time.perf_counter(), label))
         setattr(owner, name, timed)
@@ -104,7 +117,7 @@ class Tracer:
                 if self.on:
                     self.spans.append((started, time.perf_counter(),
                                        "store: " + getattr(function, "__name__", "?")))
-        writer_module.call_store = call_store  # type: ignore[assignment]
+        writer_module.call_store = call_store
 
     def totals(self, since: float) -> dict[str, dict[str, float]]:
         table: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -140,6 +153,7 @@ async def run(args: argparse.Namespace, growth_args: argparse.Namespace,
             build_started = time.perf_counter()
             ingest = await worker.ingest_until(eng, growth_args.days * growth.DAY_MINUTES)
             build_s = time.perf_counter() - build_started
+            built_events = worker.accepted
             acks: list[tuple[float, float]] = []
             ingest_one = worker._ingest_one
 
@@ -151,7 +165,7 @@ async def run(args: argparse.Namespace, growth_args: argparse.Namespace,
                 if started_at is not None:
                     acks.append((started_at, time.perf_counter()))
 
-            worker._ingest_one = traced_one  # type: ignore[method-assign]
+            worker._ingest_one = traced_one  # type: ignore[method-assign,assignment]
             tracer.on = True
             paced_started = time.perf_counter()
             paced = await worker.paced(eng)
@@ -164,7 +178,7 @@ async def run(args: argparse.Namespace, growth_args: argparse.Namespace,
                        "limits": growth_args.limits, "pace_events_per_s":
                        growth_args.pace_events_per_s, "pace_seconds": growth_args.pace_seconds,
                        "slow_ms": args.slow_ms},
-        "build": {"seconds": build_s, "events_accepted": worker.accepted,
+        "build": {"seconds": build_s, "events_accepted": built_events,
                   "events_per_s": ingest["events_per_s"]},
         "paced": {key: paced[key] for key in (
             "achieved_events_per_s", "ack_p50_ms", "ack_p99_ms", "ack_max_ms",
@@ -209,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--slow-ms", type=float, default=100.0)
     parser.add_argument("--show", type=int, default=8, help="slowest acks listed")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--profile", action="store_true",
+                        help="print cProfile's top functions of the sealing turns and the "
+                             "shards' checkpoint encoding during the paced run")
     args = parser.parse_args(argv)
     growth_argv = ["--days", str(args.days), "--customers", str(args.customers),
                    "--checkpoint-days", str(args.days), "--pace-seconds", str(args.pace_seconds),
@@ -216,10 +233,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.no_limits:
         growth_argv.append("--no-limits")
     growth_args = growth.parse_args(growth_argv)
-    tracer = Tracer()
+    tracer = Tracer(args.profile)
     tracer.install()
     result = trio.run(run, args, growth_args, tracer)
     print(report(result))
+    for label, profile in tracer.profiles.items():
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(20)
+        print(f"\n===== {label}\n{out.getvalue()}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -115,6 +115,7 @@ REQUESTED_POLL_S = 0.002
 # How long a due checkpoint waits for the encoder thread's blocks before it encodes
 # the rest itself (in its own turn, as every checkpoint did before the encoder).
 ENCODE_WAIT_S = 0.25
+ENCODE_WAIT_TURNS = 8
 
 
 class WalWriter:
@@ -206,6 +207,7 @@ class WalWriter:
         self._held: WriteRequest | None = None  # a correction that ended the group before
         self._index_idle = False  # no request came for INDEX_IDLE_S: slices run back to back
         self._encoder_wait_since: float | None = None  # a due checkpoint waits for blocks
+        self._encoder_wait_turns = 0
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest],
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -255,7 +257,7 @@ class WalWriter:
                 elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
                        or self._sealed_everywhere())
                       and trio.current_time() >= self._snapshot_not_before
-                      and not self._waiting_for_encoder()):
+                      and not self._waiting_for_encoder(after_commit=True)):
                     await self._snapshot([])
                 await self._serve_background()
         with trio.CancelScope(shield=True):
@@ -658,18 +660,23 @@ class WalWriter:
                 and min(self._shard_sealed)
                 >= self._history.seal_before_minute(self._history.clock_ms()))
 
-    def _waiting_for_encoder(self) -> bool:
-        """A checkpoint is due: wait a little (a few group commits) for the encoder task
-        to finish the blocks sealed for it (``BlockCache.encode_in_background``), or
-        encode the rest itself after ENCODE_WAIT_S (shards that keep compacting keep
-        the encoder busy: the checkpoint must not wait for it to be idle)."""
+    def _waiting_for_encoder(self, after_commit: bool) -> bool:
+        """A checkpoint is due: wait a little for the encoder task to finish the blocks
+        sealed for it (``BlockCache.encode_in_background``), at most ENCODE_WAIT_S and
+        (``after_commit``: an automatic checkpoint, asked after each group commit)
+        ENCODE_WAIT_TURNS group commits, then encode the rest in the checkpoint itself:
+        shards that keep compacting keep the encoder busy, and checkpoints must not wait
+        for it to be idle, nor come later on a slower machine."""
         if not self._blocks.encoding_pending():
             self._encoder_wait_since = None
             return False
         now = trio.current_time()
         if self._encoder_wait_since is None:
             self._encoder_wait_since = now
-        return now - self._encoder_wait_since < ENCODE_WAIT_S
+            self._encoder_wait_turns = 0
+        self._encoder_wait_turns += after_commit
+        return (now - self._encoder_wait_since < ENCODE_WAIT_S
+                and self._encoder_wait_turns <= ENCODE_WAIT_TURNS)
 
     def _want_snapshot(self, ticket: SnapshotTicket) -> None:
         """A requested checkpoint: it seals every shard up to the hot window and merges
@@ -689,7 +696,8 @@ class WalWriter:
         shard's sealing, then the requested checkpoint once its sealing is done."""
         await self._seal_in_background()
         if (self._requested and (self._sealing is None or self._sealing.is_set())
-                and not self._requested_compact and not self._waiting_for_encoder()
+                and not self._requested_compact
+                and not self._waiting_for_encoder(after_commit=False)
                 and min(self._shard_sealed) >= self._requested_target):
             tickets, self._requested = self._requested, []
             await self._snapshot(tickets)
