@@ -54,7 +54,12 @@ PRICING_PURE = PURE | {"engine.schema", "engine.errors", "engine.domain.windows"
 # Its runtime part plugs into metering's extension seam: the runtime's layer plus pricing.
 PRICING_RUNTIME = RUNTIME | {"engine.pricing"}
 
+# numpy and xxhash: unique_count limits keep distinct values as sorted 64-bit hashes
+# (engine/domain/distinct.py), 8 bytes a value instead of a Python set's ~80.
+DISTINCT = DOMAIN | {"numpy", "xxhash"}
+
 RULES: dict[str, frozenset[str]] = {
+    "domain/distinct.py": DISTINCT,
     "pricing/model.py": PRICING_PURE,
     "pricing/rating.py": PRICING_PURE,
     "pricing/ledger.py": PRICING_PURE,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import Event, Limit, Meter, open_engine
+from engine.domain.distinct import value_hash
 from engine.domain.head import LIMIT_CHUNK_BIT, parse_chunk_key
 from engine.domain.limits import MAX_UNIQUE_CHUNKS
 from engine.storage.lmdb_store import LmdbStore
@@ -31,8 +32,9 @@ def seen(customer: str, users: list[int], at: int = NOW - 5 * MINUTE) -> list[Ev
             for i, user in enumerate(users)]
 
 
-def states_of(eng: Any) -> dict[tuple[str, str], set[str]]:
-    """Every unique_count limit state held, as (limit id, customer) -> its values."""
+def states_of(eng: Any) -> dict[tuple[str, str], set[int]]:
+    """Every unique_count limit state held, as (limit id, customer) -> its values'
+    hashes (``engine.domain.distinct``)."""
     out: dict[tuple[str, str], set[str]] = {}
     for actor in eng._actors:
         for limit_id, periods in actor.state.alert_limits.states.items():
@@ -76,14 +78,19 @@ async def test_checkpoints_write_the_values_added_and_a_restart_unites_them(
         await eng.snapshot()
         await eng.ingest(seen("acme", [8, 9]))  # the WAL tail after the last checkpoint
         before = states_of(eng)
-    assert before[("month-users", "acme")] == {f"u{i}" for i in range(10)}
+    assert before[("month-users", "acme")] == {value_hash(f"u{i}") for i in range(10)}
     chunks = stored_limit_chunks(tmp_path)
     # Per limit: the whole states the limit was added with and the first batch, then
-    # the second checkpoint's chunk with only the values it added (u4 to u7 of acme).
+    # the second checkpoint's chunk with only the values it added (u4 to u7 of acme),
+    # as hashes.
     for limit_id in ("month-users", "all-users"):
         mine = sorted((seq, raw) for _, name, seq, raw in chunks if name == limit_id)
         assert len(mine) == 2
-        assert b"u4" in mine[1][1] and b"u0" not in mine[1][1] and b"u2" not in mine[1][1]
+        def holds(user: str, raw: bytes) -> bool:  # (a state's hashes, 8 bytes each)
+            return value_hash(user).to_bytes(8, "little") in raw
+
+        assert all(holds(f"u{i}", mine[1][1]) for i in (4, 5, 6, 7))
+        assert not holds("u0", mine[1][1]) and not holds("u2", mine[1][1])
     async with opened(tmp_path) as eng:
         assert states_of(eng) == before
         ack = await eng.ingest(seen("acme", [1, 10]), report_alerts=True)
@@ -124,7 +131,7 @@ async def test_a_removed_limit_leaves_no_chunk_and_a_replaced_one_starts_over(
         await eng.ingest(seen("globex", [5]) + seen("acme", [6]))
         await eng.snapshot()
         before = states_of(eng)
-    assert before == {("month-users", "globex"): {"u5"}}
+    assert before == {("month-users", "globex"): {value_hash("u5")}}
     assert {name for _, name, _, _ in stored_limit_chunks(tmp_path)} == {"month-users"}
     async with opened(tmp_path) as eng:
         assert states_of(eng) == before

@@ -27,11 +27,14 @@ for cost limits), so metering never knows what the usage is priced at.
 Everything here is a deterministic function of the write-ahead-log order:
 replay produces the same crossings, in the same order, and the same states.
 
-Checkpoints store the states of unique_count limits as a log of *chunks*
+A unique_count limit keeps its distinct values as 64-bit hashes
+(``engine.domain.distinct``: 8 bytes a value instead of a set of strs; the chance of
+a collision and what it would do are stated there). Checkpoints store the states of
+unique_count limits as a log of *chunks*
 (``unique_chunks``): a month's or the whole history's distinct values per customer
 grow with the period, and encoding them all at every checkpoint stalled every ack
 behind it. A chunk holds, per (period, customer) changed since the checkpoint
-before, the values added, or the whole state when it was read from the source or
+before, the hashes added, or the whole state when it was read from the source or
 rebuilt by a correction (an empty whole state: gone). A restore applies a limit's
 chunks in order; after ``MAX_UNIQUE_CHUNKS`` of them the next checkpoint writes the
 limit whole, one chunk, and drops the others (one such limit per shard and
@@ -52,10 +55,12 @@ from engine.domain.aggregates import (
     MAX,
     SUM,
     UNIQUE,
+    distinct_values,
     finalize,
     merge_partial,
 )
 from engine.domain.batch import Columns, ShardRouter
+from engine.domain.distinct import DistinctHashes, hashes_bytes, hashes_of_bytes, value_hash
 from engine.domain.meters import MeterDef
 from engine.domain.records import decimal_or_int
 from engine.domain.series import MeterShard, dims_match
@@ -270,7 +275,7 @@ class ShardLimits:
         # (period start, customer) -> the values added since the last checkpoint, or None
         # (write the state whole); the chunk numbers each limit has stored, the next
         # number per limit, the limits to write whole next time, and chunks to delete.
-        self._unique_log: dict[str, dict[tuple[int, str], set[Any] | None]] = {}
+        self._unique_log: dict[str, dict[tuple[int, str], set[int] | None]] = {}
         self.unique_chunk_seqs: dict[str, list[int]] = {}
         self._next_chunk: dict[str, int] = {}
         self._unique_whole: set[str] = set()
@@ -299,6 +304,8 @@ class ShardLimits:
             partial = self._source.limit_partial(limit, customer, start, end)
             if partial is None:
                 continue
+            if kind == UNIQUE:
+                partial = unique_state(partial)
             period = periods.get(start)
             if period is None:
                 period = periods[start] = _Period(end)
@@ -338,6 +345,9 @@ class ShardLimits:
         customers, dims_keys, times = items.customers, items.dims_keys, items.times
         values, indices, unique_values = items.values, items.indices, items.unique_values
         dims_by_key = meter_shard.dims_by_key
+        if kind == UNIQUE:  # each value hashed once, whatever the number of limits
+            hash_of = {value: value_hash(value) for value in
+                       {unique_values[position] for position in accepted}}
         for limit in limits:
             # (customer, period start) -> this slice's partial for it, in first-touch order
             delta: dict[tuple[str, int], Any] = {}
@@ -371,7 +381,8 @@ class ShardLimits:
                     counted_in = self._period_of(limit, ts - ts % 60_000)
                     ends[counted_in[0]] = counted_in[1]
                     one = _event_partial(kind, values[position], ts, seq_base | indices[position],
-                                         unique_values[position] if kind == UNIQUE else None)
+                                         hash_of[unique_values[position]] if kind == UNIQUE
+                                         else None)
                     key = (customer, counted_in[0])
                     found = moved.get(key)
                     moved[key] = one if found is None else merge_partial(kind, found, one)
@@ -382,12 +393,12 @@ class ShardLimits:
                     delta[key] = delta.get(key, 0) + values[position]
                 elif kind == COUNT:
                     delta[key] = delta.get(key, 0) + 1
-                elif kind == UNIQUE:
+                elif kind == UNIQUE:  # the values' hashes (engine.domain.distinct)
                     found = delta.get(key)
                     if found is None:
-                        delta[key] = {unique_values[position]}
+                        delta[key] = {hash_of[unique_values[position]]}
                     else:
-                        found.add(unique_values[position])
+                        found.add(hash_of[unique_values[position]])
                 elif kind == AVG:
                     found = delta.get(key)
                     if found is None:
@@ -443,6 +454,8 @@ class ShardLimits:
                     state = self._source.limit_partial(limit, customer, start, end)
                     if limit.meter.kind == UNIQUE:
                         self._unique_log.setdefault(limit.id, {})[(start, customer)] = None
+                        if state is not None:
+                            state = unique_state(state)
                     if period is not None:
                         if state is None:
                             period.partials.pop(customer, None)
@@ -482,34 +495,30 @@ class ShardLimits:
                 return None
             fresh.add(key)
             if kind == UNIQUE:
+                known = unique_state(known)
                 self._unique_log.setdefault(limit.id, {})[(start, customer)] = None
         elif partial is not None and key not in fresh:
             if kind == UNIQUE:
-                self._log_added(limit.id, (start, customer), known, partial)
-            known = merge_partial(kind, known, partial)
+                self._log_added(limit.id, (start, customer), known.add_hashes(partial))
+            else:
+                known = merge_partial(kind, known, partial)
         period.partials[customer] = known
         return known
 
-    def _log_added(self, limit_id: str, key: tuple[int, str], known: Any,
-                   partial: Any) -> None:
-        """Note for the next checkpoint what ``partial`` adds to the unique_count state
-        ``known`` (before they merge): the new values, or None (write it whole) when
-        either is not a plain set."""
+    def _log_added(self, limit_id: str, key: tuple[int, str], added: list[int]) -> None:
+        """Note for the next checkpoint the hashes a slice added to a unique_count state
+        (a state logged as None is written whole anyway)."""
+        if not added:
+            return
         log = self._unique_log.get(limit_id)
         if log is None:
             log = self._unique_log[limit_id] = {}
-        if type(known) is not set or type(partial) is not set:
-            log[key] = None
-            return
-        added = partial - known
-        if not added:
-            return
         if key not in log:
-            log[key] = added
+            log[key] = set(added)
             return
         noted = log[key]
         if noted is not None:
-            noted |= added
+            noted.update(added)
 
     def _period_of(self, limit: LimitDef, ts_ms: int) -> tuple[int, int]:
         """``period_bounds``, remembering the last few periods of each limit (events of a
@@ -654,7 +663,7 @@ class ShardLimits:
                     elif added is None:
                         entry = [customer, True, encode_partial(UNIQUE, state, False)]
                     else:
-                        entry = [customer, False, list(added)]
+                        entry = [customer, False, hashes_bytes(added)]
                     by_start.setdefault(start, []).append(entry)
                 payload = [[start, periods[start].end_ms if start in periods else 0, entries]
                            for start, entries in sorted(by_start.items())]
@@ -695,15 +704,15 @@ class ShardLimits:
                             continue
                         if period is None:
                             period = periods[start] = _Period(end)
-                        period.partials[customer] = set(values)
+                        period.partials[customer] = decode_partial(UNIQUE, values)
                         continue
                     if period is None:
                         period = periods[start] = _Period(end)
                     known = period.partials.get(customer)
                     if known is None:
-                        period.partials[customer] = set(values)
+                        period.partials[customer] = decode_partial(UNIQUE, values)
                     else:
-                        period.partials[customer] = merge_partial(UNIQUE, known, set(values))
+                        known.add_hashes(_chunk_hashes(values))
 
     def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
              shard_index: int, states: list[list[Any]] | None = None) -> None:
@@ -758,11 +767,32 @@ def _encode_number(value: Number) -> int | str:
     return value if type(value) is int and fits_int64(value) else str(value)
 
 
+def unique_state(partial: Any) -> DistinctHashes:
+    """A unique_count limit's state from a partial of the source (a set of values, a
+    ``PackedDistinct``, one value) or a state already."""
+    if type(partial) is DistinctHashes:
+        return partial
+    if type(partial) is str:
+        return DistinctHashes.of_values([partial])
+    return DistinctHashes.of_values(distinct_values(partial))
+
+
+def _chunk_hashes(values: bytes | list[str]) -> set[int]:
+    """A chunk's added values: hashes (bytes), or the values themselves (a list of
+    strs, in chunks written before states were hashes)."""
+    if isinstance(values, bytes):
+        return hashes_of_bytes(values)
+    return {value_hash(value) for value in values}
+
+
 def encode_partial(kind: int, partial: Any, canonical: bool = True) -> Any:
     """A partial as plain msgpack data, deterministically: numbers beyond int64 and
-    Decimals as decimal strings (as ``records.SeriesRecord``), sets as sorted lists
-    (as lists in set order if not ``canonical``)."""
+    Decimals as decimal strings (as ``records.SeriesRecord``); a unique_count state as
+    its hashes' bytes (``DistinctHashes.to_bytes``), a set of values as a sorted list
+    (as a list in set order if not ``canonical``)."""
     if kind == UNIQUE:
+        if type(partial) is DistinctHashes:
+            return partial.to_bytes()
         return sorted(partial) if canonical else list(partial)
     if kind == AVG:
         return [_encode_number(partial[0]), partial[1]]
@@ -772,9 +802,12 @@ def encode_partial(kind: int, partial: Any, canonical: bool = True) -> Any:
 
 
 def decode_partial(kind: int, encoded: Any) -> Any:
-    """Inverse of ``encode_partial``."""
+    """Inverse of ``encode_partial``: a unique_count state comes back as hashes,
+    from its bytes or (states written before they were hashes) from its values."""
     if kind == UNIQUE:
-        return set(encoded)
+        if type(encoded) is bytes:
+            return DistinctHashes.of_bytes(encoded)
+        return DistinctHashes.of_values(encoded)
     if kind == AVG:
         return [decimal_or_int(encoded[0]), encoded[1]]
     if kind == LATEST:
