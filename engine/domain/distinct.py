@@ -30,7 +30,7 @@ import numpy as np
 from xxhash import xxh3_64_intdigest
 
 _DTYPE = np.dtype("<u8")
-MERGE_AT_LEAST = 256  # recent hashes merged into the array at this many, or len/16
+MERGE_AT_LEAST = 32  # recent hashes merged into the array at this many, or len/16
 # Up to this many candidates are looked up one by one (bisect, ~1 us each); more at
 # once with numpy (a fixed ~10 us, then ~50 ns each).
 BISECT_AT_MOST = 8
