@@ -148,10 +148,15 @@ async def test_tcp_server_shutdown_ends_a_subscription_with_connection_lost(
                 assert subscription.next_seq == 1
 
 
-async def test_tcp_alert_reaches_a_subscriber_soon_after_the_ack(
+async def test_tcp_every_acked_alert_reaches_a_subscriber_in_order(
     engine: Engine, serving: Any
 ) -> None:
+    """Each crossing an ack reports is pushed to a subscriber on another connection, in
+    seq order. How soon is measured by ``benchmarks/alert_latency.py`` (ack to push,
+    p50/p99 in docs/benchmarks.md), not bounded here: a timing bound in a unit test
+    failed under a loaded machine."""
     arrivals: dict[int, float] = {}
+    order: list[int] = []
     async with serving(engine) as server:
         async with open_client(HOST, server.port) as admin, \
                 open_client(HOST, server.port) as reader:
@@ -162,20 +167,20 @@ async def test_tcp_alert_reaches_a_subscriber_soon_after_the_ack(
                 async def receive() -> None:
                     async for alert in subscription:
                         arrivals[alert.seq] = trio.current_time()
+                        order.append(alert.seq)
 
                 nursery.start_soon(receive)
-                delays = []
+                acked = []
                 for i in range(20):
                     ack = await admin.ingest([ev(f"c{i}", 10, NOW)], report_alerts=True)
-                    acked_at = trio.current_time()
                     [alert] = ack.alerts
-                    with trio.fail_after(10):  # only bounds the wait; the delay is asserted
+                    assert (alert.customer_id, alert.threshold) == (f"c{i}", 10)
+                    acked.append(alert.seq)
+                    with trio.fail_after(10):  # (a bound on the wait, not a latency goal)
                         while alert.seq not in arrivals:
                             await trio.sleep(0.001)
-                    delays.append(arrivals[alert.seq] - acked_at)
                 nursery.cancel_scope.cancel()
-    print(f"\nack to alert push: max {1000 * max(delays):.1f} ms over {len(delays)} alerts")
-    assert max(delays) < 0.2, f"ack to push {[round(1000 * d, 1) for d in delays]} ms"
+    assert order == acked == sorted(acked) and len(set(acked)) == 20
 
 
 async def test_tcp_a_subscriber_that_does_not_read_never_slows_ingest(

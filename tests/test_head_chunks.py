@@ -14,6 +14,7 @@ import trio.testing
 
 from engine import Event, Meter, Query, open_engine
 from engine.errors import StorageFull
+from engine.runtime import writer as wal_writer
 from engine.runtime.blocks import BlockCache
 from engine.storage.lmdb_store import LmdbStore
 from tests.helpers.internals import format_of
@@ -392,15 +393,16 @@ async def test_a_checkpoint_encodes_blocks_itself_when_the_encoder_lags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Sealed blocks are encoded on a worker thread; a due checkpoint waits for that only
-    a little (``ENCODE_WAIT_S``). With an encoder that never gets to them, checkpoints
-    and ``snapshot()`` still come, encode the blocks themselves and write them, and a
-    restart answers the same."""
+    a little (``ENCODE_WAIT_S``, ``ENCODE_WAIT_REQUESTED_S`` for ``snapshot()``). With an
+    encoder that never gets to them, checkpoints and ``snapshot()`` still come, encode
+    the blocks themselves and write them, and a restart answers the same."""
 
     async def stalled_encoder(cache: BlockCache) -> None:
         cache._encoder_wake = trio.Event()  # "running", and never encodes anything
         await trio.sleep_forever()
 
     monkeypatch.setattr(BlockCache, "encode_in_background", stalled_encoder)
+    monkeypatch.setattr(wal_writer, "ENCODE_WAIT_REQUESTED_S", 0.2)
     now = [START + 20 * HOUR]
     async with open_at(tmp_path, now) as eng:
         for meter in METERS:

@@ -116,6 +116,10 @@ REQUESTED_POLL_S = 0.002
 # the rest itself (in its own turn, as every checkpoint did before the encoder).
 ENCODE_WAIT_S = 0.25
 ENCODE_WAIT_TURNS = 8
+# A requested checkpoint (``snapshot()``, close) waits longer: its caller waits anyway,
+# ingest goes on meanwhile, and it follows sealing and compaction on every shard, tens
+# of blocks to encode (encoding them in the checkpoint held acks for ~0.3 s).
+ENCODE_WAIT_REQUESTED_S = 5.0
 
 
 class WalWriter:
@@ -662,11 +666,12 @@ class WalWriter:
 
     def _waiting_for_encoder(self, after_commit: bool) -> bool:
         """A checkpoint is due: wait a little for the encoder task to finish the blocks
-        sealed for it (``BlockCache.encode_in_background``), at most ENCODE_WAIT_S and
-        (``after_commit``: an automatic checkpoint, asked after each group commit)
-        ENCODE_WAIT_TURNS group commits, then encode the rest in the checkpoint itself:
-        shards that keep compacting keep the encoder busy, and checkpoints must not wait
-        for it to be idle, nor come later on a slower machine."""
+        sealed for it (``BlockCache.encode_in_background``): an automatic checkpoint
+        (``after_commit``: asked after each group commit) at most ENCODE_WAIT_S and
+        ENCODE_WAIT_TURNS group commits, a requested one ENCODE_WAIT_REQUESTED_S; then
+        it encodes the rest itself: shards that keep compacting keep the encoder busy,
+        and checkpoints must not wait for it to be idle, nor come later on a slower
+        machine."""
         if not self._blocks.encoding_pending():
             self._encoder_wait_since = None
             return False
@@ -675,6 +680,8 @@ class WalWriter:
             self._encoder_wait_since = now
             self._encoder_wait_turns = 0
         self._encoder_wait_turns += after_commit
+        if not after_commit:
+            return now - self._encoder_wait_since < ENCODE_WAIT_REQUESTED_S
         return (now - self._encoder_wait_since < ENCODE_WAIT_S
                 and self._encoder_wait_turns <= ENCODE_WAIT_TURNS)
 
