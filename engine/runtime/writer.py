@@ -114,8 +114,8 @@ INDEX_IDLE_S = 0.5
 REQUESTED_POLL_S = 0.002
 # How long a due checkpoint waits for the encoder thread's blocks before it encodes
 # the rest itself (in its own turn, as every checkpoint did before the encoder).
-ENCODE_WAIT_S = 0.25
-ENCODE_WAIT_TURNS = 8
+ENCODE_WAIT_S = 1.0
+ENCODE_WAIT_TURNS = 16
 # A requested checkpoint (``snapshot()``, close) waits longer: its caller waits anyway,
 # ingest goes on meanwhile, and it follows sealing and compaction on every shard, tens
 # of blocks to encode (encoding them in the checkpoint held acks for ~0.3 s).
