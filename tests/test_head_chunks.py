@@ -393,16 +393,16 @@ async def test_a_checkpoint_encodes_blocks_itself_when_the_encoder_lags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Sealed blocks are encoded on a worker thread; a due checkpoint waits for that only
-    a little (``ENCODE_WAIT_S``, ``ENCODE_WAIT_REQUESTED_S`` for ``snapshot()``). With an
-    encoder that never gets to them, checkpoints and ``snapshot()`` still come, encode
-    the blocks themselves and write them, and a restart answers the same."""
+    a while (``ENCODE_WAIT_S``), and so does the next shard's sealing. With an encoder
+    that never gets to them, sealing, checkpoints and ``snapshot()`` still go on,
+    encoding the blocks themselves, and a restart answers the same."""
 
     async def stalled_encoder(cache: BlockCache) -> None:
         cache._encoder_wake = trio.Event()  # "running", and never encodes anything
         await trio.sleep_forever()
 
     monkeypatch.setattr(BlockCache, "encode_in_background", stalled_encoder)
-    monkeypatch.setattr(wal_writer, "ENCODE_WAIT_REQUESTED_S", 0.2)
+    monkeypatch.setattr(wal_writer, "ENCODE_WAIT_S", 0.2)
     now = [START + 20 * HOUR]
     async with open_at(tmp_path, now) as eng:
         for meter in METERS:

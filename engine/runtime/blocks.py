@@ -153,6 +153,11 @@ class BlockCache:
         finally:
             self._encoder_wake = None
 
+    def encode_now(self) -> None:
+        """Encode every block still waiting for the encoder, in this turn."""
+        for entry in self._unwritten.values():
+            self._raw(entry)
+
     @staticmethod
     def _raw(entry: list[Any]) -> bytes:
         if entry[1] is None:

@@ -113,13 +113,9 @@ INDEX_IDLE_S = 0.5
 # often the writer looks again.
 REQUESTED_POLL_S = 0.002
 # How long a due checkpoint waits for the encoder thread's blocks before it encodes
-# the rest itself (in its own turn, as every checkpoint did before the encoder).
-ENCODE_WAIT_S = 1.0
-ENCODE_WAIT_TURNS = 16
-# A requested checkpoint (``snapshot()``, close) waits longer: its caller waits anyway,
-# ingest goes on meanwhile, and it follows sealing and compaction on every shard, tens
-# of blocks to encode (encoding them in the checkpoint held acks for ~0.3 s).
-ENCODE_WAIT_REQUESTED_S = 5.0
+# the rest itself, in its own turn (a safety net: no shard seals while blocks wait for
+# the encoder, so it has at most one shard's sealing to finish).
+ENCODE_WAIT_S = 10.0
 
 
 class WalWriter:
@@ -211,7 +207,6 @@ class WalWriter:
         self._held: WriteRequest | None = None  # a correction that ended the group before
         self._index_idle = False  # no request came for INDEX_IDLE_S: slices run back to back
         self._encoder_wait_since: float | None = None  # a due checkpoint waits for blocks
-        self._encoder_wait_turns = 0
 
     async def run(self, requests: trio.MemoryReceiveChannel[WriteRequest],
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -261,7 +256,7 @@ class WalWriter:
                 elif ((self.wal_bytes_since_snapshot >= self._checkpoint_every_bytes()
                        or self._sealed_everywhere())
                       and trio.current_time() >= self._snapshot_not_before
-                      and not self._waiting_for_encoder(after_commit=True)):
+                      and not self._waiting_for_encoder()):
                     await self._snapshot([])
                 await self._serve_background()
         with trio.CancelScope(shield=True):
@@ -664,26 +659,18 @@ class WalWriter:
                 and min(self._shard_sealed)
                 >= self._history.seal_before_minute(self._history.clock_ms()))
 
-    def _waiting_for_encoder(self, after_commit: bool) -> bool:
-        """A checkpoint is due: wait a little for the encoder task to finish the blocks
-        sealed for it (``BlockCache.encode_in_background``): an automatic checkpoint
-        (``after_commit``: asked after each group commit) at most ENCODE_WAIT_S and
-        ENCODE_WAIT_TURNS group commits, a requested one ENCODE_WAIT_REQUESTED_S; then
-        it encodes the rest itself: shards that keep compacting keep the encoder busy,
-        and checkpoints must not wait for it to be idle, nor come later on a slower
-        machine."""
+    def _waiting_for_encoder(self) -> bool:
+        """A checkpoint is due: wait for the encoder task to finish the blocks sealed for
+        it (``BlockCache.encode_in_background``). No shard seals meanwhile
+        (``_seal_in_background``), so that is one shard's sealing at most; after
+        ENCODE_WAIT_S (a starved thread) the checkpoint encodes the rest itself."""
         if not self._blocks.encoding_pending():
             self._encoder_wait_since = None
             return False
         now = trio.current_time()
         if self._encoder_wait_since is None:
             self._encoder_wait_since = now
-            self._encoder_wait_turns = 0
-        self._encoder_wait_turns += after_commit
-        if not after_commit:
-            return now - self._encoder_wait_since < ENCODE_WAIT_REQUESTED_S
-        return (now - self._encoder_wait_since < ENCODE_WAIT_S
-                and self._encoder_wait_turns <= ENCODE_WAIT_TURNS)
+        return now - self._encoder_wait_since < ENCODE_WAIT_S
 
     def _want_snapshot(self, ticket: SnapshotTicket) -> None:
         """A requested checkpoint: it seals every shard up to the hot window and merges
@@ -703,8 +690,7 @@ class WalWriter:
         shard's sealing, then the requested checkpoint once its sealing is done."""
         await self._seal_in_background()
         if (self._requested and (self._sealing is None or self._sealing.is_set())
-                and not self._requested_compact
-                and not self._waiting_for_encoder(after_commit=False)
+                and not self._requested_compact and not self._waiting_for_encoder()
                 and min(self._shard_sealed) >= self._requested_target):
             tickets, self._requested = self._requested, []
             await self._snapshot(tickets)
@@ -717,6 +703,12 @@ class WalWriter:
         worth of them. Its blocks are written by the next checkpoint."""
         if self._sealing is not None and not self._sealing.is_set():
             return
+        if self._waiting_for_encoder():
+            # The last shard's blocks wait for the encoder thread: seal no more until
+            # they are encoded, so the encoder never falls behind by more than one
+            # shard's day and a checkpoint never waits for (or encodes) more.
+            return
+        self._blocks.encode_now()  # (a thread starved past ENCODE_WAIT_S: done here)
         self._sealing = None
         target = self._history.seal_before_minute(self._history.clock_ms())
         if self._requested:
