@@ -7,10 +7,10 @@ Why: a month or ``total`` limit on a unique_count meter holds every distinct val
 its period per customer, and that grows with the period. As a Python set of strs it
 cost about 80 bytes a value, the largest part of the engine's memory growth with
 limits on (``docs/benchmarks.md``). A limit needs only to know whether a value is new
-and how many there are, so it keeps each value's xxh3 64-bit hash: a sorted numpy
-array, plus a small set of hashes added since the array was last merged (merged once
-it holds a sixteenth of the array, so an insert costs a constant amortized share of
-a merge).
+and how many there are, so it keeps each value's xxh3 64-bit hash: a sorted
+``array('Q')``, plus a small set of hashes added since the array was last merged
+(merged once it holds a sixteenth of the array, so an insert costs a constant
+amortized share of a merge).
 
 Exactness: two distinct values of one (limit, customer, period) count once if their
 hashes are equal. For n values the chance that any two of them collide is about
@@ -34,10 +34,6 @@ MERGE_AT_LEAST = 32  # recent hashes merged into the array at this many, or len/
 # Up to this many candidates are looked up one by one (bisect, ~1 us each); more at
 # once with numpy (a fixed ~10 us, then ~50 ns each).
 BISECT_AT_MOST = 8
-# States of at least HOT_FROM values remember up to HOT_AT_MOST hashes found again
-# (a set of ints: ~70 bytes each, so at most ~18 KB a large state, whatever its size).
-HOT_FROM = 4096
-HOT_AT_MOST = 256
 
 
 def value_hash(value: str) -> int:
@@ -52,16 +48,13 @@ def _packed(hashes: Iterable[int]) -> array[int]:
 class DistinctHashes:
     """The distinct values of a limit's period for one customer, as hashes."""
 
-    __slots__ = ("hot", "packed", "recent")
+    __slots__ = ("packed", "recent")
 
     def __init__(self, packed: array[int] | None = None,
                  recent: set[int] | None = None) -> None:
         # sorted, no repeats, disjoint from recent; never changed in place once shared
         self.packed: array[int] = array("Q") if packed is None else packed
         self.recent: set[int] = set() if recent is None else recent
-        # Hashes of the array found again lately (a large state only): a value that
-        # repeats, as most do in a month or total, is then found without a search.
-        self.hot: set[int] | None = None
 
     @classmethod
     def of_values(cls, values: Iterable[str]) -> DistinctHashes:
@@ -82,14 +75,6 @@ class DistinctHashes:
         yield from self.packed
         yield from self.recent
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.packed) * 8 + 70 * (len(self.recent) + len(self.hot or ()))
-
-    def add_values(self, values: Iterable[str]) -> list[int]:
-        """Add the values; returns the hashes that were not there before."""
-        return self.add_hashes({value_hash(value) for value in values})
-
     def add_hashes(self, hashes: set[int]) -> list[int]:
         """Add the hashes; returns those that were new. ``hashes`` is not changed."""
         recent = self.recent
@@ -97,19 +82,12 @@ class DistinctHashes:
         size = len(packed)
         if len(hashes) <= BISECT_AT_MOST:
             new = []
-            hot = self.hot
-            if hot is None and size >= HOT_FROM:
-                hot = self.hot = set()
             for hash_ in hashes:
-                if hash_ in recent or (hot is not None and hash_ in hot):
+                if hash_ in recent:
                     continue
                 if size:
                     slot = bisect_left(packed, hash_)
                     if slot < size and packed[slot] == hash_:
-                        if hot is not None:
-                            if len(hot) >= HOT_AT_MOST:
-                                hot.clear()
-                            hot.add(hash_)
                         continue
                 new.append(hash_)
         else:
@@ -132,9 +110,6 @@ class DistinctHashes:
         """Canonical bytes: every hash, sorted, 8 bytes little-endian each."""
         self._merge()
         return _little_endian(self.packed)
-
-    def copy(self) -> DistinctHashes:  # (without the hot hashes: only a shortcut)
-        return DistinctHashes(self.packed, set(self.recent))  # (the array is replaced, not changed)
 
     def _merge(self) -> None:
         """The recent hashes into the array: disjoint from it, so an insert at their

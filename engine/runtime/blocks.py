@@ -76,7 +76,6 @@ class BlockCache:
         self._unwritten: dict[bytes, list[Any]] = {}
         self._to_encode: deque[bytes] = deque()  # keys of unwritten blocks, oldest first
         self._encoder_wake: trio.Event | None = None  # set while the encoder task runs
-        self.encoded_in_background = 0
         # (meter, part) -> the cache keys of its summaries (merged rollups of several
         # days), all dropped when a block of that meter and part is added
         self._summaries: dict[tuple[str, int], list[tuple[bytes, int]]] = {}
@@ -129,8 +128,8 @@ class BlockCache:
         return sum(entry[1] is None for entry in self._unwritten.values())
 
     def encoding_pending(self) -> bool:
-        """Blocks wait for the encoder task, which runs: a checkpoint now would encode
-        them itself, in the writer's turn (the writer waits a group commit or two)."""
+        """Blocks wait for the encoder task, which runs (the writer waits for it before
+        it seals more or checkpoints: ``WalWriter._waiting_for_encoder``)."""
         return self._encoder_wake is not None and any(
             entry[1] is None for entry in self._unwritten.values())
 
@@ -149,7 +148,6 @@ class BlockCache:
                 raw = await trio.to_thread.run_sync(encode_block, entry[0], *entry[3])
                 if entry[1] is None:
                     entry[1] = raw
-                    self.encoded_in_background += 1
         finally:
             self._encoder_wake = None
 
