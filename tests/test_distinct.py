@@ -12,7 +12,6 @@ from engine.domain.distinct import (
     MERGE_AT_LEAST,
     DistinctHashes,
     hashes_bytes,
-    hashes_of_bytes,
     value_hash,
 )
 
@@ -38,7 +37,7 @@ def test_hashes_match_a_set_model(start: set[str], batches: list[set[str]]) -> N
         assert list(state.packed) == sorted(state.packed)
         assert not state.recent & set(state.packed)
     raw = state.to_bytes()
-    assert raw == hashes_bytes(model) and hashes_of_bytes(raw) == model
+    assert raw == hashes_bytes(model)
     assert set(DistinctHashes.of_bytes(raw)) == model and not state.recent
 
 
@@ -49,3 +48,26 @@ def test_recent_hashes_are_merged_into_the_array() -> None:
         assert len(state.recent) < max(MERGE_AT_LEAST, len(state.packed) >> 4)
     assert len(state) == MERGE_AT_LEAST * 40
     assert state.add_hashes({value_hash("u7"), value_hash("u1000")}) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(hashes=st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=60))
+def test_bytes_not_in_canonical_order_load_sorted_without_repeats(hashes: list[int]) -> None:
+    """Stored bytes in any order, with repeats, load as the canonical state."""
+    raw = b"".join(hash_.to_bytes(8, "little") for hash_ in hashes)
+    state = DistinctHashes.of_bytes(raw)
+    assert list(state.packed) == sorted(set(hashes)) and not state.recent
+    assert state.add_hashes(set(hashes)) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(start=st.sets(values, max_size=50), recent=st.sets(values, max_size=5),
+       increments=st.lists(st.sets(values, max_size=30), max_size=6))
+def test_added_bytes_unite_with_the_state(start: set[str], recent: set[str],
+                                          increments: list[set[str]]) -> None:
+    state = DistinctHashes.of_values(start)
+    state.add_hashes({value_hash(value) for value in recent})
+    state.add_bytes([hashes_bytes(value_hash(value) for value in increment)
+                     for increment in increments])
+    model = {value_hash(value) for value in start | recent | set().union(*increments)}
+    assert list(state.packed) == sorted(model) and not state.recent

@@ -60,7 +60,7 @@ from engine.domain.aggregates import (
     merge_partial,
 )
 from engine.domain.batch import Columns, ShardRouter
-from engine.domain.distinct import DistinctHashes, hashes_bytes, hashes_of_bytes, value_hash
+from engine.domain.distinct import DistinctHashes, hashes_bytes, value_hash
 from engine.domain.meters import MeterDef
 from engine.domain.records import decimal_or_int
 from engine.domain.series import MeterShard, dims_match
@@ -681,6 +681,8 @@ class ShardLimits:
         """Apply stored chunks, as (shard part, limit id, chunk number, payload), to this
         shard's customers' states, each limit's in chunk order; remember the numbers of
         this shard's own. Call after ``load``."""
+        # a state's increments, added in one sort each once every chunk is read
+        added: dict[tuple[str, int, str], list[bytes]] = {}
         for part, limit_id, seq, payload in sorted(chunks, key=lambda c: (c[1], c[0], c[2])):
             if part == shard_index:
                 self.unique_chunk_seqs.setdefault(limit_id, []).append(seq)
@@ -696,6 +698,7 @@ class ShardLimits:
                         continue
                     period = periods.get(start)
                     if whole:
+                        added.pop((limit_id, start, customer), None)
                         if not values:
                             if period is not None:
                                 period.partials.pop(customer, None)
@@ -708,11 +711,13 @@ class ShardLimits:
                         continue
                     if period is None:
                         period = periods[start] = _Period(end)
-                    known = period.partials.get(customer)
-                    if known is None:
+                    if customer not in period.partials:
                         period.partials[customer] = decode_partial(UNIQUE, values)
                     else:
-                        known.add_hashes(_chunk_hashes(values))
+                        added.setdefault((limit_id, start, customer), []).append(
+                            _chunk_bytes(values))
+        for (limit_id, start, customer), raws in added.items():
+            self.states[limit_id][start].partials[customer].add_bytes(raws)
 
     def load(self, limits: list[LimitDef], fired: list[list[Any]], route: ShardRouter,
              shard_index: int, states: list[list[Any]] | None = None) -> None:
@@ -777,12 +782,12 @@ def unique_state(partial: Any) -> DistinctHashes:
     return DistinctHashes.of_values(distinct_values(partial))
 
 
-def _chunk_hashes(values: bytes | list[str]) -> set[int]:
-    """A chunk's added values: hashes (bytes), or the values themselves (a list of
-    strs, in chunks written before states were hashes)."""
+def _chunk_bytes(values: bytes | list[str]) -> bytes:
+    """A chunk's added values as hashes' bytes: as stored, or hashed from the values
+    themselves (a list of strs, in chunks written before states were hashes)."""
     if isinstance(values, bytes):
-        return hashes_of_bytes(values)
-    return {value_hash(value) for value in values}
+        return values
+    return hashes_bytes(value_hash(value) for value in values)
 
 
 def encode_partial(kind: int, partial: Any, canonical: bool = True) -> Any:
