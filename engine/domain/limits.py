@@ -266,6 +266,8 @@ class ShardLimits:
         self._periods: dict[str, list[tuple[int, int]]] = {}  # limit id -> recent periods
         # Ends before this were forgotten; not exported: forgetting again is a no-op.
         self._forgotten_before_ms = -1
+        # limit id -> period start -> end, of the fired masks' periods (forget_ended)
+        self._fired_ends: dict[str, dict[int, int]] = {}
         # Usage feeds' changes since the runtime last took them (``take_feed``).
         self.feed: list[UsageChange] = []
         # limit id -> dimension set key -> whether it passes the limit's dimension filters
@@ -321,6 +323,7 @@ class ShardLimits:
         self.fired.pop(limit_id, None)
         self.states.pop(limit_id, None)
         self._periods.pop(limit_id, None)
+        self._fired_ends.pop(limit_id, None)
         self._matches.pop(limit_id, None)
         self._unique_log.pop(limit_id, None)
         self._unique_whole.discard(limit_id)
@@ -580,7 +583,8 @@ class ShardLimits:
             if not fired:
                 continue
             limit = self.by_id[limit_id].limit
-            ends: dict[int, int] = {}
+            # computing a period in a time zone costs microseconds: remembered
+            ends = self._fired_ends.setdefault(limit_id, {})
             stale = []
             for key in fired:
                 start = key[1]
@@ -591,6 +595,8 @@ class ShardLimits:
                     stale.append(key)
             for key in stale:
                 del fired[key]
+            for start in [start for start, end in ends.items() if end <= horizon]:
+                del ends[start]
 
     # ------------------------------------------------------------ snapshot
 
