@@ -46,6 +46,7 @@ from engine.runtime import writer as writer_module
 from engine.runtime.blocks import BlockCache
 from engine.runtime.shards import ShardActor
 from engine.runtime.writer import WalWriter
+from engine.storage.lmdb_store import LmdbStore
 
 Span = tuple[float, float, str]
 
@@ -56,6 +57,8 @@ class Tracer:
     def __init__(self, profile: bool = False) -> None:
         self.spans: list[Span] = []
         self.on = False
+        # the store's commits: what each carried and where its time went
+        self.commits: list[dict[str, Any]] = []
         # --profile: cProfile of the shards' sealing turns and checkpoint encoding
         self.profiles = {"shard: sealing turn": cProfile.Profile(),
                          "shard: checkpoint encoding": cProfile.Profile()} if profile else {}
@@ -118,6 +121,48 @@ class Tracer:
                     self.spans.append((started, time.perf_counter(),
                                        "store: " + getattr(function, "__name__", "?")))
         writer_module.call_store = call_store
+        self._trace_commits()
+
+    def _trace_commits(self) -> None:
+        """Per store commit: its records, dedup-index slice and alerts, the time of its
+        transaction's body and of the whole call (the rest is LMDB's commit: page
+        writes and fsync), and how far the file's last page moved (pages LMDB could
+        not take from its free list)."""
+        original = LmdbStore.commit
+        original_body = LmdbStore._commit_txn
+        body_s: list[float] = []
+
+        @functools.wraps(original_body)
+        def body(store: Any, txn: Any, *args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original_body(store, txn, *args)
+            finally:
+                body_s.append(time.perf_counter() - started)
+
+        @functools.wraps(original)
+        def commit(store: Any, wal: Any, meta: Any, alerts: Any = None, ids: Any = None,
+                   decisions: Any = None, run_slice: Any = None) -> Any:
+            if not self.on:
+                return original(store, wal, meta, alerts, ids, decisions, run_slice)
+            body_s.clear()
+            last_page = store.env.info()["last_pgno"]
+            started = time.perf_counter()
+            try:
+                return original(store, wal, meta, alerts, ids, decisions, run_slice)
+            finally:
+                ended = time.perf_counter()
+                self.commits.append({
+                    "at": started, "ms": (ended - started) * 1000,
+                    "body_ms": sum(body_s) * 1000,
+                    "wal_records": len(wal), "wal_bytes": sum(len(r) for _, r in wal),
+                    "meta": len(meta), "alerts": len(alerts or ()),
+                    "slice_keys": len(run_slice.keys) if run_slice else 0,
+                    "slice_deletes": run_slice.delete if run_slice else 0,
+                    "new_pages": store.env.info()["last_pgno"] - last_page})
+
+        LmdbStore._commit_txn = body  # type: ignore[method-assign]
+        LmdbStore.commit = commit  # type: ignore[method-assign]
 
     def totals(self, since: float) -> dict[str, dict[str, float]]:
         table: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -188,6 +233,8 @@ async def run(args: argparse.Namespace, growth_args: argparse.Namespace,
         "slowest_acks": [{"ack_ms": latency * 1000, "at_s": start - paced_started,
                           "overlapping_ms": tracer.overlapping(start, end)}
                          for latency, start, end in slow[:args.show]],
+        "slowest_commits": [{**commit, "at": commit["at"] - paced_started} for commit in
+                            sorted(tracer.commits, key=lambda c: -c["ms"])[:args.show]],
     }
 
 
@@ -209,6 +256,14 @@ def report(result: dict[str, Any]) -> str:
         over = ", ".join(f"{label} {ms:.0f}" for label, ms in
                          list(ack["overlapping_ms"].items())[:5])
         lines.append(f"ack {ack['ack_ms']:.0f} ms at {ack['at_s']:.1f} s: {over}")
+    lines.append("")
+    for commit in result["slowest_commits"]:
+        lines.append(
+            f"commit {commit['ms']:.0f} ms at {commit['at']:.1f} s (body {commit['body_ms']:.0f}"
+            f" ms): {commit['wal_records']} records, {commit['wal_bytes']:,} B, "
+            f"{commit['meta']} meta, {commit['alerts']} alerts, index slice "
+            f"{commit['slice_keys']} keys / {commit['slice_deletes']} deletes, "
+            f"{commit['new_pages']} new pages")
     return "\n".join(lines)
 
 
