@@ -211,6 +211,14 @@ class PendingCorrection:
     scratch: ShardState = field(default_factory=ShardState)
     scan_lsn: int = 0
     logged_lsn: int = 0  # the record's, once committed
+    # What the targets alone decide, made on the scan's thread (``_prepare_targets``)
+    # so the writer, which waits for ``finish``, does not: for a million targets it
+    # was a second during which no other batch was committed.
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (lsn, index) of each
+    _flat: list[int] = field(default_factory=list)
+    _packed_positions: bytes = b""
+    _readmit_keys: list[bytes] = field(default_factory=list)
+    _encoded_readmit: bytes = b""
 
     # ------------------------------------------------------------ worker thread
 
@@ -227,10 +235,25 @@ class PendingCorrection:
             self.amended = [e for e in self.amended if e.unique_id in live]
         for event in self.amended:
             self._affect(event)
-        skip = {(lsn, index) for lsn, index, _ in self.targets}
-        self._fold(store, positions, skip, 0, to_lsn)
+        self._prepare_targets()
+        self._fold(store, positions, set(self.pairs), 0, to_lsn)
         self.scan_lsn = to_lsn
         fault_point("correction.scanned")
+
+    def _prepare_targets(self) -> None:
+        """The parts of the record and catalogue entries that depend on the targets
+        only (``catch_up`` adds none)."""
+        self.pairs = [(target_lsn, index) for target_lsn, index, _ in self.targets]
+        self._flat = [number for pair in self.pairs for number in pair]
+        pack = POSITION.pack
+        self._packed_positions = b"".join([pack(target_lsn, index)
+                                           for target_lsn, index in self.pairs])
+        if self.kind not in ("amend", "cancel_previous"):  # those keep their ids live
+            self._readmit_keys = list(dict.fromkeys(
+                id_key(event.meter_api_name, event.customer_id, event.unique_id)
+                for _, _, event in self.targets if event.unique_id is not None))
+            if self._readmit_keys:
+                self._encoded_readmit = records.encode(self._readmit_keys)
 
     def resolve_within_retention(self, store: Store, positions: set[tuple[int, int]],
                                  to_lsn: int, now_ms: int, future_ms: int) -> None:
@@ -286,23 +309,14 @@ class PendingCorrection:
                 customer, sorted(minutes), minute_buckets(meter_shard, customer, minutes))
             per_shard[route(customer)].append(change)
             all_changes.append(change)
-        flat: list[int] = []
-        for target_lsn, index, _ in self.targets:
-            flat.extend((target_lsn, index))
         record = records.encode(records.WalCorrection(
             self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
-            self.description, flat, all_changes, first_amended, self.amended[1:]))
+            self.description, self._flat, all_changes, first_amended, self.amended[1:]))
         marker = CORRECTION_LSN.pack(lsn)
-        pack = POSITION.pack
-        meta = [(POSITION_PREFIX + marker,
-                 b"".join([pack(target_lsn, index) for target_lsn, index, _ in self.targets]))]
-        readmit: dict[bytes, int] = {}
-        if self.kind not in ("amend", "cancel_previous"):  # those keep their ids live
-            for _, _, event in self.targets:
-                if event.unique_id is not None:
-                    readmit[id_key(event.meter_api_name, event.customer_id, event.unique_id)] = lsn
-            if readmit:
-                meta.append((READMIT_PREFIX + marker, records.encode(list(readmit))))
+        meta = [(POSITION_PREFIX + marker, self._packed_positions)]
+        readmit = dict.fromkeys(self._readmit_keys, lsn)
+        if readmit:
+            meta.append((READMIT_PREFIX + marker, self._encoded_readmit))
         meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,

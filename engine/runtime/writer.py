@@ -528,9 +528,7 @@ class WalWriter:
             raise error from exc
         self.last_lsn = lsn
         self.wal_bytes_since_snapshot += len(record)
-        positions = self.corrections.positions
-        for target_lsn, index, _ in pending.targets:
-            positions.add((target_lsn, index))
+        self.corrections.positions.update(pending.pairs)
         self.corrections.readmit.update(readmit)
         ticket.accepted = len(pending.targets)
         ticket.pending = len(self._mailboxes)
