@@ -50,8 +50,11 @@ from benchmarks.workload import AGGREGATIONS_MIXED, WorkloadStream
 from engine.client import open_client
 from engine.schema import Event, Query, Take
 
-# events_accepted/duplicate count since the process started, so they are not compared.
-COMPARED = ("series_count", "bucket_count", "last_lsn", "meter_count")
+# events_accepted/duplicate count since the process started, and series/bucket counts
+# change with background compaction (a delta merged into its block leaves the counted
+# series; a kill between that pass and the checkpoint that writes it brings the delta
+# back), so they are not compared: the probe queries' answers are.
+COMPARED = ("last_lsn", "meter_count")
 
 
 PROGRESS_EVERY = 1_000_000

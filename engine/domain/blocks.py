@@ -173,6 +173,45 @@ def cut_sealed(meter_shard: MeterShard,
     return pieces
 
 
+def cut_days(meter_shard: MeterShard, days: set[int]) -> dict[int, list[tuple[str, Series]]]:
+    """Remove the buckets of the UTC ``days`` from ``meter_shard`` (as ``cut_sealed``
+    does, but only these days: per series, a bisect per day, a slice per day found)."""
+    kind = meter_shard.meter.kind
+    pieces: dict[int, list[tuple[str, Series]]] = {}
+    emptied: list[tuple[str, str]] = []
+    ordered = sorted(days, reverse=True)  # cut from the end: earlier positions hold
+    for key, series in meter_shard.series.items():
+        minutes = series.minutes
+        if not minutes or minutes[0] >= (ordered[0] + 1) * DAY_MINUTES \
+                or minutes[-1] < ordered[-1] * DAY_MINUTES:
+            continue
+        cut = False
+        for day in ordered:
+            lo = bisect_left(minutes, day * DAY_MINUTES)
+            hi = bisect_left(minutes, (day + 1) * DAY_MINUTES, lo)
+            if lo == hi:
+                continue
+            piece = Series(series.customer_id, series.dims, kind)
+            for name in _COLUMNS:
+                column = getattr(series, name)
+                if column is not None:
+                    setattr(piece, name, column[lo:hi])
+                    del column[lo:hi]
+            pieces.setdefault(day, []).append((key[1], piece))
+            cut = True
+        if cut:
+            series.distinct_cache = None
+            if not minutes:
+                emptied.append(key)
+    for key in emptied:
+        series = meter_shard.series.pop(key)
+        remaining = meter_shard.by_customer[key[0]]
+        remaining.remove(series)
+        if not remaining:
+            del meter_shard.by_customer[key[0]]
+    return pieces
+
+
 # ------------------------------------------------------------------ merging
 
 

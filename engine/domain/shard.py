@@ -45,6 +45,7 @@ from engine.domain.blocks import (
     add_rollups,
     build_block,
     count_over_summary,
+    cut_days,
     cut_sealed,
     encode_block,
     merge_buckets,
@@ -85,6 +86,10 @@ class ShardState:
         # next checkpoint merges them into new versions of the blocks.
         self.sealed_before_minute = 0
         self.deltas: dict[str, MeterShard] = {}
+        # Upper bounds on the buckets in ``deltas``, per (meter, UTC day) and in all (late
+        # events applied since their day was last merged): what compaction chooses by.
+        self.delta_days: dict[tuple[str, int], int] = {}
+        self.delta_buckets = 0
         self.blocks: BlockReader = NoBlocks()
         # Per meter, the customers with usage in sealed days (limits and customer
         # listings must know them without reading blocks).
@@ -139,6 +144,7 @@ class ShardState:
             targets = [(self.meter_shard(meter), all_items)]
             if sealed_before_ms and min(all_items.times) < sealed_before_ms:
                 head_items, late_items = _split_by_time(all_items, sealed_before_ms)
+                self._count_late(meter.name, late_items.times)
                 targets = [(self.delta_shard(meter), late_items),
                            (self.meter_shard(meter), head_items)]
             head = targets[-1][0]
@@ -161,6 +167,13 @@ class ShardState:
                     crossings.extend(limits.after_apply(meter_shard, items, positions,
                                                         seq_base))
         return accepted, duplicates, crossings
+
+    def _count_late(self, name: str, times: list[int]) -> None:
+        delta_days = self.delta_days
+        for ts in times:
+            key = (name, ts // DAY_MS)
+            delta_days[key] = delta_days.get(key, 0) + 1
+        self.delta_buckets += len(times)
 
     def correct(self, meter: MeterDef, changes: list[CorrectedMinutes],
                 lsn: int = 0) -> list[Crossing]:
@@ -334,22 +347,34 @@ class ShardState:
         built: list[tuple[str, int, MeterShard, bytes | None]] = []
         pieces_by_block: dict[tuple[str, int], list[tuple[str, Series]]] = {}
         meters: dict[str, MeterDef] = {}
-        # Late events: compact the deltas of the oldest days first (the days least likely
-        # to change again; and no delta waits forever), a bounded number per checkpoint
-        # (each costs decoding and encoding a block); the rest wait in the delta, which
-        # queries merge, for a later checkpoint. Deltas are bounded by the late limit.
+        # Late events: a bounded number of (meter, day) deltas merged per pass (each
+        # costs decoding and encoding a block): the largest first (most buckets leave
+        # memory and the queries' minute walks per block rewritten; a backfill of
+        # history arrives as late events), and the oldest day too (the day least likely
+        # to change again, so that no delta waits forever). The rest wait in the delta,
+        # which queries merge, for a later pass. Deltas are bounded by the late limit.
+        # Only the chosen days are cut out of the deltas: a pass costs per series and
+        # chosen day, not per bucket waiting.
         late: dict[tuple[str, int], list[tuple[str, Series]]] = {}
-        for name, delta in (self.deltas if compact else {}).items():
-            meters[name] = delta.meter
-            for day, pieces in cut_sealed(delta, None).items():
-                late[(name, day)] = pieces
-        if compact:
-            self.deltas = {}
-        ranked = sorted(late, key=lambda key: (key[1], key[0]))
-        for key in ranked[MAX_COMPACTIONS_PER_CHECKPOINT:]:
-            delta = self.delta_shard(meters[key[0]])
-            for dims_key, piece in late.pop(key):
-                _adopt(delta, dims_key, piece)
+        if compact and self.delta_days:
+            sizes = self.delta_days
+            by_age = sorted(sizes, key=lambda key: (key[1], key[0]))
+            by_size = sorted(by_age[1:], key=lambda key: (-sizes[key], key[1], key[0]))
+            chosen = [*by_age[:1], *by_size[:MAX_COMPACTIONS_PER_CHECKPOINT - 1]]
+            days_of: dict[str, set[int]] = {}
+            for name, day in chosen:
+                days_of.setdefault(name, set()).add(day)
+                del sizes[(name, day)]
+            self.delta_buckets = sum(sizes.values())
+            for name, days in days_of.items():
+                delta = self.deltas.get(name)
+                if delta is None:
+                    continue
+                meters[name] = delta.meter
+                for day, pieces in cut_days(delta, days).items():
+                    late[(name, day)] = pieces
+                if not delta.series:
+                    del self.deltas[name]
         pieces_by_block.update(late)
         # The days that left the hot window: a first block each.
         for name, head in self.meters.items():
@@ -496,18 +521,6 @@ def _export_meters(meters: dict[str, MeterShard], canonical: bool = True) -> lis
         # ``seen`` stays empty: unique ids live in the store's dedup index now.
         parts.append(MeterPart(name, records, []))
     return parts
-
-
-def _adopt(meter_shard: MeterShard, dims_key: str, piece: Series) -> None:
-    """Put a cut piece back into ``meter_shard`` (its columns moved, not copied, when
-    the series is new there)."""
-    existing = meter_shard.series.get((piece.customer_id, dims_key))
-    if existing is None:
-        series = meter_shard.new_series(piece.customer_id, dims_key)
-        for name in ("minutes", "edges", "values", "counts", "times", "seqs"):
-            setattr(series, name, getattr(piece, name))
-    else:
-        merge_buckets(meter_shard, dims_key, piece)
 
 
 def _split_by_time(items: Columns, before_ms: int) -> tuple[Columns, Columns]:
@@ -1078,6 +1091,13 @@ def restore_shards(
         for name, customers in shard_part.sealed_customers:
             for customer in customers:
                 states[route(customer)].sealed_customers.setdefault(name, set()).add(customer)
+    for state in states:
+        for name, delta in state.deltas.items():
+            for series in delta.series.values():
+                for minute in series.minutes:
+                    key = (name, minute * MINUTE_MS // DAY_MS)
+                    state.delta_days[key] = state.delta_days.get(key, 0) + 1
+        state.delta_buckets = sum(state.delta_days.values())
     return states
 
 

@@ -148,8 +148,11 @@ class Engine:
         # slices), for the queries' finishing step, which runs in the caller's task.
         self._distinct_counts = DistinctCounts(block_cache_bytes // DISTINCT_COUNTS_SHARE)
         self._acks = AckSequencer(self._hub, self._recovered.last_lsn + 1, extension)
+        # Each shard's late-event buckets waiting for compaction: written by its actor,
+        # read by the writer, which schedules the compaction passes.
+        delta_buckets = [state.delta_buckets for state in self._recovered.states]
         self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
-                                   shard_count)
+                                   shard_count, delta_buckets)
                         for index, state in enumerate(self._recovered.states)]
         self._write_send, self._write_receive = trio.open_memory_channel[messages.WriteRequest](
             WRITE_QUEUE)
@@ -172,6 +175,7 @@ class Engine:
             snapshot_lsn=self._recovered.snapshot_lsn,
             index=self._recovered.index,
             decided_from=self._recovered.decided_from,
+            delta_buckets=delta_buckets,
         )
         self._customers = CustomerRegistry(
             self._catalog, self._route, ingest_rules, [send for send, _ in self._mailboxes],
@@ -758,6 +762,7 @@ class Engine:
             return [traits.regroup(await self._gather_partials(traits.shard_plan))]
         if not plan.cuts_ms:
             return []
+        self._writer.last_read_at = trio.current_time()  # (idle compaction waits)
         if plan.customers is not None:
             shards = sorted({self._route(customer) for customer in plan.customers})
         else:

@@ -121,8 +121,12 @@ def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
 
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
-                 lifecycle: Lifecycle, blocks: BlockCache, shard_count: int) -> None:
+                 lifecycle: Lifecycle, blocks: BlockCache, shard_count: int,
+                 delta_buckets: list[int] | None = None) -> None:
         self.index = index
+        # Shared with the WAL writer: this shard's entry is ``state.delta_buckets`` after
+        # each of its turns that can change it (the writer schedules compaction by it).
+        self._delta_buckets = delta_buckets if delta_buckets is not None else [0] * (index + 1)
         self.state = state
         self._acks = acks
         self._lifecycle = lifecycle
@@ -136,6 +140,7 @@ class ShardActor:
                 match message:
                     case ApplyGroup(items):
                         self._apply_group(items, mailbox)
+                        self._delta_buckets[self.index] = self.state.delta_buckets
                     case RunQuery(plan, ticket):
                         try:
                             result = self.state.query(plan)
@@ -157,6 +162,7 @@ class ShardActor:
                             self._lifecycle.stop(exc)
                             ticket.fail(EngineClosed(f"shard {self.index} failed: {exc!r}"))
                             raise
+                        self._delta_buckets[self.index] = self.state.delta_buckets
                         ticket.add(shard_checkpoint(self.state, self.index, full))
                     case SealDays(done, seal_before_minute, lsn, compact):
                         try:
@@ -165,6 +171,7 @@ class ShardActor:
                             self._lifecycle.stop(exc)  # buckets may be half moved
                             raise
                         finally:
+                            self._delta_buckets[self.index] = self.state.delta_buckets
                             done.set()
                     case FindCustomers(ids, ticket):
                         ticket.add(customers_with_usage(self.state, ids))

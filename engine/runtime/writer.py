@@ -93,6 +93,14 @@ CHECKPOINT_SHARE_OF_WAL = 2
 # Late events for sealed days are merged into their blocks at most this often (in WAL
 # bytes), shard by shard between group commits, and at requested checkpoints.
 COMPACT_EVERY_BYTES = 256 << 20
+# ... and sooner for a shard whose deltas hold at least this many buckets (a backfill of
+# history arrives as late events: merged a few days per pass while it goes on, so that
+# neither memory nor the queries' minute walks grow with it) ...
+COMPACT_DELTA_BUCKETS = 1 << 18
+# ... and, whatever their size, once neither a write nor a query has come for this long:
+# one shard's pass after another, COMPACT_IDLE_GAP_S apart, until every delta is merged.
+COMPACT_IDLE_S = 1.0
+COMPACT_IDLE_GAP_S = 0.005
 # After a snapshot failed for lack of space, the next automatic try waits this long,
 # doubling per failure up to the maximum.
 SNAPSHOT_RETRY_MIN_S = 1.0
@@ -141,6 +149,7 @@ class WalWriter:
         index: IdIndex,
         decided_from: int | None,
         head_rewrite: bool = False,
+        delta_buckets: list[int] | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -186,6 +195,15 @@ class WalWriter:
         self._sealed_since_checkpoint = False  # a SealDays went out since the last one
         self._wal_bytes_since_compaction = 0
         self._compaction_owed: set[int] = set()  # shards to merge their deltas next
+        # Each shard's late-event buckets waiting in its deltas (an upper bound), written
+        # by the shard actors after their turns (``ShardState.delta_buckets``).
+        self._delta_buckets = (delta_buckets if delta_buckets is not None
+                               else [0] * len(mailboxes))
+        self._last_request_at = -math.inf  # trio time the last group was committed
+        # Trio time the last query was sent to the shards (set by the engine): idle
+        # compaction waits for reads too, so that no query waits behind its passes.
+        self.last_read_at = -math.inf
+        self._next_idle_compaction_at = -math.inf  # trio time
         # Requested checkpoints (``snapshot()``, close) waiting for every shard to seal
         # up to ``_requested_target`` and merge its deltas (``_requested_compact``), one
         # shard at a time between group commits, as in the background.
@@ -216,6 +234,9 @@ class WalWriter:
             async with requests, trio.open_nursery() as nursery:
                 nursery.start_soon(self._blocks.encode_in_background)
                 await self._seal_at_open()
+                # Idle time counts from the open: a restart answers its first queries
+                # before idle compaction starts.
+                self._last_request_at = trio.current_time()
                 task_status.started()
                 await self._serve_requests(requests)
                 nursery.cancel_scope.cancel()
@@ -250,6 +271,7 @@ class WalWriter:
                 size += _record_bytes(request)
             with trio.CancelScope(shield=True):
                 await self._commit_group(group)
+                self._last_request_at = trio.current_time()
                 last = group[-1]
                 if isinstance(last, TakeSnapshot):
                     self._want_snapshot(last.ticket)
@@ -285,13 +307,20 @@ class WalWriter:
                     await self._serve_background()
                 continue
             self._start_expiry_pass()
+            idle_compaction_at = max(
+                max(self._last_request_at, self.last_read_at) + COMPACT_IDLE_S,
+                self._next_idle_compaction_at)
             due = [at for at, pending in ((self._next_index_slice_at, self.index.pending()),
-                                          (self._next_slice_at, self._expiry_key is not None))
+                                          (self._next_slice_at, self._expiry_key is not None),
+                                          (idle_compaction_at, self._idle_work()))
                    if pending]
             if not due:
                 return await requests.receive()
             if trio.current_time() >= min(due):
-                if self.index.pending() and trio.current_time() >= self._next_index_slice_at:
+                if self._idle_work() and trio.current_time() >= idle_compaction_at:
+                    with trio.CancelScope(shield=True):
+                        await self._idle_compaction()
+                elif self.index.pending() and trio.current_time() >= self._next_index_slice_at:
                     # A request first, if one comes soon: its group commit carries the
                     # slice; a transaction of its own (an fsync more) only when idle.
                     # Once idle, slices follow one another until a request comes.
@@ -305,6 +334,26 @@ class WalWriter:
                 continue
             with trio.move_on_at(min(due)):
                 return await requests.receive()
+
+    def _idle_work(self) -> bool:
+        """Deltas to merge, or blocks (merged or sealed) not yet written."""
+        return any(self._delta_buckets) or self._blocks.unwritten_count() > 0
+
+    async def _idle_compaction(self) -> None:
+        """No write or query for COMPACT_IDLE_S: the next shard's pass over what late
+        events left in its deltas (a bounded number of blocks, in the shard's own turn);
+        once every delta is merged, the checkpoint that writes the blocks, so that they
+        leave memory for the cache and a restart does not read the deltas again."""
+        now = trio.current_time()
+        self._next_idle_compaction_at = now + COMPACT_IDLE_GAP_S
+        if any(self._delta_buckets):
+            await self._seal_in_background(idle=True)
+        elif ((self._sealing is None or self._sealing.is_set())
+              and not self._waiting_for_encoder()):
+            if now < self._snapshot_not_before:
+                self._next_idle_compaction_at = self._snapshot_not_before
+            else:
+                await self._snapshot([])
 
     async def _index_slice(self) -> None:
         """One bounded slice of the dedup index's background work."""
@@ -693,12 +742,17 @@ class WalWriter:
             tickets, self._requested = self._requested, []
             await self._snapshot(tickets)
 
-    async def _seal_in_background(self) -> None:
+    async def _seal_in_background(self, idle: bool = False) -> None:
         """After a group commit: if no shard is sealing, have the shard furthest behind
         seal the days that left the hot window (or one that owes a compaction merge its
         deltas), in its own mailbox turn, without waiting for it. One shard's day at a
         time, so an ack waits behind at most one shard's sealing, never a checkpoint's
-        worth of them. Its blocks are written by the next checkpoint."""
+        worth of them. Its blocks are written by the next checkpoint.
+
+        A shard owes a compaction every COMPACT_EVERY_BYTES of WAL, before a requested
+        checkpoint, while its deltas hold COMPACT_DELTA_BUCKETS or more (the fullest such
+        shard first), and, with ``idle`` (no write or query for COMPACT_IDLE_S), while they hold
+        any."""
         if self._sealing is not None and not self._sealing.is_set():
             return
         if self._waiting_for_encoder():
@@ -713,10 +767,13 @@ class WalWriter:
             target = max(target, self._requested_target)
         behind = min((sealed, index) for index, sealed in enumerate(self._shard_sealed))
         owed = self._compaction_owed | self._requested_compact
+        for index, buckets in enumerate(self._delta_buckets):
+            if buckets >= COMPACT_DELTA_BUCKETS or (idle and buckets):
+                owed.add(index)
         if behind[0] < target:
             index = behind[1]
         elif owed:
-            index = min(owed)
+            index = max(owed, key=lambda shard: (self._delta_buckets[shard], -shard))
         else:
             return
         compact = index in owed or behind[0] < target
