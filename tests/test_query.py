@@ -6,6 +6,7 @@ tested apart from the shards that produce them (tests/test_shard.py).
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from decimal import Decimal
 from typing import Any
@@ -26,7 +27,7 @@ from engine.domain.aggregates import (
     slice_partial,
 )
 from engine.domain.meters import IngestRules, check_meter
-from engine.domain.query import finish_query, plan_query, rank_all_groups
+from engine.domain.query import finish_query, keep_top_groups, plan_query, rank_all_groups
 from engine.errors import InvalidQuery
 from engine.schema import Meter, Query, Row, Take
 
@@ -100,6 +101,42 @@ def test_unique_count_partials_are_sets_merged_without_touching_a_shards_copy() 
     assert day0 == {"u1", "u2"}  # the ranking merged a copy
     assert copy_partial(UNIQUE, day0) == day0 and copy_partial(UNIQUE, day0) is not day0
     assert copy_partial(SUM, 5) == 5
+
+
+AVG_METER = check_meter(Meter("latency", "avg"), IngestRules())
+
+
+@given(st.sampled_from([SUM_METER, AVG_METER]), st.sampled_from([None, "day"]),
+       st.integers(1, 5), st.booleans(),
+       st.lists(st.dictionaries(st.tuples(st.integers(0, 2), st.integers(0, 7)),
+                                st.integers(-3, 3), max_size=20), min_size=1, max_size=4))
+def test_each_shard_keeping_its_own_best_groups_answers_as_all_of_them(
+    meter: Any, window: str | None, limit: int, ascending: bool,
+    shards: list[dict[tuple[int, int], int]],
+) -> None:
+    """A take over customer groups: each shard cuts its partials to its own best
+    groups (``keep_top_groups``) and the answer is the same, ties included (values
+    from a narrow range tie often). Each shard has its own customers."""
+    query = plan(meter, group_by=["customer_id"], window=window,
+                 take=Take(limit, ascending=ascending))
+    spans = len(query.labels_ms)
+    partials = []
+    for index, shard in enumerate(shards):
+        partial: dict[tuple[int, tuple[Any, ...]], Any] = {}
+        for (span, customer), value in shard.items():
+            if span < spans:
+                partial[(span, (f"s{index}c{customer}",))] = (
+                    value if meter is SUM_METER else [Decimal(value), abs(value) + 1])
+        partials.append(partial)
+    pushed = dataclasses.replace(query, shard_take=True)
+    cut = [keep_top_groups(pushed, partial) for partial in partials]
+    assert all(set(c) <= set(p) for c, p in zip(cut, partials, strict=True))
+    assert finish_query(pushed, cut).rows == finish_query(query, partials).rows
+    for kept in cut:  # at most ``limit`` groups a shard, beyond it only ties
+        if len({key[1] for key in kept}) > limit:
+            assert spans == 1 and meter is SUM_METER
+            values = sorted(kept.values(), reverse=not ascending)
+            assert set(values[limit - 1:]) == {values[limit - 1]}
 
 
 class Columns:

@@ -17,6 +17,8 @@ from typing import Any
 
 from engine.domain.aggregates import (
     COUNT,
+    MAX,
+    MIN,
     SUM,
     DistinctCounts,
     copy_partial,
@@ -30,6 +32,8 @@ from engine.errors import InvalidQuery
 from engine.schema import Dimension, DimensionValue, Query, QueryPage, QueryResult, Row, Take
 
 MAX_GROUP_BY = 8
+# Aggregations whose partial is the reported value (``aggregates.finalize``).
+PLAIN_KINDS = frozenset((SUM, COUNT, MAX, MIN))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -41,6 +45,10 @@ class QueryPlan:
     group_by: tuple[str, ...]
     customers: frozenset[str] | None
     dim_filters: tuple[tuple[str, frozenset[str]], ...]
+    # Each shard keeps only the groups that can be among ``take``'s (``keep_top_groups``):
+    # set by the engine for a ``take`` over groups with the customer in them, which no
+    # two shards share, and only where the result is ``finish_query``'s.
+    shard_take: bool = False
 
 
 def plan_query(query: Query, meter: MeterDef) -> QueryPlan:
@@ -170,7 +178,8 @@ def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take
                 if existing is None
                 else merge_partial(kind, existing, partial)
             )
-    finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
+    finals = (totals if kind in PLAIN_KINDS
+              else {group: finalize(kind, partial, counts) for group, partial in totals.items()})
     candidates: Any = finals
     if len(finals) > take.limit:
         # Only groups at least as good as the limit-th value can make the cut:
@@ -184,6 +193,34 @@ def _rank_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any], take
     sign = 1 if take.ascending else -1
     ranked = sorted(candidates, key=lambda g: (sign * finals[g], _group_order(g)))
     return {g: i for i, g in enumerate(ranked[: take.limit])}
+
+
+def keep_top_groups(plan: QueryPlan, partials: dict[tuple[int, tuple[Any, ...]], Any],
+                    counts: DistinctCounts | None = None
+                    ) -> dict[tuple[int, tuple[Any, ...]], Any]:
+    """One shard's partials cut to the groups among its own ``take`` best (every span
+    of them; for plain numbers in one span, those tied with the last of them too):
+    with the customer in every group, a group's total on its shard is its total, and
+    a group among the best of all is among the best of its shard (ranked by the same
+    total and tie-break), so ``finish_query`` over every shard's cut partials answers
+    as over all of them, and ranks a few hundred groups, not all."""
+    take = plan.query.take
+    assert take is not None and plan.shard_take
+    kind = plan.meter.kind
+    single_span = len(plan.labels_ms) == 1
+    if len(partials) <= take.limit:
+        return partials
+    if single_span and kind in PLAIN_KINDS:
+        # One number per group: every group at least as good as the limit-th value (ties
+        # kept; ``finish_query`` ranks them), in two passes over the values.
+        pick = heapq.nsmallest if take.ascending else heapq.nlargest
+        bound = pick(take.limit, partials.values())[-1]
+        if take.ascending:
+            return {key: value for key, value in partials.items() if value <= bound}
+        return {key: value for key, value in partials.items() if value >= bound}
+    with localcontext(EXACT):
+        rank = _rank_groups(kind, partials, take, single_span, counts)
+    return {key: partial for key, partial in partials.items() if key[1] in rank}
 
 
 # ------------------------------------------------------- pages, other rows, dimensions
@@ -223,7 +260,8 @@ def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
             existing = totals.get(group)
             totals[group] = (copy_partial(kind, partial) if existing is None
                              else merge_partial(kind, existing, partial))
-        finals = {group: finalize(kind, partial, counts) for group, partial in totals.items()}
+        finals = (totals if kind in PLAIN_KINDS
+              else {group: finalize(kind, partial, counts) for group, partial in totals.items()})
     candidates: Any = finals
     if limit is not None and len(finals) > limit:
         if limit <= 0:

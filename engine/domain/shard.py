@@ -248,8 +248,7 @@ class ShardState:
         kind = plan.meter.kind
         delta = self.deltas.get(name)
         if delta is not None and delta.series:
-            _merge_all(out, kind, collect_partials(delta, plan,
-                                                   remember=DISTINCT_CACHE_MIN_BUCKETS))
+            collect_partials(delta, plan, remember=DISTINCT_CACHE_MIN_BUCKETS, out=out)
         cuts_ms = plan.cuts_ms
         first_day = cuts_ms[0] // DAY_MS
         last_day = (cuts_ms[-1] - 1) // DAY_MS
@@ -280,7 +279,7 @@ class ShardState:
                 continue
             block = self.blocks.load(plan.meter, day)
             if block is not None:
-                _merge_all(out, kind, collect_partials(block, plan))
+                collect_partials(block, plan, out=out)
         if from_summary and summary is not None:
             count_summary_groups(out, summary, from_summary, packed)
         if packed:
@@ -540,11 +539,6 @@ def _split_by_time(items: Columns, before_ms: int) -> tuple[Columns, Columns]:
     return head, late
 
 
-def _merge_all(out: dict[Any, Any], kind: int, more: dict[Any, Any]) -> None:
-    for key, partial in more.items():
-        _merge_into(out, key, kind, partial)
-
-
 def _apply_counter(
     meter_shard: MeterShard, items: Columns, counting: bool, duplicate_positions: list[int]
 ) -> int:
@@ -776,9 +770,12 @@ def _cut_minute(series: Series, cut_ms: int) -> int:
 
 
 def collect_partials(
-    meter_shard: MeterShard, plan: QueryPlan, remember: int = 0
+    meter_shard: MeterShard, plan: QueryPlan, remember: int = 0,
+    out: dict[tuple[int, tuple[Any, ...]], Any] | None = None,
 ) -> dict[tuple[int, tuple[Any, ...]], Any]:
-    """Partial aggregates per (span index, group key) of the series matching ``plan``.
+    """Partial aggregates per (span index, group key) of the series matching ``plan``
+    (merged into ``out`` when given, as ``_merge_into`` merges: the head's, then the
+    deltas' and the blocks' into one dict, not one dict each merged again).
 
     The cost is per series, so the loop avoids per-series work where it can:
     a dimension set's filter verdict and group values are worked out once per
@@ -797,7 +794,8 @@ def collect_partials(
     aligned_cuts = [cut // MINUTE_MS for cut in cuts_ms]
     unaligned = [k for k, cut in enumerate(cuts_ms) if cut % MINUTE_MS]
     span_count = len(cuts_ms) - 1
-    out: dict[tuple[int, tuple[Any, ...]], Any] = {}
+    if out is None:
+        out = {}
     if plan.customers is not None:
         candidates: list[Series] = []
         for customer in plan.customers:

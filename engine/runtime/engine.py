@@ -51,7 +51,7 @@ from engine.domain.query import (
     plan_query,
 )
 from engine.domain.records import Correction
-from engine.domain.traits import plan_traits
+from engine.domain.traits import names_traits, plan_traits
 from engine.errors import InvalidQuery, InvalidRequest, UnknownMeter
 from engine.runtime import messages
 from engine.runtime.acks import AckSequencer
@@ -152,7 +152,7 @@ class Engine:
         # read by the writer, which schedules the compaction passes.
         delta_buckets = [state.delta_buckets for state in self._recovered.states]
         self._actors = [ShardActor(index, state, self._acks, self._lifecycle, self._blocks,
-                                   shard_count, delta_buckets)
+                                   shard_count, delta_buckets, self._distinct_counts)
                         for index, state in enumerate(self._recovered.states)]
         self._write_send, self._write_receive = trio.open_memory_channel[messages.WriteRequest](
             WRITE_QUEUE)
@@ -408,6 +408,9 @@ class Engine:
     async def query(self, query: Query) -> QueryResult:
         """Answer ``query`` from the shards that can hold matching customers."""
         plan = self._plan(query)
+        if (query.take is not None and "customer_id" in plan.group_by
+                and not names_traits(plan)):
+            plan = dataclasses.replace(plan, shard_take=True)  # (no two shards share a group)
         return finish_query(plan, await self._gather_partials(plan), self._distinct_counts)
 
     # ------------------------------------------------ customers (runtime/customers.py)

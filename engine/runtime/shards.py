@@ -20,7 +20,9 @@ from decimal import setcontext
 import trio
 
 from engine.domain import records
+from engine.domain.aggregates import DistinctCounts
 from engine.domain.head import chunk_key, limit_chunk_key
+from engine.domain.query import keep_top_groups
 from engine.domain.shard import ShardState
 from engine.domain.values import EXACT
 from engine.errors import EngineClosed, MeteringError
@@ -122,8 +124,12 @@ def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
                  lifecycle: Lifecycle, blocks: BlockCache, shard_count: int,
-                 delta_buckets: list[int] | None = None) -> None:
+                 delta_buckets: list[int] | None = None,
+                 distinct_counts: DistinctCounts | None = None) -> None:
         self.index = index
+        # The engine's unique_count counts, shared with its finishing step (the same
+        # thread): a shard ranking its groups for ``take`` counts them through it.
+        self._distinct_counts = distinct_counts
         # Shared with the WAL writer: this shard's entry is ``state.delta_buckets`` after
         # each of its turns that can change it (the writer schedules compaction by it).
         self._delta_buckets = delta_buckets if delta_buckets is not None else [0] * (index + 1)
@@ -144,6 +150,8 @@ class ShardActor:
                     case RunQuery(plan, ticket):
                         try:
                             result = self.state.query(plan)
+                            if plan.shard_take:
+                                result = keep_top_groups(plan, result, self._distinct_counts)
                         except Exception as exc:  # queries never mutate state: not fatal
                             if not isinstance(exc, MeteringError):
                                 log.exception("query failed on shard %d", self.index)
