@@ -275,3 +275,55 @@ async def test_a_backfill_is_merged_while_it_arrives_and_when_idle(
                            hot_window_ms=DAY) as eng:
         assert eng._actors[0].state.delta_buckets == 0
         assert rows(await eng.query(query)) == expected
+
+
+async def test_grouped_rollups_stay_exact_as_blocks_change_and_shapes_come_and_go() -> None:
+    """A shape asked of sealed days keeps its grouped partials on the day's rollup;
+    a late event compacted into the day makes a new rollup (the old grouping is not
+    read again), more shapes than a rollup keeps push the oldest out, the head's and
+    the delta's groups merge with the kept ones, and every answer equals the model."""
+    from engine.domain import shard as shard_module
+
+    now = [START_MS + 5 * DAY]
+    sums = [m for m in METERS if m.aggregation in ("sum", "max", "avg")]
+    model = Model(meters={m.name: m for m in METERS})
+    batch = [Event(meter_api_name=m.name, customer_id=f"c{c}", meter_value=c + d + 1,
+                   meter_time_in_millis=START_MS + d * DAY + c * HOUR,
+                   dimensions={"region": ("eu", "us")[c % 2], "tier": f"t{c % 3}"})
+             for m in sums for d in range(5) for c in range(6)]
+    shapes = [["region"], ["customer_id"], ["tier"], ["region", "tier"], [],
+              ["customer_id", "region"]]
+
+    async def check(eng: Any) -> None:
+        asked = [(START_MS, "day", {}), (START_MS + DAY, "day", {}),
+                 (START_MS, "week", {}), (START_MS, None, {}),
+                 (START_MS, "day", {"region": ["eu"]}), (START_MS, "day", {"tier": ["t1"]})]
+        for meter in sums:
+            for group_by, (start, window, where) in itertools.product(shapes, asked):
+                query = Query(meter_api_name=meter.name, start_ms=start,
+                              end_ms=START_MS + 6 * DAY, window=window, group_by=group_by,
+                              filter=where)
+                rows = [(r.window_start_ms, r.group, r.value)
+                        for r in (await eng.query(query)).rows]
+                assert rows == model.query(query), (meter.name, group_by)
+
+    async with open_engine(store=MemoryStore(), shards=2, clock_ms=lambda: now[0],
+                           hot_window_ms=DAY) as eng:
+        for meter in METERS:
+            await eng.define_meter(meter)
+        await eng.ingest(batch)
+        model.ingest(batch)
+        await eng.snapshot()  # days 0-3 sealed
+        await check(eng)
+        # (the groupings were kept: the checks above read them)
+        assert any(getattr(decoded, "grouped", None)
+                   for decoded, _ in eng._blocks._decoded.values())
+        late = [Event(meter_api_name=m.name, customer_id="c1", meter_value=100,
+                      meter_time_in_millis=START_MS + DAY + 5 * MINUTE,
+                      dimensions={"region": "eu", "tier": "t9"}) for m in sums]
+        await eng.ingest(late)
+        model.ingest(late)
+        await check(eng)  # the delta over the kept groupings
+        await eng.snapshot()  # compacted: new rollups
+        await check(eng)
+        assert shard_module.GROUPED_SHAPES < len(shapes)

@@ -431,7 +431,8 @@ class BlockRollup:
     """A block's rollup section as queries read it: per series-day, (customer, dims,
     partial), unique_count partials packed (``pack_distinct``). Shared, read-only."""
 
-    __slots__ = ("by_customer", "checks", "day", "meter", "nbytes", "serial", "series")
+    __slots__ = ("by_customer", "checks", "day", "grouped", "meter", "nbytes", "serial",
+                 "series")
 
     def __init__(self, meter: MeterDef, day: int) -> None:
         # Never reused in a process: with a part's id, names that part for
@@ -445,6 +446,9 @@ class BlockRollup:
         # unique_count summaries: per group's packed parts, their count and the values
         # from outside them already looked up (``count_over_summary``).
         self.checks: dict[tuple[Any, ...], DistinctCheck] = {}
+        # Queries' partials over every series, per (group_by, dimension filters, span),
+        # the most recent few (``shard.collect_rollup_partials``; counted in ``nbytes``).
+        self.grouped: dict[tuple[Any, ...], dict[tuple[int, tuple[Any, ...]], Any]] = {}
 
 
 def decode_rollups(meter: MeterDef, raw: bytes) -> BlockRollup:

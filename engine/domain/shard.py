@@ -925,6 +925,12 @@ def whole_day_span(cuts_ms: list[int], day: int) -> int:
     return span if cuts_ms[span + 1] >= day_end_ms else -1
 
 
+# A rollup keeps the grouped partials of at most this many query shapes (each entry
+# counted as this many bytes in its ``nbytes``).
+GROUPED_SHAPES = 4
+GROUPED_ENTRY_BYTES = 160
+
+
 def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup: BlockRollup,
                             plan: QueryPlan, span: int,
                             packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct]) -> None:
@@ -932,7 +938,42 @@ def collect_rollup_partials(out: dict[tuple[int, tuple[Any, ...]], Any], rollup:
     checked that the day lies inside it): one merge per series-day, no bisect. The
     packed values of unique_count rollups are gathered in ``packed`` per group instead
     (each part named by the rollup's serial and its id, ``PackedDistinct.keys``), for
-    ``unpack_into``."""
+    ``unpack_into``.
+
+    Other aggregations over every customer: the rollup's partials grouped for this
+    plan's shape are kept on it (``BlockRollup.grouped``, a rollup never changes), so a
+    repeated shape merges one entry per group (a handful for a dimension, a dict
+    update when ``out`` is empty), not one per series-day."""
+    kind = rollup.meter.kind
+    if kind == UNIQUE or plan.customers is not None:
+        _collect_rollup_entries(out, rollup, plan, span, packed)
+        return
+    shape = (plan.group_by, plan.dim_filters, span)
+    grouped = rollup.grouped.get(shape)
+    if grouped is None:
+        grouped = {}
+        _collect_rollup_entries(grouped, rollup, plan, span, packed)
+        if len(rollup.grouped) >= GROUPED_SHAPES:
+            oldest = next(iter(rollup.grouped))
+            rollup.nbytes -= GROUPED_ENTRY_BYTES * (len(rollup.grouped.pop(oldest)) + 1)
+        rollup.grouped[shape] = grouped
+        rollup.nbytes += GROUPED_ENTRY_BYTES * (len(grouped) + 1)
+    if not out:
+        out.update(grouped)
+        return
+    earlier = {key: out[key] for key in out.keys() & grouped.keys()}
+    out.update(grouped)
+    counter = kind == SUM or kind == COUNT
+    for key, existing in earlier.items():
+        out[key] = (existing + grouped[key] if counter
+                    else merge_partial(kind, existing, grouped[key]))
+
+
+def _collect_rollup_entries(out: dict[tuple[int, tuple[Any, ...]], Any],
+                            rollup: BlockRollup, plan: QueryPlan, span: int,
+                            packed: dict[tuple[int, tuple[Any, ...]], PackedDistinct]
+                            ) -> None:
+    """``collect_rollup_partials``, series-day by series-day."""
     serial = rollup.serial
     kind = rollup.meter.kind
     if plan.customers is not None:

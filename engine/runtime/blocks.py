@@ -206,8 +206,13 @@ class BlockCache:
         cached = self._decoded.get((key, _ROLLUP))
         if cached is not None:
             self.hits += 1
-            self._decoded.move_to_end((key, _ROLLUP))
-            return cached[0]  # type: ignore[no-any-return]
+            found: BlockRollup = cached[0]
+            if found.nbytes != cached[1]:
+                # It grew since it was counted (grouped partials it keeps for queries).
+                self._keep(key, _ROLLUP, found, found.nbytes)
+            else:
+                self._decoded.move_to_end((key, _ROLLUP))
+            return found
         self.misses += 1
         raw = self._store.read_block(key)
         if raw is None:

@@ -622,6 +622,7 @@ class Engine:
             sealed_before_ms=writer.sealed_before_minute * 60_000,
             block_count=self._blocks.block_count,
             blocks_unwritten=self._blocks.unwritten_count(),
+            delta_buckets=sum(actor.state.delta_buckets for actor in self._actors),
             blocks_unencoded=self._blocks.unencoded_count(),
             block_cache_bytes=self._blocks.cached_bytes,
             block_cache_hits=self._blocks.hits,

@@ -45,6 +45,9 @@ class EngineStatistics:
     # them those the encoder thread has not yet encoded (engine.runtime.blocks).
     blocks_unwritten: int = 0
     blocks_unencoded: int = 0
+    # Late events' buckets for sealed days waiting in the deltas for compaction (an
+    # upper bound; 0 once background compaction has merged them all into blocks).
+    delta_buckets: int = 0
     # The dedup index (engine.runtime.idindex): ids remembered (memtable, runs and the
     # legacy tree of older stores), the bytes of the legacy tree's pages (on disk, mapped
     # from the file: not in the Python heap); the ids in memory, the sorted runs on disk
