@@ -545,3 +545,23 @@ def test_windows_past_the_last_python_date_are_refused_not_crashed() -> None:
         with pytest.raises(WindowError, match="out of supported range"):
             window_spans(253_380_000_000_000, 253_402_300_799_999, window,
                          ZoneInfo("Pacific/Kiritimati"))
+
+
+@given(st.one_of(st.integers(0, 253_370_764_800_000 - 1),
+                 st.integers(0, 2_932_000).map(lambda day: day * 86_400_000)),
+       st.one_of(st.integers(0, 400 * 86_400_000),
+                 st.integers(0, 400).map(lambda days: days * 86_400_000)),
+       st.sampled_from(["day", "week"]), st.sampled_from(["UTC", "Etc/UTC"]))
+def test_utc_day_and_week_spans_are_the_calendars(start_ms: int, length_ms: int, window: str,
+                                                  zone: str) -> None:
+    """Day and week windows in UTC are computed by arithmetic; the calendar walk
+    (every other zone's path) gives the same spans, range edges included."""
+    from engine.domain import windows as windows_module
+
+    tz = ZoneInfo(zone)
+    end_ms = min(start_ms + length_ms, 253_370_764_800_000 - 1)
+    fast = windows_module.window_spans(start_ms, end_ms, window, tz)
+    if start_ms >= end_ms:
+        assert fast == []
+        return
+    assert fast == windows_module._calendar_spans(start_ms, end_ms, window, tz)
