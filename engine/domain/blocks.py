@@ -164,12 +164,7 @@ def cut_sealed(meter_shard: MeterShard,
                 column = getattr(series, name)
                 if column is not None:
                     del column[:cut]
-    for key in emptied:
-        series = meter_shard.series.pop(key)
-        remaining = meter_shard.by_customer[key[0]]
-        remaining.remove(series)
-        if not remaining:
-            del meter_shard.by_customer[key[0]]
+    _drop_series(meter_shard, emptied)
     return pieces
 
 
@@ -203,13 +198,18 @@ def cut_days(meter_shard: MeterShard, days: set[int]) -> dict[int, list[tuple[st
             series.distinct_cache = None
             if not minutes:
                 emptied.append(key)
-    for key in emptied:
+    _drop_series(meter_shard, emptied)
+    return pieces
+
+
+def _drop_series(meter_shard: MeterShard, keys: list[tuple[str, str]]) -> None:
+    """Remove the series of ``keys`` (left without buckets) from ``meter_shard``."""
+    for key in keys:
         series = meter_shard.series.pop(key)
         remaining = meter_shard.by_customer[key[0]]
         remaining.remove(series)
         if not remaining:
             del meter_shard.by_customer[key[0]]
-    return pieces
 
 
 # ------------------------------------------------------------------ merging
