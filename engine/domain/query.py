@@ -260,8 +260,8 @@ def rank_all_groups(kind: int, merged: dict[tuple[int, tuple[Any, ...]], Any],
             existing = totals.get(group)
             totals[group] = (copy_partial(kind, partial) if existing is None
                              else merge_partial(kind, existing, partial))
-        finals = (totals if kind in PLAIN_KINDS
-              else {group: finalize(kind, partial, counts) for group, partial in totals.items()})
+        finals = (totals if kind in PLAIN_KINDS else
+                  {group: finalize(kind, partial, counts) for group, partial in totals.items()})
     candidates: Any = finals
     if limit is not None and len(finals) > limit:
         if limit <= 0:
