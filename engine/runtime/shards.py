@@ -124,15 +124,14 @@ def customers_with_usage(state: ShardState, ids: list[str] | None) -> set[str]:
 class ShardActor:
     def __init__(self, index: int, state: ShardState, acks: AckSequencer,
                  lifecycle: Lifecycle, blocks: BlockCache, shard_count: int,
-                 delta_buckets: list[int] | None = None,
-                 distinct_counts: DistinctCounts | None = None) -> None:
+                 delta_buckets: list[int], distinct_counts: DistinctCounts) -> None:
         self.index = index
         # The engine's unique_count counts, shared with its finishing step (the same
         # thread): a shard ranking its groups for ``take`` counts them through it.
         self._distinct_counts = distinct_counts
         # Shared with the WAL writer: this shard's entry is ``state.delta_buckets`` after
         # each of its turns that can change it (the writer schedules compaction by it).
-        self._delta_buckets = delta_buckets if delta_buckets is not None else [0] * (index + 1)
+        self._delta_buckets = delta_buckets
         self.state = state
         self._acks = acks
         self._lifecycle = lifecycle

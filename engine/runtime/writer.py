@@ -148,8 +148,8 @@ class WalWriter:
         sealed_before_minutes: list[int],
         index: IdIndex,
         decided_from: int | None,
+        delta_buckets: list[int],
         head_rewrite: bool = False,
-        delta_buckets: list[int] | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -197,8 +197,7 @@ class WalWriter:
         self._compaction_owed: set[int] = set()  # shards to merge their deltas next
         # Each shard's late-event buckets waiting in its deltas (an upper bound), written
         # by the shard actors after their turns (``ShardState.delta_buckets``).
-        self._delta_buckets = (delta_buckets if delta_buckets is not None
-                               else [0] * len(mailboxes))
+        self._delta_buckets = delta_buckets
         self._last_request_at = -math.inf  # trio time the last group was committed
         # Trio time the last query was sent to the shards (set by the engine): idle
         # compaction waits for reads too, so that no query waits behind its passes.
