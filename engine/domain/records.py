@@ -90,8 +90,10 @@ class CorrectedMinutes(msgspec.Struct, array_like=True, gc=False):
 
 class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
     """A correction (``Engine.cancel``, ``cancel_where``, ``amend``): the events it
-    cancelled, resolved when it was made (``positions``: flattened ``lsn, index`` pairs,
-    index 0 of a correction record is the event it amended in), and the head buckets
+    cancelled, resolved when it was made (``runs``: flattened ``lsn, first index,
+    count`` runs of positions; records written before runs hold flattened ``lsn,
+    index`` pairs in ``positions`` instead; index 0 of a correction record is the event
+    it amended in), and the head buckets
     recomputed from the events that remain (``minutes``), so replay applies it without
     reading the log. ``amended``: the corrected event ``amend`` logs in the same record;
     ``amended_more``: the further ones of a ``cancel_previous`` (Amberflo's flag on
@@ -108,6 +110,7 @@ class WalCorrection(msgspec.Struct, tag="correction", array_like=True):
     minutes: list[CorrectedMinutes]
     amended: Event | None = None
     amended_more: list[Event] = msgspec.field(default_factory=list)
+    runs: list[int] = msgspec.field(default_factory=list)
 
     def amended_events(self) -> list[Event]:
         """Every event this record logs, by its index in the record."""

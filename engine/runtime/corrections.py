@@ -21,17 +21,27 @@ How a correction is made (see docs/architecture.md "Corrections"):
    applies the record the same way, without reading the log.
 
 Catalogue entries (the store's meta, written with the record; a few per correction,
-however many events it cancels): ``corr/p/<lsn>`` its cancelled positions packed
-(later scans and ``raw_events`` skip them), ``corr/k/<lsn>`` the unique-id keys it
-cancelled (msgpack list), which the dedup decision re-admits once each;
+however many events it cancels): ``corr/q/<lsn>`` its cancelled positions as runs
+(``lsn, first index, count``, packed ``>QII``; later scans and ``raw_events`` skip
+them), ``corr/z/<lsn>`` the unique-id keys it cancelled (msgpack lists of up to 8,192
+keys, each after its length as ``>I``, all zlib compressed), which the dedup decision
+re-admits once each;
 ``corr/u/<id key>`` the lsn of the correction whose re-admission of the key was used
 (written by the commit that used it); ``corr/r/<lsn>`` the audit record
-(``records.Correction``).
+(``records.Correction``). Stores written before runs and compression hold
+``corr/p/<lsn>`` (positions packed ``>QI`` one by one) and ``corr/k/<lsn>`` (the
+keys uncompressed) instead; both are read.
+
+The writer waits for a correction's commit (nothing else is committed meanwhile), so
+what it carries is kept small whatever the correction's size: a million cancelled
+events of a few batches are a few runs, and their keys compress to about 2.6 bytes
+each (measured on keys like ``calls NUL bulk NUL b-123456``).
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,11 +64,16 @@ from engine.runtime.idindex import DECIDED_FROM_KEY, LSN
 from engine.runtime.raw_events import oldest_complete_ms
 from engine.schema import Event
 
-POSITION_PREFIX = b"corr/p/"
-READMIT_PREFIX = b"corr/k/"
+POSITION_PREFIX = b"corr/p/"  # stores from before runs: positions one by one
+READMIT_PREFIX = b"corr/k/"  # stores from before compression
+RUNS_PREFIX = b"corr/q/"
+PACKED_READMIT_PREFIX = b"corr/z/"
 RECORD_PREFIX = b"corr/r/"
 USED_PREFIX = b"corr/u/"
 POSITION = struct.Struct(">QI")
+RUN = struct.Struct(">QII")
+CHUNK_LENGTH = struct.Struct(">I")
+READMIT_CHUNK = 8192
 CORRECTION_LSN = struct.Struct(">Q")
 RECORDS_PER_READ = 256
 
@@ -80,27 +95,132 @@ class Store(Protocol):
     def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]: ...
 
 
+class CancelledPositions:
+    """The positions (lsn, index in the record) of cancelled events, as a bitmap per
+    record: membership tests (``(lsn, index) in positions``, or ``bits_of(lsn)`` once
+    per record and ``is_set`` per event) from scans on worker threads, while the writer
+    ``merge``s a committed correction's bitmaps (one dict store per record, each value
+    replaced whole, never changed in place)."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self) -> None:
+        self._bits: dict[int, bytes] = {}
+
+    def __contains__(self, position: object) -> bool:
+        if not isinstance(position, tuple) or len(position) != 2:
+            return False
+        lsn, index = position
+        return is_set(self._bits.get(lsn), index)
+
+    def __len__(self) -> int:
+        return sum(int.from_bytes(bits, "little").bit_count() for bits in self._bits.values())
+
+    def bits_of(self, lsn: int) -> bytes | None:
+        """The record's bitmap (bit ``index % 8`` of byte ``index // 8``), None: none."""
+        return self._bits.get(lsn)
+
+    def merge(self, bitmaps: dict[int, bytes]) -> None:
+        for lsn, bits in bitmaps.items():
+            old = self._bits.get(lsn)
+            self._bits[lsn] = bits if old is None else or_bits(old, bits)
+
+
+def is_set(bits: bytes | None, index: int) -> bool:
+    """Whether bit ``index`` of a bitmap is set (None: an empty bitmap)."""
+    return bits is not None and index >> 3 < len(bits) and bool(bits[index >> 3] >> (index & 7) & 1)
+
+
+def or_bits(a: bytes, b: bytes) -> bytes:
+    width = max(len(a), len(b))
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(width, "little")
+
+
+def run_bitmaps(runs: list[int]) -> dict[int, bytes]:
+    """Per lsn, the bitmap of flattened ``lsn, first index, count`` runs."""
+    building: dict[int, bytearray] = {}
+    for at in range(0, len(runs), 3):
+        lsn, first, count = runs[at], runs[at + 1], runs[at + 2]
+        bits = building.setdefault(lsn, bytearray())
+        end = first + count
+        if len(bits) < (end + 7) >> 3:
+            bits.extend(bytes(((end + 7) >> 3) - len(bits)))
+        index = first
+        while index < end and index & 7:
+            bits[index >> 3] |= 1 << (index & 7)
+            index += 1
+        whole = (end - index) >> 3
+        if whole:
+            bits[index >> 3:(index >> 3) + whole] = b"\xff" * whole
+            index += whole << 3
+        while index < end:
+            bits[index >> 3] |= 1 << (index & 7)
+            index += 1
+    return {lsn: bytes(bits) for lsn, bits in building.items()}
+
+
+def pack_readmit(keys: list[bytes]) -> bytes:
+    """A ``corr/z/`` entry's value, encoded a chunk at a time (see ``PendingCorrection``)."""
+    chunks: list[bytes] = []
+    for at in range(0, len(keys), READMIT_CHUNK):
+        encoded = records.encode(keys[at:at + READMIT_CHUNK])
+        chunks += (CHUNK_LENGTH.pack(len(encoded)), encoded)
+    return zlib.compress(b"".join(chunks), 1)
+
+
+def unpack_readmit(packed: bytes) -> list[bytes]:
+    """The keys of a ``corr/z/`` entry: zlib over length-prefixed msgpack lists."""
+    raw = zlib.decompress(packed)
+    keys: list[bytes] = []
+    at = 0
+    while at < len(raw):
+        (length,) = CHUNK_LENGTH.unpack_from(raw, at)
+        at += CHUNK_LENGTH.size
+        keys += _keys_decoder.decode(raw[at:at + length])
+        at += length
+    return keys
+
+
+_keys_decoder = msgspec.msgpack.Decoder(list[bytes])
+
+
 class CorrectionBook:
     """What earlier corrections decided, as later ones and ingest need it: the cancelled
     positions and the cancelled unique ids not yet re-admitted. Changed only by the
-    writer after a commit; read by scans on worker threads (membership tests only)."""
+    writer after a commit; read by scans on worker threads (membership tests only).
+    ``readmit`` maps an id key to a one-item list holding the lsn of the correction
+    that cancelled it (shared by all of a correction's keys, so the scan's thread can
+    build the map before the lsn is known)."""
 
     def __init__(self) -> None:
-        self.positions: set[tuple[int, int]] = set()
-        self.readmit: dict[bytes, int] = {}
+        self.positions = CancelledPositions()
+        self.readmit: dict[bytes, list[int]] = {}
 
     @classmethod
     def load(cls, store: Store) -> CorrectionBook:
         book = cls()
+        runs: list[int] = []
         for _, packed in store.meta_items(POSITION_PREFIX):
-            book.positions.update(POSITION.iter_unpack(packed))
-        for key, packed in store.meta_items(READMIT_PREFIX):  # in lsn order
+            for lsn, index in POSITION.iter_unpack(packed):
+                runs += (lsn, index, 1)
+        for _, packed in store.meta_items(RUNS_PREFIX):
+            for run in RUN.iter_unpack(packed):
+                runs += run
+        book.positions.merge(run_bitmaps(runs))
+        keyed: list[tuple[int, list[bytes]]] = []
+        for key, packed in store.meta_items(READMIT_PREFIX):
             lsn = CORRECTION_LSN.unpack(key[len(READMIT_PREFIX):])[0]
-            for id_key_bytes in msgspec.msgpack.decode(packed, type=list[bytes]):
-                book.readmit[id_key_bytes] = lsn
+            keyed.append((lsn, msgspec.msgpack.decode(packed, type=list[bytes])))
+        for key, packed in store.meta_items(PACKED_READMIT_PREFIX):
+            lsn = CORRECTION_LSN.unpack(key[len(PACKED_READMIT_PREFIX):])[0]
+            keyed.append((lsn, unpack_readmit(packed)))
+        for lsn, keys in sorted(keyed, key=lambda item: item[0]):  # later corrections win
+            cell = [lsn]  # one per correction, shared by its keys
+            book.readmit.update(dict.fromkeys(keys, cell))
         for key, value in store.meta_items(USED_PREFIX):
             id_key_bytes = key[len(USED_PREFIX):]
-            if book.readmit.get(id_key_bytes) == CORRECTION_LSN.unpack(value)[0]:
+            used = book.readmit.get(id_key_bytes)
+            if used is not None and used[0] == CORRECTION_LSN.unpack(value)[0]:
                 del book.readmit[id_key_bytes]
         return book
 
@@ -159,7 +279,7 @@ class Target:
         return True
 
 
-def live_events(store: Store, positions: set[tuple[int, int]], from_lsn: int,
+def live_events(store: Store, positions: CancelledPositions, from_lsn: int,
                 to_lsn: int) -> Iterator[tuple[int, int, list[tuple[int, Event]]]]:
     """(lsn, received_ms, [(index, event)]) of every record in ``[from_lsn, to_lsn]``
     that holds counted events: a batch's accepted events (logged dedup decisions
@@ -178,23 +298,32 @@ def live_events(store: Store, positions: set[tuple[int, int]], from_lsn: int,
                 return
             lsn = record_lsn + 1
             record = records.decode_record(raw)
+            cancelled = positions.bits_of(record_lsn)
             if isinstance(record, records.WalBatch):
                 duplicates = (decode_decisions(store.read_decisions(record_lsn))
                               if decided_from is not None and record_lsn >= decided_from
                               else set())
-                found = [(index, event) for index, event in enumerate(record.events)
-                         if index not in duplicates and (record_lsn, index) not in positions]
+                if cancelled is None and not duplicates:
+                    found = list(enumerate(record.events))
+                else:
+                    found = [(index, event) for index, event in enumerate(record.events)
+                             if index not in duplicates and not is_set(cancelled, index)]
                 yield record_lsn, record.received_ms, found
             elif isinstance(record, records.WalCorrection) and record.amended is not None:
                 found = [(index, event) for index, event in enumerate(record.amended_events())
-                         if (record_lsn, index) not in positions]
+                         if not is_set(cancelled, index)]
                 if found:
                     yield record_lsn, record.received_ms, found
 
 
 @dataclass(slots=True, eq=False)
 class PendingCorrection:
-    """A correction between its scan and its commit (see the module docstring)."""
+    """A correction between its scan and its commit (see the module docstring).
+
+    Its targets are kept as what the record and the catalogue need, not as a list of
+    events: a count, runs of positions and the unique-id keys to re-admit. A million
+    targets held as (lsn, index, event) tuples cost about a second to build on the
+    scan's thread and a quarter of one to free on the event loop."""
 
     kind: str
     target: Target
@@ -206,70 +335,90 @@ class PendingCorrection:
     # the live event with its unique id). A cancel_previous's events whose id has no
     # live event are left out once resolved (the caller ingests them as usual).
     amended: list[Event] = field(default_factory=list)
-    targets: list[tuple[int, int, Event]] = field(default_factory=list)
+    count: int = 0  # how many events it cancels (its targets)
+    # Flattened ``lsn, first index, count``: the targets' positions, in log order.
+    runs: list[int] = field(default_factory=list)
     affected: dict[str, set[int]] = field(default_factory=dict)
     scratch: ShardState = field(default_factory=ShardState)
     scan_lsn: int = 0
     logged_lsn: int = 0  # the record's, once committed
     # What the targets alone decide, made on the scan's thread (``_prepare_targets``)
-    # so the writer, which waits for ``finish``, does not: for a million targets it
-    # was a second during which no other batch was committed.
-    pairs: list[tuple[int, int]] = field(default_factory=list)  # (lsn, index) of each
-    _flat: list[int] = field(default_factory=list)
-    _packed_positions: bytes = b""
+    # so the writer, which waits for ``finish``, does not.
+    bitmaps: dict[int, bytes] = field(default_factory=dict)  # the runs, per lsn
+    # Id key -> the cell the record's lsn is put in at commit (``CorrectionBook``).
+    readmit: dict[bytes, list[int]] = field(default_factory=dict)
+    _target_ids: set[str] = field(default_factory=set)  # a cancel_previous's
     _readmit_keys: list[bytes] = field(default_factory=list)
+    _packed_runs: bytes = b""
     _encoded_readmit: bytes = b""
 
     # ------------------------------------------------------------ worker thread
 
-    def resolve(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
+    def resolve(self, store: Store, positions: CancelledPositions, to_lsn: int) -> None:
         """Find the targets and rebuild their minutes from the other live events, up to
         ``to_lsn`` (a committed lsn)."""
+        matches, runs = self.target.matches, self.runs
+        keep_ids = self.kind == "cancel_previous"
+        keep_keys = self.kind not in ("amend", "cancel_previous")  # those keep ids live
+        keys = self._readmit_keys
         for lsn, received_ms, events in live_events(store, positions, 0, to_lsn):
             for index, event in events:
-                if self.target.matches(event, received_ms):
-                    self.targets.append((lsn, index, event))
-                    self._affect(event)
+                if not matches(event, received_ms):
+                    continue
+                self.count += 1
+                if runs and runs[-3] == lsn and runs[-2] + runs[-1] == index:
+                    runs[-1] += 1
+                else:
+                    runs += (lsn, index, 1)
+                self._affect(event)
+                if event.unique_id is not None:
+                    if keep_ids:
+                        self._target_ids.add(event.unique_id)
+                    elif keep_keys:
+                        keys.append(id_key(event.meter_api_name, event.customer_id,
+                                           event.unique_id))
         if self.kind == "cancel_previous":
-            live = {event.unique_id for _, _, event in self.targets}
-            self.amended = [e for e in self.amended if e.unique_id in live]
+            self.amended = [e for e in self.amended if e.unique_id in self._target_ids]
         for event in self.amended:
             self._affect(event)
         self._prepare_targets()
-        self._fold(store, positions, set(self.pairs), 0, to_lsn)
+        self._fold(store, positions, self.bitmaps, 0, to_lsn)
         self.scan_lsn = to_lsn
         fault_point("correction.scanned")
 
     def _prepare_targets(self) -> None:
         """The parts of the record and catalogue entries that depend on the targets
         only (``catch_up`` adds none)."""
-        self.pairs = [(target_lsn, index) for target_lsn, index, _ in self.targets]
-        self._flat = [number for pair in self.pairs for number in pair]
-        pack = POSITION.pack
-        self._packed_positions = b"".join([pack(target_lsn, index)
-                                           for target_lsn, index in self.pairs])
-        if self.kind not in ("amend", "cancel_previous"):  # those keep their ids live
-            self._readmit_keys = list(dict.fromkeys(
-                id_key(event.meter_api_name, event.customer_id, event.unique_id)
-                for _, _, event in self.targets if event.unique_id is not None))
-            if self._readmit_keys:
-                self._encoded_readmit = records.encode(self._readmit_keys)
+        self.bitmaps = run_bitmaps(self.runs)
+        pack = RUN.pack
+        runs = self.runs
+        self._packed_runs = b"".join([pack(runs[at], runs[at + 1], runs[at + 2])
+                                      for at in range(0, len(runs), 3)])
+        keys = self._readmit_keys
+        if keys:
+            # In chunks: each C call below holds the interpreter lock for its length,
+            # and a million keys at once kept the event loop waiting 150 ms.
+            cell = [0]
+            for at in range(0, len(keys), READMIT_CHUNK):
+                self.readmit.update(dict.fromkeys(keys[at:at + READMIT_CHUNK], cell))
+            self._encoded_readmit = pack_readmit(keys)
+            self._readmit_keys = []
 
-    def resolve_within_retention(self, store: Store, positions: set[tuple[int, int]],
+    def resolve_within_retention(self, store: Store, positions: CancelledPositions,
                                  to_lsn: int, now_ms: int, future_ms: int) -> None:
         """``resolve``, then refuse the whole correction (``InvalidRequest``) if a minute it
         rebuilds begins before ``oldest_correctable_ms``: some of that minute's events may
         be gone from the log, so the minute cannot be rebuilt exactly."""
         self.resolve(store, positions, to_lsn)
         first = self.first_minute()
-        if first is not None and self.targets:
+        if first is not None and self.count:
             check_retention(first * MINUTE_MS, oldest_correctable_ms(store, now_ms, future_ms))
 
-    def catch_up(self, store: Store, positions: set[tuple[int, int]], to_lsn: int) -> None:
+    def catch_up(self, store: Store, positions: CancelledPositions, to_lsn: int) -> None:
         """Fold in the events logged after the scan (the writer calls this with nothing
         else in flight): they are kept, even where they match the target."""
         if to_lsn > self.scan_lsn:
-            self._fold(store, positions, set(), self.scan_lsn + 1, to_lsn)
+            self._fold(store, positions, {}, self.scan_lsn + 1, to_lsn)
             self.scan_lsn = to_lsn
 
     def first_minute(self) -> int | None:
@@ -277,21 +426,19 @@ class PendingCorrection:
         return min((min(minutes) for minutes in self.affected.values() if minutes),
                    default=None)
 
-    def finish(self, store: Store, positions: set[tuple[int, int]], last_lsn: int,
+    def finish(self, store: Store, positions: CancelledPositions, last_lsn: int,
                route: ShardRouter,
-               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
-                          dict[bytes, int]]:
+               ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]]]:
         """``catch_up`` to ``last_lsn``, then ``build`` the record for the lsn after it."""
         self.catch_up(store, positions, last_lsn)
         return self.build(last_lsn + 1, route)
 
     def build(self, lsn: int, route: ShardRouter,
-              ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]],
-                         dict[bytes, int]]:
-        """The record for lsn ``lsn``, each shard's share of it, its catalogue entries and
-        the unique-id keys it makes re-admissible. Minutes in sealed history are rebuilt
-        like any other: each shard puts them where its boundary says
-        (``ShardState.correct``)."""
+              ) -> tuple[bytes, list[list[records.CorrectedMinutes]], list[tuple[bytes, bytes]]]:
+        """The record for lsn ``lsn``, each shard's share of it and its catalogue entries
+        (``readmit``'s keys are re-admissible once it is committed, under this lsn).
+        Minutes in sealed history are rebuilt like any other: each shard puts them where
+        its boundary says (``ShardState.correct``)."""
         if self.amended:
             # As a batch logs them (``records.encode_batch``): msgpack stops at 64 bits.
             self.amended = [
@@ -311,19 +458,19 @@ class PendingCorrection:
             all_changes.append(change)
         record = records.encode(records.WalCorrection(
             self.kind, self.meter.name, self.target.customer_id, self.by, self.received_ms,
-            self.description, self._flat, all_changes, first_amended, self.amended[1:]))
+            self.description, [], all_changes, first_amended, self.amended[1:], self.runs))
         marker = CORRECTION_LSN.pack(lsn)
-        meta = [(POSITION_PREFIX + marker, self._packed_positions)]
-        readmit = dict.fromkeys(self._readmit_keys, lsn)
-        if readmit:
-            meta.append((READMIT_PREFIX + marker, self._encoded_readmit))
+        meta = [(RUNS_PREFIX + marker, self._packed_runs)]
+        if self.readmit:
+            next(iter(self.readmit.values()))[0] = lsn
+            meta.append((PACKED_READMIT_PREFIX + marker, self._encoded_readmit))
         meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,
             customer_id=self.target.customer_id, by=self.by, received_ms=self.received_ms,
-            description=self.description, cancelled=len(self.targets),
+            description=self.description, cancelled=self.count,
             amended=first_amended))))
         fault_point("correction.built")
-        return record, per_shard, meta, readmit
+        return record, per_shard, meta
 
     # ------------------------------------------------------------------ helpers
 
@@ -331,15 +478,16 @@ class PendingCorrection:
         self.affected.setdefault(event.customer_id, set()).add(
             event.meter_time_in_millis // MINUTE_MS)
 
-    def _fold(self, store: Store, positions: set[tuple[int, int]],
-              skip: set[tuple[int, int]], from_lsn: int, to_lsn: int) -> None:
+    def _fold(self, store: Store, positions: CancelledPositions,
+              skip: dict[int, bytes], from_lsn: int, to_lsn: int) -> None:
         affected, meter = self.affected, self.meter.name
         for lsn, _, events in live_events(store, positions, from_lsn, to_lsn):
+            skipped = skip.get(lsn)
             kept = [(index, event) for index, event in events
                     if event.meter_api_name == meter
                     and event.meter_time_in_millis // MINUTE_MS
                     in affected.get(event.customer_id, ())
-                    and (lsn, index) not in skip]
+                    and not is_set(skipped, index)]
             if kept:
                 self._apply(lsn, kept)
 

@@ -69,7 +69,7 @@ from engine.runtime.corrections import (
 )
 from engine.runtime.customers import CustomerRegistry
 from engine.runtime.extensions import Extension
-from engine.runtime.gc_tuning import tuned_gc
+from engine.runtime.gc_tuning import DEFAULT_SWITCH_INTERVAL_S, tuned_gc, tuned_switching
 from engine.runtime.groups import unwrap_single
 from engine.runtime.history import DEFAULT_HOT_WINDOW_MS, DEFAULT_RAW_RETENTION_MS, HistoryPolicy
 from engine.runtime.lifecycle import Lifecycle, closed_channel_is_closed_engine
@@ -494,7 +494,7 @@ class Engine:
         if isinstance(unique_ids, str) or not all(type(u) is str for u in unique_ids):
             raise InvalidRequest("unique_ids must be a list of strings")
         target = Target(meter_api_name, _customer(customer_id), unique_ids=frozenset(unique_ids))
-        return len((await self._correct("cancel", target, by)).targets)
+        return (await self._correct("cancel", target, by)).count
 
     async def cancel_where(self, meter_api_name: str, *, customer_id: str | None,
                            start_ms: int, end_ms: int,
@@ -521,7 +521,7 @@ class Engine:
                         received_end_ms=received_end_ms, dim_filters=filters,
                         unique_dimension=self._unique_dimension(meter_api_name))
         await self._check_retention(start_ms)
-        return len((await self._correct("cancel_where", target, by)).targets)
+        return (await self._correct("cancel_where", target, by)).count
 
     async def amend(self, meter_api_name: str, customer_id: str, unique_id: str,
                     event: Event, *, by: str = "") -> IngestAck:
@@ -581,11 +581,11 @@ class Engine:
                                           self._writer.corrections.positions,
                                           self._writer.last_lsn, self._clock_ms(),
                                           self.ingest_rules.future_ms)
-            if kind == "amend" and not pending.targets:
+            if kind == "amend" and not pending.count:
                 raise InvalidRequest(
                     f"no live event of customer {target.customer_id!r} with unique id "
                     f"{sorted(target.unique_ids or ())!r} to amend")
-            if not pending.targets:
+            if not pending.count:
                 return pending
             ticket = messages.LoggedTicket(pending.received_ms)
             await self._submit(messages.LogCorrection(ticket, pending))
@@ -804,6 +804,7 @@ async def open_engine(
     max_map_bytes: int | None = None,
     snapshot_on_close: bool = True,
     tune_gc: bool = True,
+    switch_interval_s: float | None = DEFAULT_SWITCH_INTERVAL_S,
     hot_window_ms: int | None = DEFAULT_HOT_WINDOW_MS,
     raw_retention_ms: int = DEFAULT_RAW_RETENTION_MS,
     block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
@@ -824,6 +825,12 @@ async def open_engine(
     threshold from 700 to 50,000; on exit it restores the threshold and
     unfreezes. Pass ``tune_gc=False`` if the host program manages the collector.
 
+    ``switch_interval_s`` (default 0.5 ms) is the interpreter's thread switch
+    interval while the engine is open (``sys.setswitchinterval``, restored on exit;
+    Python's default is 5 ms): the event loop's store commits otherwise wait up to
+    that long per written key while a background thread (a correction's scan, block
+    encoding) runs. None leaves the interval alone.
+
     ``dedup_horizon_ms`` is how long a unique id is remembered after the batch that
     carried it arrived (default: the late-event limit, ``ingest_rules.late_ms``, 35
     days); a shorter one than the late-event limit is refused with ``ValueError``.
@@ -833,6 +840,8 @@ async def open_engine(
     """
     if ingest_rules is not None and limits is not None:
         raise ValueError("pass ingest_rules or its older name limits, not both")
+    if switch_interval_s is not None and not switch_interval_s > 0:
+        raise ValueError(f"switch_interval_s must be positive, got {switch_interval_s!r}")
     history = HistoryPolicy(clock_ms=clock_ms or wall_clock_ms, hot_window_ms=hot_window_ms,
                             raw_retention_ms=raw_retention_ms)
     if store is None:
@@ -845,7 +854,7 @@ async def open_engine(
         engine = (engine_type or Engine)(store, shards, ingest_rules or limits or IngestRules(),
                         clock_ms or wall_clock_ms, snapshot_every_bytes, history,
                         block_cache_bytes, dedup_horizon_ms)
-        with tuned_gc(tune_gc), unwrap_single():
+        with tuned_gc(tune_gc), tuned_switching(switch_interval_s), unwrap_single():
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine._run)
                 try:

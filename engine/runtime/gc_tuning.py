@@ -1,17 +1,27 @@
-"""Tuning of the cyclic garbage collector while an engine is open.
+"""Tuning of the interpreter while an engine is open: the cyclic garbage collector
+and the thread switch interval.
 
 Runtime layer: the standard library only. The engine's state is mostly
 GC-tracked containers that live as long as the engine, and walking them again
 at every collection cost a large share of ingest time (docs/benchmarks.md).
+
+The switch interval: the event loop commits to LMDB itself, and py-lmdb releases
+the interpreter lock around every put. While another thread runs Python (a
+correction's scan, block encoding), each put then waits for that thread to be
+told to give the lock back, up to the switch interval (5 ms by default): a
+commit of 2,000 keys took 1 ms alone and 250-380 ms beside one busy thread;
+with 0.5 ms about 10-50 ms (measured, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 GC_GEN0_THRESHOLD = 50_000
+DEFAULT_SWITCH_INTERVAL_S = 0.0005
 
 
 @contextmanager
@@ -30,3 +40,18 @@ def tuned_gc(enabled: bool) -> Iterator[None]:
     finally:
         gc.set_threshold(*previous_thresholds)
         gc.unfreeze()
+
+
+@contextmanager
+def tuned_switching(interval_s: float | None) -> Iterator[None]:
+    """Set the interpreter's thread switch interval (``sys.setswitchinterval``) while
+    open, restoring the previous one on exit; None leaves it alone."""
+    if interval_s is None:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)

@@ -542,13 +542,13 @@ class WalWriter:
         for position, key in enumerate(keys):
             if duplicates[position] and key in readmit:
                 duplicates[position] = False
-                correction_lsn = readmit.pop(key)
+                correction_lsn = readmit.pop(key)[0]
                 used.append((key, correction_lsn))
                 meta.append((USED_PREFIX + key, CORRECTION_LSN.pack(correction_lsn)))
         return used
 
     def _give_back(self, used: list[tuple[bytes, int]]) -> None:
-        self.corrections.readmit.update(used)
+        self.corrections.readmit.update((key, [lsn]) for key, lsn in used)
 
     async def _commit_correction(self, request: LogCorrection) -> None:
         """Log a correction alone: catch its scan up to the last committed lsn (a worker
@@ -557,7 +557,7 @@ class WalWriter:
         ticket, pending = request.ticket, request.pending
         lsn = self.last_lsn + 1
         try:
-            record, per_shard_changes, meta, readmit = await trio.to_thread.run_sync(
+            record, per_shard_changes, meta = await trio.to_thread.run_sync(
                 pending.finish, self._store, self.corrections.positions, self.last_lsn,
                 self._route)
         except MeteringError as exc:
@@ -576,9 +576,9 @@ class WalWriter:
             raise error from exc
         self.last_lsn = lsn
         self.wal_bytes_since_snapshot += len(record)
-        self.corrections.positions.update(pending.pairs)
-        self.corrections.readmit.update(readmit)
-        ticket.accepted = len(pending.targets)
+        self.corrections.positions.merge(pending.bitmaps)
+        self.corrections.readmit.update(pending.readmit)
+        ticket.accepted = pending.count
         ticket.pending = len(self._mailboxes)
         for shard, changes in enumerate(per_shard_changes):
             await self._mailboxes[shard].send(ApplyGroup([Apply(

@@ -635,12 +635,15 @@ class LmdbStore:
     def _run_slice_txn(self, txn: lmdb.Transaction[bytes], work: RunSlice) -> None:
         prefix = RUN.pack(work.run)
         if work.keys:
+            # One putmulti, not a put per key: py-lmdb releases the interpreter lock
+            # around each call, and each time a busy thread can keep it a switch
+            # interval (engine.runtime.gc_tuning).
             empty = self._seal(b"")
             cursor = txn.cursor(db=self.runs_db)
-            append = work.append
-            for key in work.keys:
-                if not cursor.put(prefix + key, empty, append=append):
-                    raise StorageError(f"dedup index run {work.run} appended out of order")
+            _, added = cursor.putmulti([(prefix + key, empty) for key in work.keys],
+                                       append=work.append)
+            if work.append and added != len(work.keys):
+                raise StorageError(f"dedup index run {work.run} appended out of order")
         if work.delete:
             cursor = txn.cursor(db=self.runs_db)
             deleted = 0
