@@ -20,6 +20,7 @@ from engine.runtime.corrections import (
     USED_PREFIX,
     CancelledPositions,
     CorrectionBook,
+    extend_runs,
     pack_readmit,
     run_bitmaps,
     unpack_readmit,
@@ -30,10 +31,7 @@ def runs_of(pairs: list[tuple[int, int]]) -> list[int]:
     """Runs as ``PendingCorrection.resolve`` builds them: pairs in log order."""
     runs: list[int] = []
     for lsn, index in sorted(pairs):
-        if runs and runs[-3] == lsn and runs[-2] + runs[-1] == index:
-            runs[-1] += 1
-        else:
-            runs += (lsn, index, 1)
+        extend_runs(runs, lsn, index)
     return runs
 
 

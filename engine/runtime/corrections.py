@@ -136,6 +136,15 @@ def or_bits(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(width, "little")
 
 
+def extend_runs(runs: list[int], lsn: int, index: int) -> None:
+    """Add position (lsn, index), at or after every position in ``runs`` (flattened
+    ``lsn, first index, count``), extending the last run where it continues it."""
+    if runs and runs[-3] == lsn and runs[-2] + runs[-1] == index:
+        runs[-1] += 1
+    else:
+        runs += (lsn, index, 1)
+
+
 def run_bitmaps(runs: list[int]) -> dict[int, bytes]:
     """Per lsn, the bitmap of flattened ``lsn, first index, count`` runs."""
     building: dict[int, bytearray] = {}
@@ -345,8 +354,10 @@ class PendingCorrection:
     # What the targets alone decide, made on the scan's thread (``_prepare_targets``)
     # so the writer, which waits for ``finish``, does not.
     bitmaps: dict[int, bytes] = field(default_factory=dict)  # the runs, per lsn
-    # Id key -> the cell the record's lsn is put in at commit (``CorrectionBook``).
+    # Id key -> ``_readmit_cell``, which ``build`` fills with the record's lsn
+    # (``CorrectionBook.readmit``).
     readmit: dict[bytes, list[int]] = field(default_factory=dict)
+    _readmit_cell: list[int] = field(default_factory=lambda: [0])
     _target_ids: set[str] = field(default_factory=set)  # a cancel_previous's
     _readmit_keys: list[bytes] = field(default_factory=list)
     _packed_runs: bytes = b""
@@ -366,10 +377,7 @@ class PendingCorrection:
                 if not matches(event, received_ms):
                     continue
                 self.count += 1
-                if runs and runs[-3] == lsn and runs[-2] + runs[-1] == index:
-                    runs[-1] += 1
-                else:
-                    runs += (lsn, index, 1)
+                extend_runs(runs, lsn, index)
                 self._affect(event)
                 if event.unique_id is not None:
                     if keep_ids:
@@ -398,7 +406,7 @@ class PendingCorrection:
         if keys:
             # In chunks: each C call below holds the interpreter lock for its length,
             # and a million keys at once kept the event loop waiting 150 ms.
-            cell = [0]
+            cell = self._readmit_cell
             for at in range(0, len(keys), READMIT_CHUNK):
                 self.readmit.update(dict.fromkeys(keys[at:at + READMIT_CHUNK], cell))
             self._encoded_readmit = pack_readmit(keys)
@@ -462,7 +470,7 @@ class PendingCorrection:
         marker = CORRECTION_LSN.pack(lsn)
         meta = [(RUNS_PREFIX + marker, self._packed_runs)]
         if self.readmit:
-            next(iter(self.readmit.values()))[0] = lsn
+            self._readmit_cell[0] = lsn
             meta.append((PACKED_READMIT_PREFIX + marker, self._encoded_readmit))
         meta.append((RECORD_PREFIX + marker, records.encode(records.Correction(
             lsn=lsn, kind=self.kind, meter_api_name=self.meter.name,

@@ -8,9 +8,9 @@ at every collection cost a large share of ingest time (docs/benchmarks.md).
 The switch interval: the event loop commits to LMDB itself, and py-lmdb releases
 the interpreter lock around every put. While another thread runs Python (a
 correction's scan, block encoding), each put then waits for that thread to be
-told to give the lock back, up to the switch interval (5 ms by default): a
-commit of 2,000 keys took 1 ms alone and 250-380 ms beside one busy thread;
-with 0.5 ms about 10-50 ms (measured, docs/benchmarks.md).
+told to give the lock back, up to the switch interval (5 ms by default): 2,000
+puts took about 1 ms alone and 250-380 ms beside one busy thread, about 13 ms
+with 0.5 ms (docs/benchmarks.md, "Corrections after ffef2f6").
 """
 
 from __future__ import annotations

@@ -636,8 +636,9 @@ class LmdbStore:
         prefix = RUN.pack(work.run)
         if work.keys:
             # One putmulti, not a put per key: py-lmdb releases the interpreter lock
-            # around each call, and each time a busy thread can keep it a switch
-            # interval (engine.runtime.gc_tuning).
+            # around each put, and beside a busy thread each release can cost a switch
+            # interval (engine.runtime.gc_tuning); 2,000 keys took about a quarter of
+            # the time of single puts so (docs/benchmarks.md).
             empty = self._seal(b"")
             cursor = txn.cursor(db=self.runs_db)
             _, added = cursor.putmulti([(prefix + key, empty) for key in work.keys],
